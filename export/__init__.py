@@ -1,0 +1,1 @@
+"""flowturbo.export layer."""

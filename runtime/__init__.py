@@ -1,0 +1,1 @@
+"""flowturbo.runtime layer."""
