@@ -9,7 +9,15 @@ using flowturbo::Schedule;
 
 PYBIND11_MODULE(_C, m) {
   m.doc() = "flowturbo C++ extension: the schedule struct (and, when built with libtorch, the runner)";
-  static py::exception<flowturbo::ScheduleError> schedule_error(m, "CppScheduleError", PyExc_ValueError);
+  // C++ schedule errors surface as flowturbo.errors.ScheduleError, the same type Python raises.
+  py::register_exception_translator([](std::exception_ptr error) {
+    try {
+      if (error) std::rethrow_exception(error);
+    } catch (const flowturbo::ScheduleError& exc) {
+      py::object schedule_error = py::module_::import("flowturbo.errors").attr("ScheduleError");
+      PyErr_SetString(schedule_error.ptr(), exc.what());
+    }
+  });
 
   py::class_<Schedule>(m, "Schedule", "C++ mirror of flowturbo.schedule.SamplingSchedule")
       .def_static("parse", &Schedule::parse, py::arg("spec"), py::arg("guidance_scale") = 1.0,

@@ -1,0 +1,38 @@
+"""Shared test set-up.
+
+Triton's interpreter must be chosen before any kernel module is imported: on a machine without CUDA we
+set TRITON_INTERPRET=1 here, at conftest import time, which is before test modules import flowturbo.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+
+def _cuda_available() -> bool:
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except ImportError:  # torch missing: the suite will fail loudly at the first import anyway
+        return False
+
+
+if not _cuda_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `from tolerances import tol`
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
+
+
+@pytest.fixture
+def seeded() -> torch.Generator:
+    """A fixed-seed CPU generator (tests draw random non-zero inputs from it)."""
+    torch.manual_seed(0)
+    return torch.Generator().manual_seed(1234)
