@@ -337,14 +337,18 @@ def sincos_pos_embed_2d(embed_dim: int, grid_size: int, max_period: float = POS_
 
 
 class PatchEmbed(nn.Module):
-    """Non-overlapping p x p patches -> tokens: (N, C, H, W) -> (N, T, D)."""
+    """Non-overlapping p x p patches -> tokens: (N, C, H, W) -> (N, T, D), contiguous.
+
+    The copy to a contiguous (N, T, D) is deliberate: the fused adaLN kernels take a contiguous residual
+    stream, and every later residual update keeps that layout.
+    """
 
     def __init__(self, in_channels: int, hidden_size: int, patch_size: int) -> None:
         super().__init__()
         self.proj = nn.Conv2d(in_channels, hidden_size, kernel_size=patch_size, stride=patch_size, bias=True)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.proj(x).flatten(2).transpose(1, 2)  # (N, T, D)
+        return self.proj(x).flatten(2).transpose(1, 2).contiguous()  # (N, T, D)
 
 
 class TimestepEmbedder(nn.Module):
@@ -467,7 +471,9 @@ class SiTBlock(nn.Module):
         )  # (N, D) each
         x, h = _normalize_modulate(x, pending, shift_msa, scale_msa, backend)  # (N, T, D) x2
         attn_out = self.attn(h)  # (N, T, D)
-        x, h = gated_residual_layernorm_modulate(x, attn_out, gate_msa, shift_mlp, scale_mlp, ADALN_EPS, backend=backend)
+        x, h = gated_residual_layernorm_modulate(
+            x, attn_out, gate_msa, shift_mlp, scale_mlp, ADALN_EPS, backend=backend
+        )  # (N, T, D) x2
         return x, PendingResidual(self.mlp(h), gate_mlp)
 
     def forward(

@@ -1,0 +1,207 @@
+"""The ``flowturbo`` command line: thin argparse groups over the Python API.
+
+Commands: ``schedule`` (inspect a schedule), ``sample`` (generate images), and — when their modules are
+installed — ``train``, ``eval``. Foreseeable mistakes print one ``error:`` line and exit with status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import platform
+import sys
+import time
+from collections.abc import Sequence
+from typing import Any
+
+from flowturbo import __version__
+from flowturbo.errors import FlowTurboError
+
+
+# ------------------------------------------------------------------------------------------- schedule
+def _add_schedule_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("schedule", help="parse a schedule and print its steps, timesteps and call counts")
+    p.add_argument("spec", help="notation such as H1P5R3, HPPPPPRRR, E8, or a preset name")
+    p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (default 1.0: none)")
+    p.add_argument("--guidance-channels", type=int, default=None, help="guide only the first N latent channels")
+    p.add_argument("--timesteps", default=None, help="custom grid: comma-separated, increasing, from 0 to 1")
+    p.add_argument("--json", action="store_true", help="print the JSON description (canonical fields + derived)")
+    p.set_defaults(handler=_run_schedule)
+
+
+def _parse_floats(text: str | None) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise FlowTurboError(f"--timesteps must be comma-separated numbers, got {text!r}") from None
+
+
+def _run_schedule(args: argparse.Namespace) -> int:
+    from flowturbo.schedule import SamplingSchedule
+
+    schedule = SamplingSchedule.parse(args.spec, guidance_scale=args.cfg, guidance_channels=args.guidance_channels,
+                                      timesteps=_parse_floats(args.timesteps))
+    if args.json:
+        print(schedule.to_json(indent=2))
+        return 0
+    print(f"{schedule}  id {schedule.id}")
+    print(f"{'step':>4}  {'kind':<19} {'t_start':>8} -> {'t_end':<8} {'pred':>4} {'ref':>4}")
+    for k, (kind, (p, r)) in enumerate(zip(schedule.steps, schedule.step_calls())):
+        t0, t1 = schedule.timesteps[k], schedule.timesteps[k + 1]
+        print(f"{k + 1:>4}  {kind.value} {kind.label:<17} {t0:>8.4f} -> {t1:<8.4f} {p:>4} {r:>4}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- sample
+def _add_model_arguments(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("model (default: the embedded Fashion-MNIST model)")
+    g.add_argument("--model", default=None, help="bundle folder (config.json + *.safetensors)")
+    g.add_argument("--predictor", default=None, help="official SiT checkpoint (.pt/.safetensors) instead of a bundle")
+    g.add_argument("--refiner", default=None, help="FlowTurbo refiner checkpoint for --predictor")
+    g.add_argument("--vae", default=None, help="diffusers AutoencoderKL folder for --predictor (sd-vae-ft-ema/-mse)")
+    g.add_argument("--decoder", default=None, choices=["ema", "mse"], help="decoder variant of a bundle's autoencoder")
+    g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (default)")
+    g.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16 | float64")
+
+
+def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("sample", help="generate images with a FlowTurbo schedule and print a timing table")
+    _add_model_arguments(p)
+    g = p.add_argument_group("sampling")
+    g.add_argument("--schedule", default=None, help="schedule notation or preset (default: the model's)")
+    g.add_argument("--classes", default=None,
+                   help="comma-separated class ids (default: every class once, in order)")
+    g.add_argument("--num-images", type=int, default=None,
+                   help="number of images; classes are cycled to fill it (default: one per class given)")
+    g.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
+    g.add_argument("--guidance-channels", type=int, default=None,
+                   help="guide only the first N latent channels (default: the model's; official SiT: 3)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--batch", type=int, default=None, help="images per batch (default: all at once)")
+    g.add_argument("--out", default="outputs/sample", help="output folder (grid.png, one PNG per image, run.json)")
+    g.add_argument("--grid-scale", type=int, default=4, help="upscale factor of grid.png for viewing (nearest)")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.set_defaults(handler=_run_sample)
+
+
+def _parse_classes(text: str | None, num_classes: int, num_images: int | None) -> list[int]:
+    if text is None:
+        classes = list(range(num_classes))
+    else:
+        try:
+            classes = [int(v) for v in text.split(",") if v.strip()]
+        except ValueError:
+            raise FlowTurboError(f"--classes must be comma-separated integers, got {text!r}") from None
+        if not classes:
+            raise FlowTurboError("--classes is empty")
+    if num_images is not None:
+        if num_images < 1:
+            raise FlowTurboError(f"--num-images must be >= 1, got {num_images}")
+        classes = [classes[i % len(classes)] for i in range(num_images)]
+    return classes
+
+
+def timing_table(rows: list[tuple[str, float, int | None]]) -> str:
+    """Format (stage, seconds, images) rows as the table ``flowturbo sample`` prints."""
+    lines = [f"{'stage':<14}{'total ms':>12}{'ms/image':>12}", "-" * 38]
+    for stage, seconds, images in rows:
+        per = f"{1000 * seconds / images:>12.2f}" if images else f"{'-':>12}"
+        lines.append(f"{stage:<14}{1000 * seconds:>12.1f}{per}")
+    return "\n".join(lines)
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    import torch
+
+    from flowturbo.runtime.images import to_uint8, write_sample_folder
+    from flowturbo.runtime.sampler import Sampler
+
+    t_load = time.perf_counter()
+    sampler = Sampler.from_bundle(
+        args.model, predictor=args.predictor, refiner=args.refiner, vae=args.vae, decoder_variant=args.decoder,
+        device=args.device, dtype=args.dtype,
+    )
+    load_s = time.perf_counter() - t_load
+    pipe = sampler.pipeline
+    channels: Any = "default" if args.guidance_channels is None else args.guidance_channels
+    schedule = sampler.default_schedule(args.schedule, args.cfg, channels)
+    classes = _parse_classes(args.classes, pipe.num_classes, args.num_images)
+    samples = sampler.sample(classes, schedule=schedule, seed=args.seed, batch_size=args.batch,
+                             progress=not args.no_progress)
+    t_write = time.perf_counter()
+    record: dict[str, Any] = {
+        "flowturbo_version": __version__,
+        "backend": sampler.backend,
+        "model": pipe.describe(),
+        "seed": args.seed,
+        "command": " ".join(["flowturbo", *sys.argv[1:]]),
+        "torch_version": torch.__version__,
+        "host": platform.node(),
+        "device_name": torch.cuda.get_device_name(pipe.device) if pipe.device.type == "cuda" else platform.processor(),
+        "seconds_load": load_s,
+        **samples.record(),
+    }
+    out = write_sample_folder(args.out, to_uint8(samples.images), samples.labels, record, pipe.class_names,
+                              grid_scale=args.grid_scale)
+    write_s = time.perf_counter() - t_write
+    n = len(samples.labels)
+    dtype = str(pipe.dtype).removeprefix("torch.")
+    print(f"flowturbo sample: {schedule}, {n} images in {samples.num_batches} batch(es), "
+          f"{pipe.device.type} {dtype}, backend {sampler.backend}, model {pipe.source}")
+    print(timing_table([
+        ("load model", load_s, None),
+        ("sample (ODE)", samples.times.sample_s, n),
+        ("decode", samples.times.decode_s, n),
+        ("write PNGs", write_s, n),
+        ("total", load_s + samples.times.total_s + write_s, n),
+    ]))
+    print(f"wrote {out / 'grid.png'}, {n} PNGs and {out / 'run.json'}")
+    return 0
+
+
+# ----------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="flowturbo", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"flowturbo {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_schedule_parser(sub)
+    _add_sample_parser(sub)
+    for register in _optional_registrars():
+        register(sub)
+    return parser
+
+
+# Sub-command groups that live with their layer: (module, function registering the sub-parser).
+_SUBCOMMAND_MODULES = (
+    ("flowturbo.training.train_cli", "add_train_parser"),
+    ("flowturbo.training.evaluation.eval_cli", "add_eval_parser"),
+)
+
+
+def _optional_registrars() -> list:
+    """Registrars of the sub-command modules present in this install (a broken one raises, loudly)."""
+    registrars = []
+    for module_name, function in _SUBCOMMAND_MODULES:
+        if importlib.util.find_spec(module_name) is not None:
+            registrars.append(getattr(importlib.import_module(module_name), function))
+    return registrars
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except FlowTurboError as exc:
+        print(f"flowturbo {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

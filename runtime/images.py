@@ -1,0 +1,86 @@
+"""Turning decoded images into files: uint8 conversion, grids, and atomic output folders."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from flowturbo.errors import FlowTurboError
+
+RUN_RECORD = "run.json"
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """(N, C, H, W) floats in [-1, 1] -> (N, H, W, C) uint8 (grey images keep one channel)."""
+    pixels = ((images.detach().float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # (N, C, H, W)
+    return pixels.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def make_grid(images: np.ndarray, columns: int | None = None, padding: int = 2) -> np.ndarray:
+    """Tile (N, H, W, C) uint8 images into one (rows*(H+p)+p, cols*(W+p)+p, C) image."""
+    n, h, w, c = images.shape
+    cols = columns or max(1, math.ceil(math.sqrt(n)))
+    rows = math.ceil(n / cols)
+    grid = np.zeros((rows * (h + padding) + padding, cols * (w + padding) + padding, c), dtype=np.uint8)
+    for i in range(n):
+        r, col = divmod(i, cols)
+        y, x = padding + r * (h + padding), padding + col * (w + padding)
+        grid[y : y + h, x : x + w] = images[i]
+    return grid
+
+
+def _png(array: np.ndarray, path: Path, scale: int = 1) -> None:
+    image = Image.fromarray(array[..., 0] if array.shape[-1] == 1 else array)
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), Image.NEAREST)
+    image.save(path)
+
+
+def write_sample_folder(
+    out_dir: str | Path,
+    images: np.ndarray,
+    labels: list[int],
+    record: dict[str, Any],
+    class_names: list[str] | None = None,
+    grid_scale: int = 1,
+) -> Path:
+    """Write ``grid.png``, one PNG per image and ``run.json`` into ``out_dir`` atomically.
+
+    Everything goes into a temporary sibling folder first, which replaces ``out_dir`` only when complete.
+    An existing ``out_dir`` is replaced only when it is empty or a previous flowturbo output (has run.json).
+    """
+    out = Path(out_dir)
+    if out.exists():
+        if not out.is_dir():
+            raise FlowTurboError(f"--out {out} exists and is not a folder")
+        if any(out.iterdir()) and not (out / RUN_RECORD).is_file():
+            raise FlowTurboError(f"--out {out} is a non-empty folder that is not a flowturbo output; choose another")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        _png(make_grid(images), staging / "grid.png", grid_scale)
+        width = len(str(max(len(images) - 1, 0)))
+        for i, (image, label) in enumerate(zip(images, labels)):
+            name = class_names[label].replace("/", "-").replace(" ", "_") if class_names else f"class{label}"
+            _png(image, staging / f"{i:0{width}d}_{name}.png")
+        (staging / RUN_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / out.name)
+            os.replace(staging, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out

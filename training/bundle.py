@@ -1,0 +1,356 @@
+"""Our model bundle: one folder holding everything a sampler needs, loadable in one call.
+
+Layout::
+
+    <folder>/config.json            {"format": "flowturbo.bundle/1", "predictor": {SiTConfig},
+                                     "refiner": {RefinerConfig} | null, "decoder": {"type": ..., ...},
+                                     "class_names": [...] | null,
+                                     "defaults": {"schedule": "H1P5R3", "cfg": 1.5, "guidance_channels": null}}
+    <folder>/predictor.safetensors  SiT state dict (official key layout)
+    <folder>/refiner.safetensors    refiner state dict (only when "refiner" is not null)
+    <folder>/...                    decoder files, decided by the decoder type (none for "identity",
+                                    decoder.safetensors for "diffusers-vae")
+
+Bundles are written into a temporary sibling folder and renamed into place, so a failed save never
+leaves a half-written bundle at the target.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flowturbo.errors import CheckpointError, FlowTurboError
+from flowturbo.kernels import KernelBackend
+from flowturbo.schedule import SamplingSchedule, StepKind
+from flowturbo.training.checkpoints import load_refiner_checkpoint, load_sit_checkpoint
+from flowturbo.training.decoders import IdentityDecoder, LatentDecoder, load_decoder_from_bundle
+from flowturbo.training.models import (
+    RefinerConfig,
+    SiT,
+    SiTConfig,
+    VelocityRefiner,
+    count_parameters,
+    perturb_zero_initialized,
+    sit_config,
+)
+
+BUNDLE_FORMAT = "flowturbo.bundle/1"
+CONFIG_FILE = "config.json"
+PREDICTOR_FILE = "predictor.safetensors"
+REFINER_FILE = "refiner.safetensors"
+DEFAULT_SCHEDULE = "H1P5R3"  # FlowTurbo's fastest paper schedule (needs a refiner)
+DEFAULT_SCHEDULE_WITHOUT_REFINER = "H8"  # plain Heun when a bundle has no refiner
+DEFAULT_CFG = 1.5
+
+
+@dataclasses.dataclass(frozen=True)
+class BundleDefaults:
+    """Sampling settings a bundle suggests (a CLI uses them when the user gives none)."""
+
+    schedule: str = DEFAULT_SCHEDULE
+    cfg: float = DEFAULT_CFG
+    guidance_channels: int | None = None
+
+    def __post_init__(self) -> None:
+        self.sampling_schedule()  # validates: raises ScheduleError (a FlowTurboError) naming the fix
+
+    def sampling_schedule(self) -> SamplingSchedule:
+        """The default schedule with the default guidance applied."""
+        return SamplingSchedule.parse(self.schedule, guidance_scale=self.cfg, guidance_channels=self.guidance_channels)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "BundleDefaults":
+        if not isinstance(data, dict):
+            raise FlowTurboError(f"bundle defaults must be a dict, got {type(data).__name__}")
+        unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise FlowTurboError(f"unknown bundle defaults keys {unknown}; valid: schedule, cfg, guidance_channels")
+        return cls(**data)
+
+
+@dataclasses.dataclass
+class Bundle:
+    """A predictor, an optional refiner, a decoder, class names and default sampling settings."""
+
+    predictor: SiT
+    refiner: VelocityRefiner | None
+    decoder: LatentDecoder
+    class_names: list[str] | None = None
+    defaults: BundleDefaults = dataclasses.field(default_factory=BundleDefaults)
+
+    def __post_init__(self) -> None:
+        _check_consistency(self)
+
+    @property
+    def num_classes(self) -> int:
+        return self.predictor.config.num_classes
+
+    @property
+    def latent_shape(self) -> tuple[int, int, int]:
+        """(C, H, W) of one latent."""
+        cfg = self.predictor.config
+        return (cfg.in_channels, cfg.input_size, cfg.input_size)
+
+    @property
+    def image_shape(self) -> tuple[int, int, int]:
+        """(channels, H, W) of one decoded image."""
+        size = self.decoder.image_size(self.predictor.config.input_size)
+        return (self.decoder.image_channels, size, size)
+
+    def parameter_counts(self) -> dict[str, int]:
+        """Parameters per part: ``{"predictor": ..., "refiner": ... (0 if none), "decoder": ...}``."""
+        return {
+            "predictor": count_parameters(self.predictor),
+            "refiner": count_parameters(self.refiner) if self.refiner is not None else 0,
+            "decoder": count_parameters(self.decoder),
+        }
+
+    def config_dict(self) -> dict[str, Any]:
+        """The content of ``config.json``."""
+        return {
+            "format": BUNDLE_FORMAT,
+            "predictor": self.predictor.config.to_dict(),
+            "refiner": self.refiner.config.to_dict() if self.refiner is not None else None,
+            "decoder": self.decoder.bundle_config(),
+            "class_names": list(self.class_names) if self.class_names is not None else None,
+            "defaults": self.defaults.to_dict(),
+        }
+
+
+def _check_consistency(bundle: Bundle) -> None:
+    predictor = bundle.predictor.config
+    if not isinstance(bundle.predictor, SiT):
+        raise FlowTurboError(f"bundle predictor must be a SiT, got {type(bundle.predictor).__name__}")
+    if not isinstance(bundle.decoder, LatentDecoder):
+        raise FlowTurboError(f"bundle decoder must be a LatentDecoder, got {type(bundle.decoder).__name__}")
+    if bundle.decoder.latent_channels != predictor.in_channels:
+        raise FlowTurboError(
+            f"decoder takes {bundle.decoder.latent_channels}-channel latents but the predictor makes "
+            f"{predictor.in_channels}-channel latents; pair them with a matching decoder"
+        )
+    if bundle.refiner is not None:
+        if not isinstance(bundle.refiner, VelocityRefiner):
+            raise FlowTurboError(f"bundle refiner must be a VelocityRefiner, got {type(bundle.refiner).__name__}")
+        refiner = bundle.refiner.config
+        for field in ("in_channels", "input_size", "num_classes"):
+            if getattr(refiner, field) != getattr(predictor, field):
+                raise FlowTurboError(
+                    f"refiner {field} = {getattr(refiner, field)} does not match the predictor's "
+                    f"{getattr(predictor, field)}; a refiner must be trained for its predictor"
+                )
+    if bundle.class_names is not None:
+        names = bundle.class_names
+        if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
+            raise FlowTurboError("class_names must be a list of strings or None")
+        if len(names) != predictor.num_classes:
+            raise FlowTurboError(
+                f"{len(names)} class names for a predictor with {predictor.num_classes} classes; give one per class"
+            )
+    if not isinstance(bundle.defaults, BundleDefaults):
+        raise FlowTurboError(f"bundle defaults must be BundleDefaults, got {type(bundle.defaults).__name__}")
+    if bundle.refiner is None and StepKind.REFINER in bundle.defaults.sampling_schedule().steps:
+        raise FlowTurboError(
+            f"default schedule {bundle.defaults.schedule!r} has refiner (R) steps but the bundle has no refiner; "
+            f"use a schedule without R, e.g. {DEFAULT_SCHEDULE_WITHOUT_REFINER!r}"
+        )
+
+
+# --------------------------------------------------------------------------------------------- save
+def _save_weights(module: torch.nn.Module, path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
+    save_file(state, str(path), metadata={"format": "pt"})
+
+
+def _is_bundle_folder(folder: Path) -> bool:
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(config, dict) and config.get("format") == BUNDLE_FORMAT
+
+
+def save_bundle(bundle: Bundle, folder: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
+    """Write ``bundle`` to ``folder`` atomically (temp sibling folder + rename); returns the folder.
+
+    An existing ``folder`` is replaced only with ``overwrite=True``, and only if it is empty or a bundle
+    (so a typo cannot delete unrelated files).
+    """
+    _check_consistency(bundle)
+    target = Path(folder)
+    if target.exists():
+        if not overwrite:
+            raise FlowTurboError(f"{target} already exists; pass overwrite=True to replace it")
+        if not target.is_dir():
+            raise FlowTurboError(f"{target} exists and is not a folder; choose another bundle path")
+        if any(target.iterdir()) and not _is_bundle_folder(target):
+            raise FlowTurboError(f"{target} exists and is not a flowturbo bundle; refusing to replace it")
+    parent = target.parent
+    parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
+    try:
+        (staging / CONFIG_FILE).write_text(json.dumps(bundle.config_dict(), indent=2) + "\n")
+        _save_weights(bundle.predictor, staging / PREDICTOR_FILE)
+        if bundle.refiner is not None:
+            _save_weights(bundle.refiner, staging / REFINER_FILE)
+        bundle.decoder.save_to_bundle(staging)
+        _move_into_place(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    """Rename ``staging`` to ``target``; an existing target is moved aside first and restored on failure."""
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    aside = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(target, aside)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        os.replace(aside, target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------- load
+def _read_config(folder: Path) -> dict[str, Any]:
+    if not folder.exists():
+        raise CheckpointError(f"bundle folder not found: {folder}")
+    if not folder.is_dir():
+        raise CheckpointError(f"{folder} is a file; a bundle is a folder holding {CONFIG_FILE} and weights")
+    config_path = folder / CONFIG_FILE
+    if not config_path.is_file():
+        raise CheckpointError(
+            f"{folder} has no {CONFIG_FILE}; a bundle folder holds {CONFIG_FILE} + {PREDICTOR_FILE} "
+            "(write one with save_bundle / make_random_bundle)"
+        )
+    try:
+        config = json.loads(config_path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{config_path} is not valid JSON: {exc}") from exc
+    if not isinstance(config, dict) or config.get("format") != BUNDLE_FORMAT:
+        found = config.get("format") if isinstance(config, dict) else type(config).__name__
+        raise CheckpointError(f"{config_path} has format {found!r}; expected {BUNDLE_FORMAT!r}")
+    missing = [k for k in ("predictor", "decoder") if k not in config]
+    if missing:
+        raise CheckpointError(f"{config_path} lacks {missing}")
+    return config
+
+
+def load_bundle(
+    folder: str | os.PathLike[str],
+    *,
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    kernel_backend: KernelBackend | str = KernelBackend.REFERENCE,
+) -> Bundle:
+    """Load a bundle folder: models in eval mode on ``device`` in ``dtype`` (decoder too).
+
+    Raises :class:`CheckpointError` for a missing folder or config, a bad format, or weights that do not fit
+    the config (the message names the keys).
+    """
+    root = Path(folder)
+    config = _read_config(root)
+    backend = KernelBackend.coerce(kernel_backend)
+    try:
+        predictor_config = SiTConfig.from_dict(config["predictor"])
+        refiner_config = RefinerConfig.from_dict(config["refiner"]) if config.get("refiner") is not None else None
+        defaults = BundleDefaults.from_dict(config.get("defaults") or {})
+    except CheckpointError:
+        raise
+    except (FlowTurboError, TypeError) as exc:
+        raise CheckpointError(f"bundle {root}: bad {CONFIG_FILE}: {exc}") from exc
+    predictor_path = root / PREDICTOR_FILE
+    if not predictor_path.is_file():
+        raise CheckpointError(f"bundle {root} has no {PREDICTOR_FILE}")
+    predictor = load_sit_checkpoint(
+        predictor_path, predictor_config, device=device, dtype=dtype, kernel_backend=backend
+    )
+    refiner = None
+    if refiner_config is not None:
+        refiner_path = root / REFINER_FILE
+        if not refiner_path.is_file():
+            raise CheckpointError(f"bundle {root} declares a refiner but has no {REFINER_FILE}")
+        refiner = load_refiner_checkpoint(
+            refiner_path, refiner_config, device=device, dtype=dtype, kernel_backend=backend
+        )
+    decoder = load_decoder_from_bundle(root, config["decoder"], device, dtype)
+    try:
+        return Bundle(predictor, refiner, decoder, config.get("class_names"), defaults)
+    except CheckpointError:
+        raise
+    except FlowTurboError as exc:
+        raise CheckpointError(f"bundle {root} is inconsistent: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------------------- random
+def make_random_bundle(
+    folder: str | os.PathLike[str],
+    *,
+    preset: str = "SiT-T/2",
+    input_size: int = 8,
+    in_channels: int = 4,
+    num_classes: int = 10,
+    seed: int = 0,
+    with_refiner: bool = True,
+    decoder: str | LatentDecoder = "identity",
+    overwrite: bool = False,
+) -> Bundle:
+    """Save a bundle with deterministic random weights (for tests and demos) and return it.
+
+    All weights come from a generator seeded with ``seed``; the adaLN-Zero layers get small noise too so
+    the outputs are not identically zero. ``decoder`` is ``"identity"`` or a :class:`LatentDecoder`.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    predictor_config = sit_config(preset, input_size=input_size, in_channels=in_channels, num_classes=num_classes)
+    predictor = SiT(predictor_config)
+    predictor.initialize_weights(generator)
+    perturb_zero_initialized(predictor, generator=generator)
+    refiner = None
+    if with_refiner:
+        refiner = VelocityRefiner(RefinerConfig.for_predictor(predictor_config))
+        refiner.initialize_weights(generator)
+        perturb_zero_initialized(refiner, generator=generator)
+    if decoder == "identity":
+        decoder_module: LatentDecoder = IdentityDecoder(in_channels)
+    elif isinstance(decoder, LatentDecoder):
+        decoder_module = decoder
+    else:
+        raise FlowTurboError(f"decoder must be 'identity' or a LatentDecoder instance, got {decoder!r}")
+    defaults = BundleDefaults(schedule=DEFAULT_SCHEDULE if with_refiner else DEFAULT_SCHEDULE_WITHOUT_REFINER)
+    bundle = Bundle(
+        predictor=predictor.eval(),
+        refiner=refiner.eval() if refiner is not None else None,
+        decoder=decoder_module.eval(),
+        class_names=[f"class {i}" for i in range(num_classes)],
+        defaults=defaults,
+    )
+    save_bundle(bundle, folder, overwrite=overwrite)
+    return bundle
+
+
+__all__ = [
+    "BUNDLE_FORMAT",
+    "Bundle",
+    "BundleDefaults",
+    "load_bundle",
+    "make_random_bundle",
+    "save_bundle",
+]

@@ -1,0 +1,295 @@
+"""Latent decoders: turn predictor latents into images in [-1, 1].
+
+Every decoder is a :class:`LatentDecoder` with a ``decoder_type`` string registered in
+:data:`DECODER_TYPES`, so a bundle's ``config.json`` (``"decoder": {"type": ..., ...}``) names the class
+that reads its files back. Built in: ``"identity"`` (pixel-space models) and ``"diffusers-vae"``
+(the decoder half of a diffusers ``AutoencoderKL`` such as sd-vae-ft-ema / sd-vae-ft-mse). Other decoders
+(e.g. our own small autoencoder) register themselves with :func:`register_decoder`.
+"""
+
+from __future__ import annotations
+
+import abc
+import os
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn as nn
+
+from flowturbo.errors import CheckpointError, FlowTurboError
+from flowturbo.training.checkpoints import strict_load
+
+SD_VAE_LATENT_SCALE = 0.18215
+"""Latents of SD-VAE-based generators (SiT, DiT, FlowTurbo) are ``vae_latent * 0.18215``."""
+
+DECODER_WEIGHTS_FILE = "decoder.safetensors"  # weights file of a decoder inside a bundle
+DIFFUSERS_CONFIG_FILE = "config.json"
+DIFFUSERS_WEIGHTS_FILES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
+IMAGE_RANGE = (-1.0, 1.0)  # decoders return images clamped to this range
+
+DECODER_TYPES: dict[str, type["LatentDecoder"]] = {}
+"""``decoder_type`` -> class; filled by :func:`register_decoder`."""
+
+
+def register_decoder(cls: type["LatentDecoder"]) -> type["LatentDecoder"]:
+    """Class decorator: make ``cls`` loadable from bundles under ``cls.decoder_type``."""
+    name = getattr(cls, "decoder_type", None)
+    if not isinstance(name, str) or not name:
+        raise FlowTurboError(f"{cls.__name__} needs a non-empty string class attribute decoder_type")
+    existing = DECODER_TYPES.get(name)
+    if existing is not None and existing is not cls and existing.__qualname__ != cls.__qualname__:
+        raise FlowTurboError(f"decoder type {name!r} is already registered by {existing.__qualname__}")
+    DECODER_TYPES[name] = cls
+    return cls
+
+
+def decoder_class(decoder_type: str) -> type["LatentDecoder"]:
+    """The registered class for ``decoder_type`` (CheckpointError listing the known types otherwise)."""
+    cls = DECODER_TYPES.get(decoder_type)
+    if cls is None:
+        raise CheckpointError(
+            f"unknown decoder type {decoder_type!r}; known types: {sorted(DECODER_TYPES)} "
+            "(a custom decoder must be imported so that it registers itself)"
+        )
+    return cls
+
+
+class LatentDecoder(nn.Module, abc.ABC):
+    """Latents (N, latent_channels, h, w) -> images (N, image_channels, h*f, w*f) in [-1, 1].
+
+    Subclasses set the class attribute ``decoder_type`` and the instance attributes ``latent_channels``,
+    ``downsample_factor`` (f) and ``image_channels``, and implement :meth:`decode`, :meth:`bundle_config`
+    (must include ``"type"``), :meth:`save_to_bundle` and :meth:`from_bundle`.
+    """
+
+    decoder_type: ClassVar[str] = ""
+    latent_channels: int
+    downsample_factor: int
+    image_channels: int
+
+    @abc.abstractmethod
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """(N, C, h, w) latents -> (N, image_channels, h*f, w*f) images in [-1, 1]."""
+
+    def forward(self, latents: torch.Tensor) -> torch.Tensor:
+        return self.decode(latents)
+
+    def image_size(self, latent_size: int) -> int:
+        """Image side length for a latent side length."""
+        return latent_size * self.downsample_factor
+
+    def _check_latents(self, latents: torch.Tensor) -> None:
+        if latents.dim() != 4 or latents.shape[1] != self.latent_channels:
+            raise FlowTurboError(
+                f"{type(self).__name__} decodes (N, {self.latent_channels}, h, w) latents, got {tuple(latents.shape)}"
+            )
+
+    @abc.abstractmethod
+    def bundle_config(self) -> dict[str, Any]:
+        """JSON-serialisable description stored as ``config.json["decoder"]``; includes ``"type"``."""
+
+    @abc.abstractmethod
+    def save_to_bundle(self, folder: str | os.PathLike[str]) -> None:
+        """Write this decoder's files (if any) into the bundle folder ``folder``."""
+
+    @classmethod
+    @abc.abstractmethod
+    def from_bundle(
+        cls,
+        folder: str | os.PathLike[str],
+        config: dict[str, Any],
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> "LatentDecoder":
+        """Rebuild the decoder from ``bundle_config()`` output and the files in ``folder``."""
+
+
+def load_decoder_from_bundle(
+    folder: str | os.PathLike[str],
+    config: dict[str, Any],
+    device: torch.device | str = "cpu",
+    dtype: torch.dtype = torch.float32,
+) -> LatentDecoder:
+    """Dispatch on ``config["type"]`` to the registered decoder class."""
+    if not isinstance(config, dict) or not isinstance(config.get("type"), str):
+        raise CheckpointError(f"bundle decoder config must be a dict with a 'type' string, got {config!r}")
+    return decoder_class(config["type"]).from_bundle(folder, config, device, dtype)
+
+
+@register_decoder
+class IdentityDecoder(LatentDecoder):
+    """Pixel-space models: the "latents" are the image; decode only clamps to [-1, 1]."""
+
+    decoder_type: ClassVar[str] = "identity"
+
+    def __init__(self, channels: int) -> None:
+        super().__init__()
+        if isinstance(channels, bool) or not isinstance(channels, int) or channels < 1:
+            raise FlowTurboError(f"IdentityDecoder channels must be a positive integer, got {channels!r}")
+        self.latent_channels = channels
+        self.image_channels = channels
+        self.downsample_factor = 1
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        self._check_latents(latents)
+        return latents.clamp(*IMAGE_RANGE)
+
+    def bundle_config(self) -> dict[str, Any]:
+        return {"type": self.decoder_type, "channels": self.latent_channels}
+
+    def save_to_bundle(self, folder: str | os.PathLike[str]) -> None:
+        """Nothing to write: the identity has no weights."""
+        return None
+
+    @classmethod
+    def from_bundle(
+        cls,
+        folder: str | os.PathLike[str],
+        config: dict[str, Any],
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> "IdentityDecoder":
+        if "channels" not in config:
+            raise CheckpointError(f"identity decoder config in {folder} lacks 'channels': {config!r}")
+        return cls(int(config["channels"]))
+
+
+def _import_autoencoder_kl() -> type:
+    try:
+        from diffusers import AutoencoderKL
+    except ImportError as exc:
+        raise FlowTurboError(
+            "decoding with a diffusers VAE needs the 'diffusers' package: pip install 'flowturbo[vae]'"
+        ) from exc
+    return AutoencoderKL
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    if isinstance(value, dict):
+        return {str(k): _json_safe(v) for k, v in value.items()}
+    return value
+
+
+@register_decoder
+class DiffusersVAEDecoder(LatentDecoder):
+    """The decoder half (``post_quant_conv`` + ``decoder``) of a diffusers ``AutoencoderKL``.
+
+    ``decode(z) == vae.decode(z / latent_scale).sample.clamp(-1, 1)``; the encoder is not kept in memory.
+    """
+
+    decoder_type: ClassVar[str] = "diffusers-vae"
+
+    def __init__(
+        self,
+        vae_config: dict[str, Any],
+        decoder: nn.Module,
+        post_quant_conv: nn.Module | None,
+        latent_scale: float = SD_VAE_LATENT_SCALE,
+    ) -> None:
+        super().__init__()
+        self.vae_config = _json_safe({k: v for k, v in dict(vae_config).items() if not k.startswith("_")})
+        self.decoder = decoder
+        self.post_quant_conv = post_quant_conv
+        self.latent_scale = float(latent_scale)
+        self.latent_channels = int(self.vae_config["latent_channels"])
+        self.image_channels = int(self.vae_config["out_channels"])
+        self.downsample_factor = 2 ** (len(self.vae_config["block_out_channels"]) - 1)
+
+    @classmethod
+    def _from_vae(cls, vae: nn.Module, latent_scale: float) -> "DiffusersVAEDecoder":
+        return cls(dict(vae.config), vae.decoder, vae.post_quant_conv, latent_scale)
+
+    @classmethod
+    def from_folder(
+        cls,
+        path: str | os.PathLike[str],
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+        *,
+        latent_scale: float = SD_VAE_LATENT_SCALE,
+    ) -> "DiffusersVAEDecoder":
+        """Load a diffusers ``AutoencoderKL`` folder (``config.json`` + ``diffusion_pytorch_model.safetensors``
+        or ``.bin``) offline and keep its decoder half."""
+        folder = Path(path)
+        if not folder.is_dir():
+            raise CheckpointError(
+                f"VAE folder not found: {folder} (expected a diffusers AutoencoderKL folder such as sd-vae-ft-ema, "
+                f"holding {DIFFUSERS_CONFIG_FILE} and {' or '.join(DIFFUSERS_WEIGHTS_FILES)})"
+            )
+        if not (folder / DIFFUSERS_CONFIG_FILE).is_file():
+            raise CheckpointError(
+                f"VAE folder {folder} has no {DIFFUSERS_CONFIG_FILE}; expected a diffusers AutoencoderKL folder "
+                f"({DIFFUSERS_CONFIG_FILE} + {' or '.join(DIFFUSERS_WEIGHTS_FILES)})"
+            )
+        if not any((folder / name).is_file() for name in DIFFUSERS_WEIGHTS_FILES):
+            raise CheckpointError(
+                f"VAE folder {folder} has no weights: expected {' or '.join(DIFFUSERS_WEIGHTS_FILES)} "
+                f"next to {DIFFUSERS_CONFIG_FILE}"
+            )
+        autoencoder_kl = _import_autoencoder_kl()
+        try:
+            vae = autoencoder_kl.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"could not load the diffusers AutoencoderKL in {folder}: {exc}") from exc
+        return cls._from_vae(vae, latent_scale).to(device=device, dtype=dtype).eval()
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        self._check_latents(latents)
+        z = latents.to(self.decoder.conv_in.weight.dtype) / self.latent_scale  # (N, C, h, w)
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z).clamp(*IMAGE_RANGE)  # (N, 3, h*f, w*f)
+
+    def bundle_config(self) -> dict[str, Any]:
+        return {
+            "type": self.decoder_type,
+            "latent_scale": self.latent_scale,
+            "vae_config": self.vae_config,
+            "weights": DECODER_WEIGHTS_FILE,
+        }
+
+    def save_to_bundle(self, folder: str | os.PathLike[str]) -> None:
+        """Write ``decoder.safetensors`` (keys ``decoder.*`` and ``post_quant_conv.*``)."""
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(Path(folder) / DECODER_WEIGHTS_FILE))
+
+    @classmethod
+    def from_bundle(
+        cls,
+        folder: str | os.PathLike[str],
+        config: dict[str, Any],
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> "DiffusersVAEDecoder":
+        from safetensors.torch import load_file
+
+        if not isinstance(config.get("vae_config"), dict):
+            raise CheckpointError(f"diffusers-vae decoder config in {folder} lacks 'vae_config'")
+        weights = Path(folder) / config.get("weights", DECODER_WEIGHTS_FILE)
+        if not weights.is_file():
+            raise CheckpointError(f"bundle {folder} has no decoder weights file {weights.name}")
+        autoencoder_kl = _import_autoencoder_kl()
+        with torch.device("meta"):
+            vae = autoencoder_kl.from_config(config["vae_config"])
+        module = cls._from_vae(vae, config.get("latent_scale", SD_VAE_LATENT_SCALE))
+        del vae  # the meta encoder goes with it
+        module = module.to(dtype=dtype).to_empty(device=device)
+        strict_load(module, load_file(str(weights), device="cpu"), f"diffusers VAE decoder from {weights}")
+        return module.eval()
+
+
+__all__ = [
+    "DECODER_TYPES",
+    "DiffusersVAEDecoder",
+    "IdentityDecoder",
+    "LatentDecoder",
+    "SD_VAE_LATENT_SCALE",
+    "decoder_class",
+    "load_decoder_from_bundle",
+    "register_decoder",
+]
