@@ -84,3 +84,20 @@ def write_sample_folder(
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def read_sample_folder(folder: str | Path) -> tuple[torch.Tensor, list[int], dict[str, Any]]:
+    """Read back a ``flowturbo sample`` output: images (N, C, H, W) in [-1, 1], labels, run record."""
+    root = Path(folder)
+    record_path = root / RUN_RECORD
+    if not record_path.is_file():
+        raise FlowTurboError(f"{root} is not a flowturbo sample folder (no {RUN_RECORD}); run `flowturbo sample` first")
+    record = json.loads(record_path.read_text())
+    labels = list(record.get("labels", []))
+    files = sorted(p for p in root.glob("*.png") if p.name != "grid.png")
+    if len(files) != len(labels) or not files:
+        raise FlowTurboError(f"{root} holds {len(files)} image PNGs but run.json lists {len(labels)} labels")
+    arrays = [np.asarray(Image.open(p)) for p in files]
+    stacked = np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])  # (N, H, W, C) uint8
+    images = torch.from_numpy(stacked).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, C, H, W)
+    return images, labels, record

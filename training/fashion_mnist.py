@@ -14,6 +14,7 @@ pads two pixels of background on every side and maps ``x -> x / 127.5 - 1``.
 from __future__ import annotations
 
 import gzip
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -96,6 +97,31 @@ def read_idx(path: str | Path) -> np.ndarray:
         )
     data = np.frombuffer(raw, dtype=dtype, count=count, offset=data_start).reshape(dims)
     return data.astype(dtype.newbyteorder("="), copy=True)  # native byte order, writable
+
+
+def write_idx(path: str | Path, array: np.ndarray) -> Path:
+    """Write ``array`` as an idx file (gzip-compressed when the name ends in ``.gz``), atomically.
+
+    The inverse of :func:`read_idx`; used to store subsets and by tests to build small datasets.
+    """
+    path = Path(path)
+    array = np.asarray(array)
+    codes = {np.dtype(v).newbyteorder("="): k for k, v in _IDX_DTYPES.items()}
+    native = array.dtype.newbyteorder("=")
+    if native not in codes:
+        raise FlowTurboError(f"idx cannot store dtype {array.dtype}; use one of {sorted(str(d) for d in codes)}")
+    header = bytes([0, 0, codes[native], array.ndim]) + np.asarray(array.shape, dtype=">u4").tobytes()
+    payload = header + array.astype(np.dtype(_IDX_DTYPES[codes[native]]), copy=False).tobytes()
+    if path.suffix == ".gz":
+        payload = gzip.compress(payload, mtime=0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_bytes(payload)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
 
 
 def split_files(split: str, root: str | Path = DEFAULT_ROOT) -> tuple[Path, Path]:

