@@ -201,13 +201,14 @@ def _run_eval(args: argparse.Namespace) -> int:
     from flowturbo.runtime.images import read_sample_folder
     from flowturbo.runtime.sampler import Sampler
     from flowturbo.training.evaluation import DomainFeatures, InceptionFeatures, evaluate_samples, load_classifier
+    from flowturbo.training.evaluation.classifier import CONFIG_FILENAME as CLASSIFIER_CONFIG
     from flowturbo.training.trainers.common import atomic_write_json
 
     device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
     classifier = None
     folder = _classifier_folder(args)
-    if args.features == "domain" or (folder / "config.json").is_file():
-        if not (folder / "config.json").is_file():
+    if args.features == "domain" or (folder / CLASSIFIER_CONFIG).is_file():
+        if not (folder / CLASSIFIER_CONFIG).is_file():
             raise FlowTurboError(f"no domain classifier at {folder}; pass --classifier DIR or --features inception")
         classifier = load_classifier(folder, device=device)
     features = DomainFeatures(classifier, device=device) if args.features == "domain" else InceptionFeatures(device)

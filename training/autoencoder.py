@@ -18,17 +18,20 @@ fine-tuned further on pixel MSE with the encoder frozen), selectable at sampling
 from __future__ import annotations
 
 import dataclasses
-import json
-from collections.abc import Mapping
+import os
+import tempfile
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from flowturbo.errors import CheckpointError, FlowTurboError
+from flowturbo.training.checkpoints import strict_load
+from flowturbo.training.decoders import DECODER_WEIGHTS_FILE, IMAGE_RANGE, LatentDecoder, register_decoder
 
 LOGVAR_MIN = -30.0  # posterior log-variance clamp (LDM's DiagonalGaussianDistribution)
 LOGVAR_MAX = 20.0
@@ -237,3 +240,127 @@ def compute_latent_scale(model: FlowTurboAutoencoder, images: torch.Tensor, batc
     if not var > 0:
         raise FlowTurboError("the encoder's latents have zero variance; the autoencoder did not train")
     return 1.0 / var**0.5
+
+
+# ----------------------------------------------------------------------------------- bundle decoder
+DECODER_VARIANTS = ("ema", "mse")
+"""``"ema"``: EMA weights of autoencoder training; ``"mse"``: decoder fine-tuned further on pixel MSE."""
+DEFAULT_DECODER_VARIANT = "ema"
+
+
+def _atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save
+
+    data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _check_variant(variant: str, available: Sequence[str]) -> str:
+    if variant not in available:
+        raise FlowTurboError(
+            f"unknown autoencoder decoder variant {variant!r}; this decoder holds {list(available)} "
+            f"(known variants: {list(DECODER_VARIANTS)})"
+        )
+    return variant
+
+
+@register_decoder
+class FlowTurboAutoencoderDecoder(LatentDecoder):
+    """The decoder half of :class:`FlowTurboAutoencoder` for bundles, with selectable weight variants.
+
+    Holds one :class:`Decoder` per variant (``"ema"``, and ``"mse"`` when the fine-tune stage ran); the
+    active one is chosen by ``variant`` at construction, by :meth:`set_variant`, or at load time by the
+    ``"variant"`` entry of the bundle config (override it to switch without rewriting the bundle).
+    ``decode`` takes *scaled* latents (as the generator produces them) and returns images in [-1, 1].
+    """
+
+    decoder_type: ClassVar[str] = "flowturbo_autoencoder"
+
+    def __init__(self, config: AutoencoderConfig, variants: Sequence[str] = DECODER_VARIANTS,
+                 variant: str = DEFAULT_DECODER_VARIANT) -> None:
+        super().__init__()
+        variants = tuple(variants)
+        if not variants or any(v not in DECODER_VARIANTS for v in variants):
+            raise FlowTurboError(f"decoder variants must be a non-empty subset of {DECODER_VARIANTS}, got {variants}")
+        self.config = config
+        self.latent_channels = config.latent_channels
+        self.downsample_factor = config.downsample_factor
+        self.image_channels = config.image_channels
+        self.variants = nn.ModuleDict({v: Decoder(config) for v in variants})
+        self.variant = _check_variant(variant, variants)
+
+    @classmethod
+    def from_weights(cls, config: AutoencoderConfig, decoders: Mapping[str, Mapping[str, torch.Tensor]],
+                     variant: str = DEFAULT_DECODER_VARIANT) -> FlowTurboAutoencoderDecoder:
+        """Build from ``{variant: Decoder state dict}`` (e.g. the trainer's EMA and fine-tuned decoders)."""
+        module = cls(config, tuple(v for v in DECODER_VARIANTS if v in decoders), variant)
+        for name, state in decoders.items():
+            strict_load(module.variants[name], state, f"autoencoder decoder ({name})")
+        return module.eval()
+
+    @property
+    def available_variants(self) -> tuple[str, ...]:
+        return tuple(self.variants.keys())
+
+    def set_variant(self, variant: str) -> FlowTurboAutoencoderDecoder:
+        """Switch the weights used by :meth:`decode` (``"ema"`` or ``"mse"``); returns self."""
+        self.variant = _check_variant(variant, self.available_variants)
+        return self
+
+    def select_variant(self, variant: str) -> FlowTurboAutoencoderDecoder:
+        """Same as :meth:`set_variant` (the runtime's ``--decoder ema|mse`` hook); returns self."""
+        return self.set_variant(variant)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Scaled latents (N, L, h, w) -> images (N, C, h*f, w*f) in [-1, 1]."""
+        self._check_latents(latents)
+        decoder = self.variants[self.variant]
+        z = latents.to(decoder.conv_in.weight.dtype) / self.config.latent_scale
+        return decoder(z).clamp(*IMAGE_RANGE)
+
+    def bundle_config(self) -> dict[str, Any]:
+        return {
+            "type": self.decoder_type,
+            "autoencoder": self.config.to_dict(),
+            "variant": self.variant,
+            "variants": list(self.available_variants),
+            "weights": DECODER_WEIGHTS_FILE,
+        }
+
+    def save_to_bundle(self, folder: str | os.PathLike[str]) -> None:
+        """Write ``decoder.safetensors`` with keys ``<variant>.<decoder key>`` for every variant (atomically)."""
+        state = {f"{name}.{k}": v for name, dec in self.variants.items() for k, v in dec.state_dict().items()}
+        _atomic_save_safetensors(state, Path(folder) / DECODER_WEIGHTS_FILE)
+
+    @classmethod
+    def from_bundle(
+        cls,
+        folder: str | os.PathLike[str],
+        config: dict[str, Any],
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = torch.float32,
+    ) -> FlowTurboAutoencoderDecoder:
+        """Rebuild from :meth:`bundle_config` output; ``config["variant"]`` picks the active weights."""
+        from safetensors.torch import load_file
+
+        if not isinstance(config.get("autoencoder"), Mapping):
+            raise CheckpointError(f"flowturbo_autoencoder decoder config in {folder} lacks 'autoencoder'")
+        ae_config = AutoencoderConfig.from_dict(config["autoencoder"])
+        variants = tuple(config.get("variants", DECODER_VARIANTS))
+        variant = config.get("variant", DEFAULT_DECODER_VARIANT)
+        weights = Path(folder) / config.get("weights", DECODER_WEIGHTS_FILE)
+        if not weights.is_file():
+            raise CheckpointError(f"bundle {folder} has no decoder weights file {weights.name}")
+        with torch.device("meta"):
+            module = cls(ae_config, variants, variant)
+        module = module.to(dtype=dtype).to_empty(device=device)
+        strict_load(module.variants, load_file(str(weights), device="cpu"),
+                    f"flowturbo autoencoder decoder from {weights}")
+        return module.eval()

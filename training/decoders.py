@@ -10,6 +10,7 @@ that reads its files back. Built in: ``"identity"`` (pixel-space models) and ``"
 from __future__ import annotations
 
 import abc
+import importlib
 import os
 from pathlib import Path
 from typing import Any, ClassVar
@@ -44,8 +45,17 @@ def register_decoder(cls: type["LatentDecoder"]) -> type["LatentDecoder"]:
     return cls
 
 
+# Decoder types that live in their own module (imported lazily: they import this module to register).
+BUILTIN_DECODER_MODULES = {"flowturbo_autoencoder": "flowturbo.training.autoencoder"}
+
+
 def decoder_class(decoder_type: str) -> type["LatentDecoder"]:
-    """The registered class for ``decoder_type`` (CheckpointError listing the known types otherwise)."""
+    """The registered class for ``decoder_type`` (CheckpointError listing the known types otherwise).
+
+    Built-in decoders defined in other modules are imported on first use so they can register themselves.
+    """
+    if decoder_type not in DECODER_TYPES and decoder_type in BUILTIN_DECODER_MODULES:
+        importlib.import_module(BUILTIN_DECODER_MODULES[decoder_type])
     cls = DECODER_TYPES.get(decoder_type)
     if cls is None:
         raise CheckpointError(

@@ -65,6 +65,11 @@ def find_images(root: str | Path, classes: Sequence[str] | None = None) -> tuple
     return list(classes), samples
 
 
+def deterministic_flip(seed: int, epoch: int, index: int) -> bool:
+    """Whether item ``index`` is mirrored in ``epoch``: a pure function, identical in every process."""
+    return bool(np.random.default_rng([seed, epoch, index]).random() < FLIP_PROBABILITY)
+
+
 class ImageFolderDataset(Dataset):
     """ImageNet-layout folder -> ``(image (C, R, R) float32 in [-1, 1], class_id)``.
 
@@ -106,9 +111,7 @@ class ImageFolderDataset(Dataset):
 
     def is_flipped(self, index: int) -> bool:
         """Whether item ``index`` is mirrored in the current epoch."""
-        if not self.random_flip:
-            return False
-        return bool(np.random.default_rng([self.seed, self.epoch, index]).random() < FLIP_PROBABILITY)
+        return self.random_flip and deterministic_flip(self.seed, self.epoch, index)
 
     def load_image(self, index: int) -> Image.Image:
         """The cropped (unflipped) PIL image of item ``index``; unreadable files raise :class:`FlowTurboError`."""

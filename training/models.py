@@ -71,6 +71,9 @@ SIT_PATCH_SIZES: tuple[int, ...] = (2, 4, 8)
 SMALL_SIT_ARCHS: dict[str, tuple[int, int, int]] = {
     "SiT-T": (192, 6, 3),
     "SiT-M": (256, 8, 4),
+    # Narrow and deep: the embedded default. One refiner block is ~1/12 of the predictor's compute (the
+    # paper's SiT-XL/2 refiner is ~1/28 of its blocks), and the weights stay small enough to ship.
+    "SiT-N": (128, 12, 4),
 }
 SMALL_SIT_PATCH_SIZES: tuple[int, ...] = (1, 2, 4)
 

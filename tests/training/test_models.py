@@ -102,7 +102,7 @@ def _numpy_pos_embed(embed_dim, grid_size):
 # ------------------------------------------------------------------------------------------ configs
 def test_presets_cover_published_and_small_sizes():
     assert {"SiT-XL/2", "SiT-XL/8", "SiT-L/4", "SiT-B/2", "SiT-S/8", "SiT-T/1", "SiT-M/4"} <= set(SIT_PRESETS)
-    assert len(SIT_PRESETS) == 4 * 3 + 2 * 3
+    assert len(SIT_PRESETS) == 4 * 3 + 3 * 3
     cfg = sit_config("SiT-XL/2")
     assert (cfg.hidden_size, cfg.depth, cfg.num_heads, cfg.patch_size) == (1152, 28, 16, 2)
     assert cfg.out_channels == 8 and cfg.num_tokens == 256 and cfg.preset_name == "SiT-XL/2"

@@ -1,0 +1,335 @@
+"""``flowturbo train autoencoder|predictor|refiner|package``: thin argparse groups over the trainers.
+
+Each trainer starts from a named preset (``--preset``; plain data in the trainer modules) or a saved
+``config.json`` (``--config``), then applies the flags given on the command line. Every flag maps to one
+dotted field of the trainer's frozen config dataclass (``--lr`` -> ``loop.lr``), so the CLI holds no logic.
+Multi-GPU / multi-process: run the same command under ``torchrun --nproc_per_node N -m
+flowturbo.training.train_cli train ...`` (or the ``flowturbo`` entry point).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import typing
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from flowturbo.errors import FlowTurboError
+
+# (flag, dotted config paths, argparse kwargs)
+Option = tuple[str, tuple[str, ...], dict[str, Any]]
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _loop_options(prefix: str = "loop", flag_prefix: str = "") -> list[Option]:
+    p, f = prefix, flag_prefix
+    return [
+        (f"--{f}steps", (f"{p}.steps",), dict(type=int, help="optimizer steps")),
+        (f"--{f}batch-size", (f"{p}.batch_size",), dict(type=int, help="global batch (split over processes)")),
+        (f"--{f}lr", (f"{p}.lr",), dict(type=float, help="AdamW learning rate (constant after warm-up)")),
+        (f"--{f}weight-decay", (f"{p}.weight_decay",), dict(type=float)),
+        (f"--{f}warmup-steps", (f"{p}.warmup_steps",), dict(type=int, help="linear lr warm-up steps")),
+        (f"--{f}grad-clip", (f"{p}.grad_clip",), dict(type=float, help="max gradient norm (0: off)")),
+        (f"--{f}ema-decay", (f"{p}.ema_decay",), dict(type=float)),
+    ]
+
+
+def _runtime_options(*loops: str) -> list[Option]:
+    """Run settings; each applies to every LoopConfig named in ``loops`` (e.g. both autoencoder stages)."""
+
+    def paths(name: str) -> tuple[str, ...]:
+        return tuple(f"{loop}.{name}" for loop in loops)
+
+    return [
+        ("--precision", paths("precision"),
+         dict(choices=["auto", "fp32", "bf16"], help="auto: bf16 autocast on CUDA, fp32 on CPU")),
+        ("--device", paths("device"), dict(choices=["auto", "cpu", "cuda"])),
+        ("--seed", paths("seed"), dict(type=int)),
+        ("--log-every", paths("log_every"), dict(type=int, help="progress-bar update interval (steps)")),
+        ("--ckpt-every", paths("ckpt_every"), dict(type=int, help="checkpoint interval (steps)")),
+        ("--keep-checkpoints", paths("keep_checkpoints"), dict(type=int, help="newest checkpoints kept (0: all)")),
+        ("--max-minutes", ("loop.max_minutes",), dict(type=float, help="stop cleanly and save after this long")),
+        ("--budget-ends-run", ("loop.budget_ends_run",),
+         dict(action="store_const", const=True,
+              help="a --max-minutes stop finishes the run (final weights written) instead of pausing it")),
+        ("--num-workers", paths("num_workers"), dict(type=int, help="DataLoader workers for image folders")),
+        ("--no-progress", paths("progress"), dict(action="store_const", const=False, help="no progress bar")),
+    ]
+
+
+RUNTIME_OPTIONS = _runtime_options("loop")
+
+
+def _image_options(prefix: str, also_model: bool = False) -> list[Option]:
+    model_size = ("model.image_size",) if also_model else ()
+    model_channels = ("model.image_channels",) if also_model else ()
+    return [
+        ("--dataset", (f"{prefix}.dataset",),
+         dict(help="'fashion-mnist' or an ImageNet-layout folder root/<class>/*.png")),
+        ("--split", (f"{prefix}.split",), dict(choices=["train", "test"], help="Fashion-MNIST split")),
+        ("--fashion-mnist-root", (f"{prefix}.fashion_mnist_root",), dict(help="folder of the idx files")),
+        ("--limit", (f"{prefix}.limit",), dict(type=int, help="use only the first N images")),
+        ("--image-size", (f"{prefix}.image_size", *model_size), dict(type=int, help="center-crop size (folders)")),
+        ("--image-channels", (f"{prefix}.image_channels", *model_channels), dict(type=int, choices=[1, 3])),
+        ("--no-flip", (f"{prefix}.random_flip",), dict(action="store_const", const=False, help="no horizontal flips")),
+    ]
+
+
+LATENT_OPTIONS: list[Option] = [
+    ("--autoencoder", ("data.autoencoder",), dict(help="our autoencoder: `train autoencoder` run folder or file")),
+    ("--vae", ("data.vae",), dict(help="diffusers AutoencoderKL folder (sd-vae-ft-ema / sd-vae-ft-mse)")),
+    ("--vae-latent-scale", ("data.vae_latent_scale",), dict(type=float, help="default: the VAE's scaling_factor")),
+    ("--no-pre-encode", ("data.pre_encode",),
+     dict(action="store_const", const=False, help="encode every batch instead of the whole dataset once")),
+    ("--encode-batch-size", ("data.encode_batch_size",), dict(type=int)),
+]
+
+AUTOENCODER_OPTIONS: list[Option] = [
+    ("--latent-channels", ("model.latent_channels",), dict(type=int)),
+    ("--base-channels", ("model.base_channels",), dict(type=int)),
+    ("--channel-mult", ("model.channel_mult",),
+     dict(type=_ints, help="e.g. 1,2,4 (len - 1 = number of 2x downsamples)")),
+    ("--num-res-blocks", ("model.num_res_blocks",), dict(type=int)),
+    ("--norm-groups", ("model.norm_groups",), dict(type=int)),
+    ("--recon-loss", ("recon_loss",), dict(choices=["l1", "mse"])),
+    ("--kl-weight", ("kl_weight",), dict(type=float)),
+    ("--latent-scale-images", ("latent_scale_images",), dict(type=int, help="images used to measure the scale")),
+    ("--no-finetune", ("finetune_decoder",),
+     dict(action="store_const", const=False, help="skip the 'mse' decoder stage")),
+]
+
+PREDICTOR_OPTIONS: list[Option] = [
+    ("--model", ("model",), dict(help="SiT preset, e.g. SiT-M/2, SiT-T/2, SiT-XL/2")),
+    ("--learn-sigma", ("learn_sigma",), dict(action="store_const", const=True, help="2C output channels (official)")),
+    ("--label-dropout", ("label_dropout",), dict(type=float, help="probability of the null label (CFG)")),
+]
+
+REFINER_OPTIONS: list[Option] = [
+    ("--teacher", ("teacher",), dict(help="predictor: `train predictor` run folder/file or official SiT .pt")),
+    ("--teacher-model", ("teacher_model",), dict(help="insist the teacher is this preset, e.g. SiT-XL/2")),
+    ("--trust-pickle", ("trust_pickle",), dict(action="store_const", const=True, help="allow full unpickling")),
+    ("--refiner-depth", ("refiner_depth",), dict(type=int)),
+    ("--label-dropout", ("label_dropout",), dict(type=float)),
+    ("--max-dt", ("max_dt",), dict(type=float, help="dt ~ U(0, max_dt] (paper: 0.12)")),
+]
+
+
+# --------------------------------------------------------------------------------------- config glue
+def replace_path(config: Any, path: str, value: Any) -> Any:
+    """``dataclasses.replace`` along a dotted path of nested frozen dataclasses."""
+    head, _, rest = path.partition(".")
+    if not dataclasses.is_dataclass(config) or head not in {f.name for f in dataclasses.fields(config)}:
+        raise FlowTurboError(f"unknown config field {path!r} for {type(config).__name__}")
+    if rest:
+        value = replace_path(getattr(config, head), rest, value)
+    return dataclasses.replace(config, **{head: value})
+
+
+def _field_default(cls: type, name: str) -> Any:
+    field = next(f for f in dataclasses.fields(cls) if f.name == name)
+    if field.default is not dataclasses.MISSING:
+        return field.default
+    if field.default_factory is not dataclasses.MISSING:  # type: ignore[misc]
+        return field.default_factory()  # type: ignore[misc]
+    raise FlowTurboError(f"{cls.__name__}.{name} has no default; give it on the command line")
+
+
+def _initial_kwargs(cls: type, presets: dict[str, dict], preset: str | None, config_file: str | None) -> dict:
+    """Top-level keyword arguments of ``cls`` from a preset (plain data) or a saved ``config.json``."""
+    from flowturbo.training.trainers.common import config_from_dict
+
+    if config_file is None:
+        name = preset or next(iter(presets))
+        if name not in presets:
+            raise FlowTurboError(f"unknown preset {name!r}; choose one of {sorted(presets)}")
+        return dict(presets[name])
+    if preset is not None:
+        raise FlowTurboError("give --preset or --config, not both")
+    path = Path(config_file)
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise FlowTurboError(f"cannot read config {path}: {exc}") from exc
+    if isinstance(data, dict) and isinstance(data.get("config"), dict):
+        data = data["config"]  # a run folder's config.json
+    if not isinstance(data, dict):
+        raise FlowTurboError(f"{path} does not hold a config object")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise FlowTurboError(f"{path}: unknown {cls.__name__} keys {unknown}")
+    kwargs = {}
+    for key, value in data.items():
+        hint = hints.get(key)
+        if isinstance(hint, type) and dataclasses.is_dataclass(hint) and isinstance(value, dict):
+            value = config_from_dict(hint, value)
+        elif isinstance(value, list):
+            value = tuple(value)
+        kwargs[key] = value
+    return kwargs
+
+
+def build_config(cls: type, presets: dict[str, dict], args: argparse.Namespace, options: Sequence[Option]) -> Any:
+    """Preset (or ``--config`` file), then every flag the user gave; the dataclass validates the result."""
+    kwargs = _initial_kwargs(cls, presets, getattr(args, "preset", None), getattr(args, "config", None))
+    for _flag, paths, _kwargs in options:
+        value = getattr(args, _dest(paths), None)
+        if value is None:
+            continue
+        for path in paths:
+            head, _, rest = path.partition(".")
+            if rest:
+                current = kwargs[head] if head in kwargs else _field_default(cls, head)
+                kwargs[head] = replace_path(current, rest, value)
+            else:
+                kwargs[head] = value
+    return cls(**kwargs)
+
+
+def _dest(paths: tuple[str, ...]) -> str:
+    return "cfg__" + paths[0].replace(".", "__")
+
+
+def _add_options(parser: argparse.ArgumentParser, title: str, options: Sequence[Option]) -> None:
+    group = parser.add_argument_group(title)
+    for flag, paths, kwargs in options:
+        if "action" not in kwargs and "choices" not in kwargs:
+            kwargs = {"metavar": flag.lstrip("-").replace("-", "_").upper(), **kwargs}
+        group.add_argument(flag, dest=_dest(paths), default=None, **kwargs)
+
+
+def _add_run_group(parser: argparse.ArgumentParser, presets: dict[str, dict]) -> None:
+    group = parser.add_argument_group("run")
+    group.add_argument("--out", required=True, help="output folder (checkpoints, config.json, loss_curve.png)")
+    group.add_argument("--preset", default=None, choices=sorted(presets), help=f"default: {next(iter(presets))}")
+    group.add_argument("--config", default=None, help="start from a saved config.json instead of a preset")
+    group.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    group.add_argument("--force", action="store_true", help="resume even though the config changed (lists changes)")
+
+
+# ------------------------------------------------------------------------------------------- commands
+def _trainer_command(cls_name: str, presets_name: str, train_name: str,
+                     options: Sequence[Option]) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        from flowturbo.training import trainers
+
+        cls, presets, train = (getattr(trainers, n) for n in (cls_name, presets_name, train_name))
+        config = build_config(cls, presets, args, options)
+        out = train(config, args.out, resume=args.resume, force=args.force)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
+            print(f"done: {out}")
+        return 0
+
+    return run
+
+
+def _run_package(args: argparse.Namespace) -> int:
+    from flowturbo.training.trainers.package import package_bundle
+
+    names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
+    bundle = package_bundle(
+        args.out, predictor=args.predictor, refiner=args.refiner, autoencoder=args.autoencoder, vae=args.vae,
+        variant=args.variant, schedule=args.schedule, cfg=args.cfg, guidance_channels=args.guidance_channels,
+        class_names=names, trust_pickle=args.trust_pickle, overwrite=args.overwrite,
+    )
+    counts = ", ".join(f"{k} {v:,}" for k, v in bundle.parameter_counts().items())
+    print(f"wrote bundle {args.out} ({counts} parameters; default schedule {bundle.defaults.schedule})")
+    return 0
+
+
+def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    """Register ``train`` (with ``autoencoder``, ``predictor``, ``refiner``, ``package``) on ``subparsers``.
+
+    Each leaf parser sets ``handler`` (``args -> exit code``); returns the ``train`` parser.
+    """
+    from flowturbo.training.trainers import (
+        AUTOENCODER_TRAIN_PRESETS,
+        PREDICTOR_TRAIN_PRESETS,
+        REFINER_TRAIN_PRESETS,
+    )
+
+    train = subparsers.add_parser("train", help="train the autoencoder, a predictor or a refiner; package a bundle")
+    sub = train.add_subparsers(dest="train_command", required=True, metavar="WHAT")
+
+    ae_runtime = _runtime_options("loop", "finetune")
+    ae_opts = AUTOENCODER_OPTIONS + _image_options("data", also_model=True) + _loop_options() + ae_runtime + \
+        _loop_options("finetune", "finetune-")
+    p = sub.add_parser("autoencoder", help="our KL autoencoder, then its 'mse' decoder fine-tune")
+    _add_run_group(p, AUTOENCODER_TRAIN_PRESETS)
+    _add_options(p, "autoencoder", AUTOENCODER_OPTIONS)
+    _add_options(p, "data", _image_options("data", also_model=True))
+    _add_options(p, "optimisation", _loop_options())
+    _add_options(p, "decoder fine-tune (the 'mse' variant)", _loop_options("finetune", "finetune-"))
+    _add_options(p, "runtime (both stages; --max-minutes covers the whole run)", ae_runtime)
+    p.set_defaults(handler=_trainer_command("AutoencoderTrainConfig", "AUTOENCODER_TRAIN_PRESETS",
+                                            "train_autoencoder", ae_opts))
+
+    latent_image_opts = _image_options("data.images")
+    pred_opts = PREDICTOR_OPTIONS + latent_image_opts + LATENT_OPTIONS + _loop_options() + RUNTIME_OPTIONS
+    p = sub.add_parser("predictor", help="a SiT predictor by flow matching on encoded latents")
+    _add_run_group(p, PREDICTOR_TRAIN_PRESETS)
+    _add_options(p, "predictor", PREDICTOR_OPTIONS)
+    _add_options(p, "data", latent_image_opts)
+    _add_options(p, "latents", LATENT_OPTIONS)
+    _add_options(p, "optimisation", _loop_options())
+    _add_options(p, "runtime", RUNTIME_OPTIONS)
+    p.set_defaults(handler=_trainer_command("PredictorTrainConfig", "PREDICTOR_TRAIN_PRESETS", "train_predictor",
+                                            pred_opts))
+
+    ref_opts = REFINER_OPTIONS + latent_image_opts + LATENT_OPTIONS + _loop_options() + RUNTIME_OPTIONS
+    p = sub.add_parser("refiner", help="a FlowTurbo velocity refiner against a frozen predictor")
+    _add_run_group(p, REFINER_TRAIN_PRESETS)
+    _add_options(p, "refiner", REFINER_OPTIONS)
+    _add_options(p, "data", latent_image_opts)
+    _add_options(p, "latents", LATENT_OPTIONS)
+    _add_options(p, "optimisation", _loop_options())
+    _add_options(p, "runtime", RUNTIME_OPTIONS)
+    p.set_defaults(handler=_trainer_command("RefinerTrainConfig", "REFINER_TRAIN_PRESETS", "train_refiner", ref_opts))
+
+    p = sub.add_parser("package", help="assemble predictor + refiner + decoder (EMA weights) into a bundle")
+    g = p.add_argument_group("parts")
+    g.add_argument("--predictor", required=True, help="`train predictor` run folder/file or official SiT .pt")
+    g.add_argument("--refiner", default=None, help="`train refiner` run folder/file or official refiner .pt")
+    g.add_argument("--autoencoder", default=None, help="`train autoencoder` run folder or autoencoder.safetensors")
+    g.add_argument("--vae", default=None, help="diffusers AutoencoderKL folder instead of our autoencoder")
+    g.add_argument("--variant", default="ema", choices=["ema", "mse"], help="default decoder variant (both stored)")
+    g.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of trusted .pt files")
+    g = p.add_argument_group("sampling defaults")
+    g.add_argument("--schedule", default=None, help="default schedule (H1P5R3 with a refiner, else H8)")
+    g.add_argument("--cfg", type=float, default=None, help="default guidance scale")
+    g.add_argument("--guidance-channels", type=int, default=None, help="guide only the first N channels")
+    g.add_argument("--class-names", default=None, help="comma-separated (default: from the predictor run)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", required=True, help="bundle folder")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    p.set_defaults(handler=_run_package)
+    return train
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Stand-alone entry (``python -m flowturbo.training.train_cli train ...``, e.g. under torchrun)."""
+    parser = argparse.ArgumentParser(prog="flowturbo")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    add_train_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args) or 0)
+    except FlowTurboError as exc:
+        print(f"flowturbo train: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

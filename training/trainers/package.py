@@ -1,0 +1,79 @@
+"""Assemble trained parts into a bundle (``flowturbo train package``): EMA weights throughout.
+
+Predictor: a ``train predictor`` run folder, checkpoint folder or ``predictor.safetensors``, or an official
+SiT ``.pt``. Refiner (optional): a ``train refiner`` run / file, or an official FlowTurbo refiner ``.pt``.
+Decoder: our autoencoder (``train autoencoder`` run folder or ``autoencoder.safetensors``; both decoder
+variants stored, ``variant`` active by default) or a diffusers AutoencoderKL folder.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flowturbo.errors import FlowTurboError
+from flowturbo.training.bundle import (
+    DEFAULT_CFG,
+    DEFAULT_SCHEDULE,
+    DEFAULT_SCHEDULE_WITHOUT_REFINER,
+    Bundle,
+    BundleDefaults,
+    save_bundle,
+)
+from flowturbo.training.checkpoints import load_refiner_checkpoint, load_sit_checkpoint
+from flowturbo.training.decoders import DiffusersVAEDecoder, LatentDecoder
+from flowturbo.training.trainers.autoencoder import autoencoder_decoder
+from flowturbo.training.trainers.predictor import read_trained_predictor
+from flowturbo.training.trainers.refiner import read_trained_refiner
+
+
+def package_bundle(
+    out: str | Path,
+    *,
+    predictor: str | Path,
+    refiner: str | Path | None = None,
+    autoencoder: str | Path | None = None,
+    vae: str | Path | None = None,
+    variant: str = "ema",
+    schedule: str | None = None,
+    cfg: float | None = None,
+    guidance_channels: int | None = None,
+    class_names: list[str] | None = None,
+    trust_pickle: bool = False,
+    overwrite: bool = False,
+) -> Bundle:
+    """Build a :class:`Bundle` from trained parts, save it to ``out`` (atomically) and return it."""
+    ours = read_trained_predictor(predictor)
+    if ours is not None:
+        state, predictor_config, names = ours
+        sit = load_sit_checkpoint(state, predictor_config)
+    else:
+        sit, names = load_sit_checkpoint(predictor, trust_pickle=trust_pickle), None
+    ref = None
+    if refiner is not None:
+        ours_ref = read_trained_refiner(refiner)
+        if ours_ref is not None:
+            ref = load_refiner_checkpoint(ours_ref[0], ours_ref[1])
+        else:
+            ref = load_refiner_checkpoint(refiner, trust_pickle=trust_pickle)
+    decoder = _decoder(autoencoder, vae, variant)
+    defaults = BundleDefaults(
+        schedule=schedule or (DEFAULT_SCHEDULE if ref is not None else DEFAULT_SCHEDULE_WITHOUT_REFINER),
+        cfg=DEFAULT_CFG if cfg is None else cfg,
+        guidance_channels=guidance_channels,
+    )
+    bundle = Bundle(sit.eval(), None if ref is None else ref.eval(), decoder.eval(),
+                    class_names if class_names is not None else names, defaults)
+    save_bundle(bundle, out, overwrite=overwrite)
+    return bundle
+
+
+def _decoder(autoencoder: str | Path | None, vae: str | Path | None, variant: str) -> LatentDecoder:
+    if (autoencoder is None) == (vae is None):
+        raise FlowTurboError("give exactly one decoder: --autoencoder (a `train autoencoder` run) or --vae "
+                             "(a diffusers AutoencoderKL folder)")
+    if autoencoder is not None:
+        return autoencoder_decoder(autoencoder, variant)
+    if variant != "ema":
+        raise FlowTurboError("--variant applies to our autoencoder; for a diffusers VAE pick the folder "
+                             "(sd-vae-ft-ema or sd-vae-ft-mse) instead")
+    return DiffusersVAEDecoder.from_folder(vae)  # type: ignore[arg-type]
