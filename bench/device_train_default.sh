@@ -5,10 +5,10 @@
 set -uo pipefail
 OUT=${OUT:?set OUT to the results folder}
 export PYTHONUNBUFFERED=1
-# Make `flowturbo` importable without building the C++ extension (pure-Python layers only).
-mkdir -p /tmp/ft/flowturbo && cp flowturbo/*.py /tmp/ft/flowturbo/
-for d in kernels training export runtime; do ln -sfn "$PWD/$d" "/tmp/ft/flowturbo/$d"; done
-export PYTHONPATH=/tmp/ft
+# Make `flowturbo` importable without building the C++ extension (pure-Python layers only): link the
+# layer folders into the root package folder of this (throw-away) copy of the tree.
+for d in kernels training export runtime; do ln -sfn "$PWD/$d" "flowturbo/$d"; done
+export PYTHONPATH=$PWD
 nvidia-smi --query-gpu=name,memory.total --format=csv,noheader | tee "$OUT/device.txt"
 python3 -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/device.txt"
 BUNDLE=/tmp/default_model

@@ -287,6 +287,14 @@ def test_kernel_backend_is_an_explicit_argument(monkeypatch):
         return real(*args, backend=KernelBackend.REFERENCE, **kwargs)
 
     monkeypatch.setattr(models, "gated_residual_layernorm_modulate", spy)
+    real_ln = models.layernorm_modulate
+    first_norm = []
+
+    def spy_ln(*args, backend, **kwargs):  # block 0's norm1 (no residual before it); keeps CUDA machines on CPU
+        first_norm.append(backend)
+        return real_ln(*args, backend=KernelBackend.REFERENCE, **kwargs)
+
+    monkeypatch.setattr(models, "layernorm_modulate", spy_ln)
     model = SiT(ODD, kernel_backend="reference")
     assert model.kernel_backend is KernelBackend.REFERENCE
     x, t, y = _inputs(ODD)
@@ -297,6 +305,7 @@ def test_kernel_backend_is_an_explicit_argument(monkeypatch):
     assert model.set_kernel_backend("triton") is model
     model(x, t, y)
     assert seen == [KernelBackend.TRITON] * 6
+    assert first_norm == [KernelBackend.REFERENCE, KernelBackend.TRITON]
     with pytest.raises(FlowTurboError, match="unknown kernel backend"):
         SiT(ODD, kernel_backend="cuda-magic")
 
