@@ -183,6 +183,15 @@ def report(args: argparse.Namespace) -> None:
         rows.append(dict(name=method.name, family=method.family, decoder=g["decoder"], **g, **l, **m))
     _pareto_plot(rows, Path(args.plot))
     Path(args.report).write_text(_markdown(rows, gen, lat, args))
+    if args.model_card:
+        card_path = Path(args.model_card)
+        card = json.loads(card_path.read_text())
+        card["quality"] = {"source": "bench/quality_study.py (see QUALITY.md)", "num_samples": gen["num_samples"],
+                           "cfg": gen["cfg"], "latency_device": lat["device"], "latency_batch": lat["batch"],
+                           "rows": [{k: r.get(k) for k in ("name", "decoder", "predictor_calls", "refiner_calls",
+                                                           "ms_per_image", "fid", "precision", "recall",
+                                                           "class_accuracy", "inception_fid")} for r in rows]}
+        card_path.write_text(json.dumps(card, indent=2) + "\n")
     print(Path(args.report).read_text())
 
 
@@ -263,6 +272,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--inception-reference", type=int, default=2000)
     parser.add_argument("--report", default=str(REPO / "QUALITY_TABLE.md"))
     parser.add_argument("--plot", default=str(REPO / "docs" / "quality_pareto.png"))
+    parser.add_argument("--model-card", default=None, help="model_card.json whose 'quality' table to fill in")
     args = parser.parse_args(argv)
     phases = ["generate", "latency", "metrics", "report"] if args.phase == "all" else [args.phase]
     for phase in phases:
