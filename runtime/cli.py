@@ -88,6 +88,11 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--out", default="outputs/sample", help="output folder (grid.png, one PNG per image, run.json)")
     g.add_argument("--grid-scale", type=int, default=4, help="upscale factor of grid.png for viewing (nearest)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = p.add_argument_group("exported artifacts (instead of --model)")
+    a.add_argument("--artifacts", default=None, help="export directory made by `flowturbo export` (schedule fixed there)")
+    a.add_argument("--backend", default="pytorch", choices=["pytorch", "onnxruntime", "aoti", "tensorrt"],
+                   help="pytorch (default) runs the model eagerly; the others need --artifacts")
+    a.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.set_defaults(handler=_run_sample)
 
 
@@ -118,6 +123,8 @@ def timing_table(rows: list[tuple[str, float, int | None]]) -> str:
 
 
 def _run_sample(args: argparse.Namespace) -> int:
+    if args.artifacts is not None or args.backend != "pytorch":
+        return _run_sample_exported(args)
     import torch
 
     from flowturbo.runtime.images import to_uint8, write_sample_folder
@@ -155,15 +162,67 @@ def _run_sample(args: argparse.Namespace) -> int:
     dtype = str(pipe.dtype).removeprefix("torch.")
     print(f"flowturbo sample: {schedule}, {n} images in {samples.num_batches} batch(es), "
           f"{pipe.device.type} {dtype}, backend {sampler.backend}, model {pipe.source}")
+    _print_timings(load_s, samples, write_s)
+    print(f"wrote {out / 'grid.png'}, {n} PNGs and {out / 'run.json'}")
+    return 0
+
+
+def _run_sample_exported(args: argparse.Namespace) -> int:
+    """``flowturbo sample --artifacts DIR --backend onnxruntime|aoti``: run an export directory."""
+    import torch
+
+    from flowturbo.runtime.images import to_uint8, write_sample_folder
+    from flowturbo.schedule import SamplingSchedule
+
+    if args.artifacts is None or args.backend == "pytorch":
+        raise FlowTurboError("use --artifacts DIR together with --backend onnxruntime|aoti")
+    if args.model or args.predictor:
+        raise FlowTurboError("--artifacts already holds the model; drop --model/--predictor")
+    if args.backend == "tensorrt":
+        raise FlowTurboError("the tensorrt sampling backend is not implemented yet; use --backend onnxruntime or aoti")
+    t_load = time.perf_counter()
+    if args.backend == "onnxruntime":
+        from flowturbo.runtime.onnx_backend import OnnxRuntimeSampler
+
+        sampler = OnnxRuntimeSampler.from_artifacts(args.artifacts, threads=args.threads)
+    else:
+        from flowturbo.runtime.aoti_backend import AotiSampler
+
+        sampler = AotiSampler.from_artifacts(args.artifacts)
+    load_s = time.perf_counter() - t_load
+    base, schedule = sampler.schedule, None
+    if args.schedule or args.cfg is not None or args.guidance_channels is not None:  # must equal the exported one
+        scale = base.guidance_scale if args.cfg is None else args.cfg
+        channels = base.guidance_channels if args.guidance_channels is None else args.guidance_channels
+        schedule = (SamplingSchedule.parse(args.schedule, guidance_scale=scale, guidance_channels=channels)
+                    if args.schedule else base.with_guidance(scale, channels))
+    classes = _parse_classes(args.classes, sampler.num_classes, args.num_images)
+    samples = sampler.sample(classes, schedule=schedule, seed=args.seed, batch_size=args.batch)
+    t_write = time.perf_counter()
+    record: dict[str, Any] = {
+        "flowturbo_version": __version__, "backend": sampler.backend, "model": sampler.describe(),
+        "seed": args.seed, "command": " ".join(["flowturbo", *sys.argv[1:]]), "torch_version": torch.__version__,
+        "host": platform.node(), "seconds_load": load_s, **samples.record(),
+    }
+    out = write_sample_folder(args.out, to_uint8(samples.images), samples.labels, record, sampler.class_names,
+                              grid_scale=args.grid_scale)
+    write_s, n = time.perf_counter() - t_write, len(samples.labels)
+    print(f"flowturbo sample: {samples.schedule}, {n} images in {samples.num_batches} batch(es), backend "
+          f"{sampler.backend} ({sampler.variant}, {sampler.artifacts.precision}), artifacts {args.artifacts}")
+    _print_timings(load_s, samples, write_s, "load artifacts")
+    print(f"wrote {out / 'grid.png'}, {n} PNGs and {out / 'run.json'}")
+    return 0
+
+
+def _print_timings(load_s: float, samples: Any, write_s: float, load_label: str = "load model") -> None:
+    n = len(samples.labels)
     print(timing_table([
-        ("load model", load_s, None),
+        (load_label, load_s, None),
         ("sample (ODE)", samples.times.sample_s, n),
         ("decode", samples.times.decode_s, n),
         ("write PNGs", write_s, n),
         ("total", load_s + samples.times.total_s + write_s, n),
     ]))
-    print(f"wrote {out / 'grid.png'}, {n} PNGs and {out / 'run.json'}")
-    return 0
 
 
 # ----------------------------------------------------------------------------------------------- eval
@@ -256,7 +315,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 # Sub-command groups that live with their layer: (module, function registering the sub-parser).
-_SUBCOMMAND_MODULES = (("flowturbo.training.train_cli", "add_train_parser"),)
+_SUBCOMMAND_MODULES = (
+    ("flowturbo.training.train_cli", "add_train_parser"),
+    ("flowturbo.export.export_cli", "add_export_parser"),
+)
 
 
 def _optional_registrars() -> list:

@@ -6,61 +6,24 @@ Backends behind one interface; this module holds the PyTorch one (eager). Export
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import torch
+from flowturbo.runtime.pytorch_backend import (
+    TorchPipeline,
+    check_labels,
+    load_pipeline,
+    make_noise,
+    sample_schedule,
+)
+from flowturbo.runtime.results import Samples, StageTimes
 from tqdm.auto import tqdm
 
 from flowturbo.errors import FlowTurboError, SamplingError
-from flowturbo.runtime.pytorch_backend import TorchPipeline, check_labels, load_pipeline, make_noise, sample_schedule
 from flowturbo.schedule import SamplingSchedule
-
-
-@dataclasses.dataclass(frozen=True)
-class StageTimes:
-    """Wall-clock seconds of each stage of a sampling run (CUDA work synchronised at stage ends)."""
-
-    sample_s: float
-    decode_s: float
-
-    @property
-    def total_s(self) -> float:
-        return self.sample_s + self.decode_s
-
-
-@dataclasses.dataclass(frozen=True)
-class Samples:
-    """Decoded images (N, C, H, W) in [-1, 1], their labels, and what it cost."""
-
-    images: torch.Tensor
-    labels: list[int]
-    schedule: SamplingSchedule
-    predictor_calls: int  # per batch (every batch runs the same schedule)
-    refiner_calls: int
-    num_batches: int
-    times: StageTimes
-
-    @property
-    def ms_per_image(self) -> float:
-        return 1000 * self.times.total_s / max(len(self.labels), 1)
-
-    def record(self) -> dict[str, Any]:
-        """The JSON-ready summary written to run.json."""
-        n = max(len(self.labels), 1)
-        return {
-            "schedule": self.schedule.describe(),
-            "num_images": len(self.labels),
-            "labels": self.labels,
-            "num_batches": self.num_batches,
-            "predictor_calls_per_batch": self.predictor_calls,
-            "refiner_calls_per_batch": self.refiner_calls,
-            "seconds": {"sample": self.times.sample_s, "decode": self.times.decode_s, "total": self.times.total_s},
-            "seconds_per_image": self.times.total_s / n,
-        }
 
 
 def _sync(device: torch.device) -> None:

@@ -23,6 +23,8 @@ TOLERANCES: dict[object, dict[str, float]] = {
     "export_fp16": dict(atol=2e-2, rtol=2e-2),
     # Image bytes after decode + quantisation.
     "uint8_image": dict(atol=1, rtol=0),
+    # The same, read back from PNGs as floats in [-1, 1]: one quantisation level is 2/255.
+    "uint8_image_as_float": dict(atol=2 / 255 + 1e-6, rtol=0),
 }
 
 

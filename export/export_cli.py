@@ -1,0 +1,87 @@
+"""``flowturbo export``: a model + a fixed schedule in, a verified artifact directory out.
+
+Registered by ``flowturbo.runtime.cli`` through ``_SUBCOMMAND_MODULES`` (``add_export_parser``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import sys
+from pathlib import Path
+
+from flowturbo.errors import FlowTurboError
+
+DEFAULT_MODEL_SUBDIR = ("assets", "default_model")  # the embedded default, inside the runtime package folder
+
+
+def default_model_dir() -> Path:
+    """The embedded default bundle (located as package data; no runtime code is imported)."""
+    spec = importlib.util.find_spec("flowturbo.runtime")
+    if spec is None or not spec.submodule_search_locations:
+        raise FlowTurboError("flowturbo.runtime is not installed, so there is no embedded default: pass --model")
+    return Path(list(spec.submodule_search_locations)[0]).joinpath(*DEFAULT_MODEL_SUBDIR)
+
+
+def add_export_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``flowturbo export``."""
+    from flowturbo.export.modules import VARIANTS
+    from flowturbo.export.onnx_export import DEFAULT_OPSET
+    from flowturbo.export.pipeline import DEFAULT_VARIANT
+    from flowturbo.export.specs import PRECISIONS
+    from flowturbo.export.tensorrt_export import DEFAULT_OPTIMIZATION_LEVEL
+
+    p = sub.add_parser("export", help="export a model + schedule to ONNX / AOTInductor / TensorRT with a manifest")
+    g = p.add_argument_group("what to export")
+    g.add_argument("--model", default=None, help="bundle folder (default: the embedded default model)")
+    g.add_argument("--schedule", default=None, help="schedule notation or preset (default: the model's)")
+    g.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
+    g.add_argument("--guidance-channels", type=int, default=None, help="guide only the first N latent channels")
+    o = p.add_argument_group("how")
+    o.add_argument("--batch", default="1:1:16", help="batch profile MIN:OPT:MAX in images (default 1:1:16)")
+    o.add_argument("--format", default="onnx", help="comma-separated: onnx, aoti, tensorrt (default onnx)")
+    o.add_argument("--precision", default="fp32", choices=PRECISIONS)
+    o.add_argument("--variant", default=DEFAULT_VARIANT, choices=VARIANTS,
+                   help=f"schedule specialisation (default {DEFAULT_VARIANT}, the fastest measured)")
+    o.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    o.add_argument("--device", default="cpu", help="cpu or cuda (AOTInductor / TensorRT build device)")
+    o.add_argument("--trt-opt-level", type=int, default=DEFAULT_OPTIMIZATION_LEVEL, help="TensorRT builder level 0..5")
+    o.add_argument("--no-validate", action="store_true", help="skip the parity check against eager PyTorch")
+    o.add_argument("--out", required=True, help="export directory (written atomically, manifest.json last)")
+    o.add_argument("--overwrite", action="store_true", help="replace an export directory built for something else")
+    p.set_defaults(handler=run_export)
+
+
+def run_export(args: argparse.Namespace) -> int:
+
+    from flowturbo.export.pipeline import TORCH_DTYPES, ExportRequest, export_bundle
+    from flowturbo.schedule import SamplingSchedule
+    from flowturbo.training.bundle import load_bundle
+
+    folder = Path(args.model) if args.model else default_model_dir()
+    bundle = load_bundle(folder, device=args.device, dtype=TORCH_DTYPES[args.precision], kernel_backend="reference")
+    defaults = bundle.defaults
+    schedule = SamplingSchedule.parse(
+        args.schedule or defaults.schedule,
+        guidance_scale=defaults.cfg if args.cfg is None else args.cfg,
+        guidance_channels=defaults.guidance_channels if args.guidance_channels is None else args.guidance_channels,
+    )
+    request = ExportRequest(
+        schedule=schedule, batch=args.batch, formats=tuple(f.strip() for f in args.format.split(",") if f.strip()),
+        precision=args.precision, variant=args.variant, opset=args.opset, device=args.device,
+        validate=not args.no_validate, tensorrt_optimization_level=args.trt_opt_level,
+    )
+    result = export_bundle(bundle, request, args.out, source="embedded default" if args.model is None else str(folder),
+                           command=" ".join(["flowturbo", *sys.argv[1:]]), overwrite=args.overwrite)
+    manifest = result.manifest
+    state = "up to date (reused)" if result.reused else "written"
+    print(f"flowturbo export: {schedule} -> {result.path} [{state}], key {manifest['key']}, "
+          f"variant {manifest['variant']}, {manifest['precision']}, batch {request.batch.describe()}")
+    for a in manifest["artifacts"]:
+        err = a.get("max_abs_error")
+        err_text = "" if err is None else f"  max|err| {err:.2e}"
+        print(f"  {a['format']:<9}{a['file']:<34}{a['build_seconds']:>7.1f} s{err_text}")
+    return 0
+
+
+__all__ = ["add_export_parser", "default_model_dir", "run_export"]

@@ -1,0 +1,103 @@
+"""Hashes, cache keys and the ``manifest.json`` of an export directory.
+
+An export directory is keyed by a hash of everything that decides its bytes — the weights, the schedule
+id, the batch profile, the precision, the variant, the formats, the opset, the tool versions and the
+device — never by "the file exists". The manifest is written last (atomically), so a directory without
+one is incomplete by definition. ``flowturbo.runtime.artifacts`` reads it back without importing this code.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import platform
+import sys
+from collections.abc import Iterable, Mapping
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import torch
+
+EXPORT_FORMAT = "flowturbo.export/1"
+MANIFEST_FILE = "manifest.json"
+KEY_HEX_DIGITS = 16
+HASH_CHUNK_BYTES = 1 << 20
+VERSIONED_TOOLS = ("torch", "onnx", "onnxruntime", "onnxscript", "tensorrt", "flowturbo")
+
+
+def sha256_file(path: Path) -> str:
+    """SHA-256 of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(HASH_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_sha256(modules: Mapping[str, torch.nn.Module | None]) -> str:
+    """SHA-256 over every named tensor (name, dtype, shape, bytes) of the given modules, in name order."""
+    digest = hashlib.sha256()
+    for prefix in sorted(modules):
+        module = modules[prefix]
+        if module is None:
+            digest.update(f"{prefix}:none;".encode())
+            continue
+        for name, tensor in sorted(module.state_dict().items()):
+            data = tensor.detach().to("cpu").contiguous()
+            digest.update(f"{prefix}.{name}:{data.dtype}:{tuple(data.shape)};".encode())
+            digest.update(data.view(torch.uint8).numpy().tobytes() if data.numel() else b"")
+    return digest.hexdigest()
+
+
+def tool_versions() -> dict[str, str | None]:
+    """Installed versions of the tools that shape the artifacts (None when absent), plus Python."""
+    versions: dict[str, str | None] = {"python": platform.python_version()}
+    for name in VERSIONED_TOOLS:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    versions["torch"] = torch.__version__
+    return versions
+
+
+def device_description(device: torch.device) -> str:
+    """``'cpu (x86_64)'`` or ``'cuda: NVIDIA H100 80GB HBM3'``."""
+    if device.type == "cuda":
+        return f"cuda: {torch.cuda.get_device_name(device)}"
+    return f"cpu ({platform.machine()})"
+
+
+def canonical_json(obj: Any) -> str:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+def artifact_key(fields: Mapping[str, Any]) -> str:
+    """First 16 hex digits of the SHA-256 of the canonical JSON of ``fields``."""
+    return hashlib.sha256(canonical_json(dict(fields)).encode()).hexdigest()[:KEY_HEX_DIGITS]
+
+
+def file_entries(root: Path, files: Iterable[Path]) -> dict[str, dict[str, Any]]:
+    """``{relative path: {"sha256", "bytes"}}`` for the manifest."""
+    entries = {}
+    for path in sorted(files):
+        entries[path.relative_to(root).as_posix()] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return entries
+
+
+def command_line() -> str:
+    return " ".join(sys.argv)
+
+
+__all__ = [
+    "EXPORT_FORMAT",
+    "MANIFEST_FILE",
+    "artifact_key",
+    "command_line",
+    "device_description",
+    "file_entries",
+    "sha256_file",
+    "tool_versions",
+    "weights_sha256",
+]

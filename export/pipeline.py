@@ -1,0 +1,406 @@
+"""Export a bundle + a fixed schedule into an artifact directory (ONNX / AOTInductor / TensorRT + manifest).
+
+:func:`export_bundle` validates the request (formats, precision, opset, variant, R steps need a refiner),
+computes the artifact key, reuses an existing directory only when its manifest has the same key and its
+checksums verify, and otherwise builds everything in a temporary sibling directory, validates each
+artifact against eager PyTorch, writes ``manifest.json`` last and renames the directory into place.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import tempfile
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from flowturbo.errors import CheckpointError, FlowTurboError
+from flowturbo.export import aoti_export, onnx_export, tensorrt_export
+from flowturbo.export.manifest import (
+    EXPORT_FORMAT,
+    MANIFEST_FILE,
+    artifact_key,
+    command_line,
+    device_description,
+    file_entries,
+    sha256_file,
+    tool_versions,
+    weights_sha256,
+)
+from flowturbo.export.modules import (
+    VARIANTS,
+    DecoderStep,
+    FoldedPredictorStep,
+    FoldedRefinerStep,
+    PredictorStep,
+    RefinerStep,
+    UnrolledSchedule,
+    step_times,
+)
+from flowturbo.export.specs import (
+    DECODER,
+    PREDICTOR_STEP,
+    REFINER_STEP,
+    UNROLLED,
+    BatchProfile,
+    ModuleSpec,
+    check_precision,
+    decoder_spec,
+    predictor_step_spec,
+    refiner_step_spec,
+    unrolled_spec,
+)
+from flowturbo.schedule import SamplingSchedule
+from flowturbo.training.bundle import Bundle, load_bundle
+from flowturbo.training.trainers.common import atomic_write_json
+
+FORMATS = ("onnx", "aoti", "tensorrt")
+DEFAULT_VARIANT = "unrolled"  # fastest on ONNX Runtime CPU at batch 1 and 16 (bench/bench_export.py, BENCHMARKS.md)
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+# Export-time sanity bound on |exported - eager| (the tests check the strict tolerance table).
+VALIDATION_ATOL = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 2e-1}
+VALIDATION_SEED = 1234
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportRequest:
+    """What to build: schedule, batch profile, formats, precision, variant, ONNX opset, device, TensorRT options."""
+
+    schedule: SamplingSchedule
+    batch: BatchProfile = BatchProfile(1, 1, 16)
+    formats: tuple[str, ...] = ("onnx",)
+    precision: str = "fp32"
+    variant: str = DEFAULT_VARIANT
+    opset: int = onnx_export.DEFAULT_OPSET
+    device: str = "cpu"
+    validate: bool = True
+    tensorrt_optimization_level: int = tensorrt_export.DEFAULT_OPTIMIZATION_LEVEL
+
+    def __post_init__(self) -> None:
+        formats = tuple(dict.fromkeys(self.formats))
+        object.__setattr__(self, "formats", formats)
+        object.__setattr__(self, "batch", BatchProfile.parse(self.batch))
+        unknown = [f for f in formats if f not in FORMATS]
+        if not formats or unknown:
+            raise FlowTurboError(f"unknown export format(s) {unknown or formats}; choose from {', '.join(FORMATS)}")
+        check_precision(self.precision)
+        if self.variant not in VARIANTS:
+            raise FlowTurboError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
+        if "onnx" in formats or "tensorrt" in formats:
+            onnx_export.check_opset(self.opset)
+        if "onnx" in formats:
+            onnx_export.check_onnx_precision(self.precision)
+        if "tensorrt" in formats:
+            reason = tensorrt_export.tensorrt_unavailable_reason()
+            if reason is not None:
+                raise FlowTurboError(f"--format tensorrt: {reason}")
+            tensorrt_export.TensorRTOptions(self.precision, self.tensorrt_optimization_level)
+
+    def key_fields(self) -> dict[str, Any]:
+        return {
+            "schedule_id": self.schedule.id,
+            "batch": self.batch.describe(),
+            "formats": sorted(self.formats),
+            "precision": self.precision,
+            "variant": self.variant,
+            "opset": self.opset if ("onnx" in self.formats or "tensorrt" in self.formats) else None,
+        }
+
+
+@dataclasses.dataclass(frozen=True)
+class ExportResult:
+    """The export directory, its manifest, and whether an up-to-date existing directory was reused."""
+
+    path: Path
+    manifest: dict[str, Any]
+    reused: bool
+
+
+@dataclasses.dataclass
+class _Planned:
+    """One module to build: file stem, role, wrapper module, spec."""
+
+    stem: str
+    role: str
+    module: torch.nn.Module
+    spec: ModuleSpec
+
+
+def _plan(bundle: Bundle, request: ExportRequest) -> list[_Planned]:
+    schedule, precision, batch = request.schedule, request.precision, request.batch
+    latent, image = tuple(bundle.latent_shape), tuple(bundle.image_shape)
+    scale, channels = schedule.guidance_scale, schedule.guidance_channels
+    if request.variant == "unrolled":
+        module = UnrolledSchedule(schedule, bundle.predictor, bundle.refiner, bundle.decoder)
+        return [_Planned(UNROLLED, "unrolled", module, unrolled_spec(latent, image, precision, batch))]
+    planned: list[_Planned] = []
+    uses_refiner = schedule.uses_refiner
+    if request.variant == "time-input":
+        planned.append(_Planned(PREDICTOR_STEP, "predictor", PredictorStep(bundle.predictor, scale, channels),
+                                predictor_step_spec(latent, precision, batch)))
+        if uses_refiner:
+            planned.append(_Planned(REFINER_STEP, "refiner", RefinerStep(bundle.refiner, scale, channels),
+                                    refiner_step_spec(latent, precision, batch)))
+    else:  # per-step: one graph per distinct call time, time embedding folded
+        pred_times, ref_times = step_times(schedule)
+        index = {t: k for k, t in enumerate(schedule.timesteps)}
+        for t in pred_times:
+            planned.append(_Planned(f"{PREDICTOR_STEP}_t{index[t]:03d}", "predictor",
+                                    FoldedPredictorStep(bundle.predictor, scale, channels, t),
+                                    predictor_step_spec(latent, precision, batch, time=t)))
+        for t in ref_times:
+            planned.append(_Planned(f"{REFINER_STEP}_t{index[t]:03d}", "refiner",
+                                    FoldedRefinerStep(bundle.refiner, scale, channels, t),
+                                    refiner_step_spec(latent, precision, batch, time=t)))
+    planned.append(_Planned(DECODER, "decoder", DecoderStep(bundle.decoder),
+                            decoder_spec(latent, image, precision, batch)))
+    return planned
+
+
+def example_inputs(spec: ModuleSpec, batch: int, num_classes: int, seed: int = VALIDATION_SEED,
+                   device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+    """Random non-zero inputs for ``spec`` at ``batch`` (normal latents, t in (0, 1), labels in range)."""
+    generator = torch.Generator().manual_seed(seed)
+    inputs = {}
+    for tensor in spec.inputs:
+        shape = tensor.shape_for(batch)
+        if tensor.dtype == "int64":
+            value = torch.randint(0, num_classes, shape, generator=generator)
+        elif tensor.name == "t":
+            value = torch.rand(shape, generator=generator) * 0.98 + 0.01
+        else:
+            value = torch.randn(shape, generator=generator).to(getattr(torch, tensor.dtype))
+        inputs[tensor.name] = value.to(device)
+    return inputs
+
+
+def _outputs(module: torch.nn.Module, spec: ModuleSpec, inputs: dict[str, torch.Tensor]) -> list[torch.Tensor]:
+    with torch.no_grad():
+        out = module(*(inputs[n] for n in spec.input_names))
+    return [o.detach().float().cpu() for o in (out if isinstance(out, tuple) else (out,))]
+
+
+def _max_error(got: list[torch.Tensor], want: list[torch.Tensor], where: str, precision: str) -> float:
+    error = max(float((g.float().cpu() - w).abs().max()) for g, w in zip(got, want))
+    if not error <= VALIDATION_ATOL[precision]:  # also catches NaN
+        raise FlowTurboError(f"{where} differs from eager PyTorch by {error:.3g} (> {VALIDATION_ATOL[precision]}); "
+                             "the export is wrong for this model: report it with the manifest")
+    return error
+
+
+def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    try:
+        data = json.loads((folder / MANIFEST_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) and data.get("format") == EXPORT_FORMAT else None
+
+
+def _checksums_ok(folder: Path, manifest: dict[str, Any]) -> bool:
+    for rel, entry in manifest.get("files", {}).items():
+        path = folder / rel
+        if not path.is_file() or path.stat().st_size != entry.get("bytes") or sha256_file(path) != entry.get("sha256"):
+            return False
+    return True
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
+    lines = [f"{k}: existing {old.get(k)!r}, requested {new.get(k)!r}" for k in sorted(new) if old.get(k) != new.get(k)]
+    return "; ".join(lines) or "same fields, different key (tool versions?)"
+
+
+def _move_into_place(staging: Path, target: Path) -> None:
+    if not target.exists():
+        os.replace(staging, target)
+        return
+    aside = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
+    os.replace(target, aside)
+    try:
+        os.replace(staging, target)
+    except BaseException:
+        os.replace(aside, target)
+        raise
+    shutil.rmtree(aside, ignore_errors=True)
+
+
+def export_bundle(
+    bundle: Bundle,
+    request: ExportRequest,
+    out: str | os.PathLike[str],
+    *,
+    source: str = "",
+    command: str | None = None,
+    overwrite: bool = False,
+) -> ExportResult:
+    """Export ``bundle`` for ``request`` into the directory ``out`` (atomically; manifest written last).
+
+    An existing ``out`` whose manifest has the same key and verifying checksums is reused as is; one built
+    for anything else is replaced only with ``overwrite=True`` (else FlowTurboError saying what differs).
+    """
+    schedule = request.schedule
+    if schedule.uses_refiner and bundle.refiner is None:
+        raise FlowTurboError(
+            f"schedule {schedule.notation} has R (refiner) steps but the model has no refiner; export a schedule "
+            "without R (e.g. H8) or a bundle with a refiner"
+        )
+    if schedule.guidance_scale != 1.0 and not bundle.predictor.config.has_null_class:
+        raise FlowTurboError("this model has no null class, so it cannot be guided: export with --cfg 1")
+    device = torch.device(request.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise FlowTurboError("export --device cuda requested but this machine has no CUDA GPU; use --device cpu")
+    dtype = TORCH_DTYPES[request.precision]
+    if bundle.predictor.pos_embed.dtype != dtype or bundle.predictor.pos_embed.device != device:
+        raise FlowTurboError(f"load the bundle in {dtype} on {device} for a {request.precision} export "
+                             "(export_model does it for you)")
+    weights = weights_sha256({"predictor": bundle.predictor, "refiner": bundle.refiner, "decoder": bundle.decoder})
+    tools = tool_versions()
+    device_text = device_description(device)
+    key_fields = {"format": EXPORT_FORMAT, "weights_sha256": weights, **request.key_fields(), "tools": tools,
+                  "device": device_text}
+    key = artifact_key(key_fields)
+    target = Path(out)
+    if target.exists():
+        if not target.is_dir():
+            raise FlowTurboError(f"{target} exists and is not a directory; choose another --out")
+        existing = _read_manifest(target)
+        if existing is not None and existing.get("key") == key and _checksums_ok(target, existing):
+            return ExportResult(target, existing, reused=True)
+        if existing is None and any(target.iterdir()):
+            raise FlowTurboError(f"{target} exists and is not a flowturbo export directory; refusing to replace it")
+        if existing is not None and not overwrite:
+            raise FlowTurboError(
+                f"{target} holds artifacts built for something else ({_differences(existing.get('key_fields', {}), key_fields)}); "
+                "pass --overwrite to rebuild or choose another --out"
+            )
+    target.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        manifest = _build(bundle, request, staging, device, weights, key, key_fields, source, command)
+        _move_into_place(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return ExportResult(target, manifest, reused=False)
+
+
+def _build(bundle: Bundle, request: ExportRequest, root: Path, device: torch.device, weights: str, key: str,
+           key_fields: dict[str, Any], source: str, command: str | None) -> dict[str, Any]:
+    planned = _plan(bundle, request)
+    artifacts: list[dict[str, Any]] = []
+    written: list[Path] = []
+    started = time.perf_counter()
+    example_batch = request.batch.example_batch()
+    for item in planned:
+        item.module.eval()
+        inputs = example_inputs(item.spec, example_batch, bundle.num_classes, device=device)
+        check_batch = request.batch.min if request.batch.min != example_batch else request.batch.max
+        check_inputs = example_inputs(item.spec, check_batch, bundle.num_classes, seed=VALIDATION_SEED + 1,
+                                      device=device)
+        want = _outputs(item.module, item.spec, check_inputs) if request.validate else []
+        entry_base = {"module": item.stem, "role": item.role, "spec": item.spec.to_dict(), "time": item.spec.time}
+        onnx_path = None
+        if "onnx" in request.formats or "tensorrt" in request.formats:
+            onnx_path = root / f"{item.stem}.onnx"
+            result = onnx_export.export_onnx(item.module, item.spec, inputs, onnx_path, opset=request.opset)
+            written += list(result.files)
+            entry = {**entry_base, "format": "onnx", "file": onnx_path.name, "build_seconds": result.seconds,
+                     "external_data": result.external_data, "opset": request.opset}
+            if request.validate:
+                got = onnx_export.run_onnx(onnx_path, check_inputs)
+                entry["max_abs_error"] = _max_error(got, want, f"{onnx_path.name} on ONNX Runtime", request.precision)
+            artifacts.append(entry)
+        if "aoti" in request.formats:
+            package = root / f"{item.stem}{aoti_export.PACKAGE_SUFFIX}"
+            seconds = aoti_export.export_aoti(item.module, item.spec, inputs, package)
+            written.append(package)
+            entry = {**entry_base, "format": "aoti", "file": package.name, "build_seconds": seconds}
+            if request.validate:
+                runner = torch._inductor.aoti_load_package(str(package))
+                with torch.no_grad():
+                    out = runner(*(check_inputs[n] for n in item.spec.input_names))
+                got = list(out) if isinstance(out, (tuple, list)) else [out]
+                entry["max_abs_error"] = _max_error(got, want, f"{package.name} (AOTInductor)", request.precision)
+            artifacts.append(entry)
+        if "tensorrt" in request.formats:
+            assert onnx_path is not None
+            options = tensorrt_export.TensorRTOptions(request.precision, request.tensorrt_optimization_level)
+            import tensorrt as trt
+
+            meta = tensorrt_export.engine_metadata(
+                item.spec, weights_sha256=weights, schedule_id=request.schedule.id, precision=request.precision,
+                tensorrt_version=trt.__version__, gpu_name=torch.cuda.get_device_name() if torch.cuda.is_available()
+                else "none")
+            t0 = time.perf_counter()
+            engine = tensorrt_export.build_engine(onnx_path, item.spec, options, meta, root / "tensorrt")
+            written += [engine, tensorrt_export.engine_paths(root / "tensorrt", meta)[1]]
+            artifacts.append({**entry_base, "format": "tensorrt", "file": engine.relative_to(root).as_posix(),
+                              "build_seconds": time.perf_counter() - t0, "engine_key": meta["key"]})
+    timing_cache = root / "tensorrt" / tensorrt_export.TIMING_CACHE_FILE
+    if timing_cache.is_file():
+        written.append(timing_cache)
+    manifest = {
+        "format": EXPORT_FORMAT,
+        "key": key,
+        "key_fields": key_fields,
+        "schedule": request.schedule.describe(),
+        "schedule_id": request.schedule.id,
+        "variant": request.variant,
+        "precision": request.precision,
+        "batch": request.batch.to_dict(),
+        "formats": list(request.formats),
+        "model": {
+            "source": source,
+            "weights_sha256": weights,
+            "num_classes": bundle.num_classes,
+            "latent_shape": list(bundle.latent_shape),
+            "image_shape": list(bundle.image_shape),
+            "class_names": bundle.class_names,
+            "has_refiner": bundle.refiner is not None,
+            "decoder": bundle.decoder.decoder_type,
+            "defaults": bundle.defaults.to_dict(),
+        },
+        "artifacts": artifacts,
+        "files": file_entries(root, written),
+        "tools": key_fields["tools"],
+        "device": key_fields["device"],
+        "command": command if command is not None else command_line(),
+        "created_unix": time.time(),
+        "export_seconds": time.perf_counter() - started,
+    }
+    atomic_write_json(root / MANIFEST_FILE, manifest)  # last: a directory without it is incomplete
+    return manifest
+
+
+def export_model(
+    model: str | os.PathLike[str],
+    request: ExportRequest,
+    out: str | os.PathLike[str],
+    *,
+    overwrite: bool = False,
+    command: str | None = None,
+) -> ExportResult:
+    """Load the bundle folder ``model`` in the request's precision and device, then :func:`export_bundle`."""
+    folder = Path(model)
+    try:
+        bundle = load_bundle(folder, device=request.device, dtype=TORCH_DTYPES[request.precision],
+                             kernel_backend="reference")
+    except CheckpointError:
+        raise
+    return export_bundle(bundle, request, out, source=str(folder), command=command, overwrite=overwrite)
+
+
+__all__ = [
+    "DEFAULT_VARIANT",
+    "FORMATS",
+    "ExportRequest",
+    "ExportResult",
+    "example_inputs",
+    "export_bundle",
+    "export_model",
+]

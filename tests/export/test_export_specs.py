@@ -1,0 +1,79 @@
+"""I/O specs and batch profiles: shapes, dynamic axes, TensorRT profiles, JSON round trip, refusals."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from flowturbo.errors import FlowTurboError
+from flowturbo.export.specs import (
+    BatchProfile,
+    ModuleSpec,
+    decoder_spec,
+    predictor_step_spec,
+    refiner_step_spec,
+    unrolled_spec,
+)
+
+LATENT = (3, 6, 6)
+IMAGE = (1, 12, 12)
+
+
+@pytest.mark.parametrize("text, expected", [("1:4:16", (1, 4, 16)), ("8", (8, 8, 8)), ("2:5", (2, 5, 5)), (3, (3, 3, 3))])
+def test_batch_profile_parse(text, expected):
+    profile = BatchProfile.parse(text)
+    assert (profile.min, profile.opt, profile.max) == expected
+    assert BatchProfile.parse(profile.describe()) == profile
+
+
+@pytest.mark.parametrize("text", ["0:1:2", "4:2:8", "a:b:c", "1:2:3:4", "16:8"])
+def test_batch_profile_refuses_bad_text(text):
+    with pytest.raises(FlowTurboError, match="MIN:OPT:MAX|1 <= min"):
+        BatchProfile.parse(text)
+
+
+def test_example_batch_avoids_one_when_dynamic():
+    assert BatchProfile(1, 1, 7).example_batch() == 2
+    assert BatchProfile(3, 3, 3).example_batch() == 3
+    assert BatchProfile(1, 5, 7).example_batch() == 5
+
+
+def test_predictor_spec_shapes_and_profile():
+    spec = predictor_step_spec(LATENT, "fp16", BatchProfile(1, 4, 9))
+    assert spec.input_names == ["latents", "t", "labels"]
+    assert spec.output_names == ["velocity"]
+    assert spec.tensor("latents").dtype == "float16" and spec.tensor("t").dtype == "float32"
+    assert spec.tensor("labels").dtype == "int64"
+    assert spec.tensor("velocity").shape_for(5) == (5, *LATENT)
+    profile = spec.tensorrt_profile()
+    assert profile["latents"] == ((1, *LATENT), (4, *LATENT), (9, *LATENT))
+    assert profile["labels"] == ((1,), (4,), (9,))
+    dims = spec.export_dynamic_shapes()
+    batch = dims["latents"][0]
+    assert dims["t"][0] is batch and dims["labels"][0] is batch
+    assert ModuleSpec.from_dict(spec.to_dict()) == spec
+
+
+def test_folded_specs_have_no_time_input():
+    spec = refiner_step_spec(LATENT, "fp32", BatchProfile(2, 2, 2), time=0.5)
+    assert spec.input_names == ["latents", "v", "labels"]
+    assert spec.time == 0.5 and spec.name.endswith("@0.5")
+    assert spec.export_dynamic_shapes() is None  # static profile
+
+
+def test_decoder_and_unrolled_specs():
+    dec = decoder_spec(LATENT, IMAGE, "fp32", BatchProfile(1, 2, 3))
+    assert dec.tensor("images").shape_for(3) == (3, *IMAGE)
+    whole = unrolled_spec(LATENT, IMAGE, "fp32", BatchProfile(1, 2, 3))
+    assert whole.input_names == ["noise", "labels"] and whole.output_names == ["images", "latents"]
+
+
+def test_unknown_precision_refused():
+    with pytest.raises(FlowTurboError, match="fp32, fp16, bf16"):
+        predictor_step_spec(LATENT, "int8", BatchProfile(1, 1, 1))
+
+
+def test_dynamic_shapes_are_torch_dims():
+    spec = decoder_spec(LATENT, IMAGE, "fp32", BatchProfile(1, 2, 3))
+    dim = spec.export_dynamic_shapes()["latents"][0]
+    assert isinstance(dim, type(torch.export.Dim("x", min=1, max=3)))
