@@ -42,7 +42,7 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     o.add_argument("--format", default="onnx", help="comma-separated: onnx, aoti, tensorrt (default onnx)")
     o.add_argument("--precision", default="fp32", choices=PRECISIONS)
     o.add_argument("--variant", default=DEFAULT_VARIANT, choices=VARIANTS,
-                   help=f"schedule specialisation (default {DEFAULT_VARIANT}, the fastest measured)")
+                   help=f"schedule specialisation (default {DEFAULT_VARIANT}; see BENCHMARKS.md)")
     o.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     o.add_argument("--device", default="cpu", help="cpu or cuda (AOTInductor / TensorRT build device)")
     o.add_argument("--trt-opt-level", type=int, default=DEFAULT_OPTIMIZATION_LEVEL, help="TensorRT builder level 0..5")
