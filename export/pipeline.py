@@ -14,7 +14,6 @@ import os
 import shutil
 import tempfile
 import time
-import uuid
 from pathlib import Path
 from typing import Any
 
@@ -57,7 +56,7 @@ from flowturbo.export.specs import (
     unrolled_spec,
 )
 from flowturbo.schedule import SamplingSchedule
-from flowturbo.training.bundle import Bundle, load_bundle
+from flowturbo.training.bundle import Bundle, load_bundle, move_into_place
 from flowturbo.training.trainers.common import atomic_write_json
 
 FORMATS = ("onnx", "aoti", "tensorrt")
@@ -217,20 +216,6 @@ def _differences(old: dict[str, Any], new: dict[str, Any]) -> str:
     return "; ".join(lines) or "same fields, different key (tool versions?)"
 
 
-def _move_into_place(staging: Path, target: Path) -> None:
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    aside = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(target, aside)
-    try:
-        os.replace(staging, target)
-    except BaseException:
-        os.replace(aside, target)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
-
-
 def export_bundle(
     bundle: Bundle,
     request: ExportRequest,
@@ -284,7 +269,7 @@ def export_bundle(
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         manifest = _build(bundle, request, staging, device, weights, key, key_fields, source, command)
-        _move_into_place(staging, target)
+        move_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise

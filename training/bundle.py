@@ -207,14 +207,14 @@ def save_bundle(bundle: Bundle, folder: str | os.PathLike[str], *, overwrite: bo
         if bundle.refiner is not None:
             _save_weights(bundle.refiner, staging / REFINER_FILE)
         bundle.decoder.save_to_bundle(staging)
-        _move_into_place(staging, target)
+        move_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
 
 
-def _move_into_place(staging: Path, target: Path) -> None:
+def move_into_place(staging: Path, target: Path) -> None:
     """Rename ``staging`` to ``target``; an existing target is moved aside first and restored on failure."""
     if not target.exists():
         os.replace(staging, target)
