@@ -60,8 +60,9 @@ from flowturbo.training.bundle import Bundle, load_bundle, move_into_place
 from flowturbo.training.trainers.common import atomic_write_json
 
 FORMATS = ("onnx", "aoti", "tensorrt")
-# Measured (BENCHMARKS.md, bench/bench_export.py): time-input and per-step run equally fast on ONNX Runtime CPU
-# (55 vs 54 ms/image at batch 1, 39 vs 38 at 16) and time-input builds 6x faster; unrolled is not measured yet.
+# Measured (BENCHMARKS.md, bench/bench_export.py, default model, ONNX Runtime CPU): per-step is no faster than
+# time-input and builds 6x slower; unrolled samples 1.66x faster than time-input but builds 12.7x slower (5.4 min).
+# The default favours a fast, always-tested build; `--variant unrolled` is the deployment choice.
 DEFAULT_VARIANT = "time-input"
 TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Export-time sanity bound on |exported - eager| (the tests check the strict tolerance table).
