@@ -548,6 +548,40 @@ def load_checkpoint_state(folder: str | Path) -> dict[str, Any]:
         raise CheckpointError(f"cannot read checkpoint {path} ({exc})") from exc
 
 
+def read_trained_weights(
+    path: str | Path, *, file_name: str, config_key: str, metadata_key: str, what: str
+) -> tuple[dict[str, torch.Tensor], Any, Mapping[str, Any]] | None:
+    """EMA weights, config and extras of one of *our* trained models, or None for other checkpoints.
+
+    ``path`` is a run folder (its final ``file_name``, else its latest checkpoint's EMA), a checkpoint folder,
+    or a ``.safetensors`` file. The config comes from the checkpoint's ``extra[config_key]`` (a dict) or the
+    file's ``metadata[metadata_key]`` (JSON text, decoded here); extras are that ``extra`` dict or metadata.
+    """
+    path = Path(path)
+    if path.is_dir():
+        if (path / file_name).is_file():
+            return read_trained_weights(path / file_name, file_name=file_name, config_key=config_key,
+                                        metadata_key=metadata_key, what=what)
+        folder = path if (path / STATE_FILE).is_file() else latest_checkpoint(path)
+        if folder is None:
+            raise CheckpointError(f"{path} holds no {file_name} and no checkpoints; is it a {what} run folder?")
+        state = load_checkpoint_state(folder)
+        extra = state.get("extra", {})
+        if config_key not in extra:
+            raise CheckpointError(f"{folder} is not a {what} checkpoint (no {config_key})")
+        return dict(state["ema"]), extra[config_key], extra
+    if path.suffix == ".safetensors" and path.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            metadata = f.metadata() or {}
+            if metadata_key not in metadata:
+                return None
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+        return tensors, json.loads(metadata[metadata_key]), metadata
+    return None
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run folder (-> its latest checkpoint) or a checkpoint folder -> the checkpoint folder."""
     path = Path(path)

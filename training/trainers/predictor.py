@@ -22,14 +22,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from flowturbo.errors import CheckpointError, FlowTurboError
+from flowturbo.errors import FlowTurboError
 from flowturbo.training.models import SIT_PRESETS, SiT, SiTConfig, sit_config
 from flowturbo.training.trainers.common import (
     LoopConfig,
     atomic_save_safetensors,
     check_run_folder,
-    latest_checkpoint,
-    load_checkpoint_state,
+    read_trained_weights,
     run_training,
     setup_distributed,
 )
@@ -138,28 +137,12 @@ def read_trained_predictor(path: str | Path) -> tuple[dict[str, torch.Tensor], S
     Accepts a ``train predictor`` run folder (its ``predictor.safetensors``, else its latest checkpoint's
     EMA), a checkpoint folder, or a ``predictor.safetensors`` file.
     """
-    path = Path(path)
-    if path.is_dir():
-        if (path / PREDICTOR_FILE).is_file():
-            return read_trained_predictor(path / PREDICTOR_FILE)
-        folder = path if (path / "state.pt").is_file() else latest_checkpoint(path)
-        if folder is None:
-            raise CheckpointError(f"{path} holds no {PREDICTOR_FILE} and no checkpoints; is it a predictor run folder?")
-        state = load_checkpoint_state(folder)
-        extra = state.get("extra", {})
-        if "sit_config" not in extra:
-            raise CheckpointError(f"{folder} is not a predictor checkpoint (no sit_config)")
-        return dict(state["ema"]), SiTConfig.from_dict(extra["sit_config"]), extra.get("class_names")
-    if path.suffix == ".safetensors" and path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            if SIT_CONFIG_METADATA_KEY not in metadata:
-                return None
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        names = metadata.get(CLASS_NAMES_METADATA_KEY)
-        return tensors, SiTConfig.from_dict(json.loads(metadata[SIT_CONFIG_METADATA_KEY])), (
-            json.loads(names) if names else None
-        )
-    return None
+    found = read_trained_weights(path, file_name=PREDICTOR_FILE, config_key="sit_config",
+                                 metadata_key=SIT_CONFIG_METADATA_KEY, what="predictor")
+    if found is None:
+        return None
+    tensors, config, extras = found
+    names = extras.get(CLASS_NAMES_METADATA_KEY)  # same key in checkpoint extras and file metadata
+    if isinstance(names, str):  # safetensors metadata holds JSON text
+        names = json.loads(names) if names else None
+    return tensors, SiTConfig.from_dict(config), names

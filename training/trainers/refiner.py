@@ -41,8 +41,7 @@ from flowturbo.training.trainers.common import (
     LoopConfig,
     atomic_save_safetensors,
     check_run_folder,
-    latest_checkpoint,
-    load_checkpoint_state,
+    read_trained_weights,
     run_training,
     setup_distributed,
 )
@@ -215,25 +214,9 @@ def write_refiner(path: Path, refiner: VelocityRefiner, teacher_config: SiTConfi
 
 def read_trained_refiner(path: str | Path) -> tuple[dict[str, torch.Tensor], RefinerConfig] | None:
     """EMA weights and config of one of *our* refiners (run folder, checkpoint folder or file), else None."""
-    path = Path(path)
-    if path.is_dir():
-        if (path / REFINER_FILE).is_file():
-            return read_trained_refiner(path / REFINER_FILE)
-        folder = path if (path / "state.pt").is_file() else latest_checkpoint(path)
-        if folder is None:
-            raise CheckpointError(f"{path} holds no {REFINER_FILE} and no checkpoints; is it a refiner run folder?")
-        state = load_checkpoint_state(folder)
-        extra = state.get("extra", {})
-        if "refiner_config" not in extra:
-            raise CheckpointError(f"{folder} is not a refiner checkpoint (no refiner_config)")
-        return dict(state["ema"]), RefinerConfig.from_dict(extra["refiner_config"])
-    if path.suffix == ".safetensors" and path.is_file():
-        from safetensors import safe_open
-
-        with safe_open(str(path), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            if REFINER_CONFIG_METADATA_KEY not in metadata:
-                return None
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
-        return tensors, RefinerConfig.from_dict(json.loads(metadata[REFINER_CONFIG_METADATA_KEY]))
-    return None
+    found = read_trained_weights(path, file_name=REFINER_FILE, config_key="refiner_config",
+                                 metadata_key=REFINER_CONFIG_METADATA_KEY, what="refiner")
+    if found is None:
+        return None
+    tensors, config, _ = found
+    return tensors, RefinerConfig.from_dict(config)
