@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 from pathlib import Path
+from collections.abc import Sequence
 from typing import Any
 
 from flowturbo.errors import CheckpointError, SamplingError
@@ -100,6 +101,15 @@ class ArtifactSet:
                 f"batch of {batch} images is outside the exported profile {low}:{opt}:{high} of {self.root}; "
                 f"use --batch between {low} and {high}, or re-export with --batch {min(low, batch)}:{opt}:{max(high, batch)}"
             )
+
+
+    def check_classes(self, labels: Sequence[int]) -> None:
+        """Refuse class ids outside ``[0, num_classes)`` of the exported model, naming the first few."""
+        num_classes = int(self.model["num_classes"])
+        bad = [int(c) for c in labels if not 0 <= int(c) < num_classes]
+        if bad:
+            raise SamplingError(f"class ids {bad[:5]} are outside [0, {num_classes}); "
+                                f"this model has {num_classes} classes")
 
 
 def _differences(manifest: dict[str, Any], expect: dict[str, Any]) -> list[str]:

@@ -90,8 +90,9 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.add_argument_group("exported artifacts (instead of --model)")
     a.add_argument("--artifacts", default=None, help="export directory made by `flowturbo export` (schedule fixed there)")
-    a.add_argument("--backend", default="pytorch", choices=["pytorch", "onnxruntime", "aoti", "tensorrt"],
-                   help="pytorch (default) runs the model eagerly; the others need --artifacts")
+    a.add_argument("--backend", default="pytorch", choices=["pytorch", "onnxruntime", "aoti", "tensorrt", "cpp"],
+                   help="pytorch (default) runs the model eagerly; the others need --artifacts (cpp: the C++ "
+                        "runner over the AOTInductor packages)")
     a.add_argument("--threads", type=int, default=None, help="ONNX Runtime intra-op threads")
     p.set_defaults(handler=_run_sample)
 
@@ -168,27 +169,21 @@ def _run_sample(args: argparse.Namespace) -> int:
 
 
 def _run_sample_exported(args: argparse.Namespace) -> int:
-    """``flowturbo sample --artifacts DIR --backend onnxruntime|aoti``: run an export directory."""
+    """``flowturbo sample --artifacts DIR --backend onnxruntime|aoti|tensorrt|cpp``: run an export directory."""
     import torch
 
     from flowturbo.runtime.images import to_uint8, write_sample_folder
     from flowturbo.schedule import SamplingSchedule
 
     if args.artifacts is None or args.backend == "pytorch":
-        raise FlowTurboError("use --artifacts DIR together with --backend onnxruntime|aoti")
+        raise FlowTurboError("use --artifacts DIR together with --backend onnxruntime|aoti|tensorrt|cpp")
     if args.model or args.predictor:
         raise FlowTurboError("--artifacts already holds the model; drop --model/--predictor")
-    if args.backend == "tensorrt":
-        raise FlowTurboError("the tensorrt sampling backend is not implemented yet; use --backend onnxruntime or aoti")
+    from flowturbo.runtime.sampler import Sampler
+
     t_load = time.perf_counter()
-    if args.backend == "onnxruntime":
-        from flowturbo.runtime.onnx_backend import OnnxRuntimeSampler
-
-        sampler = OnnxRuntimeSampler.from_artifacts(args.artifacts, threads=args.threads)
-    else:
-        from flowturbo.runtime.aoti_backend import AotiSampler
-
-        sampler = AotiSampler.from_artifacts(args.artifacts)
+    device = None if args.device == "auto" else args.device
+    sampler = Sampler.from_artifacts(args.artifacts, backend=args.backend, device=device, threads=args.threads)
     load_s = time.perf_counter() - t_load
     base, schedule = sampler.schedule, None
     if args.schedule or args.cfg is not None or args.guidance_channels is not None:  # must equal the exported one
@@ -318,6 +313,7 @@ def build_parser() -> argparse.ArgumentParser:
 _SUBCOMMAND_MODULES = (
     ("flowturbo.training.train_cli", "add_train_parser"),
     ("flowturbo.export.export_cli", "add_export_parser"),
+    ("flowturbo.runtime.profile_cli", "add_profile_parser"),
 )
 
 

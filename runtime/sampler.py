@@ -48,6 +48,35 @@ class Sampler:
         """Load a bundle folder (None: the embedded default) or official checkpoints; see ``load_pipeline``."""
         return cls(load_pipeline(model, **kwargs))
 
+    @staticmethod
+    def from_artifacts(folder: str, backend: str = "onnxruntime", *, device: str | None = None,
+                       threads: int | None = None, expect: dict[str, Any] | None = None) -> Any:
+        """A sampler over an export directory: ``backend`` is onnxruntime | aoti | tensorrt | cpp.
+
+        >>> sampler = Sampler.from_artifacts("artifacts/h1p5r3", backend="cpp")
+        >>> out = sampler.sample([0, 1, 2], seed=0)   # Samples, as from a bundle
+
+        ``device`` picks cpu/cuda where the backend can choose (aoti, cpp); ``threads`` sets ONNX Runtime's
+        intra-op threads; ``expect`` lists manifest values the directory must have (e.g. ``schedule_id``).
+        """
+        if backend == "onnxruntime":
+            from flowturbo.runtime.onnx_backend import OnnxRuntimeSampler
+
+            return OnnxRuntimeSampler.from_artifacts(folder, expect=expect, threads=threads)
+        if backend == "aoti":
+            from flowturbo.runtime.aoti_backend import AotiSampler
+
+            return AotiSampler.from_artifacts(folder, expect=expect, device=device)
+        if backend == "tensorrt":
+            from flowturbo.runtime.tensorrt_backend import TensorRTSampler
+
+            return TensorRTSampler.from_artifacts(folder, expect=expect)
+        if backend == "cpp":
+            from flowturbo.runtime.cpp_backend import CppSampler
+
+            return CppSampler.from_artifacts(folder, expect=expect, device=device)
+        raise FlowTurboError(f"unknown backend {backend!r} for artifacts; choose onnxruntime, aoti, tensorrt or cpp")
+
     def default_schedule(self, spec: str | None = None, cfg: float | None = None,
                          guidance_channels: int | None | str = "default") -> SamplingSchedule:
         """Parse ``spec`` (or the model's default schedule) with guidance settings (or the model's)."""

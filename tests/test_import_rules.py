@@ -15,6 +15,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ["kernels", "training", "export", "runtime"]
 ROOT_MODULES = {"flowturbo", "flowturbo.schedule", "flowturbo.errors", "flowturbo._C"}
+# The libtorch-linked C++ runner is part of the runtime layer (compiled from runtime/csrc).
+RUNTIME_EXTENSIONS = {"flowturbo._runner"}
 RUNTIME_TRAINING_ENTRY_POINTS = {"runtime/cli.py", "runtime/pytorch_backend.py"}
 
 
@@ -60,7 +62,9 @@ def test_layers_import_only_to_their_left():
                     violations.append(f"{rel}:{line} root module imports {module}")
                 continue
             if target is None:
-                if module not in ROOT_MODULES:
+                if module in RUNTIME_EXTENSIONS and layer != "runtime":
+                    violations.append(f"{rel}:{line} ({layer}) imports the runtime extension {module}")
+                elif module not in ROOT_MODULES | RUNTIME_EXTENSIONS:
                     violations.append(f"{rel}:{line} imports unknown flowturbo module {module}")
                 continue
             if LAYERS.index(target) > LAYERS.index(layer):

@@ -1,0 +1,185 @@
+"""The ``cpp`` backend: the C++ :class:`ScheduleRunner` (``flowturbo._runner``) runs a whole batch per call.
+
+Python validates the request, asks the runner for the initial noise (torch's CPU generator seeded with
+``seed``: the same draw as ``make_noise`` of the Python backends) and hands over one batch at a time; the
+E/H/P/R loop, the engine calls, the decode and (on CUDA) the CUDA-graph replay happen in C++. Tensors cross
+the boundary as DLPack capsules (no copies).
+
+    >>> sampler = CppSampler.from_artifacts("artifacts/h1p5r3")     # AOTInductor packages of an export
+    >>> out = sampler.sample([0, 1, 2], seed=0)                     # Samples, like every backend
+
+Requests for more images than the exported batch profile's max are split into batches of at most that
+many images (``batch_size`` picks a smaller size; sizes outside the profile are refused before running).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import statistics
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from flowturbo.errors import FlowTurboError, SamplingError
+from flowturbo.runtime.artifacts import ArtifactSet, load_artifacts
+from flowturbo.runtime.results import Samples, StageTimes
+from flowturbo.schedule import SamplingSchedule
+
+
+def cpp_unavailable_reason() -> str | None:
+    """None when ``flowturbo._runner`` imports, else why it is missing (from the build's own record)."""
+    try:
+        import flowturbo._runner  # noqa: F401
+    except ImportError as exc:
+        try:
+            from flowturbo._C import runner_build_status
+
+            status = runner_build_status()
+        except ImportError:
+            status = "the flowturbo._C extension is not built either"
+        return f"the C++ runner (flowturbo._runner) is not available: {status} ({exc})"
+    return None
+
+
+def _runner_module() -> Any:
+    reason = cpp_unavailable_reason()
+    if reason is not None:
+        raise FlowTurboError(reason + "; use --backend aoti or onnxruntime meanwhile")
+    import flowturbo._runner as runner
+
+    return runner
+
+
+def _capsule(tensor: torch.Tensor) -> Any:
+    return tensor.contiguous().__dlpack__()
+
+
+class CppSampler:
+    """Samples from an export directory with the C++ runner (AOTInductor packages; TensorRT when built)."""
+
+    backend = "cpp"
+
+    def __init__(self, artifacts: ArtifactSet, *, device: str | None = None, engine_format: str = "aoti",
+                 cuda_graph: bool = True) -> None:
+        runner_module = _runner_module()
+        self.artifacts = artifacts
+        self.schedule: SamplingSchedule = artifacts.schedule
+        self.num_classes = int(artifacts.model["num_classes"])
+        self.latent_shape = tuple(int(d) for d in artifacts.model["latent_shape"])
+        self.class_names = artifacts.model.get("class_names")
+        self.variant = artifacts.variant
+        self.engine_format = engine_format
+        # The runner re-reads the manifest and verifies every file's SHA-256 itself.
+        self.runner = runner_module.ScheduleRunner(str(artifacts.root), device=device or "", format=engine_format,
+                                                   cuda_graph=cuda_graph, verify_files=True)
+        if self.runner.schedule_id != self.schedule.id:
+            raise FlowTurboError("the C++ runner and Python read different schedules from the manifest (bug)")
+
+    @classmethod
+    def from_artifacts(cls, folder: str | os.PathLike[str], *, expect: dict[str, Any] | None = None,
+                       **kwargs: Any) -> "CppSampler":
+        """Read ``folder``'s manifest (``expect``: values it must have, e.g. a schedule id) and load the runner."""
+        return cls(load_artifacts(folder, expect=expect, verify=False), **kwargs)
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "source": str(self.artifacts.root),
+            "backend": self.backend,
+            "engine_format": self.engine_format,
+            "variant": self.variant,
+            "precision": self.artifacts.precision,
+            "batch_profile": ":".join(str(b) for b in self.artifacts.batch),
+            "device": self.runner.device,
+            "cuda_graph": self.runner.graph_fallback_reason or ("on" if self.runner.device.startswith("cuda") else "n/a (cpu)"),
+            "engines": list(self.runner.engines),
+            "num_classes": self.num_classes,
+            "latent_shape": list(self.latent_shape),
+            "weights_sha256": self.artifacts.model.get("weights_sha256"),
+        }
+
+    def make_noise(self, n: int, seed: int) -> torch.Tensor:
+        """x_0 for ``n`` images (n, C, H, W) drawn by the runner; equals the Python backends' noise for ``seed``."""
+        if not 0 <= int(seed) < 2**64:
+            raise SamplingError(f"seed must be in [0, 2**64), got {seed}")
+        return torch.from_dlpack(self.runner.make_noise(int(n), int(seed)))
+
+    def run_batch(self, noise: torch.Tensor, labels: torch.Tensor, *, profile: bool = False) -> dict[str, Any]:
+        """One batch through the runner: images/latents tensors + ``sample_ms``, ``decode_ms``, ``total_ms``, ``steps``."""
+        out = self.runner.run_batch(_capsule(noise), _capsule(labels.to(torch.long)), profile)
+        out["images"] = torch.from_dlpack(out["images"])
+        out["latents"] = torch.from_dlpack(out["latents"])
+        return out
+
+    def _check_schedule(self, schedule: SamplingSchedule | None) -> None:
+        if schedule is not None and schedule.id != self.schedule.id:
+            raise SamplingError(
+                f"these artifacts were exported for schedule {self.schedule} (id {self.schedule.id}), not "
+                f"{schedule} (id {schedule.id}); re-export with `flowturbo export --schedule {schedule.notation}`"
+            )
+
+    @torch.inference_mode()
+    def sample(self, classes: Sequence[int], *, schedule: SamplingSchedule | None = None, seed: int = 0,
+               batch_size: int | None = None, progress: bool = False) -> Samples:
+        """One image per class id (the schedule is the exported one); ``progress`` is accepted for API parity."""
+        self._check_schedule(schedule)
+        classes = [int(c) for c in classes]
+        if not classes:
+            raise SamplingError("no classes given: pass at least one class id")
+        self.artifacts.check_classes(classes)
+        n = len(classes)
+        batch = min(n, self.artifacts.batch[2]) if batch_size is None else int(batch_size)
+        if batch < 1:
+            raise FlowTurboError(f"batch size must be >= 1, got {batch_size}")
+        for start in range(0, n, batch):  # refuse before computing anything
+            self.artifacts.check_batch(min(batch, n - start))
+        labels = torch.tensor(classes, dtype=torch.long)
+        noise = self.make_noise(n, seed)  # (N, C, H, W)
+        images, sample_ms, decode_ms = [], 0.0, 0.0
+        for start in range(0, n, batch):
+            stop = min(start + batch, n)
+            out = self.run_batch(noise[start:stop], labels[start:stop])
+            images.append(out["images"].float().cpu())
+            sample_ms, decode_ms = sample_ms + out["sample_ms"], decode_ms + out["decode_ms"]
+        return Samples(
+            images=torch.cat(images),
+            labels=classes,
+            schedule=self.schedule,
+            predictor_calls=self.schedule.predictor_calls,
+            refiner_calls=self.schedule.refiner_calls,
+            num_batches=math.ceil(n / batch),
+            times=StageTimes(sample_ms / 1000, decode_ms / 1000),
+        )
+
+    @torch.inference_mode()
+    def profile_batch(self, labels: Sequence[int], seed: int = 0, warmup: int = 1, repeats: int = 3) -> dict[str, Any]:
+        """Per-step times of one batch (median over ``repeats`` after ``warmup`` runs), in profile.json form.
+
+        Returns ``total_ms`` (wall time of the profiled run), ``decode_ms``, ``steps`` (index, kind, t_start,
+        t_end, predictor_calls, refiner_calls, ms), ``device`` and ``cuda_graph`` (False: steps are timed
+        one by one; graph replay hides them).
+        """
+        labels = [int(c) for c in labels]
+        self.artifacts.check_classes(labels)
+        self.artifacts.check_batch(len(labels))
+        if repeats < 1 or warmup < 0:
+            raise FlowTurboError(f"need repeats >= 1 and warmup >= 0, got {repeats} and {warmup}")
+        noise = self.make_noise(len(labels), seed)
+        label_tensor = torch.tensor(labels, dtype=torch.long)
+        for _ in range(warmup):
+            self.run_batch(noise, label_tensor, profile=True)
+        runs = [self.run_batch(noise, label_tensor, profile=True) for _ in range(repeats)]
+        steps = []
+        for k, first in enumerate(runs[0]["steps"]):
+            steps.append({**first, "ms": statistics.median(run["steps"][k]["ms"] for run in runs)})
+        return {
+            "total_ms": statistics.median(run["total_ms"] for run in runs),
+            "decode_ms": statistics.median(run["decode_ms"] for run in runs),
+            "steps": steps,
+            "device": self.runner.device,
+            "cuda_graph": False,
+        }
+
+
+__all__ = ["CppSampler", "cpp_unavailable_reason"]

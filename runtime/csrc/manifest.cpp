@@ -1,0 +1,176 @@
+#include "manifest.hpp"
+
+#include <openssl/evp.h>
+
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <nlohmann/json.hpp>
+#include <set>
+#include <sstream>
+
+namespace flowturbo {
+namespace {
+
+using json = nlohmann::json;
+namespace fs = std::filesystem;
+
+const char* kReexport = "re-export with `flowturbo export`";
+
+std::vector<TensorInfo> read_tensors(const json& list) {
+  std::vector<TensorInfo> out;
+  for (const auto& t : list) {
+    TensorInfo info;
+    info.name = t.at("name").get<std::string>();
+    info.dtype = t.at("dtype").get<std::string>();
+    const auto& shape = t.at("shape");
+    for (size_t axis = 0; axis < shape.size(); ++axis) {
+      if (shape[axis].is_string()) {
+        if (axis != 0) throw ManifestError("tensor " + info.name + ": only axis 0 may be symbolic");
+        continue;  // the batch axis
+      }
+      info.shape.push_back(shape[axis].get<int64_t>());
+    }
+    info.batched = !shape.empty() && shape[0].is_string();
+    out.push_back(std::move(info));
+  }
+  return out;
+}
+
+}  // namespace
+
+std::string sha256_file(const std::string& path) {
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw ManifestError("cannot open " + path);
+  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
+  if (!ctx || EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) != 1) throw std::runtime_error("OpenSSL init failed");
+  std::vector<char> buffer(1 << 20);
+  while (in) {
+    in.read(buffer.data(), static_cast<std::streamsize>(buffer.size()));
+    const auto got = in.gcount();
+    if (got > 0 && EVP_DigestUpdate(ctx.get(), buffer.data(), static_cast<size_t>(got)) != 1) {
+      throw std::runtime_error("OpenSSL SHA-256 update failed");
+    }
+  }
+  unsigned char digest[EVP_MAX_MD_SIZE];
+  unsigned int length = 0;
+  if (EVP_DigestFinal_ex(ctx.get(), digest, &length) != 1) throw std::runtime_error("OpenSSL SHA-256 failed");
+  static const char* hex = "0123456789abcdef";
+  std::string out;
+  for (unsigned int i = 0; i < length; ++i) {
+    out += hex[digest[i] >> 4];
+    out += hex[digest[i] & 15];
+  }
+  return out;
+}
+
+std::vector<ArtifactInfo> Manifest::of_format(const std::string& format) const {
+  std::vector<ArtifactInfo> found;
+  std::set<std::string> have;
+  for (const auto& a : artifacts) {
+    have.insert(a.format);
+    if (a.format == format) found.push_back(a);
+  }
+  if (found.empty()) {
+    std::string list;
+    for (const auto& f : have) list += (list.empty() ? "" : ", ") + f;
+    throw ManifestError(root + " has no " + format + " artifacts (it has " + list +
+                        "); re-export with `flowturbo export --format " + format + "`");
+  }
+  return found;
+}
+
+void Manifest::check_batch(int64_t batch) const {
+  if (batch < batch_min || batch > batch_max) {
+    std::ostringstream msg;
+    msg << "batch of " << batch << " images is outside the exported profile " << batch_min << ":" << batch_opt
+        << ":" << batch_max << " of " << root << "; use --batch between " << batch_min << " and " << batch_max
+        << ", or re-export with --batch " << std::min(batch_min, batch) << ":" << batch_opt << ":"
+        << std::max(batch_max, batch);
+    throw ManifestError(msg.str());
+  }
+}
+
+Manifest load_manifest(const std::string& root_text, bool verify_files) {
+  const fs::path root(root_text);
+  if (!fs::is_directory(root)) {
+    throw ManifestError("artifact directory not found: " + root_text + "; create one with `flowturbo export --out " +
+                        root_text + "`");
+  }
+  const fs::path path = root / "manifest.json";
+  if (!fs::is_regular_file(path)) {
+    throw ManifestError(root_text + " has no manifest.json: it is not an export directory, or its export did not "
+                        "finish; re-run `flowturbo export`");
+  }
+  json doc;
+  try {
+    std::ifstream in(path);
+    doc = json::parse(in);
+  } catch (const json::exception& exc) {
+    throw ManifestError(path.string() + " is not valid JSON (" + exc.what() + "); re-export the directory");
+  }
+  if (!doc.is_object() || doc.value("format", std::string()) != kExportFormat) {
+    throw ManifestError(path.string() + " is not a " + std::string(kExportFormat) + " manifest; this runner reads " +
+                        kExportFormat);
+  }
+  Manifest m;
+  m.root = root_text;
+  try {
+    m.key = doc.value("key", std::string());
+    m.schedule = Schedule::from_json(doc.at("schedule").dump());
+    m.schedule_id = doc.at("schedule_id").get<std::string>();
+    m.variant = doc.at("variant").get<std::string>();
+    m.precision = doc.at("precision").get<std::string>();
+    const auto& batch = doc.at("batch");
+    m.batch_min = batch.at("min").get<int64_t>();
+    m.batch_opt = batch.at("opt").get<int64_t>();
+    m.batch_max = batch.at("max").get<int64_t>();
+    const auto& model = doc.at("model");
+    m.num_classes = model.at("num_classes").get<int64_t>();
+    m.latent_shape = model.at("latent_shape").get<std::vector<int64_t>>();
+    m.image_shape = model.at("image_shape").get<std::vector<int64_t>>();
+    m.has_refiner = model.value("has_refiner", false);
+    if (model.contains("weights_sha256") && model["weights_sha256"].is_string()) {
+      m.weights_sha256 = model["weights_sha256"].get<std::string>();
+    }
+    m.device = doc.value("device", std::string("cpu"));
+    for (const auto& a : doc.at("artifacts")) {
+      ArtifactInfo info;
+      info.module = a.at("module").get<std::string>();
+      info.role = a.at("role").get<std::string>();
+      info.format = a.at("format").get<std::string>();
+      info.file = (root / a.at("file").get<std::string>()).string();
+      if (a.contains("time") && a["time"].is_number()) info.time = a["time"].get<double>();
+      info.inputs = read_tensors(a.at("spec").at("inputs"));
+      info.outputs = read_tensors(a.at("spec").at("outputs"));
+      m.artifacts.push_back(std::move(info));
+    }
+  } catch (const json::exception& exc) {
+    throw ManifestError(path.string() + " lacks a field or has a wrong type (" + exc.what() + "); " + kReexport);
+  }
+  if (m.schedule.id() != m.schedule_id) {
+    throw ManifestError(path.string() + ": schedule and schedule_id disagree (edited by hand?); " + kReexport);
+  }
+  const auto& files = doc.contains("files") ? doc["files"] : json::object();
+  if (!files.is_object() || files.empty()) throw ManifestError(path.string() + " lists no files; " + kReexport);
+  for (auto it = files.begin(); it != files.end(); ++it) {
+    const fs::path file = root / it.key();
+    if (!fs::is_regular_file(file)) {
+      throw ManifestError(file.string() + " is missing (listed in the manifest); " + kReexport);
+    }
+    if (!verify_files) continue;
+    const auto size = static_cast<int64_t>(fs::file_size(file));
+    const auto want_size = it.value().value("bytes", int64_t{-1});
+    if (size != want_size) {
+      throw ManifestError(file.string() + " has " + std::to_string(size) + " bytes but the manifest records " +
+                          std::to_string(want_size) + " (truncated or replaced); " + kReexport);
+    }
+    if (sha256_file(file.string()) != it.value().value("sha256", std::string())) {
+      throw ManifestError(file.string() + " does not match its SHA-256 in the manifest (corrupted or modified); " +
+                          kReexport);
+    }
+  }
+  return m;
+}
+
+}  // namespace flowturbo

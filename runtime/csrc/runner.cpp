@@ -1,0 +1,487 @@
+#include "runner.hpp"
+
+#include <ATen/ATen.h>
+#include <ATen/CPUGeneratorImpl.h>
+#include <c10/core/GradMode.h>
+#include <c10/core/InferenceMode.h>
+
+#include <chrono>
+#include <cmath>
+#include <sstream>
+
+#ifdef FLOWTURBO_WITH_CUDA
+#include <ATen/cuda/CUDAEvent.h>
+#include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#if __has_include(<nvtx3/nvToolsExt.h>)
+#include <nvtx3/nvToolsExt.h>
+#define FLOWTURBO_NVTX 1
+#endif
+#endif
+
+namespace flowturbo {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double elapsed_ms(Clock::time_point since) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - since).count();
+}
+
+at::ScalarType dtype_of_precision(const std::string& precision) {
+  if (precision == "fp32") return at::kFloat;
+  if (precision == "fp16") return at::kHalf;
+  if (precision == "bf16") return at::kBFloat16;
+  throw RunnerError(RunnerError::Kind::kCheckpoint, "unknown precision '" + precision + "' in the manifest");
+}
+
+std::string time_text(double t) { return python_float_repr(t); }
+
+// An NVTX range per step on CUDA (no-op elsewhere).
+struct StepRange {
+  explicit StepRange(const std::string& name, bool on) : on_(on) {
+#ifdef FLOWTURBO_NVTX
+    if (on_) nvtxRangePushA(name.c_str());
+#else
+    (void)name;
+#endif
+  }
+  ~StepRange() {
+#ifdef FLOWTURBO_NVTX
+    if (on_) nvtxRangePop();
+#endif
+  }
+  bool on_;
+};
+
+}  // namespace
+
+bool built_with_cuda() {
+#ifdef FLOWTURBO_WITH_CUDA
+  return true;
+#else
+  return false;
+#endif
+}
+
+bool built_with_tensorrt() {
+#ifdef FLOWTURBO_TENSORRT
+  return true;
+#else
+  return false;
+#endif
+}
+
+// ----------------------------------------------------------------------------------------- engines
+struct ScheduleRunner::Engines {
+  // Time-input graphs are stored under index -1; per-step graphs under the index of their time in the
+  // schedule's grid.
+  std::map<int, std::unique_ptr<ModuleEngine>> predictor, refiner;
+  std::map<int, std::vector<std::string>> predictor_inputs, refiner_inputs;
+  std::unique_ptr<ModuleEngine> decoder, unrolled;
+  std::vector<std::string> descriptions;
+};
+
+struct ScheduleRunner::BatchState {
+  int64_t batch = 0;
+  at::Tensor labels;                  // (b,) int64 on the device
+  std::vector<at::Tensor> times;      // per grid index: (b,) float32 filled with t_k (time-input graphs)
+#ifdef FLOWTURBO_WITH_CUDA
+  std::unique_ptr<at::cuda::CUDAGraph> graph;
+  at::Tensor static_noise;                 // graph input (labels: `labels` above)
+  std::vector<at::Tensor> graph_outputs;   // {images, latents} inside the graph's pool
+#endif
+};
+
+ScheduleRunner::ScheduleRunner(const std::string& artifacts_dir, const RunnerOptions& options)
+    : options_(options), device_(c10::kCPU), dtype_(at::kFloat), engines_(std::make_unique<Engines>()) {
+  try {
+    manifest_ = load_manifest(artifacts_dir, options.verify_files);
+  } catch (const ManifestError& exc) {
+    throw RunnerError(RunnerError::Kind::kCheckpoint, exc.what());
+  }
+  dtype_ = dtype_of_precision(manifest_.precision);
+  const std::string wanted = options.device.empty() ? (manifest_.exported_on_cuda() ? "cuda" : "cpu") : options.device;
+  try {
+    device_ = c10::Device(wanted);
+  } catch (const std::exception&) {
+    throw RunnerError(RunnerError::Kind::kSampling, "unknown device '" + wanted + "'; use cpu or cuda[:N]");
+  }
+  if (!device_.is_cpu() && !device_.is_cuda()) {
+    throw RunnerError(RunnerError::Kind::kSampling, "the runner supports cpu and cuda devices, not " + wanted);
+  }
+  if (device_.is_cuda() && !built_with_cuda()) {
+    throw RunnerError(RunnerError::Kind::kUnavailable,
+                      "this build of flowturbo._runner has no CUDA support (libtorch without CUDA at build time); "
+                      "run on --device cpu or rebuild against a CUDA torch");
+  }
+  if (options.format == "aoti" && device_.is_cuda() != manifest_.exported_on_cuda()) {
+    throw RunnerError(RunnerError::Kind::kSampling,
+                      "the AOTInductor packages in " + manifest_.root + " were compiled for '" + manifest_.device +
+                          "' and cannot run on " + wanted + "; re-export with `flowturbo export --device " +
+                          (device_.is_cuda() ? "cuda" : "cpu") + " --format aoti`");
+  }
+  if (options.format != "aoti" && options.format != "tensorrt") {
+    throw RunnerError(RunnerError::Kind::kSampling, "unknown engine format '" + options.format + "'; use aoti or tensorrt");
+  }
+  if (options.format == "tensorrt" && !built_with_tensorrt()) {
+    throw RunnerError(RunnerError::Kind::kUnavailable,
+                      "this build of flowturbo._runner has no TensorRT engines: it was built without "
+                      "-DFLOWTURBO_TENSORRT=ON (needs the TensorRT SDK: set TensorRT_ROOT and reinstall)");
+  }
+  std::vector<ArtifactInfo> artifacts;
+  try {
+    artifacts = manifest_.of_format(options.format);
+  } catch (const ManifestError& exc) {
+    throw RunnerError(RunnerError::Kind::kCheckpoint, exc.what());
+  }
+  const auto& grid = manifest_.schedule.timesteps;
+  for (const auto& a : artifacts) {
+    EngineSpec spec;
+    spec.module = a.module;
+    spec.file = a.file;
+    for (const auto& t : a.inputs) spec.input_names.push_back(t.name);
+    for (const auto& t : a.outputs) {
+      spec.output_names.push_back(t.name);
+      spec.output_shapes.push_back(t.shape);
+      spec.output_dtypes.push_back(t.dtype);
+    }
+    std::unique_ptr<ModuleEngine> engine;
+#ifdef FLOWTURBO_TENSORRT
+    if (options.format == "tensorrt") engine = make_tensorrt_engine(spec, device_);
+#endif
+    if (!engine) engine = make_aoti_engine(spec, device_);
+    engines_->descriptions.push_back(a.role + ": " + engine->describe());
+    int index = -1;
+    if (a.time.has_value()) {
+      index = -2;
+      for (size_t k = 0; k < grid.size(); ++k) {
+        if (grid[k] == *a.time) index = static_cast<int>(k);
+      }
+      if (index < 0) {
+        throw RunnerError(RunnerError::Kind::kCheckpoint, a.file + " is folded at t=" + time_text(*a.time) +
+                                                              ", which is not on the schedule's grid; re-export");
+      }
+    }
+    if (a.role == "predictor") {
+      engines_->predictor_inputs[index] = spec.input_names;
+      engines_->predictor[index] = std::move(engine);
+    } else if (a.role == "refiner") {
+      engines_->refiner_inputs[index] = spec.input_names;
+      engines_->refiner[index] = std::move(engine);
+    } else if (a.role == "decoder") {
+      engines_->decoder = std::move(engine);
+    } else if (a.role == "unrolled") {
+      engines_->unrolled = std::move(engine);
+    } else {
+      throw RunnerError(RunnerError::Kind::kCheckpoint, a.file + ": unknown artifact role '" + a.role + "'");
+    }
+  }
+  if (!engines_->unrolled) {
+    if (!engines_->decoder) throw RunnerError(RunnerError::Kind::kCheckpoint, manifest_.root + " has no decoder; re-export");
+    if (engines_->predictor.empty()) {
+      throw RunnerError(RunnerError::Kind::kCheckpoint, manifest_.root + " has no predictor graph; re-export");
+    }
+    if (manifest_.schedule.uses_refiner() && engines_->refiner.empty()) {
+      throw RunnerError(RunnerError::Kind::kCheckpoint,
+                        "schedule " + manifest_.schedule.notation() + " has R steps but " + manifest_.root +
+                            " has no refiner graph; re-export");
+    }
+  }
+  if (device_.is_cuda()) {
+    if (!options.cuda_graph) {
+      graph_fallback_reason_ = "CUDA-graph capture disabled by the caller";
+    } else {
+      bool all = true;
+      for (const auto& [_, e] : engines_->predictor) all = all && e->capturable();
+      for (const auto& [_, e] : engines_->refiner) all = all && e->capturable();
+      if (engines_->decoder) all = all && engines_->decoder->capturable();
+      if (engines_->unrolled) all = all && engines_->unrolled->capturable();
+      if (!all) graph_fallback_reason_ = "an engine cannot be captured into a CUDA graph; running step by step";
+    }
+  }
+}
+
+ScheduleRunner::~ScheduleRunner() = default;
+
+std::vector<std::string> ScheduleRunner::engine_descriptions() const { return engines_->descriptions; }
+
+at::Tensor ScheduleRunner::make_noise(int64_t n, uint64_t seed) const {
+  if (n < 1) throw RunnerError(RunnerError::Kind::kSampling, "need at least one image, got " + std::to_string(n));
+  c10::InferenceMode normal_tensors(false);
+  auto generator = at::make_generator<at::CPUGeneratorImpl>(seed);
+  std::vector<int64_t> shape{n};
+  shape.insert(shape.end(), manifest_.latent_shape.begin(), manifest_.latent_shape.end());
+  at::Tensor noise = at::randn(shape, generator, at::TensorOptions().dtype(at::kFloat));  // (n, C, H, W)
+  return noise.to(dtype_);
+}
+
+bool ScheduleRunner::graph_enabled() const { return device_.is_cuda() && graph_fallback_reason_.empty(); }
+
+void ScheduleRunner::synchronize() const {
+#ifdef FLOWTURBO_WITH_CUDA
+  if (device_.is_cuda()) c10::cuda::getCurrentCUDAStream(device_.index()).synchronize();
+#endif
+}
+
+ScheduleRunner::BatchState& ScheduleRunner::state_for(int64_t batch) {
+  auto found = states_.find(batch);
+  if (found != states_.end()) return *found->second;
+  auto state = std::make_unique<BatchState>();
+  state->batch = batch;
+  state->labels = at::empty({batch}, at::TensorOptions().dtype(at::kLong).device(device_));
+  const auto float_options = at::TensorOptions().dtype(at::kFloat).device(device_);
+  for (double t : manifest_.schedule.timesteps) state->times.push_back(at::full({batch}, t, float_options));
+  auto& ref = *state;
+  states_.emplace(batch, std::move(state));
+  return ref;
+}
+
+namespace {
+
+at::Tensor call_engine(ModuleEngine& engine, const std::vector<std::string>& names, const at::Tensor& x,
+                       const at::Tensor* v, const at::Tensor& t, const at::Tensor& labels) {
+  std::vector<at::Tensor> inputs;
+  inputs.reserve(names.size());
+  for (const auto& name : names) {
+    if (name == "latents") inputs.push_back(x);
+    else if (name == "v") inputs.push_back(*v);
+    else if (name == "t") inputs.push_back(t);
+    else if (name == "labels") inputs.push_back(labels);
+    else throw RunnerError(RunnerError::Kind::kCheckpoint, "an engine takes an unknown input '" + name + "'");
+  }
+  return engine.run(inputs).at(0);
+}
+
+}  // namespace
+
+at::Tensor ScheduleRunner::velocity(const at::Tensor& x, int time_index, BatchState& state) {
+  auto& engines = engines_->predictor;
+  int key = engines.count(-1) ? -1 : time_index;
+  auto found = engines.find(key);
+  if (found == engines.end()) {
+    throw RunnerError(RunnerError::Kind::kCheckpoint,
+                      "the export has no predictor graph for t=" + time_text(manifest_.schedule.timesteps[time_index]) +
+                          "; it was built for another schedule");
+  }
+  return call_engine(*found->second, engines_->predictor_inputs[key], x, nullptr, state.times[time_index],
+                     state.labels);
+}
+
+at::Tensor ScheduleRunner::offset(const at::Tensor& x, const at::Tensor& v, int time_index, BatchState& state) {
+  auto& engines = engines_->refiner;
+  int key = engines.count(-1) ? -1 : time_index;
+  auto found = engines.find(key);
+  if (found == engines.end()) {
+    throw RunnerError(RunnerError::Kind::kCheckpoint,
+                      "the export has no refiner graph for t=" + time_text(manifest_.schedule.timesteps[time_index]) +
+                          "; it was built for another schedule");
+  }
+  return call_engine(*found->second, engines_->refiner_inputs[key], x, &v, state.times[time_index], state.labels);
+}
+
+at::Tensor ScheduleRunner::integrate(const at::Tensor& noise, BatchState& state, std::vector<StepRecord>* steps,
+                                     bool check_each_step) {
+  const Schedule& schedule = manifest_.schedule;
+  const auto& times = schedule.timesteps;
+  const auto calls = schedule.step_calls();
+  at::Tensor x = noise;  // (b, C, H, W)
+  at::Tensor carried;    // undefined: nothing carried
+#ifdef FLOWTURBO_WITH_CUDA
+  std::vector<at::cuda::CUDAEvent> events;
+  const bool cuda_events = steps != nullptr && device_.is_cuda();
+  if (cuda_events) {
+    events.resize(schedule.steps.size() + 1);
+    events[0].record();
+  }
+#endif
+  for (int k = 0; k < schedule.num_steps(); ++k) {
+    const StepKind kind = schedule.steps[k];
+    const double t0 = times[k], t1 = times[k + 1], h = t1 - t0;
+    StepRange range("step " + std::to_string(k) + " " + static_cast<char>(kind), device_.is_cuda());
+    const auto started = Clock::now();
+    if (kind == StepKind::Euler) {
+      x = x + velocity(x, k, state) * h;
+      carried = at::Tensor();
+    } else if (kind == StepKind::Refiner) {
+      const at::Tensor v = carried;  // schedule validation guarantees a carried velocity
+      const at::Tensor d = v + offset(x, v, k, state);
+      const at::Tensor d_next = d + offset(x + d * h, v, k + 1, state);
+      x = x + (d + d_next) * (0.5 * h);
+      carried = d;
+    } else {
+      const at::Tensor d = (kind == StepKind::Pseudo && carried.defined()) ? carried : velocity(x, k, state);
+      const at::Tensor d_next = velocity(x + d * h, k + 1, state);
+      x = x + (d + d_next) * (0.5 * h);
+      carried = d_next;
+    }
+    if (check_each_step && !at::isfinite(x).all().item<bool>()) {
+      std::ostringstream msg;
+      msg << "NaN/Inf in the latents after step " << k << " (" << static_cast<char>(kind) << ", t " << time_text(t0)
+          << " -> " << time_text(t1) << ") of " << schedule.notation()
+          << "; try the fp32 export or a lower guidance scale";
+      throw RunnerError(RunnerError::Kind::kSampling, msg.str());
+    }
+    if (steps != nullptr) {
+      StepRecord record;
+      record.index = k;
+      record.kind = static_cast<char>(kind);
+      record.t_start = t0;
+      record.t_end = t1;
+      record.predictor_calls = calls[k].predictor;
+      record.refiner_calls = calls[k].refiner;
+#ifdef FLOWTURBO_WITH_CUDA
+      if (cuda_events) {
+        events[k + 1].record();
+      } else {
+        record.ms = elapsed_ms(started);
+      }
+#else
+      record.ms = elapsed_ms(started);
+#endif
+      steps->push_back(record);
+    }
+  }
+#ifdef FLOWTURBO_WITH_CUDA
+  if (cuda_events) {
+    events.back().synchronize();
+    for (size_t k = 0; k < steps->size(); ++k) (*steps)[k].ms = events[k].elapsed_time(events[k + 1]);
+  }
+#endif
+  return x;
+}
+
+std::vector<at::Tensor> ScheduleRunner::forward(const at::Tensor& noise, BatchState& state) {
+  if (engines_->unrolled) return engines_->unrolled->run({noise, state.labels});
+  at::Tensor latents = integrate(noise, state, nullptr, false);
+  at::Tensor images = engines_->decoder->run({latents}).at(0);
+  return {images, latents};
+}
+
+void ScheduleRunner::locate_non_finite(const at::Tensor& noise, BatchState& state) {
+  if (!engines_->unrolled) {
+    at::Tensor latents = integrate(noise, state, nullptr, /*check_each_step=*/true);  // throws naming the step
+    (void)latents;
+    throw RunnerError(RunnerError::Kind::kSampling,
+                      "NaN/Inf in the decoded images (the latents were finite): the decoder overflowed; try the "
+                      "fp32 export");
+  }
+  throw RunnerError(RunnerError::Kind::kSampling,
+                    "NaN/Inf in the output of the unrolled graph; export the time-input variant to find the step, "
+                    "or try the fp32 export / a lower guidance scale");
+}
+
+BatchOutput ScheduleRunner::run_batch(const at::Tensor& noise_in, const at::Tensor& labels_in, bool profile) {
+  // Normal (not inference) tensors whatever mode the caller is in: the per-batch buffers outlive this call and
+  // are updated in place by later calls, which an inference tensor forbids outside inference mode.
+  c10::InferenceMode normal_tensors(false);
+  c10::NoGradGuard no_grad;
+  const int64_t batch = noise_in.dim() == 4 ? noise_in.size(0) : -1;
+  std::vector<int64_t> want{batch};
+  want.insert(want.end(), manifest_.latent_shape.begin(), manifest_.latent_shape.end());
+  if (noise_in.sizes().vec() != want) {
+    std::ostringstream msg;
+    msg << "noise must have shape (b";
+    for (auto d : manifest_.latent_shape) msg << ", " << d;
+    msg << "), got " << noise_in.sizes();
+    throw RunnerError(RunnerError::Kind::kSampling, msg.str());
+  }
+  if (labels_in.dim() != 1 || labels_in.size(0) != batch) {
+    throw RunnerError(RunnerError::Kind::kSampling, "labels must be a vector with one class id per image");
+  }
+  try {
+    manifest_.check_batch(batch);
+  } catch (const ManifestError& exc) {
+    throw RunnerError(RunnerError::Kind::kSampling, exc.what());
+  }
+  const at::Tensor labels_cpu = labels_in.to(at::kCPU, at::kLong);
+  const int64_t low = labels_cpu.min().item<int64_t>(), high = labels_cpu.max().item<int64_t>();
+  if (low < 0 || high >= manifest_.num_classes) {
+    throw RunnerError(RunnerError::Kind::kSampling,
+                      "class ids must be in [0, " + std::to_string(manifest_.num_classes) + "), got " +
+                          std::to_string(low < 0 ? low : high) + "; this model has " +
+                          std::to_string(manifest_.num_classes) + " classes");
+  }
+  if (profile && engines_->unrolled) {
+    throw RunnerError(RunnerError::Kind::kSampling,
+                      "per-step times need the time-input or per-step variant: the unrolled graph runs the whole "
+                      "schedule as one call (re-export with --variant time-input)");
+  }
+  BatchState& state = state_for(batch);
+  const at::Tensor noise = noise_in.to(device_, dtype_).contiguous();
+  BatchOutput out;
+  synchronize();
+  const auto started = Clock::now();
+  state.labels.copy_(labels_cpu);
+  std::vector<at::Tensor> result;
+  if (profile) {
+    out.latents = integrate(noise, state, &out.steps, false);
+    synchronize();
+    out.sample_ms = elapsed_ms(started);
+    const auto decode_started = Clock::now();
+    out.images = engines_->decoder->run({out.latents}).at(0);
+    synchronize();
+    out.decode_ms = elapsed_ms(decode_started);
+  } else if (graph_enabled()) {
+#ifdef FLOWTURBO_WITH_CUDA
+    c10::cuda::CUDAGuard guard(device_);
+    if (!state.graph) {
+      state.static_noise = noise.clone();
+      // Warm up on a side stream (first calls allocate workspaces), then capture.
+      auto side = c10::cuda::getStreamFromPool(false, device_.index());
+      side.wait(c10::cuda::getCurrentCUDAStream(device_.index()));
+      {
+        c10::cuda::CUDAStreamGuard stream_guard(side);
+        forward(state.static_noise, state);
+        side.synchronize();
+        try {
+          state.graph = std::make_unique<at::cuda::CUDAGraph>();
+          state.graph->capture_begin();
+          state.graph_outputs = forward(state.static_noise, state);
+          state.graph->capture_end();
+        } catch (const std::exception& exc) {
+          state.graph.reset();
+          graph_fallback_reason_ = std::string("CUDA-graph capture failed (") + exc.what() + "); running step by step";
+        }
+      }
+      c10::cuda::getCurrentCUDAStream(device_.index()).wait(side);
+    }
+    if (state.graph) {
+      state.static_noise.copy_(noise);
+      state.graph->replay();
+      out.images = state.graph_outputs[0].clone();
+      out.latents = state.graph_outputs[1].clone();
+      out.graph_replayed = true;
+    }
+#endif
+    if (!out.graph_replayed) {
+      result = forward(noise, state);
+      out.images = result[0];
+      out.latents = result[1];
+    }
+    synchronize();
+    out.sample_ms = elapsed_ms(started);
+  } else {
+    if (engines_->unrolled) {
+      result = forward(noise, state);
+      out.images = result[0];
+      out.latents = result[1];
+      synchronize();
+      out.sample_ms = elapsed_ms(started);
+    } else {
+      out.latents = integrate(noise, state, nullptr, false);
+      synchronize();
+      out.sample_ms = elapsed_ms(started);
+      const auto decode_started = Clock::now();
+      out.images = engines_->decoder->run({out.latents}).at(0);
+      synchronize();
+      out.decode_ms = elapsed_ms(decode_started);
+    }
+  }
+  out.total_ms = elapsed_ms(started);
+  if (!at::isfinite(out.images).all().item<bool>()) locate_non_finite(noise, state);
+  return out;
+}
+
+}  // namespace flowturbo
