@@ -1,7 +1,8 @@
 """Export benchmark: ms per image of one FlowTurbo schedule on the default model, every backend side by side.
 
 Rows: PyTorch eager, torch.compile, ONNX Runtime per specialisation variant (time-input, per-step,
-unrolled), AOTInductor. Export / compile time is reported apart from run time. Each row records device,
+unrolled), AOTInductor (Python loop over the packages) and the C++ runner (flowturbo._runner, the same
+packages with the loop in C++). Export / compile time is reported apart from run time. Each row records device,
 commit, schedule id, backend, variant, dtype and batch; ratios are against eager at the same batch.
 
     .venv/bin/python bench/bench_export.py --batches 1 16 --repeats 5 --out outputs/bench_export.json
@@ -23,6 +24,7 @@ import torch
 from flowturbo.export.pipeline import ExportRequest, export_bundle
 from flowturbo.export.specs import BatchProfile
 from flowturbo.runtime.aoti_backend import AotiSampler
+from flowturbo.runtime.cpp_backend import CppSampler, cpp_unavailable_reason
 from flowturbo.runtime.onnx_backend import OnnxRuntimeSampler
 from flowturbo.runtime.pytorch_backend import DEFAULT_BUNDLE_DIR
 from flowturbo.schedule import SamplingSchedule
@@ -71,7 +73,8 @@ def main() -> None:
     parser.add_argument("--batches", type=int, nargs="+", default=[1, 16])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--variants", nargs="+", default=["time-input", "per-step", "unrolled"])
-    parser.add_argument("--aoti-variant", default="time-input", help="AOTInductor variant ('none' to skip)")
+    parser.add_argument("--aoti-variants", nargs="+", default=["time-input"],
+                        help="AOTInductor variants ('none' to skip); each also gets a C++ runner row")
     parser.add_argument("--no-compile", action="store_true", help="skip the torch.compile row")
     parser.add_argument("--workdir", default=None, help="where to export (default: a temp dir)")
     parser.add_argument("--out", default=None, help="write the rows as JSON here")
@@ -109,19 +112,21 @@ def main() -> None:
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="bench_export_"))
     jobs = [("onnx", v) for v in args.variants]
-    if args.aoti_variant != "none":
-        jobs.append(("aoti", args.aoti_variant))
+    jobs += [("aoti", v) for v in args.aoti_variants if v != "none"]
     for fmt, variant in jobs:
         request = ExportRequest(schedule, profile, (fmt,), "fp32", variant, validate=False)
         result = export_bundle(bundle, request, workdir / f"{fmt}-{variant}", source="default", overwrite=True)
         build_s = sum(a["build_seconds"] for a in result.manifest["artifacts"])
         sampler_cls = OnnxRuntimeSampler if fmt == "onnx" else AotiSampler
         extra = {"threads": args.threads} if fmt == "onnx" else {}
-        sampler = sampler_cls.from_artifacts(result.path, **extra)
-        for batch in args.batches:
-            classes = [i % bundle.num_classes for i in range(batch)]
-            seconds = _median_seconds(lambda: sampler.sample(classes, seed=0), args.repeats)
-            record("onnxruntime" if fmt == "onnx" else "aoti", variant, batch, seconds, build_s)
+        samplers = [("onnxruntime" if fmt == "onnx" else "aoti", sampler_cls.from_artifacts(result.path, **extra))]
+        if fmt == "aoti" and cpp_unavailable_reason() is None:
+            samplers.append(("cpp-runner", CppSampler.from_artifacts(result.path)))
+        for name, sampler in samplers:
+            for batch in args.batches:
+                classes = [i % bundle.num_classes for i in range(batch)]
+                seconds = _median_seconds(lambda: sampler.sample(classes, seed=0), args.repeats)
+                record(name, variant, batch, seconds, build_s)
 
     eager = {r["batch"]: r["ms_per_image"] for r in rows if r["backend"] == "pytorch-eager"}
     print("\n| backend | variant | batch | ms/image | vs eager | build/compile s |\n|---|---|---|---|---|---|")

@@ -429,8 +429,9 @@ BatchOutput ScheduleRunner::run_batch(const at::Tensor& noise_in, const at::Tens
     if (!state.graph) {
       state.static_noise = noise.clone();
       // Warm up on a side stream (first calls allocate workspaces), then capture.
+      // Once per batch size, so plain synchronisation orders the side stream after the labels' copy.
+      synchronize();
       auto side = c10::cuda::getStreamFromPool(false, device_.index());
-      side.wait(c10::cuda::getCurrentCUDAStream(device_.index()));
       {
         c10::cuda::CUDAStreamGuard stream_guard(side);
         forward(state.static_noise, state);
@@ -444,8 +445,8 @@ BatchOutput ScheduleRunner::run_batch(const at::Tensor& noise_in, const at::Tens
           state.graph.reset();
           graph_fallback_reason_ = std::string("CUDA-graph capture failed (") + exc.what() + "); running step by step";
         }
+        side.synchronize();
       }
-      c10::cuda::getCurrentCUDAStream(device_.index()).wait(side);
     }
     if (state.graph) {
       state.static_noise.copy_(noise);
