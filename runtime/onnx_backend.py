@@ -17,7 +17,7 @@ import math
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 
@@ -31,6 +31,19 @@ FLOAT_DTYPE_OF_PRECISION = {"fp32": torch.float32, "fp16": torch.float16, "bf16"
 
 # A module call: keyword tensors in (spec input names), output tensors out (spec order).
 ModuleFn = Callable[..., list[torch.Tensor]]
+
+
+class StepHook(Protocol):
+    """Optional observer of the loop (the profiler installs one): called at each step's start and end and
+    around the decode. Unset (``ExportedSampler.step_hook = None``) it costs one attribute test per step."""
+
+    def step_start(self, index: int, kind: StepKind, t_start: float, t_end: float) -> None: ...
+
+    def step_end(self, index: int, kind: StepKind, t_start: float, t_end: float) -> None: ...
+
+    def decode_start(self) -> None: ...
+
+    def decode_end(self) -> None: ...
 
 
 def make_noise(batch: int, latent_shape: Sequence[int], seed: int, dtype: torch.dtype) -> torch.Tensor:
@@ -49,6 +62,7 @@ class ExportedSampler:
 
     backend = "exported"
     artifact_format = ""
+    step_hook: StepHook | None = None  # set on an instance by flowturbo.runtime.profiling; None: no cost
 
     def __init__(self, artifacts: ArtifactSet) -> None:
         self.artifacts = artifacts
@@ -120,9 +134,12 @@ class ExportedSampler:
         """DESIGN.md §2 E/H/P/R steps over the schedule's grid; (b, C, H, W) -> (b, C, H, W)."""
         schedule, times = self.schedule, self.schedule.timesteps
         x, carried = noise, None
+        hook = self.step_hook
         for k, kind in enumerate(schedule.steps):
             t0, t1 = times[k], times[k + 1]
             h = t1 - t0
+            if hook is not None:
+                hook.step_start(k, kind, t0, t1)
             if kind is StepKind.EULER:
                 x = x + h * self._velocity(x, t0, labels)
                 carried = None
@@ -137,6 +154,8 @@ class ExportedSampler:
                 d_next = self._velocity(x + h * d, t1, labels)
                 x = x + 0.5 * h * (d + d_next)
                 carried = d_next
+            if hook is not None:
+                hook.step_end(k, kind, t0, t1)
         return x
 
     def run_batch(self, noise: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, float]:
@@ -148,7 +167,12 @@ class ExportedSampler:
         latents = self._integrate(noise, labels)
         t1 = time.perf_counter()
         assert self._decode is not None
+        hook = self.step_hook
+        if hook is not None:
+            hook.decode_start()
         images = self._decode(latents=latents)[0]
+        if hook is not None:
+            hook.decode_end()
         return images, latents, t1 - t0, time.perf_counter() - t1
 
     # ----------------------------------------------------------------------------------- public
@@ -262,4 +286,4 @@ class OnnxRuntimeSampler(ExportedSampler):
         return _OrtModule(entry, self._options, self._providers)
 
 
-__all__ = ["ExportedSampler", "OnnxRuntimeSampler", "make_noise"]
+__all__ = ["ExportedSampler", "OnnxRuntimeSampler", "StepHook", "make_noise"]

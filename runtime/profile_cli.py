@@ -1,0 +1,182 @@
+"""``flowturbo profile``: time every schedule step and the decode; write profile.json, traces and a chart.
+
+Registered by ``flowturbo.runtime.cli`` through ``_SUBCOMMAND_MODULES`` (``add_profile_parser``). Start-up
+stays light: torch and the models are imported inside the handler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from flowturbo.errors import FlowTurboError
+
+BACKENDS = ("pytorch", "onnxruntime", "aoti", "tensorrt", "cpp")
+EXPORTED_BACKENDS = ("onnxruntime", "aoti", "tensorrt", "cpp")
+
+
+def add_profile_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``flowturbo profile``."""
+    p = sub.add_parser("profile", help="time every schedule step (+ decode): table, profile.json, trace, chart")
+    m = p.add_argument_group("what to profile (default: the embedded default model, PyTorch eager)")
+    m.add_argument("--model", default=None, help="bundle folder (default: the embedded default model)")
+    m.add_argument("--artifacts", default=None, help="export directory (`flowturbo export`) for --backend "
+                                                     "onnxruntime|aoti|tensorrt|cpp")
+    m.add_argument("--backend", default="pytorch", choices=BACKENDS,
+                   help="pytorch (default) runs the bundle eagerly; the others run --artifacts")
+    m.add_argument("--schedule", default=None, help="schedule notation or preset (default: the model's / the "
+                                                    "exported one; with --artifacts it must equal the exported one)")
+    m.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's / the exported one)")
+    m.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (default)")
+    m.add_argument("--dtype", default=None, help="pytorch backend: float32 (default) | float16 | bfloat16 | float64")
+    r = p.add_argument_group("how")
+    r.add_argument("--batch", type=int, default=1, help="images per batch (default 1; CFG doubles the rows)")
+    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
+    r.add_argument("--repeats", type=int, default=5, help="timed runs; the median-total run is reported (default 5)")
+    r.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (torch / ONNX Runtime)")
+    r.add_argument("--no-kernels", action="store_true", help="skip the torch.profiler run (no per-step kernels)")
+    r.add_argument("--out", required=True, help="output folder (profile.json, trace.json, steps.png, table.txt; "
+                                                "written atomically)")
+    p.set_defaults(handler=run_profile)
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse impossible requests before loading anything."""
+    if args.batch < 1:
+        raise FlowTurboError(f"--batch must be >= 1 image, got {args.batch}")
+    if args.warmup < 0:
+        raise FlowTurboError(f"--warmup must be >= 0, got {args.warmup}")
+    if args.repeats < 1:
+        raise FlowTurboError(f"--repeats must be >= 1, got {args.repeats}")
+    if args.threads is not None and args.threads < 1:
+        raise FlowTurboError(f"--threads must be >= 1, got {args.threads}")
+    if args.backend in EXPORTED_BACKENDS:
+        if args.artifacts is None:
+            raise FlowTurboError(f"--backend {args.backend} runs an export directory: pass --artifacts DIR "
+                                 f"(make one with `flowturbo export --out DIR`)")
+        if args.model is not None:
+            raise FlowTurboError("--artifacts already holds the model; drop --model")
+        if args.dtype is not None:
+            raise FlowTurboError("--dtype is fixed when exporting (`flowturbo export --precision`); drop --dtype")
+    elif args.artifacts is not None:
+        raise FlowTurboError("--artifacts needs --backend onnxruntime, aoti, tensorrt or cpp (pytorch runs --model)")
+
+
+def _profile_pytorch(args: argparse.Namespace, trace: Path | None) -> Any:
+    from flowturbo.runtime.profiling import profile_pytorch
+    from flowturbo.runtime.sampler import Sampler
+
+    sampler = Sampler.from_bundle(args.model, device=args.device, dtype=args.dtype or "float32")
+    schedule = sampler.default_schedule(args.schedule, args.cfg)
+    return profile_pytorch(sampler.pipeline, schedule, args.batch, args.seed, args.warmup, args.repeats,
+                           kernels=not args.no_kernels, kernel_trace=trace)
+
+
+def _expect_schedule(args: argparse.Namespace, exported: Any) -> None:
+    """--schedule/--cfg given with --artifacts must name the exported schedule."""
+    from flowturbo.schedule import SamplingSchedule
+
+    if args.schedule is None and args.cfg is None:
+        return
+    scale = exported.guidance_scale if args.cfg is None else args.cfg
+    wanted = (SamplingSchedule.parse(args.schedule, guidance_scale=scale,
+                                     guidance_channels=exported.guidance_channels)
+              if args.schedule else exported.with_guidance(scale, exported.guidance_channels))
+    if wanted.id != exported.id:
+        raise FlowTurboError(
+            f"{args.artifacts} was exported for schedule {exported} (id {exported.id}), not {wanted} (id {wanted.id}); "
+            f"re-export with `flowturbo export --schedule {wanted.notation}` or drop --schedule/--cfg"
+        )
+
+
+def _profile_exported(args: argparse.Namespace, trace: Path | None) -> Any:
+    from flowturbo.runtime.profiling import profile_exported
+
+    device = None if args.device == "auto" else args.device
+    if args.backend == "onnxruntime":
+        if device not in (None, "cpu"):
+            raise FlowTurboError(f"the onnxruntime backend runs on the CPU here; drop --device {args.device}")
+        from flowturbo.runtime.onnx_backend import OnnxRuntimeSampler
+
+        sampler = OnnxRuntimeSampler.from_artifacts(args.artifacts, threads=args.threads)
+    elif args.backend == "tensorrt":
+        from flowturbo.runtime.tensorrt_backend import TensorRTSampler
+
+        sampler = TensorRTSampler.from_artifacts(args.artifacts)
+    else:
+        from flowturbo.runtime.aoti_backend import AotiSampler
+
+        sampler = AotiSampler.from_artifacts(args.artifacts, device=device)
+    _expect_schedule(args, sampler.schedule)
+    return profile_exported(sampler, args.batch, args.seed, args.warmup, args.repeats,
+                            kernels=not args.no_kernels, kernel_trace=trace)
+
+
+def _profile_cpp(args: argparse.Namespace) -> Any:
+    from flowturbo.runtime.artifacts import load_artifacts
+    from flowturbo.runtime.profiling import profile_from_runner
+
+    try:
+        from flowturbo.runtime.cpp_backend import CppSampler
+    except ImportError as exc:
+        raise FlowTurboError(
+            f"the cpp backend is not available in this install (flowturbo.runtime.cpp_backend.CppSampler: {exc}); "
+            "build the C++ extension (scripts/setup.sh) or use --backend onnxruntime|aoti"
+        ) from None
+    sampler = CppSampler.from_artifacts(args.artifacts, device=None if args.device == "auto" else args.device)
+    schedule = getattr(sampler, "schedule", None) or load_artifacts(args.artifacts, verify=False).schedule
+    _expect_schedule(args, schedule)
+    num_classes = int(getattr(sampler, "num_classes", 0) or load_artifacts(args.artifacts, verify=False)
+                      .model["num_classes"])
+    labels = [i % num_classes for i in range(args.batch)]
+    data = sampler.profile_batch(labels, seed=args.seed, warmup=args.warmup, repeats=args.repeats)
+    extra = {"source": str(args.artifacts), "seed": args.seed, "timer": "runner (C++)"}
+    return profile_from_runner(data, schedule=schedule, backend="cpp", batch=args.batch, warmup=args.warmup,
+                               repeats=args.repeats, extra=extra)
+
+
+def run_profile(args: argparse.Namespace) -> int:
+    _check_args(args)
+    from flowturbo.runtime.profiling import (
+        TORCH_TRACE_FILE,
+        check_out_dir,
+        describe_run,
+        format_table,
+        write_profile,
+    )
+
+    out = check_out_dir(args.out)  # refuse a bad --out before spending time
+    import torch
+
+    threads = torch.get_num_threads()
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))
+    try:
+        trace = None if args.no_kernels else scratch / TORCH_TRACE_FILE
+        if args.backend == "pytorch":
+            profile = _profile_pytorch(args, trace)
+        elif args.backend == "cpp":
+            profile = _profile_cpp(args)
+        else:
+            profile = _profile_exported(args, trace)
+        profile.extra["command"] = " ".join(["flowturbo", *sys.argv[1:]])
+        extra_files = {TORCH_TRACE_FILE: trace} if trace is not None and trace.is_file() else {}
+        write_profile(profile, out, extra_files=extra_files)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+        torch.set_num_threads(threads)
+    print(describe_run(profile))
+    print(format_table(profile))
+    written = ["profile.json", "trace.json", "steps.png", "table.txt", *extra_files]
+    print(f"wrote {', '.join(str(out / name) for name in written)}")
+    return 0
+
+
+__all__ = ["add_profile_parser", "run_profile"]
