@@ -81,6 +81,7 @@ class CppSampler:
     def from_artifacts(cls, folder: str | os.PathLike[str], *, expect: dict[str, Any] | None = None,
                        **kwargs: Any) -> "CppSampler":
         """Read ``folder``'s manifest (``expect``: values it must have, e.g. a schedule id) and load the runner."""
+        _runner_module()  # a missing runner is reported before anything is read
         return cls(load_artifacts(folder, expect=expect, verify=False), **kwargs)
 
     def describe(self) -> dict[str, Any]:
