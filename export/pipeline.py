@@ -310,8 +310,12 @@ def _build(bundle: Bundle, request: ExportRequest, root: Path, device: torch.dev
             entry = {**entry_base, "format": "aoti", "file": package.name, "build_seconds": seconds}
             if request.validate:
                 runner = torch._inductor.aoti_load_package(str(package))
-                with torch.no_grad():
-                    out = runner(*(check_inputs[n] for n in item.spec.input_names))
+                try:
+                    with torch.no_grad():
+                        out = runner(*(check_inputs[n] for n in item.spec.input_names))
+                except RuntimeError as exc:
+                    raise FlowTurboError(f"{package.name} (AOTInductor) fails at batch {check_batch} of the profile "
+                                         f"{request.batch.describe()}: {exc}") from exc
                 got = list(out) if isinstance(out, (tuple, list)) else [out]
                 entry["max_abs_error"] = _max_error(got, want, f"{package.name} (AOTInductor)", request.precision)
             artifacts.append(entry)

@@ -1,10 +1,11 @@
-"""AOTInductor: one package (the unrolled schedule of a micro model) compiled, loaded and run end to end.
+"""AOTInductor: packages of the unrolled schedule of a micro model compiled, loaded and run end to end.
 
-This is the suite's only AOTInductor compile (~20-60 s on 2 cores); it is marked slow but runs in CI.
+These are the suite's only AOTInductor compiles (~20-60 s each on 2 cores); they are marked slow but run in CI.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import sys
 from pathlib import Path
@@ -18,6 +19,7 @@ from flowturbo.export.specs import BatchProfile
 from flowturbo.errors import SamplingError
 from flowturbo.runtime.aoti_backend import AotiSampler
 from flowturbo.schedule import SamplingSchedule
+from flowturbo.training.autoencoder import AutoencoderConfig, FlowTurboAutoencoderDecoder
 from flowturbo.training.sampling import make_noise, sample_schedule
 
 
@@ -49,3 +51,33 @@ def test_aoti_unrolled_package_parity(tmp_path):
     torch.testing.assert_close(one_by_one.images, want, **tol("export_fp32"))
     with pytest.raises(SamplingError, match="outside the exported profile"):
         sampler.sample([0] * 5, batch_size=5)
+
+
+def _conv_decoder_bundle():
+    """The micro bundle with a tiny convolutional decoder (3x6x6 latents -> 1x12x12 images) instead of the identity."""
+    torch.manual_seed(5)  # the decoder's default init
+    config = AutoencoderConfig(image_channels=1, image_size=12, latent_channels=3, base_channels=4, channel_mult=(1, 2),
+                               num_res_blocks=1, norm_groups=4)
+    return dataclasses.replace(_micro_bundle(), decoder=FlowTurboAutoencoderDecoder(config, ("ema",)).eval())
+
+
+@pytest.mark.slow
+def test_aoti_unrolled_conv_decoder_stays_dynamic_when_traced_at_max_batch(tmp_path):
+    """Regression: profile 1:16:16 (opt == max) is traced at batch 16, and for every stride-1 convolution
+    Inductor's fake kernel asks ATen's CPU backend heuristic ``batch >= 16``; the guard collapsed the batch
+    range to [16, 16], so the "dynamic" package was static at 16 and failed at batch 1 with "index out of
+    bounds: 0 <= tmp3 < 6" in the label embedding (the bench's default-model H1P5R3 export, validate=False).
+    """
+    bundle = _conv_decoder_bundle()
+    schedule = SamplingSchedule.parse("H1R1", guidance_scale=1.5, guidance_channels=2)
+    request = ExportRequest(schedule, BatchProfile(1, 16, 16), ("aoti",), "fp32", "unrolled", validate=False)
+    sampler = AotiSampler.from_artifacts(export_bundle(bundle, request, tmp_path / "aoti").path)
+    for classes in ([3], [0, 4, 2], [k % 5 for k in range(16)]):  # batch 1, 3 and the traced max 16
+        noise = make_noise(len(classes), bundle.latent_shape, 8)
+        with torch.no_grad():
+            latents = sample_schedule(schedule, noise, torch.tensor(classes), bundle.predictor, bundle.refiner,
+                                      num_classes=5).latents
+            want = bundle.decoder.decode(latents)  # (B, 1, 12, 12)
+        got = sampler.sample(classes, seed=8).images
+        assert got.shape == want.shape
+        torch.testing.assert_close(got, want, **tol("export_fp32"))
