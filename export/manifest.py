@@ -62,6 +62,22 @@ def tool_versions() -> dict[str, str | None]:
     return versions
 
 
+def exporter_sha256() -> str:
+    """SHA-256 over the source of the export package (and the model code it traces), in path order.
+
+    Part of the artifact key: an export directory written by other exporter or model code (e.g. before a
+    bug fix) is rebuilt, not reused, even when the flowturbo version string did not change.
+    """
+    digest = hashlib.sha256()
+    here = Path(__file__).resolve().parent
+    traced = ("models.py", "decoders.py", "autoencoder.py")  # the model code the graphs are traced from
+    sources = sorted(here.glob("*.py")) + [here.parent / "training" / name for name in traced]
+    for path in sources:
+        digest.update(f"{path.parent.name}/{path.name}:".encode())
+        digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
 def device_description(device: torch.device) -> str:
     """``'cpu (x86_64)'`` or ``'cuda: NVIDIA H100 80GB HBM3'``."""
     if device.type == "cuda":
@@ -96,6 +112,7 @@ __all__ = [
     "artifact_key",
     "command_line",
     "device_description",
+    "exporter_sha256",
     "file_entries",
     "sha256_file",
     "tool_versions",

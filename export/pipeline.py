@@ -27,6 +27,7 @@ from flowturbo.export.manifest import (
     artifact_key,
     command_line,
     device_description,
+    exporter_sha256,
     file_entries,
     sha256_file,
     tool_versions,
@@ -250,6 +251,7 @@ def export_bundle(
     tools = tool_versions()
     device_text = device_description(device)
     key_fields = {"format": EXPORT_FORMAT, "weights_sha256": weights, **request.key_fields(), "tools": tools,
+                  "exporter_sha256": exporter_sha256(),
                   "device": device_text}
     key = artifact_key(key_fields)
     target = Path(out)

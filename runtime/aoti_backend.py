@@ -37,6 +37,7 @@ class AotiSampler(ExportedSampler):
     def __init__(self, artifacts: ArtifactSet, *, device: str | None = None) -> None:
         exported_on = artifacts.manifest.get("device", "cpu")
         self._device = device or ("cuda" if str(exported_on).startswith("cuda") else "cpu")
+        artifacts.check_torch_version(torch.__version__)
         super().__init__(artifacts)
 
     def _load(self, entry: ArtifactEntry) -> ModuleFn:

@@ -112,6 +112,26 @@ class ArtifactSet:
                                 f"this model has {num_classes} classes")
 
 
+    def check_torch_version(self, running: str) -> None:
+        """Refuse AOTInductor packages compiled by another torch release (major.minor) than ``running``.
+
+        AOTInductor packages are compiled C++/CUDA against one libtorch; another release may not load them
+        or may load them wrongly, so the mismatch is refused with the re-export command.
+        """
+        built = (self.manifest.get("tools") or {}).get("torch")
+        if built is None:
+            return
+        if _major_minor(built) != _major_minor(running):
+            raise CheckpointError(
+                f"{self.root} was compiled by torch {built}, but this is torch {running}; AOTInductor packages "
+                "only load in the torch release that built them: re-export with `flowturbo export --format aoti`"
+            )
+
+
+def _major_minor(version: str) -> tuple[str, ...]:
+    return tuple(version.split("+")[0].split(".")[:2])
+
+
 def _differences(manifest: dict[str, Any], expect: dict[str, Any]) -> list[str]:
     actual = {
         "schedule_id": manifest.get("schedule_id"),

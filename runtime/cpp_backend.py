@@ -64,6 +64,12 @@ class CppSampler:
     def __init__(self, artifacts: ArtifactSet, *, device: str | None = None, engine_format: str = "aoti",
                  cuda_graph: bool = True) -> None:
         runner_module = _runner_module()
+        built_against = runner_module.build_info()["torch_version"]
+        if built_against.split("+")[0] != torch.__version__.split("+")[0]:
+            raise FlowTurboError(f"flowturbo._runner was built against torch {built_against} but torch "
+                                 f"{torch.__version__} is installed; rebuild it: bash scripts/setup.sh")
+        if engine_format == "aoti":
+            artifacts.check_torch_version(torch.__version__)
         self.artifacts = artifacts
         self.schedule: SamplingSchedule = artifacts.schedule
         self.num_classes = int(artifacts.model["num_classes"])

@@ -164,6 +164,12 @@ def test_unusable_directories_are_refused(exported, tmp_path):
     (edited / MANIFEST_FILE).write_text(json.dumps(manifest))
     with pytest.raises(CheckpointError, match="disagree"):
         CppSampler.from_artifacts(edited)
+    old_torch = shutil.copytree(exported, tmp_path / "old_torch")
+    manifest = json.loads((old_torch / MANIFEST_FILE).read_text())
+    manifest["tools"]["torch"] = "2.9.1+cu128"  # packages compiled by another torch release
+    (old_torch / MANIFEST_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(CheckpointError, match="compiled by torch 2.9.1"):
+        CppSampler.from_artifacts(old_torch)
     if not sampler_build_info()["tensorrt"]:
         with pytest.raises(FlowTurboError, match="without -DFLOWTURBO_TENSORRT=ON"):
             CppSampler.from_artifacts(exported, engine_format="tensorrt")
