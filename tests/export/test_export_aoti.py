@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import itertools
 import sys
 from pathlib import Path
 
@@ -18,6 +19,7 @@ from flowturbo.export.pipeline import ExportRequest, export_bundle
 from flowturbo.export.specs import BatchProfile
 from flowturbo.errors import SamplingError
 from flowturbo.runtime.aoti_backend import AotiSampler
+from flowturbo.runtime.cpp_backend import CppSampler, cpp_unavailable_reason
 from flowturbo.schedule import SamplingSchedule
 from flowturbo.training.autoencoder import AutoencoderConfig, FlowTurboAutoencoderDecoder
 from flowturbo.training.sampling import make_noise, sample_schedule
@@ -71,8 +73,11 @@ def test_aoti_unrolled_conv_decoder_stays_dynamic_when_traced_at_max_batch(tmp_p
     bundle = _conv_decoder_bundle()
     schedule = SamplingSchedule.parse("H1R1", guidance_scale=1.5, guidance_channels=2)
     request = ExportRequest(schedule, BatchProfile(1, 16, 16), ("aoti",), "fp32", "unrolled", validate=False)
-    sampler = AotiSampler.from_artifacts(export_bundle(bundle, request, tmp_path / "aoti").path)
-    for classes in ([3], [0, 4, 2], [k % 5 for k in range(16)]):  # batch 1, 3 and the traced max 16
+    path = export_bundle(bundle, request, tmp_path / "aoti").path
+    samplers = [AotiSampler.from_artifacts(path)]
+    if cpp_unavailable_reason() is None:  # the C++ runner on the same unrolled package (one engine call)
+        samplers.append(CppSampler.from_artifacts(path))
+    for sampler, classes in itertools.product(samplers, ([3], [0, 4, 2], [k % 5 for k in range(16)])):
         noise = make_noise(len(classes), bundle.latent_shape, 8)
         with torch.no_grad():
             latents = sample_schedule(schedule, noise, torch.tensor(classes), bundle.predictor, bundle.refiner,
