@@ -1,7 +1,7 @@
 """The ``flowturbo`` command line: thin argparse groups over the Python API.
 
-Commands: ``schedule`` (inspect a schedule), ``sample`` (generate images), and — when their modules are
-installed — ``train``, ``eval``. Foreseeable mistakes print one ``error:`` line and exit with status 2.
+Commands: ``schedule`` (inspect a schedule), ``sample`` (generate images), ``eval`` and — when their
+modules are installed — ``train``, ``export``, ``profile``. Foreseeable mistakes print one ``error:`` line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -303,37 +303,45 @@ def _cuda() -> bool:
 
 
 # ----------------------------------------------------------------------------------------------- main
-def build_parser() -> argparse.ArgumentParser:
+# Sub-command groups that live with their layer: (command, module, function registering it, one-line help).
+# Their modules import torch and the models, so only the group actually invoked is registered for real; the
+# others get a light placeholder (enough for `flowturbo --help`), which keeps `flowturbo schedule` instant.
+_SUBCOMMAND_MODULES = (
+    ("train", "flowturbo.training.train_cli", "add_train_parser",
+     "train the autoencoder, a predictor or a refiner; package a bundle"),
+    ("export", "flowturbo.export.export_cli", "add_export_parser",
+     "export a model + schedule to ONNX / AOTInductor / TensorRT with a manifest"),
+    ("profile", "flowturbo.runtime.profile_cli", "add_profile_parser",
+     "time every schedule step (+ decode): table, profile.json, trace, chart"),
+)
+
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The full parser for ``command`` (None: every group registered for real, e.g. for documentation)."""
     parser = argparse.ArgumentParser(prog="flowturbo", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"flowturbo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_schedule_parser(sub)
     _add_sample_parser(sub)
     _add_eval_parser(sub)
-    for register in _optional_registrars():
-        register(sub)
+    for name, module_name, function, help_text in _SUBCOMMAND_MODULES:
+        if importlib.util.find_spec(module_name) is None:  # layer not installed
+            continue
+        if command is None or command == name:
+            getattr(importlib.import_module(module_name), function)(sub)
+        else:
+            sub.add_parser(name, help=help_text)
     return parser
 
 
-# Sub-command groups that live with their layer: (module, function registering the sub-parser).
-_SUBCOMMAND_MODULES = (
-    ("flowturbo.training.train_cli", "add_train_parser"),
-    ("flowturbo.export.export_cli", "add_export_parser"),
-    ("flowturbo.runtime.profile_cli", "add_profile_parser"),
-)
-
-
-def _optional_registrars() -> list:
-    """Registrars of the sub-command modules present in this install (a broken one raises, loudly)."""
-    registrars = []
-    for module_name, function in _SUBCOMMAND_MODULES:
-        if importlib.util.find_spec(module_name) is not None:
-            registrars.append(getattr(importlib.import_module(module_name), function))
-    return registrars
+def _command_of(argv: Sequence[str]) -> str | None:
+    """The sub-command named on the command line (the first argument that is not an option)."""
+    return next((a for a in argv if not a.startswith("-")), None)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(_command_of(argv) or "")
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args) or 0)
