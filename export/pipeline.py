@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 
 from flowturbo.errors import CheckpointError, FlowTurboError
 from flowturbo.export import aoti_export, onnx_export, tensorrt_export
@@ -226,6 +227,7 @@ def export_bundle(
     source: str = "",
     command: str | None = None,
     overwrite: bool = False,
+    progress: bool = True,
 ) -> ExportResult:
     """Export ``bundle`` for ``request`` into the directory ``out`` (atomically; manifest written last).
 
@@ -271,7 +273,7 @@ def export_bundle(
     target.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
-        manifest = _build(bundle, request, staging, device, weights, key, key_fields, source, command)
+        manifest = _build(bundle, request, staging, device, weights, key, key_fields, source, command, progress)
         move_into_place(staging, target)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -280,13 +282,16 @@ def export_bundle(
 
 
 def _build(bundle: Bundle, request: ExportRequest, root: Path, device: torch.device, weights: str, key: str,
-           key_fields: dict[str, Any], source: str, command: str | None) -> dict[str, Any]:
+           key_fields: dict[str, Any], source: str, command: str | None, progress: bool) -> dict[str, Any]:
     planned = _plan(bundle, request)
     artifacts: list[dict[str, Any]] = []
     written: list[Path] = []
     started = time.perf_counter()
     example_batch = request.batch.example_batch()
-    for item in planned:
+    # Builds take seconds (ONNX time-input) to minutes (AOTInductor / unrolled): show which module is building.
+    bar = tqdm(planned, desc="export", unit="module", disable=not progress, leave=False)
+    for item in bar:
+        bar.set_postfix_str(f"{item.stem} ({', '.join(request.formats)})")
         item.module.eval()
         inputs = example_inputs(item.spec, example_batch, bundle.num_classes, device=device)
         check_batch = request.batch.min if request.batch.min != example_batch else request.batch.max
