@@ -45,6 +45,9 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
                    help=f"schedule specialisation (default {DEFAULT_VARIANT}; see BENCHMARKS.md)")
     o.add_argument("--opset", type=int, default=DEFAULT_OPSET)
     o.add_argument("--device", default="cpu", help="cpu or cuda (AOTInductor / TensorRT build device)")
+    o.add_argument("--kernels", default="reference", choices=["reference", "triton"],
+                   help="reference: standard ops (every format); triton: our fused kernels compiled into "
+                        "AOTInductor CUDA packages (--format aoti --device cuda)")
     o.add_argument("--trt-opt-level", type=int, default=DEFAULT_OPTIMIZATION_LEVEL, help="TensorRT builder level 0..5")
     o.add_argument("--no-validate", action="store_true", help="skip the parity check against eager PyTorch")
     o.add_argument("--out", required=True, help="export directory (written atomically, manifest.json last)")
@@ -59,7 +62,7 @@ def run_export(args: argparse.Namespace) -> int:
     from flowturbo.training.bundle import load_bundle
 
     folder = Path(args.model) if args.model else default_model_dir()
-    bundle = load_bundle(folder, device=args.device, dtype=TORCH_DTYPES[args.precision], kernel_backend="reference")
+    bundle = load_bundle(folder, device=args.device, dtype=TORCH_DTYPES[args.precision], kernel_backend=args.kernels)
     defaults = bundle.defaults
     schedule = SamplingSchedule.parse(
         args.schedule or defaults.schedule,
@@ -69,7 +72,7 @@ def run_export(args: argparse.Namespace) -> int:
     request = ExportRequest(
         schedule=schedule, batch=args.batch, formats=tuple(f.strip() for f in args.format.split(",") if f.strip()),
         precision=args.precision, variant=args.variant, opset=args.opset, device=args.device,
-        validate=not args.no_validate, tensorrt_optimization_level=args.trt_opt_level,
+        validate=not args.no_validate, tensorrt_optimization_level=args.trt_opt_level, kernel_backend=args.kernels,
     )
     result = export_bundle(bundle, request, args.out, source="embedded default" if args.model is None else str(folder),
                            command=" ".join(["flowturbo", *sys.argv[1:]]), overwrite=args.overwrite)

@@ -2,7 +2,8 @@
 
 Every wrapper's ``forward`` parameter names equal its :class:`~flowturbo.export.specs.ModuleSpec` input
 names (the dynamo exporter and ``torch.export`` key dynamic shapes by them). The models run with the
-reference kernel backend, so exported graphs contain only standard ops (no ``torch.ops.flowturbo.*``).
+reference kernel backend, so exported graphs contain only standard ops (no ``torch.ops.flowturbo.*``),
+except AOTInductor CUDA exports with ``kernel_backend="triton"``, which compile our Triton kernels in.
 
 Three schedule specialisations (issue 5, item 2):
 
@@ -19,7 +20,6 @@ import torch
 import torch.nn as nn
 
 from flowturbo.errors import FlowTurboError
-from flowturbo.kernels import KernelBackend
 from flowturbo.schedule import SamplingSchedule, StepKind
 from flowturbo.training.decoders import LatentDecoder
 from flowturbo.training.models import SiT, VelocityRefiner
@@ -44,11 +44,8 @@ class _Transformer(nn.Module):
 
     def __init__(self, model: SiT | VelocityRefiner, time: float | None) -> None:
         super().__init__()
-        if model.kernel_backend is not KernelBackend.REFERENCE:
-            raise FlowTurboError(
-                "export needs the models on the reference kernel backend (standard ops only); "
-                "load the bundle with kernel_backend='reference'"
-            )
+        # The kernel backend travels with the model: reference (standard ops, every format) or, for
+        # AOTInductor CUDA packages only, our Triton custom ops (checked by export.pipeline.ExportRequest).
         self.model = model
         self.time = time
         if time is not None:

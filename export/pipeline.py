@@ -44,6 +44,7 @@ from flowturbo.export.modules import (
     UnrolledSchedule,
     step_times,
 )
+from flowturbo.kernels import KernelBackend
 from flowturbo.export.specs import (
     DECODER,
     PREDICTOR_STEP,
@@ -85,6 +86,7 @@ class ExportRequest:
     device: str = "cpu"
     validate: bool = True
     tensorrt_optimization_level: int = tensorrt_export.DEFAULT_OPTIMIZATION_LEVEL
+    kernel_backend: str = "reference"  # "triton": our fused kernels compiled into AOTInductor CUDA packages
 
     def __post_init__(self) -> None:
         formats = tuple(dict.fromkeys(self.formats))
@@ -100,6 +102,19 @@ class ExportRequest:
             onnx_export.check_opset(self.opset)
         if "onnx" in formats:
             onnx_export.check_onnx_precision(self.precision)
+        backend = KernelBackend.coerce(self.kernel_backend)
+        object.__setattr__(self, "kernel_backend", backend.value)
+        if backend is KernelBackend.TRITON:
+            if formats != ("aoti",):
+                raise FlowTurboError(
+                    f"--kernels triton compiles our Triton kernels into AOTInductor packages only; ONNX and TensorRT "
+                    f"graphs need standard ops: use --format aoti (got {','.join(formats)}) or --kernels reference"
+                )
+            if torch.device(self.device).type != "cuda":
+                raise FlowTurboError(
+                    "--kernels triton needs --device cuda: our Triton kernels run on CUDA, and AOTInductor CPU packages "
+                    "use the reference ops (--kernels reference)"
+                )
         if "tensorrt" in formats:
             reason = tensorrt_export.tensorrt_unavailable_reason()
             if reason is not None:
@@ -114,6 +129,7 @@ class ExportRequest:
             "precision": self.precision,
             "variant": self.variant,
             "opset": self.opset if ("onnx" in self.formats or "tensorrt" in self.formats) else None,
+            "kernel_backend": self.kernel_backend,
         }
 
 
@@ -245,6 +261,13 @@ def export_bundle(
     device = torch.device(request.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FlowTurboError("export --device cuda requested but this machine has no CUDA GPU; use --device cpu")
+    for name, model in (("predictor", bundle.predictor), ("refiner", bundle.refiner)):
+        if model is not None and model.kernel_backend.value != request.kernel_backend:
+            raise FlowTurboError(
+                f"the bundle's {name} runs the {model.kernel_backend.value!r} kernels but the export asks for "
+                f"{request.kernel_backend!r}: load it with kernel_backend={request.kernel_backend!r} "
+                "(export_model does it for you)"
+            )
     dtype = TORCH_DTYPES[request.precision]
     if bundle.predictor.pos_embed.dtype != dtype or bundle.predictor.pos_embed.device != device:
         raise FlowTurboError(f"load the bundle in {dtype} on {device} for a {request.precision} export "
@@ -351,6 +374,7 @@ def _build(bundle: Bundle, request: ExportRequest, root: Path, device: torch.dev
         "schedule_id": request.schedule.id,
         "variant": request.variant,
         "precision": request.precision,
+        "kernel_backend": request.kernel_backend,
         "batch": request.batch.to_dict(),
         "formats": list(request.formats),
         "model": {
@@ -388,7 +412,7 @@ def export_model(
     folder = Path(model)
     try:
         bundle = load_bundle(folder, device=request.device, dtype=TORCH_DTYPES[request.precision],
-                             kernel_backend="reference")
+                             kernel_backend=request.kernel_backend)
     except CheckpointError:
         raise
     return export_bundle(bundle, request, out, source=str(folder), command=command, overwrite=overwrite)

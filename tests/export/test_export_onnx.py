@@ -18,6 +18,7 @@ from flowturbo.errors import CheckpointError, FlowTurboError, SamplingError
 from flowturbo.export.manifest import MANIFEST_FILE, sha256_file
 from flowturbo.export.pipeline import ExportRequest, example_inputs, export_bundle
 from flowturbo.export.specs import BatchProfile
+from flowturbo.kernels import KernelBackend
 from flowturbo.runtime.artifacts import load_artifacts
 from flowturbo.runtime.onnx_backend import OnnxRuntimeSampler
 from flowturbo.schedule import SamplingSchedule
@@ -234,3 +235,20 @@ def test_example_inputs_follow_spec(exported):
     inputs = example_inputs(ModuleSpec.from_dict(spec), 3, NUM_CLASSES)
     assert inputs["latents"].shape == (3, 3, 6, 6) and inputs["labels"].dtype == torch.int64
     assert bool((inputs["t"] > 0).all() and (inputs["t"] < 1).all()) and inputs["v"].abs().sum() > 0
+
+
+def test_triton_kernels_only_go_into_cuda_aoti_packages(bundle):
+    """--kernels triton: AOTInductor CUDA packages only (ONNX/TensorRT need standard ops; CPU packages use the
+    reference ops); a bundle loaded with other kernels than the request's is refused."""
+    with pytest.raises(FlowTurboError, match="AOTInductor packages only"):
+        ExportRequest(SCHEDULE, PROFILE, ("onnx", "aoti"), "fp32", "time-input", device="cuda", kernel_backend="triton")
+    with pytest.raises(FlowTurboError, match="needs --device cuda"):
+        ExportRequest(SCHEDULE, PROFILE, ("aoti",), "fp32", "time-input", device="cpu", kernel_backend="triton")
+    with pytest.raises(FlowTurboError, match="unknown kernel backend|kernel"):
+        ExportRequest(SCHEDULE, PROFILE, ("aoti",), "fp32", kernel_backend="cuda-graphs")
+    request = ExportRequest(SCHEDULE, PROFILE, ("onnx",), "fp32")
+    assert request.key_fields()["kernel_backend"] == "reference"
+    triton_bundle = micro_bundle()
+    triton_bundle.predictor.kernel_backend = KernelBackend.TRITON
+    with pytest.raises(FlowTurboError, match="runs the 'triton' kernels but the export asks for 'reference'"):
+        export_bundle(triton_bundle, request, "/nonexistent/never-written")

@@ -216,3 +216,18 @@ def test_cuda_graph_replay_equals_step_by_step(bundle, tmp_path):
     torch.testing.assert_close(again["images"], want["images"], **tol("sampler_fp32"))
     profiled = graph.profile_batch([4, 0, 2], seed=1, warmup=1, repeats=1)  # CUDA events per step
     assert len(profiled["steps"]) == EXPORTED.num_steps and all(s["ms"] > 0 for s in profiled["steps"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
+def test_cuda_package_with_our_triton_kernels_equals_reference(bundle, tmp_path):
+    triton_bundle = _micro_bundle()
+    for model in (triton_bundle.predictor, triton_bundle.refiner, triton_bundle.decoder):
+        model.cuda()
+    triton_bundle.predictor.set_kernel_backend("triton"), triton_bundle.refiner.set_kernel_backend("triton")
+    out = tmp_path / "cuda-triton"
+    request = ExportRequest(EXPORTED, PROFILE, ("aoti",), "fp32", "time-input", device="cuda", kernel_backend="triton")
+    manifest = export_bundle(triton_bundle, request, out).manifest
+    assert manifest["kernel_backend"] == "triton"
+    samples = CppSampler.from_artifacts(out, device="cuda").sample(CLASSES[3], seed=2)
+    torch.testing.assert_close(samples.images, _reference(bundle, EXPORTED, CLASSES[3], 2), **tol("model_fp32"))
