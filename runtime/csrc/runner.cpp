@@ -87,6 +87,9 @@ struct ScheduleRunner::BatchState {
   int64_t batch = 0;
   at::Tensor labels;                  // (b,) int64 on the device
   std::vector<at::Tensor> times;      // per grid index: (b,) float32 filled with t_k (time-input graphs)
+  // Solver state, (b, C, H, W) each: the latents, the predicted point x + h d, a scratch for h d and the
+  // update, and two buffers for a refiner step's d (ping-pong: the incoming v may be the previous step's d).
+  at::Tensor x, x_pred, scratch, refined_a, refined_b;
 #ifdef FLOWTURBO_WITH_CUDA
   std::unique_ptr<at::cuda::CUDAGraph> graph;
   at::Tensor static_noise;                 // graph input (labels: `labels` above)
@@ -233,6 +236,12 @@ ScheduleRunner::BatchState& ScheduleRunner::state_for(int64_t batch) {
   state->labels = at::empty({batch}, at::TensorOptions().dtype(at::kLong).device(device_));
   const auto float_options = at::TensorOptions().dtype(at::kFloat).device(device_);
   for (double t : manifest_.schedule.timesteps) state->times.push_back(at::full({batch}, t, float_options));
+  std::vector<int64_t> latent{batch};
+  latent.insert(latent.end(), manifest_.latent_shape.begin(), manifest_.latent_shape.end());
+  const auto latent_options = at::TensorOptions().dtype(dtype_).device(device_);
+  for (at::Tensor* buffer : {&state->x, &state->x_pred, &state->scratch, &state->refined_a, &state->refined_b}) {
+    *buffer = at::empty(latent, latent_options);
+  }
   auto& ref = *state;
   states_.emplace(batch, std::move(state));
   return ref;
@@ -286,8 +295,14 @@ at::Tensor ScheduleRunner::integrate(const at::Tensor& noise, BatchState& state,
   const Schedule& schedule = manifest_.schedule;
   const auto& times = schedule.timesteps;
   const auto calls = schedule.step_calls();
-  at::Tensor x = noise;  // (b, C, H, W)
-  at::Tensor carried;    // undefined: nothing carried
+  // Every update writes into the batch's preallocated buffers with the same ops, in the same order, as the
+  // Python loop (h * d first, then the add), so both give the same bits on the same engines. Engine outputs
+  // are fresh tensors from the engine (AOTInductor allocates them; TensorRT hands out its own buffers).
+  at::Tensor& x = state.x;  // (b, C, H, W)
+  at::Tensor& x_pred = state.x_pred;
+  at::Tensor& scratch = state.scratch;
+  x.copy_(noise);
+  at::Tensor carried;  // undefined: nothing carried
 #ifdef FLOWTURBO_WITH_CUDA
   std::vector<at::cuda::CUDAEvent> events;
   const bool cuda_events = steps != nullptr && device_.is_cuda();
@@ -302,18 +317,29 @@ at::Tensor ScheduleRunner::integrate(const at::Tensor& noise, BatchState& state,
     StepRange range("step " + std::to_string(k) + " " + static_cast<char>(kind), device_.is_cuda());
     const auto started = Clock::now();
     if (kind == StepKind::Euler) {
-      x = x + velocity(x, k, state) * h;
+      at::mul_out(scratch, velocity(x, k, state), h);  // x <- x + h v
+      x.add_(scratch);
       carried = at::Tensor();
     } else if (kind == StepKind::Refiner) {
       const at::Tensor v = carried;  // schedule validation guarantees a carried velocity
-      const at::Tensor d = v + offset(x, v, k, state);
-      const at::Tensor d_next = d + offset(x + d * h, v, k + 1, state);
-      x = x + (d + d_next) * (0.5 * h);
+      at::Tensor& d = v.is_same(state.refined_a) ? state.refined_b : state.refined_a;
+      at::add_out(d, v, offset(x, v, k, state));  // d = v + r(x, t_k, v)
+      at::mul_out(scratch, d, h);
+      at::add_out(x_pred, x, scratch);  // x + h d
+      at::Tensor d_next = offset(x_pred, v, k + 1, state);
+      d_next.add_(d);  // d' = d + r(x + h d, t_k+1, v)   (a + b == b + a exactly)
+      at::add_out(scratch, d, d_next);
+      scratch.mul_(0.5 * h);
+      x.add_(scratch);  // x <- x + h/2 (d + d')
       carried = d;
     } else {
       const at::Tensor d = (kind == StepKind::Pseudo && carried.defined()) ? carried : velocity(x, k, state);
-      const at::Tensor d_next = velocity(x + d * h, k + 1, state);
-      x = x + (d + d_next) * (0.5 * h);
+      at::mul_out(scratch, d, h);
+      at::add_out(x_pred, x, scratch);  // x + h d
+      const at::Tensor d_next = velocity(x_pred, k + 1, state);
+      at::add_out(scratch, d, d_next);
+      scratch.mul_(0.5 * h);
+      x.add_(scratch);  // x <- x + h/2 (d + d')
       carried = d_next;
     }
     if (check_each_step && !at::isfinite(x).all().item<bool>()) {
@@ -349,7 +375,7 @@ at::Tensor ScheduleRunner::integrate(const at::Tensor& noise, BatchState& state,
     for (size_t k = 0; k < steps->size(); ++k) (*steps)[k].ms = events[k].elapsed_time(events[k + 1]);
   }
 #endif
-  return x;
+  return x.clone();  // the caller keeps the latents; the state buffer is reused by the next batch
 }
 
 std::vector<at::Tensor> ScheduleRunner::forward(const at::Tensor& noise, BatchState& state) {
