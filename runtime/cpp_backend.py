@@ -62,7 +62,7 @@ class CppSampler:
     backend = "cpp"
 
     def __init__(self, artifacts: ArtifactSet, *, device: str | None = None, engine_format: str = "aoti",
-                 cuda_graph: bool = True) -> None:
+                 cuda_graph: bool = True, reuse_engine_buffers: bool = False) -> None:
         runner_module = _runner_module()
         built_against = runner_module.build_info()["torch_version"]
         if built_against.split("+")[0] != torch.__version__.split("+")[0]:
@@ -79,7 +79,8 @@ class CppSampler:
         self.engine_format = engine_format
         # The runner re-reads the manifest and verifies every file's SHA-256 itself.
         self.runner = runner_module.ScheduleRunner(str(artifacts.root), device=device or "", format=engine_format,
-                                                   cuda_graph=cuda_graph, verify_files=True)
+                                                   cuda_graph=cuda_graph, verify_files=True,
+                                                   reuse_engine_buffers=reuse_engine_buffers)
         if self.runner.schedule_id != self.schedule.id:
             raise FlowTurboError("the C++ runner and Python read different schedules from the manifest (bug)")
 

@@ -45,6 +45,9 @@ class ModuleEngine {
   // Whether run() may be recorded into a CUDA graph (same buffers, no host sync, no allocation
   // outside the capture's private pool).
   virtual bool capturable() const = 0;
+  // False when run() returns the engine's own buffers (overwritten by its next run, e.g. TensorRT's
+  // preallocated outputs); the runner then copies what must outlive the next call.
+  virtual bool returns_fresh_outputs() const { return true; }
   virtual std::string describe() const = 0;
 };
 

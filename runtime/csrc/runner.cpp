@@ -55,6 +55,29 @@ struct StepRange {
   bool on_;
 };
 
+// Hands out one cached set of output buffers per batch size, overwritten by every call (see
+// RunnerOptions::reuse_engine_buffers): the TensorRT engine's contract, on any engine.
+class BufferReusingEngine final : public ModuleEngine {
+ public:
+  explicit BufferReusingEngine(std::unique_ptr<ModuleEngine> inner) : inner_(std::move(inner)) {}
+  std::vector<at::Tensor> run(const std::vector<at::Tensor>& inputs) override {
+    std::vector<at::Tensor> fresh = inner_->run(inputs);
+    auto& cached = buffers_[fresh.at(0).size(0)];
+    if (cached.empty()) {
+      for (const auto& t : fresh) cached.push_back(at::empty_like(t));
+    }
+    for (size_t j = 0; j < fresh.size(); ++j) cached[j].copy_(fresh[j]);
+    return cached;
+  }
+  bool capturable() const override { return inner_->capturable(); }
+  bool returns_fresh_outputs() const override { return false; }
+  std::string describe() const override { return inner_->describe() + " (reused output buffers)"; }
+
+ private:
+  std::unique_ptr<ModuleEngine> inner_;
+  std::map<int64_t, std::vector<at::Tensor>> buffers_;
+};
+
 }  // namespace
 
 bool built_with_cuda() {
@@ -88,8 +111,10 @@ struct ScheduleRunner::BatchState {
   at::Tensor labels;                  // (b,) int64 on the device
   std::vector<at::Tensor> times;      // per grid index: (b,) float32 filled with t_k (time-input graphs)
   // Solver state, (b, C, H, W) each: the latents, the predicted point x + h d, a scratch for h d and the
-  // update, and two buffers for a refiner step's d (ping-pong: the incoming v may be the previous step's d).
-  at::Tensor x, x_pred, scratch, refined_a, refined_b;
+  // update, two buffers for the predictor's d / d' and two for a refiner step's d (ping-pong: the carried
+  // velocity must survive the step that replaces it). Engine outputs are copied into these because an
+  // engine may hand out its own buffers, which its next call overwrites (TensorRT).
+  at::Tensor x, x_pred, scratch, velocity_a, velocity_b, refined_a, refined_b;
 #ifdef FLOWTURBO_WITH_CUDA
   std::unique_ptr<at::cuda::CUDAGraph> graph;
   at::Tensor static_noise;                 // graph input (labels: `labels` above)
@@ -155,6 +180,7 @@ ScheduleRunner::ScheduleRunner(const std::string& artifacts_dir, const RunnerOpt
     if (options.format == "tensorrt") engine = make_tensorrt_engine(spec, device_);
 #endif
     if (!engine) engine = make_aoti_engine(spec, device_);
+    if (options.reuse_engine_buffers) engine = std::make_unique<BufferReusingEngine>(std::move(engine));
     engines_->descriptions.push_back(a.role + ": " + engine->describe());
     int index = -1;
     if (a.time.has_value()) {
@@ -239,7 +265,8 @@ ScheduleRunner::BatchState& ScheduleRunner::state_for(int64_t batch) {
   std::vector<int64_t> latent{batch};
   latent.insert(latent.end(), manifest_.latent_shape.begin(), manifest_.latent_shape.end());
   const auto latent_options = at::TensorOptions().dtype(dtype_).device(device_);
-  for (at::Tensor* buffer : {&state->x, &state->x_pred, &state->scratch, &state->refined_a, &state->refined_b}) {
+  for (at::Tensor* buffer : {&state->x, &state->x_pred, &state->scratch, &state->velocity_a, &state->velocity_b,
+                             &state->refined_a, &state->refined_b}) {
     *buffer = at::empty(latent, latent_options);
   }
   auto& ref = *state;
@@ -317,26 +344,32 @@ at::Tensor ScheduleRunner::integrate(const at::Tensor& noise, BatchState& state,
     StepRange range("step " + std::to_string(k) + " " + static_cast<char>(kind), device_.is_cuda());
     const auto started = Clock::now();
     if (kind == StepKind::Euler) {
-      at::mul_out(scratch, velocity(x, k, state), h);  // x <- x + h v
+      at::mul_out(scratch, velocity(x, k, state), h);  // x <- x + h v   (v used before any other engine call)
       x.add_(scratch);
       carried = at::Tensor();
     } else if (kind == StepKind::Refiner) {
-      const at::Tensor v = carried;  // schedule validation guarantees a carried velocity
+      const at::Tensor v = carried;  // one of our buffers; schedule validation guarantees it exists
       at::Tensor& d = v.is_same(state.refined_a) ? state.refined_b : state.refined_a;
       at::add_out(d, v, offset(x, v, k, state));  // d = v + r(x, t_k, v)
       at::mul_out(scratch, d, h);
       at::add_out(x_pred, x, scratch);  // x + h d
       at::Tensor d_next = offset(x_pred, v, k + 1, state);
-      d_next.add_(d);  // d' = d + r(x + h d, t_k+1, v)   (a + b == b + a exactly)
-      at::add_out(scratch, d, d_next);
+      at::add_out(scratch, d, d_next.add_(d));  // d' = d + r(x + h d, t_k+1, v)  (a + b == b + a exactly)
       scratch.mul_(0.5 * h);
       x.add_(scratch);  // x <- x + h/2 (d + d')
       carried = d;
     } else {
-      const at::Tensor d = (kind == StepKind::Pseudo && carried.defined()) ? carried : velocity(x, k, state);
+      at::Tensor d;
+      if (kind == StepKind::Pseudo && carried.defined()) {
+        d = carried;
+      } else {
+        d = carried.defined() && carried.is_same(state.velocity_a) ? state.velocity_b : state.velocity_a;
+        d.copy_(velocity(x, k, state));
+      }
       at::mul_out(scratch, d, h);
       at::add_out(x_pred, x, scratch);  // x + h d
-      const at::Tensor d_next = velocity(x_pred, k + 1, state);
+      at::Tensor& d_next = d.is_same(state.velocity_a) ? state.velocity_b : state.velocity_a;
+      d_next.copy_(velocity(x_pred, k + 1, state));
       at::add_out(scratch, d, d_next);
       scratch.mul_(0.5 * h);
       x.add_(scratch);  // x <- x + h/2 (d + d')
@@ -379,10 +412,21 @@ at::Tensor ScheduleRunner::integrate(const at::Tensor& noise, BatchState& state,
 }
 
 std::vector<at::Tensor> ScheduleRunner::forward(const at::Tensor& noise, BatchState& state) {
-  if (engines_->unrolled) return engines_->unrolled->run({noise, state.labels});
+  if (engines_->unrolled) {
+    std::vector<at::Tensor> outputs = engines_->unrolled->run({noise, state.labels});
+    if (!engines_->unrolled->returns_fresh_outputs()) {
+      for (auto& t : outputs) t = t.clone();  // the caller keeps them past the engine's next call
+    }
+    return outputs;
+  }
   at::Tensor latents = integrate(noise, state, nullptr, false);
-  at::Tensor images = engines_->decoder->run({latents}).at(0);
+  at::Tensor images = decode(latents);
   return {images, latents};
+}
+
+at::Tensor ScheduleRunner::decode(const at::Tensor& latents) {
+  at::Tensor images = engines_->decoder->run({latents}).at(0);
+  return engines_->decoder->returns_fresh_outputs() ? images : images.clone();  // the caller keeps the images
 }
 
 void ScheduleRunner::locate_non_finite(const at::Tensor& noise, BatchState& state) {
@@ -446,7 +490,7 @@ BatchOutput ScheduleRunner::run_batch(const at::Tensor& noise_in, const at::Tens
     synchronize();
     out.sample_ms = elapsed_ms(started);
     const auto decode_started = Clock::now();
-    out.images = engines_->decoder->run({out.latents}).at(0);
+    out.images = decode(out.latents);
     synchronize();
     out.decode_ms = elapsed_ms(decode_started);
   } else if (graph_enabled()) {
@@ -501,7 +545,7 @@ BatchOutput ScheduleRunner::run_batch(const at::Tensor& noise_in, const at::Tens
       synchronize();
       out.sample_ms = elapsed_ms(started);
       const auto decode_started = Clock::now();
-      out.images = engines_->decoder->run({out.latents}).at(0);
+      out.images = decode(out.latents);
       synchronize();
       out.decode_ms = elapsed_ms(decode_started);
     }

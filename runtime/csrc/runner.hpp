@@ -22,6 +22,9 @@ struct RunnerOptions {
   std::string format = "aoti";   // which artifacts of the directory to run: "aoti" | "tensorrt"
   bool cuda_graph = true;        // capture schedule + decode once per batch size on CUDA
   bool verify_files = true;      // SHA-256 of every file before loading
+  // Testing aid: wrap every engine so that run() hands out buffers its next call overwrites (TensorRT's
+  // contract), to check on CPU that the runner copies whatever must outlive an engine call.
+  bool reuse_engine_buffers = false;
 };
 
 struct StepRecord {
@@ -73,6 +76,7 @@ class ScheduleRunner {
   at::Tensor integrate(const at::Tensor& noise, BatchState& state, std::vector<StepRecord>* steps,
                        bool check_each_step);
   std::vector<at::Tensor> forward(const at::Tensor& noise, BatchState& state);  // {images, latents}
+  at::Tensor decode(const at::Tensor& latents);  // images the caller may keep
   at::Tensor velocity(const at::Tensor& x, int time_index, BatchState& state);
   at::Tensor offset(const at::Tensor& x, const at::Tensor& v, int time_index, BatchState& state);
   void locate_non_finite(const at::Tensor& noise, BatchState& state);

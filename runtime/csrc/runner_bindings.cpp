@@ -93,17 +93,18 @@ PYBIND11_MODULE(_runner, m) {
 
   py::class_<ScheduleRunner>(m, "ScheduleRunner")
       .def(py::init([](const std::string& artifacts, const std::string& device, const std::string& format,
-                       bool cuda_graph, bool verify_files) {
+                       bool cuda_graph, bool verify_files, bool reuse_engine_buffers) {
              RunnerOptions options;
              options.device = device;
              options.format = format;
              options.cuda_graph = cuda_graph;
              options.verify_files = verify_files;
+             options.reuse_engine_buffers = reuse_engine_buffers;
              py::gil_scoped_release release;
              return std::make_unique<ScheduleRunner>(artifacts, options);
            }),
            py::arg("artifacts"), py::arg("device") = "", py::arg("format") = "aoti", py::arg("cuda_graph") = true,
-           py::arg("verify_files") = true)
+           py::arg("verify_files") = true, py::arg("reuse_engine_buffers") = false)
       .def_property_readonly("device", [](const ScheduleRunner& r) { return r.device().str(); })
       .def_property_readonly("schedule_json", [](const ScheduleRunner& r) { return r.manifest().schedule.describe_json(); })
       .def_property_readonly("schedule_id", [](const ScheduleRunner& r) { return r.manifest().schedule_id; })

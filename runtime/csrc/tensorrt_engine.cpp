@@ -167,6 +167,7 @@ class TensorRTEngine final : public ModuleEngine {
   // enqueue after a shape change does deferred, non-capturable work). The runner's warm-up run is that call,
   // and it also allocates this batch's output buffers, so the captured run allocates nothing.
   bool capturable() const override { return true; }
+  bool returns_fresh_outputs() const override { return false; }  // the cached buffers of buffers()
 
   std::string describe() const override { return "tensorrt " + spec_.file; }
 

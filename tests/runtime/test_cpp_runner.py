@@ -113,6 +113,21 @@ def test_runner_loop_is_bit_identical_to_the_python_loop(exported):
     assert torch.equal(got, want)
 
 
+def test_engines_that_reuse_their_output_buffers_give_the_same_images(exported):
+    """TensorRT engines hand out buffers their next call overwrites; the runner must copy what it keeps
+    (the carried velocity, d across the d' call, the images). Simulated on CPU by wrapping the AOTI engines."""
+    classes = [1, 3, 0]
+    want = CppSampler.from_artifacts(exported).sample(classes, seed=6).images
+    reusing = CppSampler.from_artifacts(exported, reuse_engine_buffers=True)
+    assert all("(reused output buffers)" in e for e in reusing.runner.engines)
+    assert torch.equal(reusing.sample(classes, seed=6).images, want)
+    noise = reusing.make_noise(3, 6)
+    first = reusing.run_batch(noise, torch.tensor(classes))
+    kept = first["images"].clone()
+    second = reusing.run_batch(reusing.make_noise(3, 1), torch.tensor([2, 2, 2]))  # same engines, same batch
+    assert torch.equal(first["images"], kept) and not torch.equal(second["images"], kept)
+
+
 def test_more_images_than_the_profile_are_split(bundle, exported):
     sampler = CppSampler.from_artifacts(exported)
     classes = [0, 1, 2, 3, 4, 0]  # 6 > max 4: batches of 4 + 2, same noise as one draw of 6
