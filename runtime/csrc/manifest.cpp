@@ -1,6 +1,6 @@
 #include "manifest.hpp"
 
-#include <openssl/evp.h>
+#include "sha256.hpp"
 
 #include <filesystem>
 #include <fstream>
@@ -38,31 +38,6 @@ std::vector<TensorInfo> read_tensors(const json& list) {
 }
 
 }  // namespace
-
-std::string sha256_file(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw ManifestError("cannot open " + path);
-  std::unique_ptr<EVP_MD_CTX, decltype(&EVP_MD_CTX_free)> ctx(EVP_MD_CTX_new(), EVP_MD_CTX_free);
-  if (!ctx || EVP_DigestInit_ex(ctx.get(), EVP_sha256(), nullptr) != 1) throw std::runtime_error("OpenSSL init failed");
-  std::vector<char> buffer(1 << 20);
-  while (in) {
-    in.read(buffer.data(), static_cast<std::streamsize>(buffer.size()));
-    const auto got = in.gcount();
-    if (got > 0 && EVP_DigestUpdate(ctx.get(), buffer.data(), static_cast<size_t>(got)) != 1) {
-      throw std::runtime_error("OpenSSL SHA-256 update failed");
-    }
-  }
-  unsigned char digest[EVP_MAX_MD_SIZE];
-  unsigned int length = 0;
-  if (EVP_DigestFinal_ex(ctx.get(), digest, &length) != 1) throw std::runtime_error("OpenSSL SHA-256 failed");
-  static const char* hex = "0123456789abcdef";
-  std::string out;
-  for (unsigned int i = 0; i < length; ++i) {
-    out += hex[digest[i] >> 4];
-    out += hex[digest[i] & 15];
-  }
-  return out;
-}
 
 std::vector<ArtifactInfo> Manifest::of_format(const std::string& format) const {
   std::vector<ArtifactInfo> found;
@@ -165,7 +140,13 @@ Manifest load_manifest(const std::string& root_text, bool verify_files) {
       throw ManifestError(file.string() + " has " + std::to_string(size) + " bytes but the manifest records " +
                           std::to_string(want_size) + " (truncated or replaced); " + kReexport);
     }
-    if (sha256_file(file.string()) != it.value().value("sha256", std::string())) {
+    std::string digest;
+    try {
+      digest = sha256_file(file.string());
+    } catch (const std::runtime_error& exc) {
+      throw ManifestError(exc.what());
+    }
+    if (digest != it.value().value("sha256", std::string())) {
       throw ManifestError(file.string() + " does not match its SHA-256 in the manifest (corrupted or modified); " +
                           kReexport);
     }

@@ -63,7 +63,4 @@ struct Manifest {
 // Reads <root>/manifest.json; verifies every listed file (size + SHA-256) when verify_files.
 Manifest load_manifest(const std::string& root, bool verify_files = true);
 
-// Lower-case hex SHA-256 of a file's bytes (streamed).
-std::string sha256_file(const std::string& path);
-
 }  // namespace flowturbo

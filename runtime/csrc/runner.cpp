@@ -97,11 +97,29 @@ bool built_with_tensorrt() {
 }
 
 // ----------------------------------------------------------------------------------------- engines
+// The predictor's or the refiner's graphs: one time-input graph (key -1) or per-step graphs keyed by the index
+// of their folded time in the schedule's grid, each with its input names in spec order.
+struct StepEngines {
+  struct Graph {
+    std::unique_ptr<ModuleEngine> engine;
+    std::vector<std::string> inputs;
+  };
+  const char* role;
+  std::map<int, Graph> by_time;
+
+  const Graph& at(int time_index, const Schedule& schedule) const {
+    auto found = by_time.find(by_time.count(-1) ? -1 : time_index);
+    if (found == by_time.end()) {
+      throw RunnerError(RunnerError::Kind::kCheckpoint,
+                        std::string("the export has no ") + role + " graph for t=" +
+                            time_text(schedule.timesteps[time_index]) + "; it was built for another schedule");
+    }
+    return found->second;
+  }
+};
+
 struct ScheduleRunner::Engines {
-  // Time-input graphs are stored under index -1; per-step graphs under the index of their time in the
-  // schedule's grid.
-  std::map<int, std::unique_ptr<ModuleEngine>> predictor, refiner;
-  std::map<int, std::vector<std::string>> predictor_inputs, refiner_inputs;
+  StepEngines predictor{"predictor", {}}, refiner{"refiner", {}};
   std::unique_ptr<ModuleEngine> decoder, unrolled;
   std::vector<std::string> descriptions;
 };
@@ -194,11 +212,9 @@ ScheduleRunner::ScheduleRunner(const std::string& artifacts_dir, const RunnerOpt
       }
     }
     if (a.role == "predictor") {
-      engines_->predictor_inputs[index] = spec.input_names;
-      engines_->predictor[index] = std::move(engine);
+      engines_->predictor.by_time[index] = {std::move(engine), spec.input_names};
     } else if (a.role == "refiner") {
-      engines_->refiner_inputs[index] = spec.input_names;
-      engines_->refiner[index] = std::move(engine);
+      engines_->refiner.by_time[index] = {std::move(engine), spec.input_names};
     } else if (a.role == "decoder") {
       engines_->decoder = std::move(engine);
     } else if (a.role == "unrolled") {
@@ -209,10 +225,10 @@ ScheduleRunner::ScheduleRunner(const std::string& artifacts_dir, const RunnerOpt
   }
   if (!engines_->unrolled) {
     if (!engines_->decoder) throw RunnerError(RunnerError::Kind::kCheckpoint, manifest_.root + " has no decoder; re-export");
-    if (engines_->predictor.empty()) {
+    if (engines_->predictor.by_time.empty()) {
       throw RunnerError(RunnerError::Kind::kCheckpoint, manifest_.root + " has no predictor graph; re-export");
     }
-    if (manifest_.schedule.uses_refiner() && engines_->refiner.empty()) {
+    if (manifest_.schedule.uses_refiner() && engines_->refiner.by_time.empty()) {
       throw RunnerError(RunnerError::Kind::kCheckpoint,
                         "schedule " + manifest_.schedule.notation() + " has R steps but " + manifest_.root +
                             " has no refiner graph; re-export");
@@ -223,8 +239,9 @@ ScheduleRunner::ScheduleRunner(const std::string& artifacts_dir, const RunnerOpt
       graph_fallback_reason_ = "CUDA-graph capture disabled by the caller";
     } else {
       bool all = true;
-      for (const auto& [_, e] : engines_->predictor) all = all && e->capturable();
-      for (const auto& [_, e] : engines_->refiner) all = all && e->capturable();
+      for (const auto* table : {&engines_->predictor, &engines_->refiner}) {
+        for (const auto& [_, graph] : table->by_time) all = all && graph.engine->capturable();
+      }
       if (engines_->decoder) all = all && engines_->decoder->capturable();
       if (engines_->unrolled) all = all && engines_->unrolled->capturable();
       if (!all) graph_fallback_reason_ = "an engine cannot be captured into a CUDA graph; running step by step";
@@ -293,28 +310,13 @@ at::Tensor call_engine(ModuleEngine& engine, const std::vector<std::string>& nam
 }  // namespace
 
 at::Tensor ScheduleRunner::velocity(const at::Tensor& x, int time_index, BatchState& state) {
-  auto& engines = engines_->predictor;
-  int key = engines.count(-1) ? -1 : time_index;
-  auto found = engines.find(key);
-  if (found == engines.end()) {
-    throw RunnerError(RunnerError::Kind::kCheckpoint,
-                      "the export has no predictor graph for t=" + time_text(manifest_.schedule.timesteps[time_index]) +
-                          "; it was built for another schedule");
-  }
-  return call_engine(*found->second, engines_->predictor_inputs[key], x, nullptr, state.times[time_index],
-                     state.labels);
+  const auto& graph = engines_->predictor.at(time_index, manifest_.schedule);
+  return call_engine(*graph.engine, graph.inputs, x, nullptr, state.times[time_index], state.labels);
 }
 
 at::Tensor ScheduleRunner::offset(const at::Tensor& x, const at::Tensor& v, int time_index, BatchState& state) {
-  auto& engines = engines_->refiner;
-  int key = engines.count(-1) ? -1 : time_index;
-  auto found = engines.find(key);
-  if (found == engines.end()) {
-    throw RunnerError(RunnerError::Kind::kCheckpoint,
-                      "the export has no refiner graph for t=" + time_text(manifest_.schedule.timesteps[time_index]) +
-                          "; it was built for another schedule");
-  }
-  return call_engine(*found->second, engines_->refiner_inputs[key], x, &v, state.times[time_index], state.labels);
+  const auto& graph = engines_->refiner.at(time_index, manifest_.schedule);
+  return call_engine(*graph.engine, graph.inputs, x, &v, state.times[time_index], state.labels);
 }
 
 at::Tensor ScheduleRunner::integrate(const at::Tensor& noise, BatchState& state, std::vector<StepRecord>* steps,

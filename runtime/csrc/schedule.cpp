@@ -1,6 +1,6 @@
 #include "schedule.hpp"
 
-#include <openssl/evp.h>
+#include "sha256.hpp"
 
 #include <charconv>
 #include <cmath>
@@ -42,21 +42,6 @@ std::string py_str_repr(const std::string& s) {
     else out += c;
   }
   out += quote;
-  return out;
-}
-
-std::string sha256_hex(const std::string& data) {
-  unsigned char digest[EVP_MAX_MD_SIZE];
-  unsigned int length = 0;
-  if (EVP_Digest(data.data(), data.size(), digest, &length, EVP_sha256(), nullptr) != 1) {
-    throw std::runtime_error("OpenSSL SHA-256 failed");
-  }
-  static const char* hex = "0123456789abcdef";
-  std::string out;
-  for (unsigned int i = 0; i < length; ++i) {
-    out += hex[digest[i] >> 4];
-    out += hex[digest[i] & 15];
-  }
   return out;
 }
 
