@@ -16,7 +16,7 @@ from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
-from flowturbo.errors import CheckpointError, SamplingError
+from flowturbo.errors import CheckpointError, FlowTurboError, SamplingError
 from flowturbo.schedule import SamplingSchedule
 
 EXPORT_FORMAT = "flowturbo.export/1"
@@ -102,6 +102,27 @@ class ArtifactSet:
                 f"use --batch between {low} and {high}, or re-export with --batch {min(low, batch)}:{opt}:{max(high, batch)}"
             )
 
+
+    def check_schedule(self, schedule: SamplingSchedule | None) -> None:
+        """Refuse a request for another schedule than the exported one (None: the exported one)."""
+        exported = self.schedule
+        if schedule is not None and schedule.id != exported.id:
+            raise SamplingError(
+                f"these artifacts were exported for schedule {exported} (id {exported.id}), not "
+                f"{schedule} (id {schedule.id}); re-export with `flowturbo export --schedule {schedule.notation}`"
+            )
+
+    def batch_size_for(self, num_images: int, batch_size: int | None) -> int:
+        """Images per batch for ``num_images`` (default: the profile's max); every batch must fit the profile.
+
+        Checked for all batches before anything runs.
+        """
+        batch = min(num_images, self.batch[2]) if batch_size is None else int(batch_size)
+        if batch < 1:
+            raise FlowTurboError(f"batch size must be >= 1, got {batch_size}")
+        for start in range(0, num_images, batch):
+            self.check_batch(min(batch, num_images - start))
+        return batch
 
     def check_classes(self, labels: Sequence[int]) -> None:
         """Refuse class ids outside ``[0, num_classes)`` of the exported model, naming the first few."""

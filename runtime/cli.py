@@ -19,6 +19,7 @@ from typing import Any
 
 from flowturbo import __version__
 from flowturbo.errors import FlowTurboError
+from flowturbo.runtime.backends import EXPORTED_BACKENDS
 
 CLASSIFIER_SUBDIR = "classifier"  # a bundle's domain classifier for `flowturbo eval --features domain`
 
@@ -90,7 +91,7 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.add_argument_group("exported artifacts (instead of --model)")
     a.add_argument("--artifacts", default=None, help="export directory made by `flowturbo export` (schedule fixed there)")
-    a.add_argument("--backend", default="pytorch", choices=["pytorch", "onnxruntime", "aoti", "tensorrt", "cpp"],
+    a.add_argument("--backend", default="pytorch", choices=["pytorch", *EXPORTED_BACKENDS],
                    help="pytorch (default) runs the model eagerly; the others need --artifacts (cpp: the C++ "
                         "runner over the AOTInductor packages)")
     a.add_argument("--threads", type=int, default=None,
@@ -181,7 +182,7 @@ def _run_sample_exported(args: argparse.Namespace) -> int:
         raise FlowTurboError("use --artifacts DIR together with --backend onnxruntime|aoti|tensorrt|cpp")
     if args.model or args.predictor:
         raise FlowTurboError("--artifacts already holds the model; drop --model/--predictor")
-    from flowturbo.runtime.sampler import Sampler
+    from flowturbo.runtime.backends import load_exported_sampler
 
     if args.threads is not None:
         if args.threads < 1:
@@ -189,7 +190,7 @@ def _run_sample_exported(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     t_load = time.perf_counter()
     device = None if args.device == "auto" else args.device
-    sampler = Sampler.from_artifacts(args.artifacts, backend=args.backend, device=device, threads=args.threads)
+    sampler = load_exported_sampler(args.artifacts, args.backend, device=device, threads=args.threads)
     load_s = time.perf_counter() - t_load
     base, schedule = sampler.schedule, None
     if args.schedule or args.cfg is not None or args.guidance_channels is not None:  # must equal the exported one

@@ -120,28 +120,17 @@ class CppSampler:
         out["latents"] = torch.from_dlpack(out["latents"])
         return out
 
-    def _check_schedule(self, schedule: SamplingSchedule | None) -> None:
-        if schedule is not None and schedule.id != self.schedule.id:
-            raise SamplingError(
-                f"these artifacts were exported for schedule {self.schedule} (id {self.schedule.id}), not "
-                f"{schedule} (id {schedule.id}); re-export with `flowturbo export --schedule {schedule.notation}`"
-            )
-
     @torch.inference_mode()
     def sample(self, classes: Sequence[int], *, schedule: SamplingSchedule | None = None, seed: int = 0,
                batch_size: int | None = None, progress: bool = False) -> Samples:
         """One image per class id (the schedule is the exported one); ``progress`` is accepted for API parity."""
-        self._check_schedule(schedule)
+        self.artifacts.check_schedule(schedule)
         classes = [int(c) for c in classes]
         if not classes:
             raise SamplingError("no classes given: pass at least one class id")
         self.artifacts.check_classes(classes)
         n = len(classes)
-        batch = min(n, self.artifacts.batch[2]) if batch_size is None else int(batch_size)
-        if batch < 1:
-            raise FlowTurboError(f"batch size must be >= 1, got {batch_size}")
-        for start in range(0, n, batch):  # refuse before computing anything
-            self.artifacts.check_batch(min(batch, n - start))
+        batch = self.artifacts.batch_size_for(n, batch_size)  # refuses before computing anything
         labels = torch.tensor(classes, dtype=torch.long)
         noise = self.make_noise(n, seed)  # (N, C, H, W)
         images, sample_ms, decode_ms = [], 0.0, 0.0

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +12,7 @@ import torch
 from PIL import Image
 
 from flowturbo.errors import FlowTurboError
+from flowturbo.runtime.output_folder import check_output_folder, staged_output_folder
 
 RUN_RECORD = "run.json"
 
@@ -58,31 +56,14 @@ def write_sample_folder(
     Everything goes into a temporary sibling folder first, which replaces ``out_dir`` only when complete.
     An existing ``out_dir`` is replaced only when it is empty or a previous flowturbo output (has run.json).
     """
-    out = Path(out_dir)
-    if out.exists():
-        if not out.is_dir():
-            raise FlowTurboError(f"--out {out} exists and is not a folder")
-        if any(out.iterdir()) and not (out / RUN_RECORD).is_file():
-            raise FlowTurboError(f"--out {out} is a non-empty folder that is not a flowturbo output; choose another")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    out = check_output_folder(out_dir, RUN_RECORD, "flowturbo output")
+    with staged_output_folder(out) as staging:
         _png(make_grid(images), staging / "grid.png", grid_scale)
         width = len(str(max(len(images) - 1, 0)))
         for i, (image, label) in enumerate(zip(images, labels)):
             name = class_names[label].replace("/", "-").replace(" ", "_") if class_names else f"class{label}"
             _png(image, staging / f"{i:0{width}d}_{name}.png")
         (staging / RUN_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(staging, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return out
 
 

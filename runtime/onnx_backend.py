@@ -191,25 +191,13 @@ class ExportedSampler:
         Batches hold at most ``batch_size`` images (default: the profile's max) and must fit the exported
         batch profile. ``progress`` is accepted for API compatibility.
         """
-        if schedule is not None and schedule.id != self.schedule.id:
-            raise SamplingError(
-                f"these artifacts were exported for schedule {self.schedule} (id {self.schedule.id}), not "
-                f"{schedule} (id {schedule.id}); re-export with `flowturbo export --schedule {schedule.notation}`"
-            )
+        self.artifacts.check_schedule(schedule)
         labels = torch.as_tensor(list(classes), dtype=torch.long)
         n = labels.shape[0]
         if n == 0:
             raise SamplingError("no classes given: pass at least one class id")
-        if int(labels.min()) < 0 or int(labels.max()) >= self.num_classes:
-            bad = labels[(labels < 0) | (labels >= self.num_classes)].tolist()
-            raise SamplingError(f"class ids {bad[:5]} are outside [0, {self.num_classes}); "
-                                f"this model has {self.num_classes} classes")
-        low, _, high = self.artifacts.batch
-        batch = min(n, high) if batch_size is None else int(batch_size)
-        if batch < 1:
-            raise FlowTurboError(f"batch size must be >= 1, got {batch_size}")
-        for start in range(0, n, batch):  # refuse before computing anything
-            self.artifacts.check_batch(min(batch, n - start))
+        self.artifacts.check_classes(labels.tolist())
+        batch = self.artifacts.batch_size_for(n, batch_size)  # refuses before computing anything
         noise = make_noise(n, self.latent_shape, seed, self.dtype)  # (N, C, H, W)
         images, sample_s, decode_s = [], 0.0, 0.0
         for start in range(0, n, batch):

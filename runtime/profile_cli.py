@@ -14,9 +14,9 @@ from pathlib import Path
 from typing import Any
 
 from flowturbo.errors import FlowTurboError
+from flowturbo.runtime.backends import EXPORTED_BACKENDS
 
-BACKENDS = ("pytorch", "onnxruntime", "aoti", "tensorrt", "cpp")
-EXPORTED_BACKENDS = ("onnxruntime", "aoti", "tensorrt", "cpp")
+BACKENDS = ("pytorch", *EXPORTED_BACKENDS)
 
 
 def add_profile_parser(sub: argparse._SubParsersAction) -> None:
@@ -97,28 +97,18 @@ def _expect_schedule(args: argparse.Namespace, exported: Any) -> None:
 def _profile_exported(args: argparse.Namespace, trace: Path | None) -> Any:
     from flowturbo.runtime.profiling import profile_exported
 
+    from flowturbo.runtime.backends import load_exported_sampler
+
     device = None if args.device == "auto" else args.device
-    if args.backend == "onnxruntime":
-        if device not in (None, "cpu"):
-            raise FlowTurboError(f"the onnxruntime backend runs on the CPU here; drop --device {args.device}")
-        from flowturbo.runtime.onnx_backend import OnnxRuntimeSampler
-
-        sampler = OnnxRuntimeSampler.from_artifacts(args.artifacts, threads=args.threads)
-    elif args.backend == "tensorrt":
-        from flowturbo.runtime.tensorrt_backend import TensorRTSampler
-
-        sampler = TensorRTSampler.from_artifacts(args.artifacts)
-    else:
-        from flowturbo.runtime.aoti_backend import AotiSampler
-
-        sampler = AotiSampler.from_artifacts(args.artifacts, device=device)
+    if args.backend == "onnxruntime" and device not in (None, "cpu"):
+        raise FlowTurboError(f"the onnxruntime backend runs on the CPU here; drop --device {args.device}")
+    sampler = load_exported_sampler(args.artifacts, args.backend, device=device, threads=args.threads)
     _expect_schedule(args, sampler.schedule)
     return profile_exported(sampler, args.batch, args.seed, args.warmup, args.repeats,
                             kernels=not args.no_kernels, kernel_trace=trace)
 
 
 def _profile_cpp(args: argparse.Namespace) -> Any:
-    from flowturbo.runtime.artifacts import load_artifacts
     from flowturbo.runtime.profiling import profile_from_runner
 
     try:
@@ -129,10 +119,8 @@ def _profile_cpp(args: argparse.Namespace) -> Any:
             "build the C++ extension (scripts/setup.sh) or use --backend onnxruntime|aoti"
         ) from None
     sampler = CppSampler.from_artifacts(args.artifacts, device=None if args.device == "auto" else args.device)
-    schedule = getattr(sampler, "schedule", None) or load_artifacts(args.artifacts, verify=False).schedule
+    schedule, num_classes = sampler.schedule, sampler.num_classes
     _expect_schedule(args, schedule)
-    num_classes = int(getattr(sampler, "num_classes", 0) or load_artifacts(args.artifacts, verify=False)
-                      .model["num_classes"])
     labels = [i % num_classes for i in range(args.batch)]
     data = sampler.profile_batch(labels, seed=args.seed, warmup=args.warmup, repeats=args.repeats)
     extra = {"source": str(args.artifacts), "seed": args.seed, "timer": "runner (C++)"}

@@ -30,7 +30,6 @@ import math
 import os
 import shutil
 import statistics
-import tempfile
 import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -39,6 +38,7 @@ from typing import Any
 import torch
 
 from flowturbo.errors import FlowTurboError
+from flowturbo.runtime.output_folder import check_output_folder, staged_output_folder
 from flowturbo.schedule import SamplingSchedule, StepKind
 
 PROFILE_FORMAT = "flowturbo.profile/1"
@@ -680,19 +680,7 @@ def plot_steps(profile: RunProfile, path: str | os.PathLike[str]) -> None:
 
 def check_out_dir(out_dir: str | os.PathLike[str]) -> Path:
     """Refuse an output path that is a file or a non-empty folder that is not a profile output."""
-    out = Path(out_dir)
-    if out.exists():
-        if not out.is_dir():
-            raise FlowTurboError(f"--out {out} exists and is not a folder; choose another path")
-        if any(out.iterdir()) and not (out / PROFILE_FILE).is_file():
-            raise FlowTurboError(f"--out {out} is a non-empty folder that is not a flowturbo profile; choose another")
-    return out
-
-
-def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    return check_output_folder(out_dir, PROFILE_FILE, "flowturbo profile")
 
 
 def write_profile(
@@ -704,32 +692,13 @@ def write_profile(
     existing ``out_dir`` is replaced only when it is empty or a previous profile output.
     """
     out = check_out_dir(out_dir)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; the output folder gets normal permissions
-        _atomic_write_text(staging / TRACE_FILE, json.dumps(chrome_trace(profile)) + "\n")
+    with staged_output_folder(out) as staging:
+        (staging / TRACE_FILE).write_text(json.dumps(chrome_trace(profile)) + "\n")
         plot_steps(profile, staging / CHART_FILE)
-        _atomic_write_text(staging / TABLE_FILE, describe_run(profile) + "\n" + format_table(profile) + "\n")
+        (staging / TABLE_FILE).write_text(describe_run(profile) + "\n" + format_table(profile) + "\n")
         for name, source in extra_files.items():
             shutil.move(os.fspath(source), staging / name)
-        _atomic_write_text(staging / PROFILE_FILE, json.dumps(profile.to_json(), indent=2, allow_nan=False) + "\n")
-        if out.exists():
-            aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, aside / out.name)
-            try:
-                os.replace(staging, out)
-            except BaseException:
-                os.replace(aside / out.name, out)
-                raise
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+        (staging / PROFILE_FILE).write_text(json.dumps(profile.to_json(), indent=2, allow_nan=False) + "\n")
     return out
 
 

@@ -19,6 +19,7 @@ from flowturbo.runtime.pytorch_backend import (
     make_noise,
     sample_schedule,
 )
+from flowturbo.runtime.backends import load_exported_sampler
 from flowturbo.runtime.results import Samples, StageTimes
 from tqdm.auto import tqdm
 
@@ -56,26 +57,9 @@ class Sampler:
         >>> sampler = Sampler.from_artifacts("artifacts/h1p5r3", backend="cpp")
         >>> out = sampler.sample([0, 1, 2], seed=0)   # Samples, as from a bundle
 
-        ``device`` picks cpu/cuda where the backend can choose (aoti, cpp); ``threads`` sets ONNX Runtime's
-        intra-op threads; ``expect`` lists manifest values the directory must have (e.g. ``schedule_id``).
+        See :func:`flowturbo.runtime.backends.load_exported_sampler` (the same, without importing the models).
         """
-        if backend == "onnxruntime":
-            from flowturbo.runtime.onnx_backend import OnnxRuntimeSampler
-
-            return OnnxRuntimeSampler.from_artifacts(folder, expect=expect, threads=threads)
-        if backend == "aoti":
-            from flowturbo.runtime.aoti_backend import AotiSampler
-
-            return AotiSampler.from_artifacts(folder, expect=expect, device=device)
-        if backend == "tensorrt":
-            from flowturbo.runtime.tensorrt_backend import TensorRTSampler
-
-            return TensorRTSampler.from_artifacts(folder, expect=expect)
-        if backend == "cpp":
-            from flowturbo.runtime.cpp_backend import CppSampler
-
-            return CppSampler.from_artifacts(folder, expect=expect, device=device)
-        raise FlowTurboError(f"unknown backend {backend!r} for artifacts; choose onnxruntime, aoti, tensorrt or cpp")
+        return load_exported_sampler(folder, backend, device=device, threads=threads, expect=expect)
 
     def default_schedule(self, spec: str | None = None, cfg: float | None = None,
                          guidance_channels: int | None | str = "default") -> SamplingSchedule:
