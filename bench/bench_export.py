@@ -14,13 +14,13 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import torch
 
+from bench_common import git_commit
 from flowturbo.export.pipeline import ExportRequest, export_bundle
 from flowturbo.export.specs import BatchProfile
 from flowturbo.runtime.aoti_backend import AotiSampler
@@ -32,14 +32,6 @@ from flowturbo.training.bundle import load_bundle
 from flowturbo.training.sampling import make_noise, sample_schedule
 
 WARMUP = 2
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def _median_seconds(fn, repeats: int) -> float:
@@ -88,7 +80,7 @@ def main() -> None:
     bundle = load_bundle(DEFAULT_BUNDLE_DIR)
     profile = BatchProfile(1, max(args.batches), max(args.batches))
     common = {"device": f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)",
-              "commit": _commit(), "schedule": schedule.notation, "schedule_id": schedule.id, "dtype": "fp32"}
+              "commit": git_commit(), "schedule": schedule.notation, "schedule_id": schedule.id, "dtype": "fp32"}
     rows = []
 
     def record(backend, variant, batch, seconds, build_s=None):

@@ -23,13 +23,14 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from bench_common import git_commit
 
 GUIDANCE_SCALE = 4.0
 GUIDANCE_CHANNELS = 3  # the official SiT/FlowTurbo checkpoints guide 3 of 4 latent channels
@@ -343,11 +344,7 @@ def metadata(device: str) -> dict[str, Any]:
         triton_version = triton.__version__
     except ImportError:
         triton_version = None
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                check=True, cwd=Path(__file__).resolve().parent).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = "unknown"
+    commit = git_commit()
     return dict(
         device=torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
         torch=torch.__version__, triton=triton_version, python=platform.python_version(), commit=commit,

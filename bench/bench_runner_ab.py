@@ -16,21 +16,13 @@ import argparse
 import json
 import platform
 import statistics
-import subprocess
 import time
 from pathlib import Path
 
 import torch
 
+from bench_common import git_commit
 from flowturbo.runtime.sampler import Sampler
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main() -> None:
@@ -80,7 +72,7 @@ def main() -> None:
             rows.append({"backend": name, "source": folder, "batch": batch,
                          "ms_per_image": 1000 * statistics.median(times[name]) / batch,
                          "ms_per_image_all": [1000 * t / batch for t in times[name]]})
-    common = {"device": f"cpu ({platform.machine()}, {args.threads} threads)", "commit": _commit(),
+    common = {"device": f"cpu ({platform.machine()}, {args.threads} threads)", "commit": git_commit(),
               "schedule": schedule.notation, "schedule_id": schedule.id, "rounds": args.rounds,
               "torch": torch.__version__}
     base = {r["batch"]: r["ms_per_image"] for r in rows if r["backend"] == "pytorch-eager"}

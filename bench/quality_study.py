@@ -21,7 +21,6 @@ import json
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -31,6 +30,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from bench_common import git_commit
 from flowturbo.runtime.images import to_uint8
 from flowturbo.runtime.pytorch_backend import DEFAULT_BUNDLE_DIR, TorchPipeline, load_pipeline
 from flowturbo.schedule import SamplingSchedule
@@ -157,7 +157,7 @@ def latency(args: argparse.Namespace) -> None:
         rows[method.name] = {"ms_per_image": 1000 * statistics.median(times) / b,
                              "ms_per_image_all": [1000 * t / b for t in times]}
     info = {"batch": b, "repeats": args.repeats, "device": _device_name(pipe), "torch": torch.__version__,
-            "date": datetime.date.today().isoformat(), "commit": _commit(), "methods": rows}
+            "date": datetime.date.today().isoformat(), "commit": git_commit(), "methods": rows}
     (out / "latency.json").write_text(json.dumps(info, indent=2))
 
 
@@ -275,14 +275,6 @@ def _markdown(rows: list[dict[str, Any]], gen: dict, lat: dict, args: argparse.N
         *lines,
         "",
     ])
-
-
-def _commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
-                              check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
 
 
 def main(argv: list[str] | None = None) -> int:
