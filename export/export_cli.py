@@ -57,12 +57,13 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
 
 def run_export(args: argparse.Namespace) -> int:
 
-    from flowturbo.export.pipeline import TORCH_DTYPES, ExportRequest, export_bundle
+    from flowturbo.dtypes import torch_dtype
+    from flowturbo.export.pipeline import ExportRequest, export_bundle
     from flowturbo.schedule import SamplingSchedule
     from flowturbo.training.bundle import load_bundle
 
     folder = Path(args.model) if args.model else default_model_dir()
-    bundle = load_bundle(folder, device=args.device, dtype=TORCH_DTYPES[args.precision], kernel_backend=args.kernels)
+    bundle = load_bundle(folder, device=args.device, dtype=torch_dtype(args.precision), kernel_backend=args.kernels)
     defaults = bundle.defaults
     schedule = SamplingSchedule.parse(
         args.schedule or defaults.schedule,

@@ -71,7 +71,9 @@ def exporter_sha256() -> str:
     digest = hashlib.sha256()
     here = Path(__file__).resolve().parent
     traced = ("models.py", "decoders.py", "autoencoder.py")  # the model code the graphs are traced from
-    sources = sorted(here.glob("*.py")) + [here.parent / "training" / name for name in traced]
+    loop = (here.parent / "flowturbo" / "integrator.py", here.parent / "kernels" / "solver.py",
+            here.parent / "kernels" / "adaln.py")  # the step loop and the ops traced into the graphs
+    sources = sorted(here.glob("*.py")) + [here.parent / "training" / name for name in traced] + list(loop)
     for path in sources:
         digest.update(f"{path.parent.name}/{path.name}:".encode())
         digest.update(path.read_bytes())

@@ -11,7 +11,10 @@ Three schedule specialisations (issue 5, item 2):
 * ``per-step``: one graph per distinct step time with the time embedding ``t_embedder(t)`` folded into a
   constant (``time=`` given to the step wrappers).
 * ``unrolled``: one graph for the whole schedule + decode (:class:`UnrolledSchedule`), times folded, the
-  weights shared by every step.
+  weights shared by every step; its loop is the one integrator (``flowturbo.integrator``).
+
+Velocities in and out of the step graphs follow the integrator's layout: (B, C, H, W), or (B, 2C, H, W)
+per CFG half under partial guidance in a schedule with R steps (``halves``).
 """
 
 from __future__ import annotations
@@ -20,23 +23,13 @@ import torch
 import torch.nn as nn
 
 from flowturbo.errors import FlowTurboError
-from flowturbo.schedule import SamplingSchedule, StepKind
+from flowturbo.integrator import call_times, carries_halves, integrate
+from flowturbo.kernels import SolverOps, cfg_guided_reference
+from flowturbo.schedule import SamplingSchedule
 from flowturbo.training.decoders import LatentDecoder
 from flowturbo.training.models import SiT, VelocityRefiner
 
 VARIANTS = ("time-input", "per-step", "unrolled")
-
-
-def _guide(out: torch.Tensor, batch: int, scale: float, channels: int | None) -> torch.Tensor:
-    """``u + s (c - u)`` on the first ``channels`` channels of the doubled output ``[c; u]`` (2B, C, H, W).
-
-    Slicing by ``batch`` (not ``chunk(2)``) keeps the batch axis symbolic under ``torch.export``.
-    """
-    cond, uncond = out[:batch], out[batch:]  # (B, C, H, W) each
-    guided = uncond + scale * (cond - uncond)
-    if channels is None or channels >= out.shape[1]:
-        return guided
-    return torch.cat([guided[:, :channels], cond[:, channels:]], dim=1)
 
 
 class _Transformer(nn.Module):
@@ -71,10 +64,14 @@ class _Transformer(nn.Module):
 
 
 class _GuidedStep(nn.Module):
-    """Shared CFG plumbing of the predictor and refiner steps."""
+    """Shared CFG plumbing of the predictor and refiner steps.
+
+    ``halves``: velocities in and out have the per-CFG-half layout (B, 2C, H, W) of
+    :mod:`flowturbo.integrator` (partial guidance in a schedule with R steps).
+    """
 
     def __init__(self, model: SiT | VelocityRefiner, guidance_scale: float, guidance_channels: int | None,
-                 time: float | None) -> None:
+                 time: float | None, halves: bool = False) -> None:
         super().__init__()
         self.body = _Transformer(model, time)
         self.channels = model.config.in_channels
@@ -82,6 +79,7 @@ class _GuidedStep(nn.Module):
         self.scale = float(guidance_scale)
         self.guidance_channels = guidance_channels
         self.guided = self.scale != 1.0
+        self.halves = bool(halves) and self.guided
         if self.guided and not model.y_embedder.has_null_class:
             raise FlowTurboError("guidance needs a model with a null class (class_dropout_prob > 0); export with cfg 1")
 
@@ -92,8 +90,11 @@ class _GuidedStep(nn.Module):
         return torch.cat([labels, torch.full_like(labels, self.null_label)]) if self.guided else labels
 
     def _combine(self, out: torch.Tensor, batch: int) -> torch.Tensor:
-        out = out[:, : self.channels]
-        return _guide(out, batch, self.scale, self.guidance_channels) if self.guided else out
+        """The guided velocity (B, C or 2C, H, W) from the raw doubled output: the solver ops' rule."""
+        if not self.guided:
+            return out[:, : self.channels]
+        guided = cfg_guided_reference(out, batch, self.channels, self.scale, self.guidance_channels, self.halves)
+        return guided.to(out.dtype)
 
     def time_rows(self, t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else self._double(t)[0]
@@ -103,13 +104,16 @@ class PredictorStep(_GuidedStep):
     """``(latents (B,C,H,W), t (B,), labels (B,)) -> guided velocity (B,C,H,W)``; t absent when folded."""
 
     def __init__(self, predictor: SiT, guidance_scale: float, guidance_channels: int | None = None,
-                 time: float | None = None) -> None:
-        super().__init__(predictor, guidance_scale, guidance_channels, time)
+                 time: float | None = None, halves: bool = False) -> None:
+        super().__init__(predictor, guidance_scale, guidance_channels, time, halves)
+
+    def raw(self, latents: torch.Tensor, t: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+        """The model output on the CFG-doubled batch: (M, C_out, H, W), M = 2B with guidance."""
+        (xx,) = self._double(latents)  # (M, C, H, W)
+        return self.body.run(xx, self.time_rows(t), self._labels(labels))
 
     def velocity(self, latents: torch.Tensor, t: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
-        (xx,) = self._double(latents)  # (M, C, H, W), M = 2B with guidance
-        out = self.body.run(xx, self.time_rows(t), self._labels(labels))  # (M, out, H, W)
-        return self._combine(out, latents.shape[0])
+        return self._combine(self.raw(latents, t, labels), latents.shape[0])
 
     def forward(self, latents: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.velocity(latents, t, labels)
@@ -123,16 +127,25 @@ class FoldedPredictorStep(PredictorStep):
 
 
 class RefinerStep(_GuidedStep):
-    """``(latents, v, t, labels) -> guided velocity offset (B,C,H,W)``; the refiner sees ``cat(x, v)``."""
+    """``(latents, v, t, labels) -> guided velocity offset``; the refiner sees ``cat(x, v)`` per CFG half."""
 
     def __init__(self, refiner: VelocityRefiner, guidance_scale: float, guidance_channels: int | None = None,
-                 time: float | None = None) -> None:
-        super().__init__(refiner, guidance_scale, guidance_channels, time)
+                 time: float | None = None, halves: bool = False) -> None:
+        super().__init__(refiner, guidance_scale, guidance_channels, time, halves)
+
+    def raw(self, latents: torch.Tensor, v: torch.Tensor, t: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+        """The refiner output on the CFG-doubled batch: (M, C_out, H, W); v in either velocity layout."""
+        c = self.channels
+        if not self.guided:
+            xx, vv = latents, v[:, :c]
+        elif v.shape[1] == 2 * c:  # per-half velocity: the unconditional rows see their own half
+            xx, vv = torch.cat([latents, latents]), torch.cat([v[:, :c], v[:, c:]])
+        else:
+            xx, vv = torch.cat([latents, latents]), torch.cat([v, v])
+        return self.body.run(torch.cat([xx, vv], dim=1), self.time_rows(t), self._labels(labels))
 
     def offset(self, latents: torch.Tensor, v: torch.Tensor, t: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
-        xx, vv = self._double(latents, v)  # (M, C, H, W) each
-        out = self.body.run(torch.cat([xx, vv], dim=1), self.time_rows(t), self._labels(labels))
-        return self._combine(out, latents.shape[0])
+        return self._combine(self.raw(latents, v, t, labels), latents.shape[0])
 
     def forward(self, latents: torch.Tensor, v: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.offset(latents, v, t, labels)
@@ -156,10 +169,28 @@ class DecoderStep(nn.Module):
         return self.decoder.decode(latents)
 
 
-class UnrolledSchedule(nn.Module):
-    """The whole schedule (DESIGN.md §2 E/H/P/R steps) + decode as one graph: ``(noise, labels) -> (images, latents)``.
+class _UnrolledCalls:
+    """:class:`flowturbo.integrator.ModelCalls` over the time-folded step bodies of one label batch."""
 
-    Every predictor/refiner call uses a time-folded body; the weights are shared by all steps (one copy).
+    def __init__(self, unrolled: "UnrolledSchedule", labels: torch.Tensor) -> None:
+        self.unrolled = unrolled
+        self.labels = labels
+
+    def predictor(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        u = self.unrolled
+        return u.predictor_steps[u.pred_index[t]].raw(x, None, self.labels)
+
+    def refiner(self, x: torch.Tensor, t: float, v: torch.Tensor) -> torch.Tensor:
+        u = self.unrolled
+        return u.refiner_steps[u.ref_index[t]].raw(x, v, None, self.labels)
+
+
+class UnrolledSchedule(nn.Module):
+    """The whole schedule + decode as one graph: ``(noise, labels) -> (images, latents)``.
+
+    The step loop is :func:`flowturbo.integrator.integrate` traced once, with time-folded model bodies and the
+    solver ops of the models' kernel backend (``triton``: the fused CFG + update kernels compiled into the
+    AOTInductor package); the weights are shared by all steps (one copy).
     """
 
     def __init__(self, schedule: SamplingSchedule, predictor: SiT, refiner: VelocityRefiner | None,
@@ -172,61 +203,25 @@ class UnrolledSchedule(nn.Module):
             )
         self.schedule = schedule
         scale, channels = schedule.guidance_scale, schedule.guidance_channels
-        pred_times, ref_times = step_times(schedule)
+        halves = carries_halves(schedule, predictor.config.in_channels)
+        pred_times, ref_times = call_times(schedule)
         # Step wrappers share the model modules: the exported graph holds one copy of each weight.
-        self.predictor_steps = nn.ModuleList([PredictorStep(predictor, scale, channels, t) for t in pred_times])
-        self.refiner_steps = nn.ModuleList([RefinerStep(refiner, scale, channels, t) for t in ref_times])
-        self._pred_index = {t: i for i, t in enumerate(pred_times)}
-        self._ref_index = {t: i for i, t in enumerate(ref_times)}
+        self.predictor_steps = nn.ModuleList([PredictorStep(predictor, scale, channels, t, halves) for t in pred_times])
+        self.refiner_steps = nn.ModuleList([RefinerStep(refiner, scale, channels, t, halves) for t in ref_times])
+        self.pred_index = {t: i for i, t in enumerate(pred_times)}
+        self.ref_index = {t: i for i, t in enumerate(ref_times)}
+        self.ops = SolverOps(scale, channels, halves=halves, backend=predictor.kernel_backend)
         self.decoder = decoder
 
-    def _v(self, x: torch.Tensor, t: float, labels: torch.Tensor) -> torch.Tensor:
-        return self.predictor_steps[self._pred_index[t]].velocity(x, None, labels)
-
-    def _r(self, x: torch.Tensor, v: torch.Tensor, t: float, labels: torch.Tensor) -> torch.Tensor:
-        return self.refiner_steps[self._ref_index[t]].offset(x, v, None, labels)
-
     def forward(self, noise: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = noise  # (B, C, H, W)
-        carried: torch.Tensor | None = None
-        times = self.schedule.timesteps
-        for k, kind in enumerate(self.schedule.steps):
-            t0, t1 = times[k], times[k + 1]
-            h = t1 - t0
-            if kind is StepKind.EULER:
-                x = x + h * self._v(x, t0, labels)
-                carried = None
-            elif kind is StepKind.REFINER:
-                assert carried is not None  # schedule validation guarantees a carried velocity
-                v = carried
-                d = v + self._r(x, v, t0, labels)
-                d_next = d + self._r(x + h * d, v, t1, labels)
-                x = x + 0.5 * h * (d + d_next)
-                carried = d
-            else:
-                d = carried if kind is StepKind.PSEUDO and carried is not None else self._v(x, t0, labels)
-                d_next = self._v(x + h * d, t1, labels)
-                x = x + 0.5 * h * (d + d_next)
-                carried = d_next
-        return self.decoder.decode(x), x
+        result = integrate(self.schedule, noise, _UnrolledCalls(self, labels), self.ops)  # (B, C, H, W)
+        return self.decoder.decode(result.x), result.x
 
 
 def step_times(schedule: SamplingSchedule) -> tuple[list[float], list[float]]:
     """Distinct times at which the predictor / refiner is called (the per-step graphs to build)."""
-    times = schedule.timesteps
-    pred, ref = set(), set()
-    carried = False
-    for k, kind in enumerate(schedule.steps):
-        if kind is StepKind.REFINER:
-            ref.update((times[k], times[k + 1]))
-        elif kind is StepKind.EULER:
-            pred.add(times[k])
-        else:
-            if not (kind is StepKind.PSEUDO and carried):
-                pred.add(times[k])
-            pred.add(times[k + 1])
-        carried = kind is not StepKind.EULER
-    return sorted(pred), sorted(ref)
+    pred, ref = call_times(schedule)
+    return list(pred), list(ref)
 
 
 __all__ = [

@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from flowturbo.dtypes import torch_dtype
 from flowturbo.errors import CheckpointError, FlowTurboError
 from flowturbo.export import aoti_export, onnx_export, tensorrt_export
 from flowturbo.export.manifest import (
@@ -44,6 +45,7 @@ from flowturbo.export.modules import (
     UnrolledSchedule,
     step_times,
 )
+from flowturbo.integrator import carries_halves
 from flowturbo.kernels import KernelBackend
 from flowturbo.export.specs import (
     DECODER,
@@ -67,7 +69,6 @@ FORMATS = ("onnx", "aoti", "tensorrt")
 # time-input and builds 6x slower; unrolled samples 1.66x faster than time-input but builds 12.7x slower (5.4 min).
 # The default favours a fast, always-tested build; `--variant unrolled` is the deployment choice.
 DEFAULT_VARIANT = "time-input"
-TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 # Export-time sanity bound on |exported - eager| (the tests check the strict tolerance table).
 VALIDATION_ATOL = {"fp32": 1e-3, "fp16": 5e-2, "bf16": 2e-1}
 VALIDATION_SEED = 1234
@@ -161,23 +162,26 @@ def _plan(bundle: Bundle, request: ExportRequest) -> list[_Planned]:
         return [_Planned(UNROLLED, "unrolled", module, unrolled_spec(latent, image, precision, batch))]
     planned: list[_Planned] = []
     uses_refiner = schedule.uses_refiner
+    halves = carries_halves(schedule, latent[0])  # per-CFG-half velocities under partial guidance
     if request.variant == "time-input":
-        planned.append(_Planned(PREDICTOR_STEP, "predictor", PredictorStep(bundle.predictor, scale, channels),
-                                predictor_step_spec(latent, precision, batch)))
+        planned.append(_Planned(PREDICTOR_STEP, "predictor", PredictorStep(bundle.predictor, scale, channels,
+                                                                           halves=halves),
+                                predictor_step_spec(latent, precision, batch, halves=halves)))
         if uses_refiner:
-            planned.append(_Planned(REFINER_STEP, "refiner", RefinerStep(bundle.refiner, scale, channels),
-                                    refiner_step_spec(latent, precision, batch)))
+            planned.append(_Planned(REFINER_STEP, "refiner", RefinerStep(bundle.refiner, scale, channels,
+                                                                         halves=halves),
+                                    refiner_step_spec(latent, precision, batch, halves=halves)))
     else:  # per-step: one graph per distinct call time, time embedding folded
         pred_times, ref_times = step_times(schedule)
         index = {t: k for k, t in enumerate(schedule.timesteps)}
         for t in pred_times:
             planned.append(_Planned(f"{PREDICTOR_STEP}_t{index[t]:03d}", "predictor",
-                                    FoldedPredictorStep(bundle.predictor, scale, channels, t),
-                                    predictor_step_spec(latent, precision, batch, time=t)))
+                                    FoldedPredictorStep(bundle.predictor, scale, channels, t, halves),
+                                    predictor_step_spec(latent, precision, batch, time=t, halves=halves)))
         for t in ref_times:
             planned.append(_Planned(f"{REFINER_STEP}_t{index[t]:03d}", "refiner",
-                                    FoldedRefinerStep(bundle.refiner, scale, channels, t),
-                                    refiner_step_spec(latent, precision, batch, time=t)))
+                                    FoldedRefinerStep(bundle.refiner, scale, channels, t, halves),
+                                    refiner_step_spec(latent, precision, batch, time=t, halves=halves)))
     planned.append(_Planned(DECODER, "decoder", DecoderStep(bundle.decoder),
                             decoder_spec(latent, image, precision, batch)))
     return planned
@@ -268,7 +272,7 @@ def export_bundle(
                 f"{request.kernel_backend!r}: load it with kernel_backend={request.kernel_backend!r} "
                 "(export_model does it for you)"
             )
-    dtype = TORCH_DTYPES[request.precision]
+    dtype = torch_dtype(request.precision)
     if bundle.predictor.pos_embed.dtype != dtype or bundle.predictor.pos_embed.device != device:
         raise FlowTurboError(f"load the bundle in {dtype} on {device} for a {request.precision} export "
                              "(export_model does it for you)")
@@ -411,7 +415,7 @@ def export_model(
     """Load the bundle folder ``model`` in the request's precision and device, then :func:`export_bundle`."""
     folder = Path(model)
     try:
-        bundle = load_bundle(folder, device=request.device, dtype=TORCH_DTYPES[request.precision],
+        bundle = load_bundle(folder, device=request.device, dtype=torch_dtype(request.precision),
                              kernel_backend=request.kernel_backend)
     except CheckpointError:
         raise

@@ -18,11 +18,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
+from flowturbo.dtypes import precision_dtype_name
 from flowturbo.errors import FlowTurboError
 
 BATCH_AXIS = "batch"  # the symbolic name of the dynamic leading axis
 PRECISIONS = ("fp32", "fp16", "bf16")
-FLOAT_DTYPE_OF_PRECISION = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16"}
 TIME_DTYPE = "float32"  # times stay float32 at every precision (the sinusoid features are computed in fp32)
 LABEL_DTYPE = "int64"
 MAX_BATCH = 65536  # sanity bound for profiles typed by hand
@@ -208,37 +208,49 @@ def _latent(name: str, latent_shape: tuple[int, int, int], dtype: str) -> Tensor
     return TensorSpec(name, dtype, (BATCH_AXIS, *latent_shape))
 
 
+def velocity_shape(latent_shape: tuple[int, int, int], halves: bool) -> tuple[int, int, int]:
+    """(C, H, W) of a velocity, or (2C, H, W) in the per-CFG-half layout (``flowturbo.integrator``)."""
+    channels, height, width = latent_shape
+    return (2 * channels if halves else channels, height, width)
+
+
 def predictor_step_spec(
-    latent_shape: tuple[int, int, int], precision: str, batch: BatchProfile, *, time: float | None = None
+    latent_shape: tuple[int, int, int], precision: str, batch: BatchProfile, *, time: float | None = None,
+    halves: bool = False,
 ) -> ModuleSpec:
-    """Predictor step: latents (B,C,H,W), [t (B,)], labels (B,) -> guided velocity (B,C,H,W)."""
-    fp = FLOAT_DTYPE_OF_PRECISION[check_precision(precision)]
+    """Predictor step: latents (B,C,H,W), [t (B,)], labels (B,) -> guided velocity (B,C,H,W)
+    ((B,2C,H,W) with ``halves``: both CFG halves, as the integrator carries them under partial guidance)."""
+    fp = precision_dtype_name(check_precision(precision))
     inputs = [_latent("latents", latent_shape, fp)]
     if time is None:
         inputs.append(TensorSpec("t", TIME_DTYPE, (BATCH_AXIS,)))
     inputs.append(TensorSpec("labels", LABEL_DTYPE, (BATCH_AXIS,)))
     name = PREDICTOR_STEP if time is None else f"{PREDICTOR_STEP}@{time!r}"
-    return ModuleSpec(name, tuple(inputs), (_latent("velocity", latent_shape, fp),), batch, time)
+    output = _latent("velocity", velocity_shape(latent_shape, halves), fp)
+    return ModuleSpec(name, tuple(inputs), (output,), batch, time)
 
 
 def refiner_step_spec(
-    latent_shape: tuple[int, int, int], precision: str, batch: BatchProfile, *, time: float | None = None
+    latent_shape: tuple[int, int, int], precision: str, batch: BatchProfile, *, time: float | None = None,
+    halves: bool = False,
 ) -> ModuleSpec:
-    """Refiner step: latents, carried velocity v, [t], labels -> guided velocity offset (B,C,H,W)."""
-    fp = FLOAT_DTYPE_OF_PRECISION[check_precision(precision)]
-    inputs = [_latent("latents", latent_shape, fp), _latent("v", latent_shape, fp)]
+    """Refiner step: latents, carried velocity v, [t], labels -> guided velocity offset (B,C,H,W)
+    (v and the offset (B,2C,H,W) with ``halves``)."""
+    fp = precision_dtype_name(check_precision(precision))
+    velocity = velocity_shape(latent_shape, halves)
+    inputs = [_latent("latents", latent_shape, fp), _latent("v", velocity, fp)]
     if time is None:
         inputs.append(TensorSpec("t", TIME_DTYPE, (BATCH_AXIS,)))
     inputs.append(TensorSpec("labels", LABEL_DTYPE, (BATCH_AXIS,)))
     name = REFINER_STEP if time is None else f"{REFINER_STEP}@{time!r}"
-    return ModuleSpec(name, tuple(inputs), (_latent("offset", latent_shape, fp),), batch, time)
+    return ModuleSpec(name, tuple(inputs), (_latent("offset", velocity, fp),), batch, time)
 
 
 def decoder_spec(
     latent_shape: tuple[int, int, int], image_shape: tuple[int, int, int], precision: str, batch: BatchProfile
 ) -> ModuleSpec:
     """Decoder: latents (B,C,H,W) -> images (B,C_img,H_img,W_img) in [-1, 1]."""
-    fp = FLOAT_DTYPE_OF_PRECISION[check_precision(precision)]
+    fp = precision_dtype_name(check_precision(precision))
     return ModuleSpec(
         DECODER,
         (_latent("latents", latent_shape, fp),),
@@ -251,7 +263,7 @@ def unrolled_spec(
     latent_shape: tuple[int, int, int], image_shape: tuple[int, int, int], precision: str, batch: BatchProfile
 ) -> ModuleSpec:
     """Whole schedule + decode: noise (B,C,H,W), labels (B,) -> images and final latents."""
-    fp = FLOAT_DTYPE_OF_PRECISION[check_precision(precision)]
+    fp = precision_dtype_name(check_precision(precision))
     return ModuleSpec(
         UNROLLED,
         (_latent("noise", latent_shape, fp), TensorSpec("labels", LABEL_DTYPE, (BATCH_AXIS,))),
@@ -275,4 +287,5 @@ __all__ = [
     "predictor_step_spec",
     "refiner_step_spec",
     "unrolled_spec",
+    "velocity_shape",
 ]

@@ -8,7 +8,8 @@ CUDA; on CPU the reference, or the Triton interpreter under ``TRITON_INTERPRET=1
 taking ``backend=KernelBackend.REFERENCE | TRITON``:
 
 * :func:`layernorm_modulate`, :func:`gated_residual_layernorm_modulate` (``adaln.py``): SiT block glue.
-* :func:`cfg_predict`, :func:`cfg_correct` (``solver.py``): solver updates with fused CFG.
+* :func:`cfg_predict`, :func:`cfg_correct` (``solver.py``): solver updates with fused CFG, and
+  :class:`SolverOps`, the arithmetic object the one step loop (``flowturbo.integrator``) runs with.
 """
 
 from flowturbo.kernels._common import TRITON_AVAILABLE
@@ -29,11 +30,15 @@ from flowturbo.kernels.solver import (
     cfg_predict,
     cfg_predict_reference,
     cfg_predict_triton,
+    SolverOps,
+    advance_reference,
 )
 
 __all__ = [
     "TRITON_AVAILABLE",
     "KernelBackend",
+    "SolverOps",
+    "advance_reference",
     "cfg_correct",
     "cfg_correct_reference",
     "cfg_correct_triton",

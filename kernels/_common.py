@@ -37,8 +37,8 @@ NAMESPACE = "flowturbo"
 MAX_FUSED_ROW = 16384  # widest row a single-pass row kernel keeps in registers
 ROW_BLOCK_ELEMENTS = 2048  # target elements per program of a row kernel (rows are packed up to this)
 MAX_ROWS_PER_PROGRAM = 16
-ELEMENTWISE_BLOCK = 1024
-ELEMENTWISE_WARPS = 4
+SOLVER_MIN_BLOCK = 32  # pixels per program of the solver kernel: one (latent plane, pixel block) per program
+SOLVER_MAX_BLOCK = 512
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 SOLVER_DTYPES = (torch.float64, torch.float32, torch.float16, torch.bfloat16)
 _FIX_BACKEND = "or use backend='reference'"

@@ -45,7 +45,7 @@ from flowturbo.kernels._common import (
 from flowturbo.errors import FlowTurboError
 from flowturbo.kernels.backend import KernelBackend
 
-DEFAULT_EPS = 1e-6  # SiT / DiT: nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6)
+ADALN_EPS = 1e-6  # SiT / DiT: nn.LayerNorm(hidden, elementwise_affine=False, eps=1e-6); the one value models use
 
 
 @triton.jit
@@ -83,15 +83,22 @@ def _adaln_kernel(
 # --------------------------------------------------------------------------- references
 
 
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """float64 stays float64; every other dtype computes in float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def layernorm_modulate_reference(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = DEFAULT_EPS
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = ADALN_EPS
 ) -> torch.Tensor:
-    """``LN(x) * (1 + scale[b]) + shift[b]`` without affine LN parameters, statistics in float32.
+    """``LN(x) * (1 + scale[b]) + shift[b]`` without affine LN parameters, statistics in float32
+    (float64 for float64 inputs: the float64 reference path stays float64 end to end).
 
     x: (B, T, D); shift, scale: (B, D). Returns (B, T, D) in x.dtype.
     """
-    normed = F.layer_norm(x.float(), (x.shape[-1],), eps=eps)  # (B, T, D) fp32
-    out = normed * (1 + scale.float()[:, None, :]) + shift.float()[:, None, :]
+    compute = _compute_dtype(x.dtype)
+    normed = F.layer_norm(x.to(compute), (x.shape[-1],), eps=eps)  # (B, T, D)
+    out = normed * (1 + scale.to(compute)[:, None, :]) + shift.to(compute)[:, None, :]
     return out.to(x.dtype)
 
 
@@ -101,13 +108,14 @@ def gated_residual_layernorm_modulate_reference(
     gate: torch.Tensor,
     shift: torch.Tensor,
     scale: torch.Tensor,
-    eps: float = DEFAULT_EPS,
+    eps: float = ADALN_EPS,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``x' = x + gate[b] * y`` and ``LN(x') * (1 + scale[b]) + shift[b]``; returns ``(x', modulated)``.
 
     x, y: (B, T, D); gate, shift, scale: (B, D). ``x'`` is rounded to x.dtype before the LayerNorm.
     """
-    residual = (x.float() + gate.float()[:, None, :] * y.float()).to(x.dtype)  # (B, T, D)
+    compute = _compute_dtype(x.dtype)
+    residual = (x.to(compute) + gate.to(compute)[:, None, :] * y.to(compute)).to(x.dtype)  # (B, T, D)
     return residual, layernorm_modulate_reference(residual, shift, scale, eps)
 
 
@@ -167,7 +175,7 @@ def layernorm_modulate_triton(
     x: torch.Tensor,
     shift: torch.Tensor,
     scale: torch.Tensor,
-    eps: float = DEFAULT_EPS,
+    eps: float = ADALN_EPS,
     *,
     out: torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -185,7 +193,7 @@ def gated_residual_layernorm_modulate_triton(
     gate: torch.Tensor,
     shift: torch.Tensor,
     scale: torch.Tensor,
-    eps: float = DEFAULT_EPS,
+    eps: float = ADALN_EPS,
     *,
     x_out: torch.Tensor | None = None,
     out: torch.Tensor | None = None,
@@ -241,7 +249,7 @@ gated_residual_layernorm_modulate_op = register_op("gated_residual_layernorm_mod
 
 
 def layernorm_modulate(
-    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = DEFAULT_EPS,
+    x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor, eps: float = ADALN_EPS,
     backend: KernelBackend | str = KernelBackend.REFERENCE,
 ) -> torch.Tensor:
     """``LN(x) * (1 + scale[b]) + shift[b]``; x (B, T, D), shift/scale (B, D); returns (B, T, D).
@@ -257,7 +265,7 @@ def layernorm_modulate(
 
 def gated_residual_layernorm_modulate(
     x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor,
-    eps: float = DEFAULT_EPS, backend: KernelBackend | str = KernelBackend.REFERENCE,
+    eps: float = ADALN_EPS, backend: KernelBackend | str = KernelBackend.REFERENCE,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``x' = x + gate[b] * y``, ``LN(x') * (1 + scale[b]) + shift[b]``; returns ``(x', modulated)``.
 

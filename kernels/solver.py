@@ -22,12 +22,14 @@ The two ops (``h`` = step size, ``s`` = guidance scale):
 * ``cfg_correct(raw, x, d, h, s, G, base=None) -> (x_new, d2)``: ``d2 = base + g``,
   ``x_new = x + h/2 (d + d2)`` (Heun / pseudo-corrector corrector; refiner second call with ``base = d``).
 
-One kernel with constexpr flags serves both. Arithmetic is float64 for float64 inputs, else float32;
+One kernel with constexpr flags serves both. Arithmetic is float64 for a float64 state, else float32;
 outputs have x's dtype. ``h`` and ``s`` are Python floats: a fixed schedule has constant steps, so they
 are baked into a CUDA graph / specialised by ``torch.compile``, which is what we want (no host syncs).
 
-Layout contract of the Triton path: ``x``, ``d``, ``base`` contiguous (B, C, H, W); ``raw`` with any batch
-and channel strides but contiguous (H, W) planes (so ``raw[:, :C]`` views are fine). One dtype for all.
+Layout contract of the Triton path: ``x``, ``d``, ``base`` contiguous (B, C, H, W) (velocities (B, 2C, H, W)
+in the per-CFG-half layout); ``raw`` with any batch and channel strides but contiguous (H, W) planes (so
+``raw[:, :C]`` views are fine). The state shares one dtype; ``raw`` may have another (a bfloat16 model
+feeding a float32 state is read and widened inside the kernel).
 """
 
 from __future__ import annotations
@@ -36,9 +38,9 @@ import torch
 
 from flowturbo.errors import FlowTurboError
 from flowturbo.kernels._common import (
-    ELEMENTWISE_BLOCK,
-    ELEMENTWISE_WARPS,
     SOLVER_DTYPES,
+    SOLVER_MAX_BLOCK,
+    SOLVER_MIN_BLOCK,
     check_out,
     check_shape,
     check_tensors,
@@ -65,38 +67,59 @@ def _to_compute(value, WIDE: tl.constexpr):
 @triton.jit
 def _cfg_step_kernel(
     RAW, X, D_PREV, BASE, D_OUT, X_OUT,  # D_PREV unused unless IS_CORRECT, BASE unless HAS_BASE
-    n_elements, chw, hw, raw_stride_b, raw_stride_c, uncond_offset, guidance_channels,
+    channels, hw, raw_stride_b, raw_stride_c, uncond_offset, guidance_channels, velocity_stride_b,
     h_hi, h_lo, s_hi, s_lo,
-    HAS_UNCOND: tl.constexpr, HAS_BASE: tl.constexpr, IS_CORRECT: tl.constexpr, WIDE: tl.constexpr,
-    BLOCK: tl.constexpr,
+    HAS_UNCOND: tl.constexpr, HAS_BASE: tl.constexpr, IS_CORRECT: tl.constexpr, HALVES: tl.constexpr,
+    WIDE: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    """Elementwise over the (B, C, H, W) state; gathers c (and u) from the strided raw output."""
-    pid = tl.program_id(0).to(tl.int64)
-    offsets = pid * BLOCK + tl.arange(0, BLOCK)  # flat index into (B, C, H, W)
-    mask = offsets < n_elements
-    batch = offsets // chw
-    channel = (offsets - batch * chw) // hw
-    pixel = offsets - batch * chw - channel * hw
-    raw_offsets = batch * raw_stride_b + channel * raw_stride_c + pixel  # conditional row of raw
+    """One program per (latent plane b*C + c, block of pixels): no per-element index division.
 
-    velocity = _to_compute(tl.load(RAW + raw_offsets, mask=mask, other=0.0), WIDE)  # c
+    x / x_out are (B, C, H, W); the velocities (d_prev, base, d_out) are (B, C, H, W), or (B, 2C, H, W)
+    with HALVES (channels C: hold the unconditional half); raw rows are gathered through its strides.
+    """
+    plane = tl.program_id(0).to(tl.int64)  # b * C + c
+    batch = plane // channels
+    channel = plane - batch * channels
+    pixel = tl.program_id(1).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = pixel < hw
+    x_offsets = plane * hw + pixel
+    v_offsets = batch * velocity_stride_b + channel * hw + pixel
+    raw_offsets = batch * raw_stride_b + channel * raw_stride_c + pixel  # conditional row of raw
+    is_guided = (tl.zeros_like(pixel) + channel) < guidance_channels  # (BLOCK,): one value per program
+
+    cond = _to_compute(tl.load(RAW + raw_offsets, mask=mask, other=0.0), WIDE)  # c
+    velocity = cond
     if HAS_UNCOND:
-        guided = mask & (channel < guidance_channels)
-        uncond = _to_compute(tl.load(RAW + uncond_offset + raw_offsets, mask=guided, other=0.0), WIDE)
+        uncond_mask = mask & is_guided
+        if HALVES:
+            uncond_mask = mask  # the unconditional half keeps its own unguided channels
+        uncond = _to_compute(tl.load(RAW + uncond_offset + raw_offsets, mask=uncond_mask, other=0.0), WIDE)
         s = _to_compute(s_hi, WIDE) + _to_compute(s_lo, WIDE)
-        velocity = tl.where(guided, uncond + s * (velocity - uncond), velocity)
+        guided = uncond + s * (cond - uncond)
+        velocity = tl.where(is_guided, guided, cond)
+        if HALVES:
+            velocity_uncond = tl.where(is_guided, guided, uncond)
+    else:
+        if HALVES:  # an already guided doubled velocity: its second half is channels C.. of raw
+            velocity_uncond = _to_compute(
+                tl.load(RAW + raw_offsets + channels * raw_stride_c, mask=mask, other=0.0), WIDE)
     if HAS_BASE:
-        velocity = _to_compute(tl.load(BASE + offsets, mask=mask, other=0.0), WIDE) + velocity
+        velocity = _to_compute(tl.load(BASE + v_offsets, mask=mask, other=0.0), WIDE) + velocity
+        if HALVES:
+            velocity_uncond = _to_compute(
+                tl.load(BASE + v_offsets + channels * hw, mask=mask, other=0.0), WIDE) + velocity_uncond
 
     h = _to_compute(h_hi, WIDE) + _to_compute(h_lo, WIDE)
-    x = _to_compute(tl.load(X + offsets, mask=mask, other=0.0), WIDE)
+    x = _to_compute(tl.load(X + x_offsets, mask=mask, other=0.0), WIDE)
     if IS_CORRECT:
-        d_prev = _to_compute(tl.load(D_PREV + offsets, mask=mask, other=0.0), WIDE)
+        d_prev = _to_compute(tl.load(D_PREV + v_offsets, mask=mask, other=0.0), WIDE)
         x_new = x + (h * 0.5) * (d_prev + velocity)
     else:
         x_new = x + h * velocity
-    tl.store(D_OUT + offsets, velocity.to(D_OUT.dtype.element_ty), mask=mask)
-    tl.store(X_OUT + offsets, x_new.to(X_OUT.dtype.element_ty), mask=mask)
+    tl.store(D_OUT + v_offsets, velocity.to(D_OUT.dtype.element_ty), mask=mask)
+    if HALVES:
+        tl.store(D_OUT + v_offsets + channels * hw, velocity_uncond.to(D_OUT.dtype.element_ty), mask=mask)
+    tl.store(X_OUT + x_offsets, x_new.to(X_OUT.dtype.element_ty), mask=mask)
 
 
 # --------------------------------------------------------------------------- references
@@ -107,22 +130,34 @@ def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def cfg_guided_reference(
-    raw: torch.Tensor, batch: int, channels: int, scale: float, guidance_channels: int | None = None
+    raw: torch.Tensor, batch: int, channels: int, scale: float, guidance_channels: int | None = None,
+    halves: bool = False,
 ) -> torch.Tensor:
-    """The guided velocity (B, C, H, W) from a raw model output of 2B rows (CFG) or B rows (no guidance).
+    """The guided velocity from a raw model output of 2B rows (CFG) or B rows (already guided / no CFG).
 
-    raw: (2B or B, C_out >= C, H, W). float64 math for float64 ``raw``, else float32; returns a new
-    tensor in that compute dtype.
+    raw: (2B or B, C_out >= C, H, W). Returns (B, C, H, W), or with ``halves`` the per-CFG-half layout
+    (B, 2C, H, W) of :mod:`flowturbo.integrator` (channels ``C:`` = the unconditional half: guided channels,
+    then its own unguided ones; from B rows, raw's channels ``C:2C`` are that half already). float64 math for
+    float64 ``raw``, else float32; returns a new tensor in that compute dtype.
     """
     _check_raw_rows("cfg_guided_reference", raw, batch)
     compute = _compute_dtype(raw.dtype)
     guided = channels if guidance_channels is None else guidance_channels
+    width = 2 * channels if halves else channels
+    if raw.shape[0] == batch:  # no unconditional rows: the velocity is the conditional output as is
+        return raw[:, :width].to(compute, copy=True)
     cond = raw[:batch, :channels].to(compute, copy=True)  # (B, C, H, W)
-    if raw.shape[0] == batch or guided == 0:
-        return cond
-    uncond = raw[batch:, :guided].to(compute)  # (B, G, H, W)
-    cond[:, :guided] = uncond + scale * (cond[:, :guided] - uncond)  # eq. u + s (c - u)
-    return cond
+    uncond = raw[batch:, :channels].to(compute, copy=True)  # (B, C, H, W)
+    if guided:
+        mixed = uncond[:, :guided] + scale * (cond[:, :guided] - uncond[:, :guided])  # eq. u + s (c - u)
+        cond[:, :guided] = mixed
+        uncond[:, :guided] = mixed
+    return torch.cat([cond, uncond], dim=1) if halves else cond
+
+
+def _first_half(velocity: torch.Tensor, channels: int) -> torch.Tensor:
+    """The conditional half (what moves x) of a velocity in either layout: (B, C, H, W)."""
+    return velocity if velocity.shape[1] == channels else velocity[:, :channels]
 
 
 def cfg_predict_reference(
@@ -132,16 +167,19 @@ def cfg_predict_reference(
     scale: float,
     guidance_channels: int | None = None,
     base: torch.Tensor | None = None,
+    halves: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``d = base + g(raw)``, ``x_pred = x + h d``; returns ``(d, x_pred)`` in x.dtype.
 
-    raw: (2B or B, C_out, H, W); x, base: (B, C, H, W). float64 math for float64 x, else float32.
+    raw: (2B or B, C_out, H, W); x: (B, C, H, W); base and d: (B, C, H, W), or (B, 2C, H, W) with ``halves``
+    (x moves with the first C channels). float64 math for float64 x, else float32.
     """
     compute = _compute_dtype(x.dtype)
-    d = cfg_guided_reference(raw, x.shape[0], x.shape[1], scale, guidance_channels).to(compute)
+    channels = x.shape[1]
+    d = cfg_guided_reference(raw, x.shape[0], channels, scale, guidance_channels, halves).to(compute)
     if base is not None:
         d = base.to(compute) + d
-    x_pred = x.to(compute) + h * d
+    x_pred = x.to(compute) + h * _first_half(d, channels)
     return d.to(x.dtype), x_pred.to(x.dtype)
 
 
@@ -153,17 +191,26 @@ def cfg_correct_reference(
     scale: float,
     guidance_channels: int | None = None,
     base: torch.Tensor | None = None,
+    halves: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """``d2 = base + g(raw)``, ``x_new = x + h/2 (d + d2)``; returns ``(x_new, d2)`` in x.dtype.
 
-    raw: (2B or B, C_out, H, W); x, d, base: (B, C, H, W). float64 math for float64 x, else float32.
+    raw: (2B or B, C_out, H, W); x: (B, C, H, W); d, base, d2 as in :func:`cfg_predict_reference`.
+    float64 math for float64 x, else float32.
     """
     compute = _compute_dtype(x.dtype)
-    d2 = cfg_guided_reference(raw, x.shape[0], x.shape[1], scale, guidance_channels).to(compute)
+    channels = x.shape[1]
+    d2 = cfg_guided_reference(raw, x.shape[0], channels, scale, guidance_channels, halves).to(compute)
     if base is not None:
         d2 = base.to(compute) + d2
-    x_new = x.to(compute) + (h / 2) * (d.to(compute) + d2)
+    x_new = x.to(compute) + (h / 2) * (_first_half(d, channels).to(compute) + _first_half(d2, channels))
     return x_new.to(x.dtype), d2.to(x.dtype)
+
+
+def advance_reference(x: torch.Tensor, d: torch.Tensor, h: float) -> torch.Tensor:
+    """``x + h d`` with d in either velocity layout (the P step's predictor half with a carried d)."""
+    compute = _compute_dtype(x.dtype)
+    return (x.to(compute) + h * _first_half(d, x.shape[1]).to(compute)).to(x.dtype)
 
 
 # --------------------------------------------------------------------------- checks and launchers
@@ -188,28 +235,47 @@ def _resolve_guidance(op: str, channels: int, guidance_channels: int | None) -> 
 
 
 def _check_inputs(
-    op: str, raw: torch.Tensor, x: torch.Tensor, guidance_channels: int | None, state: dict[str, torch.Tensor]
+    op: str, raw: torch.Tensor, x: torch.Tensor, guidance_channels: int | None, state: dict[str, torch.Tensor],
+    halves: bool = False,
 ) -> int:
     """Validate shapes/dtypes/layouts (FlowTurboError); returns the resolved number of guided channels."""
     if x.dim() != 4:
         raise FlowTurboError(f"{op}: x must be (B, C, H, W), got shape {tuple(x.shape)}")
     batch, channels, height, width = x.shape
     _check_raw_rows(op, raw, batch)
-    if raw.shape[1] < channels or tuple(raw.shape[2:]) != (height, width):
+    need = 2 * channels if halves and raw.shape[0] == batch else channels
+    if raw.shape[1] < need or tuple(raw.shape[2:]) != (height, width):
         raise FlowTurboError(
-            f"{op}: raw must be (2B, C_out >= {channels}, {height}, {width}) to match x {tuple(x.shape)}, "
+            f"{op}: raw must be ({raw.shape[0]}, C_out >= {need}, {height}, {width}) to match x {tuple(x.shape)}, "
             f"got {tuple(raw.shape)}"
         )
+    velocity_shape = (batch, 2 * channels if halves else channels, height, width)
     for name, t in state.items():
         if name != "x":
-            check_shape(op, name, t, tuple(x.shape), "(B, C, H, W) like x")
-    check_tensors(op, {"x": x, "raw": raw, **{k: v for k, v in state.items() if k != "x"}}, SOLVER_DTYPES,
+            layout = "(B, 2C, H, W): both CFG halves" if halves else "(B, C, H, W) like x"
+            check_shape(op, name, t, velocity_shape, layout)
+    # The state (x, d, base) shares one dtype; raw may be narrower (a bf16 model output feeding a float32
+    # state: the kernel reads it and computes in float32, so no separate cast pass).
+    check_tensors(op, {"x": x, **{k: v for k, v in state.items() if k != "x"}}, SOLVER_DTYPES,
                   contiguous=[n for n in state])
+    check_tensors(op, {"raw": raw}, SOLVER_DTYPES)
+    if raw.device != x.device:
+        raise FlowTurboError(f"{op}: device mismatch, raw is on {raw.device} but x on {x.device}")
     if (width > 1 and raw.stride(3) != 1) or (height > 1 and raw.stride(2) != width):
         raise FlowTurboError(
             f"{op}: raw must have contiguous (H, W) planes (strides {tuple(raw.stride())}); call .contiguous()"
         )
     return _resolve_guidance(op, channels, guidance_channels)
+
+
+def solver_launch_config(hw: int) -> tuple[int, int]:
+    """``(BLOCK, num_warps)`` of the solver kernel for latent planes of ``hw`` pixels.
+
+    One program per (plane, pixel block): blocks of up to :data:`SOLVER_MAX_BLOCK` pixels, 4 elements per
+    thread at full size (128-bit fp32 accesses), fewer warps for small planes.
+    """
+    block = max(SOLVER_MIN_BLOCK, min(SOLVER_MAX_BLOCK, triton.next_power_of_2(int(hw))))
+    return block, max(1, min(4, block // 128))
 
 
 def _run(
@@ -223,6 +289,7 @@ def _run(
     d_out: torch.Tensor | None,
     x_out: torch.Tensor | None,
     traceable: bool,
+    halves: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Check, allocate, launch; returns ``(new velocity, new state)``. ``d_prev is None``: predict."""
     op = "cfg_predict" if d_prev is None else "cfg_correct"
@@ -230,23 +297,25 @@ def _run(
     state = {"x": x} if d_prev is None else {"x": x, "d": d_prev}
     if base is not None:
         state["base"] = base
-    guided = _check_inputs(op, raw, x, guidance_channels, state)
-    d_out = check_out(op, "d_out", d_out, x)
-    x_out = check_out(op, "x_out", x_out, x)
-    n_elements = x.numel()
-    if n_elements == 0:
-        return d_out, x_out
+    guided = _check_inputs(op, raw, x, guidance_channels, state, halves)
     batch, channels, height, width = x.shape
+    velocity_like = x if not halves else x.new_empty((batch, 2 * channels, height, width))
+    d_out = check_out(op, "d_out", d_out, velocity_like)
+    x_out = check_out(op, "x_out", x_out, x)
+    if x.numel() == 0:
+        return d_out, x_out
+    hw = height * width
     wide = x.dtype == torch.float64
     h_hi, h_lo = split_float(h, wide)
     s_hi, s_lo = split_float(scale, wide)
-    grid = (triton.cdiv(n_elements, ELEMENTWISE_BLOCK),)
+    block, num_warps = solver_launch_config(hw)
+    grid = (batch * channels, triton.cdiv(hw, block))
     launchable(_cfg_step_kernel, traceable)[grid](
         raw, x, x if d_prev is None else d_prev, x if base is None else base, d_out, x_out,  # x: placeholders
-        n_elements, channels * height * width, height * width, raw.stride(0), raw.stride(1),
-        batch * raw.stride(0), guided, h_hi, h_lo, s_hi, s_lo,
+        channels, hw, raw.stride(0), raw.stride(1), batch * raw.stride(0), guided, d_out.shape[1] * hw,
+        h_hi, h_lo, s_hi, s_lo,
         HAS_UNCOND=bool(raw.shape[0] == 2 * batch), HAS_BASE=base is not None, IS_CORRECT=d_prev is not None,
-        WIDE=wide, BLOCK=ELEMENTWISE_BLOCK, num_warps=ELEMENTWISE_WARPS,
+        HALVES=bool(halves), WIDE=wide, BLOCK=block, num_warps=num_warps,
     )
     return d_out, x_out
 
@@ -259,6 +328,7 @@ def cfg_predict_triton(
     guidance_channels: int | None = None,
     base: torch.Tensor | None = None,
     *,
+    halves: bool = False,
     d_out: torch.Tensor | None = None,
     x_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -266,7 +336,7 @@ def cfg_predict_triton(
 
     A direct eager launch (not traceable by make_fx/export: use :func:`cfg_predict` for that).
     """
-    return _run(raw, x, None, h, scale, guidance_channels, base, d_out, x_out, traceable=False)
+    return _run(raw, x, None, h, scale, guidance_channels, base, d_out, x_out, traceable=False, halves=halves)
 
 
 def cfg_correct_triton(
@@ -278,11 +348,12 @@ def cfg_correct_triton(
     guidance_channels: int | None = None,
     base: torch.Tensor | None = None,
     *,
+    halves: bool = False,
     x_out: torch.Tensor | None = None,
     d_out: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Triton launcher of :func:`cfg_correct_reference`; returns ``(x_new, d2)`` (into the buffers if given)."""
-    d2, x_new = _run(raw, x, d, h, scale, guidance_channels, base, d_out, x_out, traceable=False)
+    d2, x_new = _run(raw, x, d, h, scale, guidance_channels, base, d_out, x_out, traceable=False, halves=halves)
     return x_new, d2
 
 
@@ -301,41 +372,44 @@ def _concrete(*scalars: object) -> bool:
 
 
 def _predict_op(
-    raw: torch.Tensor, x: torch.Tensor, h: float, scale: float, guidance_channels: int, base: torch.Tensor | None
+    raw: torch.Tensor, x: torch.Tensor, h: float, scale: float, guidance_channels: int, base: torch.Tensor | None,
+    halves: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if x.device.type == "cuda" and _concrete(h, scale):
-        return _run(raw, x, None, h, scale, guidance_channels, base, None, None, traceable=True)
-    _check_inputs("cfg_predict", raw, x, guidance_channels, {"x": x} if base is None else {"x": x, "base": base})
-    return cfg_predict_reference(raw, x, h, scale, guidance_channels, base)
+        return _run(raw, x, None, h, scale, guidance_channels, base, None, None, traceable=True, halves=halves)
+    _check_inputs("cfg_predict", raw, x, guidance_channels, {"x": x} if base is None else {"x": x, "base": base},
+                  halves)
+    return cfg_predict_reference(raw, x, h, scale, guidance_channels, base, halves)
 
 
 def _predict_cpu(
-    raw: torch.Tensor, x: torch.Tensor, h: float, scale: float, guidance_channels: int, base: torch.Tensor | None
+    raw: torch.Tensor, x: torch.Tensor, h: float, scale: float, guidance_channels: int, base: torch.Tensor | None,
+    halves: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if is_interpreted(_cfg_step_kernel):
-        return cfg_predict_triton(raw, x, h, scale, guidance_channels, base)
-    return _predict_op(raw, x, h, scale, guidance_channels, base)
+        return cfg_predict_triton(raw, x, h, scale, guidance_channels, base, halves=halves)
+    return _predict_op(raw, x, h, scale, guidance_channels, base, halves)
 
 
 def _correct_op(
     raw: torch.Tensor, x: torch.Tensor, d: torch.Tensor, h: float, scale: float, guidance_channels: int,
-    base: torch.Tensor | None,
+    base: torch.Tensor | None, halves: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if x.device.type == "cuda" and _concrete(h, scale):
-        d2, x_new = _run(raw, x, d, h, scale, guidance_channels, base, None, None, traceable=True)
+        d2, x_new = _run(raw, x, d, h, scale, guidance_channels, base, None, None, traceable=True, halves=halves)
         return x_new, d2
     state = {"x": x, "d": d} if base is None else {"x": x, "d": d, "base": base}
-    _check_inputs("cfg_correct", raw, x, guidance_channels, state)
-    return cfg_correct_reference(raw, x, d, h, scale, guidance_channels, base)
+    _check_inputs("cfg_correct", raw, x, guidance_channels, state, halves)
+    return cfg_correct_reference(raw, x, d, h, scale, guidance_channels, base, halves)
 
 
 def _correct_cpu(
     raw: torch.Tensor, x: torch.Tensor, d: torch.Tensor, h: float, scale: float, guidance_channels: int,
-    base: torch.Tensor | None,
+    base: torch.Tensor | None, halves: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     if is_interpreted(_cfg_step_kernel):
-        return cfg_correct_triton(raw, x, d, h, scale, guidance_channels, base)
-    return _correct_op(raw, x, d, h, scale, guidance_channels, base)
+        return cfg_correct_triton(raw, x, d, h, scale, guidance_channels, base, halves=halves)
+    return _correct_op(raw, x, d, h, scale, guidance_channels, base, halves)
 
 
 cfg_predict_op = register_op("cfg_predict", _predict_op, _predict_cpu)
@@ -353,22 +427,24 @@ def cfg_predict(
     guidance_channels: int | None = None,
     base: torch.Tensor | None = None,
     backend: KernelBackend | str = KernelBackend.REFERENCE,
+    halves: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Predictor update with fused CFG: ``d = base + g(raw)``, ``x_pred = x + h d``; returns ``(d, x_pred)``.
 
-    raw: (2B, C_out, H, W) model output on ``[x; x]`` with labels ``[y; null]`` (or B rows: no guidance);
-    x, base: (B, C, H, W); ``guidance_channels`` None guides all C channels. ``backend`` as in
+    raw: (2B, C_out, H, W) model output on ``[x; x]`` with labels ``[y; null]`` (or B rows: already guided);
+    x: (B, C, H, W); base and d (B, C, H, W), or (B, 2C, H, W) with ``halves`` (the per-CFG-half velocity
+    of :mod:`flowturbo.integrator`); ``guidance_channels`` None guides all C channels. ``backend`` as in
     :func:`flowturbo.kernels.layernorm_modulate`.
     """
     if KernelBackend.coerce(backend) is KernelBackend.REFERENCE:
         if x.dim() == 4:
             _resolve_guidance("cfg_predict", x.shape[1], guidance_channels)
-        return cfg_predict_reference(raw, x, h, scale, guidance_channels, base)
+        return cfg_predict_reference(raw, x, h, scale, guidance_channels, base, halves)
     require_triton("cfg_predict", _cfg_step_kernel, x.device)
     if x.dim() != 4:
         raise FlowTurboError(f"cfg_predict: x must be (B, C, H, W), got shape {tuple(x.shape)}")
     guided = _resolve_guidance("cfg_predict", x.shape[1], guidance_channels)
-    return cfg_predict_op(raw, x, float(h), float(scale), guided, base)
+    return cfg_predict_op(raw, x, float(h), float(scale), guided, base, bool(halves))
 
 
 def cfg_correct(
@@ -380,19 +456,64 @@ def cfg_correct(
     guidance_channels: int | None = None,
     base: torch.Tensor | None = None,
     backend: KernelBackend | str = KernelBackend.REFERENCE,
+    halves: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Corrector update with fused CFG: ``d2 = base + g(raw)``, ``x_new = x + h/2 (d + d2)``; returns
     ``(x_new, d2)``.
 
-    raw: (2B, C_out, H, W) (or B rows: no guidance); x, d, base: (B, C, H, W). Backends as
-    :func:`cfg_predict`.
+    raw: (2B, C_out, H, W) (or B rows: already guided); x (B, C, H, W); d, base as :func:`cfg_predict`.
     """
     if KernelBackend.coerce(backend) is KernelBackend.REFERENCE:
         if x.dim() == 4:
             _resolve_guidance("cfg_correct", x.shape[1], guidance_channels)
-        return cfg_correct_reference(raw, x, d, h, scale, guidance_channels, base)
+        return cfg_correct_reference(raw, x, d, h, scale, guidance_channels, base, halves)
     require_triton("cfg_correct", _cfg_step_kernel, x.device)
     if x.dim() != 4:
         raise FlowTurboError(f"cfg_correct: x must be (B, C, H, W), got shape {tuple(x.shape)}")
     guided = _resolve_guidance("cfg_correct", x.shape[1], guidance_channels)
-    return cfg_correct_op(raw, x, d, float(h), float(scale), guided, base)
+    return cfg_correct_op(raw, x, d, float(h), float(scale), guided, base, bool(halves))
+
+
+# --------------------------------------------------------------------------- solver ops
+
+
+class SolverOps:
+    """The arithmetic of the one step loop (:func:`flowturbo.integrator.integrate`) for one guidance setting.
+
+    ``scale`` / ``guidance_channels`` combine a raw 2B-row model output (``u + s (c - u)`` on the first
+    ``guidance_channels`` channels; ``None``: all); a B-row raw is taken as already guided. ``halves``:
+    velocities have the per-CFG-half layout (B, 2C, H, W) (:func:`flowturbo.integrator.carries_halves`).
+    ``backend``: ``reference`` (plain PyTorch, float32 math for half types, float64 kept — the ground
+    truth) or ``triton`` (the fused kernel: guidance + update in one pass; CUDA, or the CPU interpreter).
+    """
+
+    def __init__(self, scale: float = 1.0, guidance_channels: int | None = None, *, halves: bool = False,
+                 backend: KernelBackend | str = KernelBackend.REFERENCE) -> None:
+        self.scale = float(scale)
+        self.guidance_channels = guidance_channels
+        self.halves = bool(halves)
+        self.backend = KernelBackend.coerce(backend)
+
+    def check_device(self, device: torch.device | str) -> None:
+        """Raise a FlowTurboError naming the fix when this backend cannot run on ``device``."""
+        if self.backend is KernelBackend.TRITON:
+            require_triton("solver ops", _cfg_step_kernel, torch.device(device))
+
+    def describe(self) -> str:
+        return f"{self.backend.value} solver ops" + (" (per-CFG-half velocity)" if self.halves else "")
+
+    def predict(self, raw: torch.Tensor, x: torch.Tensor, h: float,
+                base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(d, x + h d)`` with ``d = base + g(raw)``."""
+        return cfg_predict(raw, x, h, self.scale, self.guidance_channels, base, self.backend, self.halves)
+
+    def correct(self, raw: torch.Tensor, x: torch.Tensor, d: torch.Tensor, h: float,
+                base: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(x + h/2 (d + d2), d2)`` with ``d2 = base + g(raw)``."""
+        return cfg_correct(raw, x, d, h, self.scale, self.guidance_channels, base, self.backend, self.halves)
+
+    def advance(self, x: torch.Tensor, d: torch.Tensor, h: float) -> torch.Tensor:
+        """``x + h d`` (a P step's predicted point from the carried velocity)."""
+        if self.backend is KernelBackend.TRITON:
+            return torch.add(x, _first_half(d, x.shape[1]), alpha=h)  # one fused elementwise kernel
+        return advance_reference(x, d, h)

@@ -13,6 +13,7 @@ import json
 import platform
 import sys
 import time
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -68,8 +69,18 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--refiner", default=None, help="FlowTurbo refiner checkpoint for --predictor")
     g.add_argument("--vae", default=None, help="diffusers AutoencoderKL folder for --predictor (sd-vae-ft-ema/-mse)")
     g.add_argument("--decoder", default=None, choices=["ema", "mse"], help="decoder variant of a bundle's autoencoder")
+    g.add_argument("--checkpoint-entry", default=None, choices=["model", "ema"],
+                   help="entry of official {model, ema} checkpoints (default: as the released code: predictor ema, "
+                        "refiner model)")
     g.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (default)")
-    g.add_argument("--dtype", default="float32", help="float32 | float16 | bfloat16 | float64")
+    g.add_argument("--dtype", default=None,
+                   help="float32 | float16 | bfloat16 | float64 (default: bfloat16 on CUDA, float32 on CPU)")
+    f = p.add_argument_group("execution path (default: the fast path on CUDA)")
+    f.add_argument("--kernels", default="auto", choices=["auto", "reference", "triton"],
+                   help="solver + adaLN kernels: triton (fused, CUDA) or reference (plain PyTorch); auto: triton on "
+                        "CUDA, reference on CPU")
+    f.add_argument("--no-cuda-graph", action="store_true",
+                   help="run step by step instead of replaying the schedule + decode as one CUDA graph per batch size")
 
 
 def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
@@ -126,6 +137,13 @@ def timing_table(rows: list[tuple[str, float, int | None]]) -> str:
     return "\n".join(lines)
 
 
+def _pipeline_options(args: argparse.Namespace) -> dict[str, Any]:
+    """``Sampler.from_bundle`` keyword arguments from the model and execution-path options."""
+    return dict(predictor=args.predictor, refiner=args.refiner, vae=args.vae, decoder_variant=args.decoder,
+                device=args.device, dtype=args.dtype, kernel_backend=args.kernels,
+                checkpoint_entry=args.checkpoint_entry, cuda_graph=False if args.no_cuda_graph else None)
+
+
 def _run_sample(args: argparse.Namespace) -> int:
     if args.artifacts is not None or args.backend != "pytorch":
         return _run_sample_exported(args)
@@ -135,10 +153,7 @@ def _run_sample(args: argparse.Namespace) -> int:
     from flowturbo.runtime.sampler import Sampler
 
     t_load = time.perf_counter()
-    sampler = Sampler.from_bundle(
-        args.model, predictor=args.predictor, refiner=args.refiner, vae=args.vae, decoder_variant=args.decoder,
-        device=args.device, dtype=args.dtype,
-    )
+    sampler = Sampler.from_bundle(args.model, **_pipeline_options(args))
     load_s = time.perf_counter() - t_load
     pipe = sampler.pipeline
     channels: Any = "default" if args.guidance_channels is None else args.guidance_channels
@@ -166,6 +181,7 @@ def _run_sample(args: argparse.Namespace) -> int:
     dtype = str(pipe.dtype).removeprefix("torch.")
     print(f"flowturbo sample: {schedule}, {n} images in {samples.num_batches} batch(es), "
           f"{pipe.device.type} {dtype}, backend {sampler.backend}, model {pipe.source}")
+    print(f"execution: {sampler.describe_execution()}")
     _print_timings(load_s, samples, write_s)
     print(f"wrote {out / 'grid.png'}, {n} PNGs and {out / 'run.json'}")
     return 0
@@ -217,14 +233,16 @@ def _run_sample_exported(args: argparse.Namespace) -> int:
 
 
 def _print_timings(load_s: float, samples: Any, write_s: float, load_label: str = "load model") -> None:
-    n = len(samples.labels)
-    print(timing_table([
-        (load_label, load_s, None),
-        ("sample (ODE)", samples.times.sample_s, n),
-        ("decode", samples.times.decode_s, n),
-        ("write PNGs", write_s, n),
-        ("total", load_s + samples.times.total_s + write_s, n),
-    ]))
+    n, times = len(samples.labels), samples.times
+    rows: list[tuple[str, float, int | None]] = [(load_label, load_s, None)]
+    if times.capture_s:
+        rows.append(("graph capture", times.capture_s, None))  # once per batch size, apart from the run
+    if times.decode_fused:
+        rows.append(("sample+decode", times.sample_s, n))  # one CUDA graph: the stages are not separable
+    else:
+        rows += [("sample (ODE)", times.sample_s, n), ("decode", times.decode_s, n)]
+    rows += [("write PNGs", write_s, n), ("total", load_s + times.capture_s + times.total_s + write_s, n)]
+    print(timing_table(rows))
 
 
 # ----------------------------------------------------------------------------------------------- eval
@@ -279,14 +297,13 @@ def _run_eval(args: argparse.Namespace) -> int:
         info["samples"] = str(args.samples)
         info["schedule"] = record.get("schedule", {}).get("notation")
     else:
-        sampler = Sampler.from_bundle(args.model, predictor=args.predictor, refiner=args.refiner, vae=args.vae,
-                                      decoder_variant=args.decoder, device=args.device, dtype=args.dtype)
+        sampler = Sampler.from_bundle(args.model, **_pipeline_options(args))
         schedule = sampler.default_schedule(args.schedule, args.cfg)
         labels = [i % sampler.pipeline.num_classes for i in range(args.num_samples)]
         samples = sampler.sample(labels, schedule=schedule, seed=args.seed, batch_size=args.batch)
         images = samples.images
         info.update(schedule=schedule.notation, cfg=schedule.guidance_scale, seed=args.seed,
-                    ms_per_image=samples.ms_per_image)
+                    ms_per_image=samples.ms_per_image, execution=samples.execution)
     result = evaluate_samples(images, labels, features=features, reference=args.reference,
                               num_reference=args.num_reference, classifier=classifier)
     result.update(info)
@@ -335,6 +352,11 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+def _one_line_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> str:
+    """Warnings as one ``warning:`` line (no source line) on the command line."""
+    return f"flowturbo: warning: {message}\n"
+
+
 def _command_of(argv: Sequence[str]) -> str | None:
     """The sub-command named on the command line (the first argument that is not an option)."""
     return next((a for a in argv if not a.startswith("-")), None)
@@ -344,6 +366,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_command_of(argv) or "")
     args = parser.parse_args(argv)
+    warnings.formatwarning = _one_line_warning
     try:
         return int(args.handler(args) or 0)
     except FlowTurboError as exc:

@@ -32,7 +32,10 @@ def add_profile_parser(sub: argparse._SubParsersAction) -> None:
                                                     "exported one; with --artifacts it must equal the exported one)")
     m.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's / the exported one)")
     m.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (default)")
-    m.add_argument("--dtype", default=None, help="pytorch backend: float32 (default) | float16 | bfloat16 | float64")
+    m.add_argument("--dtype", default=None, help="pytorch backend: float32 | float16 | bfloat16 | float64 (default: "
+                                                 "bfloat16 on CUDA, float32 on CPU)")
+    m.add_argument("--kernels", default="auto", choices=["auto", "reference", "triton"],
+                   help="pytorch backend: fused Triton kernels (CUDA default) or the reference ops (CPU default)")
     r = p.add_argument_group("how")
     r.add_argument("--batch", type=int, default=1, help="images per batch (default 1; CFG doubles the rows)")
     r.add_argument("--seed", type=int, default=0)
@@ -71,7 +74,8 @@ def _profile_pytorch(args: argparse.Namespace, trace: Path | None) -> Any:
     from flowturbo.runtime.profiling import profile_pytorch
     from flowturbo.runtime.sampler import Sampler
 
-    sampler = Sampler.from_bundle(args.model, device=args.device, dtype=args.dtype or "float32")
+    sampler = Sampler.from_bundle(args.model, device=args.device, dtype=args.dtype, kernel_backend=args.kernels,
+                                  cuda_graph=False)  # steps are timed one by one
     schedule = sampler.default_schedule(args.schedule, args.cfg)
     return profile_pytorch(sampler.pipeline, schedule, args.batch, args.seed, args.warmup, args.repeats,
                            kernels=not args.no_kernels, kernel_trace=trace)

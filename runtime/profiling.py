@@ -426,7 +426,7 @@ def profile_pytorch(
         )
     device = torch.device(pipe.device)
     labels = torch.tensor([i % pipe.num_classes for i in range(batch)], dtype=torch.long, device=device)
-    noise = make_noise(batch, pipe.latent_shape, seed, dtype=pipe.dtype, device=device)  # (B, C, H, W)
+    noise = make_noise(batch, pipe.latent_shape, seed, dtype=pipe.state_dtype, device=device)  # (B, C, H, W)
     n = schedule.num_steps
 
     def body(timer: StepTimer) -> None:
@@ -436,8 +436,8 @@ def profile_pytorch(
                 timer.start(_step_range_name(k + 1, schedule.steps[k + 1]))
 
         timer.start(_step_range_name(0, schedule.steps[0]))
-        result = sample_schedule(schedule, noise, labels, pipe.predictor, pipe.refiner,
-                                 num_classes=pipe.num_classes, callback=on_step)
+        result = sample_schedule(schedule, noise, labels, pipe.predictor, pipe.refiner, num_classes=pipe.num_classes,
+                                 callback=on_step, check_finite=False, kernel_backend=pipe.kernel_backend)
         timer.start(DECODE_RANGE)
         pipe.decoder.decode(result.latents)  # (B, C_img, H_img, W_img)
         timer.stop()
@@ -448,6 +448,8 @@ def profile_pytorch(
         runs = [_timed_run(device, n, body) for _ in range(repeats)]
         found, names = _profiled_run(device, n, body, kernel_trace, top_kernels) if kernels else (None, None)
     extra = {"source": pipe.source, "dtype": str(pipe.dtype).removeprefix("torch."), "seed": seed,
+             "kernels": pipe.kernel_backend.value,
+             "cuda_graph": False,  # steps are timed one by one; `flowturbo sample` replays them as one graph on CUDA
              "rows_per_call": batch * (2 if schedule.guidance_scale != 1.0 else 1),
              "timer": "cuda events" if device.type == "cuda" else "time.perf_counter",
              **_environment(device)}
@@ -493,7 +495,7 @@ def profile_exported(
     Steps are timed through the sampler's ``step_hook``; kernels are profiled only for PyTorch-based
     backends (aoti) — ONNX Runtime's nodes are invisible to torch.profiler, so its steps have no kernels.
     """
-    from flowturbo.runtime.onnx_backend import make_noise
+    from flowturbo.runtime.exported import make_noise
 
     _check_counts(batch, warmup, repeats)
     if sampler.variant == "unrolled":

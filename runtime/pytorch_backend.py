@@ -13,19 +13,34 @@ from typing import Any
 
 import torch
 
+from flowturbo.dtypes import FLOAT_DTYPE_NAMES, dtype_name, torch_dtype
 from flowturbo.errors import CheckpointError, FlowTurboError
+from flowturbo.kernels import TRITON_AVAILABLE, KernelBackend
 from flowturbo.training.bundle import BundleDefaults, load_bundle
-from flowturbo.training.checkpoints import load_refiner_checkpoint, load_sit_checkpoint
-from flowturbo.training.decoders import DiffusersVAEDecoder, LatentDecoder
-from flowturbo.training.sampling import check_labels, make_noise, sample_schedule
+from flowturbo.training.checkpoints import (
+    PREDICTOR_DEFAULT_ENTRY,
+    REFINER_DEFAULT_ENTRY,
+    STATE_DICT_CONTAINER_KEYS,
+    load_refiner_checkpoint,
+    load_sit_checkpoint,
+)
+from flowturbo.training.decoders import LatentDecoder, load_vae_decoder
+from flowturbo.training.sampling import (
+    FiniteCheck,
+    check_labels,
+    make_noise,
+    non_finite_message,
+    sample_schedule,
+)
 
 # The reference sampling functions, re-exported: runtime code reaches training/ only through this module.
-__all__ = ["TorchPipeline", "check_labels", "load_pipeline", "make_noise", "resolve_device", "resolve_dtype",
-           "sample_schedule"]
+__all__ = ["TorchPipeline", "FiniteCheck", "check_labels", "load_pipeline", "make_noise", "non_finite_message",
+           "resolve_device", "resolve_dtype", "resolve_kernel_backend", "sample_schedule"]
 
 DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "assets" / "default_model"
 OFFICIAL_GUIDANCE_CHANNELS = 3  # official SiT/FlowTurbo code guides 3 of 4 latent channels (DESIGN.md §2)
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+GPU_DEFAULT_DTYPE = torch.bfloat16  # the fast path's default on CUDA (measured: BENCHMARKS.md)
+CPU_DEFAULT_DTYPE = torch.float32
 
 
 @dataclasses.dataclass
@@ -41,39 +56,78 @@ class TorchPipeline:
     defaults: BundleDefaults
     source: str
     device: torch.device
-    dtype: torch.dtype
+    dtype: torch.dtype  # the models' (and decoder's) dtype
+    kernel_backend: KernelBackend = KernelBackend.REFERENCE
+    checkpoint_entries: dict[str, str] | None = None  # official checkpoints: which entry each file was read from
+
+    @property
+    def state_dtype(self) -> torch.dtype:
+        """The solver state's dtype: float64 for a float64 model, else float32 (bf16/fp16 models are fed casts,
+        the latents accumulate in float32 as under the official code's autocast)."""
+        return torch.float64 if self.dtype == torch.float64 else torch.float32
 
     def describe(self) -> dict[str, Any]:
-        return {
+        described = {
             "source": self.source,
             "num_classes": self.num_classes,
             "latent_shape": list(self.latent_shape),
             "has_refiner": self.refiner is not None,
             "decoder": self.decoder.decoder_type,
             "device": str(self.device),
-            "dtype": str(self.dtype).removeprefix("torch."),
+            "dtype": dtype_name(self.dtype),
+            "state_dtype": dtype_name(self.state_dtype),
+            "kernels": self.kernel_backend.value,
         }
+        if self.checkpoint_entries:
+            described["checkpoint_entries"] = dict(self.checkpoint_entries)
+        return described
 
 
-def resolve_dtype(name: str | torch.dtype) -> torch.dtype:
-    """``'float32'`` / ``'fp16'`` / ``'bf16'`` / a torch dtype -> torch dtype, with a clear error."""
-    if isinstance(name, torch.dtype):
-        return name
-    aliases = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16", "fp64": "float64"}
-    key = aliases.get(name, name)
-    if key not in DTYPES:
-        raise FlowTurboError(f"unknown dtype {name!r}; choose one of {sorted(DTYPES)}")
-    return DTYPES[key]
+def resolve_dtype(name: str | torch.dtype | None, device: torch.device | None = None) -> torch.dtype:
+    """``'float32'`` / ``'fp16'`` / ``'bf16'`` / a torch dtype -> torch dtype, with a clear error.
+
+    ``None`` / ``'auto'``: bfloat16 on CUDA (the fast path), float32 elsewhere.
+    """
+    if name in (None, "auto"):
+        return GPU_DEFAULT_DTYPE if device is not None and device.type == "cuda" else CPU_DEFAULT_DTYPE
+    dtype = torch_dtype(name)
+    if dtype_name(dtype) not in FLOAT_DTYPE_NAMES:
+        raise FlowTurboError(f"unknown dtype {name!r}; choose one of {', '.join(FLOAT_DTYPE_NAMES)}")
+    return dtype
 
 
 def resolve_device(name: str | torch.device | None) -> torch.device:
     """``None``/``'auto'`` -> CUDA when available else CPU; refuses CUDA on a machine without it."""
     if name in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise FlowTurboError(f"unknown device {name!r}; use cpu, cuda, cuda:N or auto") from None
+    if device.type not in ("cpu", "cuda"):
+        raise FlowTurboError(f"device {name!r} is not supported; use cpu, cuda, cuda:N or auto")
     if device.type == "cuda" and not torch.cuda.is_available():
         raise FlowTurboError(f"device {name!r} requested but this machine has no CUDA GPU; use --device cpu")
     return device
+
+
+def resolve_kernel_backend(name: str | KernelBackend | None, device: torch.device) -> KernelBackend:
+    """``None`` / ``'auto'``: our Triton kernels on CUDA (when Triton is installed), the reference ops elsewhere.
+
+    An explicit ``'triton'`` where Triton cannot run is refused with the fix.
+    """
+    if name in (None, "auto"):
+        return KernelBackend.TRITON if device.type == "cuda" and TRITON_AVAILABLE else KernelBackend.REFERENCE
+    backend = KernelBackend.coerce(name)
+    if backend is KernelBackend.TRITON:
+        if not TRITON_AVAILABLE:
+            raise FlowTurboError("--kernels triton needs Triton (pip install 'triton>=3.6'); or use --kernels reference")
+        if device.type != "cuda":
+            raise FlowTurboError(
+                f"--kernels triton runs our Triton kernels on CUDA, not on {device}; use --kernels reference (the "
+                "CPU default) or --device cuda"
+            )
+    return backend
 
 
 def load_pipeline(
@@ -84,20 +138,33 @@ def load_pipeline(
     vae: str | Path | None = None,
     decoder_variant: str | None = None,
     device: str | torch.device | None = "cpu",
-    dtype: str | torch.dtype = torch.float32,
-    kernel_backend: str = "reference",
+    dtype: str | torch.dtype | None = None,
+    kernel_backend: str | KernelBackend | None = None,
+    checkpoint_entry: str | None = None,
 ) -> TorchPipeline:
     """Load a bundle folder (``model``), the embedded default (nothing given) or official checkpoint files.
 
     ``predictor``/``refiner`` are ``.pt``/``.safetensors`` files in the official SiT / FlowTurbo key layout;
-    ``vae`` is a diffusers ``AutoencoderKL`` folder (sd-vae-ft-ema / -mse). ``decoder_variant`` picks a
-    decoder variant of a bundle's own autoencoder (``ema`` or ``mse``).
+    ``vae`` is a diffusers ``AutoencoderKL`` folder (sd-vae-ft-ema / -mse) or ``AutoencoderTiny`` folder
+    (TAESD). ``decoder_variant`` picks a decoder variant of a bundle's own autoencoder (``ema`` or ``mse``).
+    ``dtype`` / ``kernel_backend`` ``None``: the device's fast-path defaults (CUDA: bfloat16 + Triton kernels;
+    CPU: float32 + reference ops). ``checkpoint_entry`` (``model`` | ``ema``) picks the entry of official
+    ``{"model", "ema"}`` checkpoints; by default each file kind follows the released code (predictor: ema,
+    refiner: model).
     """
-    torch_device, torch_dtype = resolve_device(device), resolve_dtype(dtype)
+    torch_device = resolve_device(device)
+    model_dtype = resolve_dtype(dtype, torch_device)
+    backend = resolve_kernel_backend(kernel_backend, torch_device)
+    if checkpoint_entry is not None and checkpoint_entry not in STATE_DICT_CONTAINER_KEYS:
+        raise FlowTurboError(f"--checkpoint-entry must be one of {', '.join(STATE_DICT_CONTAINER_KEYS)}, "
+                             f"got {checkpoint_entry!r}")
     if predictor is not None:
         if model is not None:
             raise FlowTurboError("give either a bundle (--model) or checkpoint files (--predictor ...), not both")
-        return _load_official(predictor, refiner, vae, torch_device, torch_dtype, kernel_backend)
+        return _load_official(predictor, refiner, vae, torch_device, model_dtype, backend, checkpoint_entry)
+    if checkpoint_entry is not None:
+        raise FlowTurboError("--checkpoint-entry applies to official checkpoint files (--predictor/--refiner); "
+                             "a bundle holds one set of weights")
     if refiner is not None or vae is not None:
         raise FlowTurboError("--refiner/--vae are used with --predictor (official checkpoints); a bundle has its own")
     folder = Path(model) if model is not None else DEFAULT_BUNDLE_DIR
@@ -105,7 +172,7 @@ def load_pipeline(
         raise CheckpointError(
             f"the embedded default model is missing from {folder}; reinstall flowturbo or pass --model BUNDLE_DIR"
         )
-    bundle = load_bundle(folder, device=torch_device, dtype=torch_dtype, kernel_backend=kernel_backend)
+    bundle = load_bundle(folder, device=torch_device, dtype=model_dtype, kernel_backend=backend)
     decoder = bundle.decoder
     if decoder_variant is not None:
         select = getattr(decoder, "select_variant", None)
@@ -125,25 +192,30 @@ def load_pipeline(
         defaults=bundle.defaults,
         source="embedded default" if model is None else str(folder),
         device=torch_device,
-        dtype=torch_dtype,
+        dtype=model_dtype,
+        kernel_backend=backend,
     )
 
 
 def _load_official(
     predictor: str | Path, refiner: str | Path | None, vae: str | Path | None,
-    device: torch.device, dtype: torch.dtype, kernel_backend: str,
+    device: torch.device, dtype: torch.dtype, kernel_backend: KernelBackend, checkpoint_entry: str | None,
 ) -> TorchPipeline:
-    sit = load_sit_checkpoint(predictor, kernel_backend=kernel_backend).to(device=device, dtype=dtype).eval()
+    entries = {"predictor": checkpoint_entry or PREDICTOR_DEFAULT_ENTRY}
+    sit = load_sit_checkpoint(predictor, prefer=entries["predictor"], kernel_backend=kernel_backend)
+    sit = sit.to(device=device, dtype=dtype).eval()
     config = sit.config
     if vae is None:
         raise FlowTurboError(
             "official SiT checkpoints produce SD-VAE latents: pass --vae FOLDER (a diffusers AutoencoderKL folder "
-            "such as stabilityai/sd-vae-ft-ema)"
+            "such as stabilityai/sd-vae-ft-ema, or an AutoencoderTiny folder such as madebyollin/taesd)"
         )
-    decoder = DiffusersVAEDecoder.from_folder(vae, device=device, dtype=dtype).eval()
+    decoder = load_vae_decoder(vae, device=device, dtype=dtype).eval()
     ref = None
     if refiner is not None:
-        ref = load_refiner_checkpoint(refiner, predictor_config=config, kernel_backend=kernel_backend)
+        entries["refiner"] = checkpoint_entry or REFINER_DEFAULT_ENTRY
+        ref = load_refiner_checkpoint(refiner, predictor_config=config, prefer=entries["refiner"],
+                                      kernel_backend=kernel_backend)
         ref = ref.to(device=device, dtype=dtype).eval()
     return TorchPipeline(
         predictor=sit,
@@ -156,4 +228,6 @@ def _load_official(
         source=f"official checkpoints: {predictor}" + (f" + {refiner}" if refiner else ""),
         device=device,
         dtype=dtype,
+        kernel_backend=kernel_backend,
+        checkpoint_entries=entries,
     )

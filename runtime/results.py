@@ -12,13 +12,20 @@ from flowturbo.schedule import SamplingSchedule
 
 @dataclasses.dataclass(frozen=True)
 class StageTimes:
-    """Wall-clock seconds of each stage of a sampling run (CUDA work synchronised at stage ends)."""
+    """Wall-clock seconds of each stage of a sampling run (CUDA work synchronised at stage ends).
+
+    ``decode_fused``: the decode ran inside the same CUDA graph as the schedule, so ``sample_s`` covers both
+    and ``decode_s`` is 0. ``capture_s``: one-time CUDA-graph capture (warm-up included), not in the others.
+    """
 
     sample_s: float
     decode_s: float
+    capture_s: float = 0.0
+    decode_fused: bool = False
 
     @property
     def total_s(self) -> float:
+        """Sampling + decoding (capture excluded: it happens once per batch size, not per request)."""
         return self.sample_s + self.decode_s
 
 
@@ -33,6 +40,7 @@ class Samples:
     refiner_calls: int
     num_batches: int
     times: StageTimes
+    execution: dict[str, Any] | None = None  # which path ran (kernels, CUDA graph, dtypes), when the backend says
 
     @property
     def ms_per_image(self) -> float:
@@ -41,13 +49,21 @@ class Samples:
     def record(self) -> dict[str, Any]:
         """The JSON-ready summary written to run.json."""
         n = max(len(self.labels), 1)
-        return {
+        seconds = {"sample": self.times.sample_s, "decode": self.times.decode_s, "total": self.times.total_s}
+        if self.times.capture_s:
+            seconds["cuda_graph_capture"] = self.times.capture_s
+        record = {
             "schedule": self.schedule.describe(),
             "num_images": len(self.labels),
             "labels": self.labels,
             "num_batches": self.num_batches,
             "predictor_calls_per_batch": self.predictor_calls,
             "refiner_calls_per_batch": self.refiner_calls,
-            "seconds": {"sample": self.times.sample_s, "decode": self.times.decode_s, "total": self.times.total_s},
+            "seconds": seconds,
             "seconds_per_image": self.times.total_s / n,
         }
+        if self.times.decode_fused:
+            record["decode_in_sample_graph"] = True
+        if self.execution is not None:
+            record["execution"] = dict(self.execution)
+        return record

@@ -1,7 +1,16 @@
 """The sampler API: classes + seed + schedule in, images + call counts + timings out.
 
-Backends behind one interface; this module holds the PyTorch one (eager). Exported backends
-(ONNX Runtime, AOTInductor, TensorRT, the C++ runner) plug in through ``Sampler.from_artifacts``.
+Backends behind one interface; this module holds the PyTorch one. Exported backends (ONNX Runtime,
+AOTInductor, TensorRT, the C++ runner) plug in through ``Sampler.from_artifacts``.
+
+**The fast path is the default on CUDA**: bfloat16 models with a float32 solver state, our Triton kernels
+(adaLN fusions inside the models, the fused CFG + solver update in the step loop), and the whole schedule
+plus the decode captured into one CUDA graph per (schedule, batch size) — warm-up on a side stream, static
+buffers, replay per request (:mod:`flowturbo.runtime.cuda_graphs`). Opt-outs: ``kernel_backend="reference"``
+(``--kernels reference``), ``cuda_graph=False`` (``--no-cuda-graph``), ``dtype=...``. A capture that fails
+falls back to step-by-step execution with a one-line warning naming the cause. On CPU everything runs
+eagerly with the reference ops in float32 (per-step NaN checks). :meth:`Sampler.execution` says which path
+runs; ``run.json`` records it.
 """
 
 from __future__ import annotations
@@ -12,6 +21,12 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
+
+from flowturbo.dtypes import dtype_name
+from flowturbo.errors import FlowTurboError, SamplingError
+from flowturbo.runtime.backends import load_exported_sampler
+from flowturbo.runtime.cuda_graphs import CaptureBackend, GraphCache
 from flowturbo.runtime.pytorch_backend import (
     TorchPipeline,
     check_labels,
@@ -19,11 +34,7 @@ from flowturbo.runtime.pytorch_backend import (
     make_noise,
     sample_schedule,
 )
-from flowturbo.runtime.backends import load_exported_sampler
 from flowturbo.runtime.results import Samples, StageTimes
-from tqdm.auto import tqdm
-
-from flowturbo.errors import FlowTurboError, SamplingError
 from flowturbo.schedule import SamplingSchedule
 
 
@@ -37,17 +48,28 @@ class Sampler:
 
     >>> sampler = Sampler.from_bundle()            # the embedded default
     >>> out = sampler.sample([0, 1, 2], seed=0)    # schedule and cfg from the model's defaults
+
+    ``cuda_graph``: capture schedule + decode per batch size (default: on for CUDA pipelines; refused on CPU
+    unless a ``graph_backend`` stand-in is given, as the tests and the GPU suite's dry run do).
     """
 
     backend = "pytorch"
 
-    def __init__(self, pipeline: TorchPipeline) -> None:
+    def __init__(self, pipeline: TorchPipeline, *, cuda_graph: bool | None = None,
+                 graph_backend: CaptureBackend | None = None) -> None:
         self.pipeline = pipeline
+        on_cuda = pipeline.device.type == "cuda"
+        use_graph = on_cuda if cuda_graph is None else bool(cuda_graph)
+        if use_graph and not on_cuda and graph_backend is None:
+            raise FlowTurboError("CUDA graphs need a CUDA device; drop --cuda-graph or use --device cuda")
+        self.graphs: GraphCache | None = GraphCache(graph_backend) if use_graph else None
 
     @classmethod
-    def from_bundle(cls, model: str | None = None, **kwargs: Any) -> "Sampler":
-        """Load a bundle folder (None: the embedded default) or official checkpoints; see ``load_pipeline``."""
-        return cls(load_pipeline(model, **kwargs))
+    def from_bundle(cls, model: str | None = None, *, cuda_graph: bool | None = None,
+                    graph_backend: CaptureBackend | None = None, **kwargs: Any) -> "Sampler":
+        """Load a bundle folder (None: the embedded default) or official checkpoints; see ``load_pipeline``
+        (``device``, ``dtype``, ``kernel_backend``, ``checkpoint_entry``, ...)."""
+        return cls(load_pipeline(model, **kwargs), cuda_graph=cuda_graph, graph_backend=graph_backend)
 
     @staticmethod
     def from_artifacts(folder: str, backend: str = "onnxruntime", *, device: str | None = None,
@@ -72,6 +94,112 @@ class Sampler:
             guidance_channels=channels,
         )
 
+    def execution(self) -> dict[str, Any]:
+        """Which path runs: device, model and state dtypes, kernels, CUDA graph (and why not, if it fell back)."""
+        pipe = self.pipeline
+        graph = self.graphs is not None and self.graphs.fallback_reason is None
+        described: dict[str, Any] = {
+            "device": str(pipe.device),
+            "dtype": dtype_name(pipe.dtype),
+            "state_dtype": dtype_name(pipe.state_dtype),
+            "kernels": pipe.kernel_backend.value,
+            "cuda_graph": graph,
+        }
+        if self.graphs is not None and self.graphs.fallback_reason is not None:
+            described["cuda_graph_fallback"] = self.graphs.fallback_reason
+        return described
+
+    def describe_execution(self) -> str:
+        """One line for the CLI: ``triton kernels + CUDA graph, bfloat16 (state float32)``."""
+        e = self.execution()
+        parts = [f"{e['kernels']} kernels"]
+        if e["cuda_graph"]:
+            parts.append("CUDA graph")
+        text = " + ".join(parts) + f", {e['dtype']}"
+        if e["state_dtype"] != e["dtype"]:
+            text += f" (state {e['state_dtype']})"
+        if "cuda_graph_fallback" in e:
+            text += f"; {e['cuda_graph_fallback']}"
+        return text
+
+    # ------------------------------------------------------------------------------------------ batches
+    def _forward(self, schedule: SamplingSchedule, noise: torch.Tensor,
+                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Schedule + decode for one batch without host syncs (what a CUDA graph captures)."""
+        pipe = self.pipeline
+        result = sample_schedule(schedule, noise, labels, pipe.predictor, pipe.refiner, num_classes=pipe.num_classes,
+                                 check_finite=False, check_inputs=False, kernel_backend=pipe.kernel_backend)
+        return pipe.decoder.decode(result.latents), result.latents  # (b, C_img, H, W), (b, C, h, w)
+
+    def _locate_non_finite(self, schedule: SamplingSchedule, noise: torch.Tensor, labels: torch.Tensor) -> None:
+        """Re-run a batch step by step with NaN checks: raises naming the first bad step (or the decoder)."""
+        pipe = self.pipeline
+        result = sample_schedule(schedule, noise, labels, pipe.predictor, pipe.refiner, num_classes=pipe.num_classes,
+                                 check_finite=True, check_inputs=False, kernel_backend=pipe.kernel_backend)
+        del result
+        raise SamplingError("NaN/Inf in the decoded images (the latents were finite): the decoder overflowed; "
+                            "try --dtype float32")
+
+    def _run_batch(self, schedule: SamplingSchedule, noise: torch.Tensor,
+                   labels: torch.Tensor) -> tuple[torch.Tensor, float, float, float]:
+        """(images, sample s, decode s, capture s) for one batch on the configured path."""
+        pipe = self.pipeline
+        if self.graphs is not None:
+            _sync(pipe.device)
+            started = time.perf_counter()
+            run = self.graphs.run((schedule.id, noise.shape[0]),
+                                  lambda n, y: self._forward(schedule, n, y), (noise, labels))
+            images = run.outputs[0]
+            _sync(pipe.device)
+            elapsed = time.perf_counter() - started - run.capture_s
+            if not bool(torch.isfinite(images).all()):
+                self._locate_non_finite(schedule, noise, labels)
+            return images, elapsed, 0.0, run.capture_s
+        per_step_checks = pipe.device.type != "cuda"  # a host sync per step costs nothing on CPU
+        _sync(pipe.device)
+        t0 = time.perf_counter()
+        result = sample_schedule(schedule, noise, labels, pipe.predictor, pipe.refiner, num_classes=pipe.num_classes,
+                                 check_finite=per_step_checks, check_inputs=False, kernel_backend=pipe.kernel_backend)
+        _sync(pipe.device)
+        t1 = time.perf_counter()
+        images = pipe.decoder.decode(result.latents)  # (b, C_img, H_img, W_img) in [-1, 1]
+        _sync(pipe.device)
+        t2 = time.perf_counter()
+        if not bool(torch.isfinite(images).all()):
+            if not per_step_checks:
+                self._locate_non_finite(schedule, noise, labels)
+            raise SamplingError("NaN/Inf in the decoded images; the decoder's weights or dtype are bad")
+        return images, t1 - t0, t2 - t1, 0.0
+
+    def _largest_batch_that_fits(self, schedule: SamplingSchedule, noise: torch.Tensor, labels: torch.Tensor) -> int:
+        """Halve the batch until one step-by-step run fits in GPU memory (0: not even one image)."""
+        size = noise.shape[0] // 2
+        while size >= 1:
+            if self.pipeline.device.type == "cuda":
+                torch.cuda.empty_cache()
+            try:
+                self._forward(schedule, noise[:size], labels[:size])
+                _sync(self.pipeline.device)
+                return size
+            except torch.OutOfMemoryError:
+                size //= 2
+        return 0
+
+    def _out_of_memory(self, schedule: SamplingSchedule, noise: torch.Tensor, labels: torch.Tensor) -> SamplingError:
+        if self.graphs is not None:
+            self.graphs.clear()
+        if self.pipeline.device.type == "cuda":
+            torch.cuda.empty_cache()
+        fits = self._largest_batch_that_fits(schedule, noise, labels)
+        free = ""
+        if self.pipeline.device.type == "cuda":
+            free_b, total_b = torch.cuda.mem_get_info(self.pipeline.device)
+            free = f" ({free_b / 2**30:.1f} of {total_b / 2**30:.1f} GiB free)"
+        hint = f"the largest batch that fits is {fits}: pass --batch {fits}" if fits else \
+            "not even one image fits: free GPU memory or use --dtype bfloat16"
+        return SamplingError(f"a batch of {noise.shape[0]} images does not fit in GPU memory{free}; {hint}")
+
+    # ------------------------------------------------------------------------------------------ public
     @torch.inference_mode()
     def sample(
         self,
@@ -85,7 +213,8 @@ class Sampler:
         """Generate one image per entry of ``classes``.
 
         The initial noise of all images is drawn at once from ``seed`` (so results do not depend on
-        ``batch_size``) and the work is split into batches of at most ``batch_size`` images.
+        ``batch_size``) and the work is split into batches of at most ``batch_size`` images (default: all at
+        once); with CUDA graphs, each distinct batch size is captured once and replayed afterwards.
         """
         pipe = self.pipeline
         schedule = schedule or self.default_schedule()
@@ -102,37 +231,31 @@ class Sampler:
         batch = n if batch_size is None else int(batch_size)
         if batch < 1:
             raise FlowTurboError(f"batch size must be >= 1, got {batch_size}")
-        noise = make_noise(n, pipe.latent_shape, seed, dtype=pipe.dtype, device=pipe.device)  # (N, C, H, W)
+        noise = make_noise(n, pipe.latent_shape, seed, dtype=pipe.state_dtype, device=pipe.device)  # (N, C, H, W)
         labels = labels.to(pipe.device)
         num_batches = math.ceil(n / batch)
-        images, sample_s, decode_s = [], 0.0, 0.0
-        calls = (0, 0)
+        images, sample_s, decode_s, capture_s = [], 0.0, 0.0, 0.0
         bar = tqdm(total=n, unit="img", desc=f"sampling {schedule.notation}",
                    disable=not progress or num_batches == 1, leave=False)
         for start in range(0, n, batch):
             stop = min(start + batch, n)
-            _sync(pipe.device)
-            t0 = time.perf_counter()
-            result = sample_schedule(schedule, noise[start:stop], labels[start:stop], pipe.predictor, pipe.refiner,
-                                     num_classes=pipe.num_classes)
-            _sync(pipe.device)
-            t1 = time.perf_counter()
-            decoded = pipe.decoder.decode(result.latents)  # (b, C_img, H_img, W_img) in [-1, 1]
-            _sync(pipe.device)
-            t2 = time.perf_counter()
-            if not bool(torch.isfinite(decoded).all()):
-                raise SamplingError("NaN/Inf in the decoded images; the decoder's weights or dtype are bad")
+            chunk_noise, chunk_labels = noise[start:stop], labels[start:stop]
+            try:
+                decoded, s, d, c = self._run_batch(schedule, chunk_noise, chunk_labels)
+            except torch.OutOfMemoryError:
+                raise self._out_of_memory(schedule, chunk_noise, chunk_labels) from None
             images.append(decoded.float().cpu())
-            sample_s, decode_s = sample_s + (t1 - t0), decode_s + (t2 - t1)
-            calls = (result.predictor_calls, result.refiner_calls)
+            sample_s, decode_s, capture_s = sample_s + s, decode_s + d, capture_s + c
             bar.update(stop - start)
         bar.close()
         return Samples(
             images=torch.cat(images),
             labels=labels.cpu().tolist(),
             schedule=schedule,
-            predictor_calls=calls[0],
-            refiner_calls=calls[1],
+            predictor_calls=schedule.predictor_calls,
+            refiner_calls=schedule.refiner_calls,
             num_batches=num_batches,
-            times=StageTimes(sample_s, decode_s),
+            times=StageTimes(sample_s, decode_s, capture_s, decode_fused=self.graphs is not None
+                             and self.graphs.fallback_reason is None),
+            execution=self.execution(),
         )

@@ -35,7 +35,8 @@ import torch
 
 from flowturbo.errors import CheckpointError, FlowTurboError, SamplingError
 from flowturbo.runtime.artifacts import BATCH_AXIS, ArtifactEntry, ArtifactSet, load_artifacts
-from flowturbo.runtime.onnx_backend import TORCH_DTYPES, ExportedSampler, ModuleFn
+from flowturbo.dtypes import torch_dtype
+from flowturbo.runtime.exported import ExportedSampler, ModuleFn
 
 # Must equal flowturbo.export.tensorrt_export.ENGINE_FORMAT / KEY_FIELDS (tests/runtime/test_tensorrt_backend.py).
 ENGINE_FORMAT = "flowturbo.tensorrt-engine/1"
@@ -230,7 +231,7 @@ class TensorRTModule:
         """Output tensors for ``batch`` images on :attr:`device`, allocated once per batch size."""
         buffers = self._buffers.get(batch)
         if buffers is None:
-            buffers = [torch.empty(self.entry.output_shape(name, batch), dtype=TORCH_DTYPES[dtype], device=self.device)
+            buffers = [torch.empty(self.entry.output_shape(name, batch), dtype=torch_dtype(dtype), device=self.device)
                        for name, dtype, _ in self.outputs]  # (batch, ...) from the spec
             self._buffers[batch] = buffers
         return buffers
@@ -245,7 +246,7 @@ class TensorRTModule:
         for name, dtype, shape in self.inputs:
             tensor = inputs[name].to(self.device).contiguous()
             want_shape = tuple(batch if d == BATCH_AXIS else int(d) for d in shape)
-            if tensor.dtype != TORCH_DTYPES[dtype] or tuple(tensor.shape) != want_shape:
+            if tensor.dtype != torch_dtype(dtype) or tuple(tensor.shape) != want_shape:
                 raise SamplingError(f"{self.entry.path.name}: input {name} must be {dtype} {want_shape}, got "
                                     f"{str(tensor.dtype).removeprefix('torch.')} {tuple(tensor.shape)}")
             if not ctx.set_input_shape(name, want_shape):
@@ -318,8 +319,8 @@ class TensorRTSampler(ExportedSampler):
 
     # The shared loop computes on the device of the tensors it is given: hand it CUDA noise/labels so x, d, d'
     # stay on the GPU between engine calls; synchronize at stage ends so StageTimes measure the GPU work.
-    def _integrate(self, noise: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        latents = super()._integrate(noise, labels)
+    def _integrate(self, noise: torch.Tensor, labels: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+        latents = super()._integrate(noise, labels, **kwargs)
         _synchronize(self.device)
         return latents
 

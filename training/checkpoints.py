@@ -5,7 +5,9 @@ Official layouts handled:
 
 * ``SiT-XL-2-256x256.pt`` (``willisma/SiT``): a raw state dict.
 * ``train.py`` checkpoints of SiT and FlowTurbo: ``{"model": ..., "ema": ..., "opt": ..., "args": Namespace}``
-  (SiT's ``find_model`` takes ``"ema"``; FlowTurbo's sampler takes ``"model"``; we default to ``"ema"``).
+  (SiT's ``find_model`` takes ``"ema"``; FlowTurbo's released sampler takes ``"model"``). We follow the released
+  code per file kind: predictors default to ``"ema"`` (:data:`PREDICTOR_DEFAULT_ENTRY`), refiners to ``"model"``
+  (:data:`REFINER_DEFAULT_ENTRY`); ``prefer=`` / ``--checkpoint-entry`` overrides.
 * Keys saved from a DDP or ``torch.compile`` wrapper carry ``module.`` / ``_orig_mod.`` prefixes: stripped.
 """
 
@@ -35,6 +37,8 @@ from flowturbo.training.models import (
 )
 
 STATE_DICT_CONTAINER_KEYS = ("ema", "model")  # where train.py checkpoints keep the weights
+PREDICTOR_DEFAULT_ENTRY = "ema"  # SiT's find_model / sample.py take checkpoint["ema"]
+REFINER_DEFAULT_ENTRY = "model"  # FlowTurbo's released sampler loads ckpt["model"] of a refiner checkpoint
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")  # DDP / torch.compile wrappers
 SAFETENSORS_SUFFIX = ".safetensors"
 MAX_KEYS_IN_ERROR = 5  # how many offending keys an error message lists per category
@@ -325,7 +329,7 @@ def load_sit_checkpoint(
     config: SiTConfig | None = None,
     *,
     num_heads: int | None = None,
-    prefer: str = "ema",
+    prefer: str = PREDICTOR_DEFAULT_ENTRY,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     kernel_backend: KernelBackend | str = KernelBackend.REFERENCE,
@@ -347,7 +351,7 @@ def load_refiner_checkpoint(
     *,
     predictor_config: SiTConfig | None = None,
     num_heads: int | None = None,
-    prefer: str = "ema",
+    prefer: str = REFINER_DEFAULT_ENTRY,
     device: torch.device | str = "cpu",
     dtype: torch.dtype = torch.float32,
     kernel_backend: KernelBackend | str = KernelBackend.REFERENCE,

@@ -175,6 +175,14 @@ def _import_autoencoder_kl() -> type:
     return AutoencoderKL
 
 
+def _like_weights(latents: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Latents in the first conv's dtype and memory format (channels-last decoders take channels-last input)."""
+    channels_last = weight.dim() == 4 and weight.is_contiguous(memory_format=torch.channels_last) and \
+        not weight.is_contiguous()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    return latents.to(dtype=weight.dtype, memory_format=fmt)
+
+
 def _json_safe(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_json_safe(v) for v in value]
@@ -248,7 +256,7 @@ class DiffusersVAEDecoder(LatentDecoder):
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         self._check_latents(latents)
-        z = latents.to(self.decoder.conv_in.weight.dtype) / self.latent_scale  # (N, C, h, w)
+        z = _like_weights(latents, self.decoder.conv_in.weight) / self.latent_scale  # (N, C, h, w)
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z).clamp(*IMAGE_RANGE)  # (N, 3, h*f, w*f)
@@ -293,13 +301,131 @@ class DiffusersVAEDecoder(LatentDecoder):
         return module.eval()
 
 
+def _import_autoencoder_tiny() -> type:
+    try:
+        from diffusers import AutoencoderTiny
+    except ImportError as exc:
+        raise FlowTurboError(
+            "decoding with a diffusers tiny autoencoder needs the 'diffusers' package: pip install 'flowturbo[vae]'"
+        ) from exc
+    return AutoencoderTiny
+
+
+def _check_diffusers_folder(folder: Path, kind: str) -> None:
+    if not folder.is_dir():
+        raise CheckpointError(
+            f"VAE folder not found: {folder} (expected a diffusers {kind} folder holding {DIFFUSERS_CONFIG_FILE} and "
+            f"{' or '.join(DIFFUSERS_WEIGHTS_FILES)})"
+        )
+    if not (folder / DIFFUSERS_CONFIG_FILE).is_file():
+        raise CheckpointError(f"VAE folder {folder} has no {DIFFUSERS_CONFIG_FILE}; expected a diffusers {kind} folder")
+    if not any((folder / name).is_file() for name in DIFFUSERS_WEIGHTS_FILES):
+        raise CheckpointError(
+            f"VAE folder {folder} has no weights: expected {' or '.join(DIFFUSERS_WEIGHTS_FILES)} next to "
+            f"{DIFFUSERS_CONFIG_FILE}"
+        )
+
+
+@register_decoder
+class DiffusersTinyDecoder(LatentDecoder):
+    """The decoder of a diffusers ``AutoencoderTiny`` (TAESD-style): a few convolutions instead of the SD-VAE.
+
+    It decodes the same *scaled* SD latents generators produce (``vae_latent * 0.18215``; TAESD's
+    ``scaling_factor`` is 1.0): ``decode(z) == tiny.decode(z / scaling_factor).sample.clamp(-1, 1)``.
+    Roughly 100x cheaper than the SD-VAE decoder at a visible quality cost (blurrier fine detail, slightly
+    worse FID: see README); the weights are ``madebyollin/taesd`` on the Hugging Face Hub.
+    """
+
+    decoder_type: ClassVar[str] = "diffusers-tiny"
+
+    def __init__(self, vae_config: dict[str, Any], decoder: nn.Module) -> None:
+        super().__init__()
+        self.vae_config = _json_safe({k: v for k, v in dict(vae_config).items() if not k.startswith("_")})
+        self.decoder = decoder
+        self.latent_scale = float(self.vae_config.get("scaling_factor", 1.0))
+        self.latent_channels = int(self.vae_config["latent_channels"])
+        self.image_channels = int(self.vae_config["out_channels"])
+        upsample = int(self.vae_config.get("upsampling_scaling_factor", 2))
+        self.downsample_factor = upsample ** int(self.vae_config.get("num_decoder_blocks",
+                                                                      len(self.vae_config["decoder_block_out_channels"])) - 1)
+
+    @classmethod
+    def from_folder(cls, path: str | os.PathLike[str], device: torch.device | str = "cpu",
+                    dtype: torch.dtype = torch.float32) -> "DiffusersTinyDecoder":
+        """Load a diffusers ``AutoencoderTiny`` folder offline and keep its decoder."""
+        folder = Path(path)
+        _check_diffusers_folder(folder, "AutoencoderTiny")
+        autoencoder_tiny = _import_autoencoder_tiny()
+        try:
+            vae = autoencoder_tiny.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
+        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+            raise CheckpointError(f"could not load the diffusers AutoencoderTiny in {folder}: {exc}") from exc
+        return cls(dict(vae.config), vae.decoder).to(device=device, dtype=dtype).eval()
+
+    def _first_weight(self) -> torch.Tensor:
+        return next(p for p in self.decoder.parameters() if p.dim() == 4)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        self._check_latents(latents)
+        z = _like_weights(latents, self._first_weight()) / self.latent_scale  # (N, C, h, w)
+        return self.decoder(z).clamp(*IMAGE_RANGE)  # (N, 3, h*f, w*f)
+
+    def bundle_config(self) -> dict[str, Any]:
+        return {"type": self.decoder_type, "vae_config": self.vae_config, "weights": DECODER_WEIGHTS_FILE}
+
+    def save_to_bundle(self, folder: str | os.PathLike[str]) -> None:
+        """Write ``decoder.safetensors`` (keys ``decoder.*``)."""
+        from safetensors.torch import save_file
+
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(Path(folder) / DECODER_WEIGHTS_FILE))
+
+    @classmethod
+    def from_bundle(cls, folder: str | os.PathLike[str], config: dict[str, Any],
+                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32) -> "DiffusersTinyDecoder":
+        from safetensors.torch import load_file
+
+        if not isinstance(config.get("vae_config"), dict):
+            raise CheckpointError(f"diffusers-tiny decoder config in {folder} lacks 'vae_config'")
+        weights = Path(folder) / config.get("weights", DECODER_WEIGHTS_FILE)
+        if not weights.is_file():
+            raise CheckpointError(f"bundle {folder} has no decoder weights file {weights.name}")
+        autoencoder_tiny = _import_autoencoder_tiny()
+        with torch.device("meta"):
+            vae = autoencoder_tiny.from_config(config["vae_config"])
+        module = cls(config["vae_config"], vae.decoder).to(dtype=dtype).to_empty(device=device)
+        strict_load(module, load_file(str(weights), device="cpu"), f"diffusers tiny decoder from {weights}")
+        return module.eval()
+
+
+def load_vae_decoder(path: str | os.PathLike[str], device: torch.device | str = "cpu",
+                     dtype: torch.dtype = torch.float32) -> LatentDecoder:
+    """A diffusers VAE folder as a decoder: ``AutoencoderTiny`` (by its config's ``_class_name``) or
+    ``AutoencoderKL`` (sd-vae-ft-ema / -mse, the default)."""
+    folder = Path(path)
+    config_file = folder / DIFFUSERS_CONFIG_FILE
+    class_name = None
+    if config_file.is_file():
+        import json
+
+        try:
+            class_name = json.loads(config_file.read_text()).get("_class_name")
+        except (OSError, ValueError, AttributeError) as exc:
+            raise CheckpointError(f"cannot read {config_file}: {exc}") from None
+    if class_name == "AutoencoderTiny":
+        return DiffusersTinyDecoder.from_folder(folder, device=device, dtype=dtype)
+    return DiffusersVAEDecoder.from_folder(folder, device=device, dtype=dtype)
+
+
 __all__ = [
     "DECODER_TYPES",
+    "DiffusersTinyDecoder",
     "DiffusersVAEDecoder",
     "IdentityDecoder",
     "LatentDecoder",
     "SD_VAE_LATENT_SCALE",
     "decoder_class",
     "load_decoder_from_bundle",
+    "load_vae_decoder",
     "register_decoder",
 ]

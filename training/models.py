@@ -47,12 +47,12 @@ import torch.nn.functional as F
 
 from flowturbo.errors import FlowTurboError
 from flowturbo.kernels import KernelBackend, gated_residual_layernorm_modulate, layernorm_modulate
+from flowturbo.kernels.adaln import ADALN_EPS  # the one adaLN LayerNorm eps, shared with the kernels
 
 # ------------------------------------------------------------------------------------------- constants
 FREQUENCY_EMBEDDING_DIM = 256  # sinusoidal timestep features fed to t_embedder.mlp.0
 TIMESTEP_MAX_PERIOD = 10_000  # lowest frequency of the timestep sinusoids
 POS_EMBED_MAX_PERIOD = 10_000  # lowest frequency of the 2-D sin-cos position embedding
-ADALN_EPS = 1e-6  # LayerNorm eps of norm1 / norm2 / norm_final (official value)
 EMBEDDING_INIT_STD = 0.02  # DiT init of the label table and the timestep MLP
 MODULATION_CHUNKS = 6  # shift/scale/gate for the attention half and the MLP half
 FINAL_MODULATION_CHUNKS = 2  # shift/scale of the final layer

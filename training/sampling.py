@@ -4,7 +4,8 @@ Everything here is the ground truth the fast paths (fused kernels, exported grap
 tested against. DESIGN.md §2 gives the equations; the comments below cite them.
 
 * :func:`sample_schedule` runs a fixed :class:`~flowturbo.schedule.SamplingSchedule` (E / H / P / R steps),
-  so Euler and Heun baselines are schedules too (``"E8"``, ``"H8"``).
+  so Euler and Heun baselines are schedules too (``"E8"``, ``"H8"``), through the one step loop
+  :func:`flowturbo.integrator.integrate` (reference or fused solver ops).
 * :func:`sample_adaptive` is an error-controlled solver (torchdiffeq: ``dopri5`` or the embedded
   Heun–Euler pair ``adaptive_heun``) with atol/rtol, counting the calls it really made.
 * :func:`sample_velocity_norm_rule` is the seed report's rule ``dt = C / ||f(x, t)||``.
@@ -16,18 +17,20 @@ refiner calls (one call = one batched forward of the doubled CFG batch).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import torch
 
 from flowturbo.errors import SamplingError
+from flowturbo.integrator import IntegratorState, StepHooks, StepInfo, carries_halves, integrate
+from flowturbo.kernels import KernelBackend, SolverOps
 from flowturbo.schedule import SamplingSchedule, StepKind
 
 # model(x (M, C, H, W), t (M,), y (M,)) -> (M, >=C, H, W); the first C channels are the velocity.
 PredictorFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 # refiner(x (M, C, H, W), t (M,), y (M,), v (M, C, H, W)) -> velocity offset (M, C, H, W).
 RefinerFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-# Optional per-step hook: (step index, kind, t_start, t_end, x after the step).
+# Optional per-step callback: (step index, kind, t_start, t_end, x after the step).
 StepCallback = Callable[[int, StepKind, float, float, torch.Tensor], None]
 
 
@@ -47,7 +50,8 @@ def combine_guidance(
     """Classifier-free guidance ``u + s (c - u)`` on the first ``guidance_channels`` channels.
 
     cond, uncond: (B, C, H, W). Channels past ``guidance_channels`` keep the conditional value, as the
-    official SiT/FlowTurbo ``forward_with_cfg`` does for the 4th latent channel.
+    official SiT/FlowTurbo ``forward_with_cfg`` does for the 4th latent channel (the per-half carry of
+    partial guidance, :mod:`flowturbo.integrator`, keeps the unconditional half's own values too).
     """
     guided = uncond + scale * (cond - uncond)  # (B, C, H, W)
     if guidance_channels is None or guidance_channels >= cond.shape[1]:
@@ -55,8 +59,68 @@ def combine_guidance(
     return torch.cat([guided[:, :guidance_channels], cond[:, guidance_channels:]], dim=1)
 
 
+def _parameter_dtype(model: object) -> torch.dtype | None:
+    """The dtype of a module's first floating-point parameter (None for plain callables)."""
+    parameters = getattr(model, "parameters", None)
+    if parameters is None:
+        return None
+    for p in parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return None
+
+
+def _cast(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return x if dtype is None or x.dtype == dtype else x.to(dtype)
+
+
+class CFGModelCalls:
+    """:class:`flowturbo.integrator.ModelCalls` over PyTorch models for one label batch.
+
+    With guidance every call runs the doubled batch ``[x; x]`` with labels ``[y; null]`` (DESIGN.md §2) and
+    returns the raw output (2B rows) for the solver ops to combine; with ``guided=False`` (scale 1) only the
+    conditional rows run. The refiner gets the carried velocity per CFG half: a (B, 2C, H, W) per-half
+    velocity is split into its halves, a (B, C, H, W) one is used for both.
+    """
+
+    def __init__(self, predictor: PredictorFn | None, refiner: RefinerFn | None, labels: torch.Tensor,
+                 null_label: int, guided: bool) -> None:
+        self.predictor_model = predictor
+        self.refiner_model = refiner
+        self.guided = bool(guided)
+        null = torch.full_like(labels, null_label)
+        self.labels = torch.cat([labels, null]) if self.guided else labels  # (M,) M = 2B or B
+        # Models may run narrower than the solver state (bf16 weights, float32 state): inputs are cast to the
+        # model's parameter dtype, outputs go to the solver ops as they are (the ops widen them).
+        self.predictor_dtype = _parameter_dtype(predictor)
+        self.refiner_dtype = _parameter_dtype(refiner)
+
+    def _times(self, t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, torch.Tensor) and t.ndim == 1:  # per-sample times (B,)
+            return torch.cat([t, t]) if self.guided else t
+        return torch.full((self.labels.shape[0],), float(t), dtype=x.dtype, device=x.device)
+
+    def predictor(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
+        """Raw predictor output at (x, t): (M, C_out, H, W)."""
+        if self.predictor_model is None:
+            raise SamplingError("no predictor was given")
+        xx = torch.cat([x, x]) if self.guided else x  # (M, C, H, W)
+        return self.predictor_model(_cast(xx, self.predictor_dtype), self._times(t, x), self.labels)
+
+    def refiner(self, x: torch.Tensor, t: float, v: torch.Tensor) -> torch.Tensor:
+        """Raw refiner offset at (x, t) given the carried velocity v: (M, C, H, W)."""
+        if self.refiner_model is None:
+            raise SamplingError("an R step needs a refiner; load a bundle with one or use a schedule without R")
+        channels, dtype = x.shape[1], self.refiner_dtype
+        if not self.guided:
+            return self.refiner_model(_cast(x, dtype), self._times(t, x), self.labels, _cast(v[:, :channels], dtype))
+        halves = (v[:, :channels], v[:, channels:]) if v.shape[1] == 2 * channels else (v, v)
+        return self.refiner_model(_cast(torch.cat([x, x]), dtype), self._times(t, x), self.labels,
+                                  _cast(torch.cat(halves), dtype))
+
+
 class GuidedVelocity:
-    """The CFG-guided velocity ``f(x, t)`` of one label batch, counting its calls.
+    """The CFG-guided velocity ``f(x, t)`` of one label batch (for the adaptive solvers and tests).
 
     With ``scale == 1`` guidance is the identity, so the unconditional half is skipped (one call on B rows);
     otherwise every call runs the doubled batch ``[x; x]`` with labels ``[y; null]`` (DESIGN.md §2).
@@ -70,34 +134,27 @@ class GuidedVelocity:
         guidance_channels: int | None,
     ) -> None:
         self.labels = labels  # (B,)
+        self.null_label = null_label
         self.scale = float(guidance_scale)
         self.guidance_channels = guidance_channels
         self.guided = self.scale != 1.0
-        null = torch.full_like(labels, null_label)
-        self.doubled_labels = torch.cat([labels, null]) if self.guided else labels  # (2B,) or (B,)
 
-    def _times(self, t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(t, torch.Tensor) and t.ndim == 1:  # per-sample times (B,)
-            return torch.cat([t, t]) if self.guided else t
-        rows = self.doubled_labels.shape[0]
-        return torch.full((rows,), float(t), dtype=x.dtype, device=x.device)
-
-    def _combine(self, out: torch.Tensor, channels: int) -> torch.Tensor:
-        out = out[:, :channels]
+    def _combine(self, raw: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        channels = x.shape[1]
         if not self.guided:
-            return out
-        cond, uncond = out.chunk(2, dim=0)  # (B, C, H, W) each
+            return raw[:, :channels]
+        cond, uncond = raw[:, :channels].chunk(2, dim=0)  # (B, C, H, W) each
         return combine_guidance(cond, uncond, self.scale, self.guidance_channels)
 
     def predictor(self, model: PredictorFn, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
         """Guided predictor velocity at (x, t). x: (B, C, H, W) -> (B, C, H, W)."""
-        xx = torch.cat([x, x]) if self.guided else x
-        return self._combine(model(xx, self._times(t, x), self.doubled_labels), x.shape[1])
+        calls = CFGModelCalls(model, None, self.labels, self.null_label, self.guided)
+        return self._combine(calls.predictor(x, t), x)
 
     def refiner(self, refiner: RefinerFn, x: torch.Tensor, t: float, v: torch.Tensor) -> torch.Tensor:
-        """Guided refiner offset at (x, t) conditioned on the carried velocity v. (B, C, H, W)."""
-        xx, vv = (torch.cat([x, x]), torch.cat([v, v])) if self.guided else (x, v)
-        return self._combine(refiner(xx, self._times(t, x), self.doubled_labels, vv), x.shape[1])
+        """Guided refiner offset at (x, t) conditioned on the carried velocity v (B, C, H, W)."""
+        calls = CFGModelCalls(None, refiner, self.labels, self.null_label, self.guided)
+        return self._combine(calls.refiner(x, t, v), x)
 
 
 def check_labels(labels: torch.Tensor, num_classes: int, batch: int) -> None:
@@ -111,12 +168,41 @@ def check_labels(labels: torch.Tensor, num_classes: int, batch: int) -> None:
         raise SamplingError(f"class ids {bad[:5]} are outside [0, {num_classes}); this model has {num_classes} classes")
 
 
-def _check_finite(x: torch.Tensor, step: int, kind: StepKind, t0: float, t1: float) -> None:
-    if not bool(torch.isfinite(x).all()):
-        raise SamplingError(
-            f"NaN/Inf in the latents after step {step + 1} ({kind.value}, {kind.label}, t {t0:.4g} -> {t1:.4g}); "
-            "check the checkpoint, the dtype (try float32) and the guidance scale"
-        )
+def non_finite_message(step: StepInfo, notation: str = "") -> str:
+    """The message naming the first step that produced NaN/Inf."""
+    where = f" of {notation}" if notation else ""
+    return (f"NaN/Inf in the latents after step {step.index + 1} ({step.kind.value}, {step.kind.label}, "
+            f"t {step.t_start:.4g} -> {step.t_end:.4g}){where}; check the checkpoint, the dtype (try float32) and "
+            "the guidance scale")
+
+
+class FiniteCheck(StepHooks):
+    """Raise :class:`SamplingError` naming the step as soon as the latents hold NaN/Inf (one host sync a step)."""
+
+    def __init__(self, notation: str = "") -> None:
+        self.notation = notation
+
+    def after_step(self, step: StepInfo, state: IntegratorState) -> None:
+        if not bool(torch.isfinite(state.x).all()):
+            raise SamplingError(non_finite_message(step, self.notation))
+
+
+class _CallbackHook(StepHooks):
+    """Adapts a :data:`StepCallback` to the integrator's hooks."""
+
+    def __init__(self, callback: StepCallback) -> None:
+        self.callback = callback
+
+    def after_step(self, step: StepInfo, state: IntegratorState) -> None:
+        self.callback(step.index, step.kind, step.t_start, step.t_end, state.x)
+
+
+def solver_ops_for(schedule: SamplingSchedule, latent_channels: int,
+                   kernel_backend: KernelBackend | str = KernelBackend.REFERENCE) -> SolverOps:
+    """The solver ops a schedule needs on raw (CFG-doubled) model outputs: its guidance settings, the
+    per-half velocity layout when guidance is partial (:func:`flowturbo.integrator.carries_halves`)."""
+    return SolverOps(schedule.guidance_scale, schedule.guidance_channels,
+                     halves=carries_halves(schedule, latent_channels), backend=kernel_backend)
 
 
 def sample_schedule(
@@ -128,12 +214,22 @@ def sample_schedule(
     *,
     num_classes: int,
     check_finite: bool = True,
+    check_inputs: bool = True,
     callback: StepCallback | None = None,
+    hooks: Sequence[StepHooks] = (),
+    kernel_backend: KernelBackend | str = KernelBackend.REFERENCE,
+    timesteps: Sequence[float] | None = None,
 ) -> SampleResult:
     """Integrate the velocity ODE from noise (t=0) to data (t=1) with a fixed schedule.
 
     noise: (B, C, H, W) initial latents x_0; labels: (B,) class ids in [0, num_classes) (the null label
-    used for guidance is ``num_classes``). Returns the latents at t=1 and the calls made.
+    used for guidance is ``num_classes``). The loop is :func:`flowturbo.integrator.integrate` with
+    :class:`CFGModelCalls` and the solver ops of ``kernel_backend`` (``reference``: plain PyTorch, the ground
+    truth, any dtype incl. float64; ``triton``: the fused CFG + update kernels). The state keeps ``noise``'s
+    dtype; model inputs are cast to each model's parameter dtype. ``hooks`` run around every step (after the
+    finite check); ``timesteps`` replaces the schedule's grid (e.g. a sub-interval). ``check_finite`` and
+    ``check_inputs`` cost host syncs: turn them off inside CUDA-graph capture. Returns the final latents and
+    the calls made.
     """
     if schedule.uses_refiner and refiner is None:
         raise SamplingError(
@@ -142,47 +238,17 @@ def sample_schedule(
         )
     if noise.ndim != 4:
         raise SamplingError(f"noise must be (B, C, H, W), got shape {tuple(noise.shape)}")
-    check_labels(labels, num_classes, noise.shape[0])
-    f = GuidedVelocity(labels, num_classes, schedule.guidance_scale, schedule.guidance_channels)
-    times = schedule.timesteps
-    x = noise  # (B, C, H, W)
-    carried: torch.Tensor | None = None  # the velocity carried between steps
-    predictor_calls = refiner_calls = 0
-    for k, kind in enumerate(schedule.steps):
-        t0, t1 = times[k], times[k + 1]
-        h = t1 - t0
-        if kind is StepKind.EULER:
-            d = f.predictor(predictor, x, t0)
-            predictor_calls += 1
-            x = x + h * d
-            carried = None  # Euler carries nothing: a following P evaluates its own d
-        elif kind is StepKind.REFINER:
-            # R (§2): d = v + r(x, t_k, v); x~ = x + h d; d' = d + r(x~, t_{k+1}, v); carry d.
-            assert carried is not None and refiner is not None  # guaranteed by schedule validation above
-            v = carried
-            d = v + f.refiner(refiner, x, t0, v)
-            x_pred = x + h * d
-            d_next = d + f.refiner(refiner, x_pred, t1, v)
-            refiner_calls += 2
-            x = x + 0.5 * h * (d + d_next)
-            carried = d
-        else:
-            # H (§2): d = v(x, t_k). P: reuse the carried d' (evaluated at the previous *predicted* point).
-            if kind is StepKind.PSEUDO and carried is not None:
-                d = carried
-            else:
-                d = f.predictor(predictor, x, t0)
-                predictor_calls += 1
-            x_pred = x + h * d
-            d_next = f.predictor(predictor, x_pred, t1)
-            predictor_calls += 1
-            x = x + 0.5 * h * (d + d_next)
-            carried = d_next
-        if check_finite:
-            _check_finite(x, k, kind, t0, t1)
-        if callback is not None:
-            callback(k, kind, t0, t1, x)
-    return SampleResult(x, predictor_calls, refiner_calls, times)
+    if check_inputs:  # a host sync: callers that capture CUDA graphs check the labels beforehand
+        check_labels(labels, num_classes, noise.shape[0])
+    ops = solver_ops_for(schedule, noise.shape[1], kernel_backend)
+    ops.check_device(noise.device)
+    calls = CFGModelCalls(predictor, refiner, labels, num_classes, schedule.guidance_scale != 1.0)
+    all_hooks: list[StepHooks] = [FiniteCheck(schedule.notation)] if check_finite else []
+    if callback is not None:
+        all_hooks.append(_CallbackHook(callback))
+    all_hooks.extend(hooks)
+    result = integrate(schedule, noise, calls, ops, hooks=all_hooks, timesteps=timesteps)
+    return SampleResult(result.x, result.predictor_calls, result.refiner_calls, result.timesteps)
 
 
 ADAPTIVE_METHODS = ("dopri5", "adaptive_heun", "bosh3")
@@ -290,6 +356,8 @@ def make_noise(
 
 __all__ = [
     "ADAPTIVE_METHODS",
+    "CFGModelCalls",
+    "FiniteCheck",
     "GuidedVelocity",
     "SampleResult",
     "check_labels",
@@ -298,4 +366,5 @@ __all__ = [
     "sample_adaptive",
     "sample_schedule",
     "sample_velocity_norm_rule",
+    "solver_ops_for",
 ]

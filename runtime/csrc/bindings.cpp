@@ -39,6 +39,7 @@ PYBIND11_MODULE(_C, m) {
              for (const auto& c : s.step_calls()) out.emplace_back(c.predictor, c.refiner);
              return out;
            })
+      .def("carries_halves", &Schedule::carries_halves, py::arg("latent_channels"))
       .def("canonical_json", &Schedule::canonical_json)
       .def("describe_json", &Schedule::describe_json);
   m.def("python_float_repr", &flowturbo::python_float_repr, py::arg("value"));

@@ -128,10 +128,11 @@ struct ScheduleRunner::BatchState {
   int64_t batch = 0;
   at::Tensor labels;                  // (b,) int64 on the device
   std::vector<at::Tensor> times;      // per grid index: (b,) float32 filled with t_k (time-input graphs)
-  // Solver state, (b, C, H, W) each: the latents, the predicted point x + h d, a scratch for h d and the
-  // update, two buffers for the predictor's d / d' and two for a refiner step's d (ping-pong: the carried
-  // velocity must survive the step that replaces it). Engine outputs are copied into these because an
-  // engine may hand out its own buffers, which its next call overwrites (TensorRT).
+  // Solver state: the latents, the predicted point x + h d and a scratch for h d and the update, (b, C, H, W);
+  // two buffers for the predictor's d / d' and two for a refiner step's d (ping-pong: the carried velocity
+  // must survive the step that replaces it), (b, C, H, W) or (b, 2C, H, W) in the per-CFG-half layout
+  // (flowturbo.integrator; x moves with the first C channels). Engine outputs are copied into these because
+  // an engine may hand out its own buffers, which its next call overwrites (TensorRT).
   at::Tensor x, x_pred, scratch, velocity_a, velocity_b, refined_a, refined_b;
 #ifdef FLOWTURBO_WITH_CUDA
   std::unique_ptr<at::cuda::CUDAGraph> graph;
@@ -223,6 +224,29 @@ ScheduleRunner::ScheduleRunner(const std::string& artifacts_dir, const RunnerOpt
       throw RunnerError(RunnerError::Kind::kCheckpoint, a.file + ": unknown artifact role '" + a.role + "'");
     }
   }
+  // The velocity layout comes from the step graphs' specs: (b, C, H, W), or (b, 2C, H, W) per CFG half
+  // (flowturbo.integrator). A schedule that needs the per-half carry refuses graphs without it.
+  const int64_t channels = manifest_.latent_shape.at(0);
+  velocity_channels_ = channels;
+  bool has_step_graphs = false;
+  for (const auto& a : artifacts) {
+    if ((a.role != "predictor" && a.role != "refiner") || a.outputs.empty() || a.outputs[0].shape.size() != 3) continue;
+    has_step_graphs = true;
+    const int64_t width = a.outputs[0].shape[0];
+    if (width != channels && width != 2 * channels) {
+      throw RunnerError(RunnerError::Kind::kCheckpoint, a.file + " returns velocities with " + std::to_string(width) +
+                                                            " channels for " + std::to_string(channels) +
+                                                            "-channel latents; re-export");
+    }
+    velocity_channels_ = width;
+  }
+  if (has_step_graphs && manifest_.schedule.carries_halves(static_cast<int>(channels)) &&
+      velocity_channels_ != 2 * channels) {
+    throw RunnerError(RunnerError::Kind::kCheckpoint,
+                      "schedule " + manifest_.schedule.notation() +
+                          " carries its velocity per CFG half (partial guidance with R steps), but the step graphs "
+                          "return one half: they were exported by an older flowturbo; re-export");
+  }
   if (!engines_->unrolled) {
     if (!engines_->decoder) throw RunnerError(RunnerError::Kind::kCheckpoint, manifest_.root + " has no decoder; re-export");
     if (engines_->predictor.by_time.empty()) {
@@ -282,9 +306,11 @@ ScheduleRunner::BatchState& ScheduleRunner::state_for(int64_t batch) {
   std::vector<int64_t> latent{batch};
   latent.insert(latent.end(), manifest_.latent_shape.begin(), manifest_.latent_shape.end());
   const auto latent_options = at::TensorOptions().dtype(dtype_).device(device_);
-  for (at::Tensor* buffer : {&state->x, &state->x_pred, &state->scratch, &state->velocity_a, &state->velocity_b,
-                             &state->refined_a, &state->refined_b}) {
-    *buffer = at::empty(latent, latent_options);
+  for (at::Tensor* buffer : {&state->x, &state->x_pred, &state->scratch}) *buffer = at::empty(latent, latent_options);
+  std::vector<int64_t> velocity = latent;
+  velocity[1] = velocity_channels_;
+  for (at::Tensor* buffer : {&state->velocity_a, &state->velocity_b, &state->refined_a, &state->refined_b}) {
+    *buffer = at::empty(velocity, latent_options);
   }
   auto& ref = *state;
   states_.emplace(batch, std::move(state));
@@ -330,6 +356,9 @@ at::Tensor ScheduleRunner::integrate(const at::Tensor& noise, BatchState& state,
   at::Tensor& x = state.x;  // (b, C, H, W)
   at::Tensor& x_pred = state.x_pred;
   at::Tensor& scratch = state.scratch;
+  const int64_t channels = manifest_.latent_shape.at(0);
+  // The conditional half of a velocity (all of it outside the per-half layout): what moves x.
+  auto first = [channels](const at::Tensor& v) { return v.size(1) == channels ? v : v.narrow(1, 0, channels); };
   x.copy_(noise);
   at::Tensor carried;  // undefined: nothing carried
 #ifdef FLOWTURBO_WITH_CUDA
@@ -346,17 +375,17 @@ at::Tensor ScheduleRunner::integrate(const at::Tensor& noise, BatchState& state,
     StepRange range("step " + std::to_string(k) + " " + static_cast<char>(kind), device_.is_cuda());
     const auto started = Clock::now();
     if (kind == StepKind::Euler) {
-      at::mul_out(scratch, velocity(x, k, state), h);  // x <- x + h v   (v used before any other engine call)
+      at::mul_out(scratch, first(velocity(x, k, state)), h);  // x <- x + h v   (v used before any other engine call)
       x.add_(scratch);
       carried = at::Tensor();
     } else if (kind == StepKind::Refiner) {
       const at::Tensor v = carried;  // one of our buffers; schedule validation guarantees it exists
       at::Tensor& d = v.is_same(state.refined_a) ? state.refined_b : state.refined_a;
       at::add_out(d, v, offset(x, v, k, state));  // d = v + r(x, t_k, v)
-      at::mul_out(scratch, d, h);
+      at::mul_out(scratch, first(d), h);
       at::add_out(x_pred, x, scratch);  // x + h d
       at::Tensor d_next = offset(x_pred, v, k + 1, state);
-      at::add_out(scratch, d, d_next.add_(d));  // d' = d + r(x + h d, t_k+1, v)  (a + b == b + a exactly)
+      at::add_out(scratch, first(d), first(d_next.add_(d)));  // d' = d + r(x + h d, t_k+1, v)  (a + b == b + a)
       scratch.mul_(0.5 * h);
       x.add_(scratch);  // x <- x + h/2 (d + d')
       carried = d;
@@ -368,11 +397,11 @@ at::Tensor ScheduleRunner::integrate(const at::Tensor& noise, BatchState& state,
         d = carried.defined() && carried.is_same(state.velocity_a) ? state.velocity_b : state.velocity_a;
         d.copy_(velocity(x, k, state));
       }
-      at::mul_out(scratch, d, h);
+      at::mul_out(scratch, first(d), h);
       at::add_out(x_pred, x, scratch);  // x + h d
       at::Tensor& d_next = d.is_same(state.velocity_a) ? state.velocity_b : state.velocity_a;
       d_next.copy_(velocity(x_pred, k + 1, state));
-      at::add_out(scratch, d, d_next);
+      at::add_out(scratch, first(d), first(d_next));
       scratch.mul_(0.5 * h);
       x.add_(scratch);  // x <- x + h/2 (d + d')
       carried = d_next;

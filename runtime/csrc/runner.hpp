@@ -90,6 +90,7 @@ class ScheduleRunner {
   std::unique_ptr<Engines> engines_;
   std::map<int64_t, std::unique_ptr<BatchState>> states_;
   std::string graph_fallback_reason_;
+  int64_t velocity_channels_ = 0;  // C, or 2C when the schedule carries the velocity per CFG half
 };
 
 // "cuda" / "tensorrt" support compiled into this build.

@@ -238,6 +238,11 @@ bool Schedule::uses_refiner() const {
   return false;
 }
 
+bool Schedule::carries_halves(int latent_channels) const {
+  return guidance_scale != 1.0 && guidance_channels.has_value() && *guidance_channels < latent_channels &&
+         uses_refiner();
+}
+
 std::string Schedule::canonical_json() const {
   // Keys sorted, no whitespace, floats as Python repr: identical to json.dumps(sort_keys=True,
   // separators=(",", ":")) in flowturbo/schedule.py.

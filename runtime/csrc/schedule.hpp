@@ -52,6 +52,9 @@ struct Schedule {
   int predictor_calls() const;
   int refiner_calls() const;
   bool uses_refiner() const;
+  // Mirror of flowturbo.integrator.carries_halves: the carried velocity is (B, 2C, H, W) per CFG half
+  // (guidance on, only some of the C latent channels guided, R steps present).
+  bool carries_halves(int latent_channels) const;
 
   std::string canonical_json() const;  // what the id hashes
   std::string id() const;              // first 16 hex digits of SHA-256(canonical_json)

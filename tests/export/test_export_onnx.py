@@ -25,7 +25,9 @@ from flowturbo.schedule import SamplingSchedule
 from flowturbo.training.bundle import Bundle, BundleDefaults
 from flowturbo.training.decoders import IdentityDecoder
 from flowturbo.training.models import RefinerConfig, SiT, SiTConfig, VelocityRefiner, perturb_zero_initialized
-from flowturbo.training.sampling import GuidedVelocity, make_noise, sample_schedule
+from flowturbo.kernels import cfg_guided_reference
+from flowturbo.training.sampling import CFGModelCalls, GuidedVelocity, make_noise, sample_schedule
+from micro_models import SENSITIVITY_FACTOR, strengthen_conditioning
 
 NUM_CLASSES = 5
 SCHEDULE = SamplingSchedule.parse("H1P2R2", guidance_scale=1.7, guidance_channels=2)
@@ -40,11 +42,13 @@ def micro_bundle(*, with_refiner: bool = True, dtype: torch.dtype = torch.float3
     predictor = SiT(config)
     predictor.initialize_weights(generator)
     perturb_zero_initialized(predictor, generator=generator)
+    strengthen_conditioning(predictor, generator)
     refiner = None
     if with_refiner:
         refiner = VelocityRefiner(RefinerConfig.for_predictor(config))
         refiner.initialize_weights(generator)
         perturb_zero_initialized(refiner, generator=generator)
+        strengthen_conditioning(refiner, generator)
         refiner = refiner.to(dtype).eval()
     defaults = BundleDefaults(schedule="H1P2R2" if with_refiner else "H2")
     return Bundle(predictor.to(dtype).eval(), refiner, IdentityDecoder(3).eval(), None, defaults)
@@ -53,6 +57,25 @@ def micro_bundle(*, with_refiner: bool = True, dtype: torch.dtype = torch.float3
 @pytest.fixture(scope="module")
 def bundle() -> Bundle:
     return micro_bundle()
+
+
+def test_micro_models_depend_strongly_on_time_and_label(bundle):
+    """A graph wired to the wrong time or label must fail the parity tests: outputs at t=0 vs t=1, and for
+    two labels, differ by far more than the export tolerance."""
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(2, 3, 6, 6, generator=gen)
+    v = torch.randn(2, 3, 6, 6, generator=gen)
+    y = torch.tensor([1, 4])
+    floor = SENSITIVITY_FACTOR * tol("export_fp32")["atol"]
+    with torch.no_grad():
+        for name, run in (("predictor", lambda t, y: bundle.predictor(x, t, y)),
+                          ("refiner", lambda t, y: bundle.refiner(x, t, y, v))):
+            at0, at1 = run(torch.zeros(2), y), run(torch.ones(2), y)
+            assert (at0 - at1).abs().max() >= floor, f"{name} barely depends on t"
+            other = run(torch.full((2,), 0.5), torch.tensor([2, 0]))
+            assert (run(torch.full((2,), 0.5), y) - other).abs().max() >= floor, f"{name} barely depends on the label"
+            null = run(torch.full((2,), 0.5), torch.full((2,), NUM_CLASSES))
+            assert (run(torch.full((2,), 0.5), y) - null).abs().max() >= floor, f"{name}: null label has no effect"
 
 
 @pytest.fixture(scope="module")
@@ -80,13 +103,16 @@ def test_module_parity_against_reference_cfg(bundle, exported, batch):
     root = exported.path
     generator = torch.Generator().manual_seed(7 + batch)
     x = torch.randn(batch, 3, 6, 6, generator=generator)
-    v = torch.randn(batch, 3, 6, 6, generator=generator)
+    v = torch.randn(batch, 6, 6, 6, generator=generator)  # per-CFG-half velocity: 2 of 3 channels guided, R steps
     t = torch.rand(batch, generator=generator) * 0.9 + 0.05
     y = torch.randint(0, NUM_CLASSES, (batch,), generator=generator)
-    guide = GuidedVelocity(y, NUM_CLASSES, SCHEDULE.guidance_scale, SCHEDULE.guidance_channels)
+    calls = CFGModelCalls(bundle.predictor, bundle.refiner, y, NUM_CLASSES, guided=True)
+    scale, channels = SCHEDULE.guidance_scale, SCHEDULE.guidance_channels
     with torch.no_grad():
-        want_v = guide.predictor(bundle.predictor, x, t)
-        want_r = guide.refiner(bundle.refiner, x, t, v)
+        want_v = cfg_guided_reference(calls.predictor(x, t), batch, 3, scale, channels, halves=True)
+        want_r = cfg_guided_reference(calls.refiner(x, t, v), batch, 3, scale, channels, halves=True)
+        guide = GuidedVelocity(y, NUM_CLASSES, scale, channels)  # the conditional half, computed the plain way
+        torch.testing.assert_close(want_v[:, :3], guide.predictor(bundle.predictor, x, t), **tol("export_fp32"))
     got_v = run_onnx(root / artifacts["predictor_step"]["file"], {"latents": x, "t": t, "labels": y})[0]
     got_r = run_onnx(root / artifacts["refiner_step"]["file"], {"latents": x, "v": v, "t": t, "labels": y})[0]
     got_d = run_onnx(root / artifacts["decoder"]["file"], {"latents": 2 * x})[0]

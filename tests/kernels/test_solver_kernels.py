@@ -158,7 +158,7 @@ def test_dispatchers_agree_across_backends():
 def test_bad_inputs_raise_clear_errors():
     raw, x, d, base = _case(2, 4, 8, 3, 3, True, torch.float32, seed=7)
     with pytest.raises(FlowTurboError, match="dtype mismatch"):
-        cfg_predict(raw.half(), x, H, SCALE, backend="triton")
+        cfg_correct(raw, x, d.half(), H, SCALE, backend="triton")  # the state shares one dtype (raw may differ)
     with pytest.raises(FlowTurboError, match=r"raw must be \(2B, C_out, H, W\) with B = 2"):
         cfg_predict(raw[:3], x, H, SCALE, backend="triton")
     with pytest.raises(FlowTurboError, match=r"C_out >= 4"):
@@ -177,3 +177,78 @@ def test_bad_inputs_raise_clear_errors():
         cfg_predict(raw.int(), x.int(), H, SCALE, backend="triton")
     with pytest.raises(FlowTurboError, match="d_out must be"):
         cfg_predict_triton(raw, x, H, SCALE, d_out=torch.empty(2, 4, 3, 4, device=DEVICE))
+
+
+# ----------------------------------------------------------------------------- per-CFG-half velocities
+
+
+def _halves_formula(raw, x, h, s, guided, base, d_prev=None):
+    """The per-half rule of flowturbo.integrator in float64, channel by channel: the second half of the
+    velocity keeps the unconditional rows' own unguided channels; x moves with the first half."""
+    raw, x = raw.double().cpu(), x.double().cpu()
+    batch, channels = x.shape[:2]
+    velocity = torch.empty(batch, 2 * channels, *x.shape[2:], dtype=torch.float64)
+    for ch in range(channels):
+        c, u = raw[:batch, ch], raw[batch:, ch]
+        g = u + s * (c - u)
+        velocity[:, ch] = g if ch < guided else c
+        velocity[:, channels + ch] = g if ch < guided else u
+    if base is not None:
+        velocity = base.double().cpu() + velocity
+    first = velocity[:, :channels]
+    if d_prev is None:
+        return velocity, x + h * first
+    return x + h / 2 * (d_prev.double().cpu()[:, :channels] + first), velocity
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_per_half_velocity_predict_and_correct(backend, dtype):
+    """(B, 2C, H, W) velocities: unguided channels differ per half, guided ones are equal; x uses half 1."""
+    batch, channels, height, width, guided = 2, 4, 5, 3, 3
+    gen = torch.Generator().manual_seed(11)
+    raw = torch.randn(2 * batch, 8, height, width, generator=gen, dtype=torch.float64).to(DEVICE, dtype)
+    x = (torch.randn(batch, channels, height, width, generator=gen, dtype=torch.float64) + 0.25).to(DEVICE, dtype)
+    base, d_prev = ((torch.randn(batch, 2 * channels, height, width, generator=gen, dtype=torch.float64) - 0.5)
+                    .to(DEVICE, dtype) for _ in range(2))
+    d, x_pred = cfg_predict(raw, x, H, SCALE, guided, base, backend=backend, halves=True)
+    assert d.shape == (batch, 2 * channels, height, width)
+    _assert_close((d, x_pred), _halves_formula(raw, x, H, SCALE, guided, base), dtype)
+    g, _ = cfg_predict(raw, x, H, SCALE, guided, backend=backend, halves=True)  # no base: the guided velocity
+    assert not torch.allclose(g[:, guided:channels], g[:, channels + guided:])  # unguided channels differ per half
+    torch.testing.assert_close(g[:, :guided], g[:, channels:channels + guided], **tol(dtype))  # guided ones agree
+    x_new, d2 = cfg_correct(raw, x, d_prev, H, SCALE, guided, base, backend=backend, halves=True)
+    _assert_close((x_new, d2), _halves_formula(raw, x, H, SCALE, guided, base, d_prev=d_prev), dtype)
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_per_half_velocity_from_already_guided_rows(backend):
+    """B-row raw in the per-half layout (an exported graph's output): d = base + raw, both halves kept."""
+    gen = torch.Generator().manual_seed(12)
+    raw = torch.randn(3, 8, 4, 4, generator=gen).to(DEVICE)
+    x = torch.randn(3, 4, 4, 4, generator=gen).to(DEVICE)
+    base = torch.randn(3, 8, 4, 4, generator=gen).to(DEVICE)
+    d, x_pred = cfg_predict(raw, x, H, SCALE, 3, base, backend=backend, halves=True)
+    torch.testing.assert_close(d, base + raw, **tol(torch.float32))
+    torch.testing.assert_close(x_pred, x + H * (base + raw)[:, :4], **tol(torch.float32))
+
+
+@pytest.mark.parametrize("backend", ["reference", "triton"])
+def test_narrow_model_output_feeds_a_float32_state(backend):
+    """A float16 raw output with a float32 state: read and widened in place of a separate cast."""
+    raw, x, d, base = _case(2, 4, 8, 3, 5, True, torch.float32, seed=13)
+    got = cfg_correct(raw.half(), x, d, H, SCALE, 3, base, backend=backend)
+    want = cfg_correct_reference(raw.half().float(), x, d, H, SCALE, 3, base)
+    assert got[0].dtype == torch.float32
+    _assert_close(got, want, torch.float32)
+
+
+def test_launch_config_covers_every_pixel_once():
+    """One program per (plane, pixel block): blocks are powers of two within the bounds, warps grow with them."""
+    from flowturbo.kernels._common import SOLVER_MAX_BLOCK, SOLVER_MIN_BLOCK
+    from flowturbo.kernels.solver import solver_launch_config
+
+    for hw in (1, 15, 64, 1023, 1024, 4096, 16384):
+        block, warps = solver_launch_config(hw)
+        assert SOLVER_MIN_BLOCK <= block <= SOLVER_MAX_BLOCK and block & (block - 1) == 0
+        assert 1 <= warps <= 4 and (block >= min(hw, SOLVER_MAX_BLOCK))

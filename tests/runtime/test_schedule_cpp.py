@@ -16,6 +16,8 @@ _C = pytest.importorskip("flowturbo._C", reason="the C++ extension is not built 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from test_schedule import _random_schedule  # noqa: E402
 
+from flowturbo.integrator import carries_halves  # noqa: E402
+
 
 def test_parity_on_many_random_schedules():
     rng = random.Random(1)
@@ -28,6 +30,8 @@ def test_parity_on_many_random_schedules():
         assert (cpp.predictor_calls, cpp.refiner_calls) == (py.predictor_calls, py.refiner_calls)
         assert cpp.step_calls() == [tuple(c) for c in py.step_calls()]
         assert cpp.notation == py.notation
+        for channels in (1, 3, 4, 8):  # the carry rule of flowturbo.integrator, mirrored
+            assert cpp.carries_halves(channels) == carries_halves(py, channels)
         back = _C.Schedule.from_json(py.to_json())
         assert back.id == py.id and back.timesteps == list(py.timesteps)
         assert SamplingSchedule.from_json(cpp.describe_json()) == py

@@ -52,7 +52,8 @@ class StubPredictor:
 
 
 class StubRefiner:
-    """A refiner offset depending on x, t, y and the carried velocity v; records calls."""
+    """A refiner offset depending on x, t, y and the carried velocity v — mixing channels, as a real refiner's
+    patch embedding does (so the velocity one CFG half carries changes every output channel); records calls."""
 
     def __init__(self, generator: torch.Generator) -> None:
         self.w = torch.randn(NUM_CLASSES + 1, SHAPE[1], generator=generator, dtype=torch.float64)
@@ -60,49 +61,55 @@ class StubRefiner:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         self.calls.append((float(t[0]), v.clone()))
-        return 0.3 * torch.tanh(x - v) * t[:, None, None, None] + 0.1 * self.w[y][:, :, None, None] * v.cos()
+        mixed = v.mean(dim=1, keepdim=True) * (1 + t)[:, None, None, None]  # (M, 1, H, W), every channel sees it
+        return 0.3 * torch.tanh(x - v) * t[:, None, None, None] + 0.1 * self.w[y][:, :, None, None] * v.cos() + mixed
 
 
-def _guided(model, x, t, y, scale, channels, v=None):
-    """Hand-written CFG: separate conditional and unconditional calls on the raw stub."""
-    tt = torch.full((x.shape[0],), t, dtype=x.dtype)
-    null = torch.full_like(y, NUM_CLASSES)
-    args = (v,) if v is not None else ()
-    c = model(x, tt, y, *args)[:, : x.shape[1]]
-    u = model(x, tt, null, *args)[:, : x.shape[1]]
-    g = u + scale * (c - u)
-    if channels is not None:
-        g = torch.cat([g[:, :channels], c[:, channels:]], dim=1)
-    return g
+def _official_velocity(model, x2, t, y2, scale, channels, v2=None):
+    """The released sampler's CFG step (``forward_with_cfg`` / ``VelocityRefinerBlock._forward``), written out:
+    the model sees ``[half; half]`` with half = the conditional rows of the doubled x, the first ``channels``
+    channels are guided and copied to both halves, the rest keep each half's own output."""
+    half = x2[: x2.shape[0] // 2]
+    combined = torch.cat([half, half])
+    tt = torch.full((combined.shape[0],), t, dtype=x2.dtype)
+    out = model(combined, tt, y2, v2)[:, : x2.shape[1]] if v2 is not None else model(combined, tt, y2)[:, : x2.shape[1]]
+    g = x2.shape[1] if channels is None else channels
+    eps, rest = out[:, :g], out[:, g:]
+    cond_eps, uncond_eps = torch.split(eps, len(eps) // 2, dim=0)
+    half_eps = uncond_eps + scale * (cond_eps - uncond_eps)
+    return torch.cat([torch.cat([half_eps, half_eps]), rest], dim=1)  # (2B, C): a doubled velocity
 
 
 def _hand_loop(steps: str, x, y, pred, ref, scale, channels):
-    """DESIGN.md §2 written out directly, for comparison with sample_schedule."""
+    """DESIGN.md §2 written out as the released FlowTurbo sampler runs it: x, every velocity and the carried
+    one are *doubled* (one row per CFG half, updated per half); the result is the conditional half."""
     n = len(steps)
     ts = [k / n for k in range(n + 1)]
+    x2 = torch.cat([x, x])
+    y2 = torch.cat([y, torch.full_like(y, NUM_CLASSES)])
     carried = None
     for k, kind in enumerate(steps):
         h = ts[k + 1] - ts[k]
         if kind == "H" or (kind == "P" and carried is None):
-            d = _guided(pred, x, ts[k], y, scale, channels)
-            xt = x + h * d
-            d2 = _guided(pred, xt, ts[k + 1], y, scale, channels)
-            x, carried = x + h / 2 * (d + d2), d2
+            d = _official_velocity(pred, x2, ts[k], y2, scale, channels)
+            xt = x2 + h * d
+            d2 = _official_velocity(pred, xt, ts[k + 1], y2, scale, channels)
+            x2, carried = x2 + h / 2 * (d + d2), d2
         elif kind == "P":
             d = carried
-            xt = x + h * d
-            d2 = _guided(pred, xt, ts[k + 1], y, scale, channels)
-            x, carried = x + h / 2 * (d + d2), d2
+            xt = x2 + h * d
+            d2 = _official_velocity(pred, xt, ts[k + 1], y2, scale, channels)
+            x2, carried = x2 + h / 2 * (d + d2), d2
         elif kind == "R":
             v = carried
-            d = v + _guided(ref, x, ts[k], y, scale, channels, v)
-            xt = x + h * d
-            d2 = d + _guided(ref, xt, ts[k + 1], y, scale, channels, v)
-            x, carried = x + h / 2 * (d + d2), d
+            d = _official_velocity(ref, x2, ts[k], y2, scale, channels, v) + v
+            xt = x2 + h * d
+            d2 = _official_velocity(ref, xt, ts[k + 1], y2, scale, channels, v) + d
+            x2, carried = x2 + h / 2 * (d + d2), d
         else:  # E
-            d = _guided(pred, x, ts[k], y, scale, channels)
-            x, carried = x + h * d, None
-    return x
+            d = _official_velocity(pred, x2, ts[k], y2, scale, channels)
+            x2, carried = x2 + h * d, None
+    return x2[: x.shape[0]]
 
 
 def _inputs(seeded: torch.Generator):
@@ -112,8 +119,10 @@ def _inputs(seeded: torch.Generator):
 
 
 @pytest.mark.parametrize("steps", ["HPPPPPRRR", "HHPPRR", "PPPRR", "EEHPR", "HPRPR", "E"])
-@pytest.mark.parametrize("scale,channels", [(4.0, None), (2.5, 3), (1.0, None)])
-def test_schedule_matches_hand_written_loop(seeded, steps, scale, channels):
+@pytest.mark.parametrize("scale,channels", [(4.0, None), (2.5, 3), (4.0, 1), (1.0, None), (1.0, 3)])
+def test_schedule_matches_the_released_samplers_loop(seeded, steps, scale, channels):
+    """Bit-level semantics (float64) of every step kind against the released sampler's doubled-batch loop,
+    including partial guidance, where the carried velocity differs per CFG half (issue 10, item 1b)."""
     x0, y = _inputs(seeded)
     pred, ref = StubPredictor(seeded), StubRefiner(seeded)
     schedule = SamplingSchedule.parse(steps, guidance_scale=scale, guidance_channels=channels)
@@ -233,3 +242,39 @@ def test_noise_is_seeded_and_dtype_independent():
     a = make_noise(2, (4, 3, 3), seed=7)
     b = make_noise(2, (4, 3, 3), seed=7, dtype=torch.float64)
     assert torch.equal(a, b.float()) and not torch.equal(a, make_noise(2, (4, 3, 3), seed=8))
+
+
+def test_partial_guidance_carries_each_halfs_own_unguided_channels(seeded):
+    """Pin the per-half rule itself: the refiner's unconditional rows receive the unconditional half's channel 3.
+
+    The rule: with guidance on channels :3 only, a carried velocity is doubled — guided channels equal in both
+    halves, channel 3 each half's own output — and the refiner's unconditional branch sees that half. Feeding
+    ``cat([v, v])`` of the conditional velocity (the old behaviour) changes the final latents.
+    """
+    x0, y = _inputs(seeded)
+    pred, ref = StubPredictor(seeded), StubRefiner(seeded)
+    schedule = SamplingSchedule.parse("H1P1R2", guidance_scale=4.0, guidance_channels=3)
+    result = sample_schedule(schedule, x0, y, pred, ref, num_classes=NUM_CLASSES)
+    batch = x0.shape[0]
+    first_t, v_doubled = ref.calls[0]  # the first R step's first call: (2B, C) velocity rows
+    assert first_t == schedule.timesteps[2]
+    cond_half, uncond_half = v_doubled[:batch], v_doubled[batch:]
+    torch.testing.assert_close(cond_half[:, :3], uncond_half[:, :3], **tol(torch.float64))  # guided: equal
+    assert (cond_half[:, 3] - uncond_half[:, 3]).abs().min() > 1e-6  # unguided: each half its own
+    expected = _hand_loop("HPRR", x0, y, pred, ref, 4.0, 3)  # the released sampler's doubled loop
+    torch.testing.assert_close(result.latents, expected, **tol(torch.float64))
+    # And the alternative rule really differs (so this test can tell them apart).
+    same_v = sample_schedule(SamplingSchedule.parse("H1P1R2", guidance_scale=4.0, guidance_channels=3),
+                             x0, y, pred, _SameHalvesRefiner(ref), num_classes=NUM_CLASSES)
+    assert (same_v.latents - result.latents).abs().max() > 1e-4
+
+
+class _SameHalvesRefiner:
+    """Feeds the refiner ``cat([v_cond, v_cond])``: the rule the released code does *not* use."""
+
+    def __init__(self, inner: StubRefiner) -> None:
+        self.inner = inner
+
+    def __call__(self, x, t, y, v):
+        half = v.shape[0] // 2
+        return self.inner(x, t, y, torch.cat([v[:half], v[:half]]))

@@ -1,0 +1,263 @@
+"""What every exported backend shares: :class:`ExportedSampler`.
+
+It holds the manifest (schedule, variant, batch profile, class count), the noise (same semantics as the
+reference ``make_noise``: float32 CPU generator seeded with ``seed``, drawn for all images at once, then
+cast), batching within the exported profile, and runs the ``time-input`` / ``per-step`` graphs through the
+one step loop :func:`flowturbo.integrator.integrate` (the ``unrolled`` variant runs the whole schedule +
+decode as one call). Subclasses load the modules of one format: ONNX Runtime (``onnx_backend``),
+AOTInductor (``aoti_backend``), TensorRT (``tensorrt_backend``). Its :meth:`~ExportedSampler.sample`
+returns the same :class:`~flowturbo.runtime.results.Samples` as the PyTorch sampler.
+
+The step graphs return the *guided* velocity (CFG inside the graph), so the loop's solver ops add and
+update only (:class:`flowturbo.kernels.SolverOps` on B-row inputs), in the per-CFG-half velocity layout
+when the schedule needs it (:func:`flowturbo.integrator.carries_halves`).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+
+from flowturbo.dtypes import torch_dtype
+from flowturbo.errors import CheckpointError, FlowTurboError, SamplingError
+from flowturbo.integrator import IntegratorState, StepHooks, StepInfo, carries_halves, integrate
+from flowturbo.kernels import SolverOps
+from flowturbo.runtime.artifacts import ArtifactEntry, ArtifactSet, load_artifacts
+from flowturbo.runtime.results import Samples, StageTimes
+from flowturbo.schedule import SamplingSchedule, StepKind
+
+# A module call: keyword tensors in (spec input names), output tensors out (spec order).
+ModuleFn = Callable[..., list[torch.Tensor]]
+
+
+class StepHook(Protocol):
+    """Optional observer of the loop (the profiler installs one): called at each step's start and end and
+    around the decode. Unset (``ExportedSampler.step_hook = None``) it costs one attribute test per step."""
+
+    def step_start(self, index: int, kind: StepKind, t_start: float, t_end: float) -> None: ...
+
+    def step_end(self, index: int, kind: StepKind, t_start: float, t_end: float) -> None: ...
+
+    def decode_start(self) -> None: ...
+
+    def decode_end(self) -> None: ...
+
+
+class _ObserverHooks(StepHooks):
+    """Adapts a :class:`StepHook` (profiler) to the integrator's per-step hooks."""
+
+    def __init__(self, hook: StepHook) -> None:
+        self.hook = hook
+
+    def before_step(self, step: StepInfo, state: IntegratorState) -> None:
+        self.hook.step_start(step.index, step.kind, step.t_start, step.t_end)
+
+    def after_step(self, step: StepInfo, state: IntegratorState) -> None:
+        self.hook.step_end(step.index, step.kind, step.t_start, step.t_end)
+
+
+def make_noise(batch: int, latent_shape: Sequence[int], seed: int, dtype: torch.dtype) -> torch.Tensor:
+    """x_0 ~ N(0, I) of shape (batch, C, H, W): float32 CPU generator seeded with ``seed``, then cast.
+
+    The same draw as ``flowturbo.training.sampling.make_noise`` (re-implemented: runtime does not import
+    training), so a seed gives the same images on every backend.
+    """
+    generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    noise = torch.randn((batch, *latent_shape), generator=generator, dtype=torch.float32)
+    return noise.to(dtype=dtype)
+
+
+class _GraphCalls:
+    """:class:`flowturbo.integrator.ModelCalls` over an export's step graphs for one label batch.
+
+    The graphs take B images and return the guided velocity / offset (CFG inside), i.e. B-row "raw" outputs.
+    """
+
+    def __init__(self, sampler: "ExportedSampler", labels: torch.Tensor) -> None:
+        self.sampler = sampler
+        self.labels = labels
+
+    def predictor(self, x: torch.Tensor, t: float) -> torch.Tensor:
+        return self.sampler._call(self.sampler._predict, t, "predictor", latents=x, labels=self.labels)
+
+    def refiner(self, x: torch.Tensor, t: float, v: torch.Tensor) -> torch.Tensor:
+        return self.sampler._call(self.sampler._refine, t, "refiner", latents=x, v=v, labels=self.labels)
+
+
+class ExportedSampler:
+    """Runs the schedule an export directory was built for; subclasses load the modules of one format."""
+
+    backend = "exported"
+    artifact_format = ""
+    step_hook: StepHook | None = None  # set on an instance by flowturbo.runtime.profiling; None: no cost
+    device = torch.device("cpu")  # where the loop's tensors live (subclasses running on a GPU set theirs)
+
+    def __init__(self, artifacts: ArtifactSet) -> None:
+        self.artifacts = artifacts
+        self.schedule: SamplingSchedule = artifacts.schedule
+        model = artifacts.model
+        self.num_classes = int(model["num_classes"])
+        self.latent_shape = tuple(int(d) for d in model["latent_shape"])
+        self.class_names = model.get("class_names")
+        self.dtype = torch_dtype(artifacts.precision)
+        self.variant = artifacts.variant
+        entries = artifacts.entries(self.artifact_format)
+        self.halves = self._velocity_layout(entries)
+        self.ops = SolverOps(halves=self.halves)  # the graphs return guided velocities: add and update only
+        self._predict: dict[float | None, ModuleFn] = {}
+        self._refine: dict[float | None, ModuleFn] = {}
+        self._decode: ModuleFn | None = None
+        self._unrolled: ModuleFn | None = None
+        for entry in entries:
+            fn = self._load(entry)
+            if entry.role == "predictor":
+                self._predict[entry.time] = fn
+            elif entry.role == "refiner":
+                self._refine[entry.time] = fn
+            elif entry.role == "decoder":
+                self._decode = fn
+            elif entry.role == "unrolled":
+                self._unrolled = fn
+            else:
+                raise FlowTurboError(f"{entry.path.name}: unknown artifact role {entry.role!r}")
+
+    def _velocity_layout(self, entries: Sequence[ArtifactEntry]) -> bool:
+        """True when the step graphs exchange per-CFG-half velocities (B, 2C, H, W).
+
+        Read from the graphs' specs; a schedule that needs the per-half carry (partial guidance with R steps,
+        :func:`flowturbo.integrator.carries_halves`) refuses graphs without it (exported by an older flowturbo).
+        """
+        channels = self.latent_shape[0]
+        widths = {int(entry.spec["outputs"][0]["shape"][1]) for entry in entries
+                  if entry.role in ("predictor", "refiner") and entry.spec.get("outputs")}
+        if not widths:
+            return False
+        if len(widths) > 1 or not widths <= {channels, 2 * channels}:
+            raise CheckpointError(f"the step graphs of {self.artifacts.root} return velocities of {sorted(widths)} "
+                                  f"channels for {channels}-channel latents; re-export the directory")
+        halves = widths == {2 * channels}
+        if carries_halves(self.schedule, channels) and not halves:
+            raise CheckpointError(
+                f"schedule {self.schedule.notation} guides {self.schedule.guidance_channels} of {channels} channels and "
+                "has R steps, so the velocity is carried per CFG half, but these step graphs return one half: they "
+                "were exported by an older flowturbo; re-export the directory"
+            )
+        return halves
+
+    @classmethod
+    def from_artifacts(cls, folder: str | os.PathLike[str], *, expect: dict[str, Any] | None = None,
+                       **kwargs: Any) -> "ExportedSampler":
+        """Load and verify ``folder`` (checksums; ``expect`` values, e.g. a schedule id), then the modules."""
+        return cls(load_artifacts(folder, expect=expect), **kwargs)
+
+    # ------------------------------------------------------------------------------- backend hooks
+    def _load(self, entry: ArtifactEntry) -> ModuleFn:
+        raise NotImplementedError
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            "source": str(self.artifacts.root),
+            "backend": self.backend,
+            "variant": self.variant,
+            "precision": self.artifacts.precision,
+            "batch_profile": ":".join(str(b) for b in self.artifacts.batch),
+            "num_classes": self.num_classes,
+            "latent_shape": list(self.latent_shape),
+            "weights_sha256": self.artifacts.model.get("weights_sha256"),
+        }
+
+    # ---------------------------------------------------------------------------------- the loop
+    def _call(self, table: dict[float | None, ModuleFn], t: float, what: str, **inputs: torch.Tensor) -> torch.Tensor:
+        fn = table.get(None)
+        if fn is not None:  # time-input graph
+            inputs["t"] = torch.full((inputs["labels"].shape[0],), t, dtype=torch.float32,
+                                     device=inputs["labels"].device)
+        else:  # per-step graph with time folded
+            fn = table.get(t)
+            if fn is None:
+                raise SamplingError(f"the export has no {what} graph for t={t!r}; it was built for another schedule")
+        return fn(**inputs)[0]
+
+    def _integrate(self, noise: torch.Tensor, labels: torch.Tensor, *,
+                   hooks: Sequence[StepHooks] = (), timesteps: Sequence[float] | None = None) -> torch.Tensor:
+        """DESIGN.md §2 steps over the schedule's grid through the one integrator; (b, C, H, W) -> (b, C, H, W)."""
+        all_hooks = list(hooks)
+        if self.step_hook is not None:
+            all_hooks.insert(0, _ObserverHooks(self.step_hook))
+        result = integrate(self.schedule, noise, _GraphCalls(self, labels), self.ops, hooks=all_hooks,
+                           timesteps=timesteps)
+        return result.x
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """The export's decoder graph: (b, C, H, W) latents -> images in [-1, 1]."""
+        if self._decode is None:
+            raise SamplingError("this export has no separate decoder graph (the unrolled variant decodes inside)")
+        return self._decode(latents=latents)[0]
+
+    def run_batch(self, noise: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """One batch: (images, latents, sample seconds, decode seconds)."""
+        t0 = time.perf_counter()
+        if self._unrolled is not None:
+            images, latents = self._unrolled(noise=noise, labels=labels)
+            return images, latents, time.perf_counter() - t0, 0.0
+        latents = self._integrate(noise, labels)
+        t1 = time.perf_counter()
+        hook = self.step_hook
+        if hook is not None:
+            hook.decode_start()
+        images = self.decode(latents)
+        if hook is not None:
+            hook.decode_end()
+        return images, latents, t1 - t0, time.perf_counter() - t1
+
+    # ----------------------------------------------------------------------------------- public
+    @torch.inference_mode()
+    def sample(
+        self,
+        classes: Sequence[int],
+        *,
+        schedule: SamplingSchedule | None = None,
+        seed: int = 0,
+        batch_size: int | None = None,
+        progress: bool = False,
+    ) -> Samples:
+        """One image per class id, like ``Sampler.sample``; the schedule is the exported one.
+
+        Batches hold at most ``batch_size`` images (default: the profile's max) and must fit the exported
+        batch profile. ``progress`` is accepted for API compatibility.
+        """
+        self.artifacts.check_schedule(schedule)
+        labels = torch.as_tensor(list(classes), dtype=torch.long)
+        n = labels.shape[0]
+        if n == 0:
+            raise SamplingError("no classes given: pass at least one class id")
+        self.artifacts.check_classes(labels.tolist())
+        batch = self.artifacts.batch_size_for(n, batch_size)  # refuses before computing anything
+        noise = make_noise(n, self.latent_shape, seed, self.dtype).to(self.device)  # (N, C, H, W)
+        labels_on_device = labels.to(self.device)
+        images, sample_s, decode_s = [], 0.0, 0.0
+        for start in range(0, n, batch):
+            stop = min(start + batch, n)
+            out, _, s, d = self.run_batch(noise[start:stop].contiguous(), labels_on_device[start:stop].contiguous())
+            if not bool(torch.isfinite(out).all()):
+                raise SamplingError("NaN/Inf in the decoded images; try the fp32 export or a lower guidance scale")
+            images.append(out.float().cpu())
+            sample_s, decode_s = sample_s + s, decode_s + d
+        pred_calls, ref_calls = self.schedule.predictor_calls, self.schedule.refiner_calls
+        return Samples(
+            images=torch.cat(images),
+            labels=labels.tolist(),
+            schedule=self.schedule,
+            predictor_calls=pred_calls,
+            refiner_calls=ref_calls,
+            num_batches=math.ceil(n / batch),
+            times=StageTimes(sample_s, decode_s),
+        )
+
+
+__all__ = ["ExportedSampler", "ModuleFn", "StepHook", "make_noise"]

@@ -1,0 +1,175 @@
+"""The Sampler's fast path (Triton kernels + whole-schedule CUDA graph) on CPU, against the float64 reference.
+
+On CPU the Triton kernels run in the interpreter and the CUDA-graph cache runs with its replay-by-call
+stand-in, so everything but the real ``torch.cuda.graph`` capture is exercised here: static buffers, one
+capture per (schedule, batch size), replays, the capture-failure fallback, NaN location, the out-of-memory
+message. The real capture runs in the GPU-marked tests and ``bench/gpu_suite.py``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from tolerances import tol
+
+from flowturbo.errors import FlowTurboError, SamplingError
+from flowturbo.kernels import KernelBackend
+from flowturbo.runtime.cuda_graphs import GraphCache, ReplayByCallBackend
+from flowturbo.runtime.pytorch_backend import TorchPipeline, resolve_kernel_backend
+from flowturbo.runtime.sampler import Sampler
+from flowturbo.schedule import SamplingSchedule
+from flowturbo.training.bundle import BundleDefaults
+from flowturbo.training.sampling import make_noise, sample_schedule
+
+SCHEDULE = SamplingSchedule.parse("H1P2R2", guidance_scale=1.7, guidance_channels=2)  # partial guidance, R steps
+
+
+def _micro_bundle(dtype=torch.float32):
+    path = Path(__file__).parents[1] / "export" / "test_export_onnx.py"
+    spec = importlib.util.spec_from_file_location("_export_onnx_helpers", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules.setdefault("_export_onnx_helpers", module)
+    spec.loader.exec_module(module)
+    return module.micro_bundle(seed=5, dtype=dtype)
+
+
+def _pipeline(kernels: KernelBackend, dtype=torch.float32) -> TorchPipeline:
+    bundle = _micro_bundle(dtype)
+    for model in (bundle.predictor, bundle.refiner):
+        model.set_kernel_backend(kernels)
+    return TorchPipeline(bundle.predictor, bundle.refiner, bundle.decoder, bundle.num_classes,
+                         tuple(bundle.latent_shape), None, BundleDefaults(schedule="H1P2R2", cfg=1.7), "micro",
+                         torch.device("cpu"), dtype, kernels)
+
+
+class CountingBackend(ReplayByCallBackend):
+    def __init__(self) -> None:
+        self.captures = 0
+        self.replays = 0
+
+    def capture(self, fn, inputs, warmup):
+        self.captures += 1
+        return super().capture(fn, inputs, warmup)
+
+    def replay(self, graph):
+        self.replays += 1
+        super().replay(graph)
+
+
+@pytest.fixture(scope="module")
+def reference64():
+    """Images of the float64 reference path (reference ops, float64 models and state)."""
+    pipe = _pipeline(KernelBackend.REFERENCE, torch.float64)
+    classes = [4, 0, 2, 1, 3]
+    with torch.no_grad():
+        noise = make_noise(len(classes), pipe.latent_shape, 3, dtype=torch.float64)
+        result = sample_schedule(SCHEDULE, noise, torch.tensor(classes), pipe.predictor, pipe.refiner,
+                                 num_classes=pipe.num_classes)
+        return classes, pipe.decoder.decode(result.latents)
+
+
+def test_fast_path_matches_the_float64_reference_and_captures_once_per_batch_size(reference64):
+    classes, want = reference64
+    backend = CountingBackend()
+    sampler = Sampler(_pipeline(KernelBackend.TRITON), cuda_graph=True, graph_backend=backend)
+    out = sampler.sample(classes, schedule=SCHEDULE, seed=3, batch_size=2)  # batches of 2, 2, 1
+    torch.testing.assert_close(out.images.double(), want, **tol("sampler_fp32"))
+    assert backend.captures == 2 and backend.replays == 3  # sizes 2 and 1 captured once each
+    assert out.times.decode_fused and out.times.capture_s > 0
+    assert out.execution == {"device": "cpu", "dtype": "float32", "state_dtype": "float32", "kernels": "triton",
+                             "cuda_graph": True}
+    again = sampler.sample(classes, schedule=SCHEDULE, seed=3, batch_size=2)
+    assert backend.captures == 2 and backend.replays == 6 and again.times.capture_s == 0
+    assert torch.equal(again.images, out.images)
+    other = sampler.sample(classes[:2], schedule=SCHEDULE.with_guidance(2.5, 2), seed=3)  # new schedule: new graph
+    assert backend.captures == 3 and other.images.shape[0] == 2
+
+
+def test_reference_eager_path_matches_the_float64_reference(reference64):
+    classes, want = reference64
+    out = Sampler(_pipeline(KernelBackend.REFERENCE)).sample(classes, schedule=SCHEDULE, seed=3, batch_size=3)
+    torch.testing.assert_close(out.images.double(), want, **tol("sampler_fp32"))
+    assert out.execution["cuda_graph"] is False and not out.times.decode_fused
+
+
+class FailingBackend(ReplayByCallBackend):
+    def capture(self, fn, inputs, warmup):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+
+def test_failed_capture_falls_back_step_by_step_with_one_warning(reference64):
+    classes, want = reference64
+    sampler = Sampler(_pipeline(KernelBackend.REFERENCE), cuda_graph=True, graph_backend=FailingBackend())
+    with pytest.warns(RuntimeWarning, match=r"CUDA-graph capture failed \(RuntimeError: operation not permitted "
+                                            r"when stream is capturing\); running step by step"):
+        out = sampler.sample(classes, schedule=SCHEDULE, seed=3)
+    torch.testing.assert_close(out.images.double(), want, **tol("sampler_fp32"))  # never wrong images
+    assert out.execution["cuda_graph"] is False and "capture failed" in out.execution["cuda_graph_fallback"]
+    assert "capture failed" in sampler.describe_execution()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the failure is remembered: no capture attempt, no warning again
+        sampler.sample(classes, schedule=SCHEDULE, seed=3)
+
+
+def test_nan_inside_the_graph_names_the_step():
+    pipe = _pipeline(KernelBackend.REFERENCE)
+    real = pipe.refiner
+
+    def poisoned(x, t, y, v):  # the refiner goes bad from t = 0.8 (the second call of step 4)
+        out = real(x, t, y, v)
+        return out * float("nan") if float(t[0]) > 0.7 else out
+
+    pipe.refiner = poisoned
+    sampler = Sampler(pipe, cuda_graph=True, graph_backend=ReplayByCallBackend())
+    with pytest.raises(SamplingError, match=r"after step 4 \(R, refiner, t 0\.6 -> 0\.8\)"):
+        sampler.sample([0, 1], schedule=SCHEDULE, seed=0)
+
+
+def test_out_of_memory_reports_the_largest_batch_that_fits(monkeypatch):
+    sampler = Sampler(_pipeline(KernelBackend.REFERENCE))
+    real = sampler._run_batch
+    real_forward = sampler._forward
+
+    def limited(schedule, noise, labels):
+        if noise.shape[0] > 3:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_forward(schedule, noise, labels)
+
+    monkeypatch.setattr(sampler, "_forward", limited)
+    monkeypatch.setattr(sampler, "_run_batch", lambda s, n, y: (limited(s, n, y), real(s, n, y))[1])
+    with pytest.raises(SamplingError, match=r"a batch of 8 images does not fit in GPU memory.*largest batch that "
+                                            r"fits is 2: pass --batch 2"):
+        sampler.sample(list(range(5)) + [0, 1, 2], schedule=SCHEDULE, seed=0)
+
+
+def test_graph_cache_refuses_other_shapes_under_one_key():
+    cache = GraphCache(ReplayByCallBackend())
+    fn = lambda a: (a * 2,)  # noqa: E731
+    first = cache.run("k", fn, (torch.ones(2, 3),))
+    assert first.replayed and torch.equal(first.outputs[0], torch.full((2, 3), 2.0))
+    second = cache.run("k", fn, (torch.full((2, 3), 5.0),))
+    assert torch.equal(second.outputs[0], torch.full((2, 3), 10.0)) and second.capture_s == 0
+    second.outputs[0].zero_()  # callers get clones: the static output is untouched
+    assert torch.equal(cache.run("k", fn, (torch.full((2, 3), 5.0),)).outputs[0], torch.full((2, 3), 10.0))
+    with pytest.raises(ValueError, match="captured for"):
+        cache.run("k", fn, (torch.ones(3, 3),))
+
+
+def test_cuda_only_options_are_refused_on_cpu():
+    with pytest.raises(FlowTurboError, match="CUDA graphs need a CUDA device"):
+        Sampler(_pipeline(KernelBackend.REFERENCE), cuda_graph=True)
+    with pytest.raises(FlowTurboError, match="--kernels triton runs our Triton kernels on CUDA"):
+        resolve_kernel_backend("triton", torch.device("cpu"))
+    assert resolve_kernel_backend("auto", torch.device("cpu")) is KernelBackend.REFERENCE
+
+
+def test_default_sampler_on_cpu_is_the_reference_path():
+    sampler = Sampler.from_bundle(device="cpu")
+    assert sampler.graphs is None
+    assert sampler.execution() == {"device": "cpu", "dtype": "float32", "state_dtype": "float32",
+                                   "kernels": "reference", "cuda_graph": False}
