@@ -14,7 +14,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ["kernels", "training", "export", "runtime"]
-ROOT_MODULES = {"flowturbo", "flowturbo.schedule", "flowturbo.errors", "flowturbo._C"}
+ROOT_MODULES = {"flowturbo", "flowturbo.schedule", "flowturbo.errors", "flowturbo._C", "flowturbo.integrator",
+                "flowturbo.dtypes"}
 # The libtorch-linked C++ runner is part of the runtime layer (compiled from runtime/csrc).
 RUNTIME_EXTENSIONS = {"flowturbo._runner"}
 RUNTIME_TRAINING_ENTRY_POINTS = {"runtime/cli.py", "runtime/pytorch_backend.py"}

@@ -346,8 +346,7 @@ class DiffusersTinyDecoder(LatentDecoder):
         self.latent_channels = int(self.vae_config["latent_channels"])
         self.image_channels = int(self.vae_config["out_channels"])
         upsample = int(self.vae_config.get("upsampling_scaling_factor", 2))
-        self.downsample_factor = upsample ** int(self.vae_config.get("num_decoder_blocks",
-                                                                      len(self.vae_config["decoder_block_out_channels"])) - 1)
+        self.downsample_factor = upsample ** (len(self.vae_config["decoder_block_out_channels"]) - 1)
 
     @classmethod
     def from_folder(cls, path: str | os.PathLike[str], device: torch.device | str = "cpu",

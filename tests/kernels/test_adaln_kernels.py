@@ -153,3 +153,30 @@ def test_triton_backend_explains_unusable_devices(monkeypatch):
     torch.testing.assert_close(layernorm_modulate(x, shift, scale),
                                F.layer_norm(x, (72,), eps=1e-6) * (1 + scale[:, None]) + shift[:, None],
                                **tol(torch.float32))
+
+
+def test_adaln_eps_is_one_pinned_constant():
+    """Models and kernels use one LayerNorm eps, the official 1e-6 (nn.LayerNorm(..., eps=1e-6) in SiT/DiT)."""
+    import inspect
+
+    from flowturbo.kernels import adaln
+    from flowturbo.training import models
+
+    assert adaln.ADALN_EPS == 1e-6
+    assert models.ADALN_EPS is adaln.ADALN_EPS
+    for fn in (adaln.layernorm_modulate_reference, adaln.gated_residual_layernorm_modulate_reference,
+               adaln.layernorm_modulate, adaln.gated_residual_layernorm_modulate):
+        assert inspect.signature(fn).parameters["eps"].default == adaln.ADALN_EPS
+
+
+def test_float64_reference_stays_float64():
+    """The float64 reference path keeps float64 through LayerNorm + modulate (no float32 round trip)."""
+    x, y, gate, shift, scale = (t.double().cpu() for t in _inputs(2, 5, 72, torch.float32, seed=4))
+    x = x * 1e3 + 7.0  # a large mean: float32 statistics would lose ~1e-7 relative
+    ln = torch.nn.LayerNorm(72, elementwise_affine=False, eps=1e-6).double()
+    out = layernorm_modulate_reference(x, shift, scale)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ln(x) * (1 + scale[:, None]) + shift[:, None], **tol(torch.float64))
+    residual, modulated = gated_residual_layernorm_modulate_reference(x, y, gate, shift, scale)
+    torch.testing.assert_close(residual, x + gate[:, None] * y, **tol(torch.float64))
+    torch.testing.assert_close(modulated, ln(residual) * (1 + scale[:, None]) + shift[:, None], **tol(torch.float64))

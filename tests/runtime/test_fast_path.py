@@ -173,3 +173,54 @@ def test_default_sampler_on_cpu_is_the_reference_path():
     assert sampler.graphs is None
     assert sampler.execution() == {"device": "cpu", "dtype": "float32", "state_dtype": "float32",
                                    "kernels": "reference", "cuda_graph": False}
+
+
+# ----------------------------------------------------------------------------- on a GPU (skipped here)
+requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
+
+
+def _cuda_pipeline(dtype):
+    from flowturbo.runtime.pytorch_backend import resolve_kernel_backend
+
+    pipe = _pipeline(KernelBackend.REFERENCE, dtype)
+    kernels = resolve_kernel_backend("auto", torch.device("cuda"))
+    for model in (pipe.predictor, pipe.refiner, pipe.decoder):
+        model.to("cuda")
+    for model in (pipe.predictor, pipe.refiner):
+        model.set_kernel_backend(kernels)
+    pipe.device, pipe.kernel_backend = torch.device("cuda"), kernels
+    return pipe
+
+
+@pytest.mark.gpu
+@requires_cuda
+@pytest.mark.parametrize("dtype,key", [(torch.float32, "sampler_fp32"), (torch.bfloat16, "sampler_bf16")])
+def test_cuda_fast_path_matches_the_float64_reference(reference64, dtype, key):
+    """The real thing: Triton kernels + torch.cuda.graph capture, against the float64 CPU reference."""
+    classes, want = reference64
+    sampler = Sampler(_cuda_pipeline(dtype))  # the CUDA defaults: graph on
+    out = sampler.sample(classes, schedule=SCHEDULE, seed=3, batch_size=2)
+    assert out.execution["cuda_graph"] and out.execution["kernels"] == "triton"
+    torch.testing.assert_close(out.images.double(), want, **tol(key))
+    again = sampler.sample(classes, schedule=SCHEDULE, seed=3, batch_size=2)  # replays only
+    assert again.times.capture_s == 0 and torch.equal(again.images, out.images)
+    assert len(sampler.graphs) == 2  # batch sizes 2 and 1
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_cuda_capture_failure_falls_back_with_correct_images(reference64):
+    classes, want = reference64
+    pipe = _cuda_pipeline(torch.float32)
+    real = pipe.refiner
+
+    def syncing(x, t, y, v):  # a host sync: illegal while capturing
+        float(v.sum())
+        return real(x, t, y, v)
+
+    pipe.refiner = syncing
+    sampler = Sampler(pipe)
+    with pytest.warns(RuntimeWarning, match="CUDA-graph capture failed"):
+        out = sampler.sample(classes, schedule=SCHEDULE, seed=3)
+    torch.testing.assert_close(out.images.double(), want, **tol("sampler_fp32"))
+    assert out.execution["cuda_graph"] is False

@@ -59,3 +59,39 @@ def test_official_pipeline_needs_vae_and_matching_refiner(official_files, tmp_pa
     with pytest.raises(FlowTurboError):
         load_pipeline(predictor=official_files / "SiT-tiny.pt", refiner=tmp_path / "bad.pt",
                       vae=official_files / "vae")
+
+
+def test_checkpoint_entry_follows_the_released_code_per_file_kind(tmp_path):
+    """Predictor files default to "ema" (SiT's find_model), refiner files to "model" (FlowTurbo's sampler);
+    --checkpoint-entry overrides both."""
+    gen = torch.Generator().manual_seed(3)
+    config = sit_config("SiT-T/2", input_size=8, in_channels=4, num_classes=7)
+    models = {}
+    for entry in ("model", "ema"):
+        sit = SiT(config)
+        perturb_zero_initialized(sit, generator=gen)
+        ref = VelocityRefiner(RefinerConfig.for_predictor(config))
+        perturb_zero_initialized(ref, generator=gen)
+        models[entry] = (sit, ref)
+    torch.save({entry: models[entry][0].state_dict() for entry in models}, tmp_path / "sit.pt")
+    torch.save({entry: models[entry][1].state_dict() for entry in models}, tmp_path / "ref.pt")
+    torch.manual_seed(0)
+    AutoencoderKL(**TINY_VAE).save_pretrained(str(tmp_path / "vae"))
+
+    def weights(pipe):
+        return (pipe.predictor.final_layer.linear.bias.clone(), pipe.refiner.final_layer.linear.bias.clone())
+
+    files = dict(predictor=tmp_path / "sit.pt", refiner=tmp_path / "ref.pt", vae=tmp_path / "vae", device="cpu")
+    default = load_pipeline(**files)
+    assert default.checkpoint_entries == {"predictor": "ema", "refiner": "model"}
+    assert torch.equal(weights(default)[0], models["ema"][0].final_layer.linear.bias)
+    assert torch.equal(weights(default)[1], models["model"][1].final_layer.linear.bias)
+    forced = load_pipeline(**files, checkpoint_entry="ema")
+    assert torch.equal(weights(forced)[1], models["ema"][1].final_layer.linear.bias)
+    assert forced.describe()["checkpoint_entries"] == {"predictor": "ema", "refiner": "ema"}
+    from flowturbo.errors import FlowTurboError
+
+    with pytest.raises(FlowTurboError, match="--checkpoint-entry must be one of"):
+        load_pipeline(**files, checkpoint_entry="opt")
+    with pytest.raises(FlowTurboError, match="applies to official checkpoint files"):
+        load_pipeline(None, checkpoint_entry="ema")

@@ -159,3 +159,57 @@ def test_registry(monkeypatch):
 def test_abstract_base_cannot_be_instantiated():
     with pytest.raises(TypeError):
         LatentDecoder()  # type: ignore[abstract]
+
+
+TINY_TAESD = dict(
+    encoder_block_out_channels=(8, 8),
+    decoder_block_out_channels=(8, 8),
+    num_encoder_blocks=(1, 1),
+    num_decoder_blocks=(1, 1),
+    latent_channels=4,
+)
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory):
+    from diffusers import AutoencoderTiny
+
+    torch.manual_seed(1)
+    vae = AutoencoderTiny(**TINY_TAESD).eval()
+    folder = tmp_path_factory.mktemp("tiny-taesd")
+    vae.save_pretrained(str(folder))
+    return vae, folder
+
+
+def test_autoencoder_tiny_folder_is_a_decoder_too(tiny_folder, tmp_path):
+    """`--vae` accepts a diffusers AutoencoderTiny (TAESD) folder: same scaled latents, its own decoder."""
+    vae, folder = tiny_folder
+    decoder = decoders.load_vae_decoder(folder)
+    assert isinstance(decoder, decoders.DiffusersTinyDecoder) and decoder.decoder_type == "diffusers-tiny"
+    z = _latents(size=4) * 2.0
+    with torch.no_grad():
+        images = decoder.decode(z)
+        direct = vae.decode(z).sample.clamp(-1, 1)  # TAESD's scaling_factor is 1: scaled SD latents go in as is
+    assert images.shape == direct.shape and images.shape[1] == 3
+    torch.testing.assert_close(images, direct, **tol(torch.float32))
+    assert images.std() > 0
+    decoder.save_to_bundle(tmp_path)  # and it round-trips through a bundle
+    again = load_decoder_from_bundle(tmp_path, decoder.bundle_config())
+    with torch.no_grad():
+        torch.testing.assert_close(again.decode(z), images, **tol(torch.float32))
+
+
+def test_load_vae_decoder_picks_autoencoder_kl_by_default(vae_folder):
+    _, folder = vae_folder
+    assert isinstance(decoders.load_vae_decoder(folder), DiffusersVAEDecoder)
+
+
+def test_channels_last_decoder_gives_the_same_images(vae_folder):
+    """The fast path converts the SD-VAE decoder to channels-last; images must not change."""
+    vae, folder = vae_folder
+    decoder = DiffusersVAEDecoder.from_folder(folder)
+    z = _latents()
+    with torch.no_grad():
+        plain = decoder.decode(z)
+        fast = decoder.to(memory_format=torch.channels_last).decode(z)
+    torch.testing.assert_close(fast, plain, **tol(torch.float32))
