@@ -352,9 +352,16 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     return parser
 
 
+_DEFAULT_FORMATWARNING = warnings.formatwarning
+
+
 def _one_line_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> str:
-    """Warnings as one ``warning:`` line (no source line) on the command line."""
-    return f"flowturbo: warning: {message}\n"
+    """flowturbo's own warnings (e.g. a CUDA-graph fallback) as one ``warning:`` line; others as Python prints them."""
+    from flowturbo.runtime.cuda_graphs import GraphFallbackWarning
+
+    if issubclass(category, GraphFallbackWarning):
+        return f"flowturbo: warning: {message}\n"
+    return _DEFAULT_FORMATWARNING(message, category, *args, **kwargs)
 
 
 def _command_of(argv: Sequence[str]) -> str | None:

@@ -28,6 +28,10 @@ import torch
 GraphFn = Callable[..., Sequence[torch.Tensor]]
 
 
+class GraphFallbackWarning(RuntimeWarning):
+    """A CUDA-graph capture failed; the work runs step by step instead (the message names the cause)."""
+
+
 class CaptureBackend(Protocol):
     """How a function is captured and replayed."""
 
@@ -139,7 +143,7 @@ class GraphCache:
                      "running step by step"
             self._failed[key] = reason
             self.fallback_reason = reason
-            warnings.warn(reason, RuntimeWarning, stacklevel=3)
+            warnings.warn(reason, GraphFallbackWarning, stacklevel=3)
             _recover_after_failed_capture()
             return None
         entry = _Entry(static, graph, outputs, time.perf_counter() - started)
@@ -162,4 +166,4 @@ def _recover_after_failed_capture() -> None:
         torch.cuda.empty_cache()
 
 
-__all__ = ["CaptureBackend", "GraphCache", "GraphRun", "ReplayByCallBackend", "TorchCudaGraphBackend"]
+__all__ = ["CaptureBackend", "GraphCache", "GraphFallbackWarning", "GraphRun", "ReplayByCallBackend", "TorchCudaGraphBackend"]

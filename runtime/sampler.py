@@ -54,10 +54,12 @@ class Sampler:
     """
 
     backend = "pytorch"
+    GRAPH_BATCH = 16  # default images per captured graph: larger requests are split into graphs of this size
 
     def __init__(self, pipeline: TorchPipeline, *, cuda_graph: bool | None = None,
-                 graph_backend: CaptureBackend | None = None) -> None:
+                 graph_backend: CaptureBackend | None = None, graph_batch: int | None = None) -> None:
         self.pipeline = pipeline
+        self.graph_batch = int(graph_batch or self.GRAPH_BATCH)
         on_cuda = pipeline.device.type == "cuda"
         use_graph = on_cuda if cuda_graph is None else bool(cuda_graph)
         if use_graph and not on_cuda and graph_backend is None:
@@ -66,10 +68,12 @@ class Sampler:
 
     @classmethod
     def from_bundle(cls, model: str | None = None, *, cuda_graph: bool | None = None,
-                    graph_backend: CaptureBackend | None = None, **kwargs: Any) -> "Sampler":
+                    graph_backend: CaptureBackend | None = None, graph_batch: int | None = None,
+                    **kwargs: Any) -> "Sampler":
         """Load a bundle folder (None: the embedded default) or official checkpoints; see ``load_pipeline``
         (``device``, ``dtype``, ``kernel_backend``, ``checkpoint_entry``, ...)."""
-        return cls(load_pipeline(model, **kwargs), cuda_graph=cuda_graph, graph_backend=graph_backend)
+        return cls(load_pipeline(model, **kwargs), cuda_graph=cuda_graph, graph_backend=graph_backend,
+                   graph_batch=graph_batch)
 
     @staticmethod
     def from_artifacts(folder: str, backend: str = "onnxruntime", *, device: str | None = None,
@@ -214,7 +218,8 @@ class Sampler:
 
         The initial noise of all images is drawn at once from ``seed`` (so results do not depend on
         ``batch_size``) and the work is split into batches of at most ``batch_size`` images (default: all at
-        once); with CUDA graphs, each distinct batch size is captured once and replayed afterwards.
+        once; with CUDA graphs: at most ``graph_batch`` = 16 images); with CUDA graphs, each distinct batch size
+        is captured once and replayed afterwards (a 40-image request runs graphs of 16, 16 and 8).
         """
         pipe = self.pipeline
         schedule = schedule or self.default_schedule()
@@ -228,7 +233,8 @@ class Sampler:
             raise SamplingError("no classes given: pass at least one class id")
         check_labels(labels, pipe.num_classes, labels.shape[0])
         n = labels.shape[0]
-        batch = n if batch_size is None else int(batch_size)
+        default_batch = min(n, self.graph_batch) if self.graphs is not None else n
+        batch = default_batch if batch_size is None else int(batch_size)
         if batch < 1:
             raise FlowTurboError(f"batch size must be >= 1, got {batch_size}")
         noise = make_noise(n, pipe.latent_shape, seed, dtype=pipe.state_dtype, device=pipe.device)  # (N, C, H, W)

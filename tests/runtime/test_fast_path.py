@@ -224,3 +224,12 @@ def test_cuda_capture_failure_falls_back_with_correct_images(reference64):
         out = sampler.sample(classes, schedule=SCHEDULE, seed=3)
     torch.testing.assert_close(out.images.double(), want, **tol("sampler_fp32"))
     assert out.execution["cuda_graph"] is False
+
+
+def test_cli_prints_a_graph_fallback_as_one_warning_line():
+    from flowturbo.runtime.cli import _one_line_warning
+    from flowturbo.runtime.cuda_graphs import GraphFallbackWarning
+
+    assert _one_line_warning("CUDA-graph capture failed (X); running step by step", GraphFallbackWarning,
+                             "f.py", 3) == "flowturbo: warning: CUDA-graph capture failed (X); running step by step\n"
+    assert "UserWarning" in _one_line_warning("other", UserWarning, "f.py", 3)  # others keep Python's format
