@@ -69,14 +69,25 @@ NO_EXCHANGE_ENV = "FLOWTURBO_TEST_NO_EXCHANGE"  # crash-safety tests: swap by re
 _LEGACY_DEBRIS = ("tmp-", "old-", "scratch-")
 
 
+_crash_hits: dict[str, int] = {}
+
+
 def crash_point(name: str) -> None:
-    """Test hook: SIGKILL this very process at ``name`` when ``$FLOWTURBO_TEST_KILL_AT`` equals it.
+    """Test hook: SIGKILL this very process at ``name`` when ``$FLOWTURBO_TEST_KILL_AT`` is ``name`` (or
+    ``name#N``: at its N-th visit).
 
     The crash-safety tests (``tests/test_crash_safety.py``) use it to kill ``sample`` / ``export`` / ``train``
-    subprocesses at exact points (lock held, file half written, folder staged, checkpoint staged) instead of
-    guessing them with timers. Unset (always, outside those tests), it does nothing.
+    subprocesses at exact points (lock held, file written but not renamed, folder staged, checkpoint staged)
+    instead of guessing them with timers. Unset (always, outside those tests), it does nothing.
     """
-    if os.environ.get(KILL_AT_ENV) == name:
+    wanted = os.environ.get(KILL_AT_ENV)
+    if not wanted:
+        return
+    point, _, nth = wanted.partition("#")
+    if point != name:
+        return
+    _crash_hits[name] = _crash_hits.get(name, 0) + 1
+    if _crash_hits[name] == int(nth or 1):
         os.kill(os.getpid(), signal.SIGKILL)
 
 
@@ -841,18 +852,16 @@ def owned_run_folder(folder: str | os.PathLike[str], *, command: str, wait: bool
     """
     folder = Path(folder)
     check_writable_target(folder)
-    if check_owned:
-        check_replaceable(folder, what)
     created = make_folders(Path(os.path.abspath(folder)).parent)
     try:
         with lock_target(folder, wait=wait):
             remove_stale_debris(folder)
+            remove_stale_temp_files(folder)  # before judging ownership: a killed run's half-written files
             if check_owned:
                 check_replaceable(folder, what)
             created += make_folders(folder)
             if read_ownership(folder) is None:
                 write_ownership(folder, [], command)
-            remove_stale_temp_files(folder)
             yield folder
     except BaseException:
         for path in reversed(created):

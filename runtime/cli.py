@@ -74,6 +74,9 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
 
 
 SEED_LIMIT = 2**63  # seeds are in [0, 2^63): torch generators take signed 64-bit seeds
+MAX_IMAGES = 1_000_000  # per command: more is a typo (the label list alone would not fit in memory)
+MAX_GRID_SCALE = 64
+MAX_THREADS = 4096
 DEVICE_TYPES = ("cpu", "cuda")
 
 
@@ -166,12 +169,12 @@ def _check_sample_args(args: argparse.Namespace) -> None:
     check_device(args.device)
     if args.batch is not None and args.batch < 1:
         raise FlowTurboError(f"--batch must be >= 1 image, got {args.batch}")
-    if args.num_images is not None and args.num_images < 1:
-        raise FlowTurboError(f"--num-images must be >= 1, got {args.num_images}")
-    if args.grid_scale < 1:
-        raise FlowTurboError(f"--grid-scale must be >= 1, got {args.grid_scale}")
-    if args.threads is not None and args.threads < 1:
-        raise FlowTurboError(f"--threads must be >= 1, got {args.threads}")
+    if args.num_images is not None and not 1 <= args.num_images <= MAX_IMAGES:
+        raise FlowTurboError(f"--num-images must be in [1, {MAX_IMAGES}], got {args.num_images}")
+    if not 1 <= args.grid_scale <= MAX_GRID_SCALE:
+        raise FlowTurboError(f"--grid-scale must be in [1, {MAX_GRID_SCALE}], got {args.grid_scale}")
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        raise FlowTurboError(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
     if args.artifacts is not None or args.backend != "pytorch":
         if args.artifacts is None or args.backend == "pytorch":
             raise FlowTurboError("use --artifacts DIR together with --backend onnxruntime|aoti|tensorrt|cpp")
@@ -324,8 +327,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     check_seed(args.seed)
     check_device(args.device)
     if args.samples is None:
-        if args.num_samples < 1:
-            raise FlowTurboError(f"--num-samples must be >= 1 image, got {args.num_samples}")
+        if not 1 <= args.num_samples <= MAX_IMAGES:
+            raise FlowTurboError(f"--num-samples must be in [1, {MAX_IMAGES}] images, got {args.num_samples}")
         if args.batch < 1:
             raise FlowTurboError(f"--batch must be >= 1 image, got {args.batch}")
         check_sample_count(args.num_samples, allow_small_sample=args.allow_small_sample, flag="--num-samples")

@@ -82,8 +82,11 @@ def read_sample_folder(folder: str | Path) -> tuple[torch.Tensor, list[int], dic
     record_path = root / RUN_RECORD
     if not record_path.is_file():
         raise FlowTurboError(f"{root} is not a flowturbo sample folder (no {RUN_RECORD}); run `flowturbo sample` first")
-    record = json.loads(record_path.read_text())
-    labels = list(record.get("labels", []))
+    try:
+        record = json.loads(record_path.read_text())
+        labels = [int(v) for v in record.get("labels", [])]
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise FlowTurboError(f"{record_path} is not a readable flowturbo run record ({exc}); sample again") from None
     files = sorted(p for p in root.glob("*.png") if p.name != "grid.png")
     if len(files) != len(labels) or not files:
         raise FlowTurboError(f"{root} holds {len(files)} image PNGs but run.json lists {len(labels)} labels")

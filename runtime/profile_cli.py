@@ -49,18 +49,18 @@ def add_profile_parser(sub: argparse._SubParsersAction) -> None:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Refuse impossible requests before loading anything."""
-    from flowturbo.runtime.cli import check_device, check_seed
+    from flowturbo.runtime.cli import MAX_IMAGES, MAX_THREADS, check_device, check_seed
 
     check_seed(args.seed)
     check_device(args.device)
-    if args.batch < 1:
-        raise FlowTurboError(f"--batch must be >= 1 image, got {args.batch}")
+    if not 1 <= args.batch <= MAX_IMAGES:
+        raise FlowTurboError(f"--batch must be in [1, {MAX_IMAGES}] images, got {args.batch}")
     if args.warmup < 0:
         raise FlowTurboError(f"--warmup must be >= 0, got {args.warmup}")
     if args.repeats < 1:
         raise FlowTurboError(f"--repeats must be >= 1, got {args.repeats}")
-    if args.threads is not None and args.threads < 1:
-        raise FlowTurboError(f"--threads must be >= 1, got {args.threads}")
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        raise FlowTurboError(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
     if args.backend in EXPORTED_BACKENDS:
         if args.artifacts is None:
             raise FlowTurboError(f"--backend {args.backend} runs an export directory: pass --artifacts DIR "

@@ -683,6 +683,9 @@ def check_run_folder(out_dir: str | Path, config: Any, *, resume: bool, force: b
             f"--resume: {out_dir} holds no checkpoint to resume from (no run was started there, or it stopped "
             "before its first checkpoint); drop --resume to start a new run"
         )
+    if out_dir.is_dir():  # leftovers of a killed run (temp files, staged checkpoints) are not the user's
+        fileio.remove_stale_temp_files(out_dir)
+        fileio.remove_stale_staging(checkpoint_root(out_dir))
     if existing is None and out_dir.is_dir():
         unknown = fileio.unknown_entries(out_dir)
         if unknown:
