@@ -341,10 +341,23 @@ def _run_eval(args: argparse.Namespace) -> int:
             check_out_parent(args.out)
             if Path(args.out).is_dir():
                 raise FlowTurboError(f"--out {args.out} is a folder; give the path of the JSON file to write")
+            _check_eval_result_file(Path(args.out))
             created = make_folders(Path(args.out).absolute().parent)
             stack.callback(_remove_if_empty, created)
             stack.enter_context(lock_target(args.out, wait=args.wait))
         return _evaluate(args)
+
+
+def _check_eval_result_file(path: Path) -> None:
+    """An existing ``--out`` file is replaced only if it is an earlier ``flowturbo eval`` result."""
+    if not path.exists():
+        return
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        data = None
+    if not (isinstance(data, dict) and {"fid", "num_samples", "features"} <= set(data)):
+        raise FlowTurboError(f"refusing to replace {path}: it is not a flowturbo eval result; choose another --out")
 
 
 def _remove_if_empty(folders: list[Path]) -> None:

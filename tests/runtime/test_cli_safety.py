@@ -457,3 +457,13 @@ def test_export_over_own_output_needs_overwrite_and_keeps_user_files(bundle_dir,
                  "--out", str(copy)]) == 2
     _one_error_line(capsys, "'README.txt'")
     assert (copy / "README.txt").read_text() == "how I made this"
+
+
+def test_eval_out_refuses_a_file_that_is_not_an_eval_result(tmp_path, capsys, count_model_loads):
+    mine = tmp_path / "thesis.txt"
+    mine.write_text("four years of work")
+    assert main(["eval", "--num-samples", "600", "--out", str(mine)]) == 2
+    _one_error_line(capsys, "not a flowturbo eval result")
+    assert mine.read_text() == "four years of work" and count_model_loads == []
+    assert main(["eval", "--num-samples", "600", "--out", "/proc/x/result.json"]) == 2
+    _one_error_line(capsys, "cannot write in /proc")
