@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
+import re
 import sys
 from pathlib import Path
 
@@ -50,9 +51,29 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
                         "AOTInductor CUDA packages (--format aoti --device cuda)")
     o.add_argument("--trt-opt-level", type=int, default=DEFAULT_OPTIMIZATION_LEVEL, help="TensorRT builder level 0..5")
     o.add_argument("--no-validate", action="store_true", help="skip the parity check against eager PyTorch")
-    o.add_argument("--out", required=True, help="export directory (written atomically, manifest.json last)")
-    o.add_argument("--overwrite", action="store_true", help="replace an export directory built for something else")
+    o.add_argument("--out", required=True, help="export directory (written atomically, sealed manifest.json last)")
+    o.add_argument("--overwrite", action="store_true", help="replace an export directory built for something else "
+                                                            "(only one holding nothing but flowturbo's own files)")
+    o.add_argument("--wait", action="store_true",
+                   help="if another flowturbo process is writing --out, wait for it instead of failing at once")
     p.set_defaults(handler=run_export)
+
+
+BATCH_SYNTAX = re.compile(r"^\s*\d+\s*:\s*\d+\s*:\s*\d+\s*$")
+DEVICE_SYNTAX = re.compile(r"^(cpu|cuda(:\d+)?)$")
+
+
+def check_export_args(args: argparse.Namespace) -> None:
+    """Refuse malformed flags and an unusable --out before the model loads (one `error:` line each)."""
+    from flowturbo.fileio import check_replaceable, check_writable_target
+
+    if not BATCH_SYNTAX.match(args.batch):
+        raise FlowTurboError(f"--batch {args.batch!r} is not MIN:OPT:MAX (three integers, e.g. 1:4:16; a static "
+                             "batch of 8 is 8:8:8)")
+    if not DEVICE_SYNTAX.match(args.device):
+        raise FlowTurboError(f"unknown --device {args.device!r}; use cpu, cuda or cuda:N")
+    check_writable_target(args.out)
+    check_replaceable(args.out, "export directory")
 
 
 def run_export(args: argparse.Namespace) -> int:
@@ -62,6 +83,7 @@ def run_export(args: argparse.Namespace) -> int:
     from flowturbo.schedule import SamplingSchedule
     from flowturbo.training.bundle import load_bundle
 
+    check_export_args(args)
     folder = Path(args.model) if args.model else default_model_dir()
     bundle = load_bundle(folder, device=args.device, dtype=torch_dtype(args.precision), kernel_backend=args.kernels)
     defaults = bundle.defaults
@@ -76,7 +98,7 @@ def run_export(args: argparse.Namespace) -> int:
         validate=not args.no_validate, tensorrt_optimization_level=args.trt_opt_level, kernel_backend=args.kernels,
     )
     result = export_bundle(bundle, request, args.out, source="embedded default" if args.model is None else str(folder),
-                           command=" ".join(["flowturbo", *sys.argv[1:]]), overwrite=args.overwrite)
+                           command=" ".join(["flowturbo", *sys.argv[1:]]), overwrite=args.overwrite, wait=args.wait)
     manifest = result.manifest
     state = "up to date (reused)" if result.reused else "written"
     print(f"flowturbo export: {schedule} -> {result.path} [{state}], key {manifest['key']}, "

@@ -3,7 +3,9 @@
 An export directory is keyed by a hash of everything that decides its bytes — the weights, the schedule
 id, the batch profile, the precision, the variant, the formats, the opset, the tool versions and the
 device — never by "the file exists". The manifest is written last (atomically), so a directory without
-one is incomplete by definition. ``flowturbo.runtime.artifacts`` reads it back without importing this code.
+one is incomplete by definition, and sealed (:func:`flowturbo.fileio.sealed_json_bytes`: it carries the SHA-256
+of its own canonical content), so a hand edit is refused. ``flowturbo.runtime.artifacts`` and the C++ runner
+read it back without importing this code.
 """
 
 from __future__ import annotations
@@ -19,20 +21,12 @@ from typing import Any
 
 import torch
 
+from flowturbo.fileio import sha256_file  # re-exported: tensorrt_export and older callers import it from here
+
 EXPORT_FORMAT = "flowturbo.export/1"
 MANIFEST_FILE = "manifest.json"
 KEY_HEX_DIGITS = 16
-HASH_CHUNK_BYTES = 1 << 20
 VERSIONED_TOOLS = ("torch", "onnx", "onnxruntime", "onnxscript", "tensorrt", "flowturbo")
-
-
-def sha256_file(path: Path) -> str:
-    """SHA-256 of a file's bytes, read in chunks."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(HASH_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def weights_sha256(modules: Mapping[str, torch.nn.Module | None]) -> str:

@@ -1,18 +1,16 @@
 """Export a bundle + a fixed schedule into an artifact directory (ONNX / AOTInductor / TensorRT + manifest).
 
 :func:`export_bundle` validates the request (formats, precision, opset, variant, R steps need a refiner),
-computes the artifact key, reuses an existing directory only when its manifest has the same key and its
-checksums verify, and otherwise builds everything in a temporary sibling directory, validates each
-artifact against eager PyTorch, writes ``manifest.json`` last and renames the directory into place.
+checks and locks ``--out`` (:class:`flowturbo.fileio.OutputFolder`), computes the artifact key, reuses an
+existing directory only when its sealed manifest has the same key and its checksums verify, and otherwise
+builds everything in a hidden staging folder beside the target, validates each artifact against eager
+PyTorch, writes the sealed ``manifest.json`` last and swaps the folder into place.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -22,6 +20,7 @@ from tqdm.auto import tqdm
 
 from flowturbo.dtypes import torch_dtype
 from flowturbo.errors import CheckpointError, FlowTurboError
+from flowturbo.fileio import OutputFolder, SealError, atomic_write_bytes, read_sealed_json, sealed_json_bytes
 from flowturbo.export import aoti_export, onnx_export, tensorrt_export
 from flowturbo.export.manifest import (
     EXPORT_FORMAT,
@@ -61,8 +60,7 @@ from flowturbo.export.specs import (
     unrolled_spec,
 )
 from flowturbo.schedule import SamplingSchedule
-from flowturbo.training.bundle import Bundle, load_bundle, move_into_place
-from flowturbo.training.trainers.common import atomic_write_json
+from flowturbo.training.bundle import Bundle, load_bundle
 
 FORMATS = ("onnx", "aoti", "tensorrt")
 # Measured (BENCHMARKS.md, bench/bench_export.py, default model, ONNX Runtime CPU): per-step is no faster than
@@ -219,9 +217,12 @@ def _max_error(got: list[torch.Tensor], want: list[torch.Tensor], where: str, pr
 
 
 def _read_manifest(folder: Path) -> dict[str, Any] | None:
+    """The sealed manifest of an existing export directory, or None (absent, unsealed or edited)."""
+    if not (folder / MANIFEST_FILE).is_file():
+        return None
     try:
-        data = json.loads((folder / MANIFEST_FILE).read_text())
-    except (OSError, ValueError):
+        data = read_sealed_json(folder / MANIFEST_FILE, fix="it will be rebuilt")
+    except SealError:
         return None
     return data if isinstance(data, dict) and data.get("format") == EXPORT_FORMAT else None
 
@@ -248,11 +249,14 @@ def export_bundle(
     command: str | None = None,
     overwrite: bool = False,
     progress: bool = True,
+    wait: bool = False,
 ) -> ExportResult:
     """Export ``bundle`` for ``request`` into the directory ``out`` (atomically; manifest written last).
 
     An existing ``out`` whose manifest has the same key and verifying checksums is reused as is; one built
-    for anything else is replaced only with ``overwrite=True`` (else FlowTurboError saying what differs).
+    for anything else is replaced only with ``overwrite=True`` (else FlowTurboError saying what differs), and
+    only if everything in it was written by flowturbo (its ownership record). ``out`` is locked for the whole
+    export: a concurrent export to it fails at once (``wait=True``: queues behind it).
     """
     schedule = request.schedule
     if schedule.uses_refiner and bundle.refiner is None:
@@ -284,27 +288,18 @@ def export_bundle(
                   "device": device_text}
     key = artifact_key(key_fields)
     target = Path(out)
-    if target.exists():
-        if not target.is_dir():
-            raise FlowTurboError(f"{target} exists and is not a directory; choose another --out")
-        existing = _read_manifest(target)
-        if existing is not None and existing.get("key") == key and _checksums_ok(target, existing):
-            return ExportResult(target, existing, reused=True)
-        if existing is None and any(target.iterdir()):
-            raise FlowTurboError(f"{target} exists and is not a flowturbo export directory; refusing to replace it")
-        if existing is not None and not overwrite:
-            raise FlowTurboError(
-                f"{target} holds artifacts built for something else ({_differences(existing.get('key_fields', {}), key_fields)}); "
-                "pass --overwrite to rebuild or choose another --out"
-            )
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
-        manifest = _build(bundle, request, staging, device, weights, key, key_fields, source, command, progress)
-        move_into_place(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with OutputFolder(target, command="export", what="export directory", wait=wait) as folder:
+        if target.exists():
+            existing = _read_manifest(target)
+            if existing is not None and existing.get("key") == key and _checksums_ok(target, existing):
+                return ExportResult(target, existing, reused=True)
+            if any(target.iterdir()) and not overwrite:
+                what = ("artifacts built for something else (" +
+                        _differences(existing.get("key_fields", {}), key_fields) + ")" if existing is not None
+                        else "an export that is incomplete, unsealed or edited by hand")
+                raise FlowTurboError(f"{target} holds {what}; pass --overwrite to rebuild or choose another --out")
+        with folder.staging() as staging:
+            manifest = _build(bundle, request, staging, device, weights, key, key_fields, source, command, progress)
     return ExportResult(target, manifest, reused=False)
 
 
@@ -400,7 +395,8 @@ def _build(bundle: Bundle, request: ExportRequest, root: Path, device: torch.dev
         "created_unix": time.time(),
         "export_seconds": time.perf_counter() - started,
     }
-    atomic_write_json(root / MANIFEST_FILE, manifest)  # last: a directory without it is incomplete
+    # Last, sealed: a directory without it is incomplete, and an edited one is refused by every reader.
+    atomic_write_bytes(root / MANIFEST_FILE, sealed_json_bytes(manifest))
     return manifest
 
 
@@ -411,6 +407,7 @@ def export_model(
     *,
     overwrite: bool = False,
     command: str | None = None,
+    wait: bool = False,
 ) -> ExportResult:
     """Load the bundle folder ``model`` in the request's precision and device, then :func:`export_bundle`."""
     folder = Path(model)
@@ -419,7 +416,7 @@ def export_model(
                              kernel_backend=request.kernel_backend)
     except CheckpointError:
         raise
-    return export_bundle(bundle, request, out, source=str(folder), command=command, overwrite=overwrite)
+    return export_bundle(bundle, request, out, source=str(folder), command=command, overwrite=overwrite, wait=wait)
 
 
 __all__ = [

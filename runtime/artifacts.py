@@ -1,36 +1,39 @@
 """Read an export directory: ``manifest.json``, checksums, and refusal of artifacts built for something else.
 
 This module does not import ``flowturbo.export`` or ``flowturbo.training``: it reads the manifest JSON
-that the exporter wrote (format ``flowturbo.export/1``) and verifies every file's SHA-256 before a backend
-touches it, so a truncated or corrupted engine is refused with a clear message instead of crashing deep
-inside ONNX Runtime or AOTInductor.
+that the exporter wrote (format ``flowturbo.export/1``) and verifies it before a backend touches anything:
+
+* the manifest is sealed (:func:`flowturbo.fileio.read_sealed_json`): it carries the SHA-256 of its own
+  canonical content, so a hand edit (a batch range, a precision, a removed file entry) is refused;
+* the files it must list follow from its variant and formats (:func:`required_files`), and each is listed
+  with its size and SHA-256;
+* every listed file exists with that size and SHA-256, so a truncated or corrupted engine is refused with a
+  clear message instead of crashing deep inside ONNX Runtime or AOTInductor.
+
+``runtime/csrc/manifest.cpp`` (the C++ runner's reader) applies the same rules to the same bytes.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
+import re
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
 from flowturbo.errors import CheckpointError, FlowTurboError, SamplingError
+from flowturbo.fileio import SealError, read_sealed_json, sha256_file
 from flowturbo.schedule import SamplingSchedule
 
 EXPORT_FORMAT = "flowturbo.export/1"
 MANIFEST_FILE = "manifest.json"
-HASH_CHUNK_BYTES = 1 << 20
 BATCH_AXIS = "batch"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(HASH_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+REEXPORT = "re-export with `flowturbo export --overwrite`"
+# The graphs each variant consists of, by role (the refiner only when the schedule has R steps).
+VARIANT_ROLES = {"time-input": ("predictor", "refiner", "decoder"), "per-step": ("predictor", "refiner", "decoder"),
+                 "unrolled": ("unrolled",)}
+ONNX_EXTERNAL_DATA_SUFFIX = ".data"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -109,7 +112,7 @@ class ArtifactSet:
         if schedule is not None and schedule.id != exported.id:
             raise SamplingError(
                 f"these artifacts were exported for schedule {exported} (id {exported.id}), not "
-                f"{schedule} (id {schedule.id}); re-export with `flowturbo export --schedule {schedule.notation}`"
+                f"{schedule} (id {schedule.id}); re-export with `{export_command(schedule)}`"
             )
 
     def batch_size_for(self, num_images: int, batch_size: int | None) -> int:
@@ -149,6 +152,14 @@ class ArtifactSet:
             )
 
 
+def export_command(schedule: SamplingSchedule) -> str:
+    """The ``flowturbo export`` flags that reproduce ``schedule`` (notation, guidance scale and channels)."""
+    parts = ["flowturbo export", f"--schedule {schedule.notation}", f"--cfg {schedule.guidance_scale:g}"]
+    if schedule.guidance_channels is not None:
+        parts.append(f"--guidance-channels {schedule.guidance_channels}")
+    return " ".join(parts)
+
+
 def _major_minor(version: str) -> tuple[str, ...]:
     return tuple(version.split("+")[0].split(".")[:2])
 
@@ -170,26 +181,78 @@ def _differences(manifest: dict[str, Any], expect: dict[str, Any]) -> list[str]:
     return lines
 
 
-def verify_files(root: Path, manifest: dict[str, Any]) -> None:
-    """Every file listed in the manifest exists with the recorded size and SHA-256."""
+def required_files(manifest: dict[str, Any]) -> list[str]:
+    """The files an export directory must list, following from its variant, schedule and formats.
+
+    Every format in ``formats`` needs one artifact per graph of the variant (``unrolled``: the whole schedule;
+    ``time-input`` / ``per-step``: predictor and decoder graphs, and refiner graphs when the schedule has R
+    steps); each artifact's file (and an ONNX graph's external ``.data`` file) must be listed in ``files``.
+    """
+    path = MANIFEST_FILE
+    variant, formats = manifest.get("variant"), manifest.get("formats")
+    if variant not in VARIANT_ROLES:
+        raise CheckpointError(f"{path}: unknown variant {variant!r}; {REEXPORT}")
+    if not isinstance(formats, list) or not formats or not all(isinstance(f, str) for f in formats):
+        raise CheckpointError(f"{path}: no formats listed; {REEXPORT}")
+    uses_refiner = SamplingSchedule.from_dict(manifest["schedule"]).uses_refiner
+    roles = [r for r in VARIANT_ROLES[variant] if r != "refiner" or uses_refiner]
+    artifacts = manifest.get("artifacts")
+    if not isinstance(artifacts, list):
+        raise CheckpointError(f"{path}: no artifacts listed; {REEXPORT}")
+    needed: list[str] = []
+    for fmt in formats:
+        have = {a.get("role") for a in artifacts if isinstance(a, dict) and a.get("format") == fmt}
+        missing = [r for r in roles if r not in have]
+        if missing:
+            raise CheckpointError(
+                f"{path}: a {variant} export needs {fmt} graphs for {', '.join(roles)}, but lists none for "
+                f"{', '.join(missing)}; {REEXPORT}"
+            )
+    for a in artifacts:
+        if not isinstance(a, dict) or not isinstance(a.get("file"), str):
+            raise CheckpointError(f"{path}: an artifact entry has no file; {REEXPORT}")
+        needed.append(a["file"])
+        if a.get("format") == "onnx" and a.get("external_data"):
+            needed.append(a["file"] + ONNX_EXTERNAL_DATA_SUFFIX)
+    return needed
+
+
+def verify_files(root: Path, manifest: dict[str, Any], *, checksums: bool = True) -> None:
+    """Every required file is listed; every listed file exists with the recorded size (and SHA-256)."""
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
-        raise CheckpointError(f"{root / MANIFEST_FILE} lists no files; re-export the directory")
+        raise CheckpointError(f"{root / MANIFEST_FILE} lists no files; {REEXPORT}")
+    for rel in required_files(manifest):
+        if rel not in files:
+            raise CheckpointError(f"{root / MANIFEST_FILE} does not list {rel} with its size and SHA-256; {REEXPORT}")
     for rel, entry in sorted(files.items()):
+        if (not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int)
+                or not re.fullmatch(r"[0-9a-f]{64}", str(entry.get("sha256")))):
+            raise CheckpointError(f"{root / MANIFEST_FILE}: the entry of {rel} lacks its size or SHA-256; {REEXPORT}")
         path = root / rel
+        if ".." in Path(rel).parts or Path(rel).is_absolute():
+            raise CheckpointError(f"{root / MANIFEST_FILE} lists {rel}, outside the directory; {REEXPORT}")
         if not path.is_file():
-            raise CheckpointError(f"{path} is missing (listed in the manifest); re-export with `flowturbo export`")
+            raise CheckpointError(f"{path} is missing (listed in the manifest); {REEXPORT}")
         size = path.stat().st_size
         if size != entry.get("bytes"):
             raise CheckpointError(
                 f"{path} has {size} bytes but the manifest records {entry.get('bytes')} (truncated or replaced); "
-                "re-export with `flowturbo export`"
+                f"{REEXPORT}"
             )
-        if sha256_file(path) != entry.get("sha256"):
+        if checksums and sha256_file(path) != entry.get("sha256"):
             raise CheckpointError(
-                f"{path} does not match its SHA-256 in the manifest (corrupted or modified); re-export with "
-                "`flowturbo export`"
+                f"{path} does not match its SHA-256 in the manifest (corrupted or modified); {REEXPORT}"
             )
+
+
+def read_manifest(root: Path) -> dict[str, Any]:
+    """The sealed ``manifest.json`` of ``root``; a hand-edited or unsealed one is refused."""
+    path = root / MANIFEST_FILE
+    try:
+        return read_sealed_json(path, fix=REEXPORT)
+    except SealError as exc:
+        raise CheckpointError(str(exc)) from None
 
 
 def load_artifacts(
@@ -209,11 +272,8 @@ def load_artifacts(
             f"{root} has no {MANIFEST_FILE}: it is not an export directory, or its export did not finish; "
             "re-run `flowturbo export`"
         )
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{path} is not valid JSON ({exc}); re-export the directory") from None
-    if not isinstance(manifest, dict) or manifest.get("format") != EXPORT_FORMAT:
+    manifest = read_manifest(root)
+    if manifest.get("format") != EXPORT_FORMAT:
         found = manifest.get("format") if isinstance(manifest, dict) else type(manifest).__name__
         raise CheckpointError(f"{path} has format {found!r}; this flowturbo reads {EXPORT_FORMAT!r}")
     missing = [k for k in ("schedule", "schedule_id", "variant", "precision", "batch", "model", "artifacts", "files")
@@ -229,10 +289,9 @@ def load_artifacts(
                 f"{root} was exported for something else; re-export with `flowturbo export` or pick the right "
                 "directory:\n  " + "\n  ".join(diffs)
             )
-    if verify:
-        verify_files(root, manifest)
+    verify_files(root, manifest, checksums=verify)
     return ArtifactSet(root, manifest)
 
 
-__all__ = ["EXPORT_FORMAT", "MANIFEST_FILE", "ArtifactEntry", "ArtifactSet", "load_artifacts", "sha256_file",
-           "verify_files"]
+__all__ = ["EXPORT_FORMAT", "MANIFEST_FILE", "ArtifactEntry", "ArtifactSet", "export_command", "load_artifacts",
+           "read_manifest", "required_files", "sha256_file", "verify_files"]

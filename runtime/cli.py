@@ -7,6 +7,7 @@ modules are installed — ``train``, ``export``, ``profile``. Foreseeable mistak
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import importlib.util
 import json
@@ -67,7 +68,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--model", default=None, help="bundle folder (config.json + *.safetensors)")
     g.add_argument("--predictor", default=None, help="official SiT checkpoint (.pt/.safetensors) instead of a bundle")
     g.add_argument("--refiner", default=None, help="FlowTurbo refiner checkpoint for --predictor")
-    g.add_argument("--vae", default=None, help="diffusers AutoencoderKL folder for --predictor (sd-vae-ft-ema/-mse)")
+    g.add_argument("--vae", default=None, help="diffusers AutoencoderKL folder for --predictor (sd-vae-ft-ema/-mse), "
+                                               "or an AutoencoderTiny (TAESD) folder")
     g.add_argument("--decoder", default=None, choices=["ema", "mse"], help="decoder variant of a bundle's autoencoder")
     g.add_argument("--checkpoint-entry", default=None, choices=["model", "ema"],
                    help="entry of official {model, ema} checkpoints (default: as the released code: predictor ema, "
@@ -81,6 +83,39 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                         "CUDA, reference on CPU")
     f.add_argument("--no-cuda-graph", action="store_true",
                    help="run step by step instead of replaying the schedule + decode as one CUDA graph per batch size")
+
+
+SEED_LIMIT = 2**63  # seeds are in [0, 2^63): torch generators take signed 64-bit seeds
+MAX_IMAGES = 1_000_000  # per command: more is a typo (the label list alone would not fit in memory)
+MAX_GRID_SCALE = 64
+MAX_THREADS = 4096
+DEVICE_TYPES = ("cpu", "cuda")
+
+
+def check_seed(seed: int, flag: str = "--seed") -> int:
+    """Refuse a seed outside ``[0, 2^63)`` (a negative one would silently wrap to another seed's images)."""
+    if not 0 <= seed < SEED_LIMIT:
+        raise FlowTurboError(f"{flag} must be an integer in [0, 2^63) = [0, {SEED_LIMIT - 1}], got {seed}")
+    return seed
+
+
+def check_device(text: str | None, flag: str = "--device", allow_auto: bool = True) -> str | None:
+    """Refuse a device string that is not ``auto``, ``cpu``, ``cuda`` or ``cuda:N`` (no torch import needed)."""
+    if text is None or (allow_auto and text == "auto"):
+        return text
+    kind, _, index = text.partition(":")
+    if kind not in DEVICE_TYPES or (index and (not index.isdigit() or kind == "cpu")) or text.endswith(":"):
+        choices = "auto, cpu, cuda or cuda:N" if allow_auto else "cpu, cuda or cuda:N"
+        raise FlowTurboError(f"unknown {flag} {text!r}; use {choices}")
+    return text
+
+
+def check_out_parent(out: str | None, flag: str = "--out") -> None:
+    """Pre-flight for a single output file: its folder must be creatable and writable (before any work)."""
+    if out is not None:
+        from flowturbo.fileio import check_writable_target
+
+        check_writable_target(out, flag)
 
 
 def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
@@ -97,7 +132,10 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
                    help="guide only the first N latent channels (default: the model's; official SiT: 3)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--batch", type=int, default=None, help="images per batch (default: all at once)")
-    g.add_argument("--out", default="outputs/sample", help="output folder (grid.png, one PNG per image, run.json)")
+    g.add_argument("--out", default="outputs/sample", help="output folder (grid.png, one PNG per image, run.json); "
+                   "replaced only if it holds nothing but flowturbo's own output")
+    g.add_argument("--wait", action="store_true",
+                   help="if another flowturbo process is writing --out, wait for it instead of failing at once")
     g.add_argument("--grid-scale", type=int, default=4, help="upscale factor of grid.png for viewing (nearest)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.add_argument_group("exported artifacts (instead of --model)")
@@ -144,9 +182,37 @@ def _pipeline_options(args: argparse.Namespace) -> dict[str, Any]:
                 checkpoint_entry=args.checkpoint_entry, cuda_graph=False if args.no_cuda_graph else None)
 
 
-def _run_sample(args: argparse.Namespace) -> int:
+def _check_sample_args(args: argparse.Namespace) -> None:
+    """Refuse bad flags before anything is loaded or computed."""
+    check_seed(args.seed)
+    check_device(args.device)
+    if args.batch is not None and args.batch < 1:
+        raise FlowTurboError(f"--batch must be >= 1 image, got {args.batch}")
+    if args.num_images is not None and not 1 <= args.num_images <= MAX_IMAGES:
+        raise FlowTurboError(f"--num-images must be in [1, {MAX_IMAGES}], got {args.num_images}")
+    if not 1 <= args.grid_scale <= MAX_GRID_SCALE:
+        raise FlowTurboError(f"--grid-scale must be in [1, {MAX_GRID_SCALE}], got {args.grid_scale}")
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        raise FlowTurboError(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
     if args.artifacts is not None or args.backend != "pytorch":
-        return _run_sample_exported(args)
+        if args.artifacts is None or args.backend == "pytorch":
+            raise FlowTurboError("use --artifacts DIR together with --backend onnxruntime|aoti|tensorrt|cpp")
+        if args.model or args.predictor:
+            raise FlowTurboError("--artifacts already holds the model; drop --model/--predictor")
+
+
+def _run_sample(args: argparse.Namespace) -> int:
+    from flowturbo.fileio import OutputFolder
+
+    _check_sample_args(args)
+    # --out is checked, created and locked before the model loads: a bad path costs no sampling.
+    with OutputFolder(args.out, command="sample", what="output", wait=args.wait) as out:
+        if args.artifacts is not None or args.backend != "pytorch":
+            return _run_sample_exported(args, out)
+        return _run_sample_pytorch(args, out)
+
+
+def _run_sample_pytorch(args: argparse.Namespace, out_folder: Any) -> int:
     import torch
 
     from flowturbo.runtime.images import to_uint8, write_sample_folder
@@ -174,7 +240,7 @@ def _run_sample(args: argparse.Namespace) -> int:
         "seconds_load": load_s,
         **samples.record(),
     }
-    out = write_sample_folder(args.out, to_uint8(samples.images), samples.labels, record, pipe.class_names,
+    out = write_sample_folder(out_folder, to_uint8(samples.images), samples.labels, record, pipe.class_names,
                               grid_scale=args.grid_scale)
     write_s = time.perf_counter() - t_write
     n = len(samples.labels)
@@ -187,22 +253,16 @@ def _run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def _run_sample_exported(args: argparse.Namespace) -> int:
+def _run_sample_exported(args: argparse.Namespace, out_folder: Any) -> int:
     """``flowturbo sample --artifacts DIR --backend onnxruntime|aoti|tensorrt|cpp``: run an export directory."""
     import torch
 
     from flowturbo.runtime.images import to_uint8, write_sample_folder
     from flowturbo.schedule import SamplingSchedule
 
-    if args.artifacts is None or args.backend == "pytorch":
-        raise FlowTurboError("use --artifacts DIR together with --backend onnxruntime|aoti|tensorrt|cpp")
-    if args.model or args.predictor:
-        raise FlowTurboError("--artifacts already holds the model; drop --model/--predictor")
     from flowturbo.runtime.backends import load_exported_sampler
 
     if args.threads is not None:
-        if args.threads < 1:
-            raise FlowTurboError(f"--threads must be >= 1, got {args.threads}")
         torch.set_num_threads(args.threads)
     t_load = time.perf_counter()
     device = None if args.device == "auto" else args.device
@@ -222,7 +282,7 @@ def _run_sample_exported(args: argparse.Namespace) -> int:
         "seed": args.seed, "command": " ".join(["flowturbo", *sys.argv[1:]]), "torch_version": torch.__version__,
         "host": platform.node(), "seconds_load": load_s, **samples.record(),
     }
-    out = write_sample_folder(args.out, to_uint8(samples.images), samples.labels, record, sampler.class_names,
+    out = write_sample_folder(out_folder, to_uint8(samples.images), samples.labels, record, sampler.class_names,
                               grid_scale=args.grid_scale)
     write_s, n = time.perf_counter() - t_write, len(samples.labels)
     print(f"flowturbo sample: {samples.schedule}, {n} images in {samples.num_batches} batch(es), backend "
@@ -264,7 +324,11 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     m.add_argument("--reference", default=None, help="reference .npz (mu, sigma; ADM-style) instead of the "
                                                         "Fashion-MNIST test split")
     m.add_argument("--num-reference", type=int, default=10000, help="test-split images for the reference stats")
+    m.add_argument("--allow-small-sample", action="store_true",
+                   help="score fewer than the minimum number of samples for FID / precision / recall (the JSON "
+                        "then carries a warning); the minimum is flowturbo.training.evaluation.MIN_METRIC_SAMPLES")
     m.add_argument("--out", default=None, help="also write the result JSON here (atomically)")
+    m.add_argument("--wait", action="store_true", help="wait for another flowturbo process writing --out")
     p.set_defaults(handler=_run_eval)
 
 
@@ -277,11 +341,56 @@ def _classifier_folder(args: argparse.Namespace) -> Path:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    from flowturbo.training.evaluation import check_sample_count
+
+    check_seed(args.seed)
+    check_device(args.device)
+    if args.samples is None:
+        if not 1 <= args.num_samples <= MAX_IMAGES:
+            raise FlowTurboError(f"--num-samples must be in [1, {MAX_IMAGES}] images, got {args.num_samples}")
+        if args.batch < 1:
+            raise FlowTurboError(f"--batch must be >= 1 image, got {args.batch}")
+        check_sample_count(args.num_samples, allow_small_sample=args.allow_small_sample, flag="--num-samples")
+    if args.num_reference < 2:
+        raise FlowTurboError(f"--num-reference must be >= 2 images, got {args.num_reference}")
+    with contextlib.ExitStack() as stack:
+        if args.out:  # the result file's folder is checked and the file locked before any work
+            from flowturbo.fileio import lock_target, make_folders
+
+            check_out_parent(args.out)
+            if Path(args.out).is_dir():
+                raise FlowTurboError(f"--out {args.out} is a folder; give the path of the JSON file to write")
+            _check_eval_result_file(Path(args.out))
+            created = make_folders(Path(args.out).absolute().parent)
+            stack.callback(_remove_if_empty, created)
+            stack.enter_context(lock_target(args.out, wait=args.wait))
+        return _evaluate(args)
+
+
+def _check_eval_result_file(path: Path) -> None:
+    """An existing ``--out`` file is replaced only if it is an earlier ``flowturbo eval`` result."""
+    if not path.exists():
+        return
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        data = None
+    if not (isinstance(data, dict) and {"fid", "num_samples", "features"} <= set(data)):
+        raise FlowTurboError(f"refusing to replace {path}: it is not a flowturbo eval result; choose another --out")
+
+
+def _remove_if_empty(folders: list[Path]) -> None:
+    for folder in reversed(folders):
+        with contextlib.suppress(OSError):
+            folder.rmdir()
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from flowturbo.fileio import atomic_write_json
     from flowturbo.runtime.images import read_sample_folder
     from flowturbo.runtime.sampler import Sampler
     from flowturbo.training.evaluation import DomainFeatures, InceptionFeatures, evaluate_samples, load_classifier
     from flowturbo.training.evaluation.classifier import CONFIG_FILENAME as CLASSIFIER_CONFIG
-    from flowturbo.training.trainers.common import atomic_write_json
 
     device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
     classifier = None
@@ -305,7 +414,8 @@ def _run_eval(args: argparse.Namespace) -> int:
         info.update(schedule=schedule.notation, cfg=schedule.guidance_scale, seed=args.seed,
                     ms_per_image=samples.ms_per_image, execution=samples.execution)
     result = evaluate_samples(images, labels, features=features, reference=args.reference,
-                              num_reference=args.num_reference, classifier=classifier)
+                              num_reference=args.num_reference, classifier=classifier,
+                              allow_small_sample=args.allow_small_sample)
     result.update(info)
     text = json.dumps(result, indent=2, sort_keys=True)
     print(text)

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from flowturbo.errors import FlowTurboError
-from flowturbo.runtime.output_folder import check_output_folder, staged_output_folder
+from flowturbo.fileio import OutputFolder, json_text
 
 RUN_RECORD = "run.json"
 
@@ -44,7 +44,7 @@ def _png(array: np.ndarray, path: Path, scale: int = 1) -> None:
 
 
 def write_sample_folder(
-    out_dir: str | Path,
+    out_dir: str | Path | OutputFolder,
     images: np.ndarray,
     labels: list[int],
     record: dict[str, Any],
@@ -53,18 +53,27 @@ def write_sample_folder(
 ) -> Path:
     """Write ``grid.png``, one PNG per image and ``run.json`` into ``out_dir`` atomically.
 
-    Everything goes into a temporary sibling folder first, which replaces ``out_dir`` only when complete.
-    An existing ``out_dir`` is replaced only when it is empty or a previous flowturbo output (has run.json).
+    Everything goes into a hidden staging folder beside ``out_dir`` first, which replaces ``out_dir`` only
+    when complete (:class:`flowturbo.fileio.OutputFolder`). An existing ``out_dir`` is replaced only when every
+    entry in it is listed in flowturbo's ownership record. Pass an entered :class:`OutputFolder` (as
+    ``flowturbo sample`` does, to check and lock ``--out`` before sampling) or a path.
     """
-    out = check_output_folder(out_dir, RUN_RECORD, "flowturbo output")
-    with staged_output_folder(out) as staging:
+    if isinstance(out_dir, OutputFolder):
+        return _write_into(out_dir, images, labels, record, class_names, grid_scale)
+    with OutputFolder(out_dir, command="sample", what="output") as out:
+        return _write_into(out, images, labels, record, class_names, grid_scale)
+
+
+def _write_into(out: OutputFolder, images: np.ndarray, labels: list[int], record: dict[str, Any],
+                class_names: list[str] | None, grid_scale: int) -> Path:
+    with out.staging() as staging:
         _png(make_grid(images), staging / "grid.png", grid_scale)
         width = len(str(max(len(images) - 1, 0)))
         for i, (image, label) in enumerate(zip(images, labels)):
             name = class_names[label].replace("/", "-").replace(" ", "_") if class_names else f"class{label}"
             _png(image, staging / f"{i:0{width}d}_{name}.png")
-        (staging / RUN_RECORD).write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
-    return out
+        (staging / RUN_RECORD).write_text(json_text(record))
+    return out.target
 
 
 def read_sample_folder(folder: str | Path) -> tuple[torch.Tensor, list[int], dict[str, Any]]:
@@ -73,8 +82,11 @@ def read_sample_folder(folder: str | Path) -> tuple[torch.Tensor, list[int], dic
     record_path = root / RUN_RECORD
     if not record_path.is_file():
         raise FlowTurboError(f"{root} is not a flowturbo sample folder (no {RUN_RECORD}); run `flowturbo sample` first")
-    record = json.loads(record_path.read_text())
-    labels = list(record.get("labels", []))
+    try:
+        record = json.loads(record_path.read_text())
+        labels = [int(v) for v in record.get("labels", [])]
+    except (OSError, ValueError, TypeError, AttributeError) as exc:
+        raise FlowTurboError(f"{record_path} is not a readable flowturbo run record ({exc}); sample again") from None
     files = sorted(p for p in root.glob("*.png") if p.name != "grid.png")
     if len(files) != len(labels) or not files:
         raise FlowTurboError(f"{root} holds {len(files)} image PNGs but run.json lists {len(labels)} labels")

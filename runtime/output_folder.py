@@ -1,60 +1,35 @@
-"""Output folders written atomically (``flowturbo sample``, ``flowturbo profile``).
+"""Output folders of ``flowturbo sample`` / ``flowturbo profile``: thin names over :mod:`flowturbo.fileio`.
 
-A command builds its output in a temporary sibling folder and renames it into place only when complete; a
-previous output of the same command (recognised by its marker file) is replaced, anything else is refused.
+Kept because ``runtime.profiling.write_profile`` and older callers use these two names; the rules
+(ownership record, lock, pre-flight, staged swap, debris removal) live in :class:`flowturbo.fileio.OutputFolder`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
-from flowturbo.errors import FlowTurboError
+from flowturbo.fileio import OutputFolder, check_replaceable, check_writable_target
 
 
 def check_output_folder(out_dir: str | os.PathLike[str], marker: str, kind: str) -> Path:
-    """Refuse ``out_dir`` when it is a file, or a non-empty folder without ``marker`` (not a previous ``kind``)."""
-    out = Path(out_dir)
-    if out.exists():
-        if not out.is_dir():
-            raise FlowTurboError(f"--out {out} exists and is not a folder; choose another path")
-        if any(out.iterdir()) and not (out / marker).is_file():
-            raise FlowTurboError(f"--out {out} is a non-empty folder that is not a {kind}; choose another")
+    """Refuse ``out_dir`` unless flowturbo could write it and may replace it (``marker`` is no longer proof).
+
+    A folder is replaceable only when every entry in it is listed in flowturbo's ownership record; a file
+    named ``marker`` (e.g. ``run.json``) beside a user's own files does not make it a ``kind``.
+    """
+    out = check_writable_target(out_dir)
+    check_replaceable(out, kind)
     return out
 
 
 @contextlib.contextmanager
-def staged_output_folder(out: Path) -> Iterator[Path]:
-    """Yield an empty staging folder next to ``out``; on success it replaces ``out`` (restored if that fails).
-
-    On an error nothing is left behind and an existing ``out`` is untouched. Check ``out`` with
-    :func:`check_output_folder` first.
-    """
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(staging, 0o777 & ~umask)  # mkdtemp makes 0700; the output folder gets normal permissions
+def staged_output_folder(out: Path, command: str = "output") -> Iterator[Path]:
+    """Yield an empty staging folder beside ``out``; on success it replaces ``out`` (see OutputFolder)."""
+    with OutputFolder(out, command=command) as folder, folder.staging() as staging:
         yield staging
-        if out.exists():
-            aside = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, aside / out.name)
-            try:
-                os.replace(staging, out)
-            except BaseException:
-                os.replace(aside / out.name, out)
-                raise
-            shutil.rmtree(aside, ignore_errors=True)
-        else:
-            os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
 
 
 __all__ = ["check_output_folder", "staged_output_folder"]

@@ -7,9 +7,8 @@ stays light: torch and the models are imported inside the handler.
 from __future__ import annotations
 
 import argparse
-import shutil
+import json
 import sys
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -38,26 +37,33 @@ def add_profile_parser(sub: argparse._SubParsersAction) -> None:
                    help="pytorch backend: fused Triton kernels (CUDA default) or the reference ops (CPU default)")
     r = p.add_argument_group("how")
     r.add_argument("--batch", type=int, default=1, help="images per batch (default 1; CFG doubles the rows)")
-    r.add_argument("--seed", type=int, default=0)
+    r.add_argument("--seed", type=int, default=0, help="noise seed in [0, 2^63)")
     r.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
     r.add_argument("--repeats", type=int, default=5, help="timed runs; the median-total run is reported (default 5)")
     r.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (torch / ONNX Runtime)")
     r.add_argument("--no-kernels", action="store_true", help="skip the torch.profiler run (no per-step kernels)")
     r.add_argument("--out", required=True, help="output folder (profile.json, trace.json, steps.png, table.txt; "
-                                                "written atomically)")
+                                                "written atomically; replaced only if it holds nothing but "
+                                                "flowturbo's own output)")
+    r.add_argument("--wait", action="store_true",
+                   help="if another flowturbo process is writing --out, wait for it instead of failing at once")
     p.set_defaults(handler=run_profile)
 
 
 def _check_args(args: argparse.Namespace) -> None:
     """Refuse impossible requests before loading anything."""
-    if args.batch < 1:
-        raise FlowTurboError(f"--batch must be >= 1 image, got {args.batch}")
+    from flowturbo.runtime.cli import MAX_IMAGES, MAX_THREADS, check_device, check_seed
+
+    check_seed(args.seed)
+    check_device(args.device)
+    if not 1 <= args.batch <= MAX_IMAGES:
+        raise FlowTurboError(f"--batch must be in [1, {MAX_IMAGES}] images, got {args.batch}")
     if args.warmup < 0:
         raise FlowTurboError(f"--warmup must be >= 0, got {args.warmup}")
     if args.repeats < 1:
         raise FlowTurboError(f"--repeats must be >= 1, got {args.repeats}")
-    if args.threads is not None and args.threads < 1:
-        raise FlowTurboError(f"--threads must be >= 1, got {args.threads}")
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        raise FlowTurboError(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
     if args.backend in EXPORTED_BACKENDS:
         if args.artifacts is None:
             raise FlowTurboError(f"--backend {args.backend} runs an export directory: pass --artifacts DIR "
@@ -83,6 +89,7 @@ def _profile_pytorch(args: argparse.Namespace, trace: Path | None) -> Any:
 
 def _expect_schedule(args: argparse.Namespace, exported: Any) -> None:
     """--schedule/--cfg given with --artifacts must name the exported schedule."""
+    from flowturbo.runtime.artifacts import export_command
     from flowturbo.schedule import SamplingSchedule
 
     if args.schedule is None and args.cfg is None:
@@ -94,7 +101,7 @@ def _expect_schedule(args: argparse.Namespace, exported: Any) -> None:
     if wanted.id != exported.id:
         raise FlowTurboError(
             f"{args.artifacts} was exported for schedule {exported} (id {exported.id}), not {wanted} (id {wanted.id}); "
-            f"re-export with `flowturbo export --schedule {wanted.notation}` or drop --schedule/--cfg"
+            f"re-export with `{export_command(wanted)}` or drop --schedule/--cfg"
         )
 
 
@@ -134,40 +141,48 @@ def _profile_cpp(args: argparse.Namespace) -> Any:
 
 def run_profile(args: argparse.Namespace) -> int:
     _check_args(args)
+    from flowturbo.fileio import OutputFolder, json_text
     from flowturbo.runtime.profiling import (
+        CHART_FILE,
+        PROFILE_FILE,
+        TABLE_FILE,
         TORCH_TRACE_FILE,
-        check_out_dir,
+        TRACE_FILE,
+        chrome_trace,
         describe_run,
         format_table,
-        write_profile,
+        plot_steps,
     )
 
-    out = check_out_dir(args.out)  # refuse a bad --out before spending time
-    import torch
+    # --out is checked, created and locked before anything loads: a bad path costs no profiling.
+    with OutputFolder(args.out, command="profile", what="profile output", wait=args.wait) as out:
+        import torch
 
-    threads = torch.get_num_threads()
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.scratch-", dir=out.parent))
-    try:
-        trace = None if args.no_kernels else scratch / TORCH_TRACE_FILE
-        if args.backend == "pytorch":
-            profile = _profile_pytorch(args, trace)
-        elif args.backend == "cpp":
-            profile = _profile_cpp(args)
-        else:
-            profile = _profile_exported(args, trace)
-        profile.extra["command"] = " ".join(["flowturbo", *sys.argv[1:]])
-        extra_files = {TORCH_TRACE_FILE: trace} if trace is not None and trace.is_file() else {}
-        write_profile(profile, out, extra_files=extra_files)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-        torch.set_num_threads(threads)
+        threads = torch.get_num_threads()
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        try:
+            with out.staging() as staging:
+                trace = None if args.no_kernels else staging / TORCH_TRACE_FILE
+                if args.backend == "pytorch":
+                    profile = _profile_pytorch(args, trace)
+                elif args.backend == "cpp":
+                    profile = _profile_cpp(args)
+                else:
+                    profile = _profile_exported(args, trace)
+                profile.extra["command"] = " ".join(["flowturbo", *sys.argv[1:]])
+                extra_files = [TORCH_TRACE_FILE] if trace is not None and trace.is_file() else []
+                (staging / TRACE_FILE).write_text(json.dumps(chrome_trace(profile)) + "\n")
+                plot_steps(profile, staging / CHART_FILE)
+                (staging / TABLE_FILE).write_text(describe_run(profile) + "\n" + format_table(profile) + "\n")
+                (staging / PROFILE_FILE).write_text(json_text(profile.to_json()))
+        finally:
+            torch.set_num_threads(threads)
+    target = out.target
     print(describe_run(profile))
     print(format_table(profile))
-    written = ["profile.json", "trace.json", "steps.png", "table.txt", *extra_files]
-    print(f"wrote {', '.join(str(out / name) for name in written)}")
+    written = [PROFILE_FILE, TRACE_FILE, CHART_FILE, TABLE_FILE, *extra_files]
+    print(f"wrote {', '.join(str(target / name) for name in written)}")
     return 0
 
 

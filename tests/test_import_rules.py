@@ -1,7 +1,8 @@
 """The one-way import rule (DESIGN.md §3): kernels -> training -> export -> runtime.
 
 A module may import from its own layer, the layers to its left, and the pure-data root modules
-(``flowturbo``, ``flowturbo.schedule``, ``flowturbo.errors``) — never from a layer to its right.
+(``flowturbo``, ``flowturbo.schedule``, ``flowturbo.errors``, ``flowturbo.fileio``, ``flowturbo.integrator``) — never
+from a layer to its right.
 ``runtime/`` loads artifacts without importing training/export code, except through the documented entry
 points listed in RUNTIME_TRAINING_ENTRY_POINTS (the pure-PyTorch backend and the CLI that registers the
 ``train``/``export`` commands).
@@ -14,8 +15,8 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ["kernels", "training", "export", "runtime"]
-ROOT_MODULES = {"flowturbo", "flowturbo.schedule", "flowturbo.errors", "flowturbo._C", "flowturbo.integrator",
-                "flowturbo.dtypes"}
+ROOT_MODULES = {"flowturbo", "flowturbo.schedule", "flowturbo.errors", "flowturbo.fileio", "flowturbo.integrator",
+                "flowturbo.dtypes", "flowturbo._C"}
 # The libtorch-linked C++ runner is part of the runtime layer (compiled from runtime/csrc).
 RUNTIME_EXTENSIONS = {"flowturbo._runner"}
 RUNTIME_TRAINING_ENTRY_POINTS = {"runtime/cli.py", "runtime/pytorch_backend.py"}

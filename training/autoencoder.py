@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,6 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowturbo.errors import CheckpointError, FlowTurboError
+from flowturbo.fileio import atomic_write_bytes
 from flowturbo.training.checkpoints import strict_load
 from flowturbo.training.decoders import DECODER_WEIGHTS_FILE, IMAGE_RANGE, LatentDecoder, register_decoder
 
@@ -252,14 +252,7 @@ def _atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) ->
     from safetensors.torch import save
 
     data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic_write_bytes(path, data)
 
 
 def _check_variant(variant: str, available: Sequence[str]) -> str:

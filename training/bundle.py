@@ -11,8 +11,9 @@ Layout::
     <folder>/...                    decoder files, decided by the decoder type (none for "identity",
                                     decoder.safetensors for "diffusers-vae")
 
-Bundles are written into a temporary sibling folder and renamed into place, so a failed save never
-leaves a half-written bundle at the target.
+Bundles are written into a hidden staging folder beside the target and swapped into place
+(:class:`flowturbo.fileio.OutputFolder`: pre-flight, lock, ownership record), so a failed save never leaves a
+half-written bundle at the target, and a folder holding anything flowturbo did not write is never replaced.
 """
 
 from __future__ import annotations
@@ -20,15 +21,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
-import tempfile
-import uuid
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from flowturbo.errors import CheckpointError, FlowTurboError
+from flowturbo.fileio import OutputFolder, json_text
 from flowturbo.kernels import KernelBackend
 from flowturbo.schedule import SamplingSchedule, StepKind
 from flowturbo.training.checkpoints import load_refiner_checkpoint, load_sit_checkpoint
@@ -163,7 +162,9 @@ def _check_consistency(bundle: Bundle) -> None:
     if bundle.refiner is None and StepKind.REFINER in bundle.defaults.sampling_schedule().steps:
         raise FlowTurboError(
             f"default schedule {bundle.defaults.schedule!r} has refiner (R) steps but the bundle has no refiner; "
-            f"use a schedule without R, e.g. {DEFAULT_SCHEDULE_WITHOUT_REFINER!r}"
+            f"give the bundle a default schedule without R, e.g. BundleDefaults(schedule="
+            f"{DEFAULT_SCHEDULE_WITHOUT_REFINER!r}) (`flowturbo train package --schedule "
+            f"{DEFAULT_SCHEDULE_WITHOUT_REFINER}`), or add a refiner"
         )
 
 
@@ -175,58 +176,25 @@ def _save_weights(module: torch.nn.Module, path: Path) -> None:
     save_file(state, str(path), metadata={"format": "pt"})
 
 
-def _is_bundle_folder(folder: Path) -> bool:
-    try:
-        config = json.loads((folder / CONFIG_FILE).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(config, dict) and config.get("format") == BUNDLE_FORMAT
+def save_bundle(bundle: Bundle, folder: str | os.PathLike[str], *, overwrite: bool = False,
+                wait: bool = False) -> Path:
+    """Write ``bundle`` to ``folder`` atomically (staging folder beside it + swap); returns the folder.
 
-
-def save_bundle(bundle: Bundle, folder: str | os.PathLike[str], *, overwrite: bool = False) -> Path:
-    """Write ``bundle`` to ``folder`` atomically (temp sibling folder + rename); returns the folder.
-
-    An existing ``folder`` is replaced only with ``overwrite=True``, and only if it is empty or a bundle
-    (so a typo cannot delete unrelated files).
+    An existing ``folder`` is replaced only with ``overwrite=True``, and only if every entry in it is listed
+    in flowturbo's ownership record (so a typo cannot delete unrelated files). ``wait``: queue behind another
+    flowturbo process writing ``folder`` instead of failing.
     """
     _check_consistency(bundle)
     target = Path(folder)
-    if target.exists():
-        if not overwrite:
-            raise FlowTurboError(f"{target} already exists; pass overwrite=True to replace it")
-        if not target.is_dir():
-            raise FlowTurboError(f"{target} exists and is not a folder; choose another bundle path")
-        if any(target.iterdir()) and not _is_bundle_folder(target):
-            raise FlowTurboError(f"{target} exists and is not a flowturbo bundle; refusing to replace it")
-    parent = target.parent
-    parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=parent))
-    try:
-        (staging / CONFIG_FILE).write_text(json.dumps(bundle.config_dict(), indent=2) + "\n")
+    if target.exists() and not overwrite:
+        raise FlowTurboError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
+    with OutputFolder(target, command="train package", what="bundle", wait=wait) as out, out.staging() as staging:
+        (staging / CONFIG_FILE).write_text(json_text(bundle.config_dict()))
         _save_weights(bundle.predictor, staging / PREDICTOR_FILE)
         if bundle.refiner is not None:
             _save_weights(bundle.refiner, staging / REFINER_FILE)
         bundle.decoder.save_to_bundle(staging)
-        move_into_place(staging, target)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
     return target
-
-
-def move_into_place(staging: Path, target: Path) -> None:
-    """Rename ``staging`` to ``target``; an existing target is moved aside first and restored on failure."""
-    if not target.exists():
-        os.replace(staging, target)
-        return
-    aside = target.parent / f".{target.name}.old-{uuid.uuid4().hex[:8]}"
-    os.replace(target, aside)
-    try:
-        os.replace(staging, target)
-    except BaseException:
-        os.replace(aside, target)
-        raise
-    shutil.rmtree(aside, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------------------------- load
@@ -297,6 +265,13 @@ def load_bundle(
     except CheckpointError:
         raise
     except FlowTurboError as exc:
+        if refiner is None and StepKind.REFINER in defaults.sampling_schedule().steps:  # no --schedule fixes it
+            raise CheckpointError(
+                f"bundle {root} is inconsistent: its default schedule {defaults.schedule!r} has refiner (R) steps "
+                f"but it has no refiner; set \"defaults\": {{\"schedule\": \"{DEFAULT_SCHEDULE_WITHOUT_REFINER}\"}} "
+                f"in {root / CONFIG_FILE} (or any schedule without R), or add the refiner (`flowturbo train package "
+                f"--refiner ...`)"
+            ) from exc
         raise CheckpointError(f"bundle {root} is inconsistent: {exc}") from exc
 
 

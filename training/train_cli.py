@@ -10,6 +10,7 @@ flowturbo.training.train_cli train ...`` (or the ``flowturbo`` entry point).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -212,11 +213,15 @@ def _add_options(parser: argparse.ArgumentParser, title: str, options: Sequence[
 
 def _add_run_group(parser: argparse.ArgumentParser, presets: dict[str, dict]) -> None:
     group = parser.add_argument_group("run")
-    group.add_argument("--out", required=True, help="output folder (checkpoints, config.json, loss_curve.png)")
+    group.add_argument("--out", required=True, help="output folder (checkpoints, config.json, loss_curve.png); a new "
+                                                    "run refuses a folder holding files flowturbo did not write")
     group.add_argument("--preset", default=None, choices=sorted(presets), help=f"default: {next(iter(presets))}")
     group.add_argument("--config", default=None, help="start from a saved config.json instead of a preset")
     group.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
-    group.add_argument("--force", action="store_true", help="resume even though the config changed (lists changes)")
+    group.add_argument("--force", action="store_true", help="resume even though the training settings changed (lists "
+                                                         "changes; another model architecture is always refused)")
+    group.add_argument("--wait", action="store_true",
+                       help="if another flowturbo process is writing --out, wait for it instead of failing at once")
 
 
 # ------------------------------------------------------------------------------------------- commands
@@ -227,12 +232,25 @@ def _trainer_command(cls_name: str, presets_name: str, train_name: str,
 
         cls, presets, train = (getattr(trainers, n) for n in (cls_name, presets_name, train_name))
         config = build_config(cls, presets, args, options)
-        out = train(config, args.out, resume=args.resume, force=args.force)
+        with _locked_run_folder(args.out, f"train {args.train_command}", args.wait, args.resume):
+            out = train(config, args.out, resume=args.resume, force=args.force)
         if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
             print(f"done: {out}")
         return 0
 
     return run
+
+
+def _locked_run_folder(out: str, command: str, wait: bool, resume: bool) -> contextlib.AbstractContextManager:
+    """Pre-flight + lock + debris removal of a run folder (rank 0 only: torchrun's other ranks write nothing).
+
+    A new run refuses a folder holding files flowturbo did not write; a resumed one only adds files.
+    """
+    if os.environ.get("RANK", "0") != "0":
+        return contextlib.nullcontext()
+    from flowturbo.fileio import owned_run_folder
+
+    return owned_run_folder(out, command=command, wait=wait, what="training run folder", check_owned=not resume)
 
 
 def _run_package(args: argparse.Namespace) -> int:
@@ -242,7 +260,7 @@ def _run_package(args: argparse.Namespace) -> int:
     bundle = package_bundle(
         args.out, predictor=args.predictor, refiner=args.refiner, autoencoder=args.autoencoder, vae=args.vae,
         variant=args.variant, schedule=args.schedule, cfg=args.cfg, guidance_channels=args.guidance_channels,
-        class_names=names, trust_pickle=args.trust_pickle, overwrite=args.overwrite,
+        class_names=names, trust_pickle=args.trust_pickle, overwrite=args.overwrite, wait=args.wait,
     )
     counts = ", ".join(f"{k} {v:,}" for k, v in bundle.parameter_counts().items())
     print(f"wrote bundle {args.out} ({counts} parameters; default schedule {bundle.defaults.schedule})")
@@ -313,7 +331,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     g.add_argument("--class-names", default=None, help="comma-separated (default: from the predictor run)")
     g = p.add_argument_group("output")
     g.add_argument("--out", required=True, help="bundle folder")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing bundle")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing bundle (only one holding nothing "
+                                                            "but flowturbo's own files)")
+    g.add_argument("--wait", action="store_true", help="wait for another flowturbo process writing --out")
     p.set_defaults(handler=_run_package)
     return train
 

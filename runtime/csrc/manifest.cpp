@@ -15,7 +15,47 @@ namespace {
 using json = nlohmann::json;
 namespace fs = std::filesystem;
 
-const char* kReexport = "re-export with `flowturbo export`";
+const char* kReexport = "re-export with `flowturbo export --overwrite`";
+
+// The seal (flowturbo.fileio.sealed_json_bytes): the file is "{\n  \"manifest_sha256\": \"<64 hex>\",\n" followed
+// by the canonical body (json_text of the manifest: sorted keys, 2-space indent, ASCII) without its first two
+// bytes "{\n". The digest is the SHA-256 of "{\n" + those bytes. Both readers check the bytes, so neither has to
+// reproduce the other's JSON serialisation.
+const std::string kSealHead = "{\n  \"manifest_sha256\": \"";
+const std::string kSealTail = "\",\n";
+constexpr size_t kSealDigits = 64;
+
+// The body of a sealed manifest, or ManifestError naming the problem (unsealed, or edited after export).
+std::string unseal(const std::string& raw, const std::string& path) {
+  const size_t head_end = kSealHead.size() + kSealDigits;
+  bool sealed = raw.size() >= head_end + kSealTail.size() && raw.compare(0, kSealHead.size(), kSealHead) == 0 &&
+                raw.compare(head_end, kSealTail.size(), kSealTail) == 0;
+  const std::string digest = sealed ? raw.substr(kSealHead.size(), kSealDigits) : std::string();
+  for (char c : digest) sealed = sealed && ((c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'));
+  if (!sealed) {
+    throw ManifestError(path + " carries no manifest_sha256 seal on its first member (written by an older flowturbo, "
+                        "or edited / reformatted by hand), so its content cannot be trusted; " + kReexport);
+  }
+  std::string body = "{\n" + raw.substr(head_end + kSealTail.size());
+  if (sha256_hex(body) != digest) {
+    throw ManifestError(path + " was modified after it was written: its content no longer matches its "
+                        "manifest_sha256 seal (a hand edit of a value such as the batch range or precision, or a "
+                        "removed entry, is refused); " + kReexport);
+  }
+  return body;
+}
+
+// The graphs (roles) every format of a variant must have; the refiner only when the schedule has R steps.
+std::vector<std::string> required_roles(const std::string& variant, bool uses_refiner, const std::string& path) {
+  if (variant == "unrolled") return {"unrolled"};
+  if (variant == "time-input" || variant == "per-step") {
+    std::vector<std::string> roles{"predictor"};
+    if (uses_refiner) roles.push_back("refiner");
+    roles.push_back("decoder");
+    return roles;
+  }
+  throw ManifestError(path + ": unknown variant '" + variant + "'; " + kReexport);
+}
 
 std::vector<TensorInfo> read_tensors(const json& list) {
   std::vector<TensorInfo> out;
@@ -77,10 +117,17 @@ Manifest load_manifest(const std::string& root_text, bool verify_files) {
     throw ManifestError(root_text + " has no manifest.json: it is not an export directory, or its export did not "
                         "finish; re-run `flowturbo export`");
   }
+  std::string raw;
+  {
+    std::ifstream in(path, std::ios::binary);
+    std::ostringstream buffer;
+    buffer << in.rdbuf();
+    if (!in.good() && !in.eof()) throw ManifestError("cannot read " + path.string() + "; " + kReexport);
+    raw = buffer.str();
+  }
   json doc;
   try {
-    std::ifstream in(path);
-    doc = json::parse(in);
+    doc = json::parse(unseal(raw, path.string()));
   } catch (const json::exception& exc) {
     throw ManifestError(path.string() + " is not valid JSON (" + exc.what() + "); re-export the directory");
   }
@@ -128,6 +175,39 @@ Manifest load_manifest(const std::string& root_text, bool verify_files) {
   }
   const auto& files = doc.contains("files") ? doc["files"] : json::object();
   if (!files.is_object() || files.empty()) throw ManifestError(path.string() + " lists no files; " + kReexport);
+  // The files the directory must hold follow from its variant and formats (runtime/artifacts.required_files).
+  try {
+    bool uses_refiner = false;
+    for (auto kind : m.schedule.steps) uses_refiner = uses_refiner || kind == StepKind::Refiner;
+    const auto roles = required_roles(m.variant, uses_refiner, path.string());
+    const auto& formats = doc.at("formats");
+    if (!formats.is_array() || formats.empty()) throw ManifestError(path.string() + ": no formats listed; " + kReexport);
+    for (const auto& fmt : formats) {
+      const auto format = fmt.get<std::string>();
+      for (const auto& role : roles) {
+        bool found = false;
+        for (const auto& a : m.artifacts) found = found || (a.format == format && a.role == role);
+        if (!found) {
+          throw ManifestError(path.string() + ": a " + m.variant + " export needs a " + format + " graph for the " +
+                              role + ", but lists none; " + kReexport);
+        }
+      }
+    }
+    for (const auto& a : doc.at("artifacts")) {
+      std::vector<std::string> needed{a.at("file").get<std::string>()};
+      if (a.value("format", std::string()) == "onnx" && a.contains("external_data") && a["external_data"].is_boolean() &&
+          a["external_data"].get<bool>()) {
+        needed.push_back(needed.front() + ".data");
+      }
+      for (const auto& rel : needed) {
+        if (!files.contains(rel)) {
+          throw ManifestError(path.string() + " does not list " + rel + " with its size and SHA-256; " + kReexport);
+        }
+      }
+    }
+  } catch (const json::exception& exc) {
+    throw ManifestError(path.string() + " lacks a field or has a wrong type (" + exc.what() + "); " + kReexport);
+  }
   for (auto it = files.begin(); it != files.end(); ++it) {
     const fs::path file = root / it.key();
     if (!fs::is_regular_file(file)) {

@@ -1,5 +1,7 @@
 // The export directory as the C++ runner sees it: manifest.json (format flowturbo.export/1, written by
-// flowturbo.export) parsed into plain structs, with every listed file's size and SHA-256 verified.
+// flowturbo.export) parsed into plain structs, with every listed file's size and SHA-256 verified. The manifest
+// is sealed (its first member is the SHA-256 of its canonical body, see flowturbo.fileio.sealed_json_bytes): a
+// hand-edited one is refused, and the files it must list follow from its variant and formats.
 // No torch here: this is shared by the runner and testable on its own.
 #pragma once
 

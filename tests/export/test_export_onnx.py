@@ -166,7 +166,7 @@ def test_other_model_refused_by_expectation(exported):
     with pytest.raises(CheckpointError, match="schedule_id"):
         OnnxRuntimeSampler.from_artifacts(exported.path, expect={"schedule_id": other.id})
     sampler = OnnxRuntimeSampler.from_artifacts(exported.path)
-    with pytest.raises(SamplingError, match="re-export with `flowturbo export --schedule H2`"):
+    with pytest.raises(SamplingError, match="re-export with `flowturbo export --schedule H2 --cfg 1`"):
         sampler.sample([0], schedule=other)
 
 

@@ -22,6 +22,7 @@ from flowturbo.errors import CheckpointError, FlowTurboError, SamplingError
 from flowturbo.export.manifest import MANIFEST_FILE
 from flowturbo.export.pipeline import ExportRequest, export_bundle
 from flowturbo.export.specs import BatchProfile
+from flowturbo.fileio import read_sealed_json, sealed_json_bytes
 from flowturbo.runtime.cpp_backend import CppSampler, cpp_unavailable_reason
 from flowturbo.runtime.sampler import Sampler
 from flowturbo.schedule import SamplingSchedule
@@ -65,9 +66,9 @@ def exported(bundle, tmp_path_factory) -> Path:
 def _retarget(exported: Path, target: Path, schedule: SamplingSchedule) -> Path:
     """A copy of the time-input export whose manifest names ``schedule`` (same guidance, same graphs)."""
     shutil.copytree(exported, target)
-    manifest = json.loads((target / MANIFEST_FILE).read_text())
+    manifest = read_sealed_json(target / MANIFEST_FILE, fix="")
     manifest["schedule"], manifest["schedule_id"] = schedule.describe(), schedule.id
-    (target / MANIFEST_FILE).write_text(json.dumps(manifest))
+    (target / MANIFEST_FILE).write_bytes(sealed_json_bytes(manifest))  # re-sealed
     return target
 
 
@@ -184,15 +185,15 @@ def test_unusable_directories_are_refused(exported, tmp_path):
     with pytest.raises(CheckpointError, match="schedule_id"):
         CppSampler.from_artifacts(exported, expect={"schedule_id": other.id})
     edited = shutil.copytree(exported, tmp_path / "edited")
-    manifest = json.loads((edited / MANIFEST_FILE).read_text())
+    manifest = read_sealed_json(edited / MANIFEST_FILE, fix="")
     manifest["schedule_id"] = other.id  # schedule and id disagree
-    (edited / MANIFEST_FILE).write_text(json.dumps(manifest))
+    (edited / MANIFEST_FILE).write_bytes(sealed_json_bytes(manifest))  # re-sealed
     with pytest.raises(CheckpointError, match="disagree"):
         CppSampler.from_artifacts(edited)
     old_torch = shutil.copytree(exported, tmp_path / "old_torch")
-    manifest = json.loads((old_torch / MANIFEST_FILE).read_text())
+    manifest = read_sealed_json(old_torch / MANIFEST_FILE, fix="")
     manifest["tools"]["torch"] = "2.9.1+cu128"  # packages compiled by another torch release
-    (old_torch / MANIFEST_FILE).write_text(json.dumps(manifest))
+    (old_torch / MANIFEST_FILE).write_bytes(sealed_json_bytes(manifest))  # re-sealed
     with pytest.raises(CheckpointError, match="compiled by torch 2.9.1"):
         CppSampler.from_artifacts(old_torch)
     if not sampler_build_info()["tensorrt"]:

@@ -24,6 +24,7 @@ from tolerances import tol
 from flowturbo.errors import CheckpointError, FlowTurboError, SamplingError
 from flowturbo.export import tensorrt_export
 from flowturbo.export.manifest import EXPORT_FORMAT, MANIFEST_FILE, file_entries, sha256_file
+from flowturbo.fileio import read_sealed_json, sealed_json_bytes
 from flowturbo.export.specs import BatchProfile, decoder_spec, predictor_step_spec, refiner_step_spec
 from flowturbo.runtime import tensorrt_backend as tb
 from flowturbo.runtime.artifacts import ArtifactEntry, load_artifacts
@@ -227,15 +228,15 @@ def _make_export(root: Path, *, schedule: SamplingSchedule, precision: str = "fp
                   "has_refiner": True},
         "artifacts": artifacts, "files": file_entries(root, written), "tools": {}, "device": f"cuda: {gpu}",
     }
-    (root / MANIFEST_FILE).write_text(json.dumps(manifest))
+    (root / MANIFEST_FILE).write_bytes(sealed_json_bytes(manifest))  # sealed, as the exporter writes it
     return root
 
 
 def _refresh_manifest_files(root: Path) -> None:
     """Re-record every file's checksum in the manifest (so only the engine metadata can object)."""
-    manifest = json.loads((root / MANIFEST_FILE).read_text())
+    manifest = read_sealed_json(root / MANIFEST_FILE, fix="")
     manifest["files"] = file_entries(root, [root / rel for rel in manifest["files"]])
-    (root / MANIFEST_FILE).write_text(json.dumps(manifest))
+    (root / MANIFEST_FILE).write_bytes(sealed_json_bytes(manifest))
 
 
 SCHEDULE = SamplingSchedule.parse("H1P2R2", guidance_scale=1.5)

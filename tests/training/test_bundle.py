@@ -68,7 +68,8 @@ def test_config_json_layout(saved):
     assert config["predictor"]["hidden_size"] == 192 and config["predictor"]["input_size"] == 8
     assert config["decoder"] == {"type": "identity", "channels": 4}
     assert config["defaults"] == {"schedule": "H1P5R3", "cfg": 1.5, "guidance_channels": None}
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "predictor.safetensors", "refiner.safetensors"]
+    assert sorted(p.name for p in folder.iterdir()) == [".flowturbo-owned.json",  # flowturbo's ownership record
+                                                         "config.json", "predictor.safetensors", "refiner.safetensors"]
 
 
 def test_properties(saved):

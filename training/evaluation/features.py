@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from flowturbo.errors import FlowTurboError
-from flowturbo.training.evaluation._io import file_sha256
+from flowturbo.fileio import sha256_file as file_sha256
 from flowturbo.training.evaluation.classifier import FashionClassifier, weights_hash
 
 # ITU-R BT.601 luma weights: RGB -> grey for the single-channel domain classifier.

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from flowturbo.errors import FlowTurboError
-from flowturbo.training.evaluation._io import atomic_write_bytes
+from flowturbo.fileio import atomic_write_bytes
 
 METADATA_KEY = "metadata_json"
 

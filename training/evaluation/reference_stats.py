@@ -19,7 +19,7 @@ import warnings
 from pathlib import Path
 
 from flowturbo.errors import FlowTurboError
-from flowturbo.training.evaluation._io import file_sha256
+from flowturbo.fileio import sha256_file as file_sha256
 from flowturbo.training.evaluation.features import FeatureExtractor
 from flowturbo.training.evaluation.fid import ReferenceStatistics, load_reference_npz
 from flowturbo.training.fashion_mnist import DEFAULT_ROOT, SPLIT_SIZES, load_fashion_mnist, split_files, to_model_range

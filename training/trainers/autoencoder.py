@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flowturbo import fileio
 from flowturbo.errors import FlowTurboError
 from flowturbo.training.autoencoder import (
     AutoencoderConfig,
@@ -43,6 +44,7 @@ from flowturbo.training.trainers.common import (
     check_run_folder,
     atomic_write_json,
     config_to_dict,
+    latest_checkpoint,
     run_training,
     setup_distributed,
 )
@@ -118,7 +120,8 @@ def _check_image_fit(model: AutoencoderConfig, channels: int, size: int) -> None
     if (model.image_channels, model.image_size) != (channels, size):
         raise FlowTurboError(
             f"the autoencoder is configured for {model.image_channels}x{model.image_size}x{model.image_size} images "
-            f"but the data gives {channels}x{size}x{size}; set the model's image_channels / image_size to match"
+            f"but the data gives {channels}x{size}x{size}; pass --image-size {size} --image-channels {channels} "
+            "(they set the model's input size too), or use data of the model's size"
         )
 
 
@@ -130,6 +133,8 @@ def train_autoencoder(config: AutoencoderTrainConfig, out_dir: str | Path, *, re
     """
     out_dir = Path(out_dir)
     check_run_folder(out_dir / STAGE1_DIR, config, resume=resume, force=force, log=lambda _m: None)
+    if not resume and out_dir.is_dir() and latest_checkpoint(out_dir / STAGE1_DIR) is None:
+        fileio.check_replaceable(out_dir, "training run folder")  # a new run: nothing of the user's in it
     ctx = setup_distributed(config.loop.device)
     try:
         say = log if ctx.is_main else (lambda _m: None)
@@ -188,10 +193,11 @@ def train_autoencoder(config: AutoencoderTrainConfig, out_dir: str | Path, *, re
             decoders["mse"] = result2.ema.decoder.state_dict()  # type: ignore[union-attr]
 
         if ctx.is_main:
-            write_autoencoder(out_dir / AUTOENCODER_FILE, ae_config, ema_model.encoder.state_dict(), decoders)
-            atomic_write_json(out_dir / AUTOENCODER_CONFIG_FILE, ae_config.to_dict())
+            write_autoencoder(out_dir / AUTOENCODER_FILE, ae_config, ema_model.encoder.state_dict(), decoders,
+                              record=out_dir)
+            atomic_write_json(out_dir / AUTOENCODER_CONFIG_FILE, ae_config.to_dict(), record=out_dir)
             atomic_write_json(out_dir / CONFIG_FILE,
-                              {"config": config_to_dict(config), "autoencoder": ae_config.to_dict()})
+                              {"config": config_to_dict(config), "autoencoder": ae_config.to_dict()}, record=out_dir)
             say(f"wrote {out_dir / AUTOENCODER_FILE}")
         ctx.barrier()
         return out_dir
@@ -199,13 +205,14 @@ def train_autoencoder(config: AutoencoderTrainConfig, out_dir: str | Path, *, re
         ctx.close()
 
 
-def write_autoencoder(path: Path, config: AutoencoderConfig, encoder: dict, decoders: dict[str, dict]) -> None:
+def write_autoencoder(path: Path, config: AutoencoderConfig, encoder: dict, decoders: dict[str, dict], *,
+                      record: Path | None = None) -> None:
     """Save ``autoencoder.safetensors``: ``encoder.*``, ``decoder.*`` (the "ema" variant), ``decoder_<v>.*``."""
     tensors = {f"encoder.{k}": v for k, v in encoder.items()}
     for variant, state in decoders.items():
         prefix = "decoder." if variant == "ema" else f"decoder_{variant}."
         tensors.update({prefix + k: v for k, v in state.items()})
-    atomic_save_safetensors(tensors, path, {AUTOENCODER_METADATA_KEY: json.dumps(config.to_dict())})
+    atomic_save_safetensors(tensors, path, {AUTOENCODER_METADATA_KEY: json.dumps(config.to_dict())}, record=record)
 
 
 def autoencoder_decoder(path: str | Path, variant: str = "ema") -> FlowTurboAutoencoderDecoder:

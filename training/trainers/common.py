@@ -16,7 +16,9 @@ Output folder layout (``out_dir``)::
     checkpoints/step_00001000/        state.pt + config.json, written as a temp folder then renamed
     checkpoints/latest                name of the newest complete checkpoint folder
 
-Every file is written atomically (temp file in the same folder + ``os.replace``).
+Every file is written atomically through :mod:`flowturbo.fileio` (temp file in the same folder + fsync +
+``os.replace``) and listed in the run folder's ownership record (``.flowturbo-owned.json``); a new run refuses
+a folder holding anything flowturbo did not write, and leftovers of a killed run are removed by the next one.
 """
 
 from __future__ import annotations
@@ -32,7 +34,6 @@ import math
 import os
 import random
 import shutil
-import tempfile
 import time
 import typing
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -46,7 +47,9 @@ import torch.distributed as dist
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from flowturbo import fileio
 from flowturbo.errors import CheckpointError, FlowTurboError
+from flowturbo.fileio import atomic_write_bytes, atomic_write_json  # re-exported: many trainer call sites
 
 CHECKPOINTS_DIR = "checkpoints"
 LATEST_POINTER = "latest"
@@ -61,6 +64,12 @@ LOSS_CURVE_DPI = 100
 LOSS_CURVE_SIZE_INCHES = (7.0, 4.0)
 
 PRECISIONS = ("auto", "fp32", "bf16")
+SEED_LIMIT = 2**63  # seeds are in [0, 2^63) (torch generators take signed 64-bit seeds)
+# Config fields that decide the shapes of the trained weights: a resume may not change them, even with --force.
+ARCHITECTURE_FIELDS = frozenset(
+    {"model", "learn_sigma", "refiner_depth", "model.latent_channels", "model.base_channels", "model.channel_mult",
+     "model.num_res_blocks", "model.norm_groups", "model.image_channels"}
+)
 DEVICES = ("auto", "cpu", "cuda")
 
 # LoopConfig fields that may change between a run and its resume without --force (wherever a LoopConfig
@@ -99,6 +108,8 @@ class LoopConfig:
     num_workers: int = 0  # DataLoader workers for file-backed datasets
 
     def __post_init__(self) -> None:
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed < SEED_LIMIT:
+            raise FlowTurboError(f"loop.seed (--seed) must be an integer in [0, 2^63), got {self.seed!r}")
         for name in ("steps", "batch_size", "log_every", "ckpt_every"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -172,45 +183,21 @@ def config_from_dict(cls: type, data: Mapping[str, Any]) -> Any:
 
 
 # ---------------------------------------------------------------------------------------- atomic I/O
-@contextlib.contextmanager
-def _atomic_target(path: Path) -> Iterator[Path]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
-    try:
-        yield tmp_path
-        os.replace(tmp_path, path)
-    finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
-
-
-def atomic_write_bytes(path: str | Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically."""
-    with _atomic_target(Path(path)) as tmp:
-        tmp.write_bytes(data)
-
-
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    """Write ``obj`` as indented JSON atomically."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode())
-
-
-def atomic_torch_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` atomically."""
+# Byte / JSON writes are flowturbo.fileio's (re-exported above); these two add the torch serialisers.
+def atomic_torch_save(obj: Any, path: str | Path, *, record: str | Path | None = None) -> None:
+    """``torch.save`` atomically (``record``: the folder whose ownership record lists the file)."""
     buffer = io.BytesIO()
     torch.save(obj, buffer)
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue(), record=record)
 
 
 def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
-                            metadata: Mapping[str, str] | None = None) -> None:
+                            metadata: Mapping[str, str] | None = None, *, record: str | Path | None = None) -> None:
     """``safetensors.torch.save_file`` atomically (tensors made contiguous CPU copies)."""
     from safetensors.torch import save
 
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(cpu, metadata=dict(metadata) if metadata else None))
+    atomic_write_bytes(path, save(cpu, metadata=dict(metadata) if metadata else None), record=record)
 
 
 # ----------------------------------------------------------------------------------- distributed
@@ -493,7 +480,7 @@ def parameter_fingerprint(model: nn.Module) -> str:
     return digest.hexdigest()
 
 
-def save_loss_curve(losses: Sequence[float], path: str | Path, title: str) -> None:
+def save_loss_curve(losses: Sequence[float], path: str | Path, title: str, *, record: str | Path | None = None) -> None:
     """Plot the per-step loss (log scale) and its moving average to a PNG (matplotlib Agg, atomic)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -517,7 +504,7 @@ def save_loss_curve(losses: Sequence[float], path: str | Path, title: str) -> No
     ax.legend()
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
-    atomic_write_bytes(path, buffer.getvalue())
+    atomic_write_bytes(path, buffer.getvalue(), record=record)
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -596,24 +583,29 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def _write_checkpoint(out_dir: Path, step: int, state: dict[str, Any], config: dict[str, Any],
                       keep: int) -> Path:
+    """Write ``checkpoints/step_N/`` as a staging folder swapped into place, then point ``latest`` at it.
+
+    Every file is listed in the run folder's ownership record; checkpoints beyond ``keep`` are removed from
+    disk and from the record. A crash leaves the previous checkpoint and ``latest`` intact.
+    """
     root = checkpoint_root(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    fileio.make_folders(root)
     final = root / STEP_DIR_FORMAT.format(step)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", dir=root))
+    tmp = fileio.new_staging_folder(final)
     try:
         atomic_torch_save(state, tmp / STATE_FILE)
         atomic_write_json(tmp / CONFIG_FILE, config)
-        if final.exists():  # same step saved twice (e.g. a resumed finished run): replace it
-            shutil.rmtree(final)
-        os.replace(tmp, final)
+        fileio.add_owned(out_dir, [final / STATE_FILE, final / CONFIG_FILE])
+        fileio.crash_point("checkpoint-staged")
+        fileio.swap_into_place(tmp, final)  # same step saved twice (a resumed finished run): replaced
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
-    atomic_write_bytes(root / LATEST_POINTER, final.name.encode())
+        shutil.rmtree(tmp, ignore_errors=True)
+    atomic_write_bytes(root / LATEST_POINTER, final.name.encode(), record=out_dir)
     if keep:
         steps = sorted(p for p in root.iterdir() if p.is_dir() and p.name.startswith("step_"))
         for old in steps[:-keep]:
             shutil.rmtree(old)
+        fileio.remove_owned(out_dir, steps[:-keep])
     return final
 
 
@@ -649,9 +641,19 @@ def _check_resume_config(out_dir: Path, config: Any, force: bool, log: Callable[
     path = out_dir / CONFIG_FILE
     if not path.is_file():
         return
-    saved = json.loads(path.read_text()).get("config", {})
+    try:
+        saved = json.loads(path.read_text()).get("config", {})
+    except (OSError, ValueError, AttributeError) as exc:
+        raise CheckpointError(f"cannot read {path} ({exc}); the run folder is damaged: start a new run") from None
     mutable = resume_mutable_fields(config)
     changes = [c for c in config_changes(saved, config_to_dict(config)) if c.split(":", 1)[0] not in mutable]
+    shape_changes = [c for c in changes if c.split(":", 1)[0] in ARCHITECTURE_FIELDS]
+    if shape_changes:
+        raise FlowTurboError(
+            f"refusing to resume {out_dir}: the model architecture differs from the run's ({'; '.join(shape_changes)}); "
+            "--force allows changed training settings, never another model: restore those settings or choose a "
+            "new --out"
+        )
     if changes and not force:
         listing = "\n  ".join(changes)
         raise FlowTurboError(
@@ -663,14 +665,31 @@ def _check_resume_config(out_dir: Path, config: Any, force: bool, log: Callable[
 
 
 def check_run_folder(out_dir: str | Path, config: Any, *, resume: bool, force: bool,
-                     log: Callable[[str], None] = print) -> bool:
+                     log: Callable[[str], None] = print, resume_needs_run: bool = True) -> bool:
     """Refuse early what :func:`run_training` would refuse late; returns whether a checkpoint exists.
 
-    An output folder with checkpoints needs ``resume``; resuming with a changed config needs ``force``.
-    Trainers call this before expensive set-up (encoding a dataset) so a mistake costs nothing.
+    An output folder with checkpoints needs ``resume``; resuming with a changed config needs ``force`` (and a
+    changed architecture is refused even then); ``resume`` without a checkpoint to resume from is refused
+    (unless ``resume_needs_run=False``: a later stage of a run that has not started yet). A new run refuses a
+    folder holding anything flowturbo did not write. Trainers call this before expensive set-up (encoding a
+    dataset) so a mistake costs nothing.
     """
     out_dir = Path(out_dir)
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FlowTurboError(f"--out {out_dir} exists and is not a folder; choose another --out")
     existing = latest_checkpoint(out_dir)
+    if existing is None and resume and resume_needs_run:
+        raise FlowTurboError(
+            f"--resume: {out_dir} holds no checkpoint to resume from (no run was started there, or it stopped "
+            "before its first checkpoint); drop --resume to start a new run"
+        )
+    if out_dir.is_dir():  # leftovers of a killed run (temp files, staged checkpoints) are not the user's
+        fileio.remove_stale_temp_files(out_dir)
+        fileio.remove_stale_staging(checkpoint_root(out_dir))
+    if existing is None and out_dir.is_dir():
+        unknown = fileio.unknown_entries(out_dir)
+        if unknown:
+            fileio.check_replaceable(out_dir, "training run folder")
     if existing is not None and not resume:
         raise FlowTurboError(
             f"{out_dir} already holds checkpoints ({existing.name}); pass --resume to continue that run "
@@ -679,6 +698,21 @@ def check_run_folder(out_dir: str | Path, config: Any, *, resume: bool, force: b
     if existing is not None:
         _check_resume_config(out_dir, config, force, log)
     return existing is not None
+
+
+def _check_same_architecture(model: nn.Module, saved: Mapping[str, torch.Tensor], checkpoint: Path) -> None:
+    """Refuse a checkpoint whose weights do not fit ``model`` (another size), naming the first mismatches."""
+    own = model.state_dict()
+    problems = [f"{k}: checkpoint {tuple(v.shape)}, model {tuple(own[k].shape)}" for k, v in saved.items()
+                if k in own and tuple(v.shape) != tuple(own[k].shape)]
+    missing, extra = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+    problems += [f"{k}: missing from the checkpoint" for k in missing] + [f"{k}: not in this model" for k in extra]
+    if problems:
+        listing = "; ".join(problems[:5]) + (f"; and {len(problems) - 5} more" if len(problems) > 5 else "")
+        raise FlowTurboError(
+            f"cannot resume from {checkpoint}: it holds another model architecture ({listing}); --force allows "
+            "changed training settings, never another model: use the run's model settings or a new --out"
+        )
 
 
 def run_training(
@@ -721,7 +755,7 @@ def run_training(
         "torch_version": torch.__version__,
     }
 
-    check_run_folder(out_dir, config, resume=resume, force=force, log=say)
+    check_run_folder(out_dir, config, resume=resume, force=force, log=say, resume_needs_run=False)
     existing = latest_checkpoint(out_dir)
 
     seed_everything(loop.seed)
@@ -736,6 +770,7 @@ def run_training(
                 f"{existing} was written by {state['world_size']} processes, this run has {ctx.world_size}; "
                 "resume with the same number of processes or pass --force (the random streams will differ)"
             )
+        _check_same_architecture(model, state["model"], existing)
         model.load_state_dict(state["model"])
 
     ema = EMA(model, loop.ema_decay)  # before DDP wraps (and hooks) the parameters
@@ -769,8 +804,10 @@ def run_training(
     else:
         seed_everything(loop.seed + ctx.rank)  # ranks draw different noise
     if ctx.is_main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        atomic_write_json(out_dir / CONFIG_FILE, meta)
+        fileio.make_folders(out_dir)
+        fileio.remove_stale_temp_files(out_dir)  # leftovers of a killed run
+        fileio.remove_stale_staging(checkpoint_root(out_dir))
+        atomic_write_json(out_dir / CONFIG_FILE, meta, record=out_dir)
     last_checkpoint = existing
 
     def save(at_step: int) -> Path | None:
@@ -801,7 +838,7 @@ def run_training(
                 "saved_at": datetime.datetime.now(datetime.timezone.utc).isoformat(),
             }
             path = _write_checkpoint(out_dir, at_step, payload, meta, loop.keep_checkpoints)
-            save_loss_curve(losses, out_dir / LOSS_CURVE_FILE, title)
+            save_loss_curve(losses, out_dir / LOSS_CURVE_FILE, title, record=out_dir)
         ctx.barrier()
         return path if ctx.is_main else checkpoint_root(out_dir) / STEP_DIR_FORMAT.format(at_step)
 
@@ -832,7 +869,7 @@ def run_training(
                 where = (f"the last good checkpoint is {last_checkpoint}" if last_checkpoint
                          else "no checkpoint was saved yet")
                 if ctx.is_main and losses:
-                    save_loss_curve(losses, out_dir / LOSS_CURVE_FILE, title)
+                    save_loss_curve(losses, out_dir / LOSS_CURVE_FILE, title, record=out_dir)
                 raise FlowTurboError(
                     f"{title}: the loss became {loss_value} at step {step + 1}; stopped before updating the weights "
                     f"({where}). Resume from it with a lower --lr or a smaller --grad-clip"

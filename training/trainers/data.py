@@ -25,6 +25,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from flowturbo.errors import CheckpointError, FlowTurboError
+from flowturbo.fileio import sha256_file
 from flowturbo.training.autoencoder import AutoencoderConfig, FlowTurboAutoencoder
 from flowturbo.training.image_folder import ImageFolderDataset, deterministic_flip
 from flowturbo.training.trainers.common import (
@@ -39,7 +40,6 @@ FASHION_MNIST = "fashion-mnist"
 AUTOENCODER_FILE = "autoencoder.safetensors"
 AUTOENCODER_METADATA_KEY = "autoencoder_config"
 LATENT_CACHE_FILE = "latents.pt"
-HASH_CHUNK_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -330,15 +330,6 @@ class LatentData:
     encode_on_the_fly: Any | None  # the encoder when batches are images, else None
 
 
-def file_sha256(path: Path) -> str:
-    """sha256 hex digest of a file's bytes (read in chunks)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(HASH_CHUNK_BYTES), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _cache_key(config: LatentDataConfig, num_images: int) -> str:
     """What the cached latents depend on: the data config, the image count and the encoder's weight bytes.
 
@@ -359,7 +350,7 @@ def _encoder_fingerprint(config: LatentDataConfig) -> list[str]:
     else:
         folder = Path(config.vae or "")
         files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []
-    return [file_sha256(f) for f in files if f.is_file()]
+    return [sha256_file(f) for f in files if f.is_file()]
 
 
 def _read_cache(path: Path) -> dict[str, Any]:
@@ -391,7 +382,7 @@ def prepare_latent_data(config: LatentDataConfig, *, global_batch: int, ctx: Dis
         latents, labels = encode_dataset(encoder, source, ctx.device, config.images.random_flip,
                                          config.encode_batch_size, num_workers)
         if cache is not None:
-            atomic_torch_save({"key": key, "latents": latents, "labels": labels}, cache)
+            atomic_torch_save({"key": key, "latents": latents, "labels": labels}, cache, record=cache_dir)
     if cache is not None:
         ctx.barrier()  # the cache is complete before anyone reads it
         if hit or not ctx.is_main:

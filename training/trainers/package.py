@@ -40,8 +40,16 @@ def package_bundle(
     class_names: list[str] | None = None,
     trust_pickle: bool = False,
     overwrite: bool = False,
+    wait: bool = False,
 ) -> Bundle:
     """Build a :class:`Bundle` from trained parts, save it to ``out`` (atomically) and return it."""
+    from flowturbo.fileio import check_replaceable, check_writable_target
+
+    check_writable_target(out)  # before loading any weights
+    if Path(out).exists():
+        if not overwrite:
+            raise FlowTurboError(f"{out} already exists; pass --overwrite to replace it")
+        check_replaceable(out, "bundle")
     ours = read_trained_predictor(predictor)
     if ours is not None:
         state, predictor_config, names = ours
@@ -63,7 +71,7 @@ def package_bundle(
     )
     bundle = Bundle(sit.eval(), None if ref is None else ref.eval(), decoder.eval(),
                     class_names if class_names is not None else names, defaults)
-    save_bundle(bundle, out, overwrite=overwrite)
+    save_bundle(bundle, out, overwrite=overwrite, wait=wait)
     return bundle
 
 

@@ -115,7 +115,8 @@ def train_predictor(config: PredictorTrainConfig, out_dir: str | Path, *, resume
             extra_state={"sit_config": model_config.to_dict(), "class_names": data.class_names},
         )
         if result.finished and ctx.is_main:
-            write_predictor(out_dir / PREDICTOR_FILE, result.ema, data.class_names)  # type: ignore[arg-type]
+            write_predictor(out_dir / PREDICTOR_FILE, result.ema, data.class_names,  # type: ignore[arg-type]
+                            record=out_dir)
             log(f"wrote {out_dir / PREDICTOR_FILE}")
         ctx.barrier()
         return out_dir
@@ -123,12 +124,12 @@ def train_predictor(config: PredictorTrainConfig, out_dir: str | Path, *, resume
         ctx.close()
 
 
-def write_predictor(path: Path, model: SiT, class_names: list[str] | None) -> None:
+def write_predictor(path: Path, model: SiT, class_names: list[str] | None, *, record: Path | None = None) -> None:
     """Save a predictor's weights with its config (and class names) as safetensors metadata."""
     metadata = {SIT_CONFIG_METADATA_KEY: json.dumps(model.config.to_dict())}
     if class_names is not None:
         metadata[CLASS_NAMES_METADATA_KEY] = json.dumps(list(class_names))
-    atomic_save_safetensors(model.state_dict(), path, metadata)
+    atomic_save_safetensors(model.state_dict(), path, metadata, record=record)
 
 
 def read_trained_predictor(path: str | Path) -> tuple[dict[str, torch.Tensor], SiTConfig, list[str] | None] | None:

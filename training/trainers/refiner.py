@@ -195,7 +195,8 @@ def train_refiner(config: RefinerTrainConfig, out_dir: str | Path, *, resume: bo
             extra_state={"refiner_config": refiner_config.to_dict(), "teacher_config": teacher.config.to_dict()},
         )
         if result.finished and ctx.is_main:
-            write_refiner(out_dir / REFINER_FILE, result.ema, teacher.config)  # type: ignore[arg-type]
+            write_refiner(out_dir / REFINER_FILE, result.ema, teacher.config,  # type: ignore[arg-type]
+                          record=out_dir)
             log(f"wrote {out_dir / REFINER_FILE}")
         ctx.barrier()
         return out_dir
@@ -203,13 +204,14 @@ def train_refiner(config: RefinerTrainConfig, out_dir: str | Path, *, resume: bo
         ctx.close()
 
 
-def write_refiner(path: Path, refiner: VelocityRefiner, teacher_config: SiTConfig) -> None:
+def write_refiner(path: Path, refiner: VelocityRefiner, teacher_config: SiTConfig, *,
+                 record: Path | None = None) -> None:
     """Save refiner weights with its config and its teacher's config as safetensors metadata."""
     metadata = {
         REFINER_CONFIG_METADATA_KEY: json.dumps(refiner.config.to_dict()),
         TEACHER_METADATA_KEY: json.dumps(teacher_config.to_dict()),
     }
-    atomic_save_safetensors(refiner.state_dict(), path, metadata)
+    atomic_save_safetensors(refiner.state_dict(), path, metadata, record=record)
 
 
 def read_trained_refiner(path: str | Path) -> tuple[dict[str, torch.Tensor], RefinerConfig] | None:

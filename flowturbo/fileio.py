@@ -1,0 +1,911 @@
+"""File safety for every flowturbo command that writes: the one place that touches the disk for output.
+
+Pure Python (no torch), importable from every layer. It gives each writer (``sample``, ``profile``,
+``export``, ``train``, ``eval``) the same guarantees:
+
+* **Atomic files** (:func:`atomic_write_bytes` / ``_text`` / ``_json``, :func:`atomic_path`): the data goes to a
+  temporary file in the same folder, is flushed and ``fsync``-ed, then ``os.replace``-d over the target, so a
+  reader (or a crash) sees the complete old file or the complete new one, never half of one.
+* **Staged output folders** (:class:`OutputFolder`): a command writes into a hidden staging folder beside its
+  target, ``.NAME.flowturbo-tmp-PID-XXXX``, and swaps it into place only when complete (an atomic exchange
+  where the kernel offers ``renameat2(RENAME_EXCHANGE)``, else rename aside + rename + restore on failure).
+* **Ownership records**: every folder flowturbo creates holds ``.flowturbo-owned.json`` listing every file
+  flowturbo wrote there. An existing folder is replaced (or, for training runs, written into) only if every
+  entry in it is listed in that record; anything else is refused with an error naming the unknown entries, so
+  a user's ``thesis.txt`` beside a ``run.json`` survives byte for byte.
+* **A lock per target** (:func:`lock_target`): an advisory ``flock`` on ``.NAME.flowturbo-lock`` beside the
+  target. A second writer fails at once with "another flowturbo process (pid N) is writing DIR", or waits
+  (``--wait``). The lock file is removed when released.
+* **Pre-flight** (:func:`check_writable_target`): the target's parent must be creatable and writable (checked by
+  creating and removing a probe file) and an existing target must be replaceable (not immutable), before any
+  work starts, so a bad ``--out`` costs nothing.
+* **Debris removal**: staging / set-aside folders and temporary files left by a process that is gone (SIGKILL,
+  power loss) are removed by the next run on the same target, under its lock.
+* **Checksums**: :func:`sha256_file`.
+* **Permissions**: folders ``0o777 & ~umask`` (0755 under the usual umask 022), files ``0o666 & ~umask`` (0644).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import errno
+import fcntl
+import hashlib
+import json
+import os
+import re
+import secrets
+import shutil
+import signal
+import stat
+import threading
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from flowturbo.errors import FlowTurboError
+
+OWNERSHIP_FILE = ".flowturbo-owned.json"
+OWNERSHIP_FORMAT = "flowturbo.owned/1"
+LOCK_SUFFIX = ".flowturbo-lock"
+STAGING_TAG = "flowturbo-tmp"  # .NAME.flowturbo-tmp-PID-XXXX: a folder being built
+ASIDE_TAG = "flowturbo-old"  # .NAME.flowturbo-old-PID-XXXX: an old folder moved aside during a swap
+TEMP_FILE_SUFFIX = ".flowturbo-tmp"  # .FILE.PID.XXXX.flowturbo-tmp: a file being written atomically
+HASH_CHUNK_BYTES = 1 << 20
+MAX_NAMED_ENTRIES = 5  # unknown entries named in an error message
+RENAME_EXCHANGE = 2  # linux/fs.h
+AT_FDCWD = -100
+# FS_IOC_GETFLAGS (linux/fs.h) and the inode flags that make a folder impossible to rename or replace.
+FS_IOC_GETFLAGS = 0x80086601
+FS_IMMUTABLE_FL = 0x10
+FS_APPEND_FL = 0x20
+
+KILL_AT_ENV = "FLOWTURBO_TEST_KILL_AT"  # crash-safety tests: SIGKILL this process at the named point
+NO_EXCHANGE_ENV = "FLOWTURBO_TEST_NO_EXCHANGE"  # crash-safety tests: swap by rename-aside (the portable path)
+
+# Debris of older flowturbo releases (no pid in the name): removed under the target's lock.
+_LEGACY_DEBRIS = ("tmp-", "old-", "scratch-")
+
+
+_crash_hits: dict[str, int] = {}
+
+
+def crash_point(name: str) -> None:
+    """Test hook: SIGKILL this very process at ``name`` when ``$FLOWTURBO_TEST_KILL_AT`` is ``name`` (or
+    ``name#N``: at its N-th visit).
+
+    The crash-safety tests (``tests/test_crash_safety.py``) use it to kill ``sample`` / ``export`` / ``train``
+    subprocesses at exact points (lock held, file written but not renamed, folder staged, checkpoint staged)
+    instead of guessing them with timers. Unset (always, outside those tests), it does nothing.
+    """
+    wanted = os.environ.get(KILL_AT_ENV)
+    if not wanted:
+        return
+    point, _, nth = wanted.partition("#")
+    if point != name:
+        return
+    _crash_hits[name] = _crash_hits.get(name, 0) + 1
+    if _crash_hits[name] == int(nth or 1):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
+# ------------------------------------------------------------------------------------------ modes
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def folder_mode() -> int:
+    """Mode of the folders flowturbo creates: ``0o777`` less the umask (0755 under umask 022)."""
+    return 0o777 & ~_umask()
+
+
+def file_mode() -> int:
+    """Mode of the files flowturbo creates: ``0o666`` less the umask (0644 under umask 022)."""
+    return 0o666 & ~_umask()
+
+
+# --------------------------------------------------------------------------------------- checksums
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """SHA-256 hex digest of a file's bytes, read in chunks."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(HASH_CHUNK_BYTES), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    """SHA-256 hex digest of ``data``."""
+    return hashlib.sha256(data).hexdigest()
+
+
+# ------------------------------------------------------------------------------------ atomic files
+def _fsync_folder(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (best effort: some file systems refuse directory fsync)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _temp_name(path: Path) -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}{TEMP_FILE_SUFFIX}")
+
+
+def _os_error(exc: OSError, what: str, path: Path) -> FlowTurboError:
+    reason = exc.strerror or str(exc)
+    return FlowTurboError(f"cannot {what} {path}: {reason}; check the path and its permissions, or choose another")
+
+
+def make_folders(folder: str | os.PathLike[str]) -> list[Path]:
+    """``mkdir -p`` with normal permissions; returns the folders it created, outermost first."""
+    folder = Path(folder)
+    missing = []
+    probe = folder
+    while not probe.exists():
+        missing.append(probe)
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    created = []
+    for path in reversed(missing):
+        try:
+            path.mkdir(mode=0o777)
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise _os_error(exc, "create the folder", path) from None
+        created.append(path)
+    return created
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], *, record: str | os.PathLike[str] | None = None) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block succeeds it is fsync-ed and renamed onto ``path``.
+
+    For writers that want a file name (``torch.save``, PIL, ``safetensors.save_file``). On an exception the
+    temporary file is removed and ``path`` is untouched. ``record``: a folder whose ownership record gets
+    ``path`` added (see :func:`add_owned`).
+    """
+    path = Path(path)
+    make_folders(path.parent)
+    tmp = _temp_name(path)
+    try:
+        yield tmp
+        if not tmp.exists():
+            raise FlowTurboError(f"internal error: nothing was written to {tmp} for {path}")
+        with open(tmp, "rb+") as handle:
+            os.fsync(handle.fileno())
+        os.chmod(tmp, file_mode())
+        os.replace(tmp, path)
+        _fsync_folder(path.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    if record is not None:
+        add_owned(record, [path])
+
+
+def atomic_write_bytes(path: str | os.PathLike[str], data: bytes, *,
+                       record: str | os.PathLike[str] | None = None) -> Path:
+    """Write ``data`` to ``path`` atomically (temp file in the same folder + fsync + ``os.replace``)."""
+    path = Path(path)
+    make_folders(path.parent)
+    tmp = _temp_name(path)
+    try:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
+            handle.flush()
+            os.fsync(handle.fileno())
+        crash_point("file-written")
+        os.replace(tmp, path)
+        _fsync_folder(path.parent)
+    except OSError as exc:
+        raise _os_error(exc, "write", path) from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+    if record is not None:
+        add_owned(record, [path])
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str, *,
+                      record: str | os.PathLike[str] | None = None) -> Path:
+    """UTF-8 text version of :func:`atomic_write_bytes`."""
+    return atomic_write_bytes(path, text.encode("utf-8"), record=record)
+
+
+def json_text(obj: Any) -> str:
+    """The JSON flowturbo writes: sorted keys, 2-space indent, ASCII only, no NaN, trailing newline."""
+    return json.dumps(obj, indent=2, sort_keys=True, ensure_ascii=True, allow_nan=False) + "\n"
+
+
+def atomic_write_json(path: str | os.PathLike[str], obj: Any, *,
+                      record: str | os.PathLike[str] | None = None) -> Path:
+    """Write ``obj`` as indented JSON (:func:`json_text`) atomically."""
+    return atomic_write_text(path, json_text(obj), record=record)
+
+
+# ------------------------------------------------------------------------------------- sealed JSON
+SEAL_KEY = "manifest_sha256"
+_SEAL_HEAD = b'{\n  "' + SEAL_KEY.encode() + b'": "'
+_SEAL_TAIL = b'",\n'
+_SEAL_DIGITS = 64
+
+
+class SealError(FlowTurboError):
+    """A sealed JSON file that is unsealed, malformed, or whose content no longer matches its seal."""
+
+
+def sealed_json_bytes(obj: dict[str, Any]) -> bytes:
+    """``obj`` as a sealed JSON document: :func:`json_text` of ``obj`` with a first member holding its digest.
+
+    The canonical form is ``body = json_text(obj)`` (sorted keys, 2-space indent, ASCII, no NaN, trailing
+    newline). The file is ``{`` + newline + ``  "manifest_sha256": "<SHA-256 of body>",`` + newline + ``body``
+    without its first two bytes (``{`` and newline). A reader takes the bytes after the seal line, puts
+    ``{`` + newline back in front, hashes them and compares: any edit of the content (a value, a removed entry,
+    even whitespace) is detected. The C++ reader (``runtime/csrc/manifest.cpp``) does exactly the same on the
+    bytes, so both sides agree without re-serialising JSON.
+    """
+    if not isinstance(obj, dict) or not obj:
+        raise FlowTurboError("internal error: a sealed JSON document must be a non-empty object")
+    if SEAL_KEY in obj:
+        raise FlowTurboError(f"internal error: {SEAL_KEY!r} is reserved for the seal")
+    body = json_text(obj).encode("ascii")
+    return _SEAL_HEAD + sha256_bytes(body).encode() + _SEAL_TAIL + body[2:]
+
+
+def read_sealed_json(path: str | os.PathLike[str], *, fix: str) -> dict[str, Any]:
+    """Read a file written from :func:`sealed_json_bytes`; refuse (SealError, ending with ``fix``) any edit."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise SealError(f"cannot read {path} ({exc.strerror or exc}); {fix}") from None
+    head_end = len(_SEAL_HEAD) + _SEAL_DIGITS
+    digest = raw[len(_SEAL_HEAD):head_end]
+    if (not raw.startswith(_SEAL_HEAD) or raw[head_end:head_end + len(_SEAL_TAIL)] != _SEAL_TAIL
+            or not re.fullmatch(rb"[0-9a-f]{64}", digest)):
+        raise SealError(
+            f"{path} carries no {SEAL_KEY} seal on its first member (written by an older flowturbo, or edited / "
+            f"reformatted by hand), so its content cannot be trusted; {fix}"
+        )
+    body = b"{\n" + raw[head_end + len(_SEAL_TAIL):]
+    if sha256_bytes(body) != digest.decode():
+        raise SealError(
+            f"{path} was modified after it was written: its content no longer matches its {SEAL_KEY} seal (a hand "
+            f"edit of a value such as the batch range or precision, or a removed entry, is refused); {fix}"
+        )
+    try:
+        data = json.loads(body.decode("ascii"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise SealError(f"{path} is not valid JSON ({exc}); {fix}") from None
+    if not isinstance(data, dict):
+        raise SealError(f"{path} does not hold a JSON object; {fix}")
+    return data
+
+
+# -------------------------------------------------------------------------------- ownership records
+@dataclass(frozen=True)
+class OwnershipRecord:
+    """What flowturbo wrote into a folder: relative POSIX paths of files, and the command that wrote them."""
+
+    files: frozenset[str]
+    command: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": OWNERSHIP_FORMAT, "command": self.command, "files": sorted(self.files)}
+
+
+def read_ownership(folder: str | os.PathLike[str]) -> OwnershipRecord | None:
+    """The folder's ownership record, or None when it has none (or an unreadable one)."""
+    path = Path(folder) / OWNERSHIP_FILE
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(data, dict) or data.get("format") != OWNERSHIP_FORMAT or not isinstance(data.get("files"), list):
+        return None
+    files = frozenset(f for f in data["files"] if isinstance(f, str))
+    return OwnershipRecord(files, str(data.get("command", "")))
+
+
+def write_ownership(folder: str | os.PathLike[str], files: Iterable[str], command: str = "") -> Path:
+    """(Re)write ``folder``'s ownership record listing ``files`` (paths relative to ``folder``)."""
+    record = OwnershipRecord(frozenset(files) - {OWNERSHIP_FILE}, command)
+    return atomic_write_json(Path(folder) / OWNERSHIP_FILE, record.to_dict())
+
+
+def _relative(folder: Path, path: str | os.PathLike[str]) -> str:
+    path = Path(path)
+    if not path.is_absolute():
+        return path.as_posix()
+    try:
+        return path.relative_to(folder).as_posix()
+    except ValueError:
+        return os.path.relpath(path, folder).replace(os.sep, "/")
+
+
+def add_owned(folder: str | os.PathLike[str], paths: Iterable[str | os.PathLike[str]], command: str = "") -> None:
+    """Add ``paths`` (absolute, or relative to ``folder``) to ``folder``'s ownership record (created if absent)."""
+    folder = Path(folder)
+    old = read_ownership(folder)
+    new = {_relative(folder, p) for p in paths}
+    files = (old.files if old else frozenset()) | new
+    if old is None or not new <= old.files:
+        write_ownership(folder, files, command or (old.command if old else ""))
+
+
+def remove_owned(folder: str | os.PathLike[str], paths: Iterable[str | os.PathLike[str]]) -> None:
+    """Drop ``paths`` (files flowturbo deleted) from ``folder``'s ownership record."""
+    folder = Path(folder)
+    old = read_ownership(folder)
+    if old is None:
+        return
+    gone = {_relative(folder, p) for p in paths}
+    keep = {f for f in old.files if not any(f == g or f.startswith(g.rstrip("/") + "/") for g in gone)}
+    if keep != old.files:
+        write_ownership(folder, keep, old.command)
+
+
+def list_files(folder: str | os.PathLike[str]) -> list[str]:
+    """Every file (and symlink) below ``folder``, as sorted relative POSIX paths."""
+    root = Path(folder)
+    found = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        here = Path(dirpath)
+        found += [(here / name).relative_to(root).as_posix() for name in filenames]
+        found += [(here / name).relative_to(root).as_posix() for name in dirnames if (here / name).is_symlink()]
+    return sorted(found)
+
+
+def unknown_entries(folder: str | os.PathLike[str]) -> list[str]:
+    """Entries of ``folder`` that no flowturbo ownership record lists (relative paths, sorted).
+
+    A subfolder with its own record is judged by that record. An empty subfolder counts as unknown unless a
+    record lists a file below it (a user's empty ``photos/`` is theirs). A folder without any record has
+    only unknown entries (its top-level entries are returned).
+    """
+    root = Path(folder)
+    record = read_ownership(root)
+    if record is None:
+        return sorted(p.name + ("/" if p.is_dir() and not p.is_symlink() else "") for p in root.iterdir())
+    unknown: list[str] = []
+    for entry in sorted(root.iterdir(), key=lambda p: p.name):
+        name = entry.name
+        if name == OWNERSHIP_FILE:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            if read_ownership(entry) is not None:
+                unknown += [f"{name}/{sub}" for sub in unknown_entries(entry)]
+                continue
+            prefix = name + "/"
+            listed = {f for f in record.files if f.startswith(prefix)}
+            inner = list_files(entry)
+            if not inner and not listed:
+                unknown.append(prefix)
+            unknown += [prefix + f for f in inner if prefix + f not in listed]
+        elif name not in record.files:
+            unknown.append(name)
+    return unknown
+
+
+def _describe_unknown(unknown: list[str]) -> str:
+    named = ", ".join(repr(u) for u in unknown[:MAX_NAMED_ENTRIES])
+    more = f" and {len(unknown) - MAX_NAMED_ENTRIES} more" if len(unknown) > MAX_NAMED_ENTRIES else ""
+    return f"{named}{more}"
+
+
+def check_replaceable(target: str | os.PathLike[str], what: str = "output") -> Path:
+    """Refuse ``target`` unless it is absent, an empty folder, or a folder holding only what flowturbo wrote.
+
+    ``what`` names the kind of output in the message ("sample output", "export directory", ...).
+    """
+    target = Path(target)
+    if not target.exists() and not target.is_symlink():
+        return target
+    if target.is_symlink() or not target.is_dir():
+        raise FlowTurboError(f"{target} exists and is not a folder; choose another --out")
+    unknown = unknown_entries(target)
+    if unknown:
+        if read_ownership(target) is None:
+            raise FlowTurboError(
+                f"refusing to replace {target}: it is not a flowturbo {what} (it has no {OWNERSHIP_FILE} record of "
+                f"what flowturbo wrote) and holds {_describe_unknown(unknown)}; choose another --out, or move "
+                "those entries away"
+            )
+        raise FlowTurboError(
+            f"refusing to replace {target}: it holds entries flowturbo did not write: {_describe_unknown(unknown)}; "
+            "move them away (or choose another --out) and run again"
+        )
+    return target
+
+
+# --------------------------------------------------------------------------------------------- locks
+_held_lock = threading.Lock()
+_held: dict[str, list[Any]] = {}  # lock path -> [fd, count]: re-entrant within one process
+
+
+def lock_path_for(target: str | os.PathLike[str]) -> Path:
+    """The lock file of ``target``: ``.NAME.flowturbo-lock`` beside it."""
+    target = Path(os.path.abspath(target))
+    return target.parent / f".{target.name}{LOCK_SUFFIX}"
+
+
+def _lock_holder(path: Path) -> str:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return "pid unknown"
+    return f"pid {text}" if text.isdigit() else "pid unknown"
+
+
+@contextlib.contextmanager
+def lock_target(target: str | os.PathLike[str], *, wait: bool = False) -> Iterator[Path]:
+    """Hold the advisory lock of ``target`` (an ``flock`` on ``.NAME.flowturbo-lock`` beside it).
+
+    Another holder makes this fail at once with "another flowturbo process (pid N) is writing TARGET", or,
+    with ``wait=True``, block until it is released. The target's parent folder must exist. Re-entrant within
+    a process. The lock file holds the owner's pid and is removed on release.
+    """
+    path = lock_path_for(target)
+    key = str(path)
+    with _held_lock:
+        if key in _held:
+            _held[key][1] += 1
+            reentered = True
+        else:
+            reentered = False
+    if reentered:
+        try:
+            yield path
+        finally:
+            with _held_lock:
+                _held[key][1] -= 1
+        return
+    fd = _acquire(path, Path(target), wait)
+    with _held_lock:
+        _held[key] = [fd, 1]
+    try:
+        yield path
+    finally:
+        with _held_lock:
+            _held.pop(key, None)
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # before closing: a waiter that gets this inode sees it unlinked and retries
+        os.close(fd)
+
+
+def _acquire(path: Path, target: Path, wait: bool) -> int:
+    while True:
+        try:
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+        except OSError as exc:
+            raise _os_error(exc, "create the lock file", path) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            raise FlowTurboError(
+                f"another flowturbo process ({_lock_holder(path)}) is writing {target}; wait for it to finish "
+                "(or pass --wait to queue behind it), or choose another --out"
+            ) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:
+            same = os.path.samestat(os.fstat(fd), os.stat(path))
+        except FileNotFoundError:
+            same = False
+        if not same:  # the previous holder unlinked it while we waited: lock the new file instead
+            os.close(fd)
+            continue
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        return fd
+
+
+# ------------------------------------------------------------------------------------ pre-flight
+def _inode_flags(path: Path) -> int:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except OSError:
+        return 0
+    try:
+        buf = ctypes.c_long(0)
+        fcntl.ioctl(fd, FS_IOC_GETFLAGS, buf)
+        return int(buf.value)
+    except OSError:  # file system without inode flags
+        return 0
+    finally:
+        os.close(fd)
+
+
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path.parent != path:
+        path = path.parent
+    return path
+
+
+def check_writable_target(target: str | os.PathLike[str], flag: str = "--out") -> Path:
+    """Refuse, before any work, a target flowturbo could not create or replace; returns it as a Path.
+
+    The nearest existing ancestor of the target's parent must be a folder in which a file can be created
+    (probed: this catches read-only and special file systems such as ``/proc``, and missing permissions);
+    an existing target must not be immutable or append-only (``chattr``) and must be writable.
+    """
+    target = Path(target)
+    if target.name in ("", ".", ".."):
+        raise FlowTurboError(f"{flag} {target} does not name a folder; give a path such as outputs/run1")
+    parent = Path(os.path.abspath(target)).parent
+    anchor = _nearest_existing(parent)
+    if not anchor.is_dir():
+        raise FlowTurboError(f"{flag} {target}: {anchor} is not a folder; choose another {flag}")
+    probe = anchor / f".flowturbo-probe-{os.getpid()}-{secrets.token_hex(4)}"
+    try:
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except OSError as exc:
+        raise FlowTurboError(
+            f"{flag} {target}: cannot write in {anchor} ({exc.strerror or exc}); choose a writable location"
+        ) from None
+    with contextlib.suppress(FileNotFoundError):
+        probe.unlink()
+    for path in ([target] if target.exists() else []) + ([parent] if parent.exists() else []):
+        flags = _inode_flags(path)
+        if flags & (FS_IMMUTABLE_FL | FS_APPEND_FL):
+            kind = "immutable" if flags & FS_IMMUTABLE_FL else "append-only"
+            raise FlowTurboError(
+                f"{flag} {target}: {path} is {kind} (chattr), so flowturbo cannot replace it; clear the flag "
+                f"(chattr -i / -a) or choose another {flag}"
+            )
+    if target.exists() and target.is_dir() and not os.access(target, os.W_OK | os.X_OK):
+        raise FlowTurboError(f"{flag} {target} is not writable; fix its permissions or choose another {flag}")
+    return target
+
+
+# ------------------------------------------------------------------------------------------ debris
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _debris_of(target: Path) -> list[tuple[Path, str, int | None]]:
+    """(path, kind, owner pid or None) of staging / aside / legacy folders beside ``target``."""
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.({STAGING_TAG}|{ASIDE_TAG})-(\d+)-[0-9a-f]+$")
+    found = []
+    try:
+        names = os.listdir(target.parent)
+    except OSError:
+        return []
+    for name in names:
+        match = pattern.match(name)
+        if match:
+            found.append((target.parent / name, match.group(1), int(match.group(2))))
+        elif any(name.startswith(f".{target.name}.{tag}") for tag in _LEGACY_DEBRIS):
+            found.append((target.parent / name, "legacy", None))
+    return sorted(found)
+
+
+def remove_stale_debris(target: str | os.PathLike[str]) -> list[Path]:
+    """Remove staging / set-aside folders beside ``target`` whose owner process is gone; call under the lock.
+
+    A set-aside folder whose process died between moving the old target aside and moving the new one in is
+    put back when the target is missing (the old complete state wins). Returns what was removed or restored.
+    """
+    target = Path(target)
+    handled = []
+    debris = _debris_of(target)
+    for path, kind, pid in debris:
+        if pid is not None and _pid_alive(pid) and pid != os.getpid():
+            continue
+        if kind == ASIDE_TAG and not target.exists():
+            os.replace(path, target)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+            if path.exists() and not path.is_dir():
+                path.unlink()
+        handled.append(path)
+    return handled
+
+
+def remove_stale_staging(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove every staging / set-aside folder directly in ``folder`` whose owner process is gone.
+
+    (:func:`remove_stale_debris` does this for one target; this covers all targets of a folder, e.g. the
+    checkpoint folders of a training run.)
+    """
+    pattern = re.compile(rf"^\.(.+)\.({STAGING_TAG}|{ASIDE_TAG})-(\d+)-[0-9a-f]+$")
+    folder = Path(folder)
+    handled = []
+    names = os.listdir(folder) if folder.is_dir() else []
+    for name in sorted(names):
+        match = pattern.match(name)
+        if match is None or _pid_alive(int(match.group(3))):
+            continue
+        path, target = folder / name, folder / match.group(1)
+        if match.group(2) == ASIDE_TAG and not target.exists():
+            os.replace(path, target)
+        else:
+            shutil.rmtree(path, ignore_errors=True)
+        handled.append(path)
+    return handled
+
+
+def remove_stale_temp_files(folder: str | os.PathLike[str]) -> list[Path]:
+    """Remove temporary files of atomic writes below ``folder`` whose writer process is gone."""
+    pattern = re.compile(rf"^\..+\.(\d+)\.[0-9a-f]+{re.escape(TEMP_FILE_SUFFIX)}$")
+    removed = []
+    if not Path(folder).is_dir():
+        return removed
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in filenames + dirnames:
+            match = pattern.match(name)
+            if match and not _pid_alive(int(match.group(1))):
+                path = Path(dirpath) / name
+                if path.is_dir():
+                    shutil.rmtree(path, ignore_errors=True)
+                else:
+                    path.unlink(missing_ok=True)
+                removed.append(path)
+    return removed
+
+
+# --------------------------------------------------------------------------------------- swapping
+def _libc() -> Any:
+    try:
+        return ctypes.CDLL(None, use_errno=True)
+    except OSError:
+        return None
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Atomically swap two paths (Linux ``renameat2(RENAME_EXCHANGE)``); False when unsupported here."""
+    libc = _libc()
+    function = getattr(libc, "renameat2", None) if libc is not None else None
+    if function is None:
+        return False
+    result = function(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
+    if result == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
+
+
+def new_staging_folder(target: str | os.PathLike[str], tag: str = STAGING_TAG) -> Path:
+    """Create ``.NAME.<tag>-PID-XXXX`` beside ``target`` with normal permissions."""
+    target = Path(target)
+    while True:
+        path = target.parent / f".{target.name}.{tag}-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            path.mkdir(mode=0o777)
+            return path
+        except FileExistsError:
+            continue
+        except OSError as exc:
+            raise _os_error(exc, "create a staging folder beside", target) from None
+
+
+def swap_into_place(staging: Path, target: Path) -> None:
+    """Put the complete folder ``staging`` at ``target``; an existing ``target`` is replaced (and removed).
+
+    Uses an atomic exchange where available, so ``target`` always holds the complete old or the complete new
+    folder; otherwise the old folder is renamed aside first and restored if the second rename fails.
+    """
+    try:
+        if not target.exists():
+            os.rename(staging, target)
+            _fsync_folder(target.parent)
+            return
+        if os.environ.get(NO_EXCHANGE_ENV) is None and _exchange(staging, target):  # staging now holds the old one
+            _fsync_folder(target.parent)
+            shutil.rmtree(staging, ignore_errors=True)
+            return
+        aside = target.parent / f".{target.name}.{ASIDE_TAG}-{os.getpid()}-{secrets.token_hex(4)}"
+        os.rename(target, aside)
+        crash_point("set-aside")
+        try:
+            os.rename(staging, target)
+        except BaseException:
+            os.rename(aside, target)
+            raise
+        _fsync_folder(target.parent)
+        shutil.rmtree(aside, ignore_errors=True)
+    except OSError as exc:
+        raise FlowTurboError(
+            f"cannot put the new output in place at {target} ({exc.strerror or exc}); the previous content is "
+            "unchanged; check the folder's permissions and attributes (chattr) or choose another --out"
+        ) from None
+
+
+def _seal_permissions(folder: Path) -> None:
+    """Normal permissions for everything under a staging folder (tools such as mkdtemp make 0700 / 0600)."""
+    dmode, fmode = folder_mode(), file_mode()
+    os.chmod(folder, dmode)
+    for dirpath, dirnames, filenames in os.walk(folder):
+        for name in dirnames:
+            path = Path(dirpath) / name
+            if not path.is_symlink():
+                os.chmod(path, dmode)
+        for name in filenames:
+            path = Path(dirpath) / name
+            if not path.is_symlink():
+                mode = fmode | (stat.S_IMODE(path.stat().st_mode) & 0o111 & ~_umask())
+                os.chmod(path, mode)
+
+
+# ----------------------------------------------------------------------------------- output folder
+class OutputFolder:
+    """A command's output folder, from pre-flight to the final swap. Use as a context manager::
+
+        with OutputFolder(args.out, command="sample", wait=args.wait) as out:   # checks + lock, before work
+            images = expensive_work()
+            with out.staging() as folder:                                    # hidden folder beside --out
+                write(folder / "grid.png")
+            # here --out holds the new folder (+ its ownership record)
+
+    Entering: the target must be creatable and writable (:func:`check_writable_target`), replaceable
+    (:func:`check_replaceable`); its lock is taken (:func:`lock_target`) and debris of dead runs removed.
+    :meth:`staging` yields an empty folder; on success its ownership record is written (every file in it),
+    permissions normalised, and it is swapped into place (the target is re-checked first: a user may have
+    added files meanwhile). On any error nothing is left behind: no staging folder, no lock file, and no
+    parent folders that this run created.
+    """
+
+    def __init__(self, target: str | os.PathLike[str], *, command: str, what: str = "output",
+                 wait: bool = False, flag: str = "--out") -> None:
+        self.target = Path(target)
+        self.command = command
+        self.what = what
+        self.wait = wait
+        self.flag = flag
+        self.committed = False
+        self._stack: contextlib.ExitStack | None = None
+        self._created: list[Path] = []
+
+    def __enter__(self) -> "OutputFolder":
+        check_writable_target(self.target, self.flag)
+        check_replaceable(self.target, self.what)
+        self._created = make_folders(Path(os.path.abspath(self.target)).parent)
+        stack = contextlib.ExitStack()
+        try:
+            stack.enter_context(lock_target(self.target, wait=self.wait))
+            crash_point("locked")
+            remove_stale_debris(self.target)
+            check_replaceable(self.target, self.what)  # again, under the lock
+        except BaseException:
+            stack.close()
+            self._remove_created()
+            raise
+        self._stack = stack
+        return self
+
+    def __exit__(self, *exc_info: Any) -> None:
+        assert self._stack is not None
+        self._stack.close()
+        if not self.committed:
+            self._remove_created()
+
+    def _remove_created(self) -> None:
+        for folder in reversed(self._created):
+            with contextlib.suppress(OSError):
+                folder.rmdir()  # only if still empty
+
+    @contextlib.contextmanager
+    def staging(self) -> Iterator[Path]:
+        """An empty staging folder beside the target; swapped into place when the block succeeds."""
+        if self._stack is None:
+            raise FlowTurboError("internal error: OutputFolder.staging() outside its `with` block")
+        folder = new_staging_folder(self.target)
+        try:
+            yield folder
+            self.commit(folder)
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+
+    def commit(self, folder: Path) -> None:
+        """Record, seal and swap a complete staging ``folder`` into place (done by :meth:`staging`)."""
+        write_ownership(folder, list_files(folder), self.command)
+        _seal_permissions(folder)
+        check_replaceable(self.target, self.what)
+        crash_point("staged")
+        swap_into_place(folder, self.target)
+        self.committed = True
+
+
+def prepare_output_folder(target: str | os.PathLike[str], *, command: str, what: str = "output",
+                          wait: bool = False) -> OutputFolder:
+    """An :class:`OutputFolder` (enter it with ``with``)."""
+    return OutputFolder(target, command=command, what=what, wait=wait)
+
+
+@contextlib.contextmanager
+def owned_run_folder(folder: str | os.PathLike[str], *, command: str, wait: bool = False,
+                     what: str = "run folder", check_owned: bool = True) -> Iterator[Path]:
+    """A folder that a command writes into over time (a training run): pre-flight, lock, debris removal.
+
+    The folder must be absent, empty or hold only what flowturbo recorded (else refused, naming the unknown
+    entries; ``check_owned=False`` skips this for a resumed run, which adds files and removes none of the
+    user's). It is created (normal permissions) with an ownership record; writers add their files with
+    ``record=folder``. Temporary files of dead writers inside it are removed.
+    """
+    folder = Path(folder)
+    check_writable_target(folder)
+    created = make_folders(Path(os.path.abspath(folder)).parent)
+    try:
+        with lock_target(folder, wait=wait):
+            remove_stale_debris(folder)
+            remove_stale_temp_files(folder)  # before judging ownership: a killed run's half-written files
+            if check_owned:
+                check_replaceable(folder, what)
+            created += make_folders(folder)
+            if read_ownership(folder) is None:
+                write_ownership(folder, [], command)
+            yield folder
+    except BaseException:
+        for path in reversed(created):
+            if path == folder and set(os.listdir(path)) <= {OWNERSHIP_FILE}:
+                with contextlib.suppress(OSError):
+                    (path / OWNERSHIP_FILE).unlink()
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
+
+
+__all__ = [
+    "OWNERSHIP_FILE",
+    "OutputFolder",
+    "SEAL_KEY",
+    "SealError",
+    "OwnershipRecord",
+    "add_owned",
+    "atomic_path",
+    "atomic_write_bytes",
+    "atomic_write_json",
+    "atomic_write_text",
+    "check_replaceable",
+    "check_writable_target",
+    "file_mode",
+    "folder_mode",
+    "json_text",
+    "list_files",
+    "lock_path_for",
+    "lock_target",
+    "make_folders",
+    "new_staging_folder",
+    "owned_run_folder",
+    "prepare_output_folder",
+    "read_ownership",
+    "read_sealed_json",
+    "remove_owned",
+    "remove_stale_debris",
+    "remove_stale_staging",
+    "remove_stale_temp_files",
+    "sha256_bytes",
+    "sealed_json_bytes",
+    "sha256_file",
+    "swap_into_place",
+    "unknown_entries",
+    "write_ownership",
+]

@@ -1,0 +1,469 @@
+"""Issue 12's hostile-user cases, one test each: every one ends as one clear `error:` line (exit 2) or a correct
+result, with nothing of the user's lost and nothing left behind.
+
+A tiny random bundle (SiT-T/2 on 8x8 latents, identity decoder) and one ONNX export of it serve all tests.
+"Before any work" is checked with call counters on the model loaders, never with timers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowturbo import fileio
+from flowturbo.errors import CheckpointError, FlowTurboError
+from flowturbo.export.pipeline import ExportRequest, export_bundle
+from flowturbo.runtime.artifacts import load_artifacts
+from flowturbo.runtime.cli import main
+from flowturbo.training.bundle import Bundle, BundleDefaults, load_bundle, save_bundle
+from flowturbo.training.decoders import IdentityDecoder
+from flowturbo.training.models import RefinerConfig, SiT, SiTConfig, VelocityRefiner, perturb_zero_initialized
+
+SCHEDULE_ARGS = ["--schedule", "H1P1R1", "--cfg", "2.0"]
+
+
+@pytest.fixture(scope="module")
+def bundle_dir(tmp_path_factory) -> Path:
+    """A depth-1, width-32 SiT + refiner on (3, 6, 6) latents with an identity decoder (exports in seconds)."""
+    generator = torch.Generator().manual_seed(0)
+    config = SiTConfig(input_size=6, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2,
+                       mlp_ratio=2.0, num_classes=10, class_dropout_prob=0.1, learn_sigma=False)
+    predictor = SiT(config)
+    predictor.initialize_weights(generator)
+    perturb_zero_initialized(predictor, generator=generator)
+    refiner = VelocityRefiner(RefinerConfig.for_predictor(config))
+    refiner.initialize_weights(generator)
+    perturb_zero_initialized(refiner, generator=generator)
+    bundle = Bundle(predictor.eval(), refiner.eval(), IdentityDecoder(3).eval(), None, BundleDefaults("H1P1R1"))
+    return save_bundle(bundle, tmp_path_factory.mktemp("safety") / "micro")
+
+
+EXPORT_ARGS = [*SCHEDULE_ARGS, "--batch", "1:2:4", "--format", "onnx", "--no-validate"]
+
+
+@pytest.fixture(scope="module")
+def exported(bundle_dir, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("safety_export") / "art"
+    assert main(["export", "--model", str(bundle_dir), *EXPORT_ARGS, "--out", str(out)]) == 0
+    return out
+
+
+def _snapshot(folder: Path) -> dict[str, str]:
+    """Relative path -> SHA-256 of every file below ``folder`` (byte-for-byte comparison)."""
+    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _sample(bundle_dir: Path, out: Path, *extra: str) -> int:
+    return main(["sample", "--model", str(bundle_dir), *SCHEDULE_ARGS, "--num-images", "2", "--device", "cpu",
+                 "--no-progress", "--out", str(out), *extra])
+
+
+def _one_error_line(capsys, *needles: str) -> str:
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "error:" in err and "Traceback" not in err, err
+    for needle in needles:
+        assert needle in err, (needle, err)
+    return err
+
+
+@pytest.fixture
+def count_model_loads(monkeypatch):
+    """Counts Sampler / exported-sampler constructions: 0 means the command stopped before any work."""
+    from flowturbo.runtime import backends
+    from flowturbo.runtime.sampler import Sampler
+
+    calls = []
+    real_bundle, real_exported = Sampler.from_bundle, backends.load_exported_sampler
+
+    def from_bundle(*args, **kwargs):
+        calls.append("bundle")
+        return real_bundle(*args, **kwargs)
+
+    def load_exported(*args, **kwargs):
+        calls.append("exported")
+        return real_exported(*args, **kwargs)
+
+    monkeypatch.setattr(Sampler, "from_bundle", staticmethod(from_bundle))
+    monkeypatch.setattr(backends, "load_exported_sampler", load_exported)
+    return calls
+
+
+def _unwritable(folder: Path):
+    """Make ``folder`` unwritable even for root (chattr +i) or by mode; returns an undo function or None."""
+    if os.geteuid() == 0:
+        if shutil.which("chattr") and subprocess.run(["chattr", "+i", str(folder)], capture_output=True).returncode == 0:
+            return lambda: subprocess.run(["chattr", "-i", str(folder)], check=True)
+        return None
+    folder.chmod(0o555)
+    return lambda: folder.chmod(0o755)
+
+
+# ----------------------------------------------------------------------------------- 1. data loss
+def test_sample_refuses_user_folder_holding_run_json(bundle_dir, tmp_path, capsys):
+    user = tmp_path / "user"
+    (user / "photos").mkdir(parents=True)
+    (user / "thesis.txt").write_text("four years of work")
+    (user / "run.json").write_text('{"mine": true}')
+    (user / "photos" / "cat.png").write_bytes(b"\x89PNG not really")
+    before = _snapshot(user)
+    assert _sample(bundle_dir, user) == 2
+    _one_error_line(capsys, "refusing to replace", "'photos/'", "'run.json'", "'thesis.txt'")
+    assert _snapshot(user) == before and sorted(os.listdir(tmp_path)) == ["user"]
+
+
+def test_sample_refuses_earlier_output_with_user_added_files(bundle_dir, tmp_path, capsys):
+    out = tmp_path / "out"
+    assert _sample(bundle_dir, out) == 0
+    (out / "notes.txt").write_text("my notes about these images")
+    before = _snapshot(out)
+    assert _sample(bundle_dir, out, "--seed", "1") == 2
+    _one_error_line(capsys, "flowturbo did not write", "'notes.txt'")
+    assert _snapshot(out) == before
+    (out / "notes.txt").unlink()
+    assert _sample(bundle_dir, out, "--seed", "1") == 0  # a pure flowturbo output is replaced whole
+    assert json.loads((out / "run.json").read_text())["seed"] == 1
+
+
+def test_profile_refuses_user_folder_holding_profile_json(bundle_dir, tmp_path, capsys, count_model_loads):
+    user = tmp_path / "prof"
+    (user / "data").mkdir(parents=True)
+    (user / "profile.json").write_text("{}")
+    (user / "data" / "important.csv").write_text("a,b\n1,2\n")
+    before = _snapshot(user)
+    assert main(["profile", "--model", str(bundle_dir), "--schedule", "H2", "--repeats", "1", "--warmup", "0",
+                 "--no-kernels", "--device", "cpu", "--out", str(user)]) == 2
+    _one_error_line(capsys, "'data/'", "'profile.json'")
+    assert _snapshot(user) == before and count_model_loads == []
+
+
+# ---------------------------------------------------------------------------- 2. concurrent writers
+HOLDER = textwrap.dedent("""
+    import sys
+    from flowturbo.fileio import lock_target
+    with lock_target(sys.argv[1]):
+        print("locked", flush=True)
+        sys.stdin.read()
+""")
+
+
+def _other_writer(target: Path) -> subprocess.Popen:
+    """Another flowturbo process in the middle of writing ``target`` (it holds the target's lock)."""
+    proc = subprocess.Popen([sys.executable, "-c", HOLDER, str(target)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "locked"
+    return proc
+
+
+def test_two_concurrent_samples_to_one_out_second_fails_at_once(bundle_dir, tmp_path, capsys, count_model_loads):
+    out = tmp_path / "out"
+    writer = _other_writer(out)
+    try:
+        assert _sample(bundle_dir, out) == 2
+        _one_error_line(capsys, f"another flowturbo process (pid {writer.pid}) is writing", "--wait")
+        assert count_model_loads == [] and not out.exists()
+    finally:
+        writer.stdin.close()
+        writer.wait()
+    import threading
+
+    writer = _other_writer(out)
+    release = threading.Timer(0.3, writer.stdin.close)
+    release.start()
+    try:  # --wait queues behind the other writer, then succeeds
+        assert _sample(bundle_dir, out, "--wait") == 0 and (out / "run.json").is_file()
+    finally:
+        release.cancel()
+        writer.wait()
+
+
+def test_two_concurrent_exports_to_one_new_out_second_fails(bundle_dir, tmp_path, capsys):
+    out = tmp_path / "art"
+    writer = _other_writer(out)
+    try:
+        assert main(["export", "--model", str(bundle_dir), *EXPORT_ARGS, "--out", str(out)]) == 2
+        _one_error_line(capsys, f"(pid {writer.pid}) is writing")
+        assert not out.exists()
+    finally:
+        writer.stdin.close()
+        writer.wait()
+
+
+# --------------------------------------------------------------------------- 3. integrity bypass
+def _edited(exported: Path, tmp_path: Path, old: str, new: str) -> Path:
+    copy = tmp_path / "edited"
+    shutil.copytree(exported, copy)
+    text = (copy / "manifest.json").read_text()
+    assert old in text
+    (copy / "manifest.json").write_text(text.replace(old, new, 1))
+    return copy
+
+
+def _assert_refused_everywhere(folder: Path, tmp_path: Path, capsys, match: str) -> None:
+    with pytest.raises(CheckpointError, match=match):
+        load_artifacts(folder)
+    assert main(["sample", "--artifacts", str(folder), "--backend", "onnxruntime", "--num-images", "1",
+                 "--out", str(tmp_path / "o")]) == 2
+    _one_error_line(capsys, "modified after it was written")
+    from flowturbo.runtime.cpp_backend import cpp_unavailable_reason
+
+    if cpp_unavailable_reason() is None:  # the C++ reader refuses the same edit (before loading any engine)
+        import flowturbo._runner as runner
+
+        with pytest.raises(CheckpointError, match=match):
+            runner.ScheduleRunner(str(folder), device="cpu", format="onnx")
+
+
+def test_manifest_with_a_removed_file_entry_is_refused(exported, tmp_path, capsys):
+    manifest = fileio.read_sealed_json(exported / "manifest.json", fix="")
+    name = "refiner_step.onnx"
+    entry = json.dumps({name: manifest["files"][name]}, indent=2, sort_keys=True)[1:-1].strip()
+    text = (exported / "manifest.json").read_text()
+    snippet = text[text.index(f'"{name}": {{'):]
+    snippet = snippet[: snippet.index("}") + 1]
+    assert json.loads("{" + snippet + "}") == json.loads("{" + entry + "}")
+    copy = _edited(exported, tmp_path, snippet, '"removed": {"bytes": 0, "sha256": "0"}')
+    (copy / name).write_bytes(b"modified weights")
+    _assert_refused_everywhere(copy, tmp_path, capsys, "modified after it was written")
+
+
+def test_manifest_with_an_edited_batch_range_is_refused(exported, tmp_path, capsys):
+    copy = _edited(exported, tmp_path, '"max": 4', '"max": 64')
+    _assert_refused_everywhere(copy, tmp_path, capsys, "batch range")
+
+
+def test_manifest_with_an_edited_precision_is_refused(exported, tmp_path, capsys):
+    copy = _edited(exported, tmp_path, '"precision": "fp32"', '"precision": "fp16"')
+    _assert_refused_everywhere(copy, tmp_path, capsys, "precision")
+
+
+def test_manifest_must_list_the_files_its_variant_needs(exported, tmp_path):
+    """Even a re-sealed manifest (a tool, not a hand edit) must list every graph of its variant."""
+    copy = tmp_path / "resealed"
+    shutil.copytree(exported, copy)
+    manifest = fileio.read_sealed_json(copy / "manifest.json", fix="")
+    manifest["artifacts"] = [a for a in manifest["artifacts"] if a["role"] != "refiner"]
+    (copy / "manifest.json").write_bytes(fileio.sealed_json_bytes(manifest))
+    with pytest.raises(CheckpointError, match="needs onnx graphs for predictor, refiner, decoder"):
+        load_artifacts(copy)
+    manifest = fileio.read_sealed_json(exported / "manifest.json", fix="")
+    del manifest["files"]["decoder.onnx"]
+    (copy / "manifest.json").write_bytes(fileio.sealed_json_bytes(manifest))
+    with pytest.raises(CheckpointError, match="does not list decoder.onnx"):
+        load_artifacts(copy)
+
+
+# ------------------------------------------------------------ 4. output-path failures before the work
+def test_out_in_proc_is_refused_before_sampling(bundle_dir, capsys, count_model_loads):
+    assert _sample(bundle_dir, Path("/proc/x")) == 2
+    _one_error_line(capsys, "cannot write in /proc")
+    assert count_model_loads == []
+
+
+def test_unwritable_parent_is_refused_before_sampling_and_export(bundle_dir, tmp_path, capsys, count_model_loads,
+                                                                 monkeypatch):
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    undo = _unwritable(parent)
+    if undo is None:
+        pytest.skip("cannot make a folder unwritable for root here (no chattr)")
+    import flowturbo.training.bundle as bundle_module
+
+    loads = []
+    monkeypatch.setattr(bundle_module, "load_bundle", lambda *a, **k: loads.append(1))
+    try:
+        assert _sample(bundle_dir, parent / "out") == 2
+        _one_error_line(capsys, "cannot write in")
+        assert main(["export", "--model", str(bundle_dir), "--out", str(parent / "art")]) == 2
+        _one_error_line(capsys, "cannot write in")
+    finally:
+        undo()
+    assert count_model_loads == [] and loads == [] and os.listdir(parent) == []
+
+
+def test_immutable_existing_output_is_refused_without_debris(bundle_dir, tmp_path, capsys, count_model_loads):
+    out = tmp_path / "out"
+    with fileio.OutputFolder(out, command="sample") as folder, folder.staging() as staging:
+        (staging / "run.json").write_text("{}")
+    if shutil.which("chattr") is None or subprocess.run(["chattr", "+i", str(out)],
+                                                        capture_output=True).returncode != 0:
+        pytest.skip("no immutable flag here (chattr)")
+    try:
+        assert _sample(bundle_dir, out) == 2
+        _one_error_line(capsys, "immutable")
+    finally:
+        subprocess.run(["chattr", "-i", str(out)], check=True)
+    assert count_model_loads == [] and sorted(os.listdir(tmp_path)) == ["out"]  # no .out.old-* folders
+
+
+# --------------------------------------------------------------------------------------- 5. debris
+def test_killed_export_staging_is_removed_by_the_next_run(bundle_dir, exported, tmp_path):
+    art = tmp_path / "art"
+    shutil.copytree(exported, art)
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    debris = tmp_path / f".art.flowturbo-tmp-{dead.pid}-0badcafe"
+    debris.mkdir()
+    (debris / "predictor_step.onnx").write_bytes(b"\0" * 4096)  # the graph a killed export was writing
+    legacy = tmp_path / ".art.tmp-a8d7f6"  # written by an older flowturbo (no pid in the name)
+    legacy.mkdir()
+    assert main(["export", "--model", str(bundle_dir), *EXPORT_ARGS, "--out", str(art)]) == 0  # reused as is
+    assert sorted(os.listdir(tmp_path)) == ["art"]
+
+
+# ---------------------------------------------------------------------------------- 6. tracebacks
+@pytest.mark.parametrize("seed", [str(2**64), str(2**63)])
+def test_seed_at_or_above_2_63_is_refused(bundle_dir, tmp_path, capsys, count_model_loads, seed):
+    assert _sample(bundle_dir, tmp_path / "o", "--seed", seed) == 2
+    _one_error_line(capsys, "--seed must be an integer in [0, 2^63)")
+    assert count_model_loads == [] and os.listdir(tmp_path) == []
+
+
+def test_device_tpu_is_refused(bundle_dir, tmp_path, capsys, count_model_loads):
+    assert _sample(bundle_dir, tmp_path / "o", "--device", "tpu") == 2
+    _one_error_line(capsys, "unknown --device 'tpu'")
+    assert main(["export", "--model", str(bundle_dir), "--device", "tpu", "--out", str(tmp_path / "a")]) == 2
+    _one_error_line(capsys, "unknown --device 'tpu'")
+    assert count_model_loads == [] and os.listdir(tmp_path) == []
+
+
+AE_ARGS = ["--preset", "tiny", "--image-size", "32", "--limit", "8", "--steps", "2", "--finetune-steps", "1",
+           "--batch-size", "4", "--finetune-batch-size", "4", "--latent-scale-images", "8", "--no-progress"]
+
+
+def test_train_resume_force_into_another_model_size_is_refused(tmp_path, capsys):
+    out = tmp_path / "ae"
+    assert main(["train", "autoencoder", *AE_ARGS, "--out", str(out)]) == 0
+    capsys.readouterr()
+    assert main(["train", "autoencoder", *AE_ARGS, "--base-channels", "16", "--resume", "--force",
+                 "--out", str(out)]) == 2
+    _one_error_line(capsys, "model architecture differs", "model.base_channels: 8 -> 16")
+
+
+def test_resume_checks_weight_shapes_even_when_the_config_hides_them(tmp_path):
+    from flowturbo.training.trainers.common import _check_same_architecture
+
+    small, large = torch.nn.Linear(3, 4), torch.nn.Linear(3, 5)
+    with pytest.raises(FlowTurboError, match=r"another model architecture.*weight: checkpoint \(4, 3\), model \(5, 3\)"):
+        _check_same_architecture(large, small.state_dict(), tmp_path / "step_00000002")
+
+
+# ------------------------------------------------------------------------------ 7. misleading messages
+def test_inconsistent_bundle_hint_is_followable(bundle_dir, tmp_path, capsys):
+    folder = tmp_path / "b"
+    shutil.copytree(bundle_dir, folder)
+    (folder / "refiner.safetensors").unlink()
+    config = json.loads((folder / "config.json").read_text())
+    config["refiner"] = None  # a bundle without refiner whose default schedule still has R steps
+    (folder / "config.json").write_text(json.dumps(config))
+    assert _sample(folder, tmp_path / "o") == 2
+    err = _one_error_line(capsys, '"defaults": {"schedule": "H8"}', str(folder / "config.json"))
+    assert "use a schedule without R" not in err  # the old hint, which --schedule H8 could not follow
+    config["defaults"]["schedule"] = "H8"  # following the hint works
+    (folder / "config.json").write_text(json.dumps(config))
+    assert load_bundle(folder).refiner is None
+
+
+def test_eval_num_samples_zero_names_the_flag(capsys, count_model_loads):
+    assert main(["eval", "--num-samples", "0"]) == 2
+    err = _one_error_line(capsys, "--num-samples must be in [1, ")
+    assert "class" not in err and count_model_loads == []
+
+
+def test_train_autoencoder_tiny_names_the_flag_that_fixes_its_size(tmp_path, capsys):
+    assert main(["train", "autoencoder", "--preset", "tiny", "--limit", "8", "--out", str(tmp_path / "ae")]) == 2
+    _one_error_line(capsys, "--image-size 32 --image-channels 1")
+    assert os.listdir(tmp_path) == []
+
+
+def test_reexport_hint_keeps_cfg(exported, tmp_path, capsys):
+    assert main(["sample", "--artifacts", str(exported), "--backend", "onnxruntime", "--schedule", "H1P2R1",
+                 "--out", str(tmp_path / "o")]) == 2
+    _one_error_line(capsys, "`flowturbo export --schedule H1P2R1 --cfg 2`")
+
+
+# --------------------------------------------------------------------------------- 8. silent oddities
+def test_negative_seed_is_refused(bundle_dir, tmp_path, capsys, count_model_loads):
+    assert _sample(bundle_dir, tmp_path / "o", "--seed", "-1") == 2
+    _one_error_line(capsys, "[0, 2^63)")
+    assert count_model_loads == []
+
+
+def test_metrics_below_minimum_sample_count_refused_unless_allowed(capsys, count_model_loads):
+    from flowturbo.training.evaluation import MIN_METRIC_SAMPLES, DomainFeatures, evaluate_samples
+    from flowturbo.training.evaluation.classifier import ClassifierConfig, FashionClassifier
+
+    assert main(["eval", "--num-samples", "4"]) == 2
+    _one_error_line(capsys, f"at least {MIN_METRIC_SAMPLES}", "--allow-small-sample")
+    assert count_model_loads == []
+    torch.manual_seed(0)
+    features = DomainFeatures(FashionClassifier(ClassifierConfig(widths=(4, 8), embed_dim=8)).eval(), device="cpu")
+    images = torch.rand(12, 1, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    reference = features.extract(torch.rand(12, 1, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1,
+                                 progress=False)
+    from flowturbo.training.evaluation import ReferenceStatistics
+
+    ref = ReferenceStatistics.from_features(reference)
+    with pytest.raises(FlowTurboError, match="--allow-small-sample"):
+        evaluate_samples(images, features=features, reference=ref, progress=False)
+    result = evaluate_samples(images, features=features, reference=ref, progress=False, allow_small_sample=True)
+    assert result["warning"].startswith("WARNING: only 12 samples") and result["fid"] is not None
+
+
+def test_resume_without_an_earlier_run_is_an_error(tmp_path, capsys):
+    assert main(["train", "autoencoder", *AE_ARGS, "--resume", "--out", str(tmp_path / "none")]) == 2
+    _one_error_line(capsys, "holds no checkpoint to resume from", "drop --resume")
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("batch", ["1:2", "8", "1:2:3:4", "a:b:c"])
+def test_export_batch_must_be_min_opt_max(bundle_dir, tmp_path, capsys, batch):
+    assert main(["export", "--model", str(bundle_dir), "--batch", batch, "--out", str(tmp_path / "a")]) == 2
+    _one_error_line(capsys, "is not MIN:OPT:MAX")
+    assert os.listdir(tmp_path) == []
+
+
+def test_export_folder_permissions_match_sample_folders(exported, bundle_dir, tmp_path):
+    old = os.umask(0o022)
+    try:
+        assert _sample(bundle_dir, tmp_path / "s") == 0
+    finally:
+        os.umask(old)
+    for folder in (exported, tmp_path / "s"):
+        assert stat.S_IMODE(folder.stat().st_mode) == 0o755
+        for path in folder.iterdir():
+            assert stat.S_IMODE(path.stat().st_mode) == 0o644, path
+    assert fileio.read_ownership(exported).files >= {"manifest.json", "decoder.onnx"}
+
+
+def test_export_over_own_output_needs_overwrite_and_keeps_user_files(bundle_dir, exported, tmp_path, capsys):
+    copy = tmp_path / "art"
+    shutil.copytree(exported, copy)
+    assert main(["export", "--model", str(bundle_dir), "--schedule", "H2", "--batch", "1:1:2",
+                 "--out", str(copy)]) == 2
+    _one_error_line(capsys, "--overwrite")
+    (copy / "README.txt").write_text("how I made this")
+    assert main(["export", "--model", str(bundle_dir), "--schedule", "H2", "--batch", "1:1:2", "--overwrite",
+                 "--out", str(copy)]) == 2
+    _one_error_line(capsys, "'README.txt'")
+    assert (copy / "README.txt").read_text() == "how I made this"
+
+
+def test_eval_out_refuses_a_file_that_is_not_an_eval_result(tmp_path, capsys, count_model_loads):
+    mine = tmp_path / "thesis.txt"
+    mine.write_text("four years of work")
+    assert main(["eval", "--num-samples", "600", "--out", str(mine)]) == 2
+    _one_error_line(capsys, "not a flowturbo eval result")
+    assert mine.read_text() == "four years of work" and count_model_loads == []
+    assert main(["eval", "--num-samples", "600", "--out", "/proc/x/result.json"]) == 2
+    _one_error_line(capsys, "cannot write in /proc")
