@@ -138,21 +138,24 @@ def cfg_guided_reference(
     raw: (2B or B, C_out >= C, H, W). Returns (B, C, H, W), or with ``halves`` the per-CFG-half layout
     (B, 2C, H, W) of :mod:`flowturbo.integrator` (channels ``C:`` = the unconditional half: guided channels,
     then its own unguided ones; from B rows, raw's channels ``C:2C`` are that half already). float64 math for
-    float64 ``raw``, else float32; returns a new tensor in that compute dtype.
+    float64 ``raw``, else float32. The result may share memory with ``raw`` (a B-row raw in the compute dtype
+    is returned as a view): callers whose producer reuses its output buffers copy first.
     """
     _check_raw_rows("cfg_guided_reference", raw, batch)
     compute = _compute_dtype(raw.dtype)
     guided = channels if guidance_channels is None else guidance_channels
-    width = 2 * channels if halves else channels
     if raw.shape[0] == batch:  # no unconditional rows: the velocity is the conditional output as is
-        return raw[:, :width].to(compute, copy=True)
-    cond = raw[:batch, :channels].to(compute, copy=True)  # (B, C, H, W)
-    uncond = raw[batch:, :channels].to(compute, copy=True)  # (B, C, H, W)
-    if guided:
-        mixed = uncond[:, :guided] + scale * (cond[:, :guided] - uncond[:, :guided])  # eq. u + s (c - u)
-        cond[:, :guided] = mixed
-        uncond[:, :guided] = mixed
-    return torch.cat([cond, uncond], dim=1) if halves else cond
+        return raw[:, : 2 * channels if halves else channels].to(compute)
+    cond = raw[:batch, :channels].to(compute)  # (B, C, H, W)
+    uncond = raw[batch:, :channels].to(compute)  # (B, C, H, W)
+    if guided == channels:  # every channel guided: both halves equal
+        mixed = uncond + scale * (cond - uncond)  # eq. u + s (c - u)
+        return torch.cat([mixed, mixed], dim=1) if halves else mixed
+    if guided == 0:
+        return torch.cat([cond, uncond], dim=1) if halves else cond.clone()
+    mixed = uncond[:, :guided] + scale * (cond[:, :guided] - uncond[:, :guided])  # (B, G, H, W)
+    parts = [mixed, cond[:, guided:]] + ([mixed, uncond[:, guided:]] if halves else [])
+    return torch.cat(parts, dim=1)
 
 
 def _first_half(velocity: torch.Tensor, channels: int) -> torch.Tensor:
