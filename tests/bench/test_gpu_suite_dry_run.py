@@ -30,5 +30,7 @@ def test_gpu_suite_dry_run_runs_every_row(tmp_path):
         assert row["max_abs_diff_vs_b"] <= limit * max(1.0, row["ref_max_abs"]), (key, row["max_abs_diff_vs_b"])
     assert rows["d@2"]["note"].startswith("triton kernels + CUDA graph")  # the fast path's real code path
     assert results["tests"]["returncode"] == 0, results["tests"]
-    table = proc.stdout.strip().splitlines()
-    assert table[0].startswith("row") and any(line.startswith("(d)") for line in table)  # short table printed last
+    lines = proc.stdout.strip().splitlines()
+    header = max(i for i, line in enumerate(lines) if line.startswith("row "))
+    table = lines[header:]  # the short table is printed last
+    assert [line[:3] for line in table if line.startswith("(")] == [f"({key})" for key in "abcdef"]
