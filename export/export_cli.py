@@ -50,6 +50,8 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
                    help="reference: standard ops (every format); triton: our fused kernels compiled into "
                         "AOTInductor CUDA packages (--format aoti --device cuda)")
     o.add_argument("--trt-opt-level", type=int, default=DEFAULT_OPTIMIZATION_LEVEL, help="TensorRT builder level 0..5")
+    o.add_argument("--with-encoder", action="store_true",
+                   help="also export the image encoder (for `flowturbo inpaint` / `edit --artifacts`)")
     o.add_argument("--no-validate", action="store_true", help="skip the parity check against eager PyTorch")
     o.add_argument("--out", required=True, help="export directory (written atomically, sealed manifest.json last)")
     o.add_argument("--overwrite", action="store_true", help="replace an export directory built for something else "
@@ -96,6 +98,7 @@ def run_export(args: argparse.Namespace) -> int:
         schedule=schedule, batch=args.batch, formats=tuple(f.strip() for f in args.format.split(",") if f.strip()),
         precision=args.precision, variant=args.variant, opset=args.opset, device=args.device,
         validate=not args.no_validate, tensorrt_optimization_level=args.trt_opt_level, kernel_backend=args.kernels,
+        with_encoder=args.with_encoder,
     )
     result = export_bundle(bundle, request, args.out, source="embedded default" if args.model is None else str(folder),
                            command=" ".join(["flowturbo", *sys.argv[1:]]), overwrite=args.overwrite, wait=args.wait)

@@ -27,6 +27,7 @@ from flowturbo.integrator import call_times, carries_halves, integrate
 from flowturbo.kernels import SolverOps, cfg_guided_reference
 from flowturbo.schedule import SamplingSchedule
 from flowturbo.training.decoders import LatentDecoder
+from flowturbo.training.encoders import LatentEncoder
 from flowturbo.training.models import SiT, VelocityRefiner
 
 VARIANTS = ("time-input", "per-step", "unrolled")
@@ -169,6 +170,17 @@ class DecoderStep(nn.Module):
         return self.decoder.decode(latents)
 
 
+class EncoderStep(nn.Module):
+    """``images (B,C_img,H_img,W_img) in [-1, 1] -> scaled latents (B,C,H,W)`` (inpainting / editing)."""
+
+    def __init__(self, encoder: LatentEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.encoder(images)  # forward: no value-range check (a host sync) inside the graph
+
+
 class _UnrolledCalls:
     """:class:`flowturbo.integrator.ModelCalls` over the time-folded step bodies of one label batch."""
 
@@ -227,6 +239,7 @@ def step_times(schedule: SamplingSchedule) -> tuple[list[float], list[float]]:
 __all__ = [
     "VARIANTS",
     "DecoderStep",
+    "EncoderStep",
     "FoldedPredictorStep",
     "FoldedRefinerStep",
     "PredictorStep",

@@ -37,6 +37,7 @@ from flowturbo.export.manifest import (
 from flowturbo.export.modules import (
     VARIANTS,
     DecoderStep,
+    EncoderStep,
     FoldedPredictorStep,
     FoldedRefinerStep,
     PredictorStep,
@@ -48,6 +49,7 @@ from flowturbo.integrator import carries_halves
 from flowturbo.kernels import KernelBackend
 from flowturbo.export.specs import (
     DECODER,
+    ENCODER,
     PREDICTOR_STEP,
     REFINER_STEP,
     UNROLLED,
@@ -55,6 +57,7 @@ from flowturbo.export.specs import (
     ModuleSpec,
     check_precision,
     decoder_spec,
+    encoder_spec,
     predictor_step_spec,
     refiner_step_spec,
     unrolled_spec,
@@ -86,6 +89,7 @@ class ExportRequest:
     validate: bool = True
     tensorrt_optimization_level: int = tensorrt_export.DEFAULT_OPTIMIZATION_LEVEL
     kernel_backend: str = "reference"  # "triton": our fused kernels compiled into AOTInductor CUDA packages
+    with_encoder: bool = False  # also export the image encoder (inpainting / editing on the exported backends)
 
     def __post_init__(self) -> None:
         formats = tuple(dict.fromkeys(self.formats))
@@ -129,6 +133,7 @@ class ExportRequest:
             "variant": self.variant,
             "opset": self.opset if ("onnx" in self.formats or "tensorrt" in self.formats) else None,
             "kernel_backend": self.kernel_backend,
+            "with_encoder": self.with_encoder,
         }
 
 
@@ -157,7 +162,8 @@ def _plan(bundle: Bundle, request: ExportRequest) -> list[_Planned]:
     scale, channels = schedule.guidance_scale, schedule.guidance_channels
     if request.variant == "unrolled":
         module = UnrolledSchedule(schedule, bundle.predictor, bundle.refiner, bundle.decoder)
-        return [_Planned(UNROLLED, "unrolled", module, unrolled_spec(latent, image, precision, batch))]
+        return [_Planned(UNROLLED, "unrolled", module, unrolled_spec(latent, image, precision, batch)),
+                *_encoder_plan(bundle, request)]
     planned: list[_Planned] = []
     uses_refiner = schedule.uses_refiner
     halves = carries_halves(schedule, latent[0])  # per-CFG-half velocities under partial guidance
@@ -182,7 +188,19 @@ def _plan(bundle: Bundle, request: ExportRequest) -> list[_Planned]:
                                     refiner_step_spec(latent, precision, batch, time=t, halves=halves)))
     planned.append(_Planned(DECODER, "decoder", DecoderStep(bundle.decoder),
                             decoder_spec(latent, image, precision, batch)))
-    return planned
+    return planned + _encoder_plan(bundle, request)
+
+
+def _encoder_plan(bundle: Bundle, request: ExportRequest) -> list[_Planned]:
+    """The encoder graph when asked for (``--with-encoder``)."""
+    if not request.with_encoder:
+        return []
+    if bundle.encoder is None:
+        raise FlowTurboError("--with-encoder needs a bundle with an encoder (config.json 'encoder'); repackage it "
+                             "with `flowturbo train package` or drop --with-encoder")
+    latent, image = tuple(bundle.latent_shape), tuple(bundle.image_shape)
+    return [_Planned(ENCODER, "encoder", EncoderStep(bundle.encoder),
+                     encoder_spec(image, latent, request.precision, request.batch))]
 
 
 def example_inputs(spec: ModuleSpec, batch: int, num_classes: int, seed: int = VALIDATION_SEED,
@@ -196,6 +214,8 @@ def example_inputs(spec: ModuleSpec, batch: int, num_classes: int, seed: int = V
             value = torch.randint(0, num_classes, shape, generator=generator)
         elif tensor.name == "t":
             value = torch.rand(shape, generator=generator) * 0.98 + 0.01
+        elif tensor.name == "images":  # images in [-1, 1]
+            value = (torch.rand(shape, generator=generator) * 2 - 1).to(getattr(torch, tensor.dtype))
         else:
             value = torch.randn(shape, generator=generator).to(getattr(torch, tensor.dtype))
         inputs[tensor.name] = value.to(device)
@@ -280,7 +300,10 @@ def export_bundle(
     if bundle.predictor.pos_embed.dtype != dtype or bundle.predictor.pos_embed.device != device:
         raise FlowTurboError(f"load the bundle in {dtype} on {device} for a {request.precision} export "
                              "(export_model does it for you)")
-    weights = weights_sha256({"predictor": bundle.predictor, "refiner": bundle.refiner, "decoder": bundle.decoder})
+    parts = {"predictor": bundle.predictor, "refiner": bundle.refiner, "decoder": bundle.decoder}
+    if request.with_encoder:
+        parts["encoder"] = bundle.encoder
+    weights = weights_sha256(parts)
     tools = tool_versions()
     device_text = device_description(device)
     key_fields = {"format": EXPORT_FORMAT, "weights_sha256": weights, **request.key_fields(), "tools": tools,
@@ -376,6 +399,7 @@ def _build(bundle: Bundle, request: ExportRequest, root: Path, device: torch.dev
         "kernel_backend": request.kernel_backend,
         "batch": request.batch.to_dict(),
         "formats": list(request.formats),
+        "with_encoder": request.with_encoder,
         "model": {
             "source": source,
             "weights_sha256": weights,

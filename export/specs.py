@@ -31,6 +31,7 @@ MAX_BATCH = 65536  # sanity bound for profiles typed by hand
 PREDICTOR_STEP = "predictor_step"
 REFINER_STEP = "refiner_step"
 DECODER = "decoder"
+ENCODER = "encoder"
 UNROLLED = "unrolled_schedule"
 
 
@@ -259,6 +260,19 @@ def decoder_spec(
     )
 
 
+def encoder_spec(
+    image_shape: tuple[int, int, int], latent_shape: tuple[int, int, int], precision: str, batch: BatchProfile
+) -> ModuleSpec:
+    """Encoder (inpainting / editing): images (B,C_img,H_img,W_img) in [-1, 1] -> scaled latents (B,C,H,W)."""
+    fp = precision_dtype_name(check_precision(precision))
+    return ModuleSpec(
+        ENCODER,
+        (TensorSpec("images", fp, (BATCH_AXIS, *image_shape)),),
+        (_latent("latents", latent_shape, fp),),
+        batch,
+    )
+
+
 def unrolled_spec(
     latent_shape: tuple[int, int, int], image_shape: tuple[int, int, int], precision: str, batch: BatchProfile
 ) -> ModuleSpec:
@@ -275,6 +289,7 @@ def unrolled_spec(
 __all__ = [
     "BATCH_AXIS",
     "DECODER",
+    "ENCODER",
     "PRECISIONS",
     "PREDICTOR_STEP",
     "REFINER_STEP",
@@ -284,6 +299,7 @@ __all__ = [
     "TensorSpec",
     "check_precision",
     "decoder_spec",
+    "encoder_spec",
     "predictor_step_spec",
     "refiner_step_spec",
     "unrolled_spec",

@@ -22,3 +22,10 @@ class CheckpointError(FlowTurboError):
 
 class SamplingError(FlowTurboError):
     """Sampling failed: bad class ids, NaN/Inf produced at a named step, impossible request."""
+
+
+class FlowTurboWarning(UserWarning):
+    """Something worth knowing that still gives a correct result (a fallback, an input that was adjusted).
+
+    The command line prints these as one ``warning:`` line.
+    """

@@ -196,6 +196,8 @@ def required_files(manifest: dict[str, Any]) -> list[str]:
         raise CheckpointError(f"{path}: no formats listed; {REEXPORT}")
     uses_refiner = SamplingSchedule.from_dict(manifest["schedule"]).uses_refiner
     roles = [r for r in VARIANT_ROLES[variant] if r != "refiner" or uses_refiner]
+    if manifest.get("with_encoder"):  # `flowturbo export --with-encoder`: inpainting / editing need it
+        roles.append("encoder")
     artifacts = manifest.get("artifacts")
     if not isinstance(artifacts, list):
         raise CheckpointError(f"{path}: no artifacts listed; {REEXPORT}")

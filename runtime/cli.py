@@ -1,6 +1,6 @@
 """The ``flowturbo`` command line: thin argparse groups over the Python API.
 
-Commands: ``schedule`` (inspect a schedule), ``sample`` (generate images), ``eval`` and — when their
+Commands: ``schedule`` (inspect a schedule), ``sample`` (generate images), ``eval``, ``inpaint``, ``edit`` and — when their
 modules are installed — ``train``, ``export``, ``profile``. Foreseeable mistakes print one ``error:`` line and exit with status 2.
 """
 
@@ -441,6 +441,10 @@ _SUBCOMMAND_MODULES = (
      "export a model + schedule to ONNX / AOTInductor / TensorRT with a manifest"),
     ("profile", "flowturbo.runtime.profile_cli", "add_profile_parser",
      "time every schedule step (+ decode): table, profile.json, trace, chart"),
+    ("inpaint", "flowturbo.runtime.edit_cli", "add_inpaint_parser",
+     "regenerate the white region of a mask in an image with a FlowTurbo schedule"),
+    ("edit", "flowturbo.runtime.edit_cli", "add_edit_parser",
+     "SDEdit-style editing of an image towards given classes"),
 )
 
 
@@ -467,9 +471,9 @@ _DEFAULT_FORMATWARNING = warnings.formatwarning
 
 def _one_line_warning(message: Warning | str, category: type[Warning], *args: Any, **kwargs: Any) -> str:
     """flowturbo's own warnings (e.g. a CUDA-graph fallback) as one ``warning:`` line; others as Python prints them."""
-    from flowturbo.runtime.cuda_graphs import GraphFallbackWarning
+    from flowturbo.errors import FlowTurboWarning
 
-    if issubclass(category, GraphFallbackWarning):
+    if issubclass(category, FlowTurboWarning):
         return f"flowturbo: warning: {message}\n"
     return _DEFAULT_FORMATWARNING(message, category, *args, **kwargs)
 

@@ -56,6 +56,11 @@ def _capsule(tensor: torch.Tensor) -> Any:
     return tensor.contiguous().__dlpack__()
 
 
+_NO_TASKS = ("{what} is not supported by --backend cpp (the C++ runner has no per-step hooks and walks only the "
+             "exported grid); run the same export with --backend aoti (export it --with-encoder), or use the "
+             "pytorch backend")
+
+
 class CppSampler:
     """Samples from an export directory with the C++ runner (AOTInductor packages; TensorRT when built)."""
 
@@ -148,6 +153,14 @@ class CppSampler:
             num_batches=math.ceil(n / batch),
             times=StageTimes(sample_ms / 1000, decode_ms / 1000),
         )
+
+    def inpaint(self, *args: Any, **kwargs: Any) -> Samples:
+        """Not supported: the C++ runner has no per-step hooks (use ``--backend aoti`` on the same packages)."""
+        raise FlowTurboError(_NO_TASKS.format(what="inpainting"))
+
+    def edit(self, *args: Any, **kwargs: Any) -> Samples:
+        """Not supported: the C++ runner walks only the exported grid (use ``--backend aoti``)."""
+        raise FlowTurboError(_NO_TASKS.format(what="editing"))
 
     @torch.inference_mode()
     def profile_batch(self, labels: Sequence[int], seed: int = 0, warmup: int = 1, repeats: int = 3) -> dict[str, Any]:

@@ -24,11 +24,13 @@ from typing import Any, Protocol
 
 import torch
 
+from flowturbo.errors import FlowTurboWarning
+
 # fn(*static_inputs) -> tuple of output tensors
 GraphFn = Callable[..., Sequence[torch.Tensor]]
 
 
-class GraphFallbackWarning(RuntimeWarning):
+class GraphFallbackWarning(FlowTurboWarning, RuntimeWarning):
     """A CUDA-graph capture failed; the work runs step by step instead (the message names the cause)."""
 
 

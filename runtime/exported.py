@@ -28,6 +28,15 @@ from flowturbo.errors import CheckpointError, FlowTurboError, SamplingError
 from flowturbo.integrator import IntegratorState, StepHooks, StepInfo, carries_halves, integrate
 from flowturbo.kernels import SolverOps
 from flowturbo.runtime.artifacts import ArtifactEntry, ArtifactSet, load_artifacts
+from flowturbo.runtime.editing import (
+    DEFAULT_FEATHER_PX,
+    EditTask,
+    ImageInput,
+    InpaintTask,
+    check_strength,
+    input_only_samples,
+    warn_nothing_to_regenerate,
+)
 from flowturbo.runtime.results import Samples, StageTimes
 from flowturbo.schedule import SamplingSchedule, StepKind
 
@@ -113,6 +122,7 @@ class ExportedSampler:
         self._refine: dict[float | None, ModuleFn] = {}
         self._decode: ModuleFn | None = None
         self._unrolled: ModuleFn | None = None
+        self._encoder: ModuleFn | None = None
         for entry in entries:
             fn = self._load(entry)
             if entry.role == "predictor":
@@ -123,6 +133,8 @@ class ExportedSampler:
                 self._decode = fn
             elif entry.role == "unrolled":
                 self._unrolled = fn
+            elif entry.role == "encoder":
+                self._encoder = fn
             else:
                 raise FlowTurboError(f"{entry.path.name}: unknown artifact role {entry.role!r}")
 
@@ -199,21 +211,38 @@ class ExportedSampler:
             raise SamplingError("this export has no separate decoder graph (the unrolled variant decodes inside)")
         return self._decode(latents=latents)[0]
 
-    def run_batch(self, noise: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-        """One batch: (images, latents, sample seconds, decode seconds)."""
+    def run_batch(self, noise: torch.Tensor, labels: torch.Tensor,
+                  task: Any = None) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """One batch: (images, latents, sample seconds, decode seconds); ``task``: inpainting / editing."""
         t0 = time.perf_counter()
         if self._unrolled is not None:
+            if task is not None:
+                raise FlowTurboError(f"{task.name} needs the loop in Python between steps, but this is an 'unrolled' "
+                                     "export (one graph for the whole schedule): export --variant time-input")
             images, latents = self._unrolled(noise=noise, labels=labels)
             return images, latents, time.perf_counter() - t0, 0.0
-        latents = self._integrate(noise, labels)
+        if task is None:
+            latents = self._integrate(noise, labels)
+        else:
+            x0, extra = task.prepare(noise, labels)
+            latents = self._integrate(x0, labels, hooks=task.hooks(*extra), timesteps=task.timesteps)
         t1 = time.perf_counter()
         hook = self.step_hook
         if hook is not None:
             hook.decode_start()
         images = self.decode(latents)
+        if task is not None:
+            images = task.finish(images)
         if hook is not None:
             hook.decode_end()
         return images, latents, t1 - t0, time.perf_counter() - t1
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """The export's encoder graph (``flowturbo export --with-encoder``): images in [-1, 1] -> latents."""
+        if self._encoder is None:
+            raise FlowTurboError(f"the export {self.artifacts.root} has no encoder graph, which inpainting and editing "
+                                 "need: re-export with `flowturbo export --with-encoder ...`")
+        return self._encoder(images=images.to(device=self.device, dtype=self.dtype).contiguous())[0]
 
     # ----------------------------------------------------------------------------------- public
     @torch.inference_mode()
@@ -231,6 +260,47 @@ class ExportedSampler:
         Batches hold at most ``batch_size`` images (default: the profile's max) and must fit the exported
         batch profile. ``progress`` is accepted for API compatibility.
         """
+        return self._generate(classes, schedule, seed, batch_size, None)
+
+    @torch.inference_mode()
+    def inpaint(self, image: Any, mask: torch.Tensor, classes: Sequence[int], *,
+                schedule: SamplingSchedule | None = None, seed: int = 0, batch_size: int | None = None,
+                progress: bool = False, feather: int = DEFAULT_FEATHER_PX, mask_notes: Sequence[str] = ()) -> Samples:
+        """``Sampler.inpaint`` on the exported graphs (needs ``--with-encoder``; not the unrolled variant)."""
+        image = image if isinstance(image, ImageInput) else ImageInput(image.float())
+        mask = mask.float().reshape(1, 1, *mask.shape[-2:])
+        self._check_task_image(image, mask)
+        if not bool(mask.any()):
+            warn_nothing_to_regenerate()
+            return input_only_samples(image, classes, self.schedule, self.num_classes, mask_notes)
+        known = self.encode(image.pixels)
+        task = InpaintTask(image, mask, known, self.latent_shape[1], feather=feather, mask_notes=mask_notes)
+        return self._generate(classes, schedule, seed, batch_size, task)
+
+    @torch.inference_mode()
+    def edit(self, image: Any, strength: float, classes: Sequence[int], *, schedule: SamplingSchedule | None = None,
+             seed: int = 0, batch_size: int | None = None, progress: bool = False) -> Samples:
+        """``Sampler.edit`` on the exported graphs (needs ``--with-encoder`` and the time-input variant)."""
+        image = image if isinstance(image, ImageInput) else ImageInput(image.float())
+        strength = check_strength(strength)
+        self._check_task_image(image, None)
+        if self.variant == "per-step" and strength != 1.0:
+            raise FlowTurboError("editing walks the schedule on a grid rescaled onto [1 - strength, 1], but a per-step "
+                                 "export folds only the schedule's own times into its graphs: export --variant "
+                                 "time-input")
+        known = self.encode(image.pixels)
+        return self._generate(classes, schedule, seed, batch_size, EditTask(image, known, strength, self.schedule))
+
+    def _check_task_image(self, image: ImageInput, mask: torch.Tensor | None) -> None:
+        want = (1, *(int(d) for d in self.artifacts.model["image_shape"]))
+        if tuple(image.pixels.shape) != want:
+            raise FlowTurboError(f"the image must be {want} (N, C, H, W) in [-1, 1] for this export, got "
+                                 f"{tuple(image.pixels.shape)}")
+        if mask is not None and tuple(mask.shape[-2:]) != want[2:]:
+            raise FlowTurboError(f"the mask must be {want[2]}x{want[3]} like the image, got {tuple(mask.shape[-2:])}")
+
+    def _generate(self, classes: Sequence[int], schedule: SamplingSchedule | None, seed: int,
+                  batch_size: int | None, task: Any) -> Samples:
         self.artifacts.check_schedule(schedule)
         labels = torch.as_tensor(list(classes), dtype=torch.long)
         n = labels.shape[0]
@@ -243,7 +313,8 @@ class ExportedSampler:
         images, sample_s, decode_s = [], 0.0, 0.0
         for start in range(0, n, batch):
             stop = min(start + batch, n)
-            out, _, s, d = self.run_batch(noise[start:stop].contiguous(), labels_on_device[start:stop].contiguous())
+            out, _, s, d = self.run_batch(noise[start:stop].contiguous(), labels_on_device[start:stop].contiguous(),
+                                          task)
             if not bool(torch.isfinite(out).all()):
                 raise SamplingError("NaN/Inf in the decoded images; try the fp32 export or a lower guidance scale")
             images.append(out.float().cpu())
@@ -257,6 +328,7 @@ class ExportedSampler:
             refiner_calls=ref_calls,
             num_batches=math.ceil(n / batch),
             times=StageTimes(sample_s, decode_s),
+            task=task.describe() if task is not None else None,
         )
 
 

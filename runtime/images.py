@@ -15,6 +15,7 @@ from flowturbo.errors import FlowTurboError
 from flowturbo.fileio import OutputFolder, json_text
 
 RUN_RECORD = "run.json"
+INPUT_IMAGE_FILES = ("input.png", "mask.png")  # inpaint / edit outputs: the inputs, beside the results
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
@@ -50,8 +51,12 @@ def write_sample_folder(
     record: dict[str, Any],
     class_names: list[str] | None = None,
     grid_scale: int = 1,
+    inputs: dict[str, np.ndarray] | None = None,
 ) -> Path:
     """Write ``grid.png``, one PNG per image and ``run.json`` into ``out_dir`` atomically.
+
+    ``inputs`` (inpaint / edit): named (H, W, C) uint8 images (``input.png``, ``mask.png``) written beside the
+    results and shown first in the grid (``input | mask | results``).
 
     Everything goes into a hidden staging folder beside ``out_dir`` first, which replaces ``out_dir`` only
     when complete (:class:`flowturbo.fileio.OutputFolder`). An existing ``out_dir`` is replaced only when every
@@ -59,15 +64,23 @@ def write_sample_folder(
     ``flowturbo sample`` does, to check and lock ``--out`` before sampling) or a path.
     """
     if isinstance(out_dir, OutputFolder):
-        return _write_into(out_dir, images, labels, record, class_names, grid_scale)
+        return _write_into(out_dir, images, labels, record, class_names, grid_scale, inputs)
     with OutputFolder(out_dir, command="sample", what="output") as out:
-        return _write_into(out, images, labels, record, class_names, grid_scale)
+        return _write_into(out, images, labels, record, class_names, grid_scale, inputs)
 
 
 def _write_into(out: OutputFolder, images: np.ndarray, labels: list[int], record: dict[str, Any],
-                class_names: list[str] | None, grid_scale: int) -> Path:
+                class_names: list[str] | None, grid_scale: int, inputs: dict[str, np.ndarray] | None = None) -> Path:
+    inputs = dict(inputs or {})
+    unknown = sorted(set(inputs) - set(INPUT_IMAGE_FILES))
+    if unknown:
+        raise FlowTurboError(f"input images must be named {INPUT_IMAGE_FILES}, got {unknown}")
     with out.staging() as staging:
-        _png(make_grid(images), staging / "grid.png", grid_scale)
+        shown = np.concatenate([*(a[None] for a in inputs.values()), images]) if inputs else images
+        columns = min(len(shown), 10) if inputs else None
+        _png(make_grid(shown, columns=columns), staging / "grid.png", grid_scale)
+        for name, array in inputs.items():
+            _png(array, staging / name)
         width = len(str(max(len(images) - 1, 0)))
         for i, (image, label) in enumerate(zip(images, labels)):
             name = class_names[label].replace("/", "-").replace(" ", "_") if class_names else f"class{label}"
@@ -87,7 +100,7 @@ def read_sample_folder(folder: str | Path) -> tuple[torch.Tensor, list[int], dic
         labels = [int(v) for v in record.get("labels", [])]
     except (OSError, ValueError, TypeError, AttributeError) as exc:
         raise FlowTurboError(f"{record_path} is not a readable flowturbo run record ({exc}); sample again") from None
-    files = sorted(p for p in root.glob("*.png") if p.name != "grid.png")
+    files = sorted(p for p in root.glob("*.png") if p.name != "grid.png" and p.name not in INPUT_IMAGE_FILES)
     if len(files) != len(labels) or not files:
         raise FlowTurboError(f"{root} holds {len(files)} image PNGs but run.json lists {len(labels)} labels")
     arrays = [np.asarray(Image.open(p)) for p in files]

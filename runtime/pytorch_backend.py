@@ -25,6 +25,7 @@ from flowturbo.training.checkpoints import (
     load_sit_checkpoint,
 )
 from flowturbo.training.decoders import LatentDecoder, load_vae_decoder
+from flowturbo.training.encoders import DiffusersVAEEncoder, LatentEncoder, missing_encoder_error
 from flowturbo.training.sampling import (
     FiniteCheck,
     check_labels,
@@ -59,6 +60,18 @@ class TorchPipeline:
     dtype: torch.dtype  # the models' (and decoder's) dtype
     kernel_backend: KernelBackend = KernelBackend.REFERENCE
     checkpoint_entries: dict[str, str] | None = None  # official checkpoints: which entry each file was read from
+    encoder: LatentEncoder | None = None  # images -> latents (inpainting / editing); see require_encoder
+    encoder_source: str | None = None  # official checkpoints: the --vae folder its encoder is read from on demand
+
+    def require_encoder(self, what: str) -> LatentEncoder:
+        """The image encoder, loaded on first use for official checkpoints (the ``--vae`` AutoencoderKL's encoder);
+        a clear error naming the fix when the model has none."""
+        if self.encoder is None and self.encoder_source is not None:
+            self.encoder = DiffusersVAEEncoder.from_folder(self.encoder_source, device=self.device,
+                                                           dtype=self.dtype).eval()
+        if self.encoder is None:
+            raise missing_encoder_error(self.source, what)
+        return self.encoder
 
     @property
     def state_dtype(self) -> torch.dtype:
@@ -194,6 +207,7 @@ def load_pipeline(
         device=torch_device,
         dtype=model_dtype,
         kernel_backend=backend,
+        encoder=None if bundle.encoder is None else bundle.encoder.eval(),
     )
 
 
@@ -230,4 +244,16 @@ def _load_official(
         dtype=dtype,
         kernel_backend=kernel_backend,
         checkpoint_entries=entries,
+        encoder_source=_vae_encoder_source(vae),
     )
+
+
+def _vae_encoder_source(vae: str | Path) -> str | None:
+    """The --vae folder when it can encode (AutoencoderKL); TAESD folders are used to decode only."""
+    import json
+
+    try:
+        class_name = json.loads((Path(vae) / "config.json").read_text()).get("_class_name")
+    except (OSError, ValueError, AttributeError):
+        return str(vae)
+    return None if class_name == "AutoencoderTiny" else str(vae)

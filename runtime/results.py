@@ -41,6 +41,7 @@ class Samples:
     num_batches: int
     times: StageTimes
     execution: dict[str, Any] | None = None  # which path ran (kernels, CUDA graph, dtypes), when the backend says
+    task: dict[str, Any] | None = None  # inpainting / editing: what was done (runtime.editing tasks' describe())
 
     @property
     def ms_per_image(self) -> float:
@@ -66,4 +67,6 @@ class Samples:
             record["decode_in_sample_graph"] = True
         if self.execution is not None:
             record["execution"] = dict(self.execution)
+        if self.task is not None:
+            record["task"] = dict(self.task)
         return record

@@ -27,6 +27,15 @@ from flowturbo.dtypes import dtype_name
 from flowturbo.errors import FlowTurboError, SamplingError
 from flowturbo.runtime.backends import load_exported_sampler
 from flowturbo.runtime.cuda_graphs import CaptureBackend, GraphCache
+from flowturbo.runtime.editing import (
+    DEFAULT_FEATHER_PX,
+    EditTask,
+    ImageInput,
+    InpaintTask,
+    check_strength,
+    input_only_samples,
+    warn_nothing_to_regenerate,
+)
 from flowturbo.runtime.pytorch_backend import (
     TorchPipeline,
     check_labels,
@@ -127,51 +136,66 @@ class Sampler:
         return text
 
     # ------------------------------------------------------------------------------------------ batches
-    def _forward(self, schedule: SamplingSchedule, noise: torch.Tensor,
-                 labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Schedule + decode for one batch without host syncs (what a CUDA graph captures)."""
+    def _forward(self, schedule: SamplingSchedule, x0: torch.Tensor, labels: torch.Tensor, *extra: torch.Tensor,
+                 task: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Schedule + decode for one batch without host syncs (what a CUDA graph captures).
+
+        ``task`` (inpainting / editing, :mod:`flowturbo.runtime.editing`) adds its per-step hooks (over the
+        ``extra`` inputs) and its time grid; its pixel-space post-processing runs outside, in :meth:`_run_batch`.
+        """
         pipe = self.pipeline
-        result = sample_schedule(schedule, noise, labels, pipe.predictor, pipe.refiner, num_classes=pipe.num_classes,
-                                 check_finite=False, check_inputs=False, kernel_backend=pipe.kernel_backend)
+        hooks = task.hooks(*extra) if task is not None else ()
+        timesteps = task.timesteps if task is not None else None
+        result = sample_schedule(schedule, x0, labels, pipe.predictor, pipe.refiner, num_classes=pipe.num_classes,
+                                 check_finite=False, check_inputs=False, kernel_backend=pipe.kernel_backend,
+                                 hooks=hooks, timesteps=timesteps)
         return pipe.decoder.decode(result.latents), result.latents  # (b, C_img, H, W), (b, C, h, w)
 
-    def _locate_non_finite(self, schedule: SamplingSchedule, noise: torch.Tensor, labels: torch.Tensor) -> None:
+    def _locate_non_finite(self, schedule: SamplingSchedule, x0: torch.Tensor, labels: torch.Tensor,
+                           extra: tuple[torch.Tensor, ...] = (), task: Any = None) -> None:
         """Re-run a batch step by step with NaN checks: raises naming the first bad step (or the decoder)."""
         pipe = self.pipeline
-        result = sample_schedule(schedule, noise, labels, pipe.predictor, pipe.refiner, num_classes=pipe.num_classes,
-                                 check_finite=True, check_inputs=False, kernel_backend=pipe.kernel_backend)
-        del result
+        sample_schedule(schedule, x0, labels, pipe.predictor, pipe.refiner, num_classes=pipe.num_classes,
+                        check_finite=True, check_inputs=False, kernel_backend=pipe.kernel_backend,
+                        hooks=task.hooks(*extra) if task is not None else (),
+                        timesteps=task.timesteps if task is not None else None)
         raise SamplingError("NaN/Inf in the decoded images (the latents were finite): the decoder overflowed; "
                             "try --dtype float32")
 
-    def _run_batch(self, schedule: SamplingSchedule, noise: torch.Tensor,
-                   labels: torch.Tensor) -> tuple[torch.Tensor, float, float, float]:
+    def _run_batch(self, schedule: SamplingSchedule, noise: torch.Tensor, labels: torch.Tensor,
+                   task: Any = None) -> tuple[torch.Tensor, float, float, float]:
         """(images, sample s, decode s, capture s) for one batch on the configured path."""
         pipe = self.pipeline
+        x0, extra = task.prepare(noise, labels) if task is not None else (noise, ())
         if self.graphs is not None:
             _sync(pipe.device)
             started = time.perf_counter()
-            run = self.graphs.run((schedule.id, noise.shape[0]),
-                                  lambda n, y: self._forward(schedule, n, y), (noise, labels))
+            key = (task.key if task is not None else ("sample",), schedule.id, noise.shape[0])
+            run = self.graphs.run(key, lambda x, y, *e: self._forward(schedule, x, y, *e, task=task),
+                                  (x0, labels, *extra))
             images = run.outputs[0]
             _sync(pipe.device)
             elapsed = time.perf_counter() - started - run.capture_s
             if not bool(torch.isfinite(images).all()):
-                self._locate_non_finite(schedule, noise, labels)
-            return images, elapsed, 0.0, run.capture_s
+                self._locate_non_finite(schedule, x0, labels, extra, task)
+            return (task.finish(images) if task is not None else images), elapsed, 0.0, run.capture_s
         per_step_checks = pipe.device.type != "cuda"  # a host sync per step costs nothing on CPU
         _sync(pipe.device)
         t0 = time.perf_counter()
-        result = sample_schedule(schedule, noise, labels, pipe.predictor, pipe.refiner, num_classes=pipe.num_classes,
-                                 check_finite=per_step_checks, check_inputs=False, kernel_backend=pipe.kernel_backend)
+        result = sample_schedule(schedule, x0, labels, pipe.predictor, pipe.refiner, num_classes=pipe.num_classes,
+                                 check_finite=per_step_checks, check_inputs=False, kernel_backend=pipe.kernel_backend,
+                                 hooks=task.hooks(*extra) if task is not None else (),
+                                 timesteps=task.timesteps if task is not None else None)
         _sync(pipe.device)
         t1 = time.perf_counter()
         images = pipe.decoder.decode(result.latents)  # (b, C_img, H_img, W_img) in [-1, 1]
+        if task is not None:
+            images = task.finish(images)
         _sync(pipe.device)
         t2 = time.perf_counter()
         if not bool(torch.isfinite(images).all()):
             if not per_step_checks:
-                self._locate_non_finite(schedule, noise, labels)
+                self._locate_non_finite(schedule, x0, labels, extra, task)
             raise SamplingError("NaN/Inf in the decoded images; the decoder's weights or dtype are bad")
         return images, t1 - t0, t2 - t1, 0.0
 
@@ -221,6 +245,75 @@ class Sampler:
         once; with CUDA graphs: at most ``graph_batch`` = 16 images); with CUDA graphs, each distinct batch size
         is captured once and replayed afterwards (a 40-image request runs graphs of 16, 16 and 8).
         """
+        return self._generate(classes, schedule, seed, batch_size, progress, None)
+
+    @torch.inference_mode()
+    def inpaint(
+        self,
+        image: ImageInput | torch.Tensor,
+        mask: torch.Tensor,
+        classes: Sequence[int],
+        *,
+        schedule: SamplingSchedule | None = None,
+        seed: int = 0,
+        batch_size: int | None = None,
+        progress: bool = True,
+        feather: int = DEFAULT_FEATHER_PX,
+        mask_notes: Sequence[str] = (),
+    ) -> Samples:
+        """Regenerate the white region of ``mask`` in ``image``, once per entry of ``classes``.
+
+        image: (1, C, H, W) in [-1, 1] (or an :class:`~flowturbo.runtime.editing.ImageInput`); mask: (1, 1, H, W)
+        or (H, W) in {0, 1}, 1 = regenerate. Method and guarantees: :mod:`flowturbo.runtime.editing` (kept pixels
+        are exactly the input's; an all-white mask is plain sampling; an all-black one returns the input).
+        """
+        pipe = self.pipeline
+        image = image if isinstance(image, ImageInput) else ImageInput(image.float())
+        mask = mask.float().reshape(1, 1, *mask.shape[-2:])
+        _check_task_image(image, mask, pipe)
+        schedule = schedule or self.default_schedule()
+        if not bool(mask.any()):
+            warn_nothing_to_regenerate()
+            return input_only_samples(image, classes, schedule, pipe.num_classes, mask_notes)
+        known = self._encode(image, "inpainting")
+        task = InpaintTask(image, mask, known, pipe.latent_shape[1], feather=feather, mask_notes=mask_notes)
+        return self._generate(classes, schedule, seed, batch_size, progress, task)
+
+    @torch.inference_mode()
+    def edit(
+        self,
+        image: ImageInput | torch.Tensor,
+        strength: float,
+        classes: Sequence[int],
+        *,
+        schedule: SamplingSchedule | None = None,
+        seed: int = 0,
+        batch_size: int | None = None,
+        progress: bool = True,
+    ) -> Samples:
+        """SDEdit-style editing of ``image`` towards each class in ``classes`` (strength in (0, 1]; 1 = sample).
+
+        Starts at ``t0 = 1 - strength`` on the linear path between fresh noise and the encoded image and runs the
+        schedule's steps on its grid rescaled onto ``[t0, 1]`` (same call counts); see
+        :mod:`flowturbo.runtime.editing`.
+        """
+        pipe = self.pipeline
+        image = image if isinstance(image, ImageInput) else ImageInput(image.float())
+        strength = check_strength(strength)
+        _check_task_image(image, None, pipe)
+        schedule = schedule or self.default_schedule()
+        known = self._encode(image, "editing")
+        return self._generate(classes, schedule, seed, batch_size, progress, EditTask(image, known, strength, schedule))
+
+    def _encode(self, image: ImageInput, what: str) -> torch.Tensor:
+        """x_1 = E(image): (1, C, h, w) in the solver state's dtype, on the device."""
+        pipe = self.pipeline
+        encoder = pipe.require_encoder(what)
+        weight = next(encoder.parameters())
+        return encoder.encode(image.pixels.to(device=pipe.device, dtype=weight.dtype)).to(pipe.state_dtype)
+
+    def _generate(self, classes: Sequence[int], schedule: SamplingSchedule | None, seed: int,
+                  batch_size: int | None, progress: bool, task: Any) -> Samples:
         pipe = self.pipeline
         schedule = schedule or self.default_schedule()
         if schedule.uses_refiner and pipe.refiner is None:
@@ -241,13 +334,14 @@ class Sampler:
         labels = labels.to(pipe.device)
         num_batches = math.ceil(n / batch)
         images, sample_s, decode_s, capture_s = [], 0.0, 0.0, 0.0
-        bar = tqdm(total=n, unit="img", desc=f"sampling {schedule.notation}",
+        what = task.name if task is not None else "sampling"
+        bar = tqdm(total=n, unit="img", desc=f"{what} {schedule.notation}",
                    disable=not progress or num_batches == 1, leave=False)
         for start in range(0, n, batch):
             stop = min(start + batch, n)
             chunk_noise, chunk_labels = noise[start:stop], labels[start:stop]
             try:
-                decoded, s, d, c = self._run_batch(schedule, chunk_noise, chunk_labels)
+                decoded, s, d, c = self._run_batch(schedule, chunk_noise, chunk_labels, task)
             except torch.OutOfMemoryError:
                 raise self._out_of_memory(schedule, chunk_noise, chunk_labels) from None
             images.append(decoded.float().cpu())
@@ -264,4 +358,16 @@ class Sampler:
             times=StageTimes(sample_s, decode_s, capture_s, decode_fused=self.graphs is not None
                              and self.graphs.fallback_reason is None),
             execution=self.execution(),
+            task=task.describe() if task is not None else None,
         )
+
+
+def _check_task_image(image: ImageInput, mask: torch.Tensor | None, pipe: TorchPipeline) -> None:
+    """Refuse an image (or mask) that does not fit the model's image shape, naming both shapes."""
+    size = pipe.decoder.image_size(pipe.latent_shape[1])
+    want = (1, pipe.decoder.image_channels, size, size)
+    if tuple(image.pixels.shape) != want:
+        raise FlowTurboError(f"the image must be {want} (N, C, H, W) in [-1, 1] for this model, got "
+                             f"{tuple(image.pixels.shape)}")
+    if mask is not None and tuple(mask.shape[-2:]) != (size, size):
+        raise FlowTurboError(f"the mask must be {size}x{size} like the image, got {tuple(mask.shape[-2:])}")

@@ -324,8 +324,9 @@ class TensorRTSampler(ExportedSampler):
         _synchronize(self.device)
         return latents
 
-    def run_batch(self, noise: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-        images, latents, sample_s, decode_s = super().run_batch(noise.to(self.device), labels.to(self.device))
+    def run_batch(self, noise: torch.Tensor, labels: torch.Tensor,
+                  task: Any = None) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        images, latents, sample_s, decode_s = super().run_batch(noise.to(self.device), labels.to(self.device), task)
         return images.cpu(), latents.cpu(), sample_s, decode_s
 
     def describe(self) -> dict[str, Any]:

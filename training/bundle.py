@@ -32,6 +32,12 @@ from flowturbo.kernels import KernelBackend
 from flowturbo.schedule import SamplingSchedule, StepKind
 from flowturbo.training.checkpoints import load_refiner_checkpoint, load_sit_checkpoint
 from flowturbo.training.decoders import IdentityDecoder, LatentDecoder, load_decoder_from_bundle
+from flowturbo.training.encoders import (
+    ENCODER_CONFIG_KEY,
+    LatentEncoder,
+    check_encoder_fits,
+    load_encoder_from_bundle,
+)
 from flowturbo.training.models import (
     RefinerConfig,
     SiT,
@@ -88,6 +94,7 @@ class Bundle:
     decoder: LatentDecoder
     class_names: list[str] | None = None
     defaults: BundleDefaults = dataclasses.field(default_factory=BundleDefaults)
+    encoder: LatentEncoder | None = None  # images -> latents, for inpainting/editing (None: the bundle samples only)
 
     def __post_init__(self) -> None:
         _check_consistency(self)
@@ -114,6 +121,7 @@ class Bundle:
             "predictor": count_parameters(self.predictor),
             "refiner": count_parameters(self.refiner) if self.refiner is not None else 0,
             "decoder": count_parameters(self.decoder),
+            "encoder": count_parameters(self.encoder) if self.encoder is not None else 0,
         }
 
     def config_dict(self) -> dict[str, Any]:
@@ -123,6 +131,7 @@ class Bundle:
             "predictor": self.predictor.config.to_dict(),
             "refiner": self.refiner.config.to_dict() if self.refiner is not None else None,
             "decoder": self.decoder.bundle_config(),
+            ENCODER_CONFIG_KEY: self.encoder.bundle_config() if self.encoder is not None else None,
             "class_names": list(self.class_names) if self.class_names is not None else None,
             "defaults": self.defaults.to_dict(),
         }
@@ -149,6 +158,14 @@ def _check_consistency(bundle: Bundle) -> None:
                     f"refiner {field} = {getattr(refiner, field)} does not match the predictor's "
                     f"{getattr(predictor, field)}; a refiner must be trained for its predictor"
                 )
+    if bundle.encoder is not None:
+        if not isinstance(bundle.encoder, LatentEncoder):
+            raise FlowTurboError(f"bundle encoder must be a LatentEncoder, got {type(bundle.encoder).__name__}")
+        if bundle.encoder.latent_channels != predictor.in_channels:
+            raise FlowTurboError(
+                f"encoder makes {bundle.encoder.latent_channels}-channel latents but the predictor takes "
+                f"{predictor.in_channels}-channel latents; pair them with a matching encoder"
+            )
     if bundle.class_names is not None:
         names = bundle.class_names
         if not isinstance(names, (list, tuple)) or not all(isinstance(n, str) for n in names):
@@ -194,6 +211,8 @@ def save_bundle(bundle: Bundle, folder: str | os.PathLike[str], *, overwrite: bo
         if bundle.refiner is not None:
             _save_weights(bundle.refiner, staging / REFINER_FILE)
         bundle.decoder.save_to_bundle(staging)
+        if bundle.encoder is not None:
+            bundle.encoder.save_to_bundle(staging)
     return target
 
 
@@ -229,7 +248,7 @@ def load_bundle(
     dtype: torch.dtype = torch.float32,
     kernel_backend: KernelBackend | str = KernelBackend.REFERENCE,
 ) -> Bundle:
-    """Load a bundle folder: models in eval mode on ``device`` in ``dtype`` (decoder too).
+    """Load a bundle folder: models in eval mode on ``device`` in ``dtype`` (decoder and encoder too).
 
     Raises :class:`CheckpointError` for a missing folder or config, a bad format, or weights that do not fit
     the config (the message names the keys).
@@ -260,8 +279,12 @@ def load_bundle(
             refiner_path, refiner_config, device=device, dtype=dtype, kernel_backend=backend
         )
     decoder = load_decoder_from_bundle(root, config["decoder"], device, dtype)
+    encoder = None
+    if config.get(ENCODER_CONFIG_KEY) is not None:
+        encoder = load_encoder_from_bundle(root, config[ENCODER_CONFIG_KEY], device, dtype)
+        check_encoder_fits(encoder, config, str(root))
     try:
-        return Bundle(predictor, refiner, decoder, config.get("class_names"), defaults)
+        return Bundle(predictor, refiner, decoder, config.get("class_names"), defaults, encoder)
     except CheckpointError:
         raise
     except FlowTurboError as exc:

@@ -185,6 +185,7 @@ ScheduleRunner::ScheduleRunner(const std::string& artifacts_dir, const RunnerOpt
   }
   const auto& grid = manifest_.schedule.timesteps;
   for (const auto& a : artifacts) {
+    if (a.role == "encoder") continue;  // images -> latents for inpainting / editing, which run in Python
     EngineSpec spec;
     spec.module = a.module;
     spec.file = a.file;

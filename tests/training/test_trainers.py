@@ -282,6 +282,14 @@ def test_package_assembles_a_loadable_bundle_from_ema_weights(pred_run: Path, ae
     latents = torch.randn(2, *LATENT_SHAPE, generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(loaded.decoder.decode(latents), bundle.decoder.decode(latents), **tol(torch.float32))
     assert loaded.decoder.decode(latents).shape == (2, 1, IMAGE_SIZE, IMAGE_SIZE)
+    # Every package includes the autoencoder's encoder (inpainting / editing start from a user's image).
+    from flowturbo.training.encoders import FlowTurboAutoencoderEncoder
+
+    assert isinstance(loaded.encoder, FlowTurboAutoencoderEncoder)
+    images = loaded.decoder.decode(latents)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.encoder.encode(images), bundle.encoder.encode(images), **tol(torch.float32))
+        assert loaded.encoder.encode(images).shape == (2, *LATENT_SHAPE)
 
 
 def saved_data_config(pred_run: Path) -> LatentDataConfig:

@@ -3,7 +3,8 @@
 Predictor: a ``train predictor`` run folder, checkpoint folder or ``predictor.safetensors``, or an official
 SiT ``.pt``. Refiner (optional): a ``train refiner`` run / file, or an official FlowTurbo refiner ``.pt``.
 Decoder: our autoencoder (``train autoencoder`` run folder or ``autoencoder.safetensors``; both decoder
-variants stored, ``variant`` active by default) or a diffusers AutoencoderKL folder.
+variants stored, ``variant`` active by default) or a diffusers AutoencoderKL folder. Encoder (for inpainting and
+editing): always included — the same autoencoder's encoder, or the AutoencoderKL folder's.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from flowturbo.training.bundle import (
 )
 from flowturbo.training.checkpoints import load_refiner_checkpoint, load_sit_checkpoint
 from flowturbo.training.decoders import DiffusersVAEDecoder, LatentDecoder
+from flowturbo.training.encoders import DiffusersVAEEncoder, FlowTurboAutoencoderEncoder, LatentEncoder
 from flowturbo.training.trainers.autoencoder import autoencoder_decoder
 from flowturbo.training.trainers.predictor import read_trained_predictor
 from flowturbo.training.trainers.refiner import read_trained_refiner
@@ -64,13 +66,14 @@ def package_bundle(
         else:
             ref = load_refiner_checkpoint(refiner, trust_pickle=trust_pickle)
     decoder = _decoder(autoencoder, vae, variant)
+    encoder = _encoder(autoencoder, vae)
     defaults = BundleDefaults(
         schedule=schedule or (DEFAULT_SCHEDULE if ref is not None else DEFAULT_SCHEDULE_WITHOUT_REFINER),
         cfg=DEFAULT_CFG if cfg is None else cfg,
         guidance_channels=guidance_channels,
     )
     bundle = Bundle(sit.eval(), None if ref is None else ref.eval(), decoder.eval(),
-                    class_names if class_names is not None else names, defaults)
+                    class_names if class_names is not None else names, defaults, encoder.eval())
     save_bundle(bundle, out, overwrite=overwrite, wait=wait)
     return bundle
 
@@ -85,3 +88,10 @@ def _decoder(autoencoder: str | Path | None, vae: str | Path | None, variant: st
         raise FlowTurboError("--variant applies to our autoencoder; for a diffusers VAE pick the folder "
                              "(sd-vae-ft-ema or sd-vae-ft-mse) instead")
     return DiffusersVAEDecoder.from_folder(vae)  # type: ignore[arg-type]
+
+
+def _encoder(autoencoder: str | Path | None, vae: str | Path | None) -> LatentEncoder:
+    """The encoder that belongs to the decoder: the autoencoder run's own, or the AutoencoderKL folder's."""
+    if autoencoder is not None:
+        return FlowTurboAutoencoderEncoder.from_autoencoder_file(autoencoder)
+    return DiffusersVAEEncoder.from_folder(vae)  # type: ignore[arg-type]

@@ -1,0 +1,210 @@
+"""``flowturbo inpaint`` and ``flowturbo edit``: thin CLIs over ``Sampler.inpaint`` / ``Sampler.edit``.
+
+Both take the model options of ``flowturbo sample`` (or ``--artifacts DIR --backend onnxruntime|aoti|tensorrt``
+with an export made ``--with-encoder``), read the image (and mask) before loading any model, check and lock
+``--out`` first, and write like ``sample``: ``grid.png`` (input | mask | results), ``input.png``
+(``mask.png``), one PNG per result and ``run.json`` (with the task's settings and any conversion notes),
+atomically. Method and guarantees: :mod:`flowturbo.runtime.editing`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import sys
+import time
+from typing import Any
+
+from flowturbo import __version__
+from flowturbo.errors import FlowTurboError
+from flowturbo.runtime.backends import EXPORTED_BACKENDS
+from flowturbo.runtime.cli import (
+    MAX_GRID_SCALE,
+    MAX_IMAGES,
+    MAX_THREADS,
+    _add_model_arguments,
+    _parse_classes,
+    _pipeline_options,
+    _print_timings,
+    check_device,
+    check_seed,
+)
+
+TASKS = ("inpaint", "edit")
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    _add_model_arguments(p)
+    g = p.add_argument_group("what to generate")
+    g.add_argument("--image", required=True, help="input image (PNG/JPEG) of the model's image size")
+    g.add_argument("--classes", required=True, help="comma-separated class ids of the results (cycled)")
+    g.add_argument("--num-images", type=int, default=None, help="number of results (default: one per class given)")
+    g.add_argument("--schedule", default=None, help="schedule notation or preset (default: the model's)")
+    g.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
+    g.add_argument("--guidance-channels", type=int, default=None, help="guide only the first N latent channels")
+    g.add_argument("--seed", type=int, default=0, help="noise seed (results do not depend on --batch)")
+    g.add_argument("--batch", type=int, default=None, help="images per batch")
+    g.add_argument("--resize", action="store_true",
+                   help="resize an image (bicubic) / mask (nearest) of another size instead of refusing it")
+    o = p.add_argument_group("output")
+    o.add_argument("--out", required=True, help="output folder (grid.png, input.png, results, run.json)")
+    o.add_argument("--grid-scale", type=int, default=4, help="upscale factor of grid.png for viewing (nearest)")
+    o.add_argument("--wait", action="store_true", help="wait for another flowturbo process writing --out")
+    o.add_argument("--no-progress", action="store_true", help="no progress bar")
+    a = p.add_argument_group("exported artifacts (instead of --model)")
+    a.add_argument("--artifacts", default=None, help="export directory made with `flowturbo export --with-encoder`")
+    a.add_argument("--backend", default="pytorch", choices=["pytorch", *EXPORTED_BACKENDS],
+                   help="pytorch (default), onnxruntime, aoti or tensorrt (cpp: not supported, says why)")
+    a.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
+
+
+def add_inpaint_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``flowturbo inpaint``."""
+    p = sub.add_parser("inpaint", help="regenerate the white region of a mask in an image with a FlowTurbo schedule")
+    _add_common(p)
+    g = p.add_argument_group("inpainting")
+    g.add_argument("--mask", required=True,
+                   help="mask image of the input's size: white (>= 50%% gray) = regenerate, black = keep")
+    g.add_argument("--feather", type=int, default=None,
+                   help="pixels over which the result fades into the kept input inside the white region (default 2)")
+    p.set_defaults(handler=run_task, task="inpaint")
+
+
+def add_edit_parser(sub: argparse._SubParsersAction) -> None:
+    """Register ``flowturbo edit``."""
+    p = sub.add_parser("edit", help="SDEdit-style editing of an image towards given classes (e.g. shirt -> dress)")
+    _add_common(p)
+    g = p.add_argument_group("editing")
+    g.add_argument("--strength", type=float, required=True,
+                   help="in (0, 1]: how far from the input (starts at t0 = 1 - strength; 1 = plain sampling)")
+    p.set_defaults(handler=run_task, task="edit")
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuse bad flags before anything is read, loaded or computed."""
+    from flowturbo.runtime.editing import check_strength
+
+    check_seed(args.seed)
+    check_device(args.device)
+    if args.task == "edit":
+        check_strength(args.strength)
+    if args.task == "inpaint" and args.feather is not None and not 0 <= args.feather <= 64:
+        raise FlowTurboError(f"--feather must be in [0, 64] pixels, got {args.feather}")
+    if args.batch is not None and args.batch < 1:
+        raise FlowTurboError(f"--batch must be >= 1 image, got {args.batch}")
+    if args.num_images is not None and not 1 <= args.num_images <= MAX_IMAGES:
+        raise FlowTurboError(f"--num-images must be in [1, {MAX_IMAGES}], got {args.num_images}")
+    if not 1 <= args.grid_scale <= MAX_GRID_SCALE:
+        raise FlowTurboError(f"--grid-scale must be in [1, {MAX_GRID_SCALE}], got {args.grid_scale}")
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        raise FlowTurboError(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
+    if args.artifacts is not None or args.backend != "pytorch":
+        if args.artifacts is None or args.backend == "pytorch":
+            raise FlowTurboError("use --artifacts DIR together with --backend onnxruntime|aoti|tensorrt")
+        if args.model or args.predictor:
+            raise FlowTurboError("--artifacts already holds the model; drop --model/--predictor")
+        if args.backend == "cpp":
+            from flowturbo.runtime.cpp_backend import _NO_TASKS
+
+            raise FlowTurboError(_NO_TASKS.format(what="inpainting" if args.task == "inpaint" else "editing"))
+
+
+def _image_size_on_disk(path: str) -> tuple[int, int]:
+    from flowturbo.runtime.editing import _open
+
+    return tuple(_open(path, "--image").size)  # type: ignore[return-value]
+
+
+def run_task(args: argparse.Namespace) -> int:
+    """``flowturbo inpaint|edit``: check, read inputs, lock --out, load, run, write."""
+    from flowturbo.fileio import OutputFolder
+
+    _check_args(args)
+    disk_size = _image_size_on_disk(args.image)  # unreadable image: refused before anything else
+    if args.task == "inpaint":
+        from flowturbo.runtime.editing import _open
+
+        _open(args.mask, "--mask")
+    with OutputFolder(args.out, command=args.task, what="output", wait=args.wait) as out:
+        return _run(args, out, disk_size)
+
+
+def _run(args: argparse.Namespace, out_folder: Any, disk_size: tuple[int, int]) -> int:
+    import numpy as np
+    import torch
+
+    from flowturbo.runtime.editing import DEFAULT_FEATHER_PX, load_image, load_mask
+    from flowturbo.runtime.images import to_uint8, write_sample_folder
+
+    t_load = time.perf_counter()
+    if args.artifacts is not None:
+        from flowturbo.runtime.backends import load_exported_sampler
+
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+        device = None if args.device == "auto" else args.device
+        sampler = load_exported_sampler(args.artifacts, args.backend, device=device, threads=args.threads)
+        channels, size = int(sampler.artifacts.model["image_shape"][0]), int(sampler.artifacts.model["image_shape"][1])
+        schedule, num_classes, class_names = _exported_schedule(args, sampler), sampler.num_classes, sampler.class_names
+        model_info: dict[str, Any] = sampler.describe()
+    else:
+        from flowturbo.runtime.sampler import Sampler
+
+        sampler = Sampler.from_bundle(args.model, **_pipeline_options(args))
+        pipe = sampler.pipeline
+        channels, size = pipe.decoder.image_channels, pipe.decoder.image_size(pipe.latent_shape[1])
+        guidance: Any = "default" if args.guidance_channels is None else args.guidance_channels
+        schedule = sampler.default_schedule(args.schedule, args.cfg, guidance)
+        num_classes, class_names, model_info = pipe.num_classes, pipe.class_names, pipe.describe()
+        if args.threads is not None:
+            torch.set_num_threads(args.threads)
+    load_s = time.perf_counter() - t_load
+    image = load_image(args.image, channels=channels, size=size, resize=args.resize)
+    classes = _parse_classes(args.classes, num_classes, args.num_images)
+    common = dict(schedule=schedule, seed=args.seed, batch_size=args.batch)
+    inputs = {"input.png": to_uint8(image.pixels)[0]}
+    if args.task == "inpaint":
+        mask, notes = load_mask(args.mask, size=size, image_size=disk_size, resize=args.resize)
+        feather = DEFAULT_FEATHER_PX if args.feather is None else args.feather
+        samples = sampler.inpaint(image, mask, classes, feather=feather, mask_notes=notes,
+                                  progress=not args.no_progress, **common)
+        mask_pixels = (mask[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)  # (H, W, 1)
+        inputs["mask.png"] = np.repeat(mask_pixels, channels, axis=2)
+    else:
+        samples = sampler.edit(image, args.strength, classes, progress=not args.no_progress, **common)
+    t_write = time.perf_counter()
+    record: dict[str, Any] = {
+        "flowturbo_version": __version__, "command": " ".join(["flowturbo", *sys.argv[1:]]),
+        "backend": sampler.backend, "model": model_info, "seed": args.seed, "image": str(args.image),
+        "mask": str(args.mask) if args.task == "inpaint" else None, "torch_version": torch.__version__,
+        "host": platform.node(), "seconds_load": load_s, **samples.record(),
+    }
+    out = write_sample_folder(out_folder, to_uint8(samples.images), samples.labels, record, class_names,
+                              grid_scale=args.grid_scale, inputs=inputs)
+    write_s, n = time.perf_counter() - t_write, len(samples.labels)
+    task = samples.task or {}
+    what = (f"strength {args.strength} (t0 = {task.get('t0', 0):.3g})" if args.task == "edit"
+            else f"{100 * task.get('regenerated_fraction', 0):.1f}% of the pixels regenerated")
+    print(f"flowturbo {args.task}: {samples.schedule}, {n} images, {what}, backend {sampler.backend}")
+    for note in task.get("notes", []):
+        print(f"note: {note}")
+    if samples.num_batches:
+        _print_timings(load_s, samples, write_s, "load model" if args.artifacts is None else "load artifacts")
+    print(f"wrote {out / 'grid.png'}, {n} PNGs, {', '.join(inputs)} and {out / 'run.json'}")
+    return 0
+
+
+def _exported_schedule(args: argparse.Namespace, sampler: Any) -> Any:
+    """The exported schedule (``--schedule`` / ``--cfg`` must equal it, as for ``sample --artifacts``)."""
+    from flowturbo.schedule import SamplingSchedule
+
+    base = sampler.schedule
+    if not (args.schedule or args.cfg is not None or args.guidance_channels is not None):
+        return None
+    scale = base.guidance_scale if args.cfg is None else args.cfg
+    channels = base.guidance_channels if args.guidance_channels is None else args.guidance_channels
+    return (SamplingSchedule.parse(args.schedule, guidance_scale=scale, guidance_channels=channels)
+            if args.schedule else base.with_guidance(scale, channels))
+
+
+__all__ = ["add_edit_parser", "add_inpaint_parser", "run_task"]

@@ -1,0 +1,296 @@
+"""Inpainting and SDEdit-style editing with FlowTurbo schedules, on every backend whose step loop runs in Python.
+
+Both are *tasks* for the one step loop (:func:`flowturbo.integrator.integrate`): a task prepares the starting
+latents and extra inputs of a batch, gives the loop its per-step hooks and (for editing) its time grid, and
+post-processes the decoded images. The PyTorch :class:`~flowturbo.runtime.sampler.Sampler` (eager or inside a
+CUDA graph: the hooks are plain tensor ops, so they are captured too) and the exported backends
+(:class:`~flowturbo.runtime.exported.ExportedSampler`: ONNX Runtime, AOTInductor, TensorRT) run the same
+task objects; the C++ runner does not (it refuses with a clear message).
+
+**Inpainting** (white mask pixels are regenerated, black ones kept). The image is encoded once, ``x_1 = E(image)``.
+After every step, at its end time ``t``, the known region of the latent is replaced by the encoded image moved
+to ``t`` along the linear path with the *same noise* the sample started from: ``x_t = t x_1 + (1 - t) z``. At
+``t = 1`` that is ``x_1`` itself. The mask reaches latent resolution by max-pooling (a latent cell is
+regenerated if any of its pixels is). The carried velocity is left as the models computed it (see the
+integrator's docstring): P and R steps reuse it at the pasted ``x``. Finally the decoded image is blended with
+the input in pixel space through a feathered mask that is 0 wherever the user's mask is black, so kept pixels
+are exactly the input's (bit for bit, in the PNGs too); it ramps up inside the white region over
+``feather`` pixels. A mask that is white everywhere is plain sampling (bit-identical); one that is black
+everywhere returns the input (with a warning).
+
+**Editing** (SDEdit on the linear path). Strength ``S`` in (0, 1]: start at ``t0 = 1 - S`` from
+``x_t0 = t0 x_1 + (1 - t0) z`` and run the schedule's step kinds on its grid rescaled onto ``[t0, 1]``
+(``t0 + (1 - t0) t_k``). The call counts do not change (the same steps, each shorter); ``S = 1`` is plain
+sampling (bit-identical).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from flowturbo.errors import FlowTurboError, FlowTurboWarning
+from flowturbo.integrator import IntegratorState, StepHooks, StepInfo
+from flowturbo.schedule import SamplingSchedule
+
+MASK_THRESHOLD = 0.5  # mask pixels >= this (after scaling to [0, 1]) are regenerated
+DEFAULT_FEATHER_PX = 2  # width of the blend ramp inside the regenerated region, in image pixels
+
+
+class EditingWarning(FlowTurboWarning):
+    """Something the user should know about an inpaint / edit request that still gives a correct result."""
+
+
+# ----------------------------------------------------------------------------------------------- inputs
+@dataclasses.dataclass(frozen=True)
+class ImageInput:
+    """An input image (1, C, H, W) in [-1, 1] as the model sees it, and what was done to get there."""
+
+    pixels: torch.Tensor  # (1, C, H, W) float32 in [-1, 1]
+    notes: tuple[str, ...] = ()
+
+
+def _open(path: str | os.PathLike[str], what: str) -> Any:
+    from PIL import Image, UnidentifiedImageError
+
+    file = Path(path)
+    if not file.is_file():
+        raise FlowTurboError(f"{what} {file} not found" if not file.exists() else f"{what} {file} is not a file")
+    try:
+        image = Image.open(file)
+        image.load()
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise FlowTurboError(f"{what} {file} is not a readable image ({exc}); give a PNG or JPEG file") from None
+    return image
+
+
+def load_image(path: str | os.PathLike[str], *, channels: int, size: int, resize: bool = False) -> ImageInput:
+    """Read an image file as (1, channels, size, size) in [-1, 1].
+
+    A colour image for a grayscale model is converted (and the note says so), likewise grayscale for an RGB
+    model; a size other than the model's is refused unless ``resize`` (bicubic, noted).
+    """
+    image = _open(path, "--image")
+    notes: list[str] = []
+    mode = "L" if channels == 1 else "RGB"
+    if image.mode != mode:
+        notes.append(f"converted the {image.mode} image to {mode} for a {channels}-channel model")
+        image = image.convert(mode)
+    if image.size != (size, size):
+        if not resize:
+            raise FlowTurboError(f"--image is {image.size[0]}x{image.size[1]} but the model makes {size}x{size} "
+                                 "images; pass --resize to resize it")
+        notes.append(f"resized the image from {image.size[0]}x{image.size[1]} to {size}x{size}")
+        image = image.resize((size, size), _bicubic())
+    array = np.asarray(image, dtype=np.uint8)
+    array = array[..., None] if array.ndim == 2 else array  # (H, W, C)
+    pixels = torch.from_numpy(array.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1  # (1, C, H, W)
+    return ImageInput(pixels, tuple(notes))
+
+
+def _bicubic() -> Any:
+    from PIL import Image
+
+    return Image.Resampling.BICUBIC
+
+
+def load_mask(path: str | os.PathLike[str], *, size: int, image_size: tuple[int, int] | None = None,
+              resize: bool = False) -> tuple[torch.Tensor, tuple[str, ...]]:
+    """Read a mask file as (1, 1, size, size) floats in {0, 1}: 1 (white) = regenerate, 0 (black) = keep.
+
+    Grey levels are thresholded at :data:`MASK_THRESHOLD` (noted); colour masks are converted to gray first. A
+    mask whose size differs from the image's (``image_size``, as read from disk) is refused naming both sizes,
+    unless ``resize`` (nearest neighbour, noted).
+    """
+    image = _open(path, "--mask")
+    notes: list[str] = []
+    want = image_size or (size, size)
+    if image.size != want and not resize:
+        raise FlowTurboError(f"--mask is {image.size[0]}x{image.size[1]} but --image is {want[0]}x{want[1]}; "
+                             "give a mask of the image's size or pass --resize")
+    if image.mode not in ("L", "1"):
+        notes.append(f"converted the {image.mode} mask to grayscale")
+    gray = image.convert("L")
+    if gray.size != (size, size):
+        notes.append(f"resized the mask from {gray.size[0]}x{gray.size[1]} to {size}x{size} (nearest)")
+        from PIL import Image
+
+        gray = gray.resize((size, size), Image.Resampling.NEAREST)
+    values = torch.from_numpy(np.asarray(gray, dtype=np.uint8).copy()).float() / 255.0  # (H, W) in [0, 1]
+    binary = values >= MASK_THRESHOLD
+    if not torch.equal(values, binary.float()):
+        notes.append(f"the mask is not binary: pixels >= {MASK_THRESHOLD} count as white (regenerate)")
+    return binary.float()[None, None], tuple(notes)
+
+
+def check_strength(strength: float) -> float:
+    """Refuse an edit strength outside (0, 1]."""
+    if not (isinstance(strength, (int, float)) and math.isfinite(strength) and 0 < strength <= 1):
+        raise FlowTurboError(f"--strength must be in (0, 1] (1 = plain sampling from noise), got {strength}")
+    return float(strength)
+
+
+def latent_keep_mask(mask: torch.Tensor, latent_size: int) -> torch.Tensor:
+    """(1, 1, H, W) pixel mask (1 = regenerate) -> (1, 1, h, w) bool *keep* mask at latent resolution.
+
+    A latent cell is regenerated when any of its pixels is (max-pooling), so no generated pixel depends on a
+    latent that was pinned to the input.
+    """
+    regenerate = F.adaptive_max_pool2d(mask.float(), latent_size)  # (1, 1, h, w)
+    return regenerate < 0.5
+
+
+def feathered_blend(mask: torch.Tensor, feather: int) -> torch.Tensor:
+    """(1, 1, H, W) weights of the generated image in the final blend: exactly 0 where the mask is black,
+    ramping up to 1 inside the white region over ``feather`` pixels (a box blur of the mask, times the mask)."""
+    if feather < 0:
+        raise FlowTurboError(f"--feather must be >= 0 pixels, got {feather}")
+    mask = mask.float()
+    if feather == 0:
+        return mask
+    k = 2 * feather + 1
+    blurred = F.avg_pool2d(F.pad(mask, (feather,) * 4, mode="replicate"), k, stride=1)  # (1, 1, H, W)
+    return mask * blurred
+
+
+# ------------------------------------------------------------------------------------------------ tasks
+class InpaintHook(StepHooks):
+    """After each step (end time t): the kept latent cells become ``t x_1 + (1 - t) z`` exactly."""
+
+    def __init__(self, known: torch.Tensor, noise: torch.Tensor, keep: torch.Tensor) -> None:
+        self.known, self.noise, self.keep = known, noise, keep  # (B, C, h, w) x2, (B, 1, h, w) bool
+
+    def after_step(self, step: StepInfo, state: IntegratorState) -> None:
+        t = step.t_end
+        on_path = self.known * t + self.noise * (1.0 - t)  # the input moved to t along the linear path
+        state.x = torch.where(self.keep, on_path.to(state.x.dtype), state.x)
+
+
+class InpaintTask:
+    """Inpainting as a task for the samplers (module docstring)."""
+
+    name = "inpaint"
+    timesteps: tuple[float, ...] | None = None
+
+    def __init__(self, image: ImageInput, mask: torch.Tensor, known: torch.Tensor, latent_size: int, *,
+                 feather: int = DEFAULT_FEATHER_PX, mask_notes: Sequence[str] = ()) -> None:
+        self.image = image
+        self.mask = mask  # (1, 1, H, W) in {0, 1}
+        self.known = known  # (1, C, h, w) scaled latents of the image
+        self.keep = latent_keep_mask(mask, latent_size)  # (1, 1, h, w) bool
+        self.blend = feathered_blend(mask, feather)  # (1, 1, H, W)
+        self.feather = feather
+        self.notes = tuple(image.notes) + tuple(mask_notes)
+        self.key = ("inpaint",)
+
+    @property
+    def regenerates_nothing(self) -> bool:
+        return not bool(self.mask.any())
+
+    def prepare(self, noise: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """(starting latents, extra per-batch inputs): start from the noise; the hook needs x_1, z, keep."""
+        b = noise.shape[0]
+        known = self.known.to(device=noise.device, dtype=noise.dtype).expand(b, -1, -1, -1).contiguous()
+        keep = self.keep.to(noise.device).expand(b, -1, -1, -1).contiguous()
+        return noise, (known, noise, keep)
+
+    def hooks(self, known: torch.Tensor, noise: torch.Tensor, keep: torch.Tensor) -> list[StepHooks]:
+        return [InpaintHook(known, noise, keep)]
+
+    def finish(self, images: torch.Tensor) -> torch.Tensor:
+        """Blend in pixel space: kept pixels are exactly the input's."""
+        blend = self.blend.to(device=images.device, dtype=torch.float32)
+        image = self.image.pixels.to(device=images.device)
+        return blend * images.float() + (1.0 - blend) * image
+
+    def describe(self) -> dict[str, Any]:
+        return {"task": "inpaint", "regenerated_fraction": float(self.mask.mean()),
+                "regenerated_latent_fraction": float((~self.keep).float().mean()), "feather_px": self.feather,
+                "mask_threshold": MASK_THRESHOLD, "notes": list(self.notes)}
+
+
+class EditTask:
+    """SDEdit-style editing as a task for the samplers (module docstring)."""
+
+    name = "edit"
+
+    def __init__(self, image: ImageInput, known: torch.Tensor, strength: float, schedule: SamplingSchedule) -> None:
+        self.image = image
+        self.known = known  # (1, C, h, w)
+        self.strength = check_strength(strength)
+        self.t0 = 1.0 - self.strength
+        self.timesteps = edit_timesteps(schedule, self.strength)
+        self.notes = tuple(image.notes)
+        self.key = ("edit", self.strength)
+
+    def prepare(self, noise: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        known = self.known.to(device=noise.device, dtype=noise.dtype).expand(noise.shape[0], -1, -1, -1)
+        if self.t0 == 0.0:
+            return noise, ()  # strength 1: plain sampling, bit for bit
+        return known * self.t0 + noise * (1.0 - self.t0), ()  # x_t0 on the linear path
+
+    def hooks(self) -> list[StepHooks]:
+        return []
+
+    def finish(self, images: torch.Tensor) -> torch.Tensor:
+        return images
+
+    def describe(self) -> dict[str, Any]:
+        return {"task": "edit", "strength": self.strength, "t0": self.t0, "timesteps": list(self.timesteps),
+                "notes": list(self.notes)}
+
+
+def edit_timesteps(schedule: SamplingSchedule, strength: float) -> tuple[float, ...]:
+    """The schedule's grid rescaled onto ``[1 - strength, 1]``; strength 1 gives the grid itself."""
+    t0 = 1.0 - check_strength(strength)
+    grid = tuple(t0 + (1.0 - t0) * t for t in schedule.timesteps)
+    return (t0, *grid[1:-1], 1.0)  # both ends exact
+
+
+def input_only_samples(image: ImageInput, classes: Sequence[int], schedule: SamplingSchedule, num_classes: int,
+                       notes: Sequence[str]) -> Any:
+    """The result of an all-black mask: every output is the input image; no model call is made."""
+    from flowturbo.runtime.results import Samples, StageTimes
+
+    labels = [int(c) for c in classes]
+    if not labels:
+        raise FlowTurboError("no classes given: pass at least one class id")
+    bad = [c for c in labels if not 0 <= c < num_classes]
+    if bad:
+        raise FlowTurboError(f"class ids {bad[:5]} are outside [0, {num_classes}); this model has {num_classes} classes")
+    return Samples(images=image.pixels.float().cpu().expand(len(labels), -1, -1, -1).contiguous(), labels=labels,
+                   schedule=schedule, predictor_calls=0, refiner_calls=0, num_batches=0, times=StageTimes(0.0, 0.0),
+                   task={"task": "inpaint", "regenerated_fraction": 0.0,
+                         "notes": [*image.notes, *notes, "the mask is black everywhere: the input is returned"]})
+
+
+def warn_nothing_to_regenerate() -> None:
+    warnings.warn("the mask is black everywhere: nothing to regenerate, returning the input image",
+                  EditingWarning, stacklevel=3)
+
+
+__all__ = [
+    "DEFAULT_FEATHER_PX",
+    "EditTask",
+    "EditingWarning",
+    "ImageInput",
+    "InpaintHook",
+    "InpaintTask",
+    "MASK_THRESHOLD",
+    "check_strength",
+    "edit_timesteps",
+    "input_only_samples",
+    "feathered_blend",
+    "latent_keep_mask",
+    "load_image",
+    "load_mask",
+]
