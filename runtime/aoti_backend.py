@@ -43,12 +43,12 @@ class AotiSampler(ExportedSampler):
     def _load(self, entry: ArtifactEntry) -> ModuleFn:
         return _AotiModule(entry, self._device)
 
-    def run_batch(self, noise: torch.Tensor, labels: torch.Tensor,
-                  task: Any = None) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    def run_batch(self, noise: torch.Tensor, labels: torch.Tensor, task: Any = None,
+                  rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor, float, float]:
         if self.device.type != "cuda":
-            return super().run_batch(noise, labels, task)
+            return super().run_batch(noise, labels, task, rows)
         torch.cuda.synchronize(self.device)  # stage times measure the GPU work
-        out = super().run_batch(noise.to(self.device), labels.to(self.device), task)
+        out = super().run_batch(noise.to(self.device), labels.to(self.device), task, rows)
         torch.cuda.synchronize(self.device)
         return out
 

@@ -132,6 +132,18 @@ def load_mask(path: str | os.PathLike[str], *, size: int, image_size: tuple[int,
     return binary.float()[None, None], tuple(notes)
 
 
+def check_task_inputs(image: ImageInput, mask: torch.Tensor | None, image_shape: tuple[int, ...],
+                      num_results: int) -> None:
+    """Images (1 or one per result, C, H, W) and masks (1 or one per result, 1, H, W) of the model's image shape."""
+    pixels = image.pixels
+    if pixels.dim() != 4 or tuple(pixels.shape[1:]) != tuple(image_shape) or pixels.shape[0] not in (1, num_results):
+        raise FlowTurboError(f"the image must be (1 or {num_results}, {', '.join(map(str, image_shape))}) (N, C, H, W) "
+                             f"in [-1, 1] for this model, got {tuple(pixels.shape)}")
+    if mask is not None and (tuple(mask.shape[-2:]) != tuple(image_shape[1:]) or mask.shape[0] not in (1, num_results)):
+        raise FlowTurboError(f"the mask must be {image_shape[1]}x{image_shape[2]} like the image (1 or {num_results} of "
+                             f"them), got {tuple(mask.shape)}")
+
+
 def check_strength(strength: float) -> float:
     """Refuse an edit strength outside (0, 1]."""
     if not (isinstance(strength, (int, float)) and math.isfinite(strength) and 0 < strength <= 1):
@@ -145,7 +157,7 @@ def latent_keep_mask(mask: torch.Tensor, latent_size: int) -> torch.Tensor:
     A latent cell is regenerated when any of its pixels is (max-pooling), so no generated pixel depends on a
     latent that was pinned to the input.
     """
-    regenerate = F.adaptive_max_pool2d(mask.float(), latent_size)  # (1, 1, h, w)
+    regenerate = F.adaptive_max_pool2d(mask.float(), latent_size)  # (N, 1, h, w)
     return regenerate < 0.5
 
 
@@ -163,6 +175,11 @@ def feathered_blend(mask: torch.Tensor, feather: int) -> torch.Tensor:
 
 
 # ------------------------------------------------------------------------------------------------ tasks
+def _rows(tensor: torch.Tensor, rows: slice, batch: int) -> torch.Tensor:
+    """A task tensor for one batch: one shared row expanded, or the batch's own rows (one per result)."""
+    return tensor.expand(batch, *tensor.shape[1:]) if tensor.shape[0] == 1 else tensor[rows]
+
+
 class InpaintHook(StepHooks):
     """After each step (end time t): the kept latent cells become ``t x_1 + (1 - t) z`` exactly."""
 
@@ -193,23 +210,26 @@ class InpaintTask:
         self.key = ("inpaint",)
 
     @property
-    def regenerates_nothing(self) -> bool:
+    def regenerates_nothing(self) -> bool:  # noqa: D102 - every mask black
         return not bool(self.mask.any())
 
-    def prepare(self, noise: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        """(starting latents, extra per-batch inputs): start from the noise; the hook needs x_1, z, keep."""
+    def prepare(self, noise: torch.Tensor, labels: torch.Tensor,
+                rows: slice = slice(None)) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        """(starting latents, extra per-batch inputs) for the batch of result ``rows``: start from the noise; the
+        hook needs x_1, z and the keep mask."""
         b = noise.shape[0]
-        known = self.known.to(device=noise.device, dtype=noise.dtype).expand(b, -1, -1, -1).contiguous()
-        keep = self.keep.to(noise.device).expand(b, -1, -1, -1).contiguous()
+        known = _rows(self.known, rows, b).to(device=noise.device, dtype=noise.dtype).contiguous()
+        keep = _rows(self.keep, rows, b).to(noise.device).contiguous()
         return noise, (known, noise, keep)
 
     def hooks(self, known: torch.Tensor, noise: torch.Tensor, keep: torch.Tensor) -> list[StepHooks]:
         return [InpaintHook(known, noise, keep)]
 
-    def finish(self, images: torch.Tensor) -> torch.Tensor:
+    def finish(self, images: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
         """Blend in pixel space: kept pixels are exactly the input's."""
-        blend = self.blend.to(device=images.device, dtype=torch.float32)
-        image = self.image.pixels.to(device=images.device)
+        b = images.shape[0]
+        blend = _rows(self.blend, rows, b).to(device=images.device, dtype=torch.float32)
+        image = _rows(self.image.pixels, rows, b).to(device=images.device)
         return blend * images.float() + (1.0 - blend) * image
 
     def describe(self) -> dict[str, Any]:
@@ -232,8 +252,9 @@ class EditTask:
         self.notes = tuple(image.notes)
         self.key = ("edit", self.strength)
 
-    def prepare(self, noise: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
-        known = self.known.to(device=noise.device, dtype=noise.dtype).expand(noise.shape[0], -1, -1, -1)
+    def prepare(self, noise: torch.Tensor, labels: torch.Tensor,
+                rows: slice = slice(None)) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
+        known = _rows(self.known, rows, noise.shape[0]).to(device=noise.device, dtype=noise.dtype)
         if self.t0 == 0.0:
             return noise, ()  # strength 1: plain sampling, bit for bit
         return known * self.t0 + noise * (1.0 - self.t0), ()  # x_t0 on the linear path
@@ -241,7 +262,7 @@ class EditTask:
     def hooks(self) -> list[StepHooks]:
         return []
 
-    def finish(self, images: torch.Tensor) -> torch.Tensor:
+    def finish(self, images: torch.Tensor, rows: slice = slice(None)) -> torch.Tensor:
         return images
 
     def describe(self) -> dict[str, Any]:
@@ -267,7 +288,7 @@ def input_only_samples(image: ImageInput, classes: Sequence[int], schedule: Samp
     bad = [c for c in labels if not 0 <= c < num_classes]
     if bad:
         raise FlowTurboError(f"class ids {bad[:5]} are outside [0, {num_classes}); this model has {num_classes} classes")
-    return Samples(images=image.pixels.float().cpu().expand(len(labels), -1, -1, -1).contiguous(), labels=labels,
+    return Samples(images=_rows(image.pixels.float().cpu(), slice(None), len(labels)).contiguous(), labels=labels,
                    schedule=schedule, predictor_calls=0, refiner_calls=0, num_batches=0, times=StageTimes(0.0, 0.0),
                    task={"task": "inpaint", "regenerated_fraction": 0.0,
                          "notes": [*image.notes, *notes, "the mask is black everywhere: the input is returned"]})
@@ -287,6 +308,7 @@ __all__ = [
     "InpaintTask",
     "MASK_THRESHOLD",
     "check_strength",
+    "check_task_inputs",
     "edit_timesteps",
     "input_only_samples",
     "feathered_blend",

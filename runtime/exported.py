@@ -34,6 +34,7 @@ from flowturbo.runtime.editing import (
     ImageInput,
     InpaintTask,
     check_strength,
+    check_task_inputs,
     input_only_samples,
     warn_nothing_to_regenerate,
 )
@@ -211,8 +212,8 @@ class ExportedSampler:
             raise SamplingError("this export has no separate decoder graph (the unrolled variant decodes inside)")
         return self._decode(latents=latents)[0]
 
-    def run_batch(self, noise: torch.Tensor, labels: torch.Tensor,
-                  task: Any = None) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    def run_batch(self, noise: torch.Tensor, labels: torch.Tensor, task: Any = None,
+                  rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor, float, float]:
         """One batch: (images, latents, sample seconds, decode seconds); ``task``: inpainting / editing."""
         t0 = time.perf_counter()
         if self._unrolled is not None:
@@ -224,7 +225,7 @@ class ExportedSampler:
         if task is None:
             latents = self._integrate(noise, labels)
         else:
-            x0, extra = task.prepare(noise, labels)
+            x0, extra = task.prepare(noise, labels, rows)
             latents = self._integrate(x0, labels, hooks=task.hooks(*extra), timesteps=task.timesteps)
         t1 = time.perf_counter()
         hook = self.step_hook
@@ -232,7 +233,7 @@ class ExportedSampler:
             hook.decode_start()
         images = self.decode(latents)
         if task is not None:
-            images = task.finish(images)
+            images = task.finish(images, rows)
         if hook is not None:
             hook.decode_end()
         return images, latents, t1 - t0, time.perf_counter() - t1
@@ -268,8 +269,8 @@ class ExportedSampler:
                 progress: bool = False, feather: int = DEFAULT_FEATHER_PX, mask_notes: Sequence[str] = ()) -> Samples:
         """``Sampler.inpaint`` on the exported graphs (needs ``--with-encoder``; not the unrolled variant)."""
         image = image if isinstance(image, ImageInput) else ImageInput(image.float())
-        mask = mask.float().reshape(1, 1, *mask.shape[-2:])
-        self._check_task_image(image, mask)
+        mask = mask.float().reshape(-1, 1, *mask.shape[-2:])
+        self._check_task_image(image, mask, len(classes))
         if not bool(mask.any()):
             warn_nothing_to_regenerate()
             return input_only_samples(image, classes, self.schedule, self.num_classes, mask_notes)
@@ -283,7 +284,7 @@ class ExportedSampler:
         """``Sampler.edit`` on the exported graphs (needs ``--with-encoder`` and the time-input variant)."""
         image = image if isinstance(image, ImageInput) else ImageInput(image.float())
         strength = check_strength(strength)
-        self._check_task_image(image, None)
+        self._check_task_image(image, None, len(classes))
         if self.variant == "per-step" and strength != 1.0:
             raise FlowTurboError("editing walks the schedule on a grid rescaled onto [1 - strength, 1], but a per-step "
                                  "export folds only the schedule's own times into its graphs: export --variant "
@@ -291,13 +292,8 @@ class ExportedSampler:
         known = self.encode(image.pixels)
         return self._generate(classes, schedule, seed, batch_size, EditTask(image, known, strength, self.schedule))
 
-    def _check_task_image(self, image: ImageInput, mask: torch.Tensor | None) -> None:
-        want = (1, *(int(d) for d in self.artifacts.model["image_shape"]))
-        if tuple(image.pixels.shape) != want:
-            raise FlowTurboError(f"the image must be {want} (N, C, H, W) in [-1, 1] for this export, got "
-                                 f"{tuple(image.pixels.shape)}")
-        if mask is not None and tuple(mask.shape[-2:]) != want[2:]:
-            raise FlowTurboError(f"the mask must be {want[2]}x{want[3]} like the image, got {tuple(mask.shape[-2:])}")
+    def _check_task_image(self, image: ImageInput, mask: torch.Tensor | None, num_results: int) -> None:
+        check_task_inputs(image, mask, tuple(int(d) for d in self.artifacts.model["image_shape"]), num_results)
 
     def _generate(self, classes: Sequence[int], schedule: SamplingSchedule | None, seed: int,
                   batch_size: int | None, task: Any) -> Samples:
@@ -314,7 +310,7 @@ class ExportedSampler:
         for start in range(0, n, batch):
             stop = min(start + batch, n)
             out, _, s, d = self.run_batch(noise[start:stop].contiguous(), labels_on_device[start:stop].contiguous(),
-                                          task)
+                                          task, slice(start, stop))
             if not bool(torch.isfinite(out).all()):
                 raise SamplingError("NaN/Inf in the decoded images; try the fp32 export or a lower guidance scale")
             images.append(out.float().cpu())

@@ -33,6 +33,7 @@ from flowturbo.runtime.editing import (
     ImageInput,
     InpaintTask,
     check_strength,
+    check_task_inputs,
     input_only_samples,
     warn_nothing_to_regenerate,
 )
@@ -163,10 +164,10 @@ class Sampler:
                             "try --dtype float32")
 
     def _run_batch(self, schedule: SamplingSchedule, noise: torch.Tensor, labels: torch.Tensor,
-                   task: Any = None) -> tuple[torch.Tensor, float, float, float]:
-        """(images, sample s, decode s, capture s) for one batch on the configured path."""
+                   task: Any = None, rows: slice = slice(None)) -> tuple[torch.Tensor, float, float, float]:
+        """(images, sample s, decode s, capture s) for one batch (results ``rows``) on the configured path."""
         pipe = self.pipeline
-        x0, extra = task.prepare(noise, labels) if task is not None else (noise, ())
+        x0, extra = task.prepare(noise, labels, rows) if task is not None else (noise, ())
         if self.graphs is not None:
             _sync(pipe.device)
             started = time.perf_counter()
@@ -178,7 +179,7 @@ class Sampler:
             elapsed = time.perf_counter() - started - run.capture_s
             if not bool(torch.isfinite(images).all()):
                 self._locate_non_finite(schedule, x0, labels, extra, task)
-            return (task.finish(images) if task is not None else images), elapsed, 0.0, run.capture_s
+            return (task.finish(images, rows) if task is not None else images), elapsed, 0.0, run.capture_s
         per_step_checks = pipe.device.type != "cuda"  # a host sync per step costs nothing on CPU
         _sync(pipe.device)
         t0 = time.perf_counter()
@@ -190,7 +191,7 @@ class Sampler:
         t1 = time.perf_counter()
         images = pipe.decoder.decode(result.latents)  # (b, C_img, H_img, W_img) in [-1, 1]
         if task is not None:
-            images = task.finish(images)
+            images = task.finish(images, rows)
         _sync(pipe.device)
         t2 = time.perf_counter()
         if not bool(torch.isfinite(images).all()):
@@ -263,14 +264,14 @@ class Sampler:
     ) -> Samples:
         """Regenerate the white region of ``mask`` in ``image``, once per entry of ``classes``.
 
-        image: (1, C, H, W) in [-1, 1] (or an :class:`~flowturbo.runtime.editing.ImageInput`); mask: (1, 1, H, W)
-        or (H, W) in {0, 1}, 1 = regenerate. Method and guarantees: :mod:`flowturbo.runtime.editing` (kept pixels
+        image: (1, C, H, W) in [-1, 1] (or an :class:`~flowturbo.runtime.editing.ImageInput`), or one image per
+        class (N, C, H, W); mask: (1 or N, 1, H, W) or (H, W) in {0, 1}, 1 = regenerate. Method and guarantees: :mod:`flowturbo.runtime.editing` (kept pixels
         are exactly the input's; an all-white mask is plain sampling; an all-black one returns the input).
         """
         pipe = self.pipeline
         image = image if isinstance(image, ImageInput) else ImageInput(image.float())
-        mask = mask.float().reshape(1, 1, *mask.shape[-2:])
-        _check_task_image(image, mask, pipe)
+        mask = mask.float().reshape(-1, 1, *mask.shape[-2:])
+        _check_task_image(image, mask, pipe, len(classes))
         schedule = schedule or self.default_schedule()
         if not bool(mask.any()):
             warn_nothing_to_regenerate()
@@ -300,7 +301,7 @@ class Sampler:
         pipe = self.pipeline
         image = image if isinstance(image, ImageInput) else ImageInput(image.float())
         strength = check_strength(strength)
-        _check_task_image(image, None, pipe)
+        _check_task_image(image, None, pipe, len(classes))
         schedule = schedule or self.default_schedule()
         known = self._encode(image, "editing")
         return self._generate(classes, schedule, seed, batch_size, progress, EditTask(image, known, strength, schedule))
@@ -341,7 +342,7 @@ class Sampler:
             stop = min(start + batch, n)
             chunk_noise, chunk_labels = noise[start:stop], labels[start:stop]
             try:
-                decoded, s, d, c = self._run_batch(schedule, chunk_noise, chunk_labels, task)
+                decoded, s, d, c = self._run_batch(schedule, chunk_noise, chunk_labels, task, slice(start, stop))
             except torch.OutOfMemoryError:
                 raise self._out_of_memory(schedule, chunk_noise, chunk_labels) from None
             images.append(decoded.float().cpu())
@@ -362,12 +363,9 @@ class Sampler:
         )
 
 
-def _check_task_image(image: ImageInput, mask: torch.Tensor | None, pipe: TorchPipeline) -> None:
-    """Refuse an image (or mask) that does not fit the model's image shape, naming both shapes."""
+def _check_task_image(image: ImageInput, mask: torch.Tensor | None, pipe: TorchPipeline,
+                      num_results: int) -> None:
+    """Refuse images (or masks) that do not fit the model's image shape, naming both shapes: one image for all
+    results, or one per result."""
     size = pipe.decoder.image_size(pipe.latent_shape[1])
-    want = (1, pipe.decoder.image_channels, size, size)
-    if tuple(image.pixels.shape) != want:
-        raise FlowTurboError(f"the image must be {want} (N, C, H, W) in [-1, 1] for this model, got "
-                             f"{tuple(image.pixels.shape)}")
-    if mask is not None and tuple(mask.shape[-2:]) != (size, size):
-        raise FlowTurboError(f"the mask must be {size}x{size} like the image, got {tuple(mask.shape[-2:])}")
+    check_task_inputs(image, mask, (pipe.decoder.image_channels, size, size), num_results)

@@ -324,9 +324,9 @@ class TensorRTSampler(ExportedSampler):
         _synchronize(self.device)
         return latents
 
-    def run_batch(self, noise: torch.Tensor, labels: torch.Tensor,
-                  task: Any = None) -> tuple[torch.Tensor, torch.Tensor, float, float]:
-        images, latents, sample_s, decode_s = super().run_batch(noise.to(self.device), labels.to(self.device), task)
+    def run_batch(self, noise: torch.Tensor, labels: torch.Tensor, task: Any = None,
+                  rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        images, latents, sample_s, decode_s = super().run_batch(noise.to(self.device), labels.to(self.device), task, rows)
         return images.cpu(), latents.cpu(), sample_s, decode_s
 
     def describe(self) -> dict[str, Any]:

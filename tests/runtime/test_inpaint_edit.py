@@ -277,3 +277,20 @@ def test_cli_cpp_backend_says_it_is_not_supported(files, tmp_path, capsys):
     code, _, err = _cli(["edit", "--image", str(files / "shirt.png"), "--strength", "0.5", "--classes", "1",
                          "--artifacts", str(tmp_path), "--backend", "cpp", "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "not supported by --backend cpp" in err
+
+
+def test_one_image_per_result_keeps_each_images_own_pixels(sampler):
+    """A batch of different images (one per class), split over batches: every row keeps its own input."""
+    data = load_fashion_mnist("test", limit=5)
+    images = to_model_range(data.images)  # (5, 1, 32, 32)
+    masks = torch.zeros(5, 1, 32, 32)
+    for k in range(5):
+        masks[k, :, 4 * k:4 * k + 12, :] = 1  # a different band per image
+    out = sampler.inpaint(images, masks, [int(c) for c in data.labels], schedule=_schedule(sampler), seed=1,
+                          batch_size=2, progress=False)
+    assert out.num_batches == 3
+    for k in range(5):
+        keep = masks[k, 0] == 0
+        assert torch.equal(out.images[k, :, keep], images[k, :, keep])
+    with pytest.raises(FlowTurboError, match="the image must be \\(1 or 3"):
+        sampler.inpaint(images[:2], masks[:2], [1, 2, 3], progress=False)
