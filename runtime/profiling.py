@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from flowturbo.errors import FlowTurboError
-from flowturbo.runtime.output_folder import check_output_folder, staged_output_folder
+from flowturbo.fileio import OutputFolder, check_replaceable, check_writable_target
 from flowturbo.schedule import SamplingSchedule, StepKind
 
 PROFILE_FORMAT = "flowturbo.profile/1"
@@ -681,27 +681,33 @@ def plot_steps(profile: RunProfile, path: str | os.PathLike[str]) -> None:
 
 
 def check_out_dir(out_dir: str | os.PathLike[str]) -> Path:
-    """Refuse an output path that is a file or a non-empty folder that is not a profile output."""
-    return check_output_folder(out_dir, PROFILE_FILE, "flowturbo profile")
+    """Refuse an output path flowturbo could not write or may not replace (see :class:`flowturbo.fileio.OutputFolder`)."""
+    out = check_writable_target(out_dir)
+    check_replaceable(out, "flowturbo profile output")
+    return out
 
 
 def write_profile(
-    profile: RunProfile, out_dir: str | os.PathLike[str], *, extra_files: Mapping[str, str | os.PathLike[str]] = {}
+    profile: RunProfile, out_dir: str | os.PathLike[str] | OutputFolder, *,
+    extra_files: Mapping[str, str | os.PathLike[str]] = {},
 ) -> Path:
     """Write profile.json, trace.json, steps.png and table.txt (+ ``extra_files``, moved in) into ``out_dir``.
 
-    Everything is built in a temporary sibling folder that replaces ``out_dir`` only when complete; an
-    existing ``out_dir`` is replaced only when it is empty or a previous profile output.
+    Everything is built in a staging folder that replaces ``out_dir`` only when complete, and an existing
+    ``out_dir`` is replaced only when everything in it is flowturbo's own (:class:`flowturbo.fileio.OutputFolder`;
+    pass an entered one, as ``flowturbo profile`` does, to check and lock ``--out`` before profiling).
     """
-    out = check_out_dir(out_dir)
-    with staged_output_folder(out) as staging:
+    if not isinstance(out_dir, OutputFolder):
+        with OutputFolder(check_out_dir(out_dir), command="profile", what="profile output") as folder:
+            return write_profile(profile, folder, extra_files=extra_files)
+    with out_dir.staging() as staging:
         (staging / TRACE_FILE).write_text(json.dumps(chrome_trace(profile)) + "\n")
         plot_steps(profile, staging / CHART_FILE)
         (staging / TABLE_FILE).write_text(describe_run(profile) + "\n" + format_table(profile) + "\n")
         for name, source in extra_files.items():
             shutil.move(os.fspath(source), staging / name)
         (staging / PROFILE_FILE).write_text(json.dumps(profile.to_json(), indent=2, allow_nan=False) + "\n")
-    return out
+    return out_dir.target
 
 
 __all__ = [
