@@ -163,7 +163,7 @@ def write_figures(sampler: Sampler, images: torch.Tensor, labels: list[int], fol
     grid = make_grid(to_uint8(torch.cat(tiles)), columns=4)
     Image.fromarray(grid[..., 0]).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(
         folder / "inpaint_grid.png")
-    source, target = images[1:2], 3  # a trouser (test image 1) edited towards "Dress"
+    source, target = images[1:2], 3  # a pullover (test image 1) edited towards "Dress"
     strip = [source] + [sampler.edit(source, s, [target], schedule=sampler.default_schedule("H1P5R3", cfg=CFG),
                                      seed=seed, progress=False).images for s in STRENGTHS]
     grid = make_grid(to_uint8(torch.cat(strip)), columns=len(strip))

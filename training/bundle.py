@@ -126,15 +126,17 @@ class Bundle:
 
     def config_dict(self) -> dict[str, Any]:
         """The content of ``config.json``."""
-        return {
+        config = {
             "format": BUNDLE_FORMAT,
             "predictor": self.predictor.config.to_dict(),
             "refiner": self.refiner.config.to_dict() if self.refiner is not None else None,
             "decoder": self.decoder.bundle_config(),
-            ENCODER_CONFIG_KEY: self.encoder.bundle_config() if self.encoder is not None else None,
             "class_names": list(self.class_names) if self.class_names is not None else None,
             "defaults": self.defaults.to_dict(),
         }
+        if self.encoder is not None:  # no entry: a bundle that samples only (inpaint / edit explain the fix)
+            config[ENCODER_CONFIG_KEY] = self.encoder.bundle_config()
+        return config
 
 
 def _check_consistency(bundle: Bundle) -> None:

@@ -18,15 +18,16 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import torch
-from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from flowturbo.errors import CheckpointError, FlowTurboError
 from flowturbo.fileio import sha256_file
 from flowturbo.training.autoencoder import AutoencoderConfig, FlowTurboAutoencoder
+from flowturbo.training.encoders import DiffusersVAEEncoder, FlowTurboAutoencoderEncoder
+from flowturbo.training.encoders import LatentEncoder as _BundleEncoder
 from flowturbo.training.image_folder import ImageFolderDataset, deterministic_flip
 from flowturbo.training.trainers.common import (
     BatchSource,
@@ -188,46 +189,9 @@ def _ordered_loader(dataset: Any, batch_size: int, flipped: bool, num_workers: i
 
 
 # ---------------------------------------------------------------------------------------- encoders
-class LatentEncoder(Protocol):
-    """Images (N, C, S, S) in [-1, 1] -> scaled latents (N, L, S/f, S/f)."""
-
-    latent_channels: int
-    downsample_factor: int
-    image_channels: int
-
-    def encode(self, images: torch.Tensor) -> torch.Tensor: ...
-
-
-class AutoencoderLatentEncoder(nn.Module):
-    """Our autoencoder's encoder (posterior mean times ``latent_scale``)."""
-
-    def __init__(self, model: FlowTurboAutoencoder) -> None:
-        super().__init__()
-        self.model = model.eval().requires_grad_(False)
-        self.latent_channels = model.config.latent_channels
-        self.downsample_factor = model.config.downsample_factor
-        self.image_channels = model.config.image_channels
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        return self.model.encode_latents(images.float())
-
-
-class DiffusersLatentEncoder(nn.Module):
-    """A diffusers ``AutoencoderKL``'s encoder: ``latent_dist.mean * scaling_factor``."""
-
-    def __init__(self, vae: nn.Module, latent_scale: float) -> None:
-        super().__init__()
-        self.vae = vae.eval().requires_grad_(False)
-        self.latent_scale = float(latent_scale)
-        self.latent_channels = int(vae.config.latent_channels)
-        self.downsample_factor = 2 ** (len(vae.config.block_out_channels) - 1)
-        self.image_channels = int(vae.config.in_channels)
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        posterior = self.vae.encode(images.to(self.vae.dtype)).latent_dist
-        return posterior.mean.float() * self.latent_scale
+# One implementation of "images -> scaled latents": the bundle-facing encoders of flowturbo.training.encoders
+# (our autoencoder's encoder: posterior mean x latent_scale; a diffusers AutoencoderKL: latent_dist.mean x scale).
+LatentEncoder = _BundleEncoder
 
 
 def load_autoencoder(path: str | Path, device: torch.device | str = "cpu") -> tuple[FlowTurboAutoencoder, dict]:
@@ -263,25 +227,21 @@ def load_autoencoder(path: str | Path, device: torch.device | str = "cpu") -> tu
     return model.to(device).eval(), variants
 
 
-def load_diffusers_vae(path: str | Path, device: torch.device | str,
-                       latent_scale: float | None) -> DiffusersLatentEncoder:
-    """A diffusers AutoencoderKL folder (offline) as a latent encoder."""
+def load_diffusers_vae(path: str | Path, device: torch.device | str, latent_scale: float | None) -> _BundleEncoder:
+    """A diffusers AutoencoderKL folder (offline) as a latent encoder (``latent_scale`` None: its config's
+    ``scaling_factor``)."""
     folder = Path(path)
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder} is not a diffusers AutoencoderKL folder (no config.json)")
-    try:
-        from diffusers import AutoencoderKL
-    except ImportError as exc:
-        raise FlowTurboError("encoding with a diffusers VAE needs diffusers: pip install 'flowturbo[vae]'") from exc
-    try:
-        vae = AutoencoderKL.from_pretrained(str(folder), local_files_only=True)
-    except (OSError, ValueError, RuntimeError) as exc:
-        raise CheckpointError(f"could not load the diffusers AutoencoderKL in {folder}: {exc}") from exc
-    scale = latent_scale if latent_scale is not None else float(vae.config.scaling_factor)
-    return DiffusersLatentEncoder(vae.to(device), scale)
+    if latent_scale is None:
+        try:
+            latent_scale = float(json.loads((folder / "config.json").read_text()).get("scaling_factor", 0.18215))
+        except (OSError, ValueError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"cannot read {folder / 'config.json'}: {exc}") from None
+    return DiffusersVAEEncoder.from_folder(folder, device=device, latent_scale=latent_scale).requires_grad_(False)
 
 
-def load_encoder(config: LatentDataConfig, device: torch.device | str) -> nn.Module:
+def load_encoder(config: LatentDataConfig, device: torch.device | str) -> _BundleEncoder:
     """The latent encoder named by ``config`` (exactly one of ``autoencoder`` / ``vae``)."""
     if (config.autoencoder is None) == (config.vae is None):
         raise FlowTurboError(
@@ -289,8 +249,8 @@ def load_encoder(config: LatentDataConfig, device: torch.device | str) -> nn.Mod
             "AutoencoderKL folder)"
         )
     if config.autoencoder is not None:
-        model, _ = load_autoencoder(config.autoencoder, device)
-        return AutoencoderLatentEncoder(model)
+        encoder = FlowTurboAutoencoderEncoder.from_autoencoder_file(config.autoencoder)
+        return encoder.to(device).eval().requires_grad_(False)
     return load_diffusers_vae(config.vae, device, config.vae_latent_scale)  # type: ignore[arg-type]
 
 
@@ -395,8 +355,6 @@ def prepare_latent_data(config: LatentDataConfig, *, global_batch: int, ctx: Dis
 
 __all__ = [
     "AUTOENCODER_FILE",
-    "AutoencoderLatentEncoder",
-    "DiffusersLatentEncoder",
     "ImageDataConfig",
     "LatentData",
     "LatentDataConfig",
