@@ -82,6 +82,7 @@ def test_properties(saved):
         "predictor": count_parameters(original.predictor),
         "refiner": count_parameters(original.refiner),
         "decoder": 0,
+        "encoder": 0,  # a random bundle has no encoder
     }
     assert 0 < counts["refiner"] < counts["predictor"]
 
