@@ -2,7 +2,9 @@
 
 Layers (imports flow one way, left to right):
 ``flowturbo.kernels`` -> ``flowturbo.training`` -> ``flowturbo.export`` -> ``flowturbo.runtime``.
-``flowturbo.schedule`` and ``flowturbo.errors`` are pure data / pure Python and importable from every layer.
+The torch-free root modules are importable from every layer: ``flowturbo.schedule`` (the schedule as data),
+``flowturbo.errors``, ``flowturbo.integrator`` (the one step loop), ``flowturbo.dtypes`` (the dtype table) and
+``flowturbo.fileio`` (atomic writes, output folders, locks, sealed manifests).
 """
 
 __version__ = "0.1.0"
