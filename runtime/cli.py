@@ -203,7 +203,12 @@ def _check_sample_args(args: argparse.Namespace) -> None:
 
 def _run_sample(args: argparse.Namespace) -> int:
     from flowturbo.fileio import OutputFolder
+    from flowturbo.runtime.distributed import under_torchrun
 
+    if under_torchrun():  # torchrun --nproc_per_node N -m flowturbo sample ...: images split over the processes
+        from flowturbo.runtime.sharded_cli import run_sample
+
+        return run_sample(args)
     _check_sample_args(args)
     # --out is checked, created and locked before the model loads: a bad path costs no sampling.
     with OutputFolder(args.out, command="sample", what="output", wait=args.wait) as out:
@@ -341,7 +346,13 @@ def _classifier_folder(args: argparse.Namespace) -> Path:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    from flowturbo.runtime.distributed import under_torchrun
     from flowturbo.training.evaluation import check_sample_count
+
+    if under_torchrun():  # torchrun --nproc_per_node N -m flowturbo eval ...: features gathered on rank 0
+        from flowturbo.runtime.sharded_cli import run_eval
+
+        return run_eval(args)
 
     check_seed(args.seed)
     check_device(args.device)
@@ -441,6 +452,8 @@ _SUBCOMMAND_MODULES = (
      "export a model + schedule to ONNX / AOTInductor / TensorRT with a manifest"),
     ("profile", "flowturbo.runtime.profile_cli", "add_profile_parser",
      "time every schedule step (+ decode): table, profile.json, trace, chart"),
+    ("tune", "flowturbo.runtime.tune_cli", "add_tune_parser",
+     "search schedules (H/P/R/E counts, time grids, the velocity-norm rule) for a latency budget: Pareto front"),
 )
 
 
