@@ -122,7 +122,8 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="generate images with a FlowTurbo schedule and print a timing table")
     _add_model_arguments(p)
     g = p.add_argument_group("sampling")
-    g.add_argument("--schedule", default=None, help="schedule notation or preset (default: the model's)")
+    g.add_argument("--schedule", default=None, help="schedule notation, preset, or a schedule JSON file (e.g. "
+                   "flowturbo tune's recommended_schedule.json; default: the model's)")
     g.add_argument("--classes", default=None,
                    help="comma-separated class ids (default: every class once, in order)")
     g.add_argument("--num-images", type=int, default=None,
@@ -182,6 +183,21 @@ def _pipeline_options(args: argparse.Namespace) -> dict[str, Any]:
                 checkpoint_entry=args.checkpoint_entry, cuda_graph=False if args.no_cuda_graph else None)
 
 
+def schedule_from_args(args: argparse.Namespace, parse: Any) -> Any:
+    """``--schedule FILE.json`` (e.g. ``flowturbo tune``'s recommended_schedule.json: steps, custom grid and
+    guidance) or notation / preset via ``parse(spec)``; ``--cfg`` / ``--guidance-channels`` override a file's."""
+    from flowturbo.schedule import SamplingSchedule, is_schedule_file
+
+    if not is_schedule_file(args.schedule):
+        return parse(args.schedule)
+    schedule = SamplingSchedule.from_file(args.schedule)
+    if args.cfg is not None or args.guidance_channels is not None:
+        schedule = schedule.with_guidance(schedule.guidance_scale if args.cfg is None else args.cfg,
+                                          schedule.guidance_channels if args.guidance_channels is None
+                                          else args.guidance_channels)
+    return schedule
+
+
 def _check_sample_args(args: argparse.Namespace) -> None:
     """Refuse bad flags before anything is loaded or computed."""
     check_seed(args.seed)
@@ -228,7 +244,7 @@ def _run_sample_pytorch(args: argparse.Namespace, out_folder: Any) -> int:
     load_s = time.perf_counter() - t_load
     pipe = sampler.pipeline
     channels: Any = "default" if args.guidance_channels is None else args.guidance_channels
-    schedule = sampler.default_schedule(args.schedule, args.cfg, channels)
+    schedule = schedule_from_args(args, lambda spec: sampler.default_schedule(spec, args.cfg, channels))
     classes = _parse_classes(args.classes, pipe.num_classes, args.num_images)
     samples = sampler.sample(classes, schedule=schedule, seed=args.seed, batch_size=args.batch,
                              progress=not args.no_progress)

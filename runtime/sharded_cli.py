@@ -32,7 +32,7 @@ DEFAULT_SHARD_BATCH = 16  # images per batch under torchrun when --batch is not 
 
 def _load_sampler(args: argparse.Namespace, ranks: Ranks) -> tuple[Any, Any, list[int], list[str] | None, str]:
     """(sampler, schedule or None for exported, classes, class names, source) on this rank's device."""
-    from flowturbo.runtime.cli import _parse_classes, _pipeline_options
+    from flowturbo.runtime.cli import _parse_classes, _pipeline_options, schedule_from_args
 
     device = ranks.device(args.device)
     if getattr(args, "artifacts", None) is not None:
@@ -52,7 +52,7 @@ def _load_sampler(args: argparse.Namespace, ranks: Ranks) -> tuple[Any, Any, lis
     options["device"] = device
     sampler = Sampler.from_bundle(args.model, **options)
     channels: Any = "default" if args.guidance_channels is None else args.guidance_channels
-    schedule = sampler.default_schedule(args.schedule, args.cfg, channels)
+    schedule = schedule_from_args(args, lambda spec: sampler.default_schedule(spec, args.cfg, channels))
     classes = _parse_classes(args.classes, sampler.pipeline.num_classes, args.num_images)
     return sampler, schedule, classes, sampler.pipeline.class_names, f"model {sampler.pipeline.source}"
 
