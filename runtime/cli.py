@@ -1,7 +1,8 @@
 """The ``flowturbo`` command line: thin argparse groups over the Python API.
 
 Commands: ``schedule`` (inspect a schedule), ``sample`` (generate images), ``eval`` and — when their
-modules are installed — ``train``, ``export``, ``profile``. Foreseeable mistakes print one ``error:`` line and exit with status 2.
+modules are installed — ``train``, ``export``, ``profile``, ``tune``. ``sample`` / ``eval`` / ``tune`` split their
+images over processes under ``torchrun`` (``python -m flowturbo`` is the same command). Foreseeable mistakes print one ``error:`` line and exit with status 2.
 """
 
 from __future__ import annotations

@@ -104,3 +104,27 @@ def test_eval_gathers_features_on_rank_zero(tmp_path: Path):
 
 def test_rank_failure_is_a_flowturbo_error():
     assert issubclass(RankFailure, FlowTurboError)
+
+
+@pytest.mark.timeout(TIMEOUT_S)
+def test_tune_under_torchrun_scores_like_one_process(tmp_path: Path):
+    args = ["tune", "--device", "cpu", "--num-samples", "40", "--allow-small-sample", "--min-samples", "20",
+            "--batch", "20", "--heun", "1:2", "--pseudo", "0", "--refiner-steps", "0", "--euler", "", "--grids",
+            "uniform", "--vnorm-c", "0.5", "--num-reference", "200", "--latency-batch", "4", "--latency-repeats", "1",
+            "--no-progress", "--threads", "1", "--budget-ms", "1000"]
+    env = {"FLOWTURBO_CACHE_DIR": str(tmp_path / "refs")}
+    two = _torchrun([*args, "--cache", str(tmp_path / "c2"), "--out", str(tmp_path / "two")], **env)
+    assert two.returncode == 0, two.stdout[-2000:] + two.stderr[-3000:]
+    one = subprocess.run([sys.executable, "-m", "flowturbo", *args, "--cache", str(tmp_path / "c1"), "--out",
+                          str(tmp_path / "one")], capture_output=True, text=True, timeout=TIMEOUT_S, env={**ENV, **env})
+    assert one.returncode == 0, one.stderr[-3000:]
+    a, b = (json.loads((tmp_path / d / "tune.json").read_text()) for d in ("one", "two"))
+    assert b["world_size"] == 2 and a["world_size"] == 1
+    fids_a = {r["name"]: r["fids"] for r in a["candidates"]}
+    fids_b = {r["name"]: r["fids"] for r in b["candidates"]}
+    assert fids_a.keys() == fids_b.keys() == {"H1@uniform", "H2@uniform", "vnorm-C0.5"}
+    for name, per_rung in fids_a.items():
+        assert per_rung.keys() == fids_b[name].keys()
+        for n, fid in per_rung.items():
+            assert fids_b[name][n] == pytest.approx(fid, rel=1e-4), (name, n)
+    assert a["front"] == b["front"] and two.stdout.count("recommended:") == 1
