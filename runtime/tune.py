@@ -663,8 +663,8 @@ class Tuner:
             raise FlowTurboError(
                 f"the budget of {self.budget:g} {self._unit()} is below the cheapest candidate, {cheapest.name} at "
                 f"{priced[cheapest.id]:.2f} {self._unit()} ({cheapest.schedule.predictor_calls} predictor + "
-                f"{cheapest.schedule.refiner_calls} refiner calls on {costs.device}); raise the budget or allow "
-                "fewer steps")
+                f"{cheapest.schedule.refiner_calls} refiner calls on {costs.device}); raise the budget, or add cheaper "
+                "candidates (fewer steps: --heun, --pseudo, --euler)")
         searched = [cand for cand in candidates if not cand.baseline
                     and (cand.schedule is None or priced[cand.id] <= self.budget)]
         return searched, priced
