@@ -6,6 +6,7 @@ Registered by ``flowturbo.runtime.cli`` through ``_SUBCOMMAND_MODULES`` (``add_e
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.util
 import re
 import sys
@@ -35,7 +36,9 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("export", help="export a model + schedule to ONNX / AOTInductor / TensorRT with a manifest")
     g = p.add_argument_group("what to export")
     g.add_argument("--model", default=None, help="bundle folder (default: the embedded default model)")
-    g.add_argument("--schedule", default=None, help="schedule notation or preset (default: the model's)")
+    g.add_argument("--schedule", default=None, help="schedule notation, preset, or a schedule JSON file such as "
+                                                   "flowturbo tune's recommended_schedule.json (default: the model's)")
+    g.add_argument("--timesteps", default=None, help="custom time grid: comma-separated, increasing, from 0 to 1")
     g.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
     g.add_argument("--guidance-channels", type=int, default=None, help="guide only the first N latent channels")
     o = p.add_argument_group("how")
@@ -78,22 +81,39 @@ def check_export_args(args: argparse.Namespace) -> None:
     check_replaceable(args.out, "export directory")
 
 
+def _parse_timesteps(text: str) -> list[float]:
+    try:
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise FlowTurboError(f"--timesteps must be comma-separated numbers, got {text!r}") from None
+
+
 def run_export(args: argparse.Namespace) -> int:
 
     from flowturbo.dtypes import torch_dtype
     from flowturbo.export.pipeline import ExportRequest, export_bundle
-    from flowturbo.schedule import SamplingSchedule
+    from flowturbo.schedule import SamplingSchedule, is_schedule_file
     from flowturbo.training.bundle import load_bundle
 
     check_export_args(args)
     folder = Path(args.model) if args.model else default_model_dir()
     bundle = load_bundle(folder, device=args.device, dtype=torch_dtype(args.precision), kernel_backend=args.kernels)
     defaults = bundle.defaults
-    schedule = SamplingSchedule.parse(
-        args.schedule or defaults.schedule,
-        guidance_scale=defaults.cfg if args.cfg is None else args.cfg,
-        guidance_channels=defaults.guidance_channels if args.guidance_channels is None else args.guidance_channels,
-    )
+    if is_schedule_file(args.schedule):  # steps, grid and guidance from the file; flags override
+        schedule = SamplingSchedule.from_file(args.schedule)
+        if args.cfg is not None or args.guidance_channels is not None:
+            schedule = schedule.with_guidance(schedule.guidance_scale if args.cfg is None else args.cfg,
+                                              schedule.guidance_channels if args.guidance_channels is None
+                                              else args.guidance_channels)
+        if args.timesteps is not None:
+            schedule = dataclasses.replace(schedule, timesteps=tuple(_parse_timesteps(args.timesteps)))
+    else:
+        schedule = SamplingSchedule.parse(
+            args.schedule or defaults.schedule,
+            guidance_scale=defaults.cfg if args.cfg is None else args.cfg,
+            guidance_channels=defaults.guidance_channels if args.guidance_channels is None else args.guidance_channels,
+            timesteps=None if args.timesteps is None else _parse_timesteps(args.timesteps),
+        )
     request = ExportRequest(
         schedule=schedule, batch=args.batch, formats=tuple(f.strip() for f in args.format.split(",") if f.strip()),
         precision=args.precision, variant=args.variant, opset=args.opset, device=args.device,

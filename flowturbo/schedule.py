@@ -108,6 +108,11 @@ def uniform_timesteps(num_steps: int) -> tuple[float, ...]:
     return tuple(k / num_steps for k in range(num_steps + 1))
 
 
+def is_schedule_file(spec: str | None) -> bool:
+    """True when a ``--schedule`` value names a schedule JSON file rather than notation or a preset."""
+    return isinstance(spec, str) and spec.strip().lower().endswith(".json")
+
+
 def _validate_steps(steps: Sequence[StepKind]) -> None:
     carried = False
     for index, kind in enumerate(steps):
@@ -316,6 +321,17 @@ class SamplingSchedule:
         except json.JSONDecodeError as exc:
             raise ScheduleError(f"schedule JSON does not parse: {exc}") from None
         return cls.from_dict(data)
+
+    @classmethod
+    def from_file(cls, path: str) -> "SamplingSchedule":
+        """Read a schedule JSON file (what :meth:`to_json` writes, e.g. ``flowturbo tune``'s
+        ``recommended_schedule.json``), custom time grid included."""
+        try:
+            with open(path, encoding="utf-8") as handle:
+                text = handle.read()
+        except OSError as exc:
+            raise ScheduleError(f"cannot read schedule file {path}: {exc.strerror or exc}") from None
+        return cls.from_json(text)
 
     def __str__(self) -> str:
         guidance = "" if self.guidance_scale == 1.0 else f", cfg={self.guidance_scale:g}"

@@ -1,7 +1,8 @@
 """The ``flowturbo`` command line: thin argparse groups over the Python API.
 
 Commands: ``schedule`` (inspect a schedule), ``sample`` (generate images), ``eval``, ``inpaint``, ``edit`` and — when their
-modules are installed — ``train``, ``export``, ``profile``. Foreseeable mistakes print one ``error:`` line and exit with status 2.
+modules are installed — ``train``, ``export``, ``profile``, ``tune``. ``sample`` / ``eval`` / ``tune`` split their
+images over processes under ``torchrun`` (``python -m flowturbo`` is the same command). Foreseeable mistakes print one ``error:`` line and exit with status 2.
 """
 
 from __future__ import annotations
@@ -122,7 +123,8 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="generate images with a FlowTurbo schedule and print a timing table")
     _add_model_arguments(p)
     g = p.add_argument_group("sampling")
-    g.add_argument("--schedule", default=None, help="schedule notation or preset (default: the model's)")
+    g.add_argument("--schedule", default=None, help="schedule notation, preset, or a schedule JSON file (e.g. "
+                   "flowturbo tune's recommended_schedule.json; default: the model's)")
     g.add_argument("--classes", default=None,
                    help="comma-separated class ids (default: every class once, in order)")
     g.add_argument("--num-images", type=int, default=None,
@@ -182,6 +184,21 @@ def _pipeline_options(args: argparse.Namespace) -> dict[str, Any]:
                 checkpoint_entry=args.checkpoint_entry, cuda_graph=False if args.no_cuda_graph else None)
 
 
+def schedule_from_args(args: argparse.Namespace, parse: Any) -> Any:
+    """``--schedule FILE.json`` (e.g. ``flowturbo tune``'s recommended_schedule.json: steps, custom grid and
+    guidance) or notation / preset via ``parse(spec)``; ``--cfg`` / ``--guidance-channels`` override a file's."""
+    from flowturbo.schedule import SamplingSchedule, is_schedule_file
+
+    if not is_schedule_file(args.schedule):
+        return parse(args.schedule)
+    schedule = SamplingSchedule.from_file(args.schedule)
+    if args.cfg is not None or args.guidance_channels is not None:
+        schedule = schedule.with_guidance(schedule.guidance_scale if args.cfg is None else args.cfg,
+                                          schedule.guidance_channels if args.guidance_channels is None
+                                          else args.guidance_channels)
+    return schedule
+
+
 def _check_sample_args(args: argparse.Namespace) -> None:
     """Refuse bad flags before anything is loaded or computed."""
     check_seed(args.seed)
@@ -203,7 +220,12 @@ def _check_sample_args(args: argparse.Namespace) -> None:
 
 def _run_sample(args: argparse.Namespace) -> int:
     from flowturbo.fileio import OutputFolder
+    from flowturbo.runtime.distributed import under_torchrun
 
+    if under_torchrun():  # torchrun --nproc_per_node N -m flowturbo sample ...: images split over the processes
+        from flowturbo.runtime.sharded_cli import run_sample
+
+        return run_sample(args)
     _check_sample_args(args)
     # --out is checked, created and locked before the model loads: a bad path costs no sampling.
     with OutputFolder(args.out, command="sample", what="output", wait=args.wait) as out:
@@ -223,7 +245,7 @@ def _run_sample_pytorch(args: argparse.Namespace, out_folder: Any) -> int:
     load_s = time.perf_counter() - t_load
     pipe = sampler.pipeline
     channels: Any = "default" if args.guidance_channels is None else args.guidance_channels
-    schedule = sampler.default_schedule(args.schedule, args.cfg, channels)
+    schedule = schedule_from_args(args, lambda spec: sampler.default_schedule(spec, args.cfg, channels))
     classes = _parse_classes(args.classes, pipe.num_classes, args.num_images)
     samples = sampler.sample(classes, schedule=schedule, seed=args.seed, batch_size=args.batch,
                              progress=not args.no_progress)
@@ -341,7 +363,13 @@ def _classifier_folder(args: argparse.Namespace) -> Path:
 
 
 def _run_eval(args: argparse.Namespace) -> int:
+    from flowturbo.runtime.distributed import under_torchrun
     from flowturbo.training.evaluation import check_sample_count
+
+    if under_torchrun():  # torchrun --nproc_per_node N -m flowturbo eval ...: features gathered on rank 0
+        from flowturbo.runtime.sharded_cli import run_eval
+
+        return run_eval(args)
 
     check_seed(args.seed)
     check_device(args.device)
@@ -445,6 +473,8 @@ _SUBCOMMAND_MODULES = (
      "regenerate the white region of a mask in an image with a FlowTurbo schedule"),
     ("edit", "flowturbo.runtime.edit_cli", "add_edit_parser",
      "SDEdit-style editing of an image towards given classes"),
+    ("tune", "flowturbo.runtime.tune_cli", "add_tune_parser",
+     "search schedules (H/P/R/E counts, time grids, the velocity-norm rule) for a latency budget: Pareto front"),
 )
 
 

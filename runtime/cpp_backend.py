@@ -1,7 +1,7 @@
 """The ``cpp`` backend: the C++ :class:`ScheduleRunner` (``flowturbo._runner``) runs a whole batch per call.
 
-Python validates the request, asks the runner for the initial noise (torch's CPU generator seeded with
-``seed``: the same draw as ``make_noise`` of the Python backends) and hands over one batch at a time; the
+Python validates the request, asks the runner for the initial noise (image i from torch's CPU generator seeded
+with ``seed + i``: the same draw as :func:`flowturbo.noise.make_noise`) and hands over one batch at a time; the
 E/H/P/R loop, the engine calls, the decode and (on CUDA) the CUDA-graph replay happen in C++. Tensors cross
 the boundary as DLPack capsules (no copies).
 
@@ -112,11 +112,14 @@ class CppSampler:
             "weights_sha256": self.artifacts.model.get("weights_sha256"),
         }
 
-    def make_noise(self, n: int, seed: int) -> torch.Tensor:
-        """x_0 for ``n`` images (n, C, H, W) drawn by the runner; equals the Python backends' noise for ``seed``."""
+    def make_noise(self, n: int, seed: int, first_index: int = 0) -> torch.Tensor:
+        """x_0 for images ``first_index .. first_index + n - 1`` (n, C, H, W) drawn by the runner: image i from
+        seed ``seed + i``, bit for bit :func:`flowturbo.noise.make_noise`."""
         if not 0 <= int(seed) < 2**64:
             raise SamplingError(f"seed must be in [0, 2**64), got {seed}")
-        return torch.from_dlpack(self.runner.make_noise(int(n), int(seed)))
+        if not 0 <= int(first_index) < 2**64:
+            raise SamplingError(f"first_index must be in [0, 2**64), got {first_index}")
+        return torch.from_dlpack(self.runner.make_noise(int(n), int(seed), int(first_index)))
 
     def run_batch(self, noise: torch.Tensor, labels: torch.Tensor, *, profile: bool = False) -> dict[str, Any]:
         """One batch through the runner: images/latents tensors + ``sample_ms``, ``decode_ms``, ``total_ms``, ``steps``."""
@@ -127,8 +130,9 @@ class CppSampler:
 
     @torch.inference_mode()
     def sample(self, classes: Sequence[int], *, schedule: SamplingSchedule | None = None, seed: int = 0,
-               batch_size: int | None = None, progress: bool = False) -> Samples:
-        """One image per class id (the schedule is the exported one); ``progress`` is accepted for API parity."""
+               batch_size: int | None = None, progress: bool = False, first_index: int = 0) -> Samples:
+        """One image per class id (the schedule is the exported one; image j from seed ``seed + first_index + j``);
+        ``progress`` is accepted for API parity."""
         self.artifacts.check_schedule(schedule)
         classes = [int(c) for c in classes]
         if not classes:
@@ -137,7 +141,7 @@ class CppSampler:
         n = len(classes)
         batch = self.artifacts.batch_size_for(n, batch_size)  # refuses before computing anything
         labels = torch.tensor(classes, dtype=torch.long)
-        noise = self.make_noise(n, seed)  # (N, C, H, W)
+        noise = self.make_noise(n, seed, first_index)  # (N, C, H, W)
         images, sample_ms, decode_ms = [], 0.0, 0.0
         for start in range(0, n, batch):
             stop = min(start + batch, n)

@@ -1,8 +1,7 @@
 """What every exported backend shares: :class:`ExportedSampler`.
 
-It holds the manifest (schedule, variant, batch profile, class count), the noise (same semantics as the
-reference ``make_noise``: float32 CPU generator seeded with ``seed``, drawn for all images at once, then
-cast), batching within the exported profile, and runs the ``time-input`` / ``per-step`` graphs through the
+It holds the manifest (schedule, variant, batch profile, class count), the noise (:func:`flowturbo.noise.make_noise`:
+image ``i`` from its own seed ``seed + i``, as every backend), batching within the exported profile, and runs the ``time-input`` / ``per-step`` graphs through the
 one step loop :func:`flowturbo.integrator.integrate` (the ``unrolled`` variant runs the whole schedule +
 decode as one call). Subclasses load the modules of one format: ONNX Runtime (``onnx_backend``),
 AOTInductor (``aoti_backend``), TensorRT (``tensorrt_backend``). Its :meth:`~ExportedSampler.sample`
@@ -27,6 +26,7 @@ from flowturbo.dtypes import torch_dtype
 from flowturbo.errors import CheckpointError, FlowTurboError, SamplingError
 from flowturbo.integrator import IntegratorState, StepHooks, StepInfo, carries_halves, integrate
 from flowturbo.kernels import SolverOps
+from flowturbo.noise import make_noise  # the one per-image noise rule, re-exported for the backends
 from flowturbo.runtime.artifacts import ArtifactEntry, ArtifactSet, load_artifacts
 from flowturbo.runtime.editing import (
     DEFAULT_FEATHER_PX,
@@ -69,17 +69,6 @@ class _ObserverHooks(StepHooks):
 
     def after_step(self, step: StepInfo, state: IntegratorState) -> None:
         self.hook.step_end(step.index, step.kind, step.t_start, step.t_end)
-
-
-def make_noise(batch: int, latent_shape: Sequence[int], seed: int, dtype: torch.dtype) -> torch.Tensor:
-    """x_0 ~ N(0, I) of shape (batch, C, H, W): float32 CPU generator seeded with ``seed``, then cast.
-
-    The same draw as ``flowturbo.training.sampling.make_noise`` (re-implemented: runtime does not import
-    training), so a seed gives the same images on every backend.
-    """
-    generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    noise = torch.randn((batch, *latent_shape), generator=generator, dtype=torch.float32)
-    return noise.to(dtype=dtype)
 
 
 class _GraphCalls:
@@ -255,13 +244,15 @@ class ExportedSampler:
         seed: int = 0,
         batch_size: int | None = None,
         progress: bool = False,
+        first_index: int = 0,
     ) -> Samples:
-        """One image per class id, like ``Sampler.sample``; the schedule is the exported one.
+        """One image per class id, like ``Sampler.sample`` (image j from seed ``seed + first_index + j``); the
+        schedule is the exported one.
 
         Batches hold at most ``batch_size`` images (default: the profile's max) and must fit the exported
         batch profile. ``progress`` is accepted for API compatibility.
         """
-        return self._generate(classes, schedule, seed, batch_size, None)
+        return self._generate(classes, schedule, seed, batch_size, None, first_index)
 
     @torch.inference_mode()
     def inpaint(self, image: Any, mask: torch.Tensor, classes: Sequence[int], *,
@@ -296,7 +287,7 @@ class ExportedSampler:
         check_task_inputs(image, mask, tuple(int(d) for d in self.artifacts.model["image_shape"]), num_results)
 
     def _generate(self, classes: Sequence[int], schedule: SamplingSchedule | None, seed: int,
-                  batch_size: int | None, task: Any) -> Samples:
+                  batch_size: int | None, task: Any, first_index: int = 0) -> Samples:
         self.artifacts.check_schedule(schedule)
         labels = torch.as_tensor(list(classes), dtype=torch.long)
         n = labels.shape[0]
@@ -304,7 +295,7 @@ class ExportedSampler:
             raise SamplingError("no classes given: pass at least one class id")
         self.artifacts.check_classes(labels.tolist())
         batch = self.artifacts.batch_size_for(n, batch_size)  # refuses before computing anything
-        noise = make_noise(n, self.latent_shape, seed, self.dtype).to(self.device)  # (N, C, H, W)
+        noise = make_noise(n, self.latent_shape, seed, self.dtype, first_index=first_index).to(self.device)
         labels_on_device = labels.to(self.device)
         images, sample_s, decode_s = [], 0.0, 0.0
         for start in range(0, n, batch):

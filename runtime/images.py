@@ -81,12 +81,40 @@ def _write_into(out: OutputFolder, images: np.ndarray, labels: list[int], record
         _png(make_grid(shown, columns=columns), staging / "grid.png", grid_scale)
         for name, array in inputs.items():
             _png(array, staging / name)
-        width = len(str(max(len(images) - 1, 0)))
-        for i, (image, label) in enumerate(zip(images, labels)):
-            name = class_names[label].replace("/", "-").replace(" ", "_") if class_names else f"class{label}"
-            _png(image, staging / f"{i:0{width}d}_{name}.png")
+        write_image_files(staging, images, labels, class_names)
         (staging / RUN_RECORD).write_text(json_text(record))
     return out.target
+
+
+def image_filename(index: int, total: int, label: int, class_names: list[str] | None) -> str:
+    """``07_Sneaker.png``: the global image index, zero-padded to the width of ``total - 1``, and its class."""
+    width = len(str(max(total - 1, 0)))
+    name = class_names[label].replace("/", "-").replace(" ", "_") if class_names else f"class{label}"
+    return f"{index:0{width}d}_{name}.png"
+
+
+def write_image_files(folder: Path, images: np.ndarray, labels: list[int], class_names: list[str] | None, *,
+                      first_index: int = 0, total: int | None = None) -> list[str]:
+    """One PNG per image into ``folder`` (a staging folder): images ``first_index ..`` of ``total``."""
+    total = len(images) if total is None else total
+    names = []
+    for j, (image, label) in enumerate(zip(images, labels)):
+        names.append(image_filename(first_index + j, total, label, class_names))
+        _png(image, folder / names[-1])
+    return names
+
+
+def write_grid(folder: Path, images: np.ndarray, grid_scale: int = 1) -> None:
+    """``grid.png`` of (N, H, W, C) uint8 images into ``folder``."""
+    _png(make_grid(images), folder / "grid.png", grid_scale)
+
+
+def read_image_files(folder: str | Path) -> np.ndarray:
+    """The image PNGs of a sample folder (not grid.png nor an inpaint/edit input), in index order: (N, H, W, C) uint8."""
+    skipped = {"grid.png", *INPUT_IMAGE_FILES}
+    files = sorted(p for p in Path(folder).glob("*.png") if p.name not in skipped)
+    arrays = [np.asarray(Image.open(p)) for p in files]
+    return np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])
 
 
 def read_sample_folder(folder: str | Path) -> tuple[torch.Tensor, list[int], dict[str, Any]]:

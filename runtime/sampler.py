@@ -238,15 +238,18 @@ class Sampler:
         seed: int = 0,
         batch_size: int | None = None,
         progress: bool = True,
+        first_index: int = 0,
     ) -> Samples:
         """Generate one image per entry of ``classes``.
 
-        The initial noise of all images is drawn at once from ``seed`` (so results do not depend on
-        ``batch_size``) and the work is split into batches of at most ``batch_size`` images (default: all at
+        Image ``j`` starts from its own noise, seeded ``seed + first_index + j``
+        (:func:`flowturbo.noise.make_noise`; ``first_index`` is the global index of ``classes[0]`` when a request
+        is split over processes), so results do not depend on ``batch_size`` or on the number of processes. The
+        work is split into batches of at most ``batch_size`` images (default: all at
         once; with CUDA graphs: at most ``graph_batch`` = 16 images); with CUDA graphs, each distinct batch size
         is captured once and replayed afterwards (a 40-image request runs graphs of 16, 16 and 8).
         """
-        return self._generate(classes, schedule, seed, batch_size, progress, None)
+        return self._generate(classes, schedule, seed, batch_size, progress, None, first_index)
 
     @torch.inference_mode()
     def inpaint(
@@ -314,7 +317,7 @@ class Sampler:
         return encoder.encode(image.pixels.to(device=pipe.device, dtype=weight.dtype)).to(pipe.state_dtype)
 
     def _generate(self, classes: Sequence[int], schedule: SamplingSchedule | None, seed: int,
-                  batch_size: int | None, progress: bool, task: Any) -> Samples:
+                  batch_size: int | None, progress: bool, task: Any, first_index: int = 0) -> Samples:
         pipe = self.pipeline
         schedule = schedule or self.default_schedule()
         if schedule.uses_refiner and pipe.refiner is None:
@@ -331,7 +334,8 @@ class Sampler:
         batch = default_batch if batch_size is None else int(batch_size)
         if batch < 1:
             raise FlowTurboError(f"batch size must be >= 1, got {batch_size}")
-        noise = make_noise(n, pipe.latent_shape, seed, dtype=pipe.state_dtype, device=pipe.device)  # (N, C, H, W)
+        noise = make_noise(n, pipe.latent_shape, seed, dtype=pipe.state_dtype, device=pipe.device,
+                           first_index=first_index)  # (N, C, H, W)
         labels = labels.to(pipe.device)
         num_batches = math.ceil(n / batch)
         images, sample_s, decode_s, capture_s = [], 0.0, 0.0, 0.0

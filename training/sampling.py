@@ -24,6 +24,7 @@ import torch
 from flowturbo.errors import SamplingError
 from flowturbo.integrator import IntegratorState, StepHooks, StepInfo, carries_halves, integrate
 from flowturbo.kernels import KernelBackend, SolverOps
+from flowturbo.noise import make_noise  # the one per-image noise rule (seed + image index), re-exported
 from flowturbo.schedule import SamplingSchedule, StepKind
 
 # model(x (M, C, H, W), t (M,), y (M,)) -> (M, >=C, H, W); the first C channels are the velocity.
@@ -338,20 +339,6 @@ def sample_velocity_norm_rule(
         if not bool(torch.isfinite(x).all()):
             raise SamplingError(f"NaN/Inf in the latents at t={t:.4g} (velocity-norm rule, C={c})")
     return SampleResult(x, calls, 0, tuple(times))
-
-
-def make_noise(
-    batch: int, latent_shape: tuple[int, int, int], seed: int, *, dtype: torch.dtype = torch.float32,
-    device: torch.device | str = "cpu",
-) -> torch.Tensor:
-    """Initial noise x_0 ~ N(0, I), (batch, C, H, W), from a CPU generator seeded with ``seed``.
-
-    Drawn in float32 on the CPU and then moved/cast, so the same seed gives the same noise on every device
-    and dtype (the C++ runner reproduces exactly this).
-    """
-    generator = torch.Generator(device="cpu").manual_seed(int(seed))
-    noise = torch.randn((batch, *latent_shape), generator=generator, dtype=torch.float32)
-    return noise.to(device=device, dtype=dtype)
 
 
 __all__ = [

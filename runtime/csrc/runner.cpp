@@ -278,13 +278,18 @@ ScheduleRunner::~ScheduleRunner() = default;
 
 std::vector<std::string> ScheduleRunner::engine_descriptions() const { return engines_->descriptions; }
 
-at::Tensor ScheduleRunner::make_noise(int64_t n, uint64_t seed) const {
+at::Tensor ScheduleRunner::make_noise(int64_t n, uint64_t seed, uint64_t first_index) const {
   if (n < 1) throw RunnerError(RunnerError::Kind::kSampling, "need at least one image, got " + std::to_string(n));
   c10::InferenceMode normal_tensors(false);
-  auto generator = at::make_generator<at::CPUGeneratorImpl>(seed);
+  const std::vector<int64_t> image_shape(manifest_.latent_shape.begin(), manifest_.latent_shape.end());
   std::vector<int64_t> shape{n};
-  shape.insert(shape.end(), manifest_.latent_shape.begin(), manifest_.latent_shape.end());
-  at::Tensor noise = at::randn(shape, generator, at::TensorOptions().dtype(at::kFloat));  // (n, C, H, W)
+  shape.insert(shape.end(), image_shape.begin(), image_shape.end());
+  at::Tensor noise = at::empty(shape, at::TensorOptions().dtype(at::kFloat));  // (n, C, H, W)
+  for (int64_t i = 0; i < n; ++i) {
+    // Unsigned arithmetic wraps mod 2^64, as flowturbo.noise.image_seed does.
+    auto generator = at::make_generator<at::CPUGeneratorImpl>(seed + first_index + static_cast<uint64_t>(i));
+    noise[i].copy_(at::randn(image_shape, generator, at::TensorOptions().dtype(at::kFloat)));  // (C, H, W)
+  }
   return noise.to(dtype_);
 }
 

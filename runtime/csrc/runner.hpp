@@ -57,9 +57,10 @@ class ScheduleRunner {
   // Why CUDA-graph capture is not used (empty when it is, or on CPU where it does not apply).
   const std::string& graph_fallback_reason() const { return graph_fallback_reason_; }
 
-  // x_0 ~ N(0, I), shape (n, C, H, W): torch's CPU generator seeded with `seed`, float32, then cast to the
-  // artifacts' dtype: the same draw as flowturbo's Python make_noise for the same seed. On CPU.
-  at::Tensor make_noise(int64_t n, uint64_t seed) const;
+  // x_0 for images first_index .. first_index + n - 1, shape (n, C, H, W): image i is drawn alone, (C, H, W)
+  // in float32 by torch's CPU generator seeded with seed + i (mod 2^64), then cast to the artifacts' dtype:
+  // bit for bit the draw of flowturbo.noise.make_noise (the one per-image noise rule). On CPU.
+  at::Tensor make_noise(int64_t n, uint64_t seed, uint64_t first_index = 0) const;
 
   // One batch: noise (b, C, H, W) and labels (b,) int64 (any device; copied to the runner's). With
   // `profile`, each step is timed (no CUDA graph then). Throws RunnerError on bad input or NaN/Inf,

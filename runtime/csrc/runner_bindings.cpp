@@ -119,8 +119,12 @@ PYBIND11_MODULE(_runner, m) {
       .def_property_readonly("engines", &ScheduleRunner::engine_descriptions)
       .def_property_readonly("graph_fallback_reason", &ScheduleRunner::graph_fallback_reason)
       .def("make_noise",
-           [](const ScheduleRunner& r, int64_t n, uint64_t seed) { return to_capsule(r.make_noise(n, seed)); },
-           py::arg("n"), py::arg("seed"), "x_0 for n images as a DLPack capsule (same draw as Python make_noise)")
+           [](const ScheduleRunner& r, int64_t n, uint64_t seed, uint64_t first_index) {
+             return to_capsule(r.make_noise(n, seed, first_index));
+           },
+           py::arg("n"), py::arg("seed"), py::arg("first_index") = 0,
+           "x_0 for images first_index..first_index+n-1 as a DLPack capsule: image i from seed + i (the draw of "
+           "flowturbo.noise.make_noise)")
       .def(
           "run_batch",
           [](ScheduleRunner& r, const py::object& noise, const py::object& labels, bool profile) {

@@ -82,11 +82,14 @@ def _reference(bundle, schedule, classes, seed):
 
 def test_noise_matches_python_make_noise(exported):
     sampler = CppSampler.from_artifacts(exported)
-    for n, seed in [(1, 0), (3, 7), (2, 2**40 + 3)]:
-        want = make_noise(n, (3, 6, 6), seed)
-        got = sampler.make_noise(n, seed)
+    # (n, seed, first_index): per-image seeds seed + i, a shard starting mid-run, and the wrap at 2^64.
+    for n, seed, first in [(1, 0, 0), (3, 7, 0), (2, 2**40 + 3, 0), (3, 7, 5), (3, 2**64 - 2, 0), (2, 2**63, 2**63 - 1)]:
+        want = make_noise(n, (3, 6, 6), seed, first_index=first)
+        got = sampler.make_noise(n, seed, first)
         assert got.dtype == torch.float32 and got.shape == want.shape
         assert torch.equal(got, want)
+    # image i is its own draw: the C++ batch equals single-image draws
+    assert torch.equal(sampler.make_noise(4, 9)[2:], sampler.make_noise(2, 9, 2))
 
 
 @pytest.mark.parametrize("notation", ["H2", "H1P2", "H1P1R2"])  # H-only, P-containing, R-containing

@@ -66,6 +66,7 @@ MIN_METRIC_SAMPLES = 500
 __all__ = [
     "MIN_METRIC_SAMPLES",
     "check_sample_count",
+    "score_features",
     "ClassifierConfig",
     "ClassifierTrainingResult",
     "DomainFeatures",
@@ -168,7 +169,7 @@ def evaluate_samples(
     n = images.shape[0]
     if n <= k:
         raise FlowTurboError(f"evaluation needs more than k={k} samples, got {n}")
-    warning = check_sample_count(n, allow_small_sample=allow_small_sample)
+    check_sample_count(n, allow_small_sample=allow_small_sample)  # refused before any feature is extracted
     label_tensor = None
     if labels is not None:
         label_tensor = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
@@ -178,10 +179,50 @@ def evaluate_samples(
         if bool((label_tensor < 0).any()) or bool((label_tensor >= NUM_CLASSES).any()):
             raise FlowTurboError(f"labels must be class ids in 0..{NUM_CLASSES - 1} (not the CFG null class)")
 
+    sample_features = features.extract(images, batch_size=batch_size, progress=progress)  # (N, D)
+    predicted = None
+    if label_tensor is not None:
+        judge = None
+        if classifier is not None:
+            judge = DomainFeatures(classifier, device=features.device)
+        elif isinstance(features, DomainFeatures):
+            judge = features
+        if judge is not None:
+            predicted = judge.predict(images, batch_size=batch_size)  # (N,)
+    return score_features(sample_features, features=features, labels=label_tensor, predicted=predicted,
+                          reference=reference, num_reference=num_reference, k=k, root=root, cache_dir=cache_dir,
+                          progress=progress, allow_small_sample=allow_small_sample)
+
+
+def score_features(
+    sample_features: torch.Tensor | np.ndarray,
+    *,
+    features: FeatureExtractor,
+    labels: torch.Tensor | np.ndarray | None = None,
+    predicted: torch.Tensor | np.ndarray | None = None,
+    reference: ReferenceStatistics | str | Path | None = None,
+    num_reference: int = DEFAULT_NUM_REFERENCE,
+    k: int = DEFAULT_K,
+    root: str | Path = DEFAULT_ROOT,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+    allow_small_sample: bool = False,
+) -> dict:
+    """The metrics of :func:`evaluate_samples` from already extracted features (N, D) of ``features``.
+
+    ``predicted`` (N,) are the domain classifier's class ids for the samples and ``labels`` (N,) their
+    conditioning classes (both or neither: ``class_accuracy``). This is how features computed elsewhere (other
+    processes under torchrun, the tuner's cache) are scored exactly like :func:`evaluate_samples` scores images.
+    """
+    sample_features = torch.as_tensor(np.asarray(sample_features, dtype=np.float32)
+                                      if not isinstance(sample_features, torch.Tensor) else sample_features)
+    n = int(sample_features.shape[0])
+    if n <= k:
+        raise FlowTurboError(f"evaluation needs more than k={k} samples, got {n}")
+    warning = check_sample_count(n, allow_small_sample=allow_small_sample)
     ref = _resolve_reference(
         reference, features, num_reference=num_reference, root=root, cache_dir=cache_dir, progress=progress
     )
-    sample_features = features.extract(images, batch_size=batch_size, progress=progress)  # (N, D)
     if sample_features.shape[1] != ref.dim:
         raise FlowTurboError(
             f"the reference is {ref.dim}-d but {features.name} features are {sample_features.shape[1]}-d; "
@@ -191,7 +232,7 @@ def evaluate_samples(
         "fid": fid_from_features(sample_features, ref),
         "precision": None,
         "recall": None,
-        "num_samples": int(n),
+        "num_samples": n,
         "num_reference": ref.num_samples,
         "features": features.name,
         "k": int(k),
@@ -201,14 +242,10 @@ def evaluate_samples(
     if ref.features is not None:
         pr = precision_recall(ref.features, sample_features, k=k, device=features.device)
         result["precision"], result["recall"] = pr.precision, pr.recall
-
-    if label_tensor is not None:
-        judge = None
-        if classifier is not None:
-            judge = DomainFeatures(classifier, device=features.device)
-        elif isinstance(features, DomainFeatures):
-            judge = features
-        if judge is not None:
-            predicted = judge.predict(images, batch_size=batch_size)  # (N,)
-            result["class_accuracy"] = float((predicted == label_tensor).to(torch.float64).mean())
+    if labels is not None and predicted is not None:
+        want = torch.as_tensor(np.asarray(labels)).to("cpu", torch.int64).reshape(-1)
+        got = torch.as_tensor(np.asarray(predicted)).to("cpu", torch.int64).reshape(-1)
+        if want.shape != got.shape or want.shape[0] != n:
+            raise FlowTurboError(f"{n} samples but {want.shape[0]} labels and {got.shape[0]} predictions")
+        result["class_accuracy"] = float((got == want).to(torch.float64).mean())
     return result

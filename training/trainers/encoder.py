@@ -150,8 +150,8 @@ def sample_latent_pairs(bundle: Any, decoder: FlowTurboAutoencoderDecoder, pairs
                         progress: bool = False) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``(latents (N, C, h, w), decoded images (N, C_img, H, W), labels (N,))`` sampled by ``bundle``.
 
-    Classes cycle 0..K-1; pair i uses CFG scale ``pairs.cfgs[i * len(cfgs) // N]``; noise batch b is
-    ``make_noise(..., seed=pairs.seed + b)``. Deterministic for a given bundle and config.
+    Classes cycle 0..K-1; pair i uses CFG scale ``pairs.cfgs[i * len(cfgs) // N]``; pair i's noise is
+    image i of ``make_noise(..., seed=pairs.seed)`` (its own seed ``pairs.seed + i``). Deterministic for a given bundle and config.
     """
     from tqdm import tqdm
 
@@ -164,9 +164,9 @@ def sample_latent_pairs(bundle: Any, decoder: FlowTurboAutoencoderDecoder, pairs
     scales = torch.tensor([pairs.cfgs[i * len(pairs.cfgs) // pairs.num] for i in range(pairs.num)])
     latents, images = [], []
     starts = list(range(0, pairs.num, pairs.batch_size))
-    for b, start in enumerate(tqdm(starts, desc="sampling encoder pairs", disable=not progress, unit="batch")):
+    for start in tqdm(starts, desc="sampling encoder pairs", disable=not progress, unit="batch"):
         stop = min(start + pairs.batch_size, pairs.num)
-        noise = make_noise(stop - start, bundle.latent_shape, pairs.seed + b, device=device)
+        noise = make_noise(stop - start, bundle.latent_shape, pairs.seed, device=device, first_index=start)
         out = torch.empty_like(noise)
         for cfg in sorted(set(scales[start:stop].tolist())):  # one schedule per CFG scale in this batch
             rows = (scales[start:stop] == cfg).nonzero().squeeze(1)
