@@ -199,8 +199,8 @@ def schedule_from_args(args: argparse.Namespace, parse: Any) -> Any:
     return schedule
 
 
-def _check_sample_args(args: argparse.Namespace) -> None:
-    """Refuse bad flags before anything is loaded or computed."""
+def check_sample_args(args: argparse.Namespace) -> None:
+    """Refuse bad generation flags (``sample``, ``inpaint``, ``edit``) before anything is loaded or computed."""
     check_seed(args.seed)
     check_device(args.device)
     if args.batch is not None and args.batch < 1:
@@ -226,7 +226,7 @@ def _run_sample(args: argparse.Namespace) -> int:
         from flowturbo.runtime.sharded_cli import run_sample
 
         return run_sample(args)
-    _check_sample_args(args)
+    check_sample_args(args)
     # --out is checked, created and locked before the model loads: a bad path costs no sampling.
     with OutputFolder(args.out, command="sample", what="output", wait=args.wait) as out:
         if args.artifacts is not None or args.backend != "pytorch":
@@ -362,14 +362,9 @@ def _classifier_folder(args: argparse.Namespace) -> Path:
     return Path(args.model or DEFAULT_BUNDLE_DIR) / CLASSIFIER_SUBDIR
 
 
-def _run_eval(args: argparse.Namespace) -> int:
-    from flowturbo.runtime.distributed import under_torchrun
+def check_eval_sampling_args(args: argparse.Namespace) -> None:
+    """Refuse bad ``eval`` flags about the samples it draws (one process or under torchrun)."""
     from flowturbo.training.evaluation import check_sample_count
-
-    if under_torchrun():  # torchrun --nproc_per_node N -m flowturbo eval ...: features gathered on rank 0
-        from flowturbo.runtime.sharded_cli import run_eval
-
-        return run_eval(args)
 
     check_seed(args.seed)
     check_device(args.device)
@@ -379,6 +374,17 @@ def _run_eval(args: argparse.Namespace) -> int:
         if args.batch < 1:
             raise FlowTurboError(f"--batch must be >= 1 image, got {args.batch}")
         check_sample_count(args.num_samples, allow_small_sample=args.allow_small_sample, flag="--num-samples")
+
+
+def _run_eval(args: argparse.Namespace) -> int:
+    from flowturbo.runtime.distributed import under_torchrun
+
+    if under_torchrun():  # torchrun --nproc_per_node N -m flowturbo eval ...: features gathered on rank 0
+        from flowturbo.runtime.sharded_cli import run_eval
+
+        return run_eval(args)
+
+    check_eval_sampling_args(args)
     if args.num_reference < 2:
         raise FlowTurboError(f"--num-reference must be >= 2 images, got {args.num_reference}")
     with contextlib.ExitStack() as stack:

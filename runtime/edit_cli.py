@@ -19,15 +19,11 @@ from flowturbo import __version__
 from flowturbo.errors import FlowTurboError
 from flowturbo.runtime.backends import EXPORTED_BACKENDS
 from flowturbo.runtime.cli import (
-    MAX_GRID_SCALE,
-    MAX_IMAGES,
-    MAX_THREADS,
     _add_model_arguments,
     _parse_classes,
     _pipeline_options,
     _print_timings,
-    check_device,
-    check_seed,
+    check_sample_args,
 )
 
 TASKS = ("inpaint", "edit")
@@ -81,32 +77,18 @@ def add_edit_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _check_args(args: argparse.Namespace) -> None:
-    """Refuse bad flags before anything is read, loaded or computed."""
+    """Refuse bad flags before anything is read, loaded or computed (the flags shared with ``sample`` by its check)."""
     from flowturbo.runtime.editing import check_strength
 
-    check_seed(args.seed)
-    check_device(args.device)
     if args.task == "edit":
         check_strength(args.strength)
     if args.task == "inpaint" and args.feather is not None and not 0 <= args.feather <= 64:
         raise FlowTurboError(f"--feather must be in [0, 64] pixels, got {args.feather}")
-    if args.batch is not None and args.batch < 1:
-        raise FlowTurboError(f"--batch must be >= 1 image, got {args.batch}")
-    if args.num_images is not None and not 1 <= args.num_images <= MAX_IMAGES:
-        raise FlowTurboError(f"--num-images must be in [1, {MAX_IMAGES}], got {args.num_images}")
-    if not 1 <= args.grid_scale <= MAX_GRID_SCALE:
-        raise FlowTurboError(f"--grid-scale must be in [1, {MAX_GRID_SCALE}], got {args.grid_scale}")
-    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
-        raise FlowTurboError(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
-    if args.artifacts is not None or args.backend != "pytorch":
-        if args.artifacts is None or args.backend == "pytorch":
-            raise FlowTurboError("use --artifacts DIR together with --backend onnxruntime|aoti|tensorrt")
-        if args.model or args.predictor:
-            raise FlowTurboError("--artifacts already holds the model; drop --model/--predictor")
-        if args.backend == "cpp":
-            from flowturbo.runtime.cpp_backend import _NO_TASKS
+    if args.backend == "cpp":
+        from flowturbo.runtime.cpp_backend import _NO_TASKS
 
-            raise FlowTurboError(_NO_TASKS.format(what="inpainting" if args.task == "inpaint" else "editing"))
+        raise FlowTurboError(_NO_TASKS.format(what="inpainting" if args.task == "inpaint" else "editing"))
+    check_sample_args(args)
 
 
 def _image_size_on_disk(path: str) -> tuple[int, int]:

@@ -61,10 +61,10 @@ def run_sample(args: argparse.Namespace) -> int:
     """``flowturbo sample`` under torchrun (see the module docstring)."""
     import torch
 
-    from flowturbo.runtime.cli import _check_sample_args, timing_table
+    from flowturbo.runtime.cli import check_sample_args, timing_table
     from flowturbo.runtime.images import RUN_RECORD, read_image_files, to_uint8, write_grid, write_image_files
 
-    _check_sample_args(args)
+    check_sample_args(args)
     batch = args.batch or DEFAULT_SHARD_BATCH
     started = time.perf_counter()
     with process_group(args.device) as ranks, contextlib.ExitStack() as output:
@@ -136,31 +136,21 @@ def run_eval(args: argparse.Namespace) -> int:
     import numpy as np
 
     from flowturbo.runtime.cli import (
-        MAX_IMAGES,
         _check_eval_result_file,
         _classifier_folder,
         _pipeline_options,
-        check_device,
+        check_eval_sampling_args,
         check_out_parent,
-        check_seed,
     )
     from flowturbo.training.evaluation import (
         DomainFeatures,
         InceptionFeatures,
-        check_sample_count,
         load_classifier,
         score_features,
     )
     from flowturbo.training.evaluation.classifier import CONFIG_FILENAME as CLASSIFIER_CONFIG
 
-    check_seed(args.seed)
-    check_device(args.device)
-    if args.samples is None:
-        if not 1 <= args.num_samples <= MAX_IMAGES:
-            raise FlowTurboError(f"--num-samples must be in [1, {MAX_IMAGES}] images, got {args.num_samples}")
-        if args.batch < 1:
-            raise FlowTurboError(f"--batch must be >= 1 image, got {args.batch}")
-        check_sample_count(args.num_samples, allow_small_sample=args.allow_small_sample, flag="--num-samples")
+    check_eval_sampling_args(args)
     with process_group(args.device) as ranks, contextlib.ExitStack() as stack:
 
         def preflight() -> None:
