@@ -133,7 +133,8 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--guidance-channels", type=int, default=None,
                    help="guide only the first N latent channels (default: the model's; official SiT: 3)")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--batch", type=int, default=None, help="images per batch (default: all at once)")
+    g.add_argument("--batch", type=int, default=None,
+                   help="images per batch (default: all at once on the CPU; 16 per CUDA graph on the GPU fast path)")
     g.add_argument("--out", default="outputs/sample", help="output folder (grid.png, one PNG per image, run.json); "
                    "replaced only if it holds nothing but flowturbo's own output")
     g.add_argument("--wait", action="store_true",
