@@ -278,3 +278,28 @@ def test_triton_kernels_only_go_into_cuda_aoti_packages(bundle):
     triton_bundle.predictor.kernel_backend = KernelBackend.TRITON
     with pytest.raises(FlowTurboError, match="runs the 'triton' kernels but the export asks for 'reference'"):
         export_bundle(triton_bundle, request, "/nonexistent/never-written")
+
+
+@pytest.mark.parametrize("edit", ["precision", "shape", "fixed-batch"])
+def test_graph_read_back_against_its_manifest(exported, tmp_path, edit):
+    """A manifest that is sealed and whose checksums hold, but whose spec is not the graph's (a manifest written
+    by another tool, or an exporter bug), is refused when the graph is loaded: dtype and shape are read back."""
+    from flowturbo.fileio import read_sealed_json, sealed_json_bytes
+
+    copy = tmp_path / "copy"
+    shutil.copytree(exported.path, copy)
+    manifest = read_sealed_json(copy / MANIFEST_FILE, fix="")
+    entry = next(a for a in manifest["artifacts"] if a["role"] == "predictor")
+    tensor = entry["spec"]["inputs"][0]  # x: (batch, C, H, W)
+    if edit == "precision":
+        tensor["dtype"] = "float16"
+        match = r"is tensor\(float\), the manifest says tensor\(float16\)"
+    elif edit == "shape":
+        tensor["shape"][1] = int(tensor["shape"][1]) + 1
+        match = "has shape"
+    else:
+        tensor["shape"][0] = 2  # a fixed batch of 2 against a 1:2:5 profile: the graph's axis is dynamic
+        match = "has shape"
+    (copy / MANIFEST_FILE).write_bytes(sealed_json_bytes(manifest))
+    with pytest.raises(CheckpointError, match=f"predictor.*does not match its manifest.*{match}"):
+        OnnxRuntimeSampler.from_artifacts(copy)
