@@ -6,16 +6,23 @@ from typing import Any
 
 import torch
 
+from flowturbo.dtypes import torch_dtype
 from flowturbo.errors import CheckpointError
-from flowturbo.runtime.artifacts import ArtifactEntry, ArtifactSet
+from flowturbo.runtime.artifacts import REEXPORT, ArtifactEntry, ArtifactSet
 from flowturbo.runtime.exported import ExportedSampler, ModuleFn
 
 
 class _AotiModule:
-    """One loaded package, called with keyword tensors in spec input order."""
+    """One loaded package, called with keyword tensors in spec input order.
+
+    A package does not expose its input types before it runs, so its first call reads the outputs back: their
+    number, dtypes (the export precision) and shapes must be the manifest spec's, or the package is refused.
+    """
 
     def __init__(self, entry: ArtifactEntry, device: str) -> None:
+        self.entry = entry
         self.names = [t["name"] for t in entry.spec["inputs"]]
+        self._checked = False
         try:
             self.runner = torch._inductor.aoti_load_package(str(entry.path))
         except (RuntimeError, OSError) as exc:
@@ -24,7 +31,26 @@ class _AotiModule:
 
     def __call__(self, **inputs: torch.Tensor) -> list[torch.Tensor]:
         out = self.runner(*(inputs[name].to(self.device) for name in self.names))  # no copy when already there
-        return list(out) if isinstance(out, (tuple, list)) else [out]  # on the package's device: the loop stays there
+        outs = list(out) if isinstance(out, (tuple, list)) else [out]  # on the package's device: the loop stays there
+        if not self._checked:
+            self._check_outputs(outs, batch=next(iter(inputs.values())).shape[0])
+            self._checked = True
+        return outs
+
+    def _check_outputs(self, outs: list[torch.Tensor], batch: int) -> None:
+        specs = self.entry.spec["outputs"]
+        problem = None
+        if len(outs) != len(specs):
+            problem = f"it returns {len(outs)} outputs, the manifest lists {len(specs)}"
+        for tensor, spec in zip(outs, specs):
+            want_shape = self.entry.output_shape(spec["name"], batch)
+            if problem is None and tensor.dtype != torch_dtype(spec["dtype"]):
+                problem = f"output {spec['name']!r} is {tensor.dtype}, the manifest says {spec['dtype']}"
+            elif problem is None and tuple(tensor.shape) != want_shape:
+                problem = f"output {spec['name']!r} has shape {tuple(tensor.shape)}, the manifest says {want_shape}"
+        if problem:
+            raise CheckpointError(f"{self.entry.path.name}: the package does not match its manifest: {problem}; "
+                                  f"{REEXPORT}")
 
 
 class AotiSampler(ExportedSampler):

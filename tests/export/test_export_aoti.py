@@ -86,3 +86,31 @@ def test_aoti_unrolled_conv_decoder_stays_dynamic_when_traced_at_max_batch(tmp_p
         got = sampler.sample(classes, seed=8).images
         assert got.shape == want.shape
         torch.testing.assert_close(got, want, **tol("export_fp32"))
+
+
+@pytest.mark.parametrize("mismatch", ["none", "dtype", "shape", "count"])
+def test_aoti_package_outputs_read_back_against_the_manifest(tmp_path, monkeypatch, mismatch):
+    """The first call of a package compares its outputs with the manifest spec (dtype = precision, shape,
+    count) and refuses a package that does not match; a matching package runs on."""
+    from flowturbo.errors import CheckpointError
+    from flowturbo.runtime.aoti_backend import _AotiModule
+    from flowturbo.runtime.artifacts import ArtifactEntry
+
+    gen = torch.Generator().manual_seed(0)
+    spec = {"inputs": [{"name": "x", "dtype": "float32", "shape": ["batch", 3, 6, 6]}],
+            "outputs": [{"name": "out", "dtype": "float32", "shape": ["batch", 3, 6, 6]}]}
+
+    def fake_package(*args):
+        (x,) = args
+        y = x * 2.0  # (B, 3, 6, 6)
+        return {"none": [y], "dtype": [y.half()], "shape": [y[:, :2]], "count": [y, y]}[mismatch]
+
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path: fake_package)
+    module = _AotiModule(ArtifactEntry("m", "predictor", "aoti", tmp_path / "m.pt2", spec, None), "cpu")
+    x = torch.randn(2, 3, 6, 6, generator=gen)
+    if mismatch == "none":
+        for _ in range(2):
+            torch.testing.assert_close(module(x=x)[0], x * 2.0)
+        return
+    with pytest.raises(CheckpointError, match="m.pt2: the package does not match its manifest"):
+        module(x=x)
