@@ -363,6 +363,21 @@ def _classifier_folder(args: argparse.Namespace) -> Path:
     return Path(args.model or DEFAULT_BUNDLE_DIR) / CLASSIFIER_SUBDIR
 
 
+def eval_features(args: argparse.Namespace, device: str) -> tuple[Any, Any]:
+    """``eval``'s (domain classifier or None, feature extractor) from ``--features`` / ``--classifier``."""
+    from flowturbo.training.evaluation import DomainFeatures, InceptionFeatures, load_classifier
+    from flowturbo.training.evaluation.classifier import CONFIG_FILENAME as CLASSIFIER_CONFIG
+
+    classifier = None
+    folder = _classifier_folder(args)
+    if args.features == "domain" or (folder / CLASSIFIER_CONFIG).is_file():
+        if not (folder / CLASSIFIER_CONFIG).is_file():
+            raise FlowTurboError(f"no domain classifier at {folder}; pass --classifier DIR or --features inception")
+        classifier = load_classifier(folder, device=device)
+    features = DomainFeatures(classifier, device=device) if args.features == "domain" else InceptionFeatures(device)
+    return classifier, features
+
+
 def check_eval_sampling_args(args: argparse.Namespace) -> None:
     """Refuse bad ``eval`` flags about the samples it draws (one process or under torchrun)."""
     from flowturbo.training.evaluation import check_sample_count
@@ -424,17 +439,10 @@ def _evaluate(args: argparse.Namespace) -> int:
     from flowturbo.fileio import atomic_write_json
     from flowturbo.runtime.images import read_sample_folder
     from flowturbo.runtime.sampler import Sampler
-    from flowturbo.training.evaluation import DomainFeatures, InceptionFeatures, evaluate_samples, load_classifier
-    from flowturbo.training.evaluation.classifier import CONFIG_FILENAME as CLASSIFIER_CONFIG
+    from flowturbo.training.evaluation import evaluate_samples
 
     device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
-    classifier = None
-    folder = _classifier_folder(args)
-    if args.features == "domain" or (folder / CLASSIFIER_CONFIG).is_file():
-        if not (folder / CLASSIFIER_CONFIG).is_file():
-            raise FlowTurboError(f"no domain classifier at {folder}; pass --classifier DIR or --features inception")
-        classifier = load_classifier(folder, device=device)
-    features = DomainFeatures(classifier, device=device) if args.features == "domain" else InceptionFeatures(device)
+    classifier, features = eval_features(args, device)
     info: dict[str, Any] = {}
     if args.samples is not None:
         images, labels, record = read_sample_folder(args.samples)

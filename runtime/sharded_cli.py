@@ -137,18 +137,12 @@ def run_eval(args: argparse.Namespace) -> int:
 
     from flowturbo.runtime.cli import (
         _check_eval_result_file,
-        _classifier_folder,
         _pipeline_options,
         check_eval_sampling_args,
         check_out_parent,
+        eval_features,
     )
-    from flowturbo.training.evaluation import (
-        DomainFeatures,
-        InceptionFeatures,
-        load_classifier,
-        score_features,
-    )
-    from flowturbo.training.evaluation.classifier import CONFIG_FILENAME as CLASSIFIER_CONFIG
+    from flowturbo.training.evaluation import DomainFeatures, score_features
 
     check_eval_sampling_args(args)
     with process_group(args.device) as ranks, contextlib.ExitStack() as stack:
@@ -173,13 +167,7 @@ def run_eval(args: argparse.Namespace) -> int:
             from flowturbo.runtime.images import read_sample_folder
             from flowturbo.runtime.sampler import Sampler
 
-            folder = _classifier_folder(args)
-            classifier = None
-            if args.features == "domain" or (folder / CLASSIFIER_CONFIG).is_file():
-                if not (folder / CLASSIFIER_CONFIG).is_file():
-                    raise FlowTurboError(f"no domain classifier at {folder}; pass --classifier DIR or --features inception")
-                classifier = load_classifier(folder, device=device)
-            extractor = DomainFeatures(classifier, device=device) if args.features == "domain" else InceptionFeatures(device)
+            classifier, extractor = eval_features(args, device)
             info: dict[str, Any] = {}
             if args.samples is not None:
                 images, labels, record = read_sample_folder(args.samples)

@@ -96,10 +96,11 @@ def test_eval_gathers_features_on_rank_zero(tmp_path: Path):
     finally:
         del os.environ["FLOWTURBO_CACHE_DIR"]
     one = json.loads((tmp_path / "one.json").read_text())
-    assert two["world_size"] == 2 and two["num_samples"] == one["num_samples"] == 24
-    assert two["fid"] == pytest.approx(one["fid"], rel=1e-4)
-    assert two["class_accuracy"] == one["class_accuracy"]
-    assert two["precision"] == pytest.approx(one["precision"]) and two["recall"] == pytest.approx(one["recall"])
+    shown = {k: (one.get(k), two.get(k)) for k in ("num_samples", "fid", "class_accuracy", "precision", "recall")}
+    assert two["world_size"] == 2 and two["num_samples"] == one["num_samples"] == 24, shown
+    assert two["fid"] == pytest.approx(one["fid"], rel=1e-4), shown
+    assert two["class_accuracy"] == one["class_accuracy"], shown
+    assert two["precision"] == pytest.approx(one["precision"]) and two["recall"] == pytest.approx(one["recall"]), shown
 
 
 def test_rank_failure_is_a_flowturbo_error():
