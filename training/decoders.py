@@ -231,27 +231,7 @@ class DiffusersVAEDecoder(LatentDecoder):
     ) -> "DiffusersVAEDecoder":
         """Load a diffusers ``AutoencoderKL`` folder (``config.json`` + ``diffusion_pytorch_model.safetensors``
         or ``.bin``) offline and keep its decoder half."""
-        folder = Path(path)
-        if not folder.is_dir():
-            raise CheckpointError(
-                f"VAE folder not found: {folder} (expected a diffusers AutoencoderKL folder such as sd-vae-ft-ema, "
-                f"holding {DIFFUSERS_CONFIG_FILE} and {' or '.join(DIFFUSERS_WEIGHTS_FILES)})"
-            )
-        if not (folder / DIFFUSERS_CONFIG_FILE).is_file():
-            raise CheckpointError(
-                f"VAE folder {folder} has no {DIFFUSERS_CONFIG_FILE}; expected a diffusers AutoencoderKL folder "
-                f"({DIFFUSERS_CONFIG_FILE} + {' or '.join(DIFFUSERS_WEIGHTS_FILES)})"
-            )
-        if not any((folder / name).is_file() for name in DIFFUSERS_WEIGHTS_FILES):
-            raise CheckpointError(
-                f"VAE folder {folder} has no weights: expected {' or '.join(DIFFUSERS_WEIGHTS_FILES)} "
-                f"next to {DIFFUSERS_CONFIG_FILE}"
-            )
-        autoencoder_kl = _import_autoencoder_kl()
-        try:
-            vae = autoencoder_kl.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"could not load the diffusers AutoencoderKL in {folder}: {exc}") from exc
+        vae = load_diffusers_folder(path, "AutoencoderKL", dtype)
         return cls._from_vae(vae, latent_scale).to(device=device, dtype=dtype).eval()
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -311,19 +291,37 @@ def _import_autoencoder_tiny() -> type:
     return AutoencoderTiny
 
 
-def _check_diffusers_folder(folder: Path, kind: str) -> None:
+def load_diffusers_folder(path: str | os.PathLike[str], kind: str, dtype: torch.dtype = torch.float32) -> nn.Module:
+    """A diffusers ``AutoencoderKL`` / ``AutoencoderTiny`` folder (``config.json`` + weights), loaded offline.
+
+    The one loader behind every ``from_folder`` (the KL decoder and encoder, the tiny decoder): the folder is
+    checked first so that a wrong path names what is missing instead of failing inside diffusers.
+    """
+    importer, example = _DIFFUSERS_KINDS[kind]
+    folder = Path(path)
+    weights = " or ".join(DIFFUSERS_WEIGHTS_FILES)
     if not folder.is_dir():
         raise CheckpointError(
-            f"VAE folder not found: {folder} (expected a diffusers {kind} folder holding {DIFFUSERS_CONFIG_FILE} and "
-            f"{' or '.join(DIFFUSERS_WEIGHTS_FILES)})"
+            f"VAE folder not found: {folder} (expected a diffusers {kind} folder{example}, holding "
+            f"{DIFFUSERS_CONFIG_FILE} and {weights})"
         )
     if not (folder / DIFFUSERS_CONFIG_FILE).is_file():
-        raise CheckpointError(f"VAE folder {folder} has no {DIFFUSERS_CONFIG_FILE}; expected a diffusers {kind} folder")
-    if not any((folder / name).is_file() for name in DIFFUSERS_WEIGHTS_FILES):
         raise CheckpointError(
-            f"VAE folder {folder} has no weights: expected {' or '.join(DIFFUSERS_WEIGHTS_FILES)} next to "
-            f"{DIFFUSERS_CONFIG_FILE}"
+            f"VAE folder {folder} has no {DIFFUSERS_CONFIG_FILE}; expected a diffusers {kind} folder "
+            f"({DIFFUSERS_CONFIG_FILE} + {weights})"
         )
+    if not any((folder / name).is_file() for name in DIFFUSERS_WEIGHTS_FILES):
+        raise CheckpointError(f"VAE folder {folder} has no weights: expected {weights} next to {DIFFUSERS_CONFIG_FILE}")
+    model_class = importer()
+    try:
+        return model_class.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"could not load the diffusers {kind} in {folder}: {exc}") from exc
+
+
+# diffusers class name -> (importer, example folder named in the not-found error)
+_DIFFUSERS_KINDS = {"AutoencoderKL": (_import_autoencoder_kl, " such as sd-vae-ft-ema"),
+                    "AutoencoderTiny": (_import_autoencoder_tiny, "")}
 
 
 @register_decoder
@@ -352,13 +350,7 @@ class DiffusersTinyDecoder(LatentDecoder):
     def from_folder(cls, path: str | os.PathLike[str], device: torch.device | str = "cpu",
                     dtype: torch.dtype = torch.float32) -> "DiffusersTinyDecoder":
         """Load a diffusers ``AutoencoderTiny`` folder offline and keep its decoder."""
-        folder = Path(path)
-        _check_diffusers_folder(folder, "AutoencoderTiny")
-        autoencoder_tiny = _import_autoencoder_tiny()
-        try:
-            vae = autoencoder_tiny.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"could not load the diffusers AutoencoderTiny in {folder}: {exc}") from exc
+        vae = load_diffusers_folder(path, "AutoencoderTiny", dtype)
         return cls(dict(vae.config), vae.decoder).to(device=device, dtype=dtype).eval()
 
     def _first_weight(self) -> torch.Tensor:

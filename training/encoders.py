@@ -45,12 +45,11 @@ from flowturbo.fileio import atomic_write_bytes
 from flowturbo.training.autoencoder import AutoencoderConfig, Encoder
 from flowturbo.training.checkpoints import strict_load
 from flowturbo.training.decoders import (
-    DIFFUSERS_CONFIG_FILE,
-    DIFFUSERS_WEIGHTS_FILES,
     IMAGE_RANGE,
     SD_VAE_LATENT_SCALE,
     _import_autoencoder_kl,
     _json_safe,
+    load_diffusers_folder,
 )
 
 ENCODER_WEIGHTS_FILE = "encoder.safetensors"  # weights file of an encoder inside a bundle
@@ -351,27 +350,7 @@ class DiffusersVAEEncoder(LatentEncoder):
     ) -> "DiffusersVAEEncoder":
         """Load a diffusers ``AutoencoderKL`` folder offline (the same ``--vae`` folder as the decoder's) and
         keep its encoder half."""
-        folder = Path(path)
-        if not folder.is_dir():
-            raise CheckpointError(
-                f"VAE folder not found: {folder} (expected a diffusers AutoencoderKL folder such as sd-vae-ft-ema, "
-                f"holding {DIFFUSERS_CONFIG_FILE} and {' or '.join(DIFFUSERS_WEIGHTS_FILES)})"
-            )
-        if not (folder / DIFFUSERS_CONFIG_FILE).is_file():
-            raise CheckpointError(
-                f"VAE folder {folder} has no {DIFFUSERS_CONFIG_FILE}; expected a diffusers AutoencoderKL folder "
-                f"({DIFFUSERS_CONFIG_FILE} + {' or '.join(DIFFUSERS_WEIGHTS_FILES)})"
-            )
-        if not any((folder / name).is_file() for name in DIFFUSERS_WEIGHTS_FILES):
-            raise CheckpointError(
-                f"VAE folder {folder} has no weights: expected {' or '.join(DIFFUSERS_WEIGHTS_FILES)} "
-                f"next to {DIFFUSERS_CONFIG_FILE}"
-            )
-        autoencoder_kl = _import_autoencoder_kl()
-        try:
-            vae = autoencoder_kl.from_pretrained(str(folder), local_files_only=True, torch_dtype=dtype)
-        except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
-            raise CheckpointError(f"could not load the diffusers AutoencoderKL in {folder}: {exc}") from exc
+        vae = load_diffusers_folder(path, "AutoencoderKL", dtype)
         return cls._from_vae(vae, latent_scale).to(device=device, dtype=dtype).eval()
 
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
