@@ -29,8 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowturbo.errors import CheckpointError, FlowTurboError
-from flowturbo.fileio import atomic_write_bytes
-from flowturbo.training.checkpoints import strict_load
+from flowturbo.training.checkpoints import atomic_save_safetensors, strict_load
 from flowturbo.training.decoders import DECODER_WEIGHTS_FILE, IMAGE_RANGE, LatentDecoder, register_decoder
 
 LOGVAR_MIN = -30.0  # posterior log-variance clamp (LDM's DiagonalGaussianDistribution)
@@ -248,13 +247,6 @@ DECODER_VARIANTS = ("ema", "mse")
 DEFAULT_DECODER_VARIANT = "ema"
 
 
-def _atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save
-
-    data = save({k: v.detach().to("cpu").contiguous() for k, v in tensors.items()})
-    atomic_write_bytes(path, data)
-
-
 def _check_variant(variant: str, available: Sequence[str]) -> str:
     if variant not in available:
         raise FlowTurboError(
@@ -330,7 +322,7 @@ class FlowTurboAutoencoderDecoder(LatentDecoder):
     def save_to_bundle(self, folder: str | os.PathLike[str]) -> None:
         """Write ``decoder.safetensors`` with keys ``<variant>.<decoder key>`` for every variant (atomically)."""
         state = {f"{name}.{k}": v for name, dec in self.variants.items() for k, v in dec.state_dict().items()}
-        _atomic_save_safetensors(state, Path(folder) / DECODER_WEIGHTS_FILE)
+        atomic_save_safetensors(state, Path(folder) / DECODER_WEIGHTS_FILE)
 
     @classmethod
     def from_bundle(

@@ -25,6 +25,7 @@ import torch
 import torch.nn as nn
 
 from flowturbo.errors import CheckpointError, FlowTurboError
+from flowturbo.fileio import atomic_write_bytes
 from flowturbo.kernels import KernelBackend
 from flowturbo.training.models import (
     HEADS_BY_HIDDEN_SIZE,
@@ -281,6 +282,16 @@ def describe_module(module: nn.Module) -> str:
     return f"{name} with {format_parameter_count(count_parameters(module))} parameters"
 
 
+def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
+                            metadata: Mapping[str, str] | None = None, *, record: str | Path | None = None) -> None:
+    """``safetensors.torch.save_file`` atomically (tensors made contiguous CPU copies); ``record`` as in
+    :func:`flowturbo.fileio.atomic_write_bytes`. The one weights writer of bundles and training runs."""
+    from safetensors.torch import save
+
+    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(path, save(cpu, metadata=dict(metadata) if metadata else None), record=record)
+
+
 def strict_load(module: nn.Module, state_dict: Mapping[str, torch.Tensor], what: str | None = None) -> None:
     """``module.load_state_dict(state_dict, strict=True)`` with a :class:`CheckpointError` naming the
     first missing / unexpected keys and shape mismatches (both shapes) and the expected model."""
@@ -383,6 +394,7 @@ def load_refiner_checkpoint(
 
 
 __all__ = [
+    "atomic_save_safetensors",
     "describe_module",
     "extract_state_dict",
     "infer_refiner_config",

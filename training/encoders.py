@@ -43,7 +43,7 @@ import torch.nn as nn
 from flowturbo.errors import CheckpointError, FlowTurboError
 from flowturbo.fileio import atomic_write_bytes
 from flowturbo.training.autoencoder import AutoencoderConfig, Encoder
-from flowturbo.training.checkpoints import strict_load
+from flowturbo.training.checkpoints import atomic_save_safetensors, strict_load
 from flowturbo.training.decoders import (
     IMAGE_RANGE,
     SD_VAE_LATENT_SCALE,
@@ -59,7 +59,8 @@ BUNDLE_CONFIG_FILE = "config.json"
 # "not in [-1, 1]" (a [0, 1] or [0, 255] image is the mistake this catches).
 IMAGE_RANGE_SLACK = 1e-2
 AUTOENCODER_ENCODER_PREFIX = "encoder."  # keys of the encoder inside autoencoder.safetensors / encoder.safetensors
-AUTOENCODER_METADATA_KEY = "autoencoder_config"  # metadata key of autoencoder.safetensors (trainers/data.py)
+AUTOENCODER_FILE = "autoencoder.safetensors"  # what a `train autoencoder` run writes
+AUTOENCODER_METADATA_KEY = "autoencoder_config"  # metadata key of autoencoder.safetensors (and encoder.safetensors)
 
 ENCODER_TYPES: dict[str, type["LatentEncoder"]] = {}
 """``encoder_type`` -> class; filled by :func:`register_encoder`."""
@@ -174,14 +175,6 @@ class LatentEncoder(nn.Module, abc.ABC):
         """Rebuild the encoder from ``bundle_config()`` output and the files in ``folder``."""
 
 
-def _atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: Path,
-                             metadata: Mapping[str, str] | None = None) -> None:
-    from safetensors.torch import save
-
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(cpu, metadata=dict(metadata) if metadata else None))
-
-
 def _weights_path(folder: str | os.PathLike[str], config: Mapping[str, Any], what: str) -> Path:
     name = config.get("weights", ENCODER_WEIGHTS_FILE)
     if not isinstance(name, str) or not name or Path(name).name != name:
@@ -243,10 +236,10 @@ class FlowTurboAutoencoderEncoder(LatentEncoder):
         from safetensors import safe_open
 
         path = Path(path)
-        file = path / "autoencoder.safetensors" if path.is_dir() else path
+        file = path / AUTOENCODER_FILE if path.is_dir() else path
         if not file.is_file():
             raise CheckpointError(
-                f"no autoencoder.safetensors at {path} (a `train autoencoder` run folder or the file)"
+                f"no {AUTOENCODER_FILE} at {path} (a `train autoencoder` run folder or the file)"
             )
         with safe_open(str(file), framework="pt", device="cpu") as f:
             metadata = f.metadata() or {}
@@ -278,7 +271,7 @@ class FlowTurboAutoencoderEncoder(LatentEncoder):
 
     def save_to_bundle(self, folder: str | os.PathLike[str]) -> None:
         """Write ``encoder.safetensors`` (keys ``encoder.*``, as in ``autoencoder.safetensors``) atomically."""
-        _atomic_save_safetensors(self.state_dict(), Path(folder) / ENCODER_WEIGHTS_FILE,
+        atomic_save_safetensors(self.state_dict(), Path(folder) / ENCODER_WEIGHTS_FILE,
                                  {AUTOENCODER_METADATA_KEY: json.dumps(self.config.to_dict())})
 
     @classmethod
@@ -370,7 +363,7 @@ class DiffusersVAEEncoder(LatentEncoder):
 
     def save_to_bundle(self, folder: str | os.PathLike[str]) -> None:
         """Write ``encoder.safetensors`` (keys ``encoder.*`` and ``quant_conv.*``) atomically."""
-        _atomic_save_safetensors(self.state_dict(), Path(folder) / ENCODER_WEIGHTS_FILE)
+        atomic_save_safetensors(self.state_dict(), Path(folder) / ENCODER_WEIGHTS_FILE)
 
     @classmethod
     def from_bundle(

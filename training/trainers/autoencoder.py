@@ -35,12 +35,12 @@ from flowturbo.training.autoencoder import (
     compute_latent_scale,
     kl_divergence,
 )
+from flowturbo.training.checkpoints import atomic_save_safetensors
 from flowturbo.training.trainers.common import (
     CONFIG_FILE,
     SECONDS_PER_MINUTE,
     DatasetBatches,
     LoopConfig,
-    atomic_save_safetensors,
     check_run_folder,
     atomic_write_json,
     config_to_dict,

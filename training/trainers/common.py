@@ -191,15 +191,6 @@ def atomic_torch_save(obj: Any, path: str | Path, *, record: str | Path | None =
     atomic_write_bytes(path, buffer.getvalue(), record=record)
 
 
-def atomic_save_safetensors(tensors: Mapping[str, torch.Tensor], path: str | Path,
-                            metadata: Mapping[str, str] | None = None, *, record: str | Path | None = None) -> None:
-    """``safetensors.torch.save_file`` atomically (tensors made contiguous CPU copies)."""
-    from safetensors.torch import save
-
-    cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(cpu, metadata=dict(metadata) if metadata else None), record=record)
-
-
 # ----------------------------------------------------------------------------------- distributed
 @dataclass(frozen=True)
 class DistContext:

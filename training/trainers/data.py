@@ -26,7 +26,12 @@ from torch.utils.data import DataLoader, Dataset
 from flowturbo.errors import CheckpointError, FlowTurboError
 from flowturbo.fileio import sha256_file
 from flowturbo.training.autoencoder import AutoencoderConfig, FlowTurboAutoencoder
-from flowturbo.training.encoders import DiffusersVAEEncoder, FlowTurboAutoencoderEncoder
+from flowturbo.training.encoders import (
+    AUTOENCODER_FILE,
+    AUTOENCODER_METADATA_KEY,
+    DiffusersVAEEncoder,
+    FlowTurboAutoencoderEncoder,
+)
 from flowturbo.training.encoders import LatentEncoder as _BundleEncoder
 from flowturbo.training.image_folder import ImageFolderDataset, deterministic_flip
 from flowturbo.training.trainers.common import (
@@ -38,8 +43,6 @@ from flowturbo.training.trainers.common import (
 )
 
 FASHION_MNIST = "fashion-mnist"
-AUTOENCODER_FILE = "autoencoder.safetensors"
-AUTOENCODER_METADATA_KEY = "autoencoder_config"
 LATENT_CACHE_FILE = "latents.pt"
 
 

@@ -24,9 +24,9 @@ from torch import nn
 
 from flowturbo.errors import FlowTurboError
 from flowturbo.training.models import SIT_PRESETS, SiT, SiTConfig, sit_config
+from flowturbo.training.checkpoints import atomic_save_safetensors
 from flowturbo.training.trainers.common import (
     LoopConfig,
-    atomic_save_safetensors,
     check_run_folder,
     read_trained_weights,
     run_training,

@@ -31,6 +31,7 @@ from torch import nn
 
 from flowturbo.errors import CheckpointError, FlowTurboError
 from flowturbo.training.checkpoints import (
+    atomic_save_safetensors,
     extract_state_dict,
     infer_sit_config,
     load_checkpoint_file,
@@ -39,7 +40,6 @@ from flowturbo.training.checkpoints import (
 from flowturbo.training.models import SIT_PRESETS, RefinerConfig, SiT, SiTConfig, VelocityRefiner
 from flowturbo.training.trainers.common import (
     LoopConfig,
-    atomic_save_safetensors,
     check_run_folder,
     read_trained_weights,
     run_training,
