@@ -9,6 +9,7 @@ whose output barely depends on t or the class (moving t from 0.5 to 1.0 changed 
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import torch
 
@@ -28,3 +29,23 @@ def strengthen_conditioning(model: torch.nn.Module, generator: torch.Generator) 
     for layer in modulations:
         layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) / math.sqrt(hidden))
     return model
+
+
+def save_tiny_bundle(folder: Path, seed: int) -> Path:
+    """A depth-1, width-32 SiT + refiner on (3, 6, 6) latents with an identity decoder and 10 classes, random
+    non-zero weights from ``seed``, saved into ``folder`` (exports and CLI runs in seconds); returns the path."""
+    from flowturbo.training.bundle import Bundle, BundleDefaults, save_bundle
+    from flowturbo.training.decoders import IdentityDecoder
+    from flowturbo.training.models import RefinerConfig, SiT, SiTConfig, VelocityRefiner, perturb_zero_initialized
+
+    generator = torch.Generator().manual_seed(seed)
+    config = SiTConfig(input_size=6, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2,
+                       mlp_ratio=2.0, num_classes=10, class_dropout_prob=0.1, learn_sigma=False)
+    predictor = SiT(config)
+    predictor.initialize_weights(generator)
+    perturb_zero_initialized(predictor, generator=generator)
+    refiner = VelocityRefiner(RefinerConfig.for_predictor(config))
+    refiner.initialize_weights(generator)
+    perturb_zero_initialized(refiner, generator=generator)
+    bundle = Bundle(predictor.eval(), refiner.eval(), IdentityDecoder(3).eval(), None, BundleDefaults("H1P1R1"))
+    return save_bundle(bundle, folder)

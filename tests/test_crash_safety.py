@@ -22,26 +22,15 @@ import torch
 
 from flowturbo import fileio
 from flowturbo.runtime.artifacts import load_artifacts
-from flowturbo.training.bundle import Bundle, BundleDefaults, save_bundle
-from flowturbo.training.decoders import IdentityDecoder
-from flowturbo.training.models import RefinerConfig, SiT, SiTConfig, VelocityRefiner, perturb_zero_initialized
+from micro_models import save_tiny_bundle
 
 KILLED = -signal.SIGKILL
 
 
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory) -> Path:
-    generator = torch.Generator().manual_seed(3)
-    config = SiTConfig(input_size=6, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2,
-                       mlp_ratio=2.0, num_classes=10, class_dropout_prob=0.1, learn_sigma=False)
-    predictor = SiT(config)
-    predictor.initialize_weights(generator)
-    perturb_zero_initialized(predictor, generator=generator)
-    refiner = VelocityRefiner(RefinerConfig.for_predictor(config))
-    refiner.initialize_weights(generator)
-    perturb_zero_initialized(refiner, generator=generator)
-    bundle = Bundle(predictor.eval(), refiner.eval(), IdentityDecoder(3).eval(), None, BundleDefaults("H1P1R1"))
-    return save_bundle(bundle, tmp_path_factory.mktemp("crash") / "micro")
+    """A depth-1, width-32 SiT + refiner on (3, 6, 6) latents with an identity decoder (exports in seconds)."""
+    return save_tiny_bundle(tmp_path_factory.mktemp("crash") / "micro", seed=3)
 
 
 def flowturbo(*args: str, kill_at: str | None = None, no_exchange: bool = False) -> subprocess.CompletedProcess:

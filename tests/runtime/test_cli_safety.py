@@ -22,12 +22,10 @@ import torch
 
 from flowturbo import fileio
 from flowturbo.errors import CheckpointError, FlowTurboError
-from flowturbo.export.pipeline import ExportRequest, export_bundle
 from flowturbo.runtime.artifacts import load_artifacts
 from flowturbo.runtime.cli import main
-from flowturbo.training.bundle import Bundle, BundleDefaults, load_bundle, save_bundle
-from flowturbo.training.decoders import IdentityDecoder
-from flowturbo.training.models import RefinerConfig, SiT, SiTConfig, VelocityRefiner, perturb_zero_initialized
+from flowturbo.training.bundle import load_bundle
+from micro_models import save_tiny_bundle
 
 SCHEDULE_ARGS = ["--schedule", "H1P1R1", "--cfg", "2.0"]
 
@@ -35,17 +33,7 @@ SCHEDULE_ARGS = ["--schedule", "H1P1R1", "--cfg", "2.0"]
 @pytest.fixture(scope="module")
 def bundle_dir(tmp_path_factory) -> Path:
     """A depth-1, width-32 SiT + refiner on (3, 6, 6) latents with an identity decoder (exports in seconds)."""
-    generator = torch.Generator().manual_seed(0)
-    config = SiTConfig(input_size=6, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2,
-                       mlp_ratio=2.0, num_classes=10, class_dropout_prob=0.1, learn_sigma=False)
-    predictor = SiT(config)
-    predictor.initialize_weights(generator)
-    perturb_zero_initialized(predictor, generator=generator)
-    refiner = VelocityRefiner(RefinerConfig.for_predictor(config))
-    refiner.initialize_weights(generator)
-    perturb_zero_initialized(refiner, generator=generator)
-    bundle = Bundle(predictor.eval(), refiner.eval(), IdentityDecoder(3).eval(), None, BundleDefaults("H1P1R1"))
-    return save_bundle(bundle, tmp_path_factory.mktemp("safety") / "micro")
+    return save_tiny_bundle(tmp_path_factory.mktemp("safety") / "micro", seed=0)
 
 
 EXPORT_ARGS = [*SCHEDULE_ARGS, "--batch", "1:2:4", "--format", "onnx", "--no-validate"]
