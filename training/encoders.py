@@ -198,6 +198,26 @@ def _read_safetensors(path: Path, what: str) -> dict[str, torch.Tensor]:
 
 
 # ---------------------------------------------------------------------------------- our autoencoder
+def read_autoencoder_file(path: str | os.PathLike[str]) -> tuple[Path, AutoencoderConfig, dict[str, torch.Tensor]]:
+    """A ``train autoencoder`` result (its run folder or ``autoencoder.safetensors``): the file, its
+    ``autoencoder_config`` metadata and all its tensors (``encoder.*``, ``decoder.*``, ``decoder_<variant>.*``)."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    file = path / AUTOENCODER_FILE if path.is_dir() else path
+    if not file.is_file():
+        raise CheckpointError(
+            f"no autoencoder at {path}: expected a `train autoencoder` run folder holding {AUTOENCODER_FILE} "
+            "(it is written when training finishes) or that file itself"
+        )
+    with safe_open(str(file), framework="pt", device="cpu") as f:
+        metadata = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if AUTOENCODER_METADATA_KEY not in metadata:
+        raise CheckpointError(f"{file} has no '{AUTOENCODER_METADATA_KEY}' metadata; it is not a flowturbo autoencoder")
+    return file, AutoencoderConfig.from_dict(json.loads(metadata[AUTOENCODER_METADATA_KEY])), tensors
+
+
 @register_encoder
 class FlowTurboAutoencoderEncoder(LatentEncoder):
     """The encoder half of :class:`flowturbo.training.autoencoder.FlowTurboAutoencoder` for bundles.
@@ -233,25 +253,11 @@ class FlowTurboAutoencoderEncoder(LatentEncoder):
 
         Reads the ``encoder.*`` keys and the ``autoencoder_config`` metadata (latent scale included).
         """
-        from safetensors import safe_open
-
-        path = Path(path)
-        file = path / AUTOENCODER_FILE if path.is_dir() else path
-        if not file.is_file():
-            raise CheckpointError(
-                f"no {AUTOENCODER_FILE} at {path} (a `train autoencoder` run folder or the file)"
-            )
-        with safe_open(str(file), framework="pt", device="cpu") as f:
-            metadata = f.metadata() or {}
-            state = {k[len(AUTOENCODER_ENCODER_PREFIX):]: f.get_tensor(k) for k in f.keys()
-                     if k.startswith(AUTOENCODER_ENCODER_PREFIX)}
-        if AUTOENCODER_METADATA_KEY not in metadata:
-            raise CheckpointError(
-                f"{file} has no '{AUTOENCODER_METADATA_KEY}' metadata; it is not a flowturbo autoencoder"
-            )
+        file, config, tensors = read_autoencoder_file(path)
+        state = {k[len(AUTOENCODER_ENCODER_PREFIX):]: v for k, v in tensors.items()
+                 if k.startswith(AUTOENCODER_ENCODER_PREFIX)}
         if not state:
             raise CheckpointError(f"{file} holds no encoder.* weights")
-        config = AutoencoderConfig.from_dict(json.loads(metadata[AUTOENCODER_METADATA_KEY]))
         return cls.from_weights(config, state, source or {"method": "autoencoder training", "file": file.name})
 
     def _encode(self, images: torch.Tensor) -> torch.Tensor:
@@ -494,5 +500,6 @@ __all__ = [
     "load_encoder",
     "load_encoder_from_bundle",
     "missing_encoder_error",
+    "read_autoencoder_file",
     "register_encoder",
 ]

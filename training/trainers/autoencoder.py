@@ -36,6 +36,7 @@ from flowturbo.training.autoencoder import (
     kl_divergence,
 )
 from flowturbo.training.checkpoints import atomic_save_safetensors
+from flowturbo.training.encoders import AUTOENCODER_FILE, AUTOENCODER_METADATA_KEY
 from flowturbo.training.trainers.common import (
     CONFIG_FILE,
     SECONDS_PER_MINUTE,
@@ -49,8 +50,6 @@ from flowturbo.training.trainers.common import (
     setup_distributed,
 )
 from flowturbo.training.trainers.data import (
-    AUTOENCODER_FILE,
-    AUTOENCODER_METADATA_KEY,
     ImageDataConfig,
     load_images,
     unflipped_tensors,

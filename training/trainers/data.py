@@ -25,12 +25,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from flowturbo.errors import CheckpointError, FlowTurboError
 from flowturbo.fileio import sha256_file
-from flowturbo.training.autoencoder import AutoencoderConfig, FlowTurboAutoencoder
+from flowturbo.training.autoencoder import FlowTurboAutoencoder
 from flowturbo.training.encoders import (
     AUTOENCODER_FILE,
-    AUTOENCODER_METADATA_KEY,
     DiffusersVAEEncoder,
     FlowTurboAutoencoderEncoder,
+    read_autoencoder_file,
 )
 from flowturbo.training.encoders import LatentEncoder as _BundleEncoder
 from flowturbo.training.image_folder import ImageFolderDataset, deterministic_flip
@@ -202,21 +202,7 @@ def load_autoencoder(path: str | Path, device: torch.device | str = "cpu") -> tu
 
     Returns ``(model, {variant: decoder state dict})``.
     """
-    from safetensors import safe_open
-
-    path = Path(path)
-    file = path / AUTOENCODER_FILE if path.is_dir() else path
-    if not file.is_file():
-        raise CheckpointError(
-            f"no autoencoder at {path}: expected a `train autoencoder` run folder holding {AUTOENCODER_FILE} "
-            "(it is written when training finishes) or that file itself"
-        )
-    with safe_open(str(file), framework="pt", device="cpu") as f:
-        metadata = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if AUTOENCODER_METADATA_KEY not in metadata:
-        raise CheckpointError(f"{file} has no '{AUTOENCODER_METADATA_KEY}' metadata; it is not a flowturbo autoencoder")
-    config = AutoencoderConfig.from_dict(json.loads(metadata[AUTOENCODER_METADATA_KEY]))
+    file, config, tensors = read_autoencoder_file(path)
     model = FlowTurboAutoencoder(config)
     from flowturbo.training.checkpoints import strict_load
 
