@@ -171,7 +171,6 @@ def build_models(dry: bool, device: Any) -> dict[str, Any]:
     from flowturbo.training.decoders import DiffusersVAEDecoder
     from flowturbo.training.models import RefinerConfig, SiT, SiTConfig, VelocityRefiner, perturb_zero_initialized
 
-    generator = torch.Generator(device="cpu").manual_seed(0)
     config = SiTConfig(**(DRY_MODEL if dry else GPU_MODEL), mlp_ratio=4.0, num_classes=1000 if not dry else 10,
                        class_dropout_prob=0.1, learn_sigma=True)
     with torch.device(device):
