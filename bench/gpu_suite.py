@@ -196,9 +196,7 @@ def pipeline_for(models: dict[str, Any], dtype: Any, kernels: str, device: Any, 
     backend = KernelBackend(kernels)
     predictor = copy.deepcopy(models["predictor"]).to(dtype).set_kernel_backend(backend)
     refiner = copy.deepcopy(models["refiner"]).to(dtype).set_kernel_backend(backend)
-    decoder = copy.deepcopy(models["decoder"]).to(dtype)
-    if device.type == "cuda":
-        decoder = decoder.to(memory_format=torch.channels_last)
+    decoder = copy.deepcopy(models["decoder"]).to(dtype)  # TorchPipeline makes it channels-last on CUDA
     if compile_models:
         predictor, refiner = torch.compile(predictor), torch.compile(refiner)
         decoder.decoder = torch.compile(decoder.decoder)

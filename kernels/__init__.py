@@ -21,7 +21,7 @@ from flowturbo.kernels.adaln import (
     layernorm_modulate_reference,
     layernorm_modulate_triton,
 )
-from flowturbo.kernels.backend import KernelBackend
+from flowturbo.kernels.backend import KernelBackend, default_kernel_backend
 from flowturbo.kernels.solver import (
     cfg_correct,
     cfg_correct_reference,
@@ -46,6 +46,7 @@ __all__ = [
     "cfg_predict",
     "cfg_predict_reference",
     "cfg_predict_triton",
+    "default_kernel_backend",
     "gated_residual_layernorm_modulate",
     "gated_residual_layernorm_modulate_reference",
     "gated_residual_layernorm_modulate_triton",

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import enum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 
 class KernelBackend(str, enum.Enum):
@@ -20,3 +24,11 @@ class KernelBackend(str, enum.Enum):
 
             choices = ", ".join(repr(b.value) for b in cls)
             raise FlowTurboError(f"unknown kernel backend {value!r}; choose one of {choices}") from None
+
+
+def default_kernel_backend(device: "torch.device") -> KernelBackend:
+    """The fast path's choice for ``device``: our Triton kernels on CUDA when Triton is installed, else the
+    reference ops (CPU, or a CUDA machine without Triton)."""
+    from flowturbo.kernels._common import TRITON_AVAILABLE
+
+    return KernelBackend.TRITON if device.type == "cuda" and TRITON_AVAILABLE else KernelBackend.REFERENCE

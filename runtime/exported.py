@@ -25,7 +25,7 @@ import torch
 from flowturbo.dtypes import torch_dtype
 from flowturbo.errors import CheckpointError, FlowTurboError, SamplingError
 from flowturbo.integrator import IntegratorState, StepHooks, StepInfo, carries_halves, integrate
-from flowturbo.kernels import SolverOps
+from flowturbo.kernels import SolverOps, default_kernel_backend
 from flowturbo.noise import make_noise  # the one per-image noise rule, re-exported for the backends
 from flowturbo.runtime.artifacts import ArtifactEntry, ArtifactSet, load_artifacts
 from flowturbo.runtime.editing import (
@@ -107,7 +107,9 @@ class ExportedSampler:
         self.variant = artifacts.variant
         entries = artifacts.entries(self.artifact_format)
         self.halves = self._velocity_layout(entries)
-        self.ops = SolverOps(halves=self.halves)  # the graphs return guided velocities: add and update only
+        # The graphs return guided velocities: the loop adds and updates only, fused into one Triton kernel
+        # per update on CUDA (when Triton is installed), plain torch ops elsewhere.
+        self.ops = SolverOps(halves=self.halves, backend=default_kernel_backend(self.device))
         self._predict: dict[float | None, ModuleFn] = {}
         self._refine: dict[float | None, ModuleFn] = {}
         self._decode: ModuleFn | None = None
@@ -171,6 +173,7 @@ class ExportedSampler:
             "num_classes": self.num_classes,
             "latent_shape": list(self.latent_shape),
             "weights_sha256": self.artifacts.model.get("weights_sha256"),
+            "solver_ops": self.ops.describe(),
         }
 
     # ---------------------------------------------------------------------------------- the loop

@@ -15,7 +15,7 @@ import torch
 
 from flowturbo.dtypes import FLOAT_DTYPE_NAMES, dtype_name, torch_dtype
 from flowturbo.errors import CheckpointError, FlowTurboError
-from flowturbo.kernels import TRITON_AVAILABLE, KernelBackend
+from flowturbo.kernels import TRITON_AVAILABLE, KernelBackend, default_kernel_backend
 from flowturbo.training.bundle import BundleDefaults, load_bundle
 from flowturbo.training.checkpoints import (
     PREDICTOR_DEFAULT_ENTRY,
@@ -62,6 +62,9 @@ class TorchPipeline:
     checkpoint_entries: dict[str, str] | None = None  # official checkpoints: which entry each file was read from
     encoder: LatentEncoder | None = None  # images -> latents (inpainting / editing); see require_encoder
     encoder_source: str | None = None  # official checkpoints: the --vae folder its encoder is read from on demand
+
+    def __post_init__(self) -> None:
+        self.decoder.to_fast_layout(self.device)  # the SD-VAE / TAESD decoders run channels-last on CUDA
 
     def require_encoder(self, what: str) -> LatentEncoder:
         """The image encoder, loaded on first use for official checkpoints (the ``--vae`` AutoencoderKL's encoder);
@@ -130,7 +133,7 @@ def resolve_kernel_backend(name: str | KernelBackend | None, device: torch.devic
     An explicit ``'triton'`` where Triton cannot run is refused with the fix.
     """
     if name in (None, "auto"):
-        return KernelBackend.TRITON if device.type == "cuda" and TRITON_AVAILABLE else KernelBackend.REFERENCE
+        return default_kernel_backend(device)
     backend = KernelBackend.coerce(name)
     if backend is KernelBackend.TRITON:
         if not TRITON_AVAILABLE:

@@ -97,3 +97,38 @@ def test_grid_and_uint8():
     np.testing.assert_array_equal(grid[1:3, 1:3], pixels[0])
     np.testing.assert_array_equal(grid[4:6, 1:3], pixels[2])
     Image.fromarray(grid[..., 0])  # a valid image
+
+
+def test_cli_execution_flags_reach_the_sampler_and_the_graph_path_is_reported(bundle_dir, tmp_path, capsys,
+                                                                              monkeypatch):
+    """`--no-cuda-graph` / `--kernels` / `--dtype` reach Sampler.from_bundle; a graphed run prints its capture
+    as a row of its own and records the path in run.json (the CUDA graph replaced by the CPU stand-in)."""
+    from flowturbo.runtime.cuda_graphs import ReplayByCallBackend
+
+    seen: list[dict] = []
+    real = Sampler.from_bundle.__func__
+
+    def graphed(cls, model=None, **kwargs):
+        seen.append(dict(kwargs))
+        kwargs["cuda_graph"] = kwargs["cuda_graph"] is not False  # CUDA's default, on this CPU
+        return real(cls, model, graph_backend=ReplayByCallBackend(), **kwargs)
+
+    monkeypatch.setattr(Sampler, "from_bundle", classmethod(graphed))
+    common = ["sample", "--model", str(bundle_dir), "--schedule", "H1P1R1", "--num-images", "3", "--device", "cpu",
+              "--no-progress"]
+    assert main([*common, "--out", str(tmp_path / "graph")]) == 0
+    printed = capsys.readouterr().out
+    assert seen[-1]["cuda_graph"] is None and seen[-1]["kernel_backend"] == "auto" and seen[-1]["dtype"] is None
+    assert "execution: reference kernels + CUDA graph" in printed
+    assert "graph capture" in printed and "sample+decode" in printed and "sample (ODE)" not in printed
+    record = json.loads((tmp_path / "graph" / "run.json").read_text())
+    assert record["execution"]["cuda_graph"] is True and record["seconds"]["cuda_graph_capture"] > 0
+
+    assert main([*common, "--no-cuda-graph", "--kernels", "reference", "--dtype", "float32",
+                 "--out", str(tmp_path / "eager")]) == 0
+    printed = capsys.readouterr().out
+    assert seen[-1]["cuda_graph"] is False and seen[-1]["kernel_backend"] == "reference"
+    assert seen[-1]["dtype"] == "float32"
+    assert "graph capture" not in printed and "sample (ODE)" in printed
+    record = json.loads((tmp_path / "eager" / "run.json").read_text())
+    assert record["execution"]["cuda_graph"] is False and "cuda_graph_capture" not in record["seconds"]

@@ -169,6 +169,24 @@ def test_cuda_only_options_are_refused_on_cpu():
     assert resolve_kernel_backend("auto", torch.device("cpu")) is KernelBackend.REFERENCE
 
 
+def test_fast_path_defaults_follow_the_device(monkeypatch):
+    """bfloat16 + our Triton kernels on CUDA (when Triton is installed), float32 + reference ops elsewhere;
+    the exported backends' loops pick their solver ops by the same rule."""
+    import flowturbo.kernels._common as common
+    from flowturbo.kernels import default_kernel_backend
+    from flowturbo.runtime.pytorch_backend import resolve_dtype
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_dtype(None, cuda) is torch.bfloat16 and resolve_dtype("auto", cuda) is torch.bfloat16
+    assert resolve_dtype(None, cpu) is torch.float32 and resolve_dtype("float32", cuda) is torch.float32
+    monkeypatch.setattr(common, "TRITON_AVAILABLE", True)
+    assert default_kernel_backend(cuda) is KernelBackend.TRITON
+    assert resolve_kernel_backend(None, cuda) is KernelBackend.TRITON
+    assert default_kernel_backend(cpu) is KernelBackend.REFERENCE
+    monkeypatch.setattr(common, "TRITON_AVAILABLE", False)
+    assert default_kernel_backend(cuda) is KernelBackend.REFERENCE  # no Triton: the reference ops, not an error
+
+
 def test_default_sampler_on_cpu_is_the_reference_path():
     sampler = Sampler.from_bundle(device="cpu")
     assert sampler.graphs is None

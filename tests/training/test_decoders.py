@@ -204,12 +204,31 @@ def test_load_vae_decoder_picks_autoencoder_kl_by_default(vae_folder):
     assert isinstance(decoders.load_vae_decoder(folder), DiffusersVAEDecoder)
 
 
-def test_channels_last_decoder_gives_the_same_images(vae_folder):
-    """The fast path converts the SD-VAE decoder to channels-last; images must not change."""
-    vae, folder = vae_folder
-    decoder = DiffusersVAEDecoder.from_folder(folder)
-    z = _latents()
+@pytest.mark.parametrize("kind", ["kl", "tiny"])
+def test_channels_last_decoder_gives_the_same_images(kind, vae_folder, tiny_folder):
+    """The fast path makes the diffusers decoders channels-last on CUDA (``to_fast_layout``, called by every
+    TorchPipeline); on the CPU it leaves them alone. Images must not change."""
+    from flowturbo.runtime.pytorch_backend import TorchPipeline
+    from flowturbo.training.bundle import BundleDefaults
+
+    folder = (vae_folder if kind == "kl" else tiny_folder)[1]
+    decoder = decoders.load_vae_decoder(folder)
+    z = _latents(size=4) * 2.0
     with torch.no_grad():
         plain = decoder.decode(z)
-        fast = decoder.to(memory_format=torch.channels_last).decode(z)
+
+    def first_conv_is_channels_last() -> bool:
+        weight = next(p for p in decoder.parameters() if p.dim() == 4 and p.shape[-1] > 1)
+        return weight.is_contiguous(memory_format=torch.channels_last) and not weight.is_contiguous()
+
+    def pipeline_on(device: str) -> TorchPipeline:  # the modules stay on the CPU: only the layout decision runs
+        return TorchPipeline(torch.nn.Identity(), None, decoder, 10, (4, 4, 4), None, BundleDefaults(), "test",
+                             torch.device(device), torch.float32)
+
+    pipeline_on("cpu")
+    assert not first_conv_is_channels_last()
+    pipeline_on("cuda")
+    assert first_conv_is_channels_last()
+    with torch.no_grad():
+        fast = decoder.decode(z)
     torch.testing.assert_close(fast, plain, **tol(torch.float32))
