@@ -21,7 +21,13 @@ from flowturbo.kernels.adaln import (
     layernorm_modulate_reference,
     layernorm_modulate_triton,
 )
-from flowturbo.kernels.backend import KernelBackend, default_kernel_backend
+from flowturbo.kernels.backend import (
+    KernelBackend,
+    KernelFallbackWarning,
+    default_kernel_backend,
+    require_triton_kernels,
+    triton_launch_failure,
+)
 from flowturbo.kernels.solver import (
     cfg_correct,
     cfg_correct_reference,
@@ -37,6 +43,7 @@ from flowturbo.kernels.solver import (
 __all__ = [
     "TRITON_AVAILABLE",
     "KernelBackend",
+    "KernelFallbackWarning",
     "SolverOps",
     "advance_reference",
     "cfg_correct",
@@ -53,4 +60,6 @@ __all__ = [
     "layernorm_modulate",
     "layernorm_modulate_reference",
     "layernorm_modulate_triton",
+    "require_triton_kernels",
+    "triton_launch_failure",
 ]

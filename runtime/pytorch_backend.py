@@ -15,7 +15,7 @@ import torch
 
 from flowturbo.dtypes import FLOAT_DTYPE_NAMES, dtype_name, torch_dtype
 from flowturbo.errors import CheckpointError, FlowTurboError
-from flowturbo.kernels import TRITON_AVAILABLE, KernelBackend, default_kernel_backend
+from flowturbo.kernels import TRITON_AVAILABLE, KernelBackend, default_kernel_backend, require_triton_kernels
 from flowturbo.training.bundle import BundleDefaults, load_bundle
 from flowturbo.training.checkpoints import (
     PREDICTOR_DEFAULT_ENTRY,
@@ -128,7 +128,8 @@ def resolve_device(name: str | torch.device | None) -> torch.device:
 
 
 def resolve_kernel_backend(name: str | KernelBackend | None, device: torch.device) -> KernelBackend:
-    """``None`` / ``'auto'``: our Triton kernels on CUDA (when Triton is installed), the reference ops elsewhere.
+    """``None`` / ``'auto'``: our Triton kernels on CUDA (when Triton is installed and a probe launch works there;
+    otherwise the reference ops with one warning naming the cause), the reference ops elsewhere.
 
     An explicit ``'triton'`` where Triton cannot run is refused with the fix.
     """
@@ -143,6 +144,7 @@ def resolve_kernel_backend(name: str | KernelBackend | None, device: torch.devic
                 f"--kernels triton runs our Triton kernels on CUDA, not on {device}; use --kernels reference (the "
                 "CPU default) or --device cuda"
             )
+        require_triton_kernels(device)  # installed but unable to compile/run here: one clear error
     return backend
 
 

@@ -170,21 +170,56 @@ def test_cuda_only_options_are_refused_on_cpu():
 
 
 def test_fast_path_defaults_follow_the_device(monkeypatch):
-    """bfloat16 + our Triton kernels on CUDA (when Triton is installed), float32 + reference ops elsewhere;
-    the exported backends' loops pick their solver ops by the same rule."""
+    """bfloat16 + our Triton kernels on CUDA (when Triton is installed and works there), float32 + reference ops
+    elsewhere; the exported backends' loops pick their solver ops by the same rule."""
     import flowturbo.kernels._common as common
-    from flowturbo.kernels import default_kernel_backend
+    import flowturbo.kernels.backend as backend
+    from flowturbo.kernels import KernelFallbackWarning, default_kernel_backend
     from flowturbo.runtime.pytorch_backend import resolve_dtype
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert resolve_dtype(None, cuda) is torch.bfloat16 and resolve_dtype("auto", cuda) is torch.bfloat16
     assert resolve_dtype(None, cpu) is torch.float32 and resolve_dtype("float32", cuda) is torch.float32
     monkeypatch.setattr(common, "TRITON_AVAILABLE", True)
-    assert default_kernel_backend(cuda) is KernelBackend.TRITON
-    assert resolve_kernel_backend(None, cuda) is KernelBackend.TRITON
+    monkeypatch.setattr(backend, "triton_launch_failure", lambda device: None)  # a GPU where Triton works
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert default_kernel_backend(cuda) is KernelBackend.TRITON
+        assert resolve_kernel_backend(None, cuda) is KernelBackend.TRITON
+        assert resolve_kernel_backend("triton", cuda) is KernelBackend.TRITON
     assert default_kernel_backend(cpu) is KernelBackend.REFERENCE
+
+    # Triton installed but unable to run on this GPU: auto falls back with one warning, an explicit ask is refused
+    monkeypatch.setattr(backend, "triton_launch_failure", lambda device: "RuntimeError: no kernel image for sm_50")
+    with pytest.warns(KernelFallbackWarning, match=r"cannot run on cuda \(RuntimeError: no kernel image for sm_50\)"):
+        assert resolve_kernel_backend("auto", cuda) is KernelBackend.REFERENCE
+    with pytest.raises(FlowTurboError, match=r"--kernels triton: .*no kernel image for sm_50.*use --kernels reference"):
+        resolve_kernel_backend("triton", cuda)
+
     monkeypatch.setattr(common, "TRITON_AVAILABLE", False)
     assert default_kernel_backend(cuda) is KernelBackend.REFERENCE  # no Triton: the reference ops, not an error
+
+
+def test_triton_probe_checks_launches_against_the_references(monkeypatch):
+    """The probe runs the solver and adaLN kernels (here through the interpreter) and compares them with their
+    references: a kernel computing a wrong value or raising is reported, with the cause, as not usable."""
+    import flowturbo.kernels.backend as backend
+    import flowturbo.kernels.solver as solver
+
+    backend._probe.cache_clear()
+    assert backend._probe("cpu") is None  # the interpreter runs them correctly
+    real = solver.cfg_predict_triton
+    backend._probe.cache_clear()
+    monkeypatch.setattr(solver, "cfg_predict_triton", lambda *a, **k: tuple(t + 1 for t in real(*a, **k)))
+    assert backend._probe("cpu") == "a probe launch returned wrong values"
+    backend._probe.cache_clear()
+
+    def broken(*args, **kwargs):
+        raise RuntimeError("PTX assembly failed\nsecond line")
+
+    monkeypatch.setattr(solver, "cfg_predict_triton", broken)
+    assert backend._probe("cpu") == "RuntimeError: PTX assembly failed"
+    backend._probe.cache_clear()
 
 
 def test_default_sampler_on_cpu_is_the_reference_path():
