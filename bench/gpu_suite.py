@@ -101,13 +101,15 @@ def log(message: str) -> None:
 
 # ------------------------------------------------------------------------------------------- build
 def ensure_importable(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    """Carried wheels on sys.path, then flowturbo installed (editable, C++ extensions built) unless it imports."""
-    site = CARRY / "site"
+    """Carried wheels on sys.path, then flowturbo installed (editable, C++ extensions built) unless it imports.
+
+    The wheels are unpacked into a temporary folder (never into ``.devcarry``: what a run leaves there would
+    travel with the next carry and count against its 64 MiB)."""
     wheels = sorted((CARRY / "wheels").glob("*.whl")) if (CARRY / "wheels").is_dir() else []
-    if wheels and not site.is_dir():
+    if wheels:
+        site = Path(tempfile.mkdtemp(prefix="gpu_suite_site_"))
         subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
                         "--target", str(site), *map(str, wheels)], check=True)
-    if site.is_dir():
         sys.path.insert(0, str(site))
         os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
     started = time.perf_counter()
@@ -307,6 +309,24 @@ def aoti_rows(models: dict[str, Any], dry: bool, device: Any, schedule: Any, bat
     return rows
 
 
+def float64_reference(models: dict[str, Any], device: Any, schedule: Any,
+                      inputs: dict[int, tuple[Any, Any]]) -> dict[int, Any]:
+    """Final latents (CPU, float64) of the float64 reference path per batch: float64 copies of the models,
+    reference ops, eager, float64 state — what every row is also checked against (``max_abs_diff_vs_f64``)."""
+    import torch
+
+    from flowturbo.runtime.sampler import Sampler
+
+    sampler = Sampler(pipeline_for(models, torch.float64, "reference", device), cuda_graph=False)
+    with torch.inference_mode():
+        out = {batch: sampler._forward(schedule, noise.double(), labels)[1].cpu()
+               for batch, (noise, labels) in inputs.items()}
+    del sampler
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return out
+
+
 def time_row(row: Row, noise: Any, labels: Any, warmup: int, replays: int, device: Any) -> dict[str, Any]:
     """Build (first call), then warm-up, then ``replays`` timed runs: median ms per image, final latents."""
     import torch
@@ -366,6 +386,9 @@ def run_rows(args: argparse.Namespace, results: dict[str, Any], budget: Budget) 
         inputs[batch] = (noise, labels)
     table: dict[str, dict[str, Any]] = {}
     references: dict[int, Any] = {}
+    started = time.perf_counter()
+    reference64 = float64_reference(models, device, schedule, inputs)
+    results["float64_reference_s"] = time.perf_counter() - started
 
     def measure(rows: dict[str, Row]) -> None:
         for batch, (noise, labels) in inputs.items():
@@ -388,6 +411,7 @@ def run_rows(args: argparse.Namespace, results: dict[str, Any], budget: Budget) 
                 if batch in references:
                     entry["max_abs_diff_vs_b"] = float((latents - references[batch]).abs().max())
                     entry["ref_max_abs"] = float(references[batch].abs().max())
+                entry["max_abs_diff_vs_f64"] = float((latents.double() - reference64[batch]).abs().max())
                 table[f"{key}@{batch}"] = entry
                 log(f"row {key} batch {batch}: {measured['ms_per_image']:.3f} ms/img")
 
@@ -448,8 +472,9 @@ def run_kernel_bench(args: argparse.Namespace, results: dict[str, Any], budget: 
         results["kernel_bench"] = {"skipped": "--skip-kernel-bench" if args.skip_kernel_bench else "time budget"}
         return
     out = args.out / "kernels.json"
-    command = [sys.executable, str(REPO / "bench" / "bench_kernels.py"), "--out", str(out), "--skip-model",
-               "--no-compile"] + (["--dry-run"] if args.dry_run else [])
+    # On the GPU with the torch.compile (Inductor) variants: the solver kernels' target is "<= Inductor".
+    command = [sys.executable, str(REPO / "bench" / "bench_kernels.py"), "--out", str(out), "--skip-model"] + \
+        (["--dry-run", "--no-compile"] if args.dry_run else [])
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=max(60, budget.left - 10))
     (args.out / "bench_kernels.log").write_text(proc.stdout + proc.stderr)
     results["kernel_bench"] = {"returncode": proc.returncode, "table": proc.stdout.strip().splitlines()[-12:]}
@@ -457,11 +482,12 @@ def run_kernel_bench(args: argparse.Namespace, results: dict[str, Any], budget: 
 
 # ------------------------------------------------------------------------------------------- report
 def short_table(results: dict[str, Any]) -> str:
-    lines = [f"{'row':<46}{'batch':>6}{'ms/img':>10}{'build s':>9}{'max|dz| vs b':>14}"]
+    lines = [f"{'row':<46}{'batch':>6}{'ms/img':>10}{'build s':>9}{'max|dz| vs b':>14}{'vs f64':>10}"]
     for key, entry in sorted(results.get("rows", {}).items(), key=lambda kv: (kv[1]["batch"], kv[0])):
-        diff = entry.get("max_abs_diff_vs_b")
+        diff, diff64 = entry.get("max_abs_diff_vs_b"), entry.get("max_abs_diff_vs_f64")
         lines.append(f"({key[0]}) {entry['row']:<42}{entry['batch']:>6}{entry['ms_per_image']:>10.3f}"
-                     f"{entry['build_s']:>9.1f}{'' if diff is None else f'{diff:>14.3g}'}")
+                     f"{entry['build_s']:>9.1f}{f'{diff:>14.3g}' if diff is not None else ' ' * 14}"
+                     f"{'' if diff64 is None else f'{diff64:>10.3g}'}")
     for batch, ratio in results.get("ratios", {}).items():
         text = ", ".join(f"{k}={v:.3f}" for k, v in ratio.items() if v is not None)
         lines.append(f"batch {batch}: {text}   (targets: d_over_c <= 0.9, b_over_d >= 1.6 at 8, e_over_d <= 1 at 1)")
