@@ -457,7 +457,7 @@ def run_tests(args: argparse.Namespace, results: dict[str, Any], budget: Budget)
         selection = ["tests/runtime/test_fast_path.py", "-k", "cuda_only or graph_cache"]  # fast, CPU-safe subset
     else:
         selection = ["tests/kernels", "tests/runtime/test_fast_path.py", "tests/runtime/test_cpp_runner.py",
-                     "-m", "gpu or not slow"]
+                     "tests/training/test_models.py", "-m", "gpu or not slow"]
     command = [sys.executable, "-m", "pytest", "-q", "-x", "--timeout", str(int(max(60, budget.left - 30))),
                *selection]
     proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=max(60, budget.left - 20))

@@ -201,18 +201,20 @@ class Sampler:
         return images, t1 - t0, t2 - t1, 0.0
 
     def _largest_batch_that_fits(self, schedule: SamplingSchedule, noise: torch.Tensor, labels: torch.Tensor) -> int:
-        """Halve the batch until one step-by-step run fits in GPU memory (0: not even one image)."""
-        size = noise.shape[0] // 2
-        while size >= 1:
+        """The largest batch (< the failed one) whose step-by-step run fits in GPU memory, by bisection over
+        [0, n) (about log2(n) trial runs); 0: not even one image."""
+        fits, fails = 0, noise.shape[0]  # invariant: ``fits`` images run (0 trivially), ``fails`` images do not
+        while fails - fits > 1:
+            size = (fits + fails) // 2
             if self.pipeline.device.type == "cuda":
                 torch.cuda.empty_cache()
             try:
                 self._forward(schedule, noise[:size], labels[:size])
                 _sync(self.pipeline.device)
-                return size
+                fits = size
             except torch.OutOfMemoryError:
-                size //= 2
-        return 0
+                fails = size
+        return fits
 
     def _out_of_memory(self, schedule: SamplingSchedule, noise: torch.Tensor, labels: torch.Tensor) -> SamplingError:
         if self.graphs is not None:

@@ -144,7 +144,7 @@ def test_out_of_memory_reports_the_largest_batch_that_fits(monkeypatch):
     monkeypatch.setattr(sampler, "_run_batch",
                         lambda s, n, y, task=None, rows=None: (limited(s, n, y), real(s, n, y, task))[1])
     with pytest.raises(SamplingError, match=r"a batch of 8 images does not fit in GPU memory.*largest batch that "
-                                            r"fits is 2: pass --batch 2"):
+                                            r"fits is 3: pass --batch 3"):
         sampler.sample(list(range(5)) + [0, 1, 2], schedule=SCHEDULE, seed=0)
 
 
