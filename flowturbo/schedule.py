@@ -54,6 +54,12 @@ class StepKind(str, enum.Enum):
     def label(self) -> str:
         return {"E": "Euler", "H": "Heun", "P": "pseudo corrector", "R": "refiner"}[self.value]
 
+    @property
+    def carries_velocity(self) -> bool:
+        """True when a step of this kind carries a velocity into the next step (H, P, R do; E carries none):
+        the one rule deciding where an R step may stand and whether a P step costs 1 or 2 predictor calls."""
+        return self is not StepKind.EULER
+
 
 _LETTERS = "".join(kind.value for kind in StepKind)
 _LETTER_HELP = "E (Euler), H (Heun), P (pseudo corrector), R (refiner)"
@@ -123,7 +129,7 @@ def _validate_steps(steps: Sequence[StepKind]) -> None:
                 "a refiner step corrects the velocity carried from a preceding H or P step: start with H or P, "
                 "e.g. 'H1P5R3'"
             )
-        carried = kind is not StepKind.EULER
+        carried = kind.carries_velocity
 
 
 def _is_number(value: object) -> bool:
@@ -232,7 +238,7 @@ class SamplingSchedule:
                 calls.append((1 if carried else 2, 0))
             else:
                 calls.append((0, 2))
-            carried = kind is not StepKind.EULER
+            carried = kind.carries_velocity
         return tuple(calls)
 
     @property
