@@ -51,15 +51,25 @@ def main() -> None:
     rows = [{"tree": tree, "backend": backend, "batch": batch, "ms_per_image": statistics.median(values),
              "ms_per_image_all": values} for (tree, backend, batch), values in sorted(samples.items())]
     first, second = trees[0][0], trees[-1][0]
-    print(f"| backend | batch | {first} ms/img | {second} ms/img | {second}/{first} |\n|---|---:|---:|---:|---:|")
+    # Paired by round: both trees ran back to back in each round, so the per-round ratio cancels slow drift of
+    # the machine; its median and how many rounds the second tree was slower say more than two medians.
+    print(f"| backend | batch | {first} ms/img | {second} ms/img | {second}/{first} | paired median ratio | "
+          f"rounds {second} slower |\n|---|---:|---:|---:|---:|---:|---:|")
     lookup = {(r["tree"], r["backend"], r["batch"]): r["ms_per_image"] for r in rows}
+    paired = []
     for backend, batch in sorted({(b, k) for _, b, k in samples}, key=lambda x: (x[1], x[0])):
         a, b = lookup.get((first, backend, batch)), lookup.get((second, backend, batch))
         if a and b:
-            print(f"| {backend} | {batch} | {a:.2f} | {b:.2f} | {b / a:.3f} |")
+            ratios = [y / x for x, y in zip(samples[(first, backend, batch)], samples[(second, backend, batch)])]
+            slower = sum(r > 1 for r in ratios)
+            paired.append({"backend": backend, "batch": batch, "paired_median_ratio": statistics.median(ratios),
+                           "rounds_second_slower": slower, "ratios": ratios})
+            print(f"| {backend} | {batch} | {a:.2f} | {b:.2f} | {b / a:.3f} | {statistics.median(ratios):.3f} | "
+                  f"{slower}/{len(ratios)} |")
     if args.out:
         Path(args.out).write_text(json.dumps({"trees": {n: str(f) for n, f in trees}, "meta": meta,
-                                              "rounds": args.rounds, "rows": rows}, indent=2) + "\n")
+                                              "rounds": args.rounds, "rows": rows, "paired": paired},
+                                             indent=2) + "\n")
 
 
 if __name__ == "__main__":
