@@ -381,6 +381,7 @@ def eval_features(args: argparse.Namespace, device: str) -> tuple[Any, Any]:
 def check_eval_sampling_args(args: argparse.Namespace) -> None:
     """Refuse bad ``eval`` flags about the samples it draws (one process or under torchrun)."""
     from flowturbo.training.evaluation import check_sample_count
+    from flowturbo.training.evaluation.features import INCEPTION_DIM
 
     check_seed(args.seed)
     check_device(args.device)
@@ -389,7 +390,9 @@ def check_eval_sampling_args(args: argparse.Namespace) -> None:
             raise FlowTurboError(f"--num-samples must be in [1, {MAX_IMAGES}] images, got {args.num_samples}")
         if args.batch < 1:
             raise FlowTurboError(f"--batch must be >= 1 image, got {args.batch}")
-        check_sample_count(args.num_samples, allow_small_sample=args.allow_small_sample, flag="--num-samples")
+        check_sample_count(args.num_samples, allow_small_sample=args.allow_small_sample, flag="--num-samples",
+                           feature_dim=INCEPTION_DIM if args.features == "inception" else None,
+                           what=f"--features {args.features}")
 
 
 def _run_eval(args: argparse.Namespace) -> int:
@@ -460,6 +463,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                               num_reference=args.num_reference, classifier=classifier,
                               allow_small_sample=args.allow_small_sample)
     result.update(info)
+    if result.get("warning"):  # --allow-small-sample: loud on stderr too, not only inside the JSON
+        print(result["warning"], file=sys.stderr)
     text = json.dumps(result, indent=2, sort_keys=True)
     print(text)
     if args.out:

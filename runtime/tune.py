@@ -6,29 +6,44 @@ The search (:class:`Tuner`), in order:
    FlowTurbo), Euler ``E{n}``, optionally every valid general string up to a few steps, each on every time
    grid of a small family (:class:`Grid`: uniform, a power warp ``t = u^g``, a shift ``t = s u / (1 + (s-1) u)``),
    plus the seed report's velocity-norm rule ``dt = C/||f||`` for a few C. R steps longer than the refiner's
-   training range (``dt <= 0.12``) are allowed and flagged. A model without a refiner drops R (said once).
+   training range (``dt <= 0.12``) are allowed and flagged. A model without a refiner tunes with R = 0 (any
+   refiner counts asked for are mapped to 0, said once).
 2. **Prices** (:class:`CallCosts`): the per-call cost of the predictor (CFG batch), the refiner, the decode
-   and the solver update of one step, measured once on the chosen device at ``latency_batch`` images; a
-   candidate's price is ``(P c_pred + R c_ref + N c_step + c_decode) / batch`` from its exact call counts
-   (the velocity-norm rule: from the calls it made). Candidates above the budget are not searched.
-3. **Successive halving**: every candidate is scored on the first ``n_0`` images, the best ``1/eta`` (by
-   non-dominated sorting on (price, FID), so the whole front survives, plus each family's best) go on to
+   and the solver update of one step, measured once on the chosen device at ``latency_batch`` images with the
+   PyTorch backend, eagerly (one call at a time); a candidate's price is
+   ``(P c_pred + R c_ref + N c_step + c_decode) / batch`` from its exact call counts (the velocity-norm rule:
+   from the calls it made; before it ran, from its fewest possible calls, ``ceil(1/dt_max)`` steps). Candidates
+   above the budget are not searched; if none can fit, the tune is refused naming the cheapest and its cost.
+   Under torchrun only rank 0 measures, while the others wait in a collective (which does not use the CPU),
+   with the CPU threads a single process uses (torchrun pins every process to one thread; ``--threads``
+   overrides), and every rank prices with rank 0's costs: the prices do not depend on the number of processes.
+3. **Successive halving**: every candidate is scored on the first ``n_0`` images, the best ``ceil(n/eta)`` of
+   the ``n`` alive (by non-dominated sorting on (price, FID): the front first, so the whole front survives
+   only while it has at most ``ceil(n/eta)`` members, then the next layers), plus each family's best, go on to
    ``eta`` times more images, up to ``num_samples``. All candidates see identical noise (image i from seed
    ``seed + i``) and classes (``i mod K``), so their FIDs are paired. ``search="exhaustive"`` scores every
    candidate on ``num_samples`` (for comparison).
-4. **Front**: the Pareto front (price vs FID) of the candidates scored on ``num_samples``; its members' real
-   latency is measured at the end (both shown); the recommendation is the lowest FID whose price fits the
-   budget.
+4. **Front**: the Pareto front (price vs FID) of the candidates scored on ``num_samples``; the recommendation is
+   the lowest FID whose price fits the budget (none fits: refused, naming the cheapest). Then the real latency
+   of the front's members (and each family's front, the baselines, the recommendations) is measured (both
+   shown): on CPU eagerly as priced; on CUDA on the path ``flowturbo sample`` runs by default (the schedule and
+   the decode as one CUDA graph; eager with ``cuda_graph=False`` / ``--no-cuda-graph``, and always for the
+   velocity-norm rule, which cannot be captured). With a ``budget_ms``, a recommendation whose *measured*
+   latency exceeds the budget is reported loudly (``latency_check`` in the report, a warning in the summary)
+   and replaced by the lowest-FID measured candidate whose measured latency fits, if there is one.
 
 Per-image features (and class predictions, and the rule's calls) are cached per candidate id (the schedule
 id, or a hash of the rule's settings) under the cache folder, keyed by everything they depend on; a killed
-tune continues with ``resume=True`` from its state file (settings must match: the differing fields are named).
+tune continues with ``resume=True`` from its state file (settings, including a digest of every model weight,
+must match: the differing fields are named).
 Under torchrun the images of every candidate are split over the processes, features gathered on rank 0.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import hashlib
 import io
 import itertools
@@ -37,6 +52,8 @@ import math
 import os
 import platform
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -50,6 +67,7 @@ from flowturbo import __version__
 from flowturbo.errors import FlowTurboError
 from flowturbo.fileio import atomic_write_bytes, atomic_write_json, crash_point
 from flowturbo.noise import make_noise
+from flowturbo.runtime.cuda_graphs import CaptureBackend
 from flowturbo.runtime.distributed import Ranks
 from flowturbo.runtime.pytorch_backend import TorchPipeline
 from flowturbo.schedule import SamplingSchedule, StepKind, parse_steps
@@ -64,6 +82,7 @@ TUNE_FORMAT = "flowturbo.tune/1"
 STATE_FORMAT = "flowturbo.tune-state/1"
 REFINER_TRAINING_DT = 0.12  # the refiner is trained on dt ~ U(0, 0.12] (DESIGN.md §2): longer R steps are flagged
 VNORM_DT_MIN, VNORM_DT_MAX = 0.02, 0.25  # the rule's clip (as bench/quality_study.py)
+VNORM_MIN_STEPS = math.ceil(1 / VNORM_DT_MAX - 1e-9)  # the rule's fewest steps (it lands exactly on t = 1)
 FAMILIES = ("flowturbo", "heun", "euler", "general", "velocity-norm")
 
 
@@ -226,8 +245,11 @@ class SearchSpace:
         notes: list[str] = []
         strings = self.step_strings()
         if not has_refiner and any("R" in s for s in strings):
-            notes.append("this model has no refiner: R steps are left out, tuning without R")
-            strings = [s for s in strings if "R" not in s]
+            asked = ", ".join(str(r) for r in self.refiner if r) or "R in general strings"
+            notes.append(f"this model has no refiner: R steps are left out (refiner counts {asked} -> 0), "
+                         "tuning without R")
+            # every H/P combination with R = 0 (an explicit --refiner-steps 1:2 would otherwise leave nothing)
+            strings = [s for s in dataclasses.replace(self, refiner=(0,)).step_strings() if "R" not in s]
         out: dict[str, Candidate] = {}
         for text in strings:
             try:
@@ -267,6 +289,8 @@ class CallCosts:
     step_ms: float  # the solver update of one step (the arithmetic around the calls)
     device: str
     backend: str = "pytorch"
+    path: str = "eager"  # each call timed on its own (no CUDA graph)
+    threads: int | None = None  # CPU threads of torch while measuring (None: not on the CPU)
 
     def price(self, predictor_calls: float, refiner_calls: float, steps: float) -> float:
         """Milliseconds per image."""
@@ -316,7 +340,50 @@ def measure_call_costs(pipe: TorchPipeline, batch: int, cfg: float, guidance_cha
     decode_ms = _median_ms(lambda: pipe.decoder.decode(noise), pipe.device, repeats, warmup)
     step_ms = _median_ms(lambda: (ops.predict(raw, noise, 0.1), ops.correct(raw, noise, d, 0.1)), pipe.device,
                          repeats, warmup)
-    return CallCosts(batch, predictor_ms, refiner_ms, decode_ms, step_ms, str(pipe.device))
+    threads = torch.get_num_threads() if pipe.device.type == "cpu" else None
+    return CallCosts(batch, predictor_ms, refiner_ms, decode_ms, step_ms, str(pipe.device), threads=threads)
+
+
+@functools.lru_cache(maxsize=1)
+def single_process_threads() -> int:
+    """The CPU threads torch uses in a plain single process on this machine (``flowturbo sample`` without
+    torchrun): its default without ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``, which torchrun sets to 1 in every
+    process it starts. Asked of a fresh interpreter (torch's default is fixed at start-up)."""
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
+    try:
+        out = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],
+                             capture_output=True, text=True, timeout=120, env=env, check=True)
+        return max(1, int(out.stdout.split()[-1]))
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
+        return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+@contextlib.contextmanager
+def torch_threads(threads: int | None):
+    """Run the block with ``threads`` CPU threads of torch (None: unchanged), restoring the count after."""
+    before = torch.get_num_threads()
+    if threads is not None and threads != before:
+        torch.set_num_threads(threads)
+    try:
+        yield
+    finally:
+        if torch.get_num_threads() != before:
+            torch.set_num_threads(before)
+
+
+# ------------------------------------------------------------------------------------------ sample counts
+def check_metric_samples(n: int, metric: str, *, allow_small_sample: bool, flag: str = "--num-samples",
+                         feature_dim: int | None = None) -> str | None:
+    """The evaluation's sample-count rule (:func:`flowturbo.training.evaluation.check_sample_count`) for ``metric``:
+    ``inception-fid`` (2048-d features) needs at least 2049. ``feature_dim``: the extractor's (default: known for
+    inception-fid only; the domain features are far smaller than the general minimum). Returns the warning of
+    an allowed small sample."""
+    from flowturbo.training.evaluation import check_sample_count
+    from flowturbo.training.evaluation.features import INCEPTION_DIM
+
+    dim = feature_dim if feature_dim is not None else (INCEPTION_DIM if metric == "inception-fid" else None)
+    return check_sample_count(n, allow_small_sample=allow_small_sample, flag=flag, feature_dim=dim,
+                              what=f"--metric {metric}")
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -415,12 +482,86 @@ def nondominated_order(points: Sequence[tuple[str, float, float]]) -> list[str]:
     return order
 
 
+def weights_digest(pipe: TorchPipeline) -> str:
+    """SHA-256 of every weight of the predictor, the refiner and the decoder (names, dtypes, shapes and all
+    bytes): the caches and ``resume`` must never mix two models. Hashing runs at ~1 GB/s, seconds even for
+    large models, nothing next to a tune."""
+    digest = hashlib.sha256()
+    for role, module in (("predictor", pipe.predictor), ("refiner", pipe.refiner), ("decoder", pipe.decoder)):
+        if module is None or not hasattr(module, "state_dict"):
+            digest.update(f"{role}:none".encode())
+            continue
+        for name, tensor in sorted(module.state_dict().items()):
+            flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+            digest.update(f"{role}.{name}:{flat.dtype}:{tuple(tensor.shape)}".encode())
+            digest.update(flat.view(torch.uint8).numpy() if flat.numel() else b"")
+    return digest.hexdigest()
+
+
+def apply_measured_budget(report: dict[str, Any]) -> None:
+    """Hold the recommendations to the budget by their *measured* latency, not only their price.
+
+    With a budget in ms/image, a recommendation (``recommended``, ``recommended_fixed``) whose measured latency
+    exceeds it is replaced by the lowest-FID candidate measured within the budget (the latency re-measurement
+    covers the front, each family's front and the baselines; for ``recommended_fixed`` only fixed schedules), if
+    there is one; either way a warning says so. Writes ``report["latency_check"]``: ``checked``, ``budget_ms``,
+    ``within_budget`` (of the final recommendation), ``replaced`` (role -> {priced, measured_ms_per_image,
+    replaced_by}) and ``warnings``; and each measured row's ``measured_within_budget``. A budget in
+    predictor-call equivalents is not a latency: nothing is checked then.
+    """
+    budget = report["budget"]
+    check: dict[str, Any] = {"checked": False, "budget_ms": None, "within_budget": None, "replaced": {},
+                             "warnings": []}
+    report["latency_check"] = check
+    if budget["unit"] != "ms/image":
+        return
+    limit = float(budget["value"])
+    check.update(checked=True, budget_ms=limit)
+    rows = {r["name"]: r for r in report["candidates"]}
+    final = report["rungs"][-1]
+    for r in report["candidates"]:
+        measured = r.get("measured_ms_per_image")
+        r["measured_within_budget"] = None if measured is None else measured <= limit
+    fits = [r for r in report["candidates"] if r["measured_within_budget"] and r["fid"] is not None
+            and r["num_samples"] == final]
+    for role, label in (("recommended", "the recommended"), ("recommended_fixed", "the best fixed (exportable)")):
+        name = report.get(role)
+        if name is None or rows[name].get("measured_ms_per_image") is None:
+            continue
+        measured = rows[name]["measured_ms_per_image"]
+        if measured <= limit:
+            continue
+        pool = fits if role == "recommended" else [r for r in fits if r["schedule"] is not None]
+        better = min(pool, key=lambda r: (r["fid"], r["measured_ms_per_image"])) if pool else None
+        text = (f"{label} schedule {name} is priced at {rows[name]['price_ms_per_image']:.2f} ms/image but measured "
+                f"{measured:.2f} ms/image, over the budget of {limit:g} ms/image")
+        if better is not None:
+            text += (f"; recommending {better['name']} instead ({better['measured_ms_per_image']:.2f} ms/image "
+                     f"measured, {report['metric']} {better['fid']:.3f})")
+            report[role] = better["name"]
+        else:
+            text += "; no measured candidate fits the budget: raise it, or expect the recommendation to run over"
+        check["replaced"][role] = {"priced": name, "measured_ms_per_image": measured,
+                                   "replaced_by": None if better is None else better["name"]}
+        check["warnings"].append(text)
+    rec = rows[report["recommended"]] if report.get("recommended") else None
+    check["within_budget"] = None if rec is None else rec.get("measured_within_budget")
+
+
 class Tuner:
-    """Runs one tune (see the module docstring). ``ranks`` splits the images over torchrun processes."""
+    """Runs one tune (see the module docstring). ``ranks`` splits the images over torchrun processes.
+
+    ``measure_threads``: CPU threads of torch while rank 0 measures the call costs and the latencies (the CLI's
+    ``--threads``); None: unchanged in a single process, a single process's default under torchrun (see
+    :func:`single_process_threads`). ``cuda_graph``: the latency re-measurement's path on CUDA (None: the
+    sampler's default, a CUDA graph; False: eager); ``graph_backend``: a capture stand-in (tests, CPU dry runs).
+    """
 
     def __init__(self, config: TuneConfig, pipe: TorchPipeline, extractor: Any, *, classifier: Any = None,
                  cache_dir: Path, ranks: Ranks | None = None, progress: bool = True,
-                 state_path: Path | None = None, resume: bool = False, log: Callable[[str], None] = print) -> None:
+                 state_path: Path | None = None, resume: bool = False, log: Callable[[str], None] = print,
+                 measure_threads: int | None = None, cuda_graph: bool | None = None,
+                 graph_backend: CaptureBackend | None = None) -> None:
         self.config = config
         self.pipe = pipe
         self.extractor = extractor
@@ -428,6 +569,10 @@ class Tuner:
         self.ranks = ranks or Ranks()
         self.progress = progress and self.ranks.is_main
         self.log = log if self.ranks.is_main else (lambda text: None)
+        self.measure_threads = measure_threads
+        self.cuda_graph = cuda_graph
+        self.graph_backend = graph_backend
+        self.weights_digest = weights_digest(pipe)
         self.cache = cache_dir / self._context_key()
         self.state_path = state_path
         self.resume = resume
@@ -440,15 +585,7 @@ class Tuner:
     def _context_key(self) -> str:
         """Everything a candidate's cached features depend on besides the candidate itself."""
         c = self.config
-        weights = hashlib.sha256()
-        for module in (self.pipe.predictor, self.pipe.refiner, self.pipe.decoder):
-            if module is None:
-                continue
-            for name, tensor in sorted(module.state_dict().items()):
-                weights.update(name.encode())
-                weights.update(tensor.detach().to("cpu", torch.float32).numpy().tobytes()[:4096])
-                weights.update(str(tuple(tensor.shape)).encode())
-        fields = {"weights": weights.hexdigest(), "features": self.extractor.identity(), "seed": c.seed,
+        fields = {"weights": self.weights_digest, "features": self.extractor.identity(), "seed": c.seed,
                   "batch": c.batch, "cfg": c.cfg, "guidance_channels": c.guidance_channels, "device": c.device,
                   "dtype": c.dtype, "noise": "per-image seed + index (flowturbo.noise)", "classes": "i mod K"}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
@@ -544,8 +681,12 @@ class Tuner:
         if self.ranks.is_main and self.state_path is not None:
             atomic_write_json(self.state_path, self.state)
 
+    def settings(self) -> dict[str, Any]:
+        """The config's settings plus the digest of the model's weights (what ``resume`` compares)."""
+        return {**self.config.settings(), "weights": self.weights_digest}
+
     def _load_or_start_state(self, costs: CallCosts | None) -> None:
-        settings = self.config.settings()
+        settings = self.settings()
         state = None
         if self.ranks.is_main and self.resume:
             if self.state_path is None or not self.state_path.is_file():
@@ -564,6 +705,10 @@ class Tuner:
     def run(self) -> dict[str, Any]:
         """The whole tune; returns the report (on rank 0; other ranks get None-filled parts)."""
         c, started = self.config, time.perf_counter()
+        warning = check_metric_samples(c.num_samples, c.metric, allow_small_sample=c.allow_small_sample,
+                                       feature_dim=getattr(self.extractor, "dim", None))
+        if warning:
+            self.log(f"flowturbo tune: {warning}")
         self.ranks.run_all(lambda: self._load_or_start_state(None), "reading the tune state")
         candidates, notes = c.space.candidates(cfg=c.cfg, guidance_channels=c.guidance_channels,
                                                has_refiner=self.pipe.refiner is not None, baselines=c.baselines)
@@ -574,15 +719,11 @@ class Tuner:
                                  + (" (" + "; ".join(notes) + ")" if notes else "")
                                  + "; widen --heun / --pseudo / --euler or give --vnorm-c")
         t0 = time.perf_counter()
-        costs = None
-        if self.ranks.is_main:
-            costs = (CallCosts(**self.state["costs"]) if self.state.get("costs") else
-                     measure_call_costs(self.pipe, c.latency_batch, c.cfg, c.guidance_channels))
-            self.state["costs"] = dataclasses.asdict(costs)
-        costs = self.ranks.broadcast(costs, "sharing the call costs")
+        costs = self._call_costs()
         self.timings["measure_costs_s"] = time.perf_counter() - t0
         searched, priced = self._within_budget(candidates, costs)
-        self.reference = self._reference() if self.ranks.is_main else None
+        self.reference = self.ranks.run_all(lambda: self._reference() if self.ranks.is_main else None,
+                                            "computing the reference statistics")
         rungs = c.rung_sizes()
         alive = searched
         scores: dict[str, dict[str, Any]] = self.state["scores"]  # id -> {str(n): Scored json}
@@ -608,19 +749,50 @@ class Tuner:
                 alive = self.ranks.broadcast(self._survivors(alive, n, costs) if self.ranks.is_main else None,
                                              "sharing the survivors")
         self.timings["search_s"] = time.perf_counter() - t0 - self.timings["measure_costs_s"]
-        report = None
-        if self.ranks.is_main:
-            report = self._report(candidates, priced, scores, rungs, costs, history)
+        report = self.ranks.run_all(
+            lambda: self._report(candidates, priced, scores, rungs, costs, history) if self.ranks.is_main else None,
+            "choosing the front")
         report = self.ranks.broadcast(report, "sharing the front")
         t1 = time.perf_counter()
-        if self.ranks.is_main:
-            self._measure_latencies(report, candidates)
-        self.ranks.barrier_all()
+
+        def measure_latencies() -> None:  # rank 0 alone (the others wait in run_all's collective)
+            if self.ranks.is_main:
+                with torch_threads(self._measuring_threads()):
+                    self._measure_latencies(report, candidates)
+                apply_measured_budget(report)  # warnings in report["latency_check"] (the CLI prints them)
+
+        self.ranks.run_all(measure_latencies, "measuring the front's latency")
         self.timings["latency_s"] = time.perf_counter() - t1
         self.timings["total_s"] = time.perf_counter() - started
         if self.ranks.is_main:
             report["timings"] = dict(self.timings, evaluations=self.evaluations, images_generated=self.images_generated)
         return report
+
+    def _measuring_threads(self) -> int | None:
+        """CPU threads for timing (None: leave torch's count as it is); see the class docstring."""
+        if self.pipe.device.type != "cpu":
+            return None
+        if self.measure_threads is not None:
+            return self.measure_threads
+        return single_process_threads() if self.ranks.distributed else None
+
+    def _call_costs(self) -> CallCosts:
+        """Rank 0's call costs on every rank: rank 0 measures (or reads them from the resumed state) alone, with
+        a single process's threads, while the others wait; then they are broadcast."""
+        c = self.config
+
+        def measure() -> CallCosts | None:
+            if not self.ranks.is_main:
+                return None
+            if self.state.get("costs"):
+                return CallCosts(**self.state["costs"])
+            with torch_threads(self._measuring_threads()):
+                return measure_call_costs(self.pipe, c.latency_batch, c.cfg, c.guidance_channels)
+
+        costs = self.ranks.run_all(measure, "measuring the call costs")
+        costs = self.ranks.broadcast(costs, "sharing the call costs")
+        self.state["costs"] = dataclasses.asdict(costs)
+        return costs
 
     def _reference(self) -> Any:
         from flowturbo.training.evaluation import fashion_mnist_reference, load_reference_npz
@@ -655,18 +827,33 @@ class Tuner:
     def _unit(self) -> str:
         return "predictor-call equivalents" if self.config.budget_calls is not None else "ms/image"
 
+    def _floor_cost(self, cand: Candidate, costs: CallCosts) -> float:
+        """The least a candidate can cost: a fixed schedule's exact cost; the velocity-norm rule's with its fewest
+        possible steps (``ceil(1/dt_max)``, one call each plus the first)."""
+        if cand.schedule is not None:
+            return float(self._cost(cand, costs))
+        steps = VNORM_MIN_STEPS
+        if self.config.budget_calls is not None:
+            return costs.calls_equivalent(steps + 1, 0)
+        return costs.price(steps + 1, 0, steps)
+
     def _within_budget(self, candidates: list[Candidate], costs: CallCosts) -> tuple[list[Candidate], dict[str, float]]:
         priced = {cand.id: self._cost(cand, costs) for cand in candidates if cand.schedule is not None}
-        fixed = [cand for cand in candidates if cand.schedule is not None and not cand.baseline]
-        if fixed and not any(priced[cand.id] <= self.budget for cand in fixed):
-            cheapest = min(fixed, key=lambda cand: priced[cand.id])
+        searchable = [cand for cand in candidates if not cand.baseline]
+        floors = {cand.id: self._floor_cost(cand, costs) for cand in searchable}
+        if searchable and not any(floors[cand.id] <= self.budget for cand in searchable):
+            cheapest = min(searchable, key=lambda cand: (floors[cand.id], cand.schedule is None))
+            if cheapest.schedule is not None:
+                what = (f"{floors[cheapest.id]:.2f} {self._unit()} ({cheapest.schedule.predictor_calls} predictor + "
+                        f"{cheapest.schedule.refiner_calls} refiner calls on {costs.device})")
+            else:
+                what = (f"{floors[cheapest.id]:.2f} {self._unit()} or more (the rule takes at least "
+                        f"{VNORM_MIN_STEPS} steps, {VNORM_MIN_STEPS + 1} predictor calls, as dt <= {VNORM_DT_MAX}, on "
+                        f"{costs.device})")
             raise FlowTurboError(
                 f"the budget of {self.budget:g} {self._unit()} is below the cheapest candidate, {cheapest.name} at "
-                f"{priced[cheapest.id]:.2f} {self._unit()} ({cheapest.schedule.predictor_calls} predictor + "
-                f"{cheapest.schedule.refiner_calls} refiner calls on {costs.device}); raise the budget, or add cheaper "
-                "candidates (fewer steps: --heun, --pseudo, --euler)")
-        searched = [cand for cand in candidates if not cand.baseline
-                    and (cand.schedule is None or priced[cand.id] <= self.budget)]
+                f"{what}; raise the budget, or add cheaper candidates (fewer steps: --heun, --pseudo, --euler)")
+        searched = [cand for cand in searchable if floors[cand.id] <= self.budget]
         return searched, priced
 
     def _survivors(self, alive: list[Candidate], n: int, costs: CallCosts) -> list[Candidate]:
@@ -724,16 +911,26 @@ class Tuner:
             if members:
                 family_fronts[family] = pareto_front(members)
         eligible = [r for r in finals if r["within_budget"]]
-        recommended = min(eligible, key=lambda r: (r["fid"], r["cost"])) if eligible else None
+        if not eligible:  # e.g. only velocity-norm candidates, which took more calls than their fewest
+            scored = [r for r in rows if r["cost"] is not None and r["fid"] is not None]
+            cheapest = min(scored, key=lambda r: r["cost"]) if scored else None
+            raise FlowTurboError(
+                f"no candidate fits the budget of {self.budget:g} {self._unit()}"
+                + (f": the cheapest scored, {cheapest['name']}, costs {cheapest['cost']:.2f} {self._unit()} "
+                   f"({cheapest['predictor_calls']:.3g} predictor + {cheapest['refiner_calls']:.3g} refiner calls "
+                   f"on {costs.device})" if cheapest else "")
+                + "; raise the budget, or add cheaper candidates (fixed schedules with fewer steps: --heun, --pseudo, "
+                "--euler; larger --vnorm-c values take longer, fewer steps)")
+        recommended = min(eligible, key=lambda r: (r["fid"], r["cost"]))
         fixed = [r for r in eligible if r["schedule"] is not None]
         best_fixed = min(fixed, key=lambda r: (r["fid"], r["cost"])) if fixed else None
         return {
-            "format": TUNE_FORMAT, "flowturbo_version": __version__, "settings": c.settings(),
+            "format": TUNE_FORMAT, "flowturbo_version": __version__, "settings": self.settings(),
             "budget": {"value": self.budget, "unit": self._unit()},
             "costs": dataclasses.asdict(costs), "rungs": rungs, "history": history,
             "metric": c.metric, "num_candidates": len(candidates), "candidates": rows, "front": front,
             "family_fronts": family_fronts,
-            "recommended": None if recommended is None else recommended["name"],
+            "recommended": recommended["name"],
             "recommended_fixed": None if best_fixed is None else best_fixed["name"],
             "device": c.device, "host": platform.node(), "torch_version": torch.__version__,
             "cpu_count": os.cpu_count(), "world_size": self.ranks.world_size,
@@ -750,9 +947,19 @@ class Tuner:
         pipe, c = self.pipe, self.config
         noise = make_noise(c.latency_batch, pipe.latent_shape, c.seed, dtype=pipe.state_dtype, device=pipe.device)
         labels = (torch.arange(c.latency_batch) % pipe.num_classes).to(pipe.device)
-        measured = {}
+        use_graph = pipe.device.type == "cuda" if self.cuda_graph is None else bool(self.cuda_graph)
+        sampler = None
+        if use_graph:  # the path `flowturbo sample` runs by default on CUDA: schedule + decode in one CUDA graph
+            from flowturbo.runtime.sampler import Sampler
+
+            sampler = Sampler(pipe, cuda_graph=True, graph_backend=self.graph_backend, graph_batch=c.latency_batch)
+        measured, paths = {}, {}
         for name in tqdm(sorted(names), desc="latency of the front", disable=not self.progress, leave=False):
             cand = by_name[name]
+            if sampler is not None and cand.schedule is not None:
+                measured[name], paths[name] = self._graph_latency(sampler, cand.schedule)
+                continue
+            paths[name] = "eager"
 
             def run(cand: Candidate = cand) -> None:
                 if cand.schedule is not None:
@@ -768,6 +975,23 @@ class Tuner:
             measured[name] = _median_ms(run, pipe.device, c.latency_repeats, 1) / c.latency_batch
         for r in report["candidates"]:
             r["measured_ms_per_image"] = measured.get(r["name"])
+            r["measured_path"] = paths.get(r["name"])
+
+    def _graph_latency(self, sampler: Any, schedule: SamplingSchedule) -> tuple[float, str]:
+        """ms/image of ``schedule`` through the sampler's CUDA-graph path (capture excluded, median of
+        ``latency_repeats`` replays after the capturing run), and the path that actually ran."""
+        c = self.config
+        classes = [i % self.pipe.num_classes for i in range(c.latency_batch)]
+
+        def once() -> float:
+            out = sampler.sample(classes, schedule=schedule, seed=c.seed, batch_size=c.latency_batch, progress=False)
+            return 1000 * out.times.total_s / c.latency_batch
+
+        once()  # captures (or falls back to eager, with the sampler's one-line warning)
+        ms = statistics.median(once() for _ in range(max(1, c.latency_repeats)))
+        path = "cuda-graph" if sampler.graphs.fallback_reason is None else "eager (CUDA graph capture failed)"
+        sampler.graphs.clear()  # one schedule's static buffers at a time
+        return ms, path
 
 
 __all__ = [
@@ -777,8 +1001,12 @@ __all__ = [
     "SearchSpace",
     "TuneConfig",
     "Tuner",
+    "apply_measured_budget",
+    "check_metric_samples",
     "measure_call_costs",
     "nondominated_order",
     "pareto_front",
     "settings_difference",
+    "single_process_threads",
+    "weights_digest",
 ]

@@ -29,7 +29,9 @@ def add_tune_parser(sub: argparse._SubParsersAction) -> None:
     _add_model_arguments(p)
     b = p.add_argument_group("budget (one of)")
     budget = b.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--budget-ms", type=float, help="ms per image (sample + decode) at --latency-batch")
+    budget.add_argument("--budget-ms", type=float,
+                        help="ms per image (sample + decode) at --latency-batch; the recommendation's measured "
+                             "latency is held to it too (a warning, and the best measured candidate that fits)")
     budget.add_argument("--budget-calls", type=float,
                         help="predictor-call equivalents (a refiner call counts its measured cost ratio)")
     q = p.add_argument_group("quality")
@@ -37,7 +39,8 @@ def add_tune_parser(sub: argparse._SubParsersAction) -> None:
                    help="domain-fid: the bundle's classifier features (fast); inception-fid: standard InceptionV3")
     q.add_argument("--num-samples", type=int, default=1000, help="samples of the last rung (the front's FIDs)")
     q.add_argument("--allow-small-sample", action="store_true",
-                   help="allow --num-samples below the metric's minimum (FIDs then carry a warning)")
+                   help="allow --num-samples below the metric's minimum (500; inception-fid: 2049, more than its "
+                        "2048 feature dimensions; FIDs then carry a warning)")
     q.add_argument("--num-reference", type=int, default=10000, help="Fashion-MNIST test images for the reference")
     q.add_argument("--reference", default=None, help="reference .npz (mu, sigma) instead of Fashion-MNIST")
     q.add_argument("--classifier", default=None, help="classifier folder (default: the model's classifier/)")
@@ -63,9 +66,15 @@ def add_tune_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--latency-batch", type=int, default=16, help="images per batch for costs and latencies")
     s.add_argument("--latency-repeats", type=int, default=3)
     s.add_argument("--threads", type=int, default=None,
-                   help="CPU threads of torch (default: all cores; 1 is steadier on a busy 2-core machine)")
+                   help="CPU threads of torch (default: all cores; 1 is steadier on a busy 2-core machine); under "
+                        "torchrun the costs and latencies are measured by rank 0 alone with this many threads "
+                        "(default: what a single process uses, not torchrun's 1 per process)")
     s.add_argument("--backend", default="pytorch", choices=BACKENDS,
-                   help="the backend whose call costs price the candidates (pytorch: eager)")
+                   help="the backend candidates are priced and timed on; only pytorch: prices are eager per-call "
+                        "costs (models, kernels and dtype as `flowturbo sample` loads them); the measured latency "
+                        "of the front is eager on CPU and, on CUDA, the CUDA-graph path `flowturbo sample` runs by "
+                        "default (eager with --no-cuda-graph). Exported backends (onnxruntime, aoti, tensorrt, "
+                        "cpp) are not tuned here: time the exported schedule with `flowturbo profile`")
     o = p.add_argument_group("output")
     o.add_argument("--out", required=True, help="output folder (tune.json, front.json, table.txt, front.png, "
                                                 "recommended_schedule.json); staged and swapped in when complete")
@@ -96,14 +105,15 @@ def state_path_for(cache_root: Path, out: str) -> Path:
 def check_tune_args(args: argparse.Namespace) -> None:
     """Refuse bad flags before anything is loaded (one ``error:`` line each)."""
     from flowturbo.runtime.cli import check_device, check_seed
-    from flowturbo.training.evaluation import check_sample_count
+    from flowturbo.runtime.tune import check_metric_samples
 
     check_seed(args.seed)
     check_device(args.device)
     budget = args.budget_ms if args.budget_ms is not None else args.budget_calls
     if not budget > 0:
         raise FlowTurboError(f"the budget must be > 0, got {budget}")
-    check_sample_count(args.num_samples, allow_small_sample=args.allow_small_sample, flag="--num-samples")
+    check_metric_samples(args.num_samples, args.metric, allow_small_sample=args.allow_small_sample,
+                         flag="--num-samples")
     if args.num_samples < 1 or args.min_samples < 1 or args.batch < 1 or args.latency_batch < 1:
         raise FlowTurboError("--num-samples, --min-samples, --batch and --latency-batch must be >= 1")
     if args.threads is not None and not 1 <= args.threads <= 4096:
@@ -191,7 +201,7 @@ def _make_tuner(args: argparse.Namespace, ranks: Any, cache_root: Path) -> Any:
     from flowturbo.training.evaluation.classifier import CONFIG_FILENAME as CLASSIFIER_CONFIG
 
     options = _pipeline_options(args)
-    options.pop("cuda_graph")
+    cuda_graph = options.pop("cuda_graph")  # the latency re-measurement's path on CUDA (the sampler's default)
     options["device"] = ranks.device(args.device)
     pipe = load_pipeline(args.model, **options)
     folder = _classifier_folder(args)
@@ -203,7 +213,8 @@ def _make_tuner(args: argparse.Namespace, ranks: Any, cache_root: Path) -> Any:
     extractor = classifier if args.metric == "domain-fid" else InceptionFeatures(pipe.device)
     config = _config(args, pipe)
     return Tuner(config, pipe, extractor, classifier=classifier, cache_dir=cache_root, ranks=ranks,
-                 progress=not args.no_progress, state_path=state_path_for(cache_root, args.out), resume=args.resume)
+                 progress=not args.no_progress, state_path=state_path_for(cache_root, args.out), resume=args.resume,
+                 measure_threads=args.threads, cuda_graph=cuda_graph)
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -224,6 +235,8 @@ def table_text(report: dict[str, Any]) -> str:
         ref = f"{r['refiner_calls']:.3g}" if r["refiner_calls"] is not None else "-"
         price = "-" if r["price_ms_per_image"] is None else f"{r['price_ms_per_image']:.2f}"
         over = "" if r["within_budget"] in (None, True) else " (over budget)"
+        if r.get("measured_within_budget") is False:
+            over += " (measured over budget)"
         lines.append(f"{mark:<2}{r['name']:<24}{r['family']:<14}{pred:>6}{ref:>5}{price:>14}{measured:>10}"
                      f"{r['num_samples']:>9}{r['fid']:>9.3f}{acc:>10}  {'; '.join(r['flags'])}{over}")
     return "\n".join(lines)
@@ -237,6 +250,7 @@ def write_outputs(folder: Path, report: dict[str, Any], tuner: Any) -> None:
     (folder / "front.json").write_text(json_text({
         "budget": report["budget"], "recommended": report["recommended"],
         "recommended_fixed": report["recommended_fixed"], "metric": report["metric"],
+        "latency_check": report.get("latency_check"),
         "num_samples": report["rungs"][-1], "front": front, "family_fronts": report["family_fronts"]}))
     fixed = next((r for r in report["candidates"] if r["name"] == report["recommended_fixed"]), None)
     if fixed is not None:
@@ -286,16 +300,18 @@ def print_summary(report: dict[str, Any], args: argparse.Namespace) -> None:
     print(f"call costs at batch {costs['batch']} on {costs['device']}: predictor {costs['predictor_ms']:.2f} ms, "
           f"refiner {ref} ms, decode {costs['decode_ms']:.2f} ms, step update {costs['step_ms']:.2f} ms")
     print(table_text(report))
-    rec = next((r for r in report["candidates"] if r["name"] == report["recommended"]), None)
-    if rec is None:
-        print("no candidate scored on every sample fits the budget")
-    else:
-        measured = rec.get("measured_ms_per_image")
-        print(f"recommended: {rec['name']}: expected {report['metric']} {rec['fid']:.3f} ({rec['num_samples']} "
-              f"samples), {rec['price_ms_per_image']:.2f} ms/image priced, "
-              f"{'-' if measured is None else f'{measured:.2f}'} ms/image measured")
-        if report["recommended_fixed"] != report["recommended"] and report["recommended_fixed"]:
-            print(f"best fixed schedule (exportable): {report['recommended_fixed']}")
+    paths = sorted({r["measured_path"] for r in report["candidates"] if r.get("measured_path")})
+    print(f"priced from per-call costs ({costs.get('path', 'eager')}, pytorch); measured latency: "
+          f"{', '.join(paths) or '-'}")
+    rec = next(r for r in report["candidates"] if r["name"] == report["recommended"])
+    measured = rec.get("measured_ms_per_image")
+    print(f"recommended: {rec['name']}: expected {report['metric']} {rec['fid']:.3f} ({rec['num_samples']} "
+          f"samples), {rec['price_ms_per_image']:.2f} ms/image priced, "
+          f"{'-' if measured is None else f'{measured:.2f}'} ms/image measured")
+    if report["recommended_fixed"] != report["recommended"] and report["recommended_fixed"]:
+        print(f"best fixed schedule (exportable): {report['recommended_fixed']}")
+    for text in (report.get("latency_check") or {}).get("warnings", []):
+        print(f"WARNING: {text}")
     t = report["timings"]
     print(f"tune wall time {t['total_s']:.1f} s ({t['evaluations']} evaluations, {t['images_generated']} images "
           f"generated); wrote {args.out}")

@@ -123,3 +123,19 @@ def test_bad_inputs(root, features, tmp_path, seeded):
         run(images[:3], None, features, root, tmp_path)
     with pytest.raises(FlowTurboError, match="FeatureExtractor"):
         evaluate_samples(images, features=features.classifier)
+
+
+def test_fid_needs_more_samples_than_feature_dimensions():
+    """D-d features need D + 1 samples (a non-singular covariance) on top of the general minimum; the eval CLI
+    applies it to Inception's 2048-d features before drawing anything."""
+    from flowturbo.runtime.cli import main
+    from flowturbo.training.evaluation import MIN_METRIC_SAMPLES, check_sample_count
+
+    assert check_sample_count(2049, feature_dim=2048) is None
+    with pytest.raises(FlowTurboError, match=r"at least 2049 samples \(samples\), got 2048"):
+        check_sample_count(2048, feature_dim=2048)
+    assert "2048-d features" in check_sample_count(2048, feature_dim=2048, allow_small_sample=True)
+    assert check_sample_count(MIN_METRIC_SAMPLES, feature_dim=64) is None  # small features: the general rule
+    with pytest.raises(FlowTurboError, match=f"at least {MIN_METRIC_SAMPLES} are needed"):
+        check_sample_count(MIN_METRIC_SAMPLES - 1, feature_dim=64)
+    assert main(["eval", "--features", "inception", "--num-samples", "1000", "--device", "cpu"]) == 2

@@ -117,8 +117,23 @@ def _resolve_reference(
     )
 
 
-def check_sample_count(n: int, *, allow_small_sample: bool = False, flag: str = "samples") -> str | None:
-    """Refuse fewer than :data:`MIN_METRIC_SAMPLES` samples unless allowed; returns the warning text then."""
+def check_sample_count(n: int, *, allow_small_sample: bool = False, flag: str = "samples",
+                       feature_dim: int | None = None, what: str | None = None) -> str | None:
+    """Refuse fewer than :data:`MIN_METRIC_SAMPLES` samples unless allowed; returns the warning text then.
+
+    ``feature_dim``: the features' dimension D; FID's covariance estimate of D-d features is singular with D
+    samples or fewer, so at least D + 1 are needed too (2049 for Inception's 2048-d features). ``what`` names the
+    metric in the messages (e.g. ``--metric inception-fid``).
+    """
+    if feature_dim is not None and n <= feature_dim:
+        name = what or f"FID of {feature_dim}-d features"
+        if not allow_small_sample:
+            raise FlowTurboError(
+                f"{name} needs at least {feature_dim + 1} samples ({flag}), got {n}: its features are "
+                f"{feature_dim}-d and FID's covariance estimate is singular with no more samples than dimensions; "
+                f"raise {flag} to {feature_dim + 1} or more, or pass --allow-small-sample to get numbers anyway")
+        return (f"WARNING: only {n} samples for {feature_dim}-d features (at least {feature_dim + 1} needed): the "
+                "covariance is singular, the FIDs are unreliable and not comparable with other runs")
     if n >= MIN_METRIC_SAMPLES:
         return None
     if not allow_small_sample:
@@ -169,7 +184,8 @@ def evaluate_samples(
     n = images.shape[0]
     if n <= k:
         raise FlowTurboError(f"evaluation needs more than k={k} samples, got {n}")
-    check_sample_count(n, allow_small_sample=allow_small_sample)  # refused before any feature is extracted
+    # refused before any feature is extracted
+    check_sample_count(n, allow_small_sample=allow_small_sample, feature_dim=getattr(features, "dim", None))
     label_tensor = None
     if labels is not None:
         label_tensor = torch.as_tensor(np.asarray(labels) if not isinstance(labels, torch.Tensor) else labels)
@@ -219,7 +235,7 @@ def score_features(
     n = int(sample_features.shape[0])
     if n <= k:
         raise FlowTurboError(f"evaluation needs more than k={k} samples, got {n}")
-    warning = check_sample_count(n, allow_small_sample=allow_small_sample)
+    warning = check_sample_count(n, allow_small_sample=allow_small_sample, feature_dim=int(sample_features.shape[1]))
     ref = _resolve_reference(
         reference, features, num_reference=num_reference, root=root, cache_dir=cache_dir, progress=progress
     )
