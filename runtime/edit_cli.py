@@ -138,6 +138,8 @@ def _run(args: argparse.Namespace, out_folder: Any, disk_size: tuple[int, int]) 
         guidance: Any = "default" if args.guidance_channels is None else args.guidance_channels
         schedule = sampler.default_schedule(args.schedule, args.cfg, guidance)
         num_classes, class_names, model_info = pipe.num_classes, pipe.class_names, pipe.describe()
+        # Whatever the mask (an all-black one needs no model call), a model without an encoder is refused.
+        pipe.require_encoder("inpainting" if args.task == "inpaint" else "editing")
         if args.threads is not None:
             torch.set_num_threads(args.threads)
     load_s = time.perf_counter() - t_load
@@ -167,13 +169,21 @@ def _run(args: argparse.Namespace, out_folder: Any, disk_size: tuple[int, int]) 
     task = samples.task or {}
     what = (f"strength {args.strength} (t0 = {task.get('t0', 0):.3g})" if args.task == "edit"
             else f"{100 * task.get('regenerated_fraction', 0):.1f}% of the pixels regenerated")
-    print(f"flowturbo {args.task}: {samples.schedule}, {n} images, {what}, backend {sampler.backend}")
+    print(f"flowturbo {args.task}: {_schedule_line(samples)}, {n} images, {what}, backend {sampler.backend}")
     for note in task.get("notes", []):
         print(f"note: {note}")
     if samples.num_batches:
         _print_timings(load_s, samples, write_s, "load model" if args.artifacts is None else "load artifacts")
     print(f"wrote {out / 'grid.png'}, {n} PNGs, {', '.join(inputs)} and {out / 'run.json'}")
     return 0
+
+
+def _schedule_line(samples: Any) -> str:
+    """``H1P5R3 (3 predictor + 3 refiner calls, cfg=1.5)`` with the calls really made (0 for an all-black mask)."""
+    schedule = samples.schedule
+    guidance = "" if schedule.guidance_scale == 1.0 else f", cfg={schedule.guidance_scale:g}"
+    return (f"{schedule.notation} ({samples.predictor_calls} predictor + {samples.refiner_calls} refiner calls"
+            f"{guidance})")
 
 
 def _exported_schedule(args: argparse.Namespace, sampler: Any) -> Any:

@@ -73,14 +73,35 @@ def _open(path: str | os.PathLike[str], what: str) -> Any:
     return image
 
 
+SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # how PIL opens 16-bit grayscale PNGs
+
+
+def _eight_bit(image: Any, notes: list[str], what: str) -> Any:
+    """A 16-bit grayscale image (PIL mode ``I;16`` / ``I``) as 8-bit ``L``: ``round(v / 257)``, so 0..65535 maps
+    onto 0..255 and a 16-bit copy of an 8-bit image (``v * 257``) gives back its exact bytes. (PIL's own
+    ``convert("L")`` clips every value above 255 to white.) Other modes are returned as they are."""
+    if image.mode not in SIXTEEN_BIT_MODES:
+        return image
+    from PIL import Image
+
+    values = np.asarray(image).astype(np.float64)
+    if values.min() < 0 or values.max() > 65535:
+        raise FlowTurboError(f"{what} holds values outside 0..65535 (a {image.mode} image); give an 8- or 16-bit "
+                             "PNG or a JPEG")
+    notes.append(f"converted the 16-bit {image.mode} {what.lstrip('-')} to 8 bits (value / 257, rounded)")
+    return Image.fromarray(np.rint(values / 257.0).astype(np.uint8), mode="L")
+
+
 def load_image(path: str | os.PathLike[str], *, channels: int, size: int, resize: bool = False) -> ImageInput:
     """Read an image file as (1, channels, size, size) in [-1, 1].
 
     A colour image for a grayscale model is converted (and the note says so), likewise grayscale for an RGB
-    model; a size other than the model's is refused unless ``resize`` (bicubic, noted).
+    model; a 16-bit grayscale image is scaled to 8 bits (:func:`_eight_bit`, noted); a size other than the
+    model's is refused unless ``resize`` (bicubic, noted).
     """
     image = _open(path, "--image")
     notes: list[str] = []
+    image = _eight_bit(image, notes, "--image")
     mode = "L" if channels == 1 else "RGB"
     if image.mode != mode:
         notes.append(f"converted the {image.mode} image to {mode} for a {channels}-channel model")
@@ -117,6 +138,7 @@ def load_mask(path: str | os.PathLike[str], *, size: int, image_size: tuple[int,
     if image.size != want and not resize:
         raise FlowTurboError(f"--mask is {image.size[0]}x{image.size[1]} but --image is {want[0]}x{want[1]}; "
                              "give a mask of the image's size or pass --resize")
+    image = _eight_bit(image, notes, "--mask")
     if image.mode not in ("L", "1"):
         notes.append(f"converted the {image.mode} mask to grayscale")
     gray = image.convert("L")

@@ -231,11 +231,42 @@ class ExportedSampler:
         return images, latents, t1 - t0, time.perf_counter() - t1
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """The export's encoder graph (``flowturbo export --with-encoder``): images in [-1, 1] -> latents."""
+        """The export's encoder graph (``flowturbo export --with-encoder``): images (n, C, H, W) in [-1, 1] ->
+        latents (n, C, h, w).
+
+        The graph takes batches of the export's profile MIN..MAX only, so the images go through it in chunks
+        of at most MAX; a chunk below MIN (e.g. the one input image of a 2:2:2 export) is padded by repeating
+        its last image, and the padding rows' latents are dropped (the encoder works image by image).
+        """
+        encoder = self._require_encoder()
+        low, _, high = self.artifacts.batch
+        images = images.to(device=self.device, dtype=self.dtype)
+        latents = []
+        for start in range(0, images.shape[0], high):
+            chunk = images[start:start + high]
+            n = chunk.shape[0]
+            if n < low:
+                chunk = torch.cat([chunk, chunk[-1:].expand(low - n, *chunk.shape[1:])])
+            self.artifacts.check_batch(chunk.shape[0])
+            latents.append(encoder(images=chunk.contiguous())[0][:n])
+        return torch.cat(latents)
+
+    def _require_encoder(self) -> ModuleFn:
+        """The encoder graph, or the error naming the fix (checked before anything runs, whatever the mask)."""
         if self._encoder is None:
             raise FlowTurboError(f"the export {self.artifacts.root} has no encoder graph, which inpainting and editing "
                                  "need: re-export with `flowturbo export --with-encoder ...`")
-        return self._encoder(images=images.to(device=self.device, dtype=self.dtype).contiguous())[0]
+        return self._encoder
+
+    def _check_task_request(self, classes: Sequence[int], schedule: SamplingSchedule | None,
+                            batch_size: int | None) -> None:
+        """Refuse what :meth:`_generate` would refuse (schedule, classes, batches outside the profile, e.g. fewer
+        results than its MIN) and a missing encoder graph, before the image is encoded."""
+        self._require_encoder()
+        self.artifacts.check_schedule(schedule)
+        self.artifacts.check_classes(list(classes))
+        if len(classes):
+            self.artifacts.batch_size_for(len(classes), batch_size)
 
     # ----------------------------------------------------------------------------------- public
     @torch.inference_mode()
@@ -265,6 +296,7 @@ class ExportedSampler:
         image = image if isinstance(image, ImageInput) else ImageInput(image.float())
         mask = mask.float().reshape(-1, 1, *mask.shape[-2:])
         self._check_task_image(image, mask, len(classes))
+        self._check_task_request(classes, schedule, batch_size)
         if not bool(mask.any()):
             warn_nothing_to_regenerate()
             return input_only_samples(image, classes, self.schedule, self.num_classes, mask_notes)
@@ -279,6 +311,7 @@ class ExportedSampler:
         image = image if isinstance(image, ImageInput) else ImageInput(image.float())
         strength = check_strength(strength)
         self._check_task_image(image, None, len(classes))
+        self._check_task_request(classes, schedule, batch_size)
         if self.variant == "per-step" and strength != 1.0:
             raise FlowTurboError("editing walks the schedule on a grid rescaled onto [1 - strength, 1], but a per-step "
                                  "export folds only the schedule's own times into its graphs: export --variant "

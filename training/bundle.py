@@ -281,10 +281,7 @@ def load_bundle(
             refiner_path, refiner_config, device=device, dtype=dtype, kernel_backend=backend
         )
     decoder = load_decoder_from_bundle(root, config["decoder"], device, dtype)
-    encoder = None
-    if config.get(ENCODER_CONFIG_KEY) is not None:
-        encoder = load_encoder_from_bundle(root, config[ENCODER_CONFIG_KEY], device, dtype)
-        check_encoder_fits(encoder, config, str(root))
+    encoder = _load_encoder_or_none(root, config, device, dtype)
     try:
         return Bundle(predictor, refiner, decoder, config.get("class_names"), defaults, encoder)
     except CheckpointError:
@@ -298,6 +295,25 @@ def load_bundle(
                 f"--refiner ...`)"
             ) from exc
         raise CheckpointError(f"bundle {root} is inconsistent: {exc}") from exc
+
+
+def _load_encoder_or_none(root: Path, config: dict[str, Any], device: torch.device | str,
+                          dtype: torch.dtype) -> LatentEncoder | None:
+    """The bundle's encoder, or None when it has none *or when the declared one cannot be loaded* (missing or
+    damaged weights file, weights that do not fit, another model's encoder).
+
+    Only inpainting and editing need the encoder, so a broken one must not stop the bundle from sampling:
+    they raise :func:`flowturbo.training.encoders.missing_encoder_error`, which re-reads the bundle and gives
+    this load's reason (naming the file). :func:`flowturbo.training.encoders.load_encoder` stays strict.
+    """
+    if config.get(ENCODER_CONFIG_KEY) is None:
+        return None
+    try:
+        encoder = load_encoder_from_bundle(root, config[ENCODER_CONFIG_KEY], device, dtype)
+        check_encoder_fits(encoder, config, str(root))
+    except FlowTurboError:  # CheckpointError, or e.g. diffusers missing for a diffusers-vae encoder
+        return None
+    return encoder
 
 
 # ------------------------------------------------------------------------------------------- random

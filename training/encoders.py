@@ -183,7 +183,8 @@ def _weights_path(folder: str | os.PathLike[str], config: Mapping[str, Any], wha
     if not path.is_file():
         raise CheckpointError(
             f"bundle {folder} declares an encoder ({what}) but has no weights file {name}; "
-            "copy the encoder weights there or remove the 'encoder' entry from config.json"
+            "copy the encoder weights there or repackage the bundle with `flowturbo train package` (the bundle "
+            "still samples without them)"
         )
     return path
 
@@ -462,7 +463,32 @@ def load_encoder(
 
 
 def missing_encoder_error(bundle_dir: str | os.PathLike[str], what: str = "this command") -> FlowTurboError:
-    """The error to raise when ``what`` (inpainting, editing) needs an encoder the bundle lacks."""
+    """The error to raise when ``what`` (inpainting, editing) needs an encoder the model lacks.
+
+    ``bundle_dir`` is the model's source: a bundle folder, or ``load_pipeline``'s ``"official checkpoints: ..."``.
+    Three cases, three fixes: official checkpoints with a TAESD ``--vae`` (it only decodes: give an
+    AutoencoderKL folder); a bundle whose ``config.json`` declares an encoder that could not be loaded
+    (``load_bundle`` lets such a bundle sample; the reason is read again here and names the file); a bundle
+    without an ``"encoder"`` entry (repackage it).
+    """
+    source = str(bundle_dir)
+    if source.startswith("official checkpoints:"):  # load_pipeline: only a TAESD --vae gives no encoder
+        return FlowTurboError(
+            f"{what} needs an image encoder, which official checkpoints take from the --vae folder, but an "
+            "AutoencoderTiny (TAESD) folder only decodes; pass --vae with a diffusers AutoencoderKL folder "
+            "(e.g. stabilityai/sd-vae-ft-ema) for inpainting and editing"
+        )
+    try:
+        declared = _read_bundle_config(Path(bundle_dir)).get(ENCODER_CONFIG_KEY) is not None
+    except FlowTurboError:
+        declared = False
+    if declared:
+        try:
+            load_encoder(bundle_dir)
+        except FlowTurboError as exc:
+            return CheckpointError(f"{what} needs the bundle's image encoder, which could not be loaded: {exc}")
+        return CheckpointError(f"{what} needs the bundle's image encoder, which could not be loaded when the bundle "
+                               f"{bundle_dir} was loaded (its files have changed since): load it again")
     return FlowTurboError(
         f"{what} needs an image encoder, but the bundle {bundle_dir} has none (no 'encoder' entry in its "
         f"{BUNDLE_CONFIG_FILE}); repackage it with `flowturbo train package` (which includes the autoencoder's "

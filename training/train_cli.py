@@ -316,7 +316,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     _add_options(p, "runtime", RUNTIME_OPTIONS)
     p.set_defaults(handler=_trainer_command("RefinerTrainConfig", "REFINER_TRAIN_PRESETS", "train_refiner", ref_opts))
 
-    p = sub.add_parser("package", help="assemble predictor + refiner + decoder (EMA weights) into a bundle")
+    p = sub.add_parser("package", help="assemble predictor + refiner + decoder + encoder (EMA weights) into a bundle")
     g = p.add_argument_group("parts")
     g.add_argument("--predictor", required=True, help="`train predictor` run folder/file or official SiT .pt")
     g.add_argument("--refiner", default=None, help="`train refiner` run folder/file or official refiner .pt")

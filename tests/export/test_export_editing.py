@@ -108,3 +108,54 @@ def test_with_encoder_needs_a_bundle_with_an_encoder(tmp_path):
     with pytest.raises(FlowTurboError, match="--with-encoder needs a bundle with an encoder"):
         export_bundle(bundle, ExportRequest(SCHEDULE, PROFILE, ("onnx",), "fp32", with_encoder=True),
                       tmp_path / "x", command="pytest", progress=False)
+
+
+# ------------------------------------------------------------------------- a batch profile with MIN > 1
+TINY_AE = dict(image_channels=3, image_size=6, latent_channels=3, base_channels=8, channel_mult=(1,), norm_groups=4)
+
+
+@pytest.fixture(scope="module")
+def tiny_min2(tmp_path_factory):
+    """micro_models' tiny bundle (3x6x6 latents, identity decoder) with a random f=1 encoder, exported to ONNX
+    with the batch profile 2:2:2 (every graph, the encoder's too, takes exactly 2 images)."""
+    from micro_models import save_tiny_bundle
+
+    from flowturbo.training.autoencoder import AutoencoderConfig
+    from flowturbo.training.bundle import save_bundle
+    from flowturbo.training.encoders import FlowTurboAutoencoderEncoder
+
+    root = tmp_path_factory.mktemp("min2")
+    bundle = load_bundle(save_tiny_bundle(root / "plain", seed=3))
+    torch.manual_seed(7)
+    bundle.encoder = FlowTurboAutoencoderEncoder(AutoencoderConfig(**TINY_AE)).eval()
+    save_bundle(bundle, root / "bundle")
+    request = ExportRequest(SCHEDULE, BatchProfile(2, 2, 2), ("onnx",), "fp32", "time-input", with_encoder=True)
+    export_bundle(bundle, request, root / "export", command="pytest", progress=False)
+    return (OnnxRuntimeSampler.from_artifacts(root / "export"), Sampler.from_bundle(str(root / "bundle"), device="cpu"),
+            bundle)
+
+
+def test_min_above_one_profile_encodes_in_chunks_that_fit(tiny_min2):
+    """`export --batch 2:2:2 --with-encoder`: one input image (below MIN) and three (2 + 1) go through the encoder
+    graph padded to the profile, and inpaint / edit match PyTorch (they crashed inside ONNX Runtime before)."""
+    exported, reference, bundle = tiny_min2
+    images = torch.rand(3, 3, 6, 6, generator=torch.Generator().manual_seed(1)) * 1.8 - 0.9
+    for n in (1, 3):
+        torch.testing.assert_close(exported.encode(images[:n]), bundle.encoder.encode(images[:n]),
+                                   **tol("export_fp32"))
+    image = images[:1]
+    mask = torch.zeros(1, 1, 6, 6)
+    mask[..., 2:5, 1:4] = 1
+    classes = [3, 8, 1, 5]  # two batches of the profile's 2
+    got = exported.inpaint(image, mask, classes, seed=2)
+    want = reference.inpaint(image, mask, classes, schedule=SCHEDULE, seed=2, progress=False)
+    torch.testing.assert_close(got.images, want.images, **tol("export_fp32"))
+    keep = mask[0, 0] == 0
+    assert torch.equal(got.images[:, :, keep], image.expand(4, -1, -1, -1)[:, :, keep])
+    got = exported.edit(image, 0.6, classes[:2], seed=4)
+    want = reference.edit(image, 0.6, classes[:2], schedule=SCHEDULE, seed=4, progress=False)
+    torch.testing.assert_close(got.images, want.images, **tol("export_fp32"))
+    # Fewer results than MIN: the profile's refusal (a FlowTurboError naming it), before anything is encoded.
+    for run in (lambda: exported.inpaint(image, mask, [3]), lambda: exported.edit(image, 0.6, [3])):
+        with pytest.raises(FlowTurboError, match="outside the exported profile 2:2:2"):
+            run()

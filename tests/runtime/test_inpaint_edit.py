@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 import pytest
@@ -14,9 +13,9 @@ from tolerances import tol
 from flowturbo.errors import FlowTurboError
 from flowturbo.integrator import IntegratorState, StepHooks, StepInfo
 from flowturbo.runtime.cli import main
+from flowturbo.runtime.cuda_graphs import ReplayByCallBackend
 from flowturbo.runtime.editing import (
     EditingWarning,
-    ImageInput,
     InpaintHook,
     edit_timesteps,
     feathered_blend,
@@ -191,6 +190,9 @@ def files(tmp_path_factory, shirt):
     Image.fromarray(mask).resize((16, 16), Image.NEAREST).save(folder / "small_mask.png")
     Image.fromarray(np.zeros((32, 32), np.uint8)).save(folder / "black.png")
     (folder / "not_an_image.png").write_text("hello")
+    # 16-bit grayscale copies (PIL mode I;16) with the same content: v16 = v8 * 257
+    Image.fromarray(pixels.astype(np.uint16) * 257).save(folder / "shirt16.png")
+    Image.fromarray(gray.astype(np.uint16) * 257).save(folder / "gray_mask16.png")
     return folder
 
 
@@ -270,6 +272,7 @@ def test_cli_all_black_mask_warns_and_returns_the_input(files, tmp_path, capsys)
         code, stdout, err = _cli(["inpaint", "--image", str(files / "shirt.png"), "--mask", str(files / "black.png"),
                                   "--classes", "1", "--device", "cpu", "--out", str(out)], capsys)
     assert code == 0 and "the mask is black everywhere" in json.loads((out / "run.json").read_text())["task"]["notes"][-1]
+    assert "(0 predictor + 0 refiner calls" in stdout  # the calls really made, not the schedule's
     assert np.array_equal(np.asarray(Image.open(out / "0_Trouser.png")), np.asarray(Image.open(files / "shirt.png")))
 
 
@@ -294,3 +297,170 @@ def test_one_image_per_result_keeps_each_images_own_pixels(sampler):
         assert torch.equal(out.images[k, :, keep], images[k, :, keep])
     with pytest.raises(FlowTurboError, match="the image must be \\(1 or 3"):
         sampler.inpaint(images[:2], masks[:2], [1, 2, 3], progress=False)
+
+
+# ---------------------------------------------------------------------------- audit: more paths and inputs
+class CountingBackend(ReplayByCallBackend):
+    """The CPU stand-in for torch.cuda.graph (replay = call the captured function on the static buffers)."""
+
+    def __init__(self) -> None:
+        self.captures = self.replays = 0
+
+    def capture(self, fn, inputs, warmup):
+        self.captures += 1
+        return super().capture(fn, inputs, warmup)
+
+    def replay(self, graph):
+        self.replays += 1
+        super().replay(graph)
+
+
+def test_inpaint_and_edit_through_the_cuda_graph_path_match_eager(sampler):
+    """The graph path captures the task's hooks with the schedule; a second request with another mask (or image)
+    replays the same graph with its own inputs, and matches the eager path; an edit strength is its own graph."""
+    backend = CountingBackend()
+    graphed = Sampler(sampler.pipeline, cuda_graph=True, graph_backend=backend)
+    images = to_model_range(load_fashion_mnist("test", limit=2).images)  # (2, 1, 32, 32)
+    half = torch.zeros(1, 1, 32, 32)
+    half[..., :, 16:] = 1
+    schedule = _schedule(sampler)
+    for k, (image, mask) in enumerate([(images[:1], _center_mask()), (images[1:], half)]):
+        got = graphed.inpaint(image, mask, [7, 2], schedule=schedule, seed=3, progress=False)
+        want = sampler.inpaint(image, mask, [7, 2], schedule=schedule, seed=3, progress=False)
+        assert got.execution["cuda_graph"] and (backend.captures, backend.replays) == (1, k + 1)
+        torch.testing.assert_close(got.images, want.images, **tol("sampler_fp32"))
+        keep = mask[0, 0] == 0
+        assert torch.equal(got.images[:, :, keep], image.expand(2, -1, -1, -1)[:, :, keep])
+    for strength, image, captures in ((0.6, images[:1], 2), (0.6, images[1:], 2), (0.3, images[:1], 3)):
+        got = graphed.edit(image, strength, [4, 9], schedule=schedule, seed=5, progress=False)
+        want = sampler.edit(image, strength, [4, 9], schedule=schedule, seed=5, progress=False)
+        assert backend.captures == captures
+        torch.testing.assert_close(got.images, want.images, **tol("sampler_fp32"))
+    assert backend.replays == 5
+
+
+def test_partial_mask_with_an_euler_schedule_keeps_pixels_exactly(sampler, shirt):
+    image, _ = shirt
+    mask = _center_mask(lo=4, hi=20)
+    out = sampler.inpaint(image, mask, [5, 0], schedule=_schedule(sampler, "E4"), seed=8, progress=False)
+    keep = mask[0, 0] == 0
+    assert torch.equal(out.images[:, :, keep], image.expand(2, -1, -1, -1)[:, :, keep])
+    assert (out.images[:, :, ~keep] - image[:, :, ~keep]).abs().max() > 0.1
+    assert (out.predictor_calls, out.refiner_calls) == (4, 0)
+
+
+def test_16_bit_grayscale_pngs_read_like_their_8_bit_copies(files):
+    assert Image.open(files / "shirt16.png").mode == "I;16"
+    wide, narrow = load_image(files / "shirt16.png", channels=1, size=32), load_image(files / "shirt.png", channels=1,
+                                                                                       size=32)
+    assert torch.equal(wide.pixels, narrow.pixels) and "16-bit" in wide.notes[0]
+    assert torch.equal(load_image(files / "shirt16.png", channels=3, size=32).pixels, narrow.pixels.expand(1, 3, -1, -1))
+    mask16, notes = load_mask(files / "gray_mask16.png", size=32)
+    assert torch.equal(mask16, load_mask(files / "gray_mask.png", size=32)[0])  # grey 100/255 stays below 0.5
+    assert any("16-bit" in n for n in notes) and any("not binary" in n for n in notes)
+
+
+def _args(files, out, *extra, image="shirt.png", mask="mask.png", task="inpaint"):
+    args = [task, "--image", str(files / image), "--classes", "1", "--schedule", "H2", "--device", "cpu",
+            "--out", str(out), "--no-progress", *extra]
+    return args + (["--mask", str(files / mask)] if task == "inpaint" else ["--strength", "0.5"])
+
+
+def _nothing_written(tmp_path, out):
+    return not out.exists() and not any(p.name.startswith(f".{out.name}") for p in tmp_path.iterdir())
+
+
+def test_cli_size_mismatch_is_refused_naming_both_sizes_unless_resize(files, tmp_path, capsys):
+    out = tmp_path / "o"
+    code, _, err = _cli(_args(files, out, mask="small_mask.png"), capsys)
+    assert code == 2 and err.count("\n") == 1 and "--mask is 16x16 but --image is 32x32" in err
+    assert _nothing_written(tmp_path, out)
+    code, _, err = _cli(_args(files, out, image="big.png", mask="mask.png"), capsys)
+    assert code == 2 and "--image is 40x40 but the model makes 32x32" in err and _nothing_written(tmp_path, out)
+    code, stdout, _ = _cli(_args(files, out, "--resize", mask="small_mask.png"), capsys)
+    assert code == 0, stdout
+    notes = json.loads((out / "run.json").read_text())["task"]["notes"]
+    assert any("resized the mask from 16x16 to 32x32" in n for n in notes)
+
+
+def test_cli_grey_mask_is_thresholded_and_noted(files, tmp_path, capsys):
+    out = tmp_path / "grey"
+    code, stdout, _ = _cli(_args(files, out, mask="gray_mask.png"), capsys)
+    assert code == 0 and "note: the mask is not binary" in stdout
+    record = json.loads((out / "run.json").read_text())
+    assert any("pixels >= 0.5 count as white" in n for n in record["task"]["notes"])
+    assert record["task"]["regenerated_fraction"] == pytest.approx(0.125)  # the grey half of the square is kept
+    result, source = np.asarray(Image.open(out / "0_Trouser.png")), np.asarray(Image.open(files / "shirt.png"))
+    assert np.array_equal(result[8:24, 8:16], source[8:24, 8:16])
+
+
+@pytest.mark.parametrize("image,message", [("not_an_image.png", "is not a readable image"), ("nope.png", "not found")])
+@pytest.mark.parametrize("task", ["inpaint", "edit"])
+def test_cli_unreadable_image_is_one_error_line_and_writes_nothing(files, tmp_path, capsys, image, message, task):
+    out = tmp_path / "never"
+    code, _, err = _cli(_args(files, out, image=image, task=task), capsys)
+    assert code == 2 and err.count("\n") == 1 and f"--image {files / image} {message}" in err
+    assert _nothing_written(tmp_path, out)
+
+
+@pytest.fixture(scope="module")
+def encoderless(tmp_path_factory):
+    """The default bundle saved without an encoder entry, and a copy whose declared encoder file is missing."""
+    import shutil
+
+    from flowturbo.runtime.pytorch_backend import DEFAULT_BUNDLE_DIR
+    from flowturbo.training.bundle import load_bundle, save_bundle
+    from flowturbo.training.encoders import ENCODER_WEIGHTS_FILE
+
+    root = tmp_path_factory.mktemp("encoderless")
+    bundle = load_bundle(DEFAULT_BUNDLE_DIR)
+    bundle.encoder = None
+    save_bundle(bundle, root / "none")
+    shutil.copytree(DEFAULT_BUNDLE_DIR, root / "broken")
+    (root / "broken" / ENCODER_WEIGHTS_FILE).unlink()
+    return root
+
+
+@pytest.mark.parametrize("kind,message", [("none", "has none (no 'encoder' entry"),
+                                          ("broken", "has no weights file encoder.safetensors")])
+@pytest.mark.parametrize("task,mask", [("inpaint", "mask.png"), ("inpaint", "black.png"), ("edit", None)])
+def test_cli_model_without_a_usable_encoder_is_refused_but_samples(files, tmp_path, capsys, encoderless, kind,
+                                                                   message, task, mask):
+    """Exit 2, one `error:` line naming the cause, nothing written — an all-black mask too (no model call is
+    needed, but the request is refused like any other); `sample` still works with the same bundle."""
+    out = tmp_path / "never"
+    what = "inpainting" if task == "inpaint" else "editing"
+    code, _, err = _cli([*_args(files, out, mask=mask or "mask.png", task=task), "--model",
+                         str(encoderless / kind)], capsys)
+    assert code == 2 and err.count("\n") == 1 and f"{what} needs" in err and message in err
+    assert _nothing_written(tmp_path, out)
+    if task == "edit":
+        code, _, _ = _cli(["sample", "--model", str(encoderless / kind), "--classes", "1", "--schedule", "H2",
+                           "--device", "cpu", "--out", str(tmp_path / "s"), "--no-progress"], capsys)
+        assert code == 0 and (tmp_path / "s" / "0_Trouser.png").is_file()
+
+
+def test_official_checkpoints_with_a_taesd_vae_ask_for_an_autoencoder_kl(tmp_path):
+    from diffusers import AutoencoderTiny
+
+    from flowturbo.training.models import SiT, perturb_zero_initialized, sit_config
+
+    sit = SiT(sit_config("SiT-T/2", input_size=8, in_channels=4, num_classes=7))
+    perturb_zero_initialized(sit, generator=torch.Generator().manual_seed(0))
+    torch.save({"model": sit.state_dict(), "ema": sit.state_dict()}, tmp_path / "SiT-tiny.pt")
+    torch.manual_seed(0)
+    AutoencoderTiny(encoder_block_out_channels=(8, 8), decoder_block_out_channels=(8, 8), num_encoder_blocks=(1, 1),
+                    num_decoder_blocks=(1, 1), latent_channels=4).save_pretrained(str(tmp_path / "taesd"))
+    official = Sampler.from_bundle(predictor=str(tmp_path / "SiT-tiny.pt"), vae=str(tmp_path / "taesd"), device="cpu")
+    assert official.sample([1], schedule=official.default_schedule("H2"), seed=0, progress=False).images.shape[0] == 1
+    pipe = official.pipeline
+    size = pipe.decoder.image_size(8)
+    image = torch.zeros(1, pipe.decoder.image_channels, size, size)
+    for run, what in ((lambda: official.inpaint(image, torch.ones(1, 1, size, size), [1], progress=False), "inpainting"),
+                      (lambda: official.edit(image, 0.5, [1], progress=False), "editing")):
+        with pytest.raises(FlowTurboError) as info:
+            run()
+        message = str(info.value)
+        assert message.startswith(f"{what} needs an image encoder") and "AutoencoderTiny (TAESD)" in message
+        assert "only decodes" in message and "--vae with a diffusers AutoencoderKL folder" in message
+        assert "train package" not in message and "'encoder' entry" not in message

@@ -235,3 +235,40 @@ def test_inconsistent_bundle_refused(saved):
     with pytest.raises(FlowTurboError, match="no refiner"):
         Bundle(original.predictor, None, original.decoder)  # default schedule H1P5R3 needs one
     assert Bundle(original.predictor, None, original.decoder, defaults=BundleDefaults("H2P4")).refiner is None
+
+
+def test_an_encoder_that_cannot_be_loaded_does_not_block_sampling(tmp_path, saved):
+    """A bundle whose config.json declares an encoder with a missing / damaged weights file loads without it
+    (it samples); inpaint / edit get the reason, naming the file; load_encoder and every other file stay strict."""
+    from flowturbo.training.autoencoder import AutoencoderConfig
+    from flowturbo.training.encoders import (
+        ENCODER_WEIGHTS_FILE,
+        FlowTurboAutoencoderEncoder,
+        add_encoder_to_bundle,
+        load_encoder,
+        missing_encoder_error,
+    )
+
+    original, folder = saved
+    with_encoder = _edited_copy(folder, tmp_path / "enc", lambda c: None)
+    torch.manual_seed(0)  # an f=1 encoder for the identity decoder's 4x8x8 images
+    config = AutoencoderConfig(image_channels=4, image_size=8, latent_channels=4, base_channels=8, channel_mult=(1,),
+                               norm_groups=4)
+    add_encoder_to_bundle(with_encoder, FlowTurboAutoencoderEncoder(config))
+    assert load_bundle(with_encoder).encoder is not None
+    weights = with_encoder / ENCODER_WEIGHTS_FILE
+    for damage, reason in (("delete", "no weights file encoder.safetensors"), ("garbage", "cannot read encoder")):
+        weights.unlink(missing_ok=True)
+        if damage == "garbage":
+            weights.write_bytes(b"not a safetensors file")
+        loaded = load_bundle(with_encoder)
+        assert loaded.encoder is None
+        _assert_same_outputs(original, loaded)  # the rest of the bundle is intact and loaded
+        with pytest.raises(CheckpointError, match=reason):
+            load_encoder(with_encoder)
+        error = missing_encoder_error(with_encoder, "inpainting")
+        assert isinstance(error, FlowTurboError) and str(error).startswith("inpainting needs the bundle's image encoder")
+        assert reason in str(error) and ENCODER_WEIGHTS_FILE in str(error) and "no 'encoder' entry" not in str(error)
+    (with_encoder / "refiner.safetensors").unlink()  # the other files: as strict as ever
+    with pytest.raises(CheckpointError, match="refiner.safetensors"):
+        load_bundle(with_encoder)

@@ -44,7 +44,8 @@ def package_bundle(
     overwrite: bool = False,
     wait: bool = False,
 ) -> Bundle:
-    """Build a :class:`Bundle` from trained parts, save it to ``out`` (atomically) and return it."""
+    """Build a :class:`Bundle` from trained parts (predictor, optional refiner, decoder, and the encoder that
+    belongs to the decoder, for inpainting and editing), save it to ``out`` (atomically) and return it."""
     from flowturbo.fileio import check_replaceable, check_writable_target
 
     check_writable_target(out)  # before loading any weights
