@@ -278,6 +278,7 @@ class Sampler:
         mask = mask.float().reshape(-1, 1, *mask.shape[-2:])
         _check_task_image(image, mask, pipe, len(classes))
         schedule = schedule or self.default_schedule()
+        pipe.require_encoder("inpainting")  # a model without one is refused even when nothing is regenerated
         if not bool(mask.any()):
             warn_nothing_to_regenerate()
             return input_only_samples(image, classes, schedule, pipe.num_classes, mask_notes)

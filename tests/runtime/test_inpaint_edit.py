@@ -171,6 +171,8 @@ def test_bundle_without_encoder_is_refused_and_still_samples(tmp_path, shirt):
         sampler.inpaint(shirt[0], _center_mask(), [1], progress=False)
     with pytest.raises(FlowTurboError, match="editing needs an image encoder"):
         sampler.edit(shirt[0], 0.5, [1], progress=False)
+    with pytest.raises(FlowTurboError, match="inpainting needs an image encoder"):  # even with nothing to regenerate
+        sampler.inpaint(shirt[0], torch.zeros(1, 1, 32, 32), [1], progress=False)
 
 
 # ----------------------------------------------------------------------------------------------- files
