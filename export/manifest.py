@@ -11,7 +11,6 @@ read it back without importing this code.
 from __future__ import annotations
 
 import hashlib
-import json
 import platform
 import sys
 from collections.abc import Iterable, Mapping
@@ -21,11 +20,12 @@ from typing import Any
 
 import torch
 
-from flowturbo.fileio import sha256_file  # re-exported: tensorrt_export and older callers import it from here
+# Re-exported: tensorrt_export and older callers import them from here. The key is computed in the torch-free
+# fileio so that the runtime re-derives it from the manifest's key_fields with the very same function.
+from flowturbo.fileio import KEY_HEX_DIGITS, artifact_key, canonical_json, sha256_file
 
 EXPORT_FORMAT = "flowturbo.export/1"
 MANIFEST_FILE = "manifest.json"
-KEY_HEX_DIGITS = 16
 VERSIONED_TOOLS = ("torch", "onnx", "onnxruntime", "onnxscript", "tensorrt", "flowturbo")
 
 
@@ -81,15 +81,6 @@ def device_description(device: torch.device) -> str:
     return f"cpu ({platform.machine()})"
 
 
-def canonical_json(obj: Any) -> str:
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
-
-
-def artifact_key(fields: Mapping[str, Any]) -> str:
-    """First 16 hex digits of the SHA-256 of the canonical JSON of ``fields``."""
-    return hashlib.sha256(canonical_json(dict(fields)).encode()).hexdigest()[:KEY_HEX_DIGITS]
-
-
 def file_entries(root: Path, files: Iterable[Path]) -> dict[str, dict[str, Any]]:
     """``{relative path: {"sha256", "bytes"}}`` for the manifest."""
     entries = {}
@@ -104,8 +95,10 @@ def command_line() -> str:
 
 __all__ = [
     "EXPORT_FORMAT",
+    "KEY_HEX_DIGITS",
     "MANIFEST_FILE",
     "artifact_key",
+    "canonical_json",
     "command_line",
     "device_description",
     "exporter_sha256",

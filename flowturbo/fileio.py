@@ -20,7 +20,12 @@ Pure Python (no torch), importable from every layer. It gives each writer (``sam
   creating and removing a probe file) and an existing target must be replaceable (not immutable), before any
   work starts, so a bad ``--out`` costs nothing.
 * **Debris removal**: staging / set-aside folders and temporary files left by a process that is gone (SIGKILL,
-  power loss) are removed by the next run on the same target, under its lock.
+  power loss) are removed by the next run on the same target, under its lock. Only names that flowturbo gives
+  (``.NAME.flowturbo-tmp-PID-HEX`` with the owner's pid) qualify; a set-aside folder holding anything its own
+  record does not list is left alone, and so is every other folder (a user's ``.NAME.old-backup`` survives).
+* **One spelling of a target**: every step (pre-flight, lock, staging, debris, swap) works on
+  :func:`resolve_target` of the path (symlinks of its parent resolved, as the kernel would); a path the kernel
+  cannot follow (``a/../x`` with ``a`` missing) is refused by the pre-flight, before any work.
 * **Checksums**: :func:`sha256_file`.
 * **Permissions**: folders ``0o777 & ~umask`` (0755 under the usual umask 022), files ``0o666 & ~umask`` (0644).
 """
@@ -39,6 +44,7 @@ import secrets
 import shutil
 import signal
 import stat
+import sys
 import threading
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
@@ -65,8 +71,9 @@ FS_APPEND_FL = 0x20
 KILL_AT_ENV = "FLOWTURBO_TEST_KILL_AT"  # crash-safety tests: SIGKILL this process at the named point
 NO_EXCHANGE_ENV = "FLOWTURBO_TEST_NO_EXCHANGE"  # crash-safety tests: swap by rename-aside (the portable path)
 
-# Debris of older flowturbo releases (no pid in the name): removed under the target's lock.
-_LEGACY_DEBRIS = ("tmp-", "old-", "scratch-")
+# Folders of older flowturbo releases (.NAME.tmp-XXXX, .NAME.old-XXXX: no owner pid in the name) are NOT removed:
+# their names cannot be told apart from a user's own (.NAME.old-backup), and "never remove what flowturbo did not
+# write" wins over tidiness.
 
 
 _crash_hits: dict[str, int] = {}
@@ -121,6 +128,20 @@ def sha256_file(path: str | os.PathLike[str]) -> str:
 def sha256_bytes(data: bytes) -> str:
     """SHA-256 hex digest of ``data``."""
     return hashlib.sha256(data).hexdigest()
+
+
+def canonical_json(obj: Any) -> str:
+    """Compact JSON with sorted keys and no NaN: the form that content keys are computed over."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
+
+
+KEY_HEX_DIGITS = 16
+
+
+def artifact_key(fields: Any) -> str:
+    """First 16 hex digits of the SHA-256 of :func:`canonical_json` of ``fields`` (an export directory's key:
+    written by ``flowturbo.export``, re-derived by ``flowturbo.runtime.artifacts`` to check a manifest)."""
+    return sha256_bytes(canonical_json(dict(fields)).encode())[:KEY_HEX_DIGITS]
 
 
 # ------------------------------------------------------------------------------------ atomic files
@@ -328,24 +349,43 @@ def write_ownership(folder: str | os.PathLike[str], files: Iterable[str], comman
     return atomic_write_json(Path(folder) / OWNERSHIP_FILE, record.to_dict())
 
 
-def _relative(folder: Path, path: str | os.PathLike[str]) -> str:
-    path = Path(path)
-    if not path.is_absolute():
-        return path.as_posix()
+def _relative(folder: str | os.PathLike[str], path: str | os.PathLike[str]) -> str:
+    """``path`` relative to ``folder`` as a POSIX path; both are taken as the OS does (relative: to the cwd)."""
+    folder_abs, path_abs = os.path.abspath(folder), os.path.abspath(path)
     try:
-        return path.relative_to(folder).as_posix()
+        return Path(path_abs).relative_to(folder_abs).as_posix()
     except ValueError:
-        return os.path.relpath(path, folder).replace(os.sep, "/")
+        return os.path.relpath(path_abs, folder_abs).replace(os.sep, "/")
+
+
+def _locked_ancestor(folder: Path) -> Path | None:
+    """The nearest proper ancestor of ``folder`` whose lock this process holds (a target it is writing), or None."""
+    here = resolve_target(folder)
+    with _held_lock:
+        held = set(_held)
+    for ancestor in here.parents:
+        if ancestor.name and str(lock_path_for(ancestor)) in held:
+            return ancestor
+    return None
 
 
 def add_owned(folder: str | os.PathLike[str], paths: Iterable[str | os.PathLike[str]], command: str = "") -> None:
-    """Add ``paths`` (absolute, or relative to ``folder``) to ``folder``'s ownership record (created if absent)."""
+    """Add ``paths`` (paths as the OS reads them: absolute, or relative to the working folder, e.g.
+    ``folder / "x"``) to ``folder``'s ownership record (created if absent).
+
+    A record inside a target this process is writing (holds the lock of) is listed in that target's record in
+    turn, so the target's record vouches for it (see :func:`unknown_entries`): a training run's
+    stage folders are its own, a copied-in flowturbo output is not.
+    """
     folder = Path(folder)
     old = read_ownership(folder)
     new = {_relative(folder, p) for p in paths}
     files = (old.files if old else frozenset()) | new
     if old is None or not new <= old.files:
         write_ownership(folder, files, command or (old.command if old else ""))
+    ancestor = _locked_ancestor(folder)  # (also for a record an older flowturbo left unlisted: resumed runs)
+    if ancestor is not None:
+        add_owned(ancestor, [resolve_target(folder) / OWNERSHIP_FILE])
 
 
 def remove_owned(folder: str | os.PathLike[str], paths: Iterable[str | os.PathLike[str]]) -> None:
@@ -374,31 +414,44 @@ def list_files(folder: str | os.PathLike[str]) -> list[str]:
 def unknown_entries(folder: str | os.PathLike[str]) -> list[str]:
     """Entries of ``folder`` that no flowturbo ownership record lists (relative paths, sorted).
 
-    A subfolder with its own record is judged by that record. An empty subfolder counts as unknown unless a
-    record lists a file below it (a user's empty ``photos/`` is theirs). A folder without any record has
-    only unknown entries (its top-level entries are returned).
+    A subfolder's own record counts only when the record above it lists that record (``sub/`` +
+    ``.flowturbo-owned.json``): flowturbo wrote the subfolder as part of this folder. A flowturbo output that
+    was copied or moved in is not vouched for, so it is unknown and the folder is not replaced. An empty
+    subfolder counts as unknown unless a record lists a file below it (a user's empty ``photos/`` is theirs);
+    so does an unreadable one. A folder without any record has only unknown entries (its top-level entries
+    are returned).
     """
     root = Path(folder)
     record = read_ownership(root)
     if record is None:
         return sorted(p.name + ("/" if p.is_dir() and not p.is_symlink() else "") for p in root.iterdir())
+    return _unknown_below(root, "", record.files | {OWNERSHIP_FILE})
+
+
+def _unknown_below(folder: Path, prefix: str, listed: frozenset[str]) -> list[str]:
+    """Entries below ``folder`` (named ``prefix`` + name) not in ``listed`` (paths relative to the top folder)."""
     unknown: list[str] = []
-    for entry in sorted(root.iterdir(), key=lambda p: p.name):
-        name = entry.name
-        if name == OWNERSHIP_FILE:
+    for entry in sorted(folder.iterdir(), key=lambda p: p.name):
+        rel = prefix + entry.name
+        if not entry.is_dir() or entry.is_symlink():
+            if rel not in listed:
+                unknown.append(rel)
             continue
-        if entry.is_dir() and not entry.is_symlink():
-            if read_ownership(entry) is not None:
-                unknown += [f"{name}/{sub}" for sub in unknown_entries(entry)]
-                continue
-            prefix = name + "/"
-            listed = {f for f in record.files if f.startswith(prefix)}
-            inner = list_files(entry)
-            if not inner and not listed:
-                unknown.append(prefix)
-            unknown += [prefix + f for f in inner if prefix + f not in listed]
-        elif name not in record.files:
-            unknown.append(name)
+        below = rel + "/"
+        vouched = listed
+        if below + OWNERSHIP_FILE in listed:  # a nested record counts only when the record above lists it
+            nested = read_ownership(entry)
+            if nested is not None:
+                vouched = listed | {below + f for f in nested.files}
+        try:
+            inner = _unknown_below(entry, below, vouched)
+            empty = not any(entry.iterdir())
+        except OSError:  # unreadable: cannot show it is flowturbo's, so it is not
+            unknown.append(below)
+            continue
+        if empty and not any(f.startswith(below) for f in vouched):
+            unknown.append(below)
+        unknown += inner
     return unknown
 
 
@@ -438,9 +491,18 @@ _held_lock = threading.Lock()
 _held: dict[str, list[Any]] = {}  # lock path -> [fd, count]: re-entrant within one process
 
 
+def resolve_target(target: str | os.PathLike[str]) -> Path:
+    """The one absolute spelling of ``target`` used by every step: its parent resolved as the kernel would
+    (symlinks followed, ``..`` applied), its own name kept (a symlink at ``target`` is not followed)."""
+    path = Path(target)
+    if path.name in ("", ".", ".."):
+        path = Path(os.path.abspath(path))
+    return Path(os.path.realpath(path.parent)) / path.name
+
+
 def lock_path_for(target: str | os.PathLike[str]) -> Path:
     """The lock file of ``target``: ``.NAME.flowturbo-lock`` beside it."""
-    target = Path(os.path.abspath(target))
+    target = resolve_target(target)
     return target.parent / f".{target.name}{LOCK_SUFFIX}"
 
 
@@ -539,17 +601,32 @@ def _nearest_existing(path: Path) -> Path:
     return path
 
 
+def _check_followable(target: Path, flag: str) -> None:
+    """Refuse a ``..`` that follows a folder that does not exist (``a/../x`` with ``a`` missing): the kernel
+    cannot follow it, so no step could agree on what the path means."""
+    probe = Path(target.anchor or ".")
+    for part in target.parts[1 if target.anchor else 0:]:
+        if part == ".." and not probe.is_dir():
+            raise FlowTurboError(
+                f"{flag} {target}: {probe} is not an existing folder, so the '..' after it cannot be followed; "
+                f"write the path without it (e.g. {os.path.normpath(target)}) or create {probe} first"
+            )
+        probe = probe / part
+
+
 def check_writable_target(target: str | os.PathLike[str], flag: str = "--out") -> Path:
     """Refuse, before any work, a target flowturbo could not create or replace; returns it as a Path.
 
     The nearest existing ancestor of the target's parent must be a folder in which a file can be created
     (probed: this catches read-only and special file systems such as ``/proc``, and missing permissions);
-    an existing target must not be immutable or append-only (``chattr``) and must be writable.
+    an existing target must not be immutable or append-only (``chattr``) and must be writable; a ``..`` after a
+    missing folder is refused.
     """
     target = Path(target)
     if target.name in ("", ".", ".."):
         raise FlowTurboError(f"{flag} {target} does not name a folder; give a path such as outputs/run1")
-    parent = Path(os.path.abspath(target)).parent
+    _check_followable(target, flag)
+    parent = resolve_target(target).parent
     anchor = _nearest_existing(parent)
     if not anchor.is_dir():
         raise FlowTurboError(f"{flag} {target}: {anchor} is not a folder; choose another {flag}")
@@ -588,8 +665,8 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def _debris_of(target: Path) -> list[tuple[Path, str, int | None]]:
-    """(path, kind, owner pid or None) of staging / aside / legacy folders beside ``target``."""
+def _debris_of(target: Path) -> list[tuple[Path, str, int]]:
+    """(path, kind, owner pid) of flowturbo's staging / set-aside folders beside ``target`` (names flowturbo gives)."""
     pattern = re.compile(rf"^\.{re.escape(target.name)}\.({STAGING_TAG}|{ASIDE_TAG})-(\d+)-[0-9a-f]+$")
     found = []
     try:
@@ -598,31 +675,38 @@ def _debris_of(target: Path) -> list[tuple[Path, str, int | None]]:
         return []
     for name in names:
         match = pattern.match(name)
-        if match:
+        if match and (target.parent / name).is_dir() and not (target.parent / name).is_symlink():
             found.append((target.parent / name, match.group(1), int(match.group(2))))
-        elif any(name.startswith(f".{target.name}.{tag}") for tag in _LEGACY_DEBRIS):
-            found.append((target.parent / name, "legacy", None))
     return sorted(found)
+
+
+def _aside_is_ours(path: Path) -> bool:
+    """A set-aside folder is removed only if it holds nothing but what its own record lists (an old output)."""
+    try:
+        return read_ownership(path) is not None and not unknown_entries(path)
+    except OSError:
+        return False
 
 
 def remove_stale_debris(target: str | os.PathLike[str]) -> list[Path]:
     """Remove staging / set-aside folders beside ``target`` whose owner process is gone; call under the lock.
 
     A set-aside folder whose process died between moving the old target aside and moving the new one in is
-    put back when the target is missing (the old complete state wins). Returns what was removed or restored.
+    put back when the target is missing (the old complete state wins); otherwise it is removed only when it
+    holds nothing but what its own record lists. Folders of other names are never touched. Returns what was
+    removed or restored.
     """
-    target = Path(target)
+    target = resolve_target(target)
     handled = []
-    debris = _debris_of(target)
-    for path, kind, pid in debris:
-        if pid is not None and _pid_alive(pid) and pid != os.getpid():
+    for path, kind, pid in _debris_of(target):
+        if _pid_alive(pid) and pid != os.getpid():
             continue
-        if kind == ASIDE_TAG and not target.exists():
+        if kind == ASIDE_TAG and not target.exists() and not target.is_symlink():
             os.replace(path, target)
+        elif kind == ASIDE_TAG and not _aside_is_ours(path):
+            continue
         else:
             shutil.rmtree(path, ignore_errors=True)
-            if path.exists() and not path.is_dir():
-                path.unlink()
         handled.append(path)
     return handled
 
@@ -706,6 +790,15 @@ def new_staging_folder(target: str | os.PathLike[str], tag: str = STAGING_TAG) -
             raise _os_error(exc, "create a staging folder beside", target) from None
 
 
+def _remove_replaced(old: Path, target: Path) -> None:
+    """Remove the previous content of ``target`` (now at ``old``); if that fails (an immutable file inside),
+    say so in one warning line naming what is left: the new output is complete, so the run still succeeds."""
+    shutil.rmtree(old, ignore_errors=True)
+    if os.path.lexists(old):
+        print(f"warning: {target} was replaced, but its previous content could not be removed completely and is "
+              f"left at {old} (an immutable or unwritable file inside?); remove it by hand", file=sys.stderr)
+
+
 def swap_into_place(staging: Path, target: Path) -> None:
     """Put the complete folder ``staging`` at ``target``; an existing ``target`` is replaced (and removed).
 
@@ -719,7 +812,7 @@ def swap_into_place(staging: Path, target: Path) -> None:
             return
         if os.environ.get(NO_EXCHANGE_ENV) is None and _exchange(staging, target):  # staging now holds the old one
             _fsync_folder(target.parent)
-            shutil.rmtree(staging, ignore_errors=True)
+            _remove_replaced(staging, target)
             return
         aside = target.parent / f".{target.name}.{ASIDE_TAG}-{os.getpid()}-{secrets.token_hex(4)}"
         os.rename(target, aside)
@@ -730,7 +823,7 @@ def swap_into_place(staging: Path, target: Path) -> None:
             os.rename(aside, target)
             raise
         _fsync_folder(target.parent)
-        shutil.rmtree(aside, ignore_errors=True)
+        _remove_replaced(aside, target)
     except OSError as exc:
         raise FlowTurboError(
             f"cannot put the new output in place at {target} ({exc.strerror or exc}); the previous content is "
@@ -774,7 +867,8 @@ class OutputFolder:
 
     def __init__(self, target: str | os.PathLike[str], *, command: str, what: str = "output",
                  wait: bool = False, flag: str = "--out") -> None:
-        self.target = Path(target)
+        self.target = Path(target)  # as the user spelled it (messages)
+        self.path = resolve_target(target)  # what every step works on (see resolve_target)
         self.command = command
         self.what = what
         self.wait = wait
@@ -785,14 +879,15 @@ class OutputFolder:
 
     def __enter__(self) -> "OutputFolder":
         check_writable_target(self.target, self.flag)
-        check_replaceable(self.target, self.what)
-        self._created = make_folders(Path(os.path.abspath(self.target)).parent)
+        self.path = resolve_target(self.target)
+        check_replaceable(self.path, self.what)
+        self._created = make_folders(self.path.parent)
         stack = contextlib.ExitStack()
         try:
-            stack.enter_context(lock_target(self.target, wait=self.wait))
+            stack.enter_context(lock_target(self.path, wait=self.wait))
             crash_point("locked")
-            remove_stale_debris(self.target)
-            check_replaceable(self.target, self.what)  # again, under the lock
+            remove_stale_debris(self.path)
+            check_replaceable(self.path, self.what)  # again, under the lock
         except BaseException:
             stack.close()
             self._remove_created()
@@ -816,7 +911,7 @@ class OutputFolder:
         """An empty staging folder beside the target; swapped into place when the block succeeds."""
         if self._stack is None:
             raise FlowTurboError("internal error: OutputFolder.staging() outside its `with` block")
-        folder = new_staging_folder(self.target)
+        folder = new_staging_folder(self.path)
         try:
             yield folder
             self.commit(folder)
@@ -828,9 +923,9 @@ class OutputFolder:
         """Record, seal and swap a complete staging ``folder`` into place (done by :meth:`staging`)."""
         write_ownership(folder, list_files(folder), self.command)
         _seal_permissions(folder)
-        check_replaceable(self.target, self.what)
+        check_replaceable(self.path, self.what)
         crash_point("staged")
-        swap_into_place(folder, self.target)
+        swap_into_place(folder, self.path)
         self.committed = True
 
 
@@ -850,9 +945,9 @@ def owned_run_folder(folder: str | os.PathLike[str], *, command: str, wait: bool
     user's). It is created (normal permissions) with an ownership record; writers add their files with
     ``record=folder``. Temporary files of dead writers inside it are removed.
     """
-    folder = Path(folder)
     check_writable_target(folder)
-    created = make_folders(Path(os.path.abspath(folder)).parent)
+    folder = resolve_target(folder)
+    created = make_folders(folder.parent)
     try:
         with lock_target(folder, wait=wait):
             remove_stale_debris(folder)
@@ -880,12 +975,14 @@ __all__ = [
     "SealError",
     "OwnershipRecord",
     "add_owned",
+    "artifact_key",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
     "check_replaceable",
     "check_writable_target",
+    "canonical_json",
     "file_mode",
     "folder_mode",
     "json_text",
@@ -902,6 +999,7 @@ __all__ = [
     "remove_stale_debris",
     "remove_stale_staging",
     "remove_stale_temp_files",
+    "resolve_target",
     "sha256_bytes",
     "sealed_json_bytes",
     "sha256_file",

@@ -5,6 +5,11 @@ that the exporter wrote (format ``flowturbo.export/1``) and verifies it before a
 
 * the manifest is sealed (:func:`flowturbo.fileio.read_sealed_json`): it carries the SHA-256 of its own
   canonical content, so a hand edit (a batch range, a precision, a removed file entry) is refused;
+* the manifest agrees with itself (:func:`check_consistent`): its key is re-derived from its ``key_fields``,
+  and the top-level batch range, precision, variant, schedule, formats, weights and tools must equal those
+  fields, and every graph's spec must have that batch range and the precision's dtypes. An edit that was
+  re-sealed (a tool recomputing ``manifest_sha256``) is refused too, unless every copy of the value and the key
+  were forged together: the seal detects accidents and hand edits, not deliberate forgery;
 * the files it must list follow from its variant and formats (:func:`required_files`), and each is listed
   with its size and SHA-256;
 * every listed file exists with that size and SHA-256, so a truncated or corrupted engine is refused with a
@@ -18,12 +23,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import re
+import shlex
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
+from flowturbo.dtypes import PRECISION_DTYPE_NAMES
 from flowturbo.errors import CheckpointError, FlowTurboError, SamplingError
-from flowturbo.fileio import SealError, read_sealed_json, sha256_file
+from flowturbo.fileio import SealError, artifact_key, read_sealed_json, sha256_file
 from flowturbo.schedule import SamplingSchedule
 
 EXPORT_FORMAT = "flowturbo.export/1"
@@ -34,6 +41,8 @@ REEXPORT = "re-export with `flowturbo export --overwrite`"
 VARIANT_ROLES = {"time-input": ("predictor", "refiner", "decoder"), "per-step": ("predictor", "refiner", "decoder"),
                  "unrolled": ("unrolled",)}
 ONNX_EXTERNAL_DATA_SUFFIX = ".data"
+# Inputs whose dtype does not follow the precision (= flowturbo.export.specs: TIME_DTYPE, LABEL_DTYPE).
+FIXED_DTYPES = {"t": "float32", "labels": "int64"}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,7 +121,7 @@ class ArtifactSet:
         if schedule is not None and schedule.id != exported.id:
             raise SamplingError(
                 f"these artifacts were exported for schedule {exported} (id {exported.id}), not "
-                f"{schedule} (id {schedule.id}); re-export with `{export_command(schedule)}`"
+                f"{schedule} (id {schedule.id}); re-export with {reexport_hint(schedule, self.manifest)}"
             )
 
     def batch_size_for(self, num_images: int, batch_size: int | None) -> int:
@@ -152,12 +161,47 @@ class ArtifactSet:
             )
 
 
-def export_command(schedule: SamplingSchedule) -> str:
-    """The ``flowturbo export`` flags that reproduce ``schedule`` (notation, guidance scale and channels)."""
-    parts = ["flowturbo export", f"--schedule {schedule.notation}", f"--cfg {schedule.guidance_scale:g}"]
+def export_command(schedule: SamplingSchedule, manifest: dict[str, Any] | None = None) -> str:
+    """The ``flowturbo export`` command that reproduces ``schedule`` (notation, guidance scale and channels).
+
+    With the ``manifest`` of an existing export, the command also carries over its model, formats, batch
+    profile, precision, variant, encoder and device, and ends in ``--out NEW_DIR`` (a new folder, to fill in),
+    so the printed command runs as is once NEW_DIR is chosen.
+    """
+    parts = ["flowturbo export"]
+    model = (manifest or {}).get("model") or {}
+    if manifest is not None and isinstance(model.get("source"), str) and model["source"]:
+        parts.append(f"--model {shlex.quote(model['source'])}")
+    parts += [f"--schedule {schedule.notation}", f"--cfg {schedule.guidance_scale:g}"]
     if schedule.guidance_channels is not None:
         parts.append(f"--guidance-channels {schedule.guidance_channels}")
+    if manifest is None:
+        return " ".join(parts)
+    batch = manifest.get("batch") or {}
+    if isinstance(manifest.get("formats"), list):
+        parts.append(f"--format {','.join(manifest['formats'])}")
+    if all(k in batch for k in ("min", "opt", "max")):
+        parts.append(f"--batch {batch['min']}:{batch['opt']}:{batch['max']}")
+    for flag, key in (("--precision", "precision"), ("--variant", "variant")):
+        if isinstance(manifest.get(key), str):
+            parts.append(f"{flag} {manifest[key]}")
+    if manifest.get("kernel_backend") not in (None, "reference"):
+        parts.append(f"--kernels {manifest['kernel_backend']}")
+    if str(manifest.get("device", "")).startswith("cuda"):
+        parts.append("--device cuda")
+    if manifest.get("with_encoder"):
+        parts.append("--with-encoder")
+    parts.append("--out NEW_DIR")
     return " ".join(parts)
+
+
+def reexport_hint(schedule: SamplingSchedule, manifest: dict[str, Any] | None) -> str:
+    """``flowturbo export --schedule S --cfg C`` and, given the manifest of the export at hand, the full command
+    that rebuilds it for ``schedule`` (model, formats, batch, precision, variant carried over; a new --out)."""
+    short = f"`{export_command(schedule)}`"
+    if manifest is None:
+        return short
+    return f"{short} (in full, keeping this export's settings: `{export_command(schedule, manifest)}`)"
 
 
 def _major_minor(version: str) -> tuple[str, ...]:
@@ -179,6 +223,73 @@ def _differences(manifest: dict[str, Any], expect: dict[str, Any]) -> list[str]:
         if wanted is not None and actual[field] != wanted:
             lines.append(f"{field}: artifacts have {actual[field]!r}, wanted {wanted!r}")
     return lines
+
+
+def _batch_text(batch: Any) -> str | None:
+    if not isinstance(batch, dict) or not all(isinstance(batch.get(k), int) for k in ("min", "opt", "max")):
+        return None
+    return f"{batch['min']}:{batch['opt']}:{batch['max']}"
+
+
+def check_consistent(path: Path, manifest: dict[str, Any]) -> None:
+    """Refuse a manifest that disagrees with itself (an edit re-sealed by a tool; see the module docstring).
+
+    The key must be the key of ``key_fields``; the top-level values must equal the keyed ones; each graph's
+    spec must have the manifest's batch range, a leading batch axis on every tensor, and the dtypes of the
+    manifest's precision.
+    """
+    def refuse(what: str) -> CheckpointError:
+        return CheckpointError(
+            f"{path}: {what}; the manifest was changed after export and re-sealed, so it cannot be trusted; {REEXPORT}"
+        )
+
+    fields = manifest.get("key_fields")
+    if not isinstance(fields, dict):
+        raise refuse("it has no key_fields")
+    try:
+        key = artifact_key(fields)
+    except (TypeError, ValueError):
+        raise refuse("its key_fields are not plain JSON") from None
+    if manifest.get("key") != key:
+        raise refuse(f"its key {manifest.get('key')!r} is not the key of its key_fields ({key!r})")
+    batch = _batch_text(manifest.get("batch"))
+    if batch is None:
+        raise refuse(f"its batch range {manifest.get('batch')!r} is not {{min, opt, max}} integers")
+    model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    formats = manifest.get("formats")
+    same = [
+        ("batch range", batch, fields.get("batch")),
+        ("precision", manifest.get("precision"), fields.get("precision")),
+        ("variant", manifest.get("variant"), fields.get("variant")),
+        ("schedule_id", manifest.get("schedule_id"), fields.get("schedule_id")),
+        ("formats", sorted(formats) if isinstance(formats, list) else formats, fields.get("formats")),
+        ("weights_sha256", model.get("weights_sha256"), fields.get("weights_sha256")),
+        ("kernel_backend", manifest.get("kernel_backend"), fields.get("kernel_backend")),
+        ("with_encoder", bool(manifest.get("with_encoder")), bool(fields.get("with_encoder"))),
+        ("tools", manifest.get("tools"), fields.get("tools")),
+        ("device", manifest.get("device"), fields.get("device")),
+    ]
+    for what, have, keyed in same:
+        if have != keyed:
+            raise refuse(f"its {what} {have!r} differs from the {what} {keyed!r} it was exported (and keyed) with")
+    dtype = PRECISION_DTYPE_NAMES.get(str(manifest.get("precision")))
+    if dtype is None:
+        raise refuse(f"its precision {manifest.get('precision')!r} is not one of {', '.join(PRECISION_DTYPE_NAMES)}")
+    for artifact in manifest.get("artifacts") or []:
+        spec = artifact.get("spec") if isinstance(artifact, dict) else None
+        name = artifact.get("file") if isinstance(artifact, dict) else None
+        if not isinstance(spec, dict):
+            raise refuse(f"the entry of {name!r} has no spec")
+        if _batch_text(spec.get("batch")) != batch:
+            raise refuse(f"{name}'s spec has the batch range {_batch_text(spec.get('batch'))!r}, the manifest {batch!r}")
+        for tensor in list(spec.get("inputs") or []) + list(spec.get("outputs") or []):
+            shape = tensor.get("shape") if isinstance(tensor, dict) else None
+            if not isinstance(shape, list) or not shape or shape[0] != BATCH_AXIS:
+                raise refuse(f"{name}'s spec gives {tensor!r} no leading {BATCH_AXIS!r} axis")
+            wanted = FIXED_DTYPES.get(tensor.get("name"), dtype)
+            if tensor.get("dtype") != wanted:
+                raise refuse(f"{name}'s spec gives {tensor.get('name')!r} the dtype {tensor.get('dtype')!r}, but "
+                             f"the precision {manifest.get('precision')!r} needs {wanted!r}")
 
 
 def required_files(manifest: dict[str, Any]) -> list[str]:
@@ -284,6 +395,7 @@ def load_artifacts(
         raise CheckpointError(f"{path} lacks {missing}; re-export the directory")
     if SamplingSchedule.from_dict(manifest["schedule"]).id != manifest["schedule_id"]:
         raise CheckpointError(f"{path}: schedule and schedule_id disagree (edited by hand?); re-export")
+    check_consistent(path, manifest)
     if expect:
         diffs = _differences(manifest, expect)
         if diffs:
@@ -295,5 +407,5 @@ def load_artifacts(
     return ArtifactSet(root, manifest)
 
 
-__all__ = ["EXPORT_FORMAT", "MANIFEST_FILE", "ArtifactEntry", "ArtifactSet", "export_command", "load_artifacts",
-           "read_manifest", "required_files", "sha256_file", "verify_files"]
+__all__ = ["EXPORT_FORMAT", "MANIFEST_FILE", "ArtifactEntry", "ArtifactSet", "check_consistent", "export_command",
+           "load_artifacts", "read_manifest", "reexport_hint", "required_files", "sha256_file", "verify_files"]

@@ -7,7 +7,6 @@ stays light: torch and the models are imported inside the handler.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -87,9 +86,10 @@ def _profile_pytorch(args: argparse.Namespace, trace: Path | None) -> Any:
                            kernels=not args.no_kernels, kernel_trace=trace)
 
 
-def _expect_schedule(args: argparse.Namespace, exported: Any) -> None:
-    """--schedule/--cfg given with --artifacts must name the exported schedule."""
-    from flowturbo.runtime.artifacts import export_command
+def _expect_schedule(args: argparse.Namespace, exported: Any, sampler: Any = None) -> None:
+    """--schedule/--cfg given with --artifacts must name the exported schedule (the hint re-exports ``sampler``'s
+    artifacts for the wanted one)."""
+    from flowturbo.runtime.artifacts import reexport_hint
     from flowturbo.schedule import SamplingSchedule
 
     if args.schedule is None and args.cfg is None:
@@ -101,8 +101,14 @@ def _expect_schedule(args: argparse.Namespace, exported: Any) -> None:
     if wanted.id != exported.id:
         raise FlowTurboError(
             f"{args.artifacts} was exported for schedule {exported} (id {exported.id}), not {wanted} (id {wanted.id}); "
-            f"re-export with `{export_command(wanted)}` or drop --schedule/--cfg"
+            f"re-export with {reexport_hint(wanted, _manifest_of(sampler))}, or drop --schedule/--cfg"
         )
+
+
+def _manifest_of(sampler: Any) -> dict[str, Any] | None:
+    artifacts = getattr(sampler, "artifacts", None)
+    manifest = getattr(artifacts, "manifest", None)
+    return manifest if isinstance(manifest, dict) else None
 
 
 def _profile_exported(args: argparse.Namespace, trace: Path | None) -> Any:
@@ -114,7 +120,7 @@ def _profile_exported(args: argparse.Namespace, trace: Path | None) -> Any:
     if args.backend == "onnxruntime" and device not in (None, "cpu"):
         raise FlowTurboError(f"the onnxruntime backend runs on the CPU here; drop --device {args.device}")
     sampler = load_exported_sampler(args.artifacts, args.backend, device=device, threads=args.threads)
-    _expect_schedule(args, sampler.schedule)
+    _expect_schedule(args, sampler.schedule, sampler)
     return profile_exported(sampler, args.batch, args.seed, args.warmup, args.repeats,
                             kernels=not args.no_kernels, kernel_trace=trace)
 
@@ -131,7 +137,7 @@ def _profile_cpp(args: argparse.Namespace) -> Any:
         ) from None
     sampler = CppSampler.from_artifacts(args.artifacts, device=None if args.device == "auto" else args.device)
     schedule, num_classes = sampler.schedule, sampler.num_classes
-    _expect_schedule(args, schedule)
+    _expect_schedule(args, schedule, sampler)
     labels = [i % num_classes for i in range(args.batch)]
     data = sampler.profile_batch(labels, seed=args.seed, warmup=args.warmup, repeats=args.repeats)
     extra = {"source": str(args.artifacts), "seed": args.seed, "timer": "runner (C++)"}
@@ -141,18 +147,8 @@ def _profile_cpp(args: argparse.Namespace) -> Any:
 
 def run_profile(args: argparse.Namespace) -> int:
     _check_args(args)
-    from flowturbo.fileio import OutputFolder, json_text
-    from flowturbo.runtime.profiling import (
-        CHART_FILE,
-        PROFILE_FILE,
-        TABLE_FILE,
-        TORCH_TRACE_FILE,
-        TRACE_FILE,
-        chrome_trace,
-        describe_run,
-        format_table,
-        plot_steps,
-    )
+    from flowturbo.fileio import OutputFolder
+    from flowturbo.runtime.profiling import TORCH_TRACE_FILE, describe_run, format_table, write_profile_files
 
     # --out is checked, created and locked before anything loads: a bad path costs no profiling.
     with OutputFolder(args.out, command="profile", what="profile output", wait=args.wait) as out:
@@ -172,16 +168,12 @@ def run_profile(args: argparse.Namespace) -> int:
                     profile = _profile_exported(args, trace)
                 profile.extra["command"] = " ".join(["flowturbo", *sys.argv[1:]])
                 extra_files = [TORCH_TRACE_FILE] if trace is not None and trace.is_file() else []
-                (staging / TRACE_FILE).write_text(json.dumps(chrome_trace(profile)) + "\n")
-                plot_steps(profile, staging / CHART_FILE)
-                (staging / TABLE_FILE).write_text(describe_run(profile) + "\n" + format_table(profile) + "\n")
-                (staging / PROFILE_FILE).write_text(json_text(profile.to_json()))
+                written = write_profile_files(profile, staging) + extra_files
         finally:
             torch.set_num_threads(threads)
     target = out.target
     print(describe_run(profile))
     print(format_table(profile))
-    written = [PROFILE_FILE, TRACE_FILE, CHART_FILE, TABLE_FILE, *extra_files]
     print(f"wrote {', '.join(str(target / name) for name in written)}")
     return 0
 

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 
 from flowturbo.errors import FlowTurboError
-from flowturbo.fileio import OutputFolder, check_replaceable, check_writable_target
+from flowturbo.fileio import OutputFolder, check_replaceable, check_writable_target, json_text
 from flowturbo.schedule import SamplingSchedule, StepKind
 
 PROFILE_FORMAT = "flowturbo.profile/1"
@@ -701,13 +701,21 @@ def write_profile(
         with OutputFolder(check_out_dir(out_dir), command="profile", what="profile output") as folder:
             return write_profile(profile, folder, extra_files=extra_files)
     with out_dir.staging() as staging:
-        (staging / TRACE_FILE).write_text(json.dumps(chrome_trace(profile)) + "\n")
-        plot_steps(profile, staging / CHART_FILE)
-        (staging / TABLE_FILE).write_text(describe_run(profile) + "\n" + format_table(profile) + "\n")
         for name, source in extra_files.items():
             shutil.move(os.fspath(source), staging / name)
-        (staging / PROFILE_FILE).write_text(json.dumps(profile.to_json(), indent=2, allow_nan=False) + "\n")
+        write_profile_files(profile, staging)
     return out_dir.target
+
+
+def write_profile_files(profile: RunProfile, folder: Path) -> list[str]:
+    """Write profile.json, trace.json, steps.png and table.txt into ``folder`` (a staging folder: the one
+    place that lays out a profile output, for :func:`write_profile` and ``flowturbo profile``); returns their
+    names. profile.json comes last and is :func:`flowturbo.fileio.json_text`."""
+    (folder / TRACE_FILE).write_text(json.dumps(chrome_trace(profile)) + "\n")
+    plot_steps(profile, folder / CHART_FILE)
+    (folder / TABLE_FILE).write_text(describe_run(profile) + "\n" + format_table(profile) + "\n")
+    (folder / PROFILE_FILE).write_text(json_text(profile.to_json()))
+    return [PROFILE_FILE, TRACE_FILE, CHART_FILE, TABLE_FILE]
 
 
 __all__ = [
@@ -724,4 +732,5 @@ __all__ = [
     "profile_from_runner",
     "profile_pytorch",
     "write_profile",
+    "write_profile_files",
 ]

@@ -93,10 +93,48 @@ def test_unknown_entries_respect_records_and_nested_records(tmp_path):
     nested = root / "stage"
     nested.mkdir()
     (nested / "w.bin").write_text("w")
-    fileio.add_owned(nested, [nested / "w.bin"])
-    assert "stage/w.bin" not in fileio.unknown_entries(root)
+    fileio.add_owned(nested, [nested / "w.bin"])  # no lock held on root: root's record does not vouch for it
+    assert {"stage/.flowturbo-owned.json", "stage/w.bin"} <= set(fileio.unknown_entries(root))
+    fileio.add_owned(root, [nested / OWNERSHIP_FILE])  # root's record lists the nested record: now trusted
+    assert not any(u.startswith("stage/") for u in fileio.unknown_entries(root))
     fileio.remove_owned(root, [root / "sub"])
     assert "sub/b.txt" in fileio.unknown_entries(root)
+
+
+def test_flowturbo_output_copied_into_another_output_is_not_replaced(tmp_path):
+    """Gap 1: a nested record counts only when the parent's record lists it; a copied-in output is the user's."""
+    out1, other = tmp_path / "out1", tmp_path / "conc"
+    for target, content in ((out1, "mine"), (other, "kept")):
+        with OutputFolder(target, command="sample") as out, out.staging() as staging:
+            (staging / "run.json").write_text(content)
+    shutil.copytree(other, out1 / "kept_run")
+    with pytest.raises(FlowTurboError, match=r"flowturbo did not write: 'kept_run/\.flowturbo-owned\.json', "
+                                             r"'kept_run/run\.json'"):
+        with OutputFolder(out1, command="sample") as out, out.staging() as staging:
+            (staging / "run.json").write_text("new")
+    assert (out1 / "kept_run" / "run.json").read_text() == "kept" and (out1 / "run.json").read_text() == "mine"
+    assert sorted(os.listdir(tmp_path)) == ["conc", "out1"]
+
+
+def test_record_written_under_a_locked_target_is_listed_by_it(tmp_path):
+    """A training run's stage folder (own record, written under the run's lock) belongs to the run."""
+    run = tmp_path / "run"
+    with fileio.owned_run_folder(run, command="train"):
+        fileio.atomic_write_text(run / "stage" / "config.json", "{}", record=run / "stage")
+    assert fileio.read_ownership(run).files == {"stage/.flowturbo-owned.json"}
+    assert fileio.read_ownership(run / "stage").files == {"config.json"}
+    assert fileio.unknown_entries(run) == []
+    fileio.check_replaceable(run)
+
+
+def test_ownership_paths_are_relative_to_the_folder_with_a_relative_cwd_path(tmp_path, monkeypatch):
+    """Gap 3: ``record="tr_p"`` with ``tr_p/latents.pt`` (both relative to the cwd) records ``latents.pt``."""
+    monkeypatch.chdir(tmp_path)
+    fileio.atomic_write_bytes(Path("tr_p") / "latents.pt", b"x", record="tr_p")
+    fileio.add_owned(Path("tr_p"), [tmp_path / "tr_p" / "sub" / "b"])
+    assert fileio.read_ownership("tr_p").files == {"latents.pt", "sub/b"}
+    fileio.remove_owned("tr_p", [Path("tr_p") / "latents.pt"])
+    assert fileio.read_ownership("tr_p").files == {"sub/b"}
 
 
 def test_check_replaceable_names_unknown_entries(tmp_path):
@@ -248,13 +286,71 @@ def test_next_run_removes_debris_of_dead_processes(tmp_path):
     dead, alive = _dead_pid(), os.getppid()
     stale = tmp_path / f".out.flowturbo-tmp-{dead}-abcd1234"
     live = tmp_path / f".out.flowturbo-tmp-{alive}-abcd1234"
-    legacy = tmp_path / ".out.tmp-k2j3h4"  # older flowturbo: mkdtemp name, no pid
-    for folder in (stale, live, legacy):
+    aside = tmp_path / f".out.flowturbo-old-{dead}-abcd1234"  # an old output set aside, the new one in place
+    for folder in (stale, live, aside):
         folder.mkdir()
         (folder / "graph.onnx").write_bytes(b"x" * 10)
+    fileio.write_ownership(aside, ["graph.onnx"])
     with OutputFolder(target, command="test") as out, out.staging() as staging:
         (staging / "a").write_text("1")
-    assert not stale.exists() and not legacy.exists() and live.exists()
+    assert not stale.exists() and not aside.exists() and live.exists()
+
+
+def test_users_dot_folders_beside_the_target_survive(tmp_path):
+    """Gap 2: only names flowturbo gives (with the owner's pid) are debris; a user's hidden folders stay."""
+    target = tmp_path / "out1"
+    with OutputFolder(target, command="sample") as out, out.staging() as staging:
+        (staging / "a").write_text("0")
+    users = [tmp_path / ".out1.old-backup", tmp_path / ".out1.tmp-mine", tmp_path / ".out1.scratch-1",
+             tmp_path / ".out1.tmp-k2j3h4a8"]  # the last: an older flowturbo's mkdtemp name (no owner pid)
+    for folder in users:
+        folder.mkdir()
+        (folder / "keep.txt").write_text("the user's")
+    aside = tmp_path / f".out1.flowturbo-old-{_dead_pid()}-0123abcd"  # a set-aside folder with a user file in it
+    aside.mkdir()
+    (aside / "a").write_text("old")
+    (aside / "keep.txt").write_text("the user's")
+    fileio.write_ownership(aside, ["a"])
+    with OutputFolder(target, command="sample") as out, out.staging() as staging:
+        (staging / "a").write_text("1")
+    assert (target / "a").read_text() == "1"
+    for folder in users + [aside]:
+        assert (folder / "keep.txt").read_text() == "the user's", folder
+
+
+def test_dotdot_after_a_missing_folder_is_refused_before_any_work(tmp_path, monkeypatch):
+    """Gap 4: ``a/../x`` with ``a`` missing cannot be followed by the kernel: refused by the pre-flight."""
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(FlowTurboError, match=r"--out a/\.\./x: a is not an existing folder, .*\(e\.g\. x\)"):
+        with OutputFolder("a/../x", command="sample"):
+            raise AssertionError("the work must not start")
+    (tmp_path / "a").mkdir()
+    with OutputFolder("a/../x", command="sample") as out, out.staging() as staging:
+        (staging / "f").write_text("1")
+    assert out.path == tmp_path / "x" and (tmp_path / "x" / "f").read_text() == "1"
+    assert sorted(os.listdir(tmp_path)) == ["a", "x"]
+
+
+def test_unremovable_previous_output_is_reported_not_fatal(tmp_path, monkeypatch, capsys):
+    """Gap 6: the old copy that cannot be removed (an immutable file in it) is named in one warning line."""
+    target = tmp_path / "out"
+    with OutputFolder(target, command="test") as out, out.staging() as staging:
+        (staging / "a").write_text("old")
+    real_rmtree = shutil.rmtree
+
+    def refuse_old(path, *args, **kwargs):
+        if ".out.flowturbo-" in str(path):  # the swapped-out previous content: an immutable file inside
+            return None
+        return real_rmtree(path, *args, **kwargs)
+
+    monkeypatch.setattr(fileio.shutil, "rmtree", refuse_old)
+    with OutputFolder(target, command="test") as out, out.staging() as staging:
+        (staging / "a").write_text("new")
+    monkeypatch.undo()
+    left = [p for p in tmp_path.iterdir() if p.name != "out"]
+    assert (target / "a").read_text() == "new" and len(left) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("warning:") and str(left[0]) in err, err
 
 
 def test_old_state_put_back_when_a_swap_was_interrupted(tmp_path):

@@ -14,7 +14,6 @@ pads two pixels of background on every side and maps ``x -> x / 127.5 - 1``.
 from __future__ import annotations
 
 import gzip
-import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -23,6 +22,7 @@ import torch
 from torch.utils.data import Dataset
 
 from flowturbo.errors import FlowTurboError
+from flowturbo.fileio import atomic_write_bytes
 
 DEFAULT_ROOT = Path("/usr/share/datasets/fashion-mnist")
 INSTALL_HINT = "apt-get install dataset-fashion-mnist"
@@ -114,14 +114,7 @@ def write_idx(path: str | Path, array: np.ndarray) -> Path:
     payload = header + array.astype(np.dtype(_IDX_DTYPES[codes[native]]), copy=False).tobytes()
     if path.suffix == ".gz":
         payload = gzip.compress(payload, mtime=0)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        tmp.write_bytes(payload)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write_bytes(path, payload)  # temp file + fsync + rename; parent folders made as needed
 
 
 def split_files(split: str, root: str | Path = DEFAULT_ROOT) -> tuple[Path, Path]:

@@ -77,3 +77,36 @@ def test_dynamic_shapes_are_torch_dims():
     spec = decoder_spec(LATENT, IMAGE, "fp32", BatchProfile(1, 2, 3))
     dim = spec.export_dynamic_shapes()["latents"][0]
     assert isinstance(dim, type(torch.export.Dim("x", min=1, max=3)))
+
+
+@pytest.mark.parametrize("precision", ["fp32", "fp16", "bf16"])
+def test_runtime_manifest_cross_check_accepts_every_spec_the_exporter_writes(precision):
+    """The runtime's re-sealed-manifest check (runtime/artifacts.check_consistent) knows the exporter's dtypes:
+    every spec built here passes at its own precision, and a dtype or batch range changed in one spec is refused."""
+    from pathlib import Path
+
+    from flowturbo.errors import CheckpointError
+    from flowturbo.export.manifest import artifact_key
+    from flowturbo.export.specs import LABEL_DTYPE, TIME_DTYPE, encoder_spec
+    from flowturbo.runtime.artifacts import FIXED_DTYPES, check_consistent
+
+    assert FIXED_DTYPES == {"t": TIME_DTYPE, "labels": LABEL_DTYPE}
+    batch = BatchProfile(1, 2, 4)
+    specs = [predictor_step_spec(LATENT, precision, batch), predictor_step_spec(LATENT, precision, batch, time=0.5),
+             refiner_step_spec(LATENT, precision, batch, halves=True), decoder_spec(LATENT, IMAGE, precision, batch),
+             encoder_spec(IMAGE, LATENT, precision, batch), unrolled_spec(LATENT, IMAGE, precision, batch)]
+    top = {"batch": batch.describe(), "precision": precision, "variant": "time-input", "schedule_id": "s",
+           "formats": ["onnx"], "weights_sha256": "w", "kernel_backend": "reference", "with_encoder": True,
+           "tools": {"torch": "2"}, "device": "cpu (x86_64)"}
+    manifest = {**top, "key": artifact_key(top), "key_fields": top, "batch": batch.to_dict(),
+                "model": {"weights_sha256": "w"},
+                "artifacts": [{"file": f"{i}.onnx", "spec": spec.to_dict()} for i, spec in enumerate(specs)]}
+    check_consistent(Path("manifest.json"), manifest)
+    other = {"fp32": "float16", "fp16": "float32", "bf16": "float16"}[precision]
+    manifest["artifacts"][3]["spec"]["outputs"][0]["dtype"] = other
+    with pytest.raises(CheckpointError, match=f"3.onnx's spec gives 'images' the dtype '{other}'"):
+        check_consistent(Path("manifest.json"), manifest)
+    manifest["artifacts"][3]["spec"] = specs[3].to_dict()
+    manifest["artifacts"][0]["spec"]["batch"]["max"] = 8
+    with pytest.raises(CheckpointError, match="0.onnx's spec has the batch range '1:2:8', the manifest '1:2:4'"):
+        check_consistent(Path("manifest.json"), manifest)

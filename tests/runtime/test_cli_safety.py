@@ -123,6 +123,52 @@ def test_sample_refuses_earlier_output_with_user_added_files(bundle_dir, tmp_pat
     assert json.loads((out / "run.json").read_text())["seed"] == 1
 
 
+def test_sample_keeps_a_flowturbo_output_placed_inside_out(bundle_dir, tmp_path, capsys):
+    """Audit gap 1: `cp -a conc out1/kept_run; sample --out out1` must not delete kept_run."""
+    out1, conc = tmp_path / "out1", tmp_path / "conc"
+    assert _sample(bundle_dir, out1) == 0 and _sample(bundle_dir, conc, "--seed", "1") == 0
+    shutil.copytree(conc, out1 / "kept_run")
+    before = _snapshot(out1)
+    capsys.readouterr()
+    assert _sample(bundle_dir, out1, "--seed", "2") == 2
+    _one_error_line(capsys, "flowturbo did not write", "'kept_run/.flowturbo-owned.json'")
+    assert _snapshot(out1) == before and sorted(os.listdir(tmp_path)) == ["conc", "out1"]
+
+
+def test_sample_leaves_users_hidden_folders_beside_out(bundle_dir, tmp_path):
+    """Audit gap 2: a user's `.out1.old-backup/` and `.out1.tmp-mine/` beside --out survive a run."""
+    out1 = tmp_path / "out1"
+    assert _sample(bundle_dir, out1) == 0
+    mine = [tmp_path / ".out1.old-backup", tmp_path / ".out1.tmp-mine", tmp_path / ".out1.tmp-a8d7f6"]
+    for folder in mine:
+        folder.mkdir()
+        (folder / "keep.txt").write_text("the user's")
+    assert _sample(bundle_dir, out1, "--seed", "1") == 0
+    assert all((folder / "keep.txt").read_text() == "the user's" for folder in mine)
+    assert sorted(os.listdir(tmp_path)) == sorted(["out1", *(f.name for f in mine)])
+
+
+def test_relative_out_for_train_and_sample(bundle_dir, tmp_path, capsys, monkeypatch):
+    """Audit gap 3: a relative --out gives the same ownership records (and messages) as an absolute one."""
+    monkeypatch.chdir(tmp_path)
+    assert main(["train", "autoencoder", *AE_ARGS, "--out", "tr_ae"]) == 0
+    assert fileio.read_ownership("tr_ae").files == {
+        "autoencoder.safetensors", "autoencoder_config.json", "config.json",
+        "autoencoder/.flowturbo-owned.json", "decoder_mse/.flowturbo-owned.json"}
+    assert "config.json" in fileio.read_ownership("tr_ae/autoencoder").files
+    capsys.readouterr()
+    assert main(["train", "autoencoder", *AE_ARGS, "--out", "tr_ae"]) == 2  # the right refusal, not "not written"
+    _one_error_line(capsys, "already holds checkpoints", "--resume")
+    assert main(["train", "predictor", "--preset", "tiny", "--autoencoder", "tr_ae", "--image-size", "32",
+                 "--image-channels", "1", "--limit", "8", "--steps", "1", "--batch-size", "4", "--no-progress",
+                 "--out", "tr_p"]) == 0
+    assert {"latents.pt", "predictor.safetensors", "config.json"} <= fileio.read_ownership("tr_p").files
+    assert fileio.unknown_entries("tr_p") == [] and fileio.unknown_entries("tr_ae") == []
+    assert _sample(bundle_dir, Path("s")) == 0 and _sample(bundle_dir, Path("s"), "--seed", "1") == 0
+    assert json.loads((tmp_path / "s" / "run.json").read_text())["seed"] == 1
+    assert fileio.unknown_entries("s") == []
+
+
 def test_profile_refuses_user_folder_holding_profile_json(bundle_dir, tmp_path, capsys, count_model_loads):
     user = tmp_path / "prof"
     (user / "data").mkdir(parents=True)
@@ -235,6 +281,55 @@ def test_manifest_with_an_edited_precision_is_refused(exported, tmp_path, capsys
     _assert_refused_everywhere(copy, tmp_path, capsys, "precision")
 
 
+def _resealed(exported: Path, tmp_path: Path, edit) -> Path:
+    """A copy whose manifest was changed by ``edit`` and then re-sealed (a tool recomputing manifest_sha256)."""
+    copy = tmp_path / "resealed"
+    shutil.copytree(exported, copy)
+    manifest = fileio.read_sealed_json(copy / "manifest.json", fix="")
+    edit(manifest)
+    (copy / "manifest.json").write_bytes(fileio.sealed_json_bytes(manifest))
+    return copy
+
+
+def _set_batch_everywhere(m):  # top level, key_fields and the key: only the graphs' specs still say 1:2:4
+    m["batch"]["max"] = 64
+    m["key_fields"]["batch"] = "1:2:64"
+    m["key"] = fileio.artifact_key(m["key_fields"])
+
+
+def _set_precision_everywhere(m):
+    m["precision"] = m["key_fields"]["precision"] = "fp16"
+    m["key"] = fileio.artifact_key(m["key_fields"])
+
+
+RESEALED_EDITS = {
+    "batch range": (lambda m: m["batch"].update(max=64), "batch range '1:2:64' differs from the batch range '1:2:4'"),
+    "precision": (lambda m: m.update(precision="fp16"), "precision 'fp16' differs"),
+    "key_fields without the key": (lambda m: m["key_fields"].update(batch="1:2:64"), "is not the key of its key_fields"),
+    "batch range, key_fields and key": (_set_batch_everywhere, "spec has the batch range '1:2:4', the manifest '1:2:64'"),
+    "precision, key_fields and key": (_set_precision_everywhere, "the precision 'fp16' needs 'float16'"),
+}
+
+
+@pytest.mark.parametrize("what", sorted(RESEALED_EDITS))
+def test_resealed_manifest_edits_are_refused(exported, tmp_path, capsys, what):
+    """Audit gap 5: an edit whose seal was recomputed is cross-checked against key_fields, key and the specs."""
+    edit, needle = RESEALED_EDITS[what]
+    copy = _resealed(exported, tmp_path, edit)
+    with pytest.raises(CheckpointError, match="re-sealed, so it cannot be trusted"):
+        load_artifacts(copy)
+    for backend in ("onnxruntime", "cpp"):
+        assert main(["sample", "--artifacts", str(copy), "--backend", backend, "--num-images", "1",
+                     "--out", str(tmp_path / "o")]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and "error:" in err and "Traceback" not in err, err
+        from flowturbo.runtime.cpp_backend import cpp_unavailable_reason
+
+        if backend == "onnxruntime" or cpp_unavailable_reason() is None:
+            assert needle in err and "re-sealed" in err, err
+    assert not (tmp_path / "o").exists()
+
+
 def test_manifest_must_list_the_files_its_variant_needs(exported, tmp_path):
     """Even a re-sealed manifest (a tool, not a hand edit) must list every graph of its variant."""
     copy = tmp_path / "resealed"
@@ -279,6 +374,22 @@ def test_unwritable_parent_is_refused_before_sampling_and_export(bundle_dir, tmp
     assert count_model_loads == [] and loads == [] and os.listdir(parent) == []
 
 
+def test_dotdot_out_after_a_missing_folder_is_refused_before_sampling_and_export(bundle_dir, tmp_path, capsys,
+                                                                               count_model_loads, monkeypatch):
+    """Audit gap 4: `--out a/../newout` with `a` missing was accepted by the pre-flight, then failed after the
+    work; now it is refused before any model is loaded, naming the fix."""
+    import flowturbo.training.bundle as bundle_module
+
+    loads = []
+    monkeypatch.setattr(bundle_module, "load_bundle", lambda *a, **k: loads.append(1))
+    monkeypatch.chdir(tmp_path)
+    assert _sample(bundle_dir, Path("a/../newout")) == 2
+    _one_error_line(capsys, "a/../newout", "cannot be followed", "newout")
+    assert main(["export", "--model", str(bundle_dir), *EXPORT_ARGS, "--out", "a/../art"]) == 2
+    _one_error_line(capsys, "a/../art", "cannot be followed")
+    assert count_model_loads == [] and loads == [] and os.listdir(tmp_path) == []
+
+
 def test_immutable_existing_output_is_refused_without_debris(bundle_dir, tmp_path, capsys, count_model_loads):
     out = tmp_path / "out"
     with fileio.OutputFolder(out, command="sample") as folder, folder.staging() as staging:
@@ -303,10 +414,10 @@ def test_killed_export_staging_is_removed_by_the_next_run(bundle_dir, exported, 
     debris = tmp_path / f".art.flowturbo-tmp-{dead.pid}-0badcafe"
     debris.mkdir()
     (debris / "predictor_step.onnx").write_bytes(b"\0" * 4096)  # the graph a killed export was writing
-    legacy = tmp_path / ".art.tmp-a8d7f6"  # written by an older flowturbo (no pid in the name)
+    legacy = tmp_path / ".art.tmp-a8d7f6"  # no owner pid in the name: could be the user's, so it is kept
     legacy.mkdir()
     assert main(["export", "--model", str(bundle_dir), *EXPORT_ARGS, "--out", str(art)]) == 0  # reused as is
-    assert sorted(os.listdir(tmp_path)) == ["art"]
+    assert sorted(os.listdir(tmp_path)) == [".art.tmp-a8d7f6", "art"]
 
 
 # ---------------------------------------------------------------------------------- 6. tracebacks
@@ -374,10 +485,19 @@ def test_train_autoencoder_tiny_names_the_flag_that_fixes_its_size(tmp_path, cap
     assert os.listdir(tmp_path) == []
 
 
-def test_reexport_hint_keeps_cfg(exported, tmp_path, capsys):
+def test_reexport_hint_keeps_cfg(exported, bundle_dir, tmp_path, capsys):
+    """The hint carries --model/--cfg/--format/--batch/--precision/--variant over and names a new --out."""
     assert main(["sample", "--artifacts", str(exported), "--backend", "onnxruntime", "--schedule", "H1P2R1",
                  "--out", str(tmp_path / "o")]) == 2
-    _one_error_line(capsys, "`flowturbo export --schedule H1P2R1 --cfg 2`")
+    err = _one_error_line(capsys, "re-export with `flowturbo export --schedule H1P2R1 --cfg 2` (in full",
+                          f"`flowturbo export --model {bundle_dir} --schedule H1P2R1 --cfg 2 --format onnx "
+                          "--batch 1:2:4 --precision fp32 --variant time-input --out NEW_DIR`")
+    command = err.split("`")[3].split()[1:]
+    from flowturbo.runtime.cli import build_parser
+
+    args = build_parser().parse_args(command)  # every flag of the hint exists: it runs once NEW_DIR is chosen
+    assert (args.model, args.schedule, args.cfg, args.batch, args.out) == (str(bundle_dir), "H1P2R1", 2.0, "1:2:4",
+                                                                          "NEW_DIR")
 
 
 # --------------------------------------------------------------------------------- 8. silent oddities
@@ -406,6 +526,21 @@ def test_metrics_below_minimum_sample_count_refused_unless_allowed(capsys, count
         evaluate_samples(images, features=features, reference=ref, progress=False)
     result = evaluate_samples(images, features=features, reference=ref, progress=False, allow_small_sample=True)
     assert result["warning"].startswith("WARNING: only 12 samples") and result["fid"] is not None
+
+
+def test_eval_small_sample_warning_is_printed_on_stderr_too(bundle_dir, tmp_path, capsys, monkeypatch):
+    """--allow-small-sample: the warning goes to stderr as well as into the JSON (the scoring is stubbed)."""
+    import flowturbo.runtime.cli as cli
+    import flowturbo.training.evaluation as evaluation
+
+    assert _sample(bundle_dir, tmp_path / "s") == 0
+    capsys.readouterr()
+    warning = "WARNING: only 2 samples: FID / precision / recall are not meaningful"
+    monkeypatch.setattr(cli, "eval_features", lambda args, device: (None, None))
+    monkeypatch.setattr(evaluation, "evaluate_samples", lambda images, labels, **kw: {"fid": 1.0, "warning": warning})
+    assert main(["eval", "--samples", str(tmp_path / "s"), "--allow-small-sample", "--device", "cpu"]) == 0
+    captured = capsys.readouterr()
+    assert captured.err.strip() == warning and json.loads(captured.out)["warning"] == warning
 
 
 def test_resume_without_an_earlier_run_is_an_error(tmp_path, capsys):
