@@ -310,8 +310,8 @@ def export_bundle(
                   "exporter_sha256": exporter_sha256(),
                   "device": device_text}
     key = artifact_key(key_fields)
-    target = Path(out)
-    with OutputFolder(target, command="export", what="export directory", wait=wait) as folder:
+    with OutputFolder(out, command="export", what="export directory", wait=wait) as folder:
+        target = folder.path  # the resolved target every step of the folder uses
         if target.exists():
             existing = _read_manifest(target)
             if existing is not None and existing.get("key") == key and _checksums_ok(target, existing):

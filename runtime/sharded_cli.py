@@ -219,6 +219,8 @@ def run_eval(args: argparse.Namespace) -> int:
             if times:
                 result["ms_per_image_per_rank"] = times
             result["world_size"] = ranks.world_size
+            if result.get("warning"):  # --allow-small-sample: loud on stderr too, as in one process
+                print(result["warning"], file=sys.stderr)
             print(json.dumps(result, indent=2, sort_keys=True))
             if args.out:
                 atomic_write_json(args.out, result)
