@@ -49,3 +49,18 @@ def save_tiny_bundle(folder: Path, seed: int) -> Path:
     perturb_zero_initialized(refiner, generator=generator)
     bundle = Bundle(predictor.eval(), refiner.eval(), IdentityDecoder(3).eval(), None, BundleDefaults("H1P1R1"))
     return save_bundle(bundle, folder)
+
+
+def rewrite_manifest(root: Path, edit) -> Path:
+    """Apply ``edit(manifest)`` to the export directory ``root``'s manifest, then re-derive its key from its
+    ``key_fields`` and re-seal it, as the exporter would have written it: for tests that need a manifest that is
+    *consistent* but says something else than the one exported (``edit`` must change the top-level values and
+    the keyed ones alike). Returns ``root``."""
+    from flowturbo.export.manifest import MANIFEST_FILE
+    from flowturbo.fileio import artifact_key, read_sealed_json, sealed_json_bytes
+
+    manifest = read_sealed_json(root / MANIFEST_FILE, fix="")
+    edit(manifest)
+    manifest["key"] = artifact_key(manifest["key_fields"])
+    (root / MANIFEST_FILE).write_bytes(sealed_json_bytes(manifest))
+    return root

@@ -280,26 +280,35 @@ def test_triton_kernels_only_go_into_cuda_aoti_packages(bundle):
         export_bundle(triton_bundle, request, "/nonexistent/never-written")
 
 
-@pytest.mark.parametrize("edit", ["precision", "shape", "fixed-batch"])
+@pytest.mark.parametrize("edit", ["precision", "shape"])
 def test_graph_read_back_against_its_manifest(exported, tmp_path, edit):
-    """A manifest that is sealed and whose checksums hold, but whose spec is not the graph's (a manifest written
-    by another tool, or an exporter bug), is refused when the graph is loaded: dtype and shape are read back."""
-    from flowturbo.fileio import read_sealed_json, sealed_json_bytes
+    """A manifest that is sealed, consistent with itself (key, batch range, precision) and whose checksums hold,
+    but whose spec is not the graph's (a manifest written by another tool, or an exporter bug), is refused when
+    the graph is loaded: dtype and shape are read back from the graph."""
+    from micro_models import rewrite_manifest
+
+    from flowturbo.runtime.artifacts import FIXED_DTYPES
 
     copy = tmp_path / "copy"
     shutil.copytree(exported.path, copy)
-    manifest = read_sealed_json(copy / MANIFEST_FILE, fix="")
-    entry = next(a for a in manifest["artifacts"] if a["role"] == "predictor")
-    tensor = entry["spec"]["inputs"][0]  # x: (batch, C, H, W)
-    if edit == "precision":
-        tensor["dtype"] = "float16"
-        match = r"is tensor\(float\), the manifest says tensor\(float16\)"
-    elif edit == "shape":
+
+    def claim_fp16(manifest):  # every graph claimed fp16, consistently, while the files are fp32 graphs
+        manifest["precision"] = manifest["key_fields"]["precision"] = "fp16"
+        for artifact in manifest["artifacts"]:
+            for tensor in artifact["spec"]["inputs"] + artifact["spec"]["outputs"]:
+                if tensor["name"] not in FIXED_DTYPES:
+                    tensor["dtype"] = "float16"
+
+    def wider_latents(manifest):
+        entry = next(a for a in manifest["artifacts"] if a["role"] == "predictor")
+        tensor = entry["spec"]["inputs"][0]  # x: (batch, C, H, W)
         tensor["shape"][1] = int(tensor["shape"][1]) + 1
-        match = "has shape"
+
+    if edit == "precision":
+        rewrite_manifest(copy, claim_fp16)
+        match = r"does not match its manifest.*is tensor\(float\), the manifest says tensor\(float16\)"
     else:
-        tensor["shape"][0] = 2  # a fixed batch of 2 against a 1:2:5 profile: the graph's axis is dynamic
-        match = "has shape"
-    (copy / MANIFEST_FILE).write_bytes(sealed_json_bytes(manifest))
-    with pytest.raises(CheckpointError, match=f"predictor.*does not match its manifest.*{match}"):
+        rewrite_manifest(copy, wider_latents)
+        match = "predictor.*does not match its manifest.*has shape"
+    with pytest.raises(CheckpointError, match=match):
         OnnxRuntimeSampler.from_artifacts(copy)

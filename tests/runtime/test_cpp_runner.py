@@ -16,13 +16,13 @@ from pathlib import Path
 
 import pytest
 import torch
+from micro_models import rewrite_manifest
 from tolerances import tol
 
 from flowturbo.errors import CheckpointError, FlowTurboError, SamplingError
 from flowturbo.export.manifest import MANIFEST_FILE
 from flowturbo.export.pipeline import ExportRequest, export_bundle
 from flowturbo.export.specs import BatchProfile
-from flowturbo.fileio import read_sealed_json, sealed_json_bytes
 from flowturbo.runtime.cpp_backend import CppSampler, cpp_unavailable_reason
 from flowturbo.runtime.sampler import Sampler
 from flowturbo.schedule import SamplingSchedule
@@ -66,10 +66,12 @@ def exported(bundle, tmp_path_factory) -> Path:
 def _retarget(exported: Path, target: Path, schedule: SamplingSchedule) -> Path:
     """A copy of the time-input export whose manifest names ``schedule`` (same guidance, same graphs)."""
     shutil.copytree(exported, target)
-    manifest = read_sealed_json(target / MANIFEST_FILE, fix="")
-    manifest["schedule"], manifest["schedule_id"] = schedule.describe(), schedule.id
-    (target / MANIFEST_FILE).write_bytes(sealed_json_bytes(manifest))  # re-sealed
-    return target
+
+    def retarget(manifest):
+        manifest["schedule"], manifest["schedule_id"] = schedule.describe(), schedule.id
+        manifest["key_fields"]["schedule_id"] = schedule.id
+
+    return rewrite_manifest(target, retarget)  # consistent and re-sealed, as if exported for ``schedule``
 
 
 def _reference(bundle, schedule, classes, seed):
@@ -188,15 +190,19 @@ def test_unusable_directories_are_refused(exported, tmp_path):
     with pytest.raises(CheckpointError, match="schedule_id"):
         CppSampler.from_artifacts(exported, expect={"schedule_id": other.id})
     edited = shutil.copytree(exported, tmp_path / "edited")
-    manifest = read_sealed_json(edited / MANIFEST_FILE, fix="")
-    manifest["schedule_id"] = other.id  # schedule and id disagree
-    (edited / MANIFEST_FILE).write_bytes(sealed_json_bytes(manifest))  # re-sealed
+
+    def other_id(manifest):  # the schedule and its id disagree (keyed consistently, so only that check objects)
+        manifest["schedule_id"] = manifest["key_fields"]["schedule_id"] = other.id
+
+    rewrite_manifest(edited, other_id)
     with pytest.raises(CheckpointError, match="disagree"):
         CppSampler.from_artifacts(edited)
     old_torch = shutil.copytree(exported, tmp_path / "old_torch")
-    manifest = read_sealed_json(old_torch / MANIFEST_FILE, fix="")
-    manifest["tools"]["torch"] = "2.9.1+cu128"  # packages compiled by another torch release
-    (old_torch / MANIFEST_FILE).write_bytes(sealed_json_bytes(manifest))  # re-sealed
+
+    def older_torch(manifest):  # packages compiled by another torch release
+        manifest["tools"]["torch"] = manifest["key_fields"]["tools"]["torch"] = "2.9.1+cu128"
+
+    rewrite_manifest(old_torch, older_torch)
     with pytest.raises(CheckpointError, match="compiled by torch 2.9.1"):
         CppSampler.from_artifacts(old_torch)
     if not sampler_build_info()["tensorrt"]:

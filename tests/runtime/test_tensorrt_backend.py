@@ -24,7 +24,7 @@ from tolerances import tol
 from flowturbo.errors import CheckpointError, FlowTurboError, SamplingError
 from flowturbo.export import tensorrt_export
 from flowturbo.export.manifest import EXPORT_FORMAT, MANIFEST_FILE, file_entries, sha256_file
-from flowturbo.fileio import read_sealed_json, sealed_json_bytes
+from flowturbo.fileio import artifact_key, read_sealed_json, sealed_json_bytes
 from flowturbo.export.specs import BatchProfile, decoder_spec, predictor_step_spec, refiner_step_spec
 from flowturbo.runtime import tensorrt_backend as tb
 from flowturbo.runtime.artifacts import ArtifactEntry, load_artifacts
@@ -219,8 +219,12 @@ def _make_export(root: Path, *, schedule: SamplingSchedule, precision: str = "fp
         artifacts.append({"module": stem, "role": role, "spec": spec.to_dict(), "time": spec.time,
                           "format": "tensorrt", "file": engine.relative_to(root).as_posix(),
                           "build_seconds": 0.0, "engine_key": meta["key"]})
+    key_fields = {"format": EXPORT_FORMAT, "weights_sha256": WEIGHTS, "schedule_id": schedule.id,
+                  "batch": batch.describe(), "formats": ["tensorrt"], "precision": precision, "variant": "time-input",
+                  "opset": None, "kernel_backend": None, "with_encoder": False, "tools": {}, "device": f"cuda: {gpu}"}
     manifest = {
-        "format": EXPORT_FORMAT, "key": "0" * 16, "key_fields": {}, "schedule": schedule.describe(),
+        "format": EXPORT_FORMAT, "key": artifact_key(key_fields), "key_fields": key_fields,
+        "schedule": schedule.describe(),
         "schedule_id": schedule.id, "variant": "time-input", "precision": precision, "batch": batch.to_dict(),
         "formats": ["tensorrt"],
         "model": {"source": "test", "weights_sha256": WEIGHTS, "num_classes": NUM_CLASSES,
