@@ -98,6 +98,10 @@ def run_export(args: argparse.Namespace) -> int:
     check_export_args(args)
     folder = Path(args.model) if args.model else default_model_dir()
     bundle = load_bundle(folder, device=args.device, dtype=torch_dtype(args.precision), kernel_backend=args.kernels)
+    if args.with_encoder and bundle.encoder is None:  # none declared, or declared but not loadable: say which
+        from flowturbo.training.encoders import missing_encoder_error
+
+        raise missing_encoder_error(folder, "--with-encoder")
     defaults = bundle.defaults
     if is_schedule_file(args.schedule):  # steps, grid and guidance from the file; flags override
         schedule = SamplingSchedule.from_file(args.schedule)

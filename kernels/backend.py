@@ -73,10 +73,12 @@ def _probe(device: str) -> str | None:
 
     try:
         gen = torch.Generator().manual_seed(0)
-        raw, x = (torch.randn(shape, generator=gen).to(device) for shape in ((2, 4, 4, 4), (1, 4, 4, 4)))
+        raw, x = (torch.randn(shape, generator=gen, dtype=torch.float32).to(device)
+                  for shape in ((2, 4, 4, 4), (1, 4, 4, 4)))
         got = cfg_predict_triton(raw, x, 0.25, 1.5, 3)
         want = cfg_predict_reference(raw, x, 0.25, 1.5, 3)
-        tokens, shift, scale = (torch.randn(shape, generator=gen).to(device) for shape in ((1, 4, 8), (1, 8), (1, 8)))
+        tokens, shift, scale = (torch.randn(shape, generator=gen, dtype=torch.float32).to(device)
+                                 for shape in ((1, 4, 8), (1, 8), (1, 8)))
         got += (layernorm_modulate_triton(tokens, shift, scale),)
         want += (layernorm_modulate_reference(tokens, shift, scale),)
         if torch.device(device).type == "cuda":

@@ -31,7 +31,7 @@ from typing import Any
 from flowturbo.dtypes import PRECISION_DTYPE_NAMES
 from flowturbo.errors import CheckpointError, FlowTurboError, SamplingError
 from flowturbo.fileio import SealError, artifact_key, read_sealed_json, sha256_file
-from flowturbo.schedule import SamplingSchedule
+from flowturbo.schedule import SamplingSchedule, uniform_timesteps
 
 EXPORT_FORMAT = "flowturbo.export/1"
 MANIFEST_FILE = "manifest.json"
@@ -162,19 +162,24 @@ class ArtifactSet:
 
 
 def export_command(schedule: SamplingSchedule, manifest: dict[str, Any] | None = None) -> str:
-    """The ``flowturbo export`` command that reproduces ``schedule`` (notation, guidance scale and channels).
+    """The ``flowturbo export`` command that reproduces ``schedule`` (notation, custom time grid, guidance scale
+    and channels).
 
-    With the ``manifest`` of an existing export, the command also carries over its model, formats, batch
-    profile, precision, variant, encoder and device, and ends in ``--out NEW_DIR`` (a new folder, to fill in),
-    so the printed command runs as is once NEW_DIR is chosen.
+    With the ``manifest`` of an existing export, the command also carries over its model (the bundle folder; none
+    for the embedded default; ``--model MODEL_DIR`` to fill in when the manifest names no folder that exists
+    here), formats, batch profile, precision, variant, encoder and device, and ends in ``--out NEW_DIR`` (a new
+    folder, to fill in), so the printed command runs as is once NEW_DIR is chosen.
     """
     parts = ["flowturbo export"]
     model = (manifest or {}).get("model") or {}
-    if manifest is not None and isinstance(model.get("source"), str) and model["source"]:
-        parts.append(f"--model {shlex.quote(model['source'])}")
+    source = model.get("source") if isinstance(model.get("source"), str) else ""
+    if manifest is not None and source != "embedded default":
+        parts.append(f"--model {shlex.quote(source)}" if source and Path(source).is_dir() else "--model MODEL_DIR")
     parts += [f"--schedule {schedule.notation}", f"--cfg {schedule.guidance_scale:g}"]
     if schedule.guidance_channels is not None:
         parts.append(f"--guidance-channels {schedule.guidance_channels}")
+    if tuple(schedule.timesteps) != uniform_timesteps(schedule.num_steps):
+        parts.append("--timesteps " + ",".join(repr(float(t)) for t in schedule.timesteps))
     if manifest is None:
         return " ".join(parts)
     batch = manifest.get("batch") or {}

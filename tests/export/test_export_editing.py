@@ -110,6 +110,24 @@ def test_with_encoder_needs_a_bundle_with_an_encoder(tmp_path):
                       tmp_path / "x", command="pytest", progress=False)
 
 
+def test_export_with_encoder_names_a_missing_encoder_file(tmp_path, capsys):
+    """A bundle that declares an encoder whose weights file is gone still loads (it samples); `export
+    --with-encoder` then names the file instead of asking to repackage a bundle that has an encoder entry."""
+    import json
+    import shutil
+
+    from flowturbo.runtime.cli import main
+
+    bundle = shutil.copytree(DEFAULT_BUNDLE_DIR, tmp_path / "bundle")
+    weights = json.loads((bundle / "config.json").read_text())["encoder"]["weights"]
+    (bundle / weights).unlink()
+    assert main(["export", "--model", str(bundle), "--schedule", "H2", "--format", "onnx", "--with-encoder",
+                 "--out", str(tmp_path / "x")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("error:") == 1 and "could not be loaded" in err and weights in err, err
+    assert not (tmp_path / "x").exists()
+
+
 # ------------------------------------------------------------------------- a batch profile with MIN > 1
 TINY_AE = dict(image_channels=3, image_size=6, latent_channels=3, base_channels=8, channel_mult=(1,), norm_groups=4)
 

@@ -500,6 +500,28 @@ def test_reexport_hint_keeps_cfg(exported, bundle_dir, tmp_path, capsys):
                                                                           "NEW_DIR")
 
 
+def test_reexport_command_for_the_default_model_and_a_custom_grid(tmp_path):
+    """The embedded default needs no --model (its source is not a folder), a folder that is gone becomes a
+    placeholder, and a custom time grid is carried as --timesteps (else the command builds another schedule)."""
+    import shlex
+
+    from flowturbo.runtime.artifacts import export_command
+    from flowturbo.runtime.cli import build_parser
+    from flowturbo.schedule import SamplingSchedule
+
+    manifest = {"model": {"source": "embedded default"}, "formats": ["onnx"], "batch": {"min": 1, "opt": 2, "max": 4},
+                "precision": "fp32", "variant": "time-input"}
+    grid = SamplingSchedule.parse("H2", guidance_scale=1.5, timesteps=[0.0, 0.3, 1.0])
+    command = export_command(grid, manifest)
+    args = build_parser().parse_args(shlex.split(command)[1:])
+    assert args.model is None and args.timesteps == "0.0,0.3,1.0" and args.out == "NEW_DIR"
+    assert "--timesteps" not in export_command(SamplingSchedule.parse("H2", guidance_scale=1.5), manifest)
+    manifest["model"]["source"] = str(tmp_path / "gone")
+    assert "--model MODEL_DIR" in export_command(grid, manifest)
+    manifest["model"]["source"] = str(tmp_path)
+    assert f"--model {tmp_path}" in export_command(grid, manifest)
+
+
 # --------------------------------------------------------------------------------- 8. silent oddities
 def test_negative_seed_is_refused(bundle_dir, tmp_path, capsys, count_model_loads):
     assert _sample(bundle_dir, tmp_path / "o", "--seed", "-1") == 2
