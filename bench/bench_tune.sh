@@ -2,6 +2,7 @@
 # Tuner wall time vs --num-samples and search mode (successive halving vs exhaustive, same candidates), and
 # torchrun sampling throughput with 1 vs 2 CPU processes. Every run starts from an empty cache.
 # Results: bench/results/tune/*.json (+ *.log); summarised by bench/summarise_tune.py into BENCHMARKS.md's table.
+# `bash bench/bench_tune.sh candidates` runs only the candidate-count scaling runs.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-outputs/bench_tune}
@@ -17,6 +18,15 @@ run_tune() {  # name, extra args...
     > "$RES/$name.log" 2>&1
   cp "$OUT/$name/tune.json" "$RES/$name.json"
 }
+if [ "${1:-}" = "candidates" ]; then
+  # Wall time vs the number of candidates (500 samples; the 20-candidate pair is halving-500 / exhaustive-500):
+  # 10 candidates (one grid) and 40 (four grids), each searched by successive halving and exhaustively.
+  for search in halving exhaustive; do
+    run_tune "$search-500-c10" --num-samples 500 --search "$search" --grids uniform
+    run_tune "$search-500-c40" --num-samples 500 --search "$search" --grids uniform,shift:2,shift:3,power:1.5
+  done
+  exit 0
+fi
 run_tune halving-500 --num-samples 500
 run_tune exhaustive-500 --num-samples 500 --search exhaustive
 run_tune halving-1000 --num-samples 1000

@@ -13,7 +13,8 @@ def main() -> int:
     print("| run | search | --num-samples | rungs | candidates | evaluations | images generated | wall s | "
           "recommended (FID) | front |")
     print("|---|---|---:|---|---:|---:|---:|---:|---|---|")
-    for name in ("halving-500", "exhaustive-500", "halving-1000"):
+    for name in ("halving-500-c10", "exhaustive-500-c10", "halving-500", "exhaustive-500", "halving-500-c40",
+                 "exhaustive-500-c40", "halving-1000"):
         path = RESULTS / f"{name}.json"
         if not path.is_file():
             continue
