@@ -64,7 +64,9 @@ class TorchPipeline:
     encoder_source: str | None = None  # official checkpoints: the --vae folder its encoder is read from on demand
 
     def __post_init__(self) -> None:
-        self.decoder.to_fast_layout(self.device)  # the SD-VAE / TAESD decoders run channels-last on CUDA
+        fast_layout = getattr(self.decoder, "to_fast_layout", None)  # any decoder module works; ours may re-layout
+        if fast_layout is not None:
+            fast_layout(self.device)  # the SD-VAE / TAESD decoders run channels-last on CUDA
 
     def require_encoder(self, what: str) -> LatentEncoder:
         """The image encoder, loaded on first use for official checkpoints (the ``--vae`` AutoencoderKL's encoder);
