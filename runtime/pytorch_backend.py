@@ -25,7 +25,12 @@ from flowturbo.training.checkpoints import (
     load_sit_checkpoint,
 )
 from flowturbo.training.decoders import LatentDecoder, load_vae_decoder
-from flowturbo.training.encoders import DiffusersVAEEncoder, LatentEncoder, missing_encoder_error
+from flowturbo.training.encoders import (
+    OFFICIAL_SOURCE_PREFIX,
+    DiffusersVAEEncoder,
+    LatentEncoder,
+    missing_encoder_error,
+)
 from flowturbo.training.sampling import (
     FiniteCheck,
     check_labels,
@@ -246,7 +251,7 @@ def _load_official(
         latent_shape=(config.in_channels, config.input_size, config.input_size),
         class_names=None,
         defaults=BundleDefaults(guidance_channels=OFFICIAL_GUIDANCE_CHANNELS),
-        source=f"official checkpoints: {predictor}" + (f" + {refiner}" if refiner else ""),
+        source=f"{OFFICIAL_SOURCE_PREFIX}{predictor}" + (f" + {refiner}" if refiner else ""),
         device=device,
         dtype=dtype,
         kernel_backend=kernel_backend,

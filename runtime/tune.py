@@ -345,10 +345,12 @@ def measure_call_costs(pipe: TorchPipeline, batch: int, cfg: float, guidance_cha
 
 
 @functools.lru_cache(maxsize=1)
+@functools.lru_cache(maxsize=1)
 def single_process_threads() -> int:
     """The CPU threads torch uses in a plain single process on this machine (``flowturbo sample`` without
     torchrun): its default without ``OMP_NUM_THREADS`` / ``MKL_NUM_THREADS``, which torchrun sets to 1 in every
-    process it starts. Asked of a fresh interpreter (torch's default is fixed at start-up)."""
+    process it starts. Asked of a fresh interpreter (torch's default is fixed at start-up), once per process
+    (the costs and the front's latencies are both timed with it)."""
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     try:
         out = subprocess.run([sys.executable, "-c", "import torch; print(torch.get_num_threads())"],

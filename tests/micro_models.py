@@ -64,3 +64,23 @@ def rewrite_manifest(root: Path, edit) -> Path:
     manifest["key"] = artifact_key(manifest["key_fields"])
     (root / MANIFEST_FILE).write_bytes(sealed_json_bytes(manifest))
     return root
+
+
+def counting_graph_backend():
+    """The CPU stand-in for ``torch.cuda.graph`` (``ReplayByCallBackend``: replay = call the captured function on
+    the static buffers) counting its ``captures`` and ``replays``."""
+    from flowturbo.runtime.cuda_graphs import ReplayByCallBackend
+
+    class CountingBackend(ReplayByCallBackend):
+        def __init__(self) -> None:
+            self.captures = self.replays = 0
+
+        def capture(self, fn, inputs, warmup):
+            self.captures += 1
+            return super().capture(fn, inputs, warmup)
+
+        def replay(self, graph):
+            self.replays += 1
+            super().replay(graph)
+
+    return CountingBackend()

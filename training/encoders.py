@@ -462,6 +462,9 @@ def load_encoder(
     return encoder
 
 
+OFFICIAL_SOURCE_PREFIX = "official checkpoints: "  # how load_pipeline names a model built from official files
+
+
 def missing_encoder_error(bundle_dir: str | os.PathLike[str], what: str = "this command") -> FlowTurboError:
     """The error to raise when ``what`` (inpainting, editing) needs an encoder the model lacks.
 
@@ -472,7 +475,7 @@ def missing_encoder_error(bundle_dir: str | os.PathLike[str], what: str = "this 
     without an ``"encoder"`` entry (repackage it).
     """
     source = str(bundle_dir)
-    if source.startswith("official checkpoints:"):  # load_pipeline: only a TAESD --vae gives no encoder
+    if source.startswith(OFFICIAL_SOURCE_PREFIX):  # load_pipeline: only a TAESD --vae gives no encoder
         return FlowTurboError(
             f"{what} needs an image encoder, which official checkpoints take from the --vae folder, but an "
             "AutoencoderTiny (TAESD) folder only decodes; pass --vae with a diffusers AutoencoderKL folder "

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from micro_models import counting_graph_backend
 from tolerances import tol
 
 from flowturbo.errors import FlowTurboError, SamplingError
@@ -47,20 +48,6 @@ def _pipeline(kernels: KernelBackend, dtype=torch.float32) -> TorchPipeline:
                          torch.device("cpu"), dtype, kernels)
 
 
-class CountingBackend(ReplayByCallBackend):
-    def __init__(self) -> None:
-        self.captures = 0
-        self.replays = 0
-
-    def capture(self, fn, inputs, warmup):
-        self.captures += 1
-        return super().capture(fn, inputs, warmup)
-
-    def replay(self, graph):
-        self.replays += 1
-        super().replay(graph)
-
-
 @pytest.fixture(scope="module")
 def reference64():
     """Images of the float64 reference path (reference ops, float64 models and state)."""
@@ -75,7 +62,7 @@ def reference64():
 
 def test_fast_path_matches_the_float64_reference_and_captures_once_per_batch_size(reference64):
     classes, want = reference64
-    backend = CountingBackend()
+    backend = counting_graph_backend()
     sampler = Sampler(_pipeline(KernelBackend.TRITON), cuda_graph=True, graph_backend=backend)
     out = sampler.sample(classes, schedule=SCHEDULE, seed=3, batch_size=2)  # batches of 2, 2, 1
     torch.testing.assert_close(out.images.double(), want, **tol("sampler_fp32"))

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from micro_models import counting_graph_backend
 from tolerances import tol
 
 from flowturbo.errors import FlowTurboError
 from flowturbo.integrator import IntegratorState, StepHooks, StepInfo
 from flowturbo.runtime.cli import main
-from flowturbo.runtime.cuda_graphs import ReplayByCallBackend
 from flowturbo.runtime.editing import (
     EditingWarning,
     InpaintHook,
@@ -302,25 +302,10 @@ def test_one_image_per_result_keeps_each_images_own_pixels(sampler):
 
 
 # ---------------------------------------------------------------------------- audit: more paths and inputs
-class CountingBackend(ReplayByCallBackend):
-    """The CPU stand-in for torch.cuda.graph (replay = call the captured function on the static buffers)."""
-
-    def __init__(self) -> None:
-        self.captures = self.replays = 0
-
-    def capture(self, fn, inputs, warmup):
-        self.captures += 1
-        return super().capture(fn, inputs, warmup)
-
-    def replay(self, graph):
-        self.replays += 1
-        super().replay(graph)
-
-
 def test_inpaint_and_edit_through_the_cuda_graph_path_match_eager(sampler):
     """The graph path captures the task's hooks with the schedule; a second request with another mask (or image)
     replays the same graph with its own inputs, and matches the eager path; an edit strength is its own graph."""
-    backend = CountingBackend()
+    backend = counting_graph_backend()
     graphed = Sampler(sampler.pipeline, cuda_graph=True, graph_backend=backend)
     images = to_model_range(load_fashion_mnist("test", limit=2).images)  # (2, 1, 32, 32)
     half = torch.zeros(1, 1, 32, 32)

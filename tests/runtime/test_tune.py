@@ -276,15 +276,9 @@ def test_weights_digest_covers_every_byte_and_resume_with_other_weights_is_refus
 def test_latency_on_cuda_runs_the_samplers_graph_path(tmp_path, default_pipe):
     """On CUDA the front's latency is measured on `flowturbo sample`'s default path (one CUDA graph for the
     schedule + decode); here with the capture stand-in, on the CPU. The rule is not capturable: eager."""
-    from flowturbo.runtime.cuda_graphs import ReplayByCallBackend
+    from micro_models import counting_graph_backend
 
-    class CountingBackend(ReplayByCallBackend):
-        captured = 0
-
-        def capture(self, fn, inputs, warmup):
-            CountingBackend.captured += 1
-            return super().capture(fn, inputs, warmup)
-
+    backend = counting_graph_backend()
     config = TuneConfig(model="m", latency_batch=2, latency_repeats=1)
     space = SearchSpace.from_text(heun="1", pseudo="0", refiner="0", euler="", grids="uniform", vnorm_c="0.5")
     cands, _ = space.candidates(cfg=1.5, guidance_channels=None, has_refiner=True)
@@ -292,10 +286,10 @@ def test_latency_on_cuda_runs_the_samplers_graph_path(tmp_path, default_pipe):
               "recommended_fixed": "H1@uniform",
               "candidates": [{"name": c.name, "baseline": False, "fid": 1.0} for c in cands]}
     tuner = Tuner(config, default_pipe, _stub_extractor(), cache_dir=tmp_path, progress=False, cuda_graph=True,
-                  graph_backend=CountingBackend())
+                  graph_backend=backend)
     tuner._measure_latencies(report, cands)
     rows = {r["name"]: r for r in report["candidates"]}
-    assert rows["H1@uniform"]["measured_path"] == "cuda-graph" and CountingBackend.captured == 1
+    assert rows["H1@uniform"]["measured_path"] == "cuda-graph" and backend.captures == 1
     assert rows["vnorm-C0.5"]["measured_path"] == "eager"
     assert rows["H1@uniform"]["measured_ms_per_image"] > 0 and rows["vnorm-C0.5"]["measured_ms_per_image"] > 0
     eager = Tuner(config, default_pipe, _stub_extractor(), cache_dir=tmp_path, progress=False)  # CPU default
