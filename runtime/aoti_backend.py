@@ -24,7 +24,9 @@ class _AotiModule:
         self.names = [t["name"] for t in entry.spec["inputs"]]
         self._checked = False
         try:
-            self.runner = torch._inductor.aoti_load_package(str(entry.path))
+            # One model instance without per-call CUDA-event bookkeeping: capturable into a CUDA graph, and
+            # no host wait on the previous call (the loop calls one module at a time from one thread).
+            self.runner = torch._inductor.aoti_load_package(str(entry.path), run_single_threaded=True)
         except (RuntimeError, OSError) as exc:
             raise CheckpointError(f"cannot load AOTInductor package {entry.path}: {exc}; re-export it") from exc
         self.device = torch.device(device)

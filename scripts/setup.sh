@@ -25,7 +25,7 @@ VPY=.venv/bin/python
 
 # Re-install Python deps only when requirements.txt or the build files changed.
 stamp=.venv/.flowturbo-setup
-want=$(cat requirements.txt pyproject.toml CMakeLists.txt runtime/csrc/* | sha256sum | cut -c1-16)
+want=$(cat requirements.txt pyproject.toml CMakeLists.txt scripts/torch_build_info.py runtime/csrc/* | sha256sum | cut -c1-16)
 if [ "$(cat "$stamp" 2>/dev/null)" != "$want" ] || ! "$VPY" -c "import flowturbo._C" 2>/dev/null; then
   echo "[setup] installing Python dependencies into .venv"
   "$VPY" -m pip install -q --upgrade pip

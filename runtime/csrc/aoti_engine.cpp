@@ -16,8 +16,12 @@ class AotiEngine final : public ModuleEngine {
  public:
   AotiEngine(const EngineSpec& spec, const c10::Device& device) : spec_(spec), device_(device) {
     try {
+      // run_single_threaded: one model instance, no per-call CUDA-event bookkeeping between calls. The
+      // default (false) queries a CUDA event on every call after the first, which is illegal inside a
+      // CUDA-graph capture (torch documents run_single_threaded for graphs), and with one instance each call
+      // also waits on the host for the previous one. The runner calls an engine from one thread only.
       loader_ = std::make_unique<torch::inductor::AOTIModelPackageLoader>(
-          spec.file, "model", /*run_single_threaded=*/false, /*num_runners=*/1,
+          spec.file, "model", /*run_single_threaded=*/true, /*num_runners=*/1,
           device.is_cuda() ? device.index() : static_cast<c10::DeviceIndex>(-1));
     } catch (const std::exception& exc) {
       throw RunnerError(RunnerError::Kind::kCheckpoint,

@@ -10,10 +10,13 @@
 #include <sstream>
 
 #ifdef FLOWTURBO_WITH_CUDA
-#include <ATen/cuda/CUDAEvent.h>
+// c10/cuda and ATen/cuda/CUDAGraph.h need only the CUDA runtime's headers; ATen/cuda/CUDAEvent.h (via
+// ATen/cuda/CUDAContext.h) would also need the cuBLAS / cuSPARSE / cuSOLVER headers (see CMakeLists.txt).
 #include <ATen/cuda/CUDAGraph.h>
+#include <c10/cuda/CUDAEvent.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
+#include <cuda_runtime_api.h>
 #if __has_include(<nvtx3/nvToolsExt.h>)
 #include <nvtx3/nvToolsExt.h>
 #define FLOWTURBO_NVTX 1
@@ -37,6 +40,41 @@ at::ScalarType dtype_of_precision(const std::string& precision) {
 }
 
 std::string time_text(double t) { return python_float_repr(t); }
+
+// The first line of an exception message (CUDA / c10 messages append long C++ backtraces).
+std::string first_line(const char* text) {
+  const std::string message(text == nullptr ? "" : text);
+  return message.substr(0, message.find('\n'));
+}
+
+#ifdef FLOWTURBO_WITH_CUDA
+// Ends a capture that failed part-way, before anything else touches the stream: a stream left capturing
+// fails every later call on it ("operation not permitted when stream is capturing"), which would poison
+// every later batch. CUDAGraph::capture_end() releases the allocator's capture pool and ends the stream's
+// capture even when the capture was invalidated (it then throws, as expected here); whatever is still
+// capturing after that is ended by hand and its partial graph dropped.
+void abort_capture(std::unique_ptr<at::cuda::CUDAGraph>& graph, const c10::cuda::CUDAStream& stream) {
+  auto capturing = [&stream]() {
+    cudaStreamCaptureStatus status = cudaStreamCaptureStatusNone;
+    return cudaStreamIsCapturing(stream.stream(), &status) == cudaSuccess && status != cudaStreamCaptureStatusNone;
+  };
+  if (graph && capturing()) {
+    try {
+      graph->capture_end();
+    } catch (const std::exception&) {
+      // expected: the capture was invalidated by the failure being handled
+    }
+  }
+  if (capturing()) {
+    cudaGraph_t partial = nullptr;
+    if (cudaStreamEndCapture(stream.stream(), &partial) == cudaSuccess && partial != nullptr) {
+      cudaGraphDestroy(partial);
+    }
+  }
+  (void)cudaGetLastError();  // clear the capture's error so the step-by-step run starts clean
+  graph.reset();
+}
+#endif
 
 // An NVTX range per step on CUDA (no-op elsewhere).
 struct StepRange {
@@ -368,10 +406,13 @@ at::Tensor ScheduleRunner::integrate(const at::Tensor& noise, BatchState& state,
   x.copy_(noise);
   at::Tensor carried;  // undefined: nothing carried
 #ifdef FLOWTURBO_WITH_CUDA
-  std::vector<at::cuda::CUDAEvent> events;
+  // Timing events: default-constructed CUDA events have timing disabled (cudaEventDisableTiming), and
+  // elapsed_time() on them throws.
+  std::vector<c10::cuda::CUDAEvent> events;
   const bool cuda_events = steps != nullptr && device_.is_cuda();
   if (cuda_events) {
-    events.resize(schedule.steps.size() + 1);
+    events.reserve(schedule.steps.size() + 1);
+    for (size_t k = 0; k <= schedule.steps.size(); ++k) events.emplace_back(cudaEventDefault);
     events[0].record();
   }
 #endif
@@ -549,8 +590,10 @@ BatchOutput ScheduleRunner::run_batch(const at::Tensor& noise_in, const at::Tens
           state.graph_outputs = forward(state.static_noise, state);
           state.graph->capture_end();
         } catch (const std::exception& exc) {
-          state.graph.reset();
-          graph_fallback_reason_ = std::string("CUDA-graph capture failed (") + exc.what() + "); running step by step";
+          graph_fallback_reason_ = std::string("CUDA-graph capture failed (") + first_line(exc.what()) +
+                                   "); running step by step";
+          abort_capture(state.graph, side);
+          state.graph_outputs.clear();
         }
         side.synchronize();
       }

@@ -105,8 +105,16 @@ def test_aoti_package_outputs_read_back_against_the_manifest(tmp_path, monkeypat
         y = x * 2.0  # (B, 3, 6, 6)
         return {"none": [y], "dtype": [y.half()], "shape": [y[:, :2]], "count": [y, y]}[mismatch]
 
-    monkeypatch.setattr(torch._inductor, "aoti_load_package", lambda path: fake_package)
+    options = {}
+
+    def fake_load(path, **kwargs):
+        options.update(kwargs)
+        return fake_package
+
+    monkeypatch.setattr(torch._inductor, "aoti_load_package", fake_load)
     module = _AotiModule(ArtifactEntry("m", "predictor", "aoti", tmp_path / "m.pt2", spec, None), "cpu")
+    # One model instance without per-call CUDA events: capturable into a CUDA graph (issue 18, fault 3).
+    assert options == {"run_single_threaded": True}
     x = torch.randn(2, 3, 6, 6, generator=gen)
     if mismatch == "none":
         for _ in range(2):
