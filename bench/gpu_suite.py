@@ -1,540 +1,592 @@
-"""The one prepared GPU suite: build, correctness against the reference, end-to-end timings, GPU tests.
+"""The one prepared GPU suite: build, correctness against the references, end-to-end timings, GPU tests.
 
-On a bare lent GPU machine (see BENCHMARKS.md for the exact carry list and command)::
+A lent GPU machine gives ~15 minutes in all and is released after ~30 s idle, so the suite runs as **phases**,
+each one device-tool command of <= 300 s (H200 estimate), issued back to back (BENCHMARKS.md has the exact
+commands and the carry list)::
 
-    python3 bench/gpu_suite.py --out "$OUT"          # <= 9 minutes on an H100/H200
-    python bench/gpu_suite.py --dry-run --out /tmp/s  # the same code paths on CPU with a tiny config (CI)
+    python3 bench/gpu_suite.py --phase 1 --out "$OUT"   # pre-flight, build, rows a b d, the user's commands
+    python3 bench/gpu_suite.py --phase 2 --out "$OUT"   # row c (torch.compile), AOTI export, rows e f
+    python3 bench/gpu_suite.py --phase 3 --out "$OUT"   # what 1-2 skipped for time, GPU tests, kernel bench
+    python bench/gpu_suite.py --merge p1/phase1.json p2/phase2.json p3/phase3.json --out bench/results/x
+    python bench/gpu_suite.py --dry-run --phase all --out /tmp/s   # the same code paths on CPU (CI)
 
-What it does, in order, each part skipped with its reason when the time budget (``--budget-s``) runs out:
+Rows, side by side in each phase with that phase's own reference row (b), ms per image (CUDA events, median over
+``--replays`` after warm-up), build/compile seconds apart, max |final latents - row (b)| and - float64 path:
+(a) fp16-autocast eager, (b) bf16 eager reference, (c) ``torch.compile`` (once for every batch size) + CUDA graph,
+(d) flowturbo's fast path (Triton + one CUDA graph), (e) AOTInductor packages in the C++ runner + its CUDA graph,
+(f) the Python loop over the same packages. SiT-XL/2 shapes with random weights, a one-block refiner, an
+SD-VAE-shaped AutoencoderKL; H1P5R3, CFG 4.0 on 3 of 4 channels; batches 1 and 8.
 
-1. **Build**: make ``import flowturbo`` work (``pip install --no-build-isolation --no-deps -e .`` with the carried
-   nlohmann-json / OpenSSL headers; carried wheels such as diffusers on ``sys.path``), so the C++ runner exists.
-2. **Models**: SiT-XL/2 shapes with random weights (learn_sigma), a one-block refiner and an SD-VAE-shaped
-   diffusers ``AutoencoderKL`` (random weights); H1P5R3, CFG 4.0, guidance on 3 of 4 channels (the per-CFG-half
-   carry is exercised); batches 1 and 8.
-3. **Rows**, side by side in one run, ms per image (CUDA events, median over ``--replays`` after warm-up),
-   build/compile seconds apart, max |final latents - row (b)|:
-   (a) fp16-autocast eager (the official code's style), (b) bf16 eager reference, (c) ``torch.compile`` of the
-   models + whole-schedule CUDA graph, (d) flowturbo's Python fast path (the ``Sampler`` default on CUDA:
-   Triton kernels + one CUDA graph), (e) AOTInductor CUDA packages exported with ``--kernels triton`` run by the
-   C++ runner with its CUDA graph, (f) the Python loop over the same packages.
-4. **Tests**: the GPU-marked tests and the kernel tests on the device; then a short ``bench_kernels.py``.
-5. Full results to ``OUT/gpu_suite.json``; a short table printed last.
-
-``--dry-run`` (CPU): a tiny SiT / refiner / AutoencoderKL, float32 instead of bf16 (Triton's interpreter
-computes bf16 wrongly), bf16 CPU autocast for row (a), the CUDA graphs replaced by the replay-by-call stand-in,
-AOTInductor CPU packages with the reference ops; every row still runs through the same functions.
+What makes the first run on a device count (issue 18): the record (``phase<N>.json`` + the merged
+``gpu_suite.json``) is written after every row, task and check, and the short table is printed in a ``finally``
+(also on SIGTERM or the suite's own watchdog); every failure — a row, a timeout of pytest, the model build, the
+float64 reference, the export's own check — is recorded and skips only what depends on it; after a successful
+build the suite re-executes itself so the fresh editable install imports; pre-flight checks come first; graph
+rows report how they actually ran (a fallback is an error); the budget is checked before each part and each
+exported module. ``--inject-fault`` rehearses all of that on a CPU (``scripts/rehearse_device.sh``).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
-import statistics
+import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 import traceback
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "bench"))
+
+from suite import preflight  # noqa: E402
+from suite.faults import Faults, describe as describe_faults  # noqa: E402
+from suite.record import (  # noqa: E402
+    MERGED_FILE,
+    PHASE_FILE,
+    Recorder,
+    atomic_write_text,
+    load_phases,
+    merge_phases,
+    short_table,
+)
+
 CARRY = REPO / ".devcarry"  # git-ignored; filled by scripts/prepare_gpu_carry.sh
-SCHEDULE_SPEC, CFG, GUIDANCE_CHANNELS = "H1P5R3", 4.0, 3
-SEED = 0
-ROWS = {
-    "a": "fp16-autocast eager (official style)",
-    "b": "bf16 eager reference",
-    "c": "torch.compile + CUDA graph",
-    "d": "flowturbo fast path (Triton + CUDA graph)",
-    "e": "AOTI --kernels triton, C++ runner + graph",
-    "f": "AOTI packages, Python loop",
-}
-# SiT-XL/2 at 256x256 (latents 4x32x32) and the SD-VAE decoder; the dry run's tiny stand-ins.
-GPU_MODEL = dict(input_size=32, patch_size=2, in_channels=4, hidden_size=1152, depth=28, num_heads=16)
-DRY_MODEL = dict(input_size=8, patch_size=2, in_channels=4, hidden_size=32, depth=1, num_heads=2)
-SD_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[128, 256, 512, 512],
-              down_block_types=["DownEncoderBlock2D"] * 4, up_block_types=["UpDecoderBlock2D"] * 4,
-              layers_per_block=2, norm_num_groups=32, sample_size=256)
-DRY_VAE = dict(in_channels=3, out_channels=3, latent_channels=4, block_out_channels=[16, 16],
-               down_block_types=["DownEncoderBlock2D"] * 2, up_block_types=["UpDecoderBlock2D"] * 2,
-               layers_per_block=1, norm_num_groups=8, sample_size=16)
+DEFAULT_STATE_DIR = Path(tempfile.gettempdir()) / "flowturbo_gpu_suite"
+PHASES = ("1", "2", "3", "all")
+PHASE_ROWS = {"1": "abd", "2": "bcef", "3": "", "all": "abcdef"}
+# Seconds each phase may take (the device command's timeout_s should be ~30 s more); the dry run's is larger.
+PHASE_BUDGET_S = {"1": 270.0, "2": 300.0, "3": 240.0, "all": 510.0}
+DRY_BUDGET_S = 1800.0
+WATCHDOG_GRACE_S = {"gpu": 20.0, "dry": 300.0}  # past the budget, the watchdog stops the phase (table kept)
+# H200 estimates (seconds) of each part, from DESIGN.md's numbers and the H100 runs; a part is skipped (named,
+# with the reason) when less time is left. The dry run scales them by DRY_ESTIMATE_SCALE.
+ESTIMATE_S = {"build": 150.0, "models": 25.0, "row": 8.0, "row:first:c": 150.0, "row:first:d": 30.0,
+              "row:first:e": 20.0, "row:first:f": 15.0, "export_module": 100.0, "user": 45.0, "tests": 150.0,
+              "kernel_bench": 60.0, "preflight_runtime": 40.0}
+DRY_ESTIMATE_SCALE = 0.02
+BUDGET_REASON = "time budget"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="fault names (--inject-fault):\n" +
+                                describe_faults(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dry-run", action="store_true", help="tiny config on CPU: the same code paths, no GPU")
+    p.add_argument("--phase", choices=PHASES, default="all", help="which phase (default all: every part in one run)")
     p.add_argument("--out", type=Path, default=Path(os.environ.get("OUT", REPO / "bench" / "results" / "gpu_suite")),
-                   help="folder for gpu_suite.json and logs (default: $OUT)")
+                   help="folder for the JSON record and logs (default: $OUT)")
+    p.add_argument("--state-dir", type=Path, default=DEFAULT_STATE_DIR,
+                   help="where phases leave their record and exports for the next phase on the same machine")
     p.add_argument("--batches", type=int, nargs="+", default=None, help="images per batch (default 1 8; dry 2)")
     p.add_argument("--replays", type=int, default=None, help="timed runs per row (default 20; dry 1)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs per row first (default 3; dry 1)")
-    p.add_argument("--rows", default="abcdef", help="which rows to run (default all: abcdef)")
+    p.add_argument("--rows", default="abcdef", help="restrict the rows (default all of the phase's)")
     p.add_argument("--budget-s", type=float, default=None,
-                   help="skip what would not fit in this many seconds (default 510 on a GPU, 1200 for --dry-run)")
+                   help="skip what would not fit in this many seconds (default per phase: 1 270, 2 300, 3 240, "
+                        f"all 510; dry run {DRY_BUDGET_S:.0f})")
     p.add_argument("--skip-build", action="store_true", help="flowturbo is already installed")
     p.add_argument("--skip-tests", action="store_true", help="no pytest run")
     p.add_argument("--skip-kernel-bench", action="store_true", help="no bench_kernels.py run")
+    p.add_argument("--skip-user-commands", action="store_true", help="no flowturbo sample/profile/inpaint/edit run")
+    p.add_argument("--inject-fault", action="append", default=[], metavar="NAME",
+                   help="rehearsal only: make one part fail (repeatable; names below)")
+    p.add_argument("--merge", type=Path, nargs="+", default=None, metavar="PHASE_JSON",
+                   help="merge phase records fetched from the device into OUT/gpu_suite.json and print the table")
+    p.add_argument("--resumed", action="store_true", help=argparse.SUPPRESS)  # set by the re-exec after the build
     return p.parse_args(argv)
 
 
 class Budget:
-    """Wall-clock budget of the whole suite; parts that would not fit are skipped with the reason."""
+    """Wall-clock budget of one phase (kept across the re-exec after the build through $GPU_SUITE_STARTED)."""
 
-    def __init__(self, seconds: float) -> None:
-        self.start = time.perf_counter()
-        self.seconds = seconds
+    def __init__(self, seconds: float, rec: Recorder | None = None, scale: float = 1.0) -> None:
+        self.start = float(os.environ.setdefault("GPU_SUITE_STARTED", repr(time.time())))
+        self.seconds, self.rec, self.scale = seconds, rec, scale
 
     @property
     def left(self) -> float:
-        return self.seconds - (time.perf_counter() - self.start)
+        return self.seconds - (time.time() - self.start)
+
+    def fits(self, what: str, estimate_s: float) -> bool:
+        """True if ``what`` (estimated ``estimate_s`` seconds on an H200) fits; else recorded as skipped."""
+        need = estimate_s * self.scale
+        if self.left >= need:
+            return True
+        if self.rec is not None:
+            self.rec.skip(what, f"{BUDGET_REASON}: {max(0.0, self.left):.0f} s left of {self.seconds:.0f}, "
+                                f"needs ~{need:.0f} s")
+        return False
 
 
-def log(message: str) -> None:
-    print(f"[gpu_suite {time.strftime('%H:%M:%S')}] {message}", flush=True)
+class SuiteInterrupted(BaseException):
+    """SIGTERM (the device tool's timeout) or the suite's own watchdog: stop, keep the record, print the table."""
 
 
-# ------------------------------------------------------------------------------------------- build
-def ensure_importable(args: argparse.Namespace, results: dict[str, Any]) -> None:
-    """Carried wheels on sys.path, then flowturbo installed (editable, C++ extensions built) unless it imports.
+def _interrupt(signum: int, _frame: Any) -> None:
+    raise SuiteInterrupted(f"signal {signal.Signals(signum).name}")
 
-    The wheels are unpacked into a temporary folder (never into ``.devcarry``: what a run leaves there would
-    travel with the next carry and count against its 64 MiB)."""
+
+# ------------------------------------------------------------------------------------------------ build
+def carried_wheels(rec: Recorder) -> None:
+    """Carried wheels (e.g. diffusers) into a temporary folder on sys.path and PYTHONPATH (never .devcarry:
+    what a run leaves there would travel with the next carry)."""
     wheels = sorted((CARRY / "wheels").glob("*.whl")) if (CARRY / "wheels").is_dir() else []
-    if wheels:
-        site = Path(tempfile.mkdtemp(prefix="gpu_suite_site_"))
-        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
-                        "--target", str(site), *map(str, wheels)], check=True)
-        sys.path.insert(0, str(site))
-        os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
-    started = time.perf_counter()
-    build: dict[str, Any] = {"skipped": args.skip_build}
-    if not args.skip_build and not _flowturbo_runner_ok():
-        env = dict(os.environ)
-        deb = CARRY / "deb"
-        if deb.is_dir():  # headers unpacked from nlohmann-json3-dev / libssl-dev (the image lacks them)
-            crypto = next(iter(sorted(deb.glob("usr/lib/*/libcrypto.so*"))), None)
-            cmake = [f"-Dnlohmann_json_DIR={deb}/usr/share/cmake/nlohmann_json",
-                     f"-DOPENSSL_INCLUDE_DIR={deb}/usr/include"]
-            if crypto is not None:
-                cmake.append(f"-DOPENSSL_CRYPTO_LIBRARY={crypto}")
-            env["CMAKE_ARGS"] = " ".join(cmake)
-            env["CPATH"] = os.pathsep.join(str(p) for p in sorted(deb.glob("usr/include/*-linux-gnu")))
-        proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e",
-                               str(REPO)], env=env, capture_output=True, text=True)
-        build["returncode"] = proc.returncode
-        (args.out / "build.log").write_text(proc.stdout + proc.stderr)
-        if proc.returncode != 0:
-            log(f"build failed (rc {proc.returncode}); see build.log; continuing with the pure-Python layers")
-            _link_layers()
-    elif not _flowturbo_importable():
-        _link_layers()
-    build["seconds"] = time.perf_counter() - started
-    try:
-        import flowturbo._C as C  # after the build
-    except ImportError as exc:  # the pure-Python layers still run rows (a)-(d) and (f)
-        build["runner_status"] = f"C++ extensions not importable ({exc}); rows needing them are skipped"
-    else:
-        build["runner_status"] = C.runner_build_status()
-    results["build"] = build
-    log(f"build: {build}")
+    if not wheels or os.environ.get("GPU_SUITE_SITE"):
+        if os.environ.get("GPU_SUITE_SITE"):
+            sys.path.insert(0, os.environ["GPU_SUITE_SITE"])
+        return
+    site = Path(tempfile.mkdtemp(prefix="gpu_suite_site_"))
+    proc = subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile",
+                           "--target", str(site), *map(str, wheels)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        rec.error("carried_wheels", f"pip install of {[w.name for w in wheels]} failed: {proc.stderr[-500:]}")
+        return
+    sys.path.insert(0, str(site))
+    os.environ["GPU_SUITE_SITE"] = str(site)
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))
+    rec.set("carried_wheels", [w.name for w in wheels])
 
 
-def _flowturbo_importable() -> bool:
-    return subprocess.run([sys.executable, "-c", "import flowturbo.runtime, flowturbo.kernels"],
-                          capture_output=True).returncode == 0
+def _imports_ok(modules: str) -> bool:
+    return subprocess.run([sys.executable, "-c", f"import {modules}"], capture_output=True).returncode == 0
 
 
-def _flowturbo_runner_ok() -> bool:
-    return subprocess.run([sys.executable, "-c", "import flowturbo._runner, flowturbo.runtime"],
-                          capture_output=True).returncode == 0
-
-
-def _link_layers() -> None:
-    """Without a build: make the pure-Python layers importable from this (throw-away) tree."""
+def _link_layers() -> str:
+    """Without a build: make the pure-Python layers importable from this (throw-away) tree; returns the path
+    to put on PYTHONPATH."""
     for layer in ("kernels", "training", "export", "runtime"):
         link = REPO / "flowturbo" / layer
         if not link.exists():
             link.symlink_to(REPO / layer)
     sys.path.insert(0, str(REPO))
+    os.environ["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))
+    return str(REPO)
 
 
-# ------------------------------------------------------------------------------------------ models
-def build_models(dry: bool, device: Any) -> dict[str, Any]:
-    """Random-weight predictor, refiner and AutoencoderKL decoder in float32 on ``device``."""
-    import torch
-    from diffusers import AutoencoderKL
-
-    from flowturbo.training.decoders import DiffusersVAEDecoder
-    from flowturbo.training.models import RefinerConfig, SiT, SiTConfig, VelocityRefiner, perturb_zero_initialized
-
-    config = SiTConfig(**(DRY_MODEL if dry else GPU_MODEL), mlp_ratio=4.0, num_classes=1000 if not dry else 10,
-                       class_dropout_prob=0.1, learn_sigma=True)
-    with torch.device(device):
-        predictor = SiT(config)
-        refiner = VelocityRefiner(RefinerConfig.for_predictor(config))
-        vae = AutoencoderKL(**(DRY_VAE if dry else SD_VAE))
-    for model in (predictor, refiner):
-        perturb_zero_initialized(model, generator=None)  # adaLN-Zero layers non-zero: a non-trivial flow
-    decoder = DiffusersVAEDecoder._from_vae(vae, 0.18215).to(device)
-    return {"config": config, "predictor": predictor.eval(), "refiner": refiner.eval(), "decoder": decoder.eval()}
+def build_env() -> dict[str, str]:
+    """The build's environment: CMake pointed at the carried nlohmann-json / OpenSSL headers when present."""
+    env = dict(os.environ)
+    deb = CARRY / "deb"
+    if deb.is_dir():  # headers unpacked from nlohmann-json3-dev / libssl-dev (the device image lacks them)
+        crypto = next(iter(sorted(deb.glob("usr/lib/*/libcrypto.so*"))), None)
+        cmake = [f"-Dnlohmann_json_DIR={deb}/usr/share/cmake/nlohmann_json", f"-DOPENSSL_INCLUDE_DIR={deb}/usr/include"]
+        if crypto is not None:
+            cmake.append(f"-DOPENSSL_CRYPTO_LIBRARY={crypto}")
+        env["CMAKE_ARGS"] = " ".join(cmake)
+        env["CPATH"] = os.pathsep.join(str(p) for p in sorted(deb.glob("usr/include/*-linux-gnu")))
+    return env
 
 
-def pipeline_for(models: dict[str, Any], dtype: Any, kernels: str, device: Any, *, compile_models: bool = False) -> Any:
-    """A TorchPipeline over copies of the models in ``dtype`` with ``kernels`` (optionally torch.compile'd)."""
-    import copy
+def ensure_built(args: argparse.Namespace, rec: Recorder, faults: Faults, budget: Budget) -> None:
+    """flowturbo importable with its C++ extensions: built here unless it already is. After a successful build
+    the suite re-executes itself (an editable install's import hook is read only at interpreter start)."""
+    if args.resumed:
+        ok = _imports_ok("flowturbo.runtime, flowturbo.kernels")
+        rec.update("build", importable_after_reexec=ok)
+        if not ok:
+            rec.error("build", "the build succeeded but flowturbo does not import in a fresh interpreter; "
+                               "continuing with the pure-Python layers of this tree")
+            rec.set("pythonpath", _link_layers())
+        return
+    if args.skip_build:
+        rec.set("build", {"skipped": "--skip-build"})
+        if not _imports_ok("flowturbo.runtime, flowturbo.kernels"):
+            rec.set("pythonpath", _link_layers())
+        return
+    if "build" not in faults and _imports_ok("flowturbo._runner, flowturbo.runtime"):
+        rec.set("build", {"skipped": "flowturbo and its C++ runner already import (an earlier phase built them)"})
+        return
+    if not budget.fits("build", ESTIMATE_S["build"]):
+        rec.set("pythonpath", _link_layers())
+        return
+    started = time.perf_counter()
+    rec.log("building flowturbo (pip install --no-build-isolation --no-deps -e .); log in build.log")
+    if "build" in faults:
+        returncode, output = 1, "injected fault 'build': the editable install failed\n"
+    else:
+        proc = subprocess.run([sys.executable, "-m", "pip", "install", "--no-build-isolation", "--no-deps", "-e",
+                               str(REPO)], env=build_env(), capture_output=True, text=True)
+        returncode, output = proc.returncode, proc.stdout + proc.stderr
+    (rec.out / "build.log").write_text(output)
+    status = next((line.split("flowturbo runner:", 1)[1].strip() for line in output.splitlines()
+                   if "flowturbo runner:" in line), None)
+    rec.set("build", {"returncode": returncode, "seconds": time.perf_counter() - started, "runner_status": status})
+    if returncode != 0:
+        rec.error("build", f"pip install -e failed (rc {returncode}); last line: "
+                           f"{(output.strip().splitlines() or [''])[-1]}; the pure-Python layers go on")
+        rec.set("pythonpath", _link_layers())
+        return
+    rec.log("build done; re-executing the suite so the new install is imported")
+    sys.stdout.flush()
+    os.execv(sys.executable, [sys.executable, str(Path(__file__).resolve()), *sys.argv[1:], "--resumed"])
 
-    import torch
 
-    from flowturbo.kernels import KernelBackend
-    from flowturbo.runtime.pytorch_backend import TorchPipeline
-    from flowturbo.training.bundle import BundleDefaults
+# ------------------------------------------------------------------------------------------------ phases
+@dataclasses.dataclass
+class Phase:
+    """Everything the parts of a phase share."""
 
-    backend = KernelBackend(kernels)
-    predictor = copy.deepcopy(models["predictor"]).to(dtype).set_kernel_backend(backend)
-    refiner = copy.deepcopy(models["refiner"]).to(dtype).set_kernel_backend(backend)
-    decoder = copy.deepcopy(models["decoder"]).to(dtype)  # TorchPipeline makes it channels-last on CUDA
-    if compile_models:
-        predictor, refiner = torch.compile(predictor), torch.compile(refiner)
-        decoder.decoder = torch.compile(decoder.decoder)
-    config = models["config"]
-    return TorchPipeline(predictor, refiner, decoder, config.num_classes,
-                         (config.in_channels, config.input_size, config.input_size), None,
-                         BundleDefaults(schedule=SCHEDULE_SPEC, cfg=CFG, guidance_channels=GUIDANCE_CHANNELS),
-                         "gpu_suite random weights", device, dtype, backend)
+    args: argparse.Namespace
+    rec: Recorder
+    budget: Budget
+    faults: Faults
+    caps: preflight.Capabilities
+    device: Any = None
+    models: Any = None
+    bench: Any = None
+    export_path: Path | None = None
+    export_s: float = 0.0
+    no_models: str | None = None  # why the models are unavailable (a failed build, or the time budget)
+
+    @property
+    def dry(self) -> bool:
+        return self.args.dry_run
+
+    @property
+    def work(self) -> Path:
+        return self.args.state_dir / "work"
+
+    def estimate(self, key: str) -> float:
+        return ESTIMATE_S[key]
+
+    def row_estimate(self, key: str, batch: int) -> float:
+        measured = any(k.startswith(f"{key}@") for k in self.rec.results["rows"])
+        return ESTIMATE_S["row"] if measured else ESTIMATE_S.get(f"row:first:{key}", ESTIMATE_S["row"])
 
 
-# ------------------------------------------------------------------------------------------- rows
-class Row:
-    """One way of running the schedule: ``run(noise, labels) -> (images, latents)`` on device tensors."""
+def _schedule() -> Any:
+    from flowturbo.schedule import SamplingSchedule
+    from suite.rows import CFG, GUIDANCE_CHANNELS, SCHEDULE_SPEC
 
-    def __init__(self, key: str, run: Callable[[Any, Any], tuple[Any, Any]], build_s: float = 0.0,
-                 note: str = "", autocast: Any = None) -> None:
-        self.key, self.run_fn, self.build_s, self.note, self.autocast = key, run, build_s, note, autocast
+    return SamplingSchedule.parse(SCHEDULE_SPEC, guidance_scale=CFG, guidance_channels=GUIDANCE_CHANNELS)
 
-    def __call__(self, noise: Any, labels: Any) -> tuple[Any, Any]:
-        import contextlib
 
+def ensure_bench(ph: Phase) -> bool:
+    """The models, the shared inputs and the float64 reference (once per process); False when they are not
+    available (``ph.no_models`` says why)."""
+    if ph.bench is not None:
+        return True
+    if ph.no_models is not None:
+        return False
+    if not ph.budget.fits("models", ESTIMATE_S["models"]):
+        ph.no_models = f"no models ({BUDGET_REASON})"
+        return False
+    from suite.rows import Bench, build_models
+
+    args = ph.args
+    batches = args.batches or ([2] if ph.dry else [1, 8])
+    replays = args.replays or (1 if ph.dry else 20)
+    warmup = args.warmup if args.warmup is not None else (1 if ph.dry else 3)
+    schedule = _schedule()
+    ph.rec.set("config", {"schedule": schedule.describe(), "batches": batches, "replays": replays, "warmup": warmup,
+                          "device": str(ph.device), "model": "tiny (dry run)" if ph.dry else "SiT-XL/2 random weights"})
+    started = time.perf_counter()
+    try:
+        ph.models = build_models(ph.dry, ph.device, ph.caps, ph.faults)
+    except Exception as exc:  # noqa: BLE001 - recorded; every row is skipped, the record still comes out
+        ph.no_models = "the model build failed (see errors)"
+        ph.rec.error("models", f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        return False
+    ph.rec.set("models", {"seconds": time.perf_counter() - started, "decoder": ph.models.decoder_kind})
+    ph.bench = Bench(ph.rec, ph.models, ph.device, schedule, batches, warmup, replays, ph.faults, ph.budget.fits)
+    return True
+
+
+def run_rows(ph: Phase, keys: str) -> None:
+    """Rows ``keys`` (within ``--rows``): the PyTorch ones first, then the exported ones (export first)."""
+    keys = "".join(k for k in keys if k in ph.args.rows)
+    if not keys:
+        return
+    if not ensure_bench(ph):
+        for key in keys:
+            ph.rec.skip(f"row:{key}", ph.no_models or "no models")
+        return
+    from suite.rows import torch_rows
+
+    skip = lambda key, reason: ph.rec.skip(f"row:{key}", reason)  # noqa: E731
+    torch_keys = "".join(k for k in keys if k in "abcd")
+    if torch_keys:
+        if "b" not in torch_keys and not ph.bench.references:
+            torch_keys = "b" + torch_keys  # every phase measures its own baseline (b)
+        try:
+            rows = torch_rows(ph.models, ph.dry, ph.device, ph.bench.schedule, torch_keys, ph.caps, ph.faults, skip)
+            ph.bench.measure(rows, ph.row_estimate)
+        except Exception as exc:  # noqa: BLE001 - the exported rows still get their chance
+            ph.rec.error("rows:torch", f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        finally:
+            rows = None
+            _free_memory(ph)
+    aoti_keys = "".join(k for k in keys if k in "ef")
+    if aoti_keys:
+        if not ph.bench.references and "b" in ph.args.rows:
+            run_rows(ph, "b")
+        if ensure_export(ph):
+            from suite.rows import aoti_rows
+
+            try:
+                rows = aoti_rows(ph.export_path, ph.device, aoti_keys, ph.caps, skip, ph.export_s)
+                ph.bench.measure(rows, ph.row_estimate)
+            except Exception as exc:  # noqa: BLE001
+                ph.rec.error("rows:aoti", f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        else:
+            for key in aoti_keys:
+                ph.rec.skip(f"row:{key}", "no export (see the export task)")
+
+
+def _free_memory(ph: Phase) -> None:
+    import gc
+
+    gc.collect()
+    if ph.device is not None and ph.device.type == "cuda":
         import torch
 
-        with torch.inference_mode(), (self.autocast or contextlib.nullcontext()):
-            return self.run_fn(noise, labels)
-
-
-def torch_rows(models: dict[str, Any], dry: bool, device: Any, schedule: Any, wanted: str) -> dict[str, Row]:
-    """Rows (a)-(d): the PyTorch paths, all through flowturbo's Sampler / integrator."""
-    import torch
-
-    from flowturbo.runtime.cuda_graphs import ReplayByCallBackend
-    from flowturbo.runtime.sampler import Sampler
-
-    fast_dtype = torch.float32 if dry else torch.bfloat16  # the interpreter computes bf16 wrongly
-    graph_backend = ReplayByCallBackend() if device.type != "cuda" else None
-    rows: dict[str, Row] = {}
-    if "a" in wanted:
-        sampler = Sampler(pipeline_for(models, torch.float32, "reference", device), cuda_graph=False)
-        autocast = torch.autocast(device.type, dtype=torch.bfloat16 if dry else torch.float16)
-        rows["a"] = Row("a", lambda n, y, s=sampler: s._forward(schedule, n, y), autocast=autocast,
-                        note="fp32 weights, autocast " + ("bf16 (CPU)" if dry else "fp16"))
-    if "b" in wanted:
-        sampler = Sampler(pipeline_for(models, fast_dtype, "reference", device), cuda_graph=False)
-        rows["b"] = Row("b", lambda n, y, s=sampler: s._forward(schedule, n, y), note=f"{fast_dtype}".split(".")[1])
-    for key, kernels, compiled in (("c", "reference", True), ("d", "triton", False)):
-        if key not in wanted:
-            continue
-        sampler = Sampler(pipeline_for(models, fast_dtype, kernels, device, compile_models=compiled),
-                          cuda_graph=True, graph_backend=graph_backend)
-
-        def run(n: Any, y: Any, s: Sampler = sampler) -> tuple[Any, Any]:
-            out = s.graphs.run((schedule.id, n.shape[0]), lambda a, b: s._forward(schedule, a, b), (n, y)).outputs
-            return out[0], out[1]
-
-        rows[key] = Row(key, run, note=sampler.describe_execution())
-        rows[key].sampler = sampler  # type: ignore[attr-defined]
-    return rows
-
-
-def aoti_rows(models: dict[str, Any], dry: bool, device: Any, schedule: Any, batches: list[int], wanted: str,
-              workdir: Path, results: dict[str, Any]) -> dict[str, Row]:
-    """Rows (e)/(f): export AOTInductor packages (``--kernels triton`` on CUDA) and run them two ways."""
-    import copy
-
-    import torch
-
-    from flowturbo.export.pipeline import ExportRequest, export_bundle
-    from flowturbo.export.specs import BatchProfile
-    from flowturbo.runtime.aoti_backend import AotiSampler
-    from flowturbo.runtime.cpp_backend import CppSampler, cpp_unavailable_reason
-    from flowturbo.training.bundle import Bundle, BundleDefaults
-
-    precision, kernels = ("fp32", "reference") if dry else ("bf16", "triton")
-    dtype = torch.float32 if dry else torch.bfloat16
-    bundle = Bundle(copy.deepcopy(models["predictor"]).to(dtype).set_kernel_backend(kernels),
-                    copy.deepcopy(models["refiner"]).to(dtype).set_kernel_backend(kernels),
-                    copy.deepcopy(models["decoder"]).to(dtype), None,
-                    BundleDefaults(schedule=SCHEDULE_SPEC, cfg=CFG, guidance_channels=GUIDANCE_CHANNELS))
-    profile = BatchProfile(min(batches), max(batches), max(batches))
-    request = ExportRequest(schedule, profile, ("aoti",), precision, "time-input", device=device.type,
-                            kernel_backend=kernels)
-    started = time.perf_counter()
-    export = export_bundle(bundle, request, workdir / "aoti", source="gpu_suite random weights", command="gpu_suite")
-    build_s = time.perf_counter() - started
-    results["aoti_export"] = {"seconds": build_s, "path": str(export.path), "kernels": kernels, "precision": precision}
-    rows: dict[str, Row] = {}
-    if "e" in wanted:
-        reason = cpp_unavailable_reason()
-        if reason is None:
-            cpp = CppSampler.from_artifacts(export.path, device=device.type)
-
-            def run_cpp(n: Any, y: Any, s: CppSampler = cpp) -> tuple[Any, Any]:
-                out = s.run_batch(n, y)
-                return out["images"], out["latents"]
-
-            rows["e"] = Row("e", run_cpp, build_s, note=f"cuda graph: {cpp.describe()['cuda_graph']}")
-        else:
-            results.setdefault("skipped", {})["e"] = reason
-    if "f" in wanted:
-        aoti = AotiSampler.from_artifacts(export.path, device=device.type)
-
-        def run_python(n: Any, y: Any, s: AotiSampler = aoti) -> tuple[Any, Any]:
-            images, latents, _, _ = s.run_batch(n.to(s.dtype), y)
-            return images, latents
-
-        rows["f"] = Row("f", run_python, build_s, note="python loop over the same packages")
-    return rows
-
-
-def float64_reference(models: dict[str, Any], device: Any, schedule: Any,
-                      inputs: dict[int, tuple[Any, Any]]) -> dict[int, Any]:
-    """Final latents (CPU, float64) of the float64 reference path per batch: float64 copies of the models,
-    reference ops, eager, float64 state — what every row is also checked against (``max_abs_diff_vs_f64``)."""
-    import torch
-
-    from flowturbo.runtime.sampler import Sampler
-
-    sampler = Sampler(pipeline_for(models, torch.float64, "reference", device), cuda_graph=False)
-    with torch.inference_mode():
-        out = {batch: sampler._forward(schedule, noise.double(), labels)[1].cpu()
-               for batch, (noise, labels) in inputs.items()}
-    del sampler
-    if device.type == "cuda":
         torch.cuda.empty_cache()
-    return out
 
 
-def time_row(row: Row, noise: Any, labels: Any, warmup: int, replays: int, device: Any) -> dict[str, Any]:
-    """Build (first call), then warm-up, then ``replays`` timed runs: median ms per image, final latents."""
-    import torch
+class BudgetExceeded(RuntimeError):
+    """Raised before an exported module that would not fit the budget."""
 
-    def sync() -> None:
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
 
-    sync()
+def ensure_export(ph: Phase) -> bool:
+    """The AOTInductor packages (reused from the state folder when an earlier phase built the same ones)."""
+    if ph.export_path is not None:
+        return True
+    reason = ph.caps.why_not("aoti")
+    if reason is not None:
+        ph.rec.task("export", "skipped", reason=reason)
+        return False
+    from suite.rows import export_packages
+
+    def before_module(stem: str, index: int, count: int) -> None:
+        if not ph.budget.fits(f"export:{stem}", ESTIMATE_S["export_module"]):
+            raise BudgetExceeded(f"{stem} ({index + 1}/{count}) would not fit the time budget")
+        ph.rec.log(f"export: building {stem} ({index + 1}/{count})")
+
     started = time.perf_counter()
-    images, latents = row(noise, labels)  # first use: compiles / captures / JIT-compiles kernels
-    sync()
-    first_s = time.perf_counter() - started
-    for _ in range(warmup):
-        row(noise, labels)
-    times = []
-    for _ in range(replays):
-        if device.type == "cuda":
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
-            images, latents = row(noise, labels)
-            end.record()
-            end.synchronize()
-            times.append(start.elapsed_time(end))
-        else:
-            t0 = time.perf_counter()
-            images, latents = row(noise, labels)
-            times.append(1e3 * (time.perf_counter() - t0))
-    batch = noise.shape[0]
-    return {"ms_per_image": statistics.median(times) / batch, "ms_runs": times, "first_call_s": first_s,
-            "latents": latents.float().cpu(), "images_finite": bool(torch.isfinite(images).all())}
+    try:
+        ph.export_path = export_packages(ph.models, ph.dry, ph.device, ph.bench.schedule, ph.bench.batches, ph.work,
+                                         ph.caps, ph.faults, before_module, ph.rec)
+    except BudgetExceeded as exc:
+        ph.rec.task("export", "skipped", reason=f"{BUDGET_REASON}: {exc}")
+        ph.rec.skip("export", f"{BUDGET_REASON}: {exc}")
+        return False
+    except Exception as exc:  # noqa: BLE001 - recorded; rows e, f are skipped
+        ph.rec.task("export", "error", reason=f"{type(exc).__name__}: {exc}")
+        ph.rec.error("export", f"{type(exc).__name__}: {exc}", traceback.format_exc())
+        return False
+    finally:
+        _free_memory(ph)
+    ph.export_s = time.perf_counter() - started
+    ph.rec.task("export", "ok", seconds=ph.export_s, path=str(ph.export_path))
+    return True
 
 
-def run_rows(args: argparse.Namespace, results: dict[str, Any], budget: Budget) -> None:
-    import torch
-
-    from flowturbo.runtime.pytorch_backend import make_noise
-    from flowturbo.schedule import SamplingSchedule
-
-    dry = args.dry_run
-    device = torch.device("cuda" if torch.cuda.is_available() and not dry else "cpu")
-    batches = args.batches or ([2] if dry else [1, 8])
-    replays = args.replays or (1 if dry else 20)
-    warmup = args.warmup if args.warmup is not None else (1 if dry else 3)
-    schedule = SamplingSchedule.parse(SCHEDULE_SPEC, guidance_scale=CFG, guidance_channels=GUIDANCE_CHANNELS)
-    results["config"] = {"schedule": schedule.describe(), "batches": batches, "replays": replays, "warmup": warmup,
-                         "device": str(device), "model": "tiny (dry run)" if dry else "SiT-XL/2 random weights"}
-    started = time.perf_counter()
-    models = build_models(dry, device)
-    log(f"models built in {time.perf_counter() - started:.1f} s")
-    config = models["config"]
-    inputs = {}
-    for batch in batches:
-        labels = torch.tensor([(7 * k + 3) % config.num_classes for k in range(batch)], device=device)
-        noise = make_noise(batch, (config.in_channels, config.input_size, config.input_size), SEED,
-                           dtype=torch.float32, device=device)
-        inputs[batch] = (noise, labels)
-    table: dict[str, dict[str, Any]] = {}
-    references: dict[int, Any] = {}
-    started = time.perf_counter()
-    reference64 = float64_reference(models, device, schedule, inputs)
-    results["float64_reference_s"] = time.perf_counter() - started
-
-    def measure(rows: dict[str, Row]) -> None:
-        for batch, (noise, labels) in inputs.items():
-            for key in sorted(rows, key=lambda k: (k != "b", k)):  # the reference row (b) first
-                if budget.left < 20:
-                    results.setdefault("skipped", {})[f"{key}@{batch}"] = "time budget"
-                    continue
-                try:
-                    measured = time_row(rows[key], noise, labels, warmup, replays, device)
-                except Exception as exc:  # noqa: BLE001 - one broken row must not hide the others
-                    results.setdefault("errors", {})[f"{key}@{batch}"] = f"{type(exc).__name__}: {exc}"
-                    (args.out / f"row_{key}_{batch}.log").write_text(traceback.format_exc())
-                    log(f"row {key} batch {batch} failed: {exc}")
-                    continue
-                latents = measured.pop("latents")
-                if key == "b":
-                    references[batch] = latents
-                entry = {"row": ROWS[key], "batch": batch, "note": rows[key].note,
-                         "build_s": rows[key].build_s or measured["first_call_s"], **measured}
-                if batch in references:
-                    entry["max_abs_diff_vs_b"] = float((latents - references[batch]).abs().max())
-                    entry["ref_max_abs"] = float(references[batch].abs().max())
-                entry["max_abs_diff_vs_f64"] = float((latents.double() - reference64[batch]).abs().max())
-                table[f"{key}@{batch}"] = entry
-                log(f"row {key} batch {batch}: {measured['ms_per_image']:.3f} ms/img")
-
-    measure(torch_rows(models, dry, device, schedule, args.rows))  # (a)-(d): cheap builds first
-    if set("ef") & set(args.rows):
-        if budget.left > (60 if dry else 240):
-            workdir = Path(tempfile.mkdtemp(prefix="gpu_suite_"))
-            try:
-                measure(aoti_rows(models, dry, device, schedule, batches, args.rows, workdir, results))
-            except Exception as exc:  # noqa: BLE001 - report, keep the other rows
-                results.setdefault("errors", {})["aoti"] = f"{type(exc).__name__}: {exc}"
-                (args.out / "aoti_error.log").write_text(traceback.format_exc())
-                log(f"AOTI rows failed: {exc}")
-        else:
-            results.setdefault("skipped", {})["ef"] = f"not enough time left ({budget.left:.0f} s)"
-    results["rows"] = table
-    results["ratios"] = _ratios(table, batches)
-
-
-def _ratios(table: dict[str, dict[str, Any]], batches: list[int]) -> dict[str, Any]:
-    """The issue's targets as numbers: d/c, b/d, e/d per batch (None where a row is missing)."""
-    def ms(key: str, batch: int) -> float | None:
-        entry = table.get(f"{key}@{batch}")
-        return None if entry is None else entry["ms_per_image"]
-
-    out: dict[str, Any] = {}
-    for batch in batches:
-        d, c, b, e = ms("d", batch), ms("c", batch), ms("b", batch), ms("e", batch)
-        out[str(batch)] = {
-            "d_over_c": None if None in (d, c) else d / c,        # target <= 0.9
-            "b_over_d": None if None in (b, d) else b / d,        # target >= 1.6 at batch 8
-            "e_over_d": None if None in (e, d) else e / d,        # target <= 1 at batch 1
-        }
-    return out
-
-
-# ------------------------------------------------------------------------------------------- tests
-def run_tests(args: argparse.Namespace, results: dict[str, Any], budget: Budget) -> None:
-    if args.skip_tests or budget.left < 60:
-        results["tests"] = {"skipped": "--skip-tests" if args.skip_tests else "time budget"}
+def run_user_commands(ph: Phase, only: set[str] | None = None) -> None:
+    if ph.args.skip_user_commands:
+        ph.rec.skip("user_commands", "--skip-user-commands")
         return
-    if args.dry_run:
-        selection = ["tests/runtime/test_fast_path.py", "-k", "cuda_only or graph_cache"]  # fast, CPU-safe subset
+    if not ensure_bench(ph):
+        ph.rec.skip("user_commands", ph.no_models or "no models")
+        return
+    from suite.user_commands import run_commands, subprocess_env
+
+    env = subprocess_env(ph.rec.results.get("pythonpath"))
+    batch = max(ph.bench.batches)
+    try:
+        run_commands(ph.rec, ph.models, ph.device, batch, ph.work / "user", ph.caps, ph.faults, ph.budget.fits,
+                     ESTIMATE_S["user"], timeout_s=max(30.0, min(240.0, ph.budget.left - 10)), env=env, only=only)
+    except Exception as exc:  # noqa: BLE001
+        ph.rec.error("user_commands", f"{type(exc).__name__}: {exc}", traceback.format_exc())
+
+
+def _subprocess(ph: Phase, name: str, command: list[str], timeout_s: float, log_name: str | None) -> None:
+    """Run ``command``; a timeout or a failure is recorded as task ``name``, never raised."""
+    started = time.perf_counter()
+    display = " ".join(command[1:] if command[0] == sys.executable else command)
+    env = dict(os.environ)
+    try:
+        proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=timeout_s, env=env)
+    except subprocess.TimeoutExpired as exc:
+        output = exc.stdout.decode() if isinstance(exc.stdout, bytes) else (exc.stdout or "")
+        if log_name:
+            (ph.rec.out / log_name).write_text(output)
+        else:
+            ph.rec.append_log(display, output)
+        ph.rec.task(name, "timeout", command=display, seconds=time.perf_counter() - started,
+                    summary=f"timed out after {timeout_s:.0f} s")
+        ph.rec.error(name, f"timed out after {timeout_s:.0f} s (partial output kept)")
+        return
+    output = proc.stdout + proc.stderr
+    if log_name:
+        (ph.rec.out / log_name).write_text(output)
+    else:
+        ph.rec.append_log(display, output)
+    summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
+    status = "ok" if proc.returncode == 0 else "error"
+    ph.rec.task(name, status, command=display, returncode=proc.returncode, seconds=time.perf_counter() - started,
+                summary=summary)
+    if status != "ok":
+        ph.rec.error(name, f"exit {proc.returncode}: {summary}")
+    ph.rec.log(f"{name}: {summary}")
+
+
+def run_tests(ph: Phase) -> None:
+    if ph.args.skip_tests:
+        ph.rec.skip("tests", "--skip-tests")
+        return
+    if not ph.budget.fits("tests", ESTIMATE_S["tests"]):
+        return
+    if ph.dry:  # fast, CPU-safe subset
+        selection = ["tests/runtime/test_fast_path.py", "-k", "cuda_only or graph_cache or single_threaded"]
     else:
         selection = ["tests/kernels", "tests/runtime/test_fast_path.py", "tests/runtime/test_cpp_runner.py",
                      "tests/training/test_models.py", "-m", "gpu or not slow"]
-    command = [sys.executable, "-m", "pytest", "-q", "-x", "--timeout", str(int(max(60, budget.left - 30))),
-               *selection]
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=max(60, budget.left - 20))
-    (args.out / "gpu_tests.log").write_text(proc.stdout + proc.stderr)
-    summary = (proc.stdout.strip().splitlines() or ["(no output)"])[-1]
-    results["tests"] = {"command": " ".join(command[2:]), "returncode": proc.returncode, "summary": summary}
-    log(f"tests: {summary}")
+    timeout_s = 1.0 if "tests-timeout" in ph.faults else max(30.0, ph.budget.left - 20)
+    command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--timeout",
+               str(int(max(60, ph.budget.left - 30))), *selection]
+    _subprocess(ph, "tests", command, timeout_s, "gpu_tests.log")
 
 
-def run_kernel_bench(args: argparse.Namespace, results: dict[str, Any], budget: Budget) -> None:
-    if args.skip_kernel_bench or budget.left < 60:
-        results["kernel_bench"] = {"skipped": "--skip-kernel-bench" if args.skip_kernel_bench else "time budget"}
+def run_kernel_bench(ph: Phase) -> None:
+    if ph.args.skip_kernel_bench:
+        ph.rec.skip("kernel_bench", "--skip-kernel-bench")
         return
-    out = args.out / "kernels.json"
+    if not ph.budget.fits("kernel_bench", ESTIMATE_S["kernel_bench"]):
+        return
     # On the GPU with the torch.compile (Inductor) variants: the solver kernels' target is "<= Inductor".
-    command = [sys.executable, str(REPO / "bench" / "bench_kernels.py"), "--out", str(out), "--skip-model"] + \
-        (["--dry-run", "--no-compile"] if args.dry_run else [])
-    proc = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=max(60, budget.left - 10))
-    (args.out / "bench_kernels.log").write_text(proc.stdout + proc.stderr)
-    results["kernel_bench"] = {"returncode": proc.returncode, "table": proc.stdout.strip().splitlines()[-12:]}
+    command = [sys.executable, str(REPO / "bench" / "bench_kernels.py"), "--out", str(ph.rec.out / "kernels.json"),
+               "--skip-model"] + (["--dry-run", "--no-compile"] if ph.dry else [])
+    timeout_s = 1.0 if "kernel-bench-timeout" in ph.faults else max(30.0, ph.budget.left - 10)
+    _subprocess(ph, "kernel_bench", command, timeout_s, None)
 
 
-# ------------------------------------------------------------------------------------------- report
-def short_table(results: dict[str, Any]) -> str:
-    lines = [f"{'row':<46}{'batch':>6}{'ms/img':>10}{'build s':>9}{'max|dz| vs b':>14}{'vs f64':>10}"]
-    for key, entry in sorted(results.get("rows", {}).items(), key=lambda kv: (kv[1]["batch"], kv[0])):
-        diff, diff64 = entry.get("max_abs_diff_vs_b"), entry.get("max_abs_diff_vs_f64")
-        lines.append(f"({key[0]}) {entry['row']:<42}{entry['batch']:>6}{entry['ms_per_image']:>10.3f}"
-                     f"{entry['build_s']:>9.1f}{f'{diff:>14.3g}' if diff is not None else ' ' * 14}"
-                     f"{'' if diff64 is None else f'{diff64:>10.3g}'}")
-    for batch, ratio in results.get("ratios", {}).items():
-        text = ", ".join(f"{k}={v:.3f}" for k, v in ratio.items() if v is not None)
-        lines.append(f"batch {batch}: {text}   (targets: d_over_c <= 0.9, b_over_d >= 1.6 at 8, e_over_d <= 1 at 1)")
-    for what in ("skipped", "errors"):
-        for key, reason in results.get(what, {}).items():
-            lines.append(f"{what[:-1] if what == 'errors' else 'skipped'} {key}: {reason}")
-    tests = results.get("tests", {})
-    if tests:
-        lines.append(f"tests: {tests.get('summary', tests.get('skipped'))}")
-    return "\n".join(lines)
+def leftovers(state_dir: Path, phase: str) -> tuple[set[str], set[str]]:
+    """Rows ("c@8") and tasks ("export", "user:edit") that earlier phases of this machine skipped for time."""
+    rows: set[str] = set()
+    tasks: set[str] = set()
+    for record in load_phases(sorted(state_dir.glob(PHASE_FILE.format("*")))):
+        if str(record.get("phase")) >= phase:
+            continue
+        for what, reason in record.get("skipped", {}).items():
+            if BUDGET_REASON not in str(reason):
+                continue
+            if what.startswith("row:") or "@" in what:
+                rows.add(what.removeprefix("row:"))
+            else:
+                tasks.add(what)
+    return rows, tasks
+
+
+def run_phase(ph: Phase) -> None:
+    """The parts of ``--phase`` in order (see the module docstring)."""
+    args, rec = ph.args, ph.rec
+    carried_wheels(rec)
+    if not args.resumed:
+        preflight.toolchain(rec, ph.faults, ph.caps, ph.dry)
+        rec.set("capabilities", dataclasses.asdict(ph.caps))
+    else:
+        ph.caps = preflight.Capabilities(**rec.results["capabilities"])
+    ensure_built(args, rec, ph.faults, ph.budget)  # may re-execute this script
+    import torch
+
+    rec.set("environment", environment(torch))
+    if not ph.dry and not torch.cuda.is_available():
+        rec.error("device", "no CUDA device here; use --dry-run on a CPU machine")
+        return
+    ph.device = torch.device("cuda" if not ph.dry else "cpu")
+    ph.caps.cuda = ph.device.type == "cuda"
+    if ph.budget.fits("preflight_runtime", ESTIMATE_S["preflight_runtime"]):
+        preflight.runtime(rec, ph.faults, ph.caps, ph.device, ph.dry, aoti=args.phase in ("1", "all"))
+    phase = args.phase
+    if phase in ("1", "all"):
+        run_rows(ph, "abd")
+        run_user_commands(ph)
+    if phase in ("2", "all"):
+        run_rows(ph, "bcef" if phase == "2" else "cef")
+    if phase == "3":
+        rows, tasks = leftovers(args.state_dir, phase)
+        rec.set("leftovers", {"rows": sorted(rows), "tasks": sorted(tasks)})
+        keys = "".join(sorted({r.split("@")[0] for r in rows} | ({"e", "f"} if "export" in tasks else set())))
+        if keys:
+            run_rows(ph, keys)
+        users = {t.removeprefix("user:") for t in tasks if t.startswith("user:")} | (
+            {"package", "sample", "profile", "inpaint", "edit"} if "user:prepare" in tasks else set())
+        if users:
+            run_user_commands(ph, only=users)
+    if phase in ("3", "all"):
+        run_tests(ph)
+        run_kernel_bench(ph)
+
+
+def environment(torch: Any) -> dict[str, Any]:
+    commit_file = CARRY / "commit.txt"
+    from bench_common import git_commit
+
+    commit = git_commit()
+    if commit == "unknown" and commit_file.is_file():
+        commit = commit_file.read_text().strip() + " (from .devcarry/commit.txt)"
+    env = {"commit": commit, "torch": torch.__version__, "python": platform.python_version(),
+           "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu"}
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    return env
+
+
+# ------------------------------------------------------------------------------------------------ main
+def merge_files(files: list[Path], out: Path) -> int:
+    merged = merge_phases(load_phases(files))
+    atomic_write_text(out / MERGED_FILE, json.dumps(merged, indent=2, sort_keys=True, default=str) + "\n")
+    print(short_table(merged))
+    print(f"wrote {out / MERGED_FILE}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    budget = Budget(args.budget_s if args.budget_s is not None else (1200.0 if args.dry_run else 510.0))
-    args.out.mkdir(parents=True, exist_ok=True)
+    if args.merge:
+        return merge_files(args.merge, args.out)
     if args.dry_run:
         os.environ.setdefault("TRITON_INTERPRET", "1")  # before any kernel module is imported
     os.environ.setdefault("PYTHONUNBUFFERED", "1")
-    results: dict[str, Any] = {"suite": "bench/gpu_suite.py", "dry_run": args.dry_run, "argv": sys.argv[1:],
-                               "date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node()}
-    ensure_importable(args, results)
-    import torch
-
-    sys.path.insert(0, str(REPO / "bench"))
-    from bench_common import git_commit
-
-    results["environment"] = {
-        "commit": git_commit(), "torch": torch.__version__, "python": platform.python_version(),
-        "device_name": torch.cuda.get_device_name() if torch.cuda.is_available() else platform.processor() or "cpu",
-    }
+    faults = Faults(args.inject_fault)
+    if not args.resumed:  # the phase's clock starts now; the re-exec after the build keeps it
+        os.environ["GPU_SUITE_STARTED"] = repr(time.time())
+    if args.phase in ("1", "all") and not args.resumed and args.state_dir.is_dir():
+        for stale in args.state_dir.glob(PHASE_FILE.format("*")):  # a new run starts: earlier runs' records go
+            stale.unlink()
+    header = {"suite": "bench/gpu_suite.py", "dry_run": args.dry_run, "argv": sys.argv[1:],
+              "date": time.strftime("%Y-%m-%d %H:%M:%S"), "host": platform.node(), "faults": sorted(faults.names)}
+    rec = (Recorder.resume(args.out, args.phase, args.state_dir) if args.resumed
+           else Recorder(args.out, args.phase, args.state_dir, header))
+    seconds = args.budget_s if args.budget_s is not None else (
+        DRY_BUDGET_S if args.dry_run else PHASE_BUDGET_S[args.phase])
+    budget = Budget(seconds, rec, DRY_ESTIMATE_SCALE if args.dry_run else 1.0)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGALRM, _interrupt)
+    grace = WATCHDOG_GRACE_S["dry" if args.dry_run else "gpu"]
+    signal.alarm(max(1, int(budget.left + grace)))  # the suite's own watchdog, under the device command's timeout
+    ph = Phase(args, rec, budget, faults, preflight.Capabilities())
     try:
-        import triton
-
-        results["environment"]["triton"] = triton.__version__
-    except ImportError:
-        results["environment"]["triton"] = None
-    if not args.dry_run and not torch.cuda.is_available():
-        print("gpu_suite: error: no CUDA device here; use --dry-run on a CPU machine", file=sys.stderr)
-        return 2
-    run_rows(args, results, budget)
-    run_tests(args, results, budget)
-    run_kernel_bench(args, results, budget)
-    results["seconds"] = time.perf_counter() - budget.start
-    (args.out / "gpu_suite.json").write_text(json.dumps(results, indent=2, sort_keys=True, default=str))
-    print(short_table(results))
-    failed = bool(results.get("errors")) or results.get("tests", {}).get("returncode", 0) != 0
+        run_phase(ph)
+    except (Exception, SuiteInterrupted) as exc:  # noqa: BLE001 - whatever happens, the record and table come out
+        rec.error("suite", f"{type(exc).__name__}: {exc}", traceback.format_exc())
+    finally:
+        signal.alarm(0)
+        rec.set("seconds", time.time() - budget.start)
+        merged = json.loads((args.out / MERGED_FILE).read_text())
+        print(short_table(merged), flush=True)
+    failed = bool(rec.results.get("errors"))
     return 1 if failed else 0
 
 

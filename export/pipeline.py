@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +88,10 @@ class ExportRequest:
     opset: int = onnx_export.DEFAULT_OPSET
     device: str = "cpu"
     validate: bool = True
+    # What a module that differs from eager PyTorch by more than VALIDATION_ATOL does: "raise" (the default:
+    # the export is refused) or "record" (the difference is written into the manifest's
+    # "validation_failures" and the export goes on: the GPU suite measures such an export instead of losing it).
+    on_validation_failure: str = "raise"
     tensorrt_optimization_level: int = tensorrt_export.DEFAULT_OPTIMIZATION_LEVEL
     kernel_backend: str = "reference"  # "triton": our fused kernels compiled into AOTInductor CUDA packages
     with_encoder: bool = False  # also export the image encoder (inpainting / editing on the exported backends)
@@ -99,6 +104,8 @@ class ExportRequest:
         if not formats or unknown:
             raise FlowTurboError(f"unknown export format(s) {unknown or formats}; choose from {', '.join(FORMATS)}")
         check_precision(self.precision)
+        if self.on_validation_failure not in ("raise", "record"):
+            raise FlowTurboError(f"on_validation_failure must be 'raise' or 'record', got {self.on_validation_failure!r}")
         if self.variant not in VARIANTS:
             raise FlowTurboError(f"unknown variant {self.variant!r}; choose one of {', '.join(VARIANTS)}")
         if "onnx" in formats or "tensorrt" in formats:
@@ -228,11 +235,17 @@ def _outputs(module: torch.nn.Module, spec: ModuleSpec, inputs: dict[str, torch.
     return [o.detach().float().cpu() for o in (out if isinstance(out, tuple) else (out,))]
 
 
-def _max_error(got: list[torch.Tensor], want: list[torch.Tensor], where: str, precision: str) -> float:
+def _max_error(got: list[torch.Tensor], want: list[torch.Tensor], where: str, precision: str,
+               failures: list[str] | None = None) -> float:
+    """Largest |exported - eager| over the outputs; over VALIDATION_ATOL (or NaN) it raises, or, with a
+    ``failures`` list (``on_validation_failure="record"``), appends the message there and returns the error."""
     error = max(float((g.float().cpu() - w).abs().max()) for g, w in zip(got, want))
     if not error <= VALIDATION_ATOL[precision]:  # also catches NaN
-        raise FlowTurboError(f"{where} differs from eager PyTorch by {error:.3g} (> {VALIDATION_ATOL[precision]}); "
-                             "the export is wrong for this model: report it with the manifest")
+        message = (f"{where} differs from eager PyTorch by {error:.3g} (> {VALIDATION_ATOL[precision]}); "
+                   "the export is wrong for this model: report it with the manifest")
+        if failures is None:
+            raise FlowTurboError(message)
+        failures.append(message)
     return error
 
 
@@ -270,8 +283,12 @@ def export_bundle(
     overwrite: bool = False,
     progress: bool = True,
     wait: bool = False,
+    before_module: Callable[[str, int, int], None] | None = None,
 ) -> ExportResult:
     """Export ``bundle`` for ``request`` into the directory ``out`` (atomically; manifest written last).
+
+    ``before_module(stem, index, count)`` is called before each module is built (e.g. a time budget that raises
+    to stop: nothing is left at ``out``, as for any failure).
 
     An existing ``out`` whose manifest has the same key and verifying checksums is reused as is; one built
     for anything else is replaced only with ``overwrite=True`` (else FlowTurboError saying what differs), and
@@ -322,20 +339,25 @@ def export_bundle(
                         else "an export that is incomplete, unsealed or edited by hand")
                 raise FlowTurboError(f"{target} holds {what}; pass --overwrite to rebuild or choose another --out")
         with folder.staging() as staging:
-            manifest = _build(bundle, request, staging, device, weights, key, key_fields, source, command, progress)
+            manifest = _build(bundle, request, staging, device, weights, key, key_fields, source, command, progress,
+                              before_module)
     return ExportResult(target, manifest, reused=False)
 
 
 def _build(bundle: Bundle, request: ExportRequest, root: Path, device: torch.device, weights: str, key: str,
-           key_fields: dict[str, Any], source: str, command: str | None, progress: bool) -> dict[str, Any]:
+           key_fields: dict[str, Any], source: str, command: str | None, progress: bool,
+           before_module: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
     planned = _plan(bundle, request)
+    failures: list[str] | None = [] if request.on_validation_failure == "record" else None
     artifacts: list[dict[str, Any]] = []
     written: list[Path] = []
     started = time.perf_counter()
     example_batch = request.batch.example_batch()
     # Builds take seconds (ONNX time-input) to minutes (AOTInductor / unrolled): show which module is building.
     bar = tqdm(planned, desc="export", unit="module", disable=not progress, leave=False)
-    for item in bar:
+    for index, item in enumerate(bar):
+        if before_module is not None:
+            before_module(item.stem, index, len(planned))
         bar.set_postfix_str(f"{item.stem} ({', '.join(request.formats)})")
         item.module.eval()
         inputs = example_inputs(item.spec, example_batch, bundle.num_classes, device=device)
@@ -353,7 +375,8 @@ def _build(bundle: Bundle, request: ExportRequest, root: Path, device: torch.dev
                      "external_data": result.external_data, "opset": request.opset}
             if request.validate:
                 got = onnx_export.run_onnx(onnx_path, check_inputs)
-                entry["max_abs_error"] = _max_error(got, want, f"{onnx_path.name} on ONNX Runtime", request.precision)
+                entry["max_abs_error"] = _max_error(got, want, f"{onnx_path.name} on ONNX Runtime", request.precision,
+                                                    failures)
             artifacts.append(entry)
         if "aoti" in request.formats:
             package = root / f"{item.stem}{aoti_export.PACKAGE_SUFFIX}"
@@ -369,7 +392,8 @@ def _build(bundle: Bundle, request: ExportRequest, root: Path, device: torch.dev
                     raise FlowTurboError(f"{package.name} (AOTInductor) fails at batch {check_batch} of the profile "
                                          f"{request.batch.describe()}: {exc}") from exc
                 got = list(out) if isinstance(out, (tuple, list)) else [out]
-                entry["max_abs_error"] = _max_error(got, want, f"{package.name} (AOTInductor)", request.precision)
+                entry["max_abs_error"] = _max_error(got, want, f"{package.name} (AOTInductor)", request.precision,
+                                                    failures)
             artifacts.append(entry)
         if "tensorrt" in request.formats:
             assert onnx_path is not None
@@ -419,6 +443,8 @@ def _build(bundle: Bundle, request: ExportRequest, root: Path, device: torch.dev
         "created_unix": time.time(),
         "export_seconds": time.perf_counter() - started,
     }
+    if failures is not None:
+        manifest["validation_failures"] = failures
     # Last, sealed: a directory without it is incomplete, and an edited one is refused by every reader.
     atomic_write_bytes(root / MANIFEST_FILE, sealed_json_bytes(manifest))
     return manifest

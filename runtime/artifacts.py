@@ -24,12 +24,13 @@ import dataclasses
 import os
 import re
 import shlex
+import warnings
 from pathlib import Path
 from collections.abc import Sequence
 from typing import Any
 
 from flowturbo.dtypes import PRECISION_DTYPE_NAMES
-from flowturbo.errors import CheckpointError, FlowTurboError, SamplingError
+from flowturbo.errors import CheckpointError, FlowTurboError, FlowTurboWarning, SamplingError
 from flowturbo.fileio import SealError, artifact_key, read_sealed_json, sha256_file
 from flowturbo.schedule import SamplingSchedule, uniform_timesteps
 
@@ -409,6 +410,9 @@ def load_artifacts(
                 "directory:\n  " + "\n  ".join(diffs)
             )
     verify_files(root, manifest, checksums=verify)
+    if manifest.get("validation_failures"):  # only exports built with on_validation_failure="record" (GPU suite)
+        warnings.warn(f"{root} was exported although its check against eager PyTorch failed: "
+                      f"{manifest['validation_failures'][0]}", FlowTurboWarning, stacklevel=2)
     return ArtifactSet(root, manifest)
 
 

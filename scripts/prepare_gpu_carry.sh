@@ -2,8 +2,9 @@
 # Fill .devcarry/ (git-ignored) with what bench/gpu_suite.py needs on a lent GPU machine and its image lacks
 # (DESIGN.md §6): the diffusers wheel (pure Python; its dependencies are on the image) and the headers of
 # nlohmann-json3-dev and libssl-dev (+ libssl3's libcrypto for linking), unpacked from Debian packages.
-# About 12 MiB; the device tool carries at most 64 MiB. Run once on this (CPU) machine, then on the device:
-#   run(command="python3 bench/gpu_suite.py --out $OUT", carry=[".devcarry"], timeout_s=600)
+# Also .devcarry/commit.txt: the commit the tree was copied from (the device's copy has no .git).
+# About 15 MiB; the device tool carries at most 64 MiB with the tree. Run on this (CPU) machine before the
+# device calls; BENCHMARKS.md ("GPU suite") gives the phase commands to issue then.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 CARRY=.devcarry
@@ -16,4 +17,7 @@ for deb in "$CARRY"/debs/*.deb; do dpkg -x "$deb" "$CARRY/deb"; done
 rm -rf "$CARRY/debs" "$CARRY/deb/usr/share/doc" "$CARRY/deb/usr/share/man"
 find "$CARRY/deb" -name '*.a' -delete  # static libraries: not needed, most of the size
 rm -rf "$CARRY/site"  # gpu_suite.py installs the wheels into it on the device
+commit=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
+git diff --quiet HEAD 2>/dev/null || commit="$commit+uncommitted"
+echo "$commit" > "$CARRY/commit.txt"
 du -sh "$CARRY"

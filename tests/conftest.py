@@ -31,6 +31,22 @@ import torch  # noqa: E402
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
 
 
+def disable_tf32() -> None:
+    """float32 means IEEE float32 in the tests: TF32 matmuls / convolutions (cuDNN's default for convolutions) are
+    ~1e-3 accurate, over the fp32 tolerances of tests/tolerances.py. Set once, for the whole session, on CUDA."""
+    matmul, conv = torch.backends.cuda.matmul, torch.backends.cudnn.conv
+    if hasattr(matmul, "fp32_precision") and hasattr(conv, "fp32_precision"):  # torch >= 2.9
+        matmul.fp32_precision = "ieee"
+        conv.fp32_precision = "ieee"
+    else:  # pragma: no cover - older torch
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+
+
+if torch.cuda.is_available():
+    disable_tf32()
+
+
 @pytest.fixture
 def seeded() -> torch.Generator:
     """A fixed-seed CPU generator (tests draw random non-zero inputs from it)."""

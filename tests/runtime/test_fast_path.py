@@ -9,6 +9,7 @@ message. The real capture runs in the GPU-marked tests and ``bench/gpu_suite.py`
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 import warnings
 from pathlib import Path
@@ -30,6 +31,20 @@ from flowturbo.training.sampling import make_noise, sample_schedule
 SCHEDULE = SamplingSchedule.parse("H1P2R2", guidance_scale=1.7, guidance_channels=2)  # partial guidance, R steps
 
 
+def _triton_device() -> torch.device | None:
+    """Where our Triton kernels run in this process: the GPU, or the CPU through Triton's interpreter
+    (``TRITON_INTERPRET=1``, which conftest sets on machines without CUDA). None: neither (the interpreter is off
+    on a machine without CUDA)."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    return torch.device("cpu") if os.environ.get("TRITON_INTERPRET") == "1" else None
+
+
+TRITON_DEVICE = _triton_device()
+requires_triton_device = pytest.mark.skipif(
+    TRITON_DEVICE is None, reason="Triton kernels cannot run here: no CUDA GPU and TRITON_INTERPRET is not 1")
+
+
 def _micro_bundle(dtype=torch.float32):
     path = Path(__file__).parents[1] / "export" / "test_export_onnx.py"
     spec = importlib.util.spec_from_file_location("_export_onnx_helpers", path)
@@ -39,13 +54,16 @@ def _micro_bundle(dtype=torch.float32):
     return module.micro_bundle(seed=5, dtype=dtype)
 
 
-def _pipeline(kernels: KernelBackend, dtype=torch.float32) -> TorchPipeline:
+def _pipeline(kernels: KernelBackend, dtype=torch.float32, device: torch.device | None = None) -> TorchPipeline:
+    device = device or torch.device("cpu")
     bundle = _micro_bundle(dtype)
+    for model in (bundle.predictor, bundle.refiner, bundle.decoder):
+        model.to(device)
     for model in (bundle.predictor, bundle.refiner):
         model.set_kernel_backend(kernels)
     return TorchPipeline(bundle.predictor, bundle.refiner, bundle.decoder, bundle.num_classes,
                          tuple(bundle.latent_shape), None, BundleDefaults(schedule="H1P2R2", cfg=1.7), "micro",
-                         torch.device("cpu"), dtype, kernels)
+                         device, dtype, kernels)
 
 
 @pytest.fixture(scope="module")
@@ -60,16 +78,19 @@ def reference64():
         return classes, pipe.decoder.decode(result.latents)
 
 
+@requires_triton_device
 def test_fast_path_matches_the_float64_reference_and_captures_once_per_batch_size(reference64):
+    """Triton kernels where they run (the interpreter on CPU, the GPU on a CUDA machine) with the graph cache's
+    counting stand-in, against the float64 reference."""
     classes, want = reference64
     backend = counting_graph_backend()
-    sampler = Sampler(_pipeline(KernelBackend.TRITON), cuda_graph=True, graph_backend=backend)
+    sampler = Sampler(_pipeline(KernelBackend.TRITON, device=TRITON_DEVICE), cuda_graph=True, graph_backend=backend)
     out = sampler.sample(classes, schedule=SCHEDULE, seed=3, batch_size=2)  # batches of 2, 2, 1
-    torch.testing.assert_close(out.images.double(), want, **tol("sampler_fp32"))
+    torch.testing.assert_close(out.images.double().cpu(), want, **tol("sampler_fp32"))
     assert backend.captures == 2 and backend.replays == 3  # sizes 2 and 1 captured once each
     assert out.times.decode_fused and out.times.capture_s > 0
-    assert out.execution == {"device": "cpu", "dtype": "float32", "state_dtype": "float32", "kernels": "triton",
-                             "cuda_graph": True}
+    assert out.execution == {"device": str(TRITON_DEVICE), "dtype": "float32", "state_dtype": "float32",
+                             "kernels": "triton", "cuda_graph": True}
     again = sampler.sample(classes, schedule=SCHEDULE, seed=3, batch_size=2)
     assert backend.captures == 2 and backend.replays == 6 and again.times.capture_s == 0
     assert torch.equal(again.images, out.images)
@@ -187,25 +208,28 @@ def test_fast_path_defaults_follow_the_device(monkeypatch):
     assert default_kernel_backend(cuda) is KernelBackend.REFERENCE  # no Triton: the reference ops, not an error
 
 
+@requires_triton_device
 def test_triton_probe_checks_launches_against_the_references(monkeypatch):
-    """The probe runs the solver and adaLN kernels (here through the interpreter) and compares them with their
-    references: a kernel computing a wrong value or raising is reported, with the cause, as not usable."""
+    """The probe runs the solver and adaLN kernels (through the interpreter on CPU, on the GPU with CUDA) and
+    compares them with their references: a kernel computing a wrong value or raising is reported, with the
+    cause, as not usable."""
     import flowturbo.kernels.backend as backend
     import flowturbo.kernels.solver as solver
 
+    device = TRITON_DEVICE.type
     backend._probe.cache_clear()
-    assert backend._probe("cpu") is None  # the interpreter runs them correctly
+    assert backend._probe(device) is None  # the kernels run correctly there
     real = solver.cfg_predict_triton
     backend._probe.cache_clear()
     monkeypatch.setattr(solver, "cfg_predict_triton", lambda *a, **k: tuple(t + 1 for t in real(*a, **k)))
-    assert backend._probe("cpu") == "a probe launch returned wrong values"
+    assert backend._probe(device) == "a probe launch returned wrong values"
     backend._probe.cache_clear()
 
     def broken(*args, **kwargs):
         raise RuntimeError("PTX assembly failed\nsecond line")
 
     monkeypatch.setattr(solver, "cfg_predict_triton", broken)
-    assert backend._probe("cpu") == "RuntimeError: PTX assembly failed"
+    assert backend._probe(device) == "RuntimeError: PTX assembly failed"
     backend._probe.cache_clear()
 
 
