@@ -23,14 +23,15 @@ mkdir -p "$W"
 log() { echo "[rehearse $(date +%H:%M:%S)] $*"; }
 
 # 1. The device's Python packages (installed once; the venv is kept between rehearsals).
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, triton, transformers, scikit_build_core" 2>/dev/null; then
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import torch, triton, transformers, scikit_build_core, requests, regex" 2>/dev/null; then
   log "creating $VENV (Python 3.12, torch 2.11.0, triton 3.6.0 and the image's package versions)"
   "$PY312" -m venv "$VENV"
   "$VENV/bin/python" -m pip install -q --upgrade pip
   "$VENV/bin/python" -m pip install -q torch==2.11.0 triton==3.6.0
   "$VENV/bin/python" -m pip install -q numpy==2.5.2 safetensors==0.8.0 torchdiffeq==0.2.5 onnx==1.23.1 \
     onnxscript==0.7.2 onnxruntime==1.30.0 transformers==5.17.0 accelerate==1.15.0 huggingface_hub==1.33.0 \
-    pybind11 scikit-build-core cmake ninja pillow tqdm matplotlib scipy pytest pytest-timeout hypothesis
+    requests regex httpx filelock pybind11 scikit-build-core cmake ninja pillow tqdm matplotlib scipy pytest \
+    pytest-timeout hypothesis
 fi
 "$VENV/bin/python" -c "import torch, triton; print('rehearsal python', __import__('sys').version.split()[0], 'torch', torch.__version__, 'triton', triton.__version__)"
 
@@ -66,7 +67,7 @@ for phase in 1 2 3; do
   check "phase $phase" "$out" 0 "$rc"
 done
 "$VENV/bin/python" "$TREE/bench/gpu_suite.py" --merge "$W"/out/phase{1,2,3}/phase*.json --out "$W/out/merged" | tail -n 20
-"$VENV/bin/python" - "$W/out/merged/gpu_suite.json" <<'EOF'
+if ! "$VENV/bin/python" - "$W/out/merged/gpu_suite.json" <<'EOF'
 import json, sys
 merged = json.load(open(sys.argv[1]))
 rows = sorted(merged["rows"])
@@ -78,6 +79,9 @@ assert merged.get("preflight", {}).get("p1:runner", {}).get("ok"), "the C++ runn
 assert "with CUDA" in merged["preflight"]["p1:runner"]["status"], "the runner was not compiled with CUDA"
 assert not merged["errors"], merged["errors"]
 EOF
+then
+  log "FAIL merged record"; status=1
+fi
 
 # 4. Fault injection (flowturbo is installed now; each run must still write its JSON and print its table).
 fault() {  # fault <name> <expect rc> <suite args...>

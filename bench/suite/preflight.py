@@ -19,6 +19,7 @@ import importlib.util
 import shutil
 import subprocess
 import sys
+import sysconfig
 import tempfile
 import time
 import traceback
@@ -126,6 +127,8 @@ def build_tools_report() -> dict[str, Any]:
     for header in ("nlohmann/json.hpp", "openssl/sha.h"):
         where = [p for p in (Path("/usr/include") / header, carried / header) if p.exists()]
         headers[header] = str(where[0]) if where else None
+    python_h = Path(sysconfig.get_paths()["include"]) / "Python.h"
+    headers["Python.h"] = str(python_h) if python_h.is_file() else None
     missing = [m for m, ok in modules.items() if not ok and m in ("pybind11", "scikit_build_core")]
     missing += [h for h, p in headers.items() if p is None]
     if shutil.which("cmake") is None and not modules["cmake"]:

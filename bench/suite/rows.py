@@ -221,11 +221,16 @@ def torch_rows(models: SuiteModels, dry: bool, device: Any, schedule: Any, wante
     return rows
 
 
+def export_kernels(dry: bool, caps: Capabilities) -> str:
+    """The kernels compiled into the packages: ours (``--kernels triton``) on a GPU where Triton works."""
+    return "triton" if (not dry and caps.triton) else "reference"
+
+
 def export_packages(models: SuiteModels, dry: bool, device: Any, schedule: Any, batches: list[int], workdir: Path,
-                    caps: Capabilities, faults: Faults, before_module: Callable[[str, int, int], None],
+                    kernels: str, faults: Faults, before_module: Callable[[str, int, int], None],
                     rec: Recorder) -> Path:
-    """AOTInductor packages of the schedule (``--kernels triton`` on CUDA when Triton works), time-input
-    variant; a failing check against eager is recorded, not fatal (``on_validation_failure="record"``)."""
+    """AOTInductor packages of the schedule with ``kernels``, time-input variant; a failing check against eager
+    is recorded, not fatal (``on_validation_failure="record"``)."""
     import torch
 
     from flowturbo.export.pipeline import ExportRequest, export_bundle
@@ -233,7 +238,6 @@ def export_packages(models: SuiteModels, dry: bool, device: Any, schedule: Any, 
     from flowturbo.training.bundle import Bundle, BundleDefaults
 
     faults.fire("export")
-    kernels = "triton" if (not dry and caps.triton) else "reference"
     precision, dtype = ("fp32", torch.float32) if dry else ("bf16", torch.bfloat16)
     bundle = Bundle(copy.deepcopy(models.predictor).to(dtype).set_kernel_backend(kernels),
                     copy.deepcopy(models.refiner).to(dtype).set_kernel_backend(kernels),
@@ -246,8 +250,8 @@ def export_packages(models: SuiteModels, dry: bool, device: Any, schedule: Any, 
     request = ExportRequest(schedule, BatchProfile(min(batches), max(batches), max(batches)), ("aoti",), precision,
                             "time-input", device=device.type, kernel_backend=kernels, on_validation_failure="record")
     started = time.perf_counter()
-    export = export_bundle(bundle, request, workdir / "aoti", source="gpu_suite random weights", command="gpu_suite",
-                           progress=False, before_module=before_module)
+    export = export_bundle(bundle, request, workdir / f"aoti-{kernels}", source="gpu_suite random weights",
+                           command="gpu_suite", progress=False, before_module=before_module)
     failures = export.manifest.get("validation_failures") or []
     rec.set("aoti_export", {"seconds": time.perf_counter() - started, "path": str(export.path), "kernels": kernels,
                             "precision": precision, "reused": export.reused, "validation_failures": failures})
@@ -411,5 +415,5 @@ class Bench:
 
 
 __all__ = ["Bench", "CFG", "GUIDANCE_CHANNELS", "ROWS", "Row", "RowFallback", "RowRun", "SCHEDULE_SPEC",
-           "SuiteModels", "aoti_rows", "build_models", "export_packages", "float64_reference", "pipeline_for",
+           "SuiteModels", "aoti_rows", "build_models", "export_kernels", "export_packages", "float64_reference", "pipeline_for",
            "time_row", "torch_rows"]
