@@ -67,7 +67,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 SEED_LIMIT = 2**63  # seeds are in [0, 2^63) (torch generators take signed 64-bit seeds)
 # Config fields that decide the shapes of the trained weights: a resume may not change them, even with --force.
 ARCHITECTURE_FIELDS = frozenset(
-    {"model", "learn_sigma", "refiner_depth", "model.latent_channels", "model.base_channels", "model.channel_mult",
+    {"model", "learn_sigma", "refiner_depth", "dt_conditioning", "model.latent_channels", "model.base_channels", "model.channel_mult",
      "model.num_res_blocks", "model.norm_groups", "model.image_channels"}
 )
 DEVICES = ("auto", "cpu", "cuda")

@@ -1,7 +1,8 @@
 """Assemble trained parts into a bundle (``flowturbo train package``): EMA weights throughout.
 
 Predictor: a ``train predictor`` run folder, checkpoint folder or ``predictor.safetensors``, or an official
-SiT ``.pt``. Refiner (optional): a ``train refiner`` run / file, or an official FlowTurbo refiner ``.pt``.
+SiT ``.pt``. Refiner (optional): a ``train refiner`` run / file (its trained dt distribution is carried into
+``config.json`` as ``refiner_dt``), or an official FlowTurbo refiner ``.pt`` (no record).
 Decoder: our autoencoder (``train autoencoder`` run folder or ``autoencoder.safetensors``; both decoder
 variants stored, ``variant`` active by default) or a diffusers AutoencoderKL folder. Encoder (for inpainting and
 editing): always included — the same autoencoder's encoder, or the AutoencoderKL folder's.
@@ -59,12 +60,12 @@ def package_bundle(
         sit = load_sit_checkpoint(state, predictor_config)
     else:
         sit, names = load_sit_checkpoint(predictor, trust_pickle=trust_pickle), None
-    ref = None
+    ref, refiner_dt = None, None
     if refiner is not None:
         ours_ref = read_trained_refiner(refiner)
-        if ours_ref is not None:
-            ref = load_refiner_checkpoint(ours_ref[0], ours_ref[1])
-        else:
+        if ours_ref is not None:  # ours: its trained dt distribution goes into config.json (refiner_dt)
+            ref, refiner_dt = load_refiner_checkpoint(ours_ref.state, ours_ref.config), ours_ref.dt
+        else:  # official: no record (the runtime assumes the paper's dt <= 0.12)
             ref = load_refiner_checkpoint(refiner, trust_pickle=trust_pickle)
     decoder = _decoder(autoencoder, vae, variant)
     encoder = _encoder(autoencoder, vae)
@@ -74,7 +75,7 @@ def package_bundle(
         guidance_channels=guidance_channels,
     )
     bundle = Bundle(sit.eval(), None if ref is None else ref.eval(), decoder.eval(),
-                    class_names if class_names is not None else names, defaults, encoder.eval())
+                    class_names if class_names is not None else names, defaults, encoder.eval(), refiner_dt)
     save_bundle(bundle, out, overwrite=overwrite, wait=wait)
     return bundle
 
