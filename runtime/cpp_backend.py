@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from flowturbo.errors import FlowTurboError, SamplingError
+from flowturbo.refiner_dt import warn_beyond_range
 from flowturbo.runtime.artifacts import ArtifactSet, load_artifacts
 from flowturbo.runtime.results import Samples, StageTimes
 from flowturbo.schedule import SamplingSchedule
@@ -134,6 +135,7 @@ class CppSampler:
         """One image per class id (the schedule is the exported one; image j from seed ``seed + first_index + j``);
         ``progress`` is accepted for API parity."""
         self.artifacts.check_schedule(schedule)
+        warn_beyond_range(self.schedule, self.artifacts.refiner_dt)
         classes = [int(c) for c in classes]
         if not classes:
             raise SamplingError("no classes given: pass at least one class id")

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from flowturbo.dtypes import dtype_name
 from flowturbo.errors import FlowTurboError, SamplingError
+from flowturbo.refiner_dt import warn_beyond_range
 from flowturbo.runtime.backends import load_exported_sampler
 from flowturbo.runtime.cuda_graphs import CaptureBackend, GraphCache
 from flowturbo.runtime.editing import (
@@ -328,6 +329,7 @@ class Sampler:
                 f"schedule {schedule.notation} has R steps but this model has no refiner; "
                 "use a schedule without R (e.g. 'H8') or a bundle with a refiner"
             )
+        warn_beyond_range(schedule, pipe.refiner_dt, task.timesteps if task is not None else None)
         labels = torch.as_tensor(list(classes), dtype=torch.long)
         if labels.numel() == 0:
             raise SamplingError("no classes given: pass at least one class id")
