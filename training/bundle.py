@@ -311,6 +311,17 @@ def load_bundle(
         raise CheckpointError(f"bundle {root} is inconsistent: {exc}") from exc
 
 
+def load_bundle_image_parts(folder: str | os.PathLike[str], *, device: torch.device | str = "cpu",
+                            dtype: torch.dtype = torch.float32) -> tuple[LatentDecoder, LatentEncoder | None,
+                                                                         list[str] | None]:
+    """The decoder (every variant it stores), the encoder (None if it has none) and the class names of the bundle
+    folder, without its predictor and refiner: what ``train package --decoder-bundle`` reuses around new models."""
+    root = Path(folder)
+    config = _read_config(root)
+    decoder = load_decoder_from_bundle(root, config["decoder"], device, dtype)
+    return decoder, _load_encoder_or_none(root, config, device, dtype), config.get("class_names")
+
+
 def _load_encoder_or_none(root: Path, config: dict[str, Any], device: torch.device | str,
                           dtype: torch.dtype) -> LatentEncoder | None:
     """The bundle's encoder, or None when it has none *or when the declared one cannot be loaded* (missing or
@@ -381,6 +392,7 @@ __all__ = [
     "Bundle",
     "BundleDefaults",
     "load_bundle",
+    "load_bundle_image_parts",
     "make_random_bundle",
     "save_bundle",
 ]

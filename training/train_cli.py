@@ -90,6 +90,9 @@ def _image_options(prefix: str, also_model: bool = False) -> list[Option]:
 LATENT_OPTIONS: list[Option] = [
     ("--autoencoder", ("data.autoencoder",), dict(help="our autoencoder: `train autoencoder` run folder or file")),
     ("--vae", ("data.vae",), dict(help="diffusers AutoencoderKL folder (sd-vae-ft-ema / sd-vae-ft-mse)")),
+    ("--encoder-bundle", ("data.encoder_bundle",),
+     dict(help="a bundle folder whose image encoder encodes the data (e.g. the embedded default's "
+               "flowturbo/runtime/assets/default_model: train a refiner for its predictor)")),
     ("--vae-latent-scale", ("data.vae_latent_scale",), dict(type=float, help="default: the VAE's scaling_factor")),
     ("--no-pre-encode", ("data.pre_encode",),
      dict(action="store_const", const=False, help="encode every batch instead of the whole dataset once")),
@@ -296,6 +299,7 @@ def _run_package(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
     bundle = package_bundle(
         args.out, predictor=args.predictor, refiner=args.refiner, autoencoder=args.autoencoder, vae=args.vae,
+        decoder_bundle=args.decoder_bundle,
         variant=args.variant, schedule=args.schedule, cfg=args.cfg, guidance_channels=args.guidance_channels,
         class_names=names, trust_pickle=args.trust_pickle, overwrite=args.overwrite, wait=args.wait,
     )
@@ -362,7 +366,11 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     g.add_argument("--refiner", default=None, help="`train refiner` run folder/file or official refiner .pt")
     g.add_argument("--autoencoder", default=None, help="`train autoencoder` run folder or autoencoder.safetensors")
     g.add_argument("--vae", default=None, help="diffusers AutoencoderKL folder instead of our autoencoder")
-    g.add_argument("--variant", default="ema", choices=["ema", "mse"], help="default decoder variant (both stored)")
+    g.add_argument("--decoder-bundle", default=None,
+                   help="take the decoder (every variant), encoder and class names of this bundle (e.g. the embedded "
+                        "default's runtime/assets/default_model, to give it a new refiner)")
+    g.add_argument("--variant", default=None, choices=["ema", "mse"],
+                   help="default decoder variant (both stored; default: ema, or the --decoder-bundle's own)")
     g.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of trusted .pt files")
     g = p.add_argument_group("sampling defaults")
     g.add_argument("--schedule", default=None, help="default schedule (H1P5R3 with a refiner, else H8)")

@@ -110,21 +110,25 @@ def test_aoti_loop_and_cpp_runner_equal_the_pytorch_path(bundle, time_input):
     assert torch.equal(cpp, aoti)  # same packages, same dt buffers, same op order: the same bits
 
 
+# Three R steps in a row: t_4 = 0.8 is called with two dts (0.8 - t_2 by the first R-after-R step's second call,
+# 0.8 - t_3 by the next step's first call), so graphs keyed by t alone would fold the wrong one.
+FOLDED = SamplingSchedule.parse("HPRRR", guidance_scale=1.7, guidance_channels=2, timesteps=(0, 0.2, 0.4, 0.6, 0.8, 1))
+
+
 @pytest.mark.parametrize("variant", ["per-step", "unrolled"])
 def test_folded_variants_equal_the_pytorch_path(bundle, tmp_path_factory, variant):
     """per-step: one refiner graph per (t, dt) the schedule calls it at (the stem names t's and t_v's grid
     indices); unrolled: both folded inside the one graph."""
-    result = _export(bundle, tmp_path_factory, variant)
+    result = _export(bundle, tmp_path_factory, variant, schedule=FOLDED)
     refiners = [a for a in result.manifest["artifacts"] if a["role"] == "refiner"]
     if variant == "per-step":
-        keys = sorted({(c.t, c.dt) for c in refiner_call_plan(SCHEDULE)})
-        # R after P on [t2, t3]: (t2, 0), (t3, t3 - t2); it carries an estimate at t2, so the next R step's first
-        # call is (t3, t3 - t2) again and its second (t4, t4 - t2): three graphs, all from t_v = t2.
-        assert sorted((a["time"], a["dt"]) for a in refiners) == keys and len(keys) == 3
+        keys = sorted({(c.t, c.dt) for c in refiner_call_plan(FOLDED)})
+        assert sorted((a["time"], a["dt"]) for a in refiners) == keys and len(keys) == 5
         assert sorted(a["module"] for a in refiners) == ["refiner_step_t002_v002", "refiner_step_t003_v002",
-                                                          "refiner_step_t004_v002"]
+                                                          "refiner_step_t004_v002", "refiner_step_t004_v003",
+                                                          "refiner_step_t005_v003"]
     images = OnnxRuntimeSampler.from_artifacts(result.path).sample(CLASSES, seed=6).images
-    torch.testing.assert_close(images, _reference(bundle, SCHEDULE, CLASSES, 6), **tol("export_fp32"))
+    torch.testing.assert_close(images, _reference(bundle, FOLDED, CLASSES, 6), **tol("export_fp32"))
 
 
 def test_cpp_runner_per_step_graphs_keyed_by_t_and_dt(bundle, tmp_path_factory):

@@ -350,6 +350,13 @@ def test_dt_refiner_with_a_teacher_cache_resumes_exactly_and_records_its_range(p
     config = json.loads((tmp_path / "bundle" / "config.json").read_text())
     assert config["refiner"]["dt_conditioning"] is True and config["refiner_dt"] == dist.to_dict()
     assert load_bundle(tmp_path / "bundle").refiner_dt == dist == bundle.refiner_dt
+    # A new refiner around an existing bundle's decoder, encoder and class names (e.g. the embedded default's).
+    again = package_bundle(tmp_path / "again", predictor=pred_run, refiner=full, decoder_bundle=tmp_path / "bundle",
+                           variant="mse")
+    latents = torch.randn(2, *LATENT_SHAPE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(again.decoder.decode(latents), bundle.decoder.select_variant("mse").decode(latents))
+    assert again.class_names == bundle.class_names and again.encoder is not None and again.refiner_dt == dist
     # Starting a dt refiner from a refiner without dt is exact (its dt embedding starts at zero output) ...
     plain = tmp_path / "plain"
     train_refiner(dataclasses.replace(base, dt_conditioning=False, cache=TeacherCacheConfig(),

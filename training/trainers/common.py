@@ -637,7 +637,9 @@ def _check_resume_config(out_dir: Path, config: Any, force: bool, log: Callable[
     except (OSError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"cannot read {path} ({exc}); the run folder is damaged: start a new run") from None
     mutable = resume_mutable_fields(config)
-    changes = [c for c in config_changes(saved, config_to_dict(config)) if c.split(":", 1)[0] not in mutable]
+    # A field added after the run started, at None (its "off" value), is not a change: the run behaved that way.
+    changes = [c for c in config_changes(saved, config_to_dict(config))
+               if c.split(":", 1)[0] not in mutable and not c.endswith(": (absent) -> null")]
     shape_changes = [c for c in changes if c.split(":", 1)[0] in ARCHITECTURE_FIELDS]
     if shape_changes:
         raise FlowTurboError(

@@ -142,9 +142,12 @@ class RefinerTrainConfig:
             raise FlowTurboError(f"cache must be a TeacherCacheConfig, got {type(self.cache).__name__}")
 
 
-# Shared loop of the Fashion-MNIST presets: batch 256 fits 2 CPU cores well (BENCHMARKS-style numbers in the
-# issue-20 note: steps/s with and without the teacher cache).
-_FASHION_DT_LOOP = LoopConfig(steps=3000, batch_size=256, lr=2e-4, ema_decay=0.999, grad_clip=0.0, ckpt_every=500)
+# The dt refiner of the embedded default on 2 CPU cores: batch 256 at lr 1e-4 (the setting of the outside experiment
+# that trained a dt refiner in ~7 CPU minutes). bench/bench_refiner_training.py measured 0.68 steps/s with teacher
+# samples reused 4x on a loaded 2-core machine (2.4x the 0.28 steps/s without the cache; reuse 8: 1.24 steps/s) and
+# ~2 minutes to fill the 32-batch pool: 1000 steps took ~27 minutes' worth under that load (about half that on
+# idle cores, estimated; --teacher-reuse 8 or --init-from an existing refiner to go faster).
+_FASHION_DT_LOOP = LoopConfig(steps=1000, batch_size=256, lr=1e-4, ema_decay=0.999, grad_clip=0.0, ckpt_every=250)
 
 REFINER_TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "paper": dict(),  # SiT-XL/2 teacher: 30k steps, batch 18, lr 5e-5, dt ~ U(0, 0.12] (paper App. C)
@@ -313,6 +316,10 @@ class TeacherSampleBatches:
         return {"data": self.data.state_dict(), "pool": pool, "steps": self.steps, "slot": self.slot}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        if "pool" not in state:  # a checkpoint written before the cache existed: only the data position
+            self.data.load_state_dict(state)
+            self.pool, self.steps, self.slot = None, 0, 0
+            return
         self.data.load_state_dict(state["data"])
         self.pool = None if state["pool"] is None else [t.to(self.device) for t in state["pool"]]
         self.steps, self.slot = int(state["steps"]), int(state["slot"])
