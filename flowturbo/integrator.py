@@ -48,10 +48,11 @@ channels). The refiner's unconditional branch sees that second half, exactly as 
 carries a doubled velocity per CFG half. See :func:`carries_halves`; the ops and the model calls follow it.
 
 **Hooks** (:class:`StepHooks`) see every step before and after it runs, through the mutable
-:class:`IntegratorState` (``x`` and ``carried``). A hook may replace ``state.x`` (inpainting pastes the
-known region at each step): the next step then starts from the new ``x`` while the carried velocity stays
-what the models said at the old point — a following P or R step reuses it unchanged (it is an estimate of
-the flow there, not a function of x), and H / E steps re-evaluate the predictor at the new ``x``.
+:class:`IntegratorState` (``x``, ``carried`` and its ``carried_time``). A hook may replace ``state.x`` (inpainting
+pastes the known region at each step): the next step then starts from the new ``x`` while the carried velocity
+stays what the models said at the old point — a following P or R step reuses it unchanged (it is an estimate of
+the flow there, not a function of x; its time, hence the refiner's dt, is unchanged too), and H / E steps
+re-evaluate the predictor at the new ``x``.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ A refiner corrects a carried velocity of a given *age* ``dt`` (:mod:`flowturbo.i
 :class:`DtDistribution` is how ``flowturbo train refiner`` draws dt; it is recorded with the weights (the refiner
 file's metadata and the bundle's ``config.json`` under :data:`REFINER_DT_KEY`, an export's manifest), and its
 ``max_dt`` is the *trained range*. A schedule whose refiner calls need a larger dt asks the refiner to
-extrapolate: ``flowturbo tune`` flags such candidates and sampling warns once (:func:`warn_beyond_range`), never
+extrapolate: ``flowturbo tune`` flags such candidates and sampling warns once (:class:`RangeWarnings`), never
 silently. A refiner without a record (an official FlowTurbo refiner, a bundle written before the record existed)
 is taken to have the paper's range, ``dt <= 0.12`` (App. C), and the messages say it was assumed.
 
@@ -116,38 +116,67 @@ def calls_beyond_range(schedule: SamplingSchedule, trained: DtDistribution | Non
     return tuple(c for c in refiner_call_plan(schedule, timesteps) if c.dt > limit + RANGE_SLACK)
 
 
+@dataclasses.dataclass(frozen=True)
+class RangeExcess:
+    """How a schedule goes beyond a refiner's trained range: the R steps (1-based), the largest dt asked for, and
+    the range in words (:func:`trained_range`)."""
+
+    steps: tuple[int, ...]
+    longest: float
+    known: str
+
+
+def range_excess(schedule: SamplingSchedule, trained: DtDistribution | None,
+                 timesteps: Sequence[float] | None = None) -> RangeExcess | None:
+    """The R steps of ``schedule`` whose refiner calls exceed the trained range (None: every call is inside)."""
+    beyond = calls_beyond_range(schedule, trained, timesteps)
+    if not beyond:
+        return None
+    return RangeExcess(tuple(sorted({c.step + 1 for c in beyond})), max(c.dt for c in beyond), trained_range(trained)[1])
+
+
 def beyond_range_message(schedule: SamplingSchedule, trained: DtDistribution | None,
                          timesteps: Sequence[float] | None = None) -> str | None:
     """One sentence naming the R steps of ``schedule`` beyond the refiner's trained range and the fix; None when
     every refiner call is inside it."""
-    beyond = calls_beyond_range(schedule, trained, timesteps)
-    if not beyond:
+    excess = range_excess(schedule, trained, timesteps)
+    if excess is None:
         return None
-    _, known = trained_range(trained)
-    steps = sorted({c.step + 1 for c in beyond})
-    longest = max(c.dt for c in beyond)
-    return (f"schedule {schedule.notation} asks the refiner for dt up to {longest:.3g} in R step(s) "
-            f"{', '.join(map(str, steps))}, beyond {known}: those steps extrapolate and may give worse images; use "
-            "shorter R steps (more steps, or another grid) or a refiner trained on longer steps "
+    return (f"schedule {schedule.notation} asks the refiner for dt up to {excess.longest:.3g} in R step(s) "
+            f"{', '.join(map(str, excess.steps))}, beyond {excess.known}: those steps extrapolate and may give worse "
+            "images; use shorter R steps (more steps, or another grid) or a refiner trained on longer steps "
             "(`flowturbo train refiner --max-dt ...`)")
 
 
-def warn_beyond_range(schedule: SamplingSchedule, trained: DtDistribution | None,
-                      timesteps: Sequence[float] | None = None) -> None:
-    """Warn once (:class:`RefinerRangeWarning`) when ``schedule`` asks the refiner beyond its trained range."""
-    message = beyond_range_message(schedule, trained, timesteps)
-    if message is not None:
-        warnings.warn(message, RefinerRangeWarning, stacklevel=3)
+class RangeWarnings:
+    """One :class:`RefinerRangeWarning` per schedule (and grid) a sampler runs beyond its refiner's trained range: the
+    first request says it, later requests with the same schedule stay quiet (as a remembered CUDA-graph fallback)."""
+
+    def __init__(self) -> None:
+        self._checked: set[tuple[str, tuple[float, ...] | None]] = set()
+
+    def check(self, schedule: SamplingSchedule, trained: DtDistribution | None,
+              timesteps: Sequence[float] | None = None) -> None:
+        """Warn if ``schedule`` (on its grid or ``timesteps``) goes beyond ``trained`` and was not checked before."""
+        key = (schedule.id, None if timesteps is None else tuple(float(t) for t in timesteps))
+        if key in self._checked:
+            return
+        self._checked.add(key)
+        message = beyond_range_message(schedule, trained, timesteps)
+        if message is not None:
+            warnings.warn(message, RefinerRangeWarning, stacklevel=3)
 
 
 __all__ = [
     "PAPER_MAX_DT",
     "REFINER_DT_KEY",
     "DtDistribution",
+    "RangeExcess",
+    "RangeWarnings",
     "RefinerRangeWarning",
     "beyond_range_message",
     "calls_beyond_range",
+    "range_excess",
     "read_dt_record",
     "trained_range",
-    "warn_beyond_range",
 ]

@@ -29,7 +29,7 @@ from flowturbo.errors import CheckpointError, FlowTurboError, SamplingError
 from flowturbo.integrator import IntegratorState, StepHooks, StepInfo, carries_halves, integrate
 from flowturbo.kernels import SolverOps, default_kernel_backend
 from flowturbo.noise import make_noise  # the one per-image noise rule, re-exported for the backends
-from flowturbo.refiner_dt import warn_beyond_range
+from flowturbo.refiner_dt import RangeWarnings
 from flowturbo.runtime.artifacts import DT_INPUT, ArtifactEntry, ArtifactSet, load_artifacts
 from flowturbo.runtime.editing import (
     DEFAULT_FEATHER_PX,
@@ -116,6 +116,7 @@ class ExportedSampler:
         self.halves = self._velocity_layout(entries)
         self.refiner_dt_conditioning = artifacts.refiner_dt_conditioning
         self.refiner_dt = artifacts.refiner_dt  # the trained range (None: not recorded)
+        self.range_warnings = RangeWarnings()  # R steps beyond it: said once per grid (editing rescales it)
         # The graphs return guided velocities: the loop adds and updates only, fused into one Triton kernel
         # per update on CUDA (when Triton is installed), plain torch ops elsewhere.
         self.ops = SolverOps(halves=self.halves, backend=default_kernel_backend(self.device))
@@ -341,7 +342,7 @@ class ExportedSampler:
     def _generate(self, classes: Sequence[int], schedule: SamplingSchedule | None, seed: int,
                   batch_size: int | None, task: Any, first_index: int = 0) -> Samples:
         self.artifacts.check_schedule(schedule)
-        warn_beyond_range(self.schedule, self.refiner_dt, task.timesteps if task is not None else None)
+        self.range_warnings.check(self.schedule, self.refiner_dt, task.timesteps if task is not None else None)
         labels = torch.as_tensor(list(classes), dtype=torch.long)
         n = labels.shape[0]
         if n == 0:

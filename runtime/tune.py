@@ -8,7 +8,7 @@ The search (:class:`Tuner`), in order:
    plus the seed report's velocity-norm rule ``dt = C/||f||`` for a few C. R steps whose refiner calls need a
    dt (the age of the velocity the refiner corrects, ``flowturbo.integrator``) beyond the refiner's trained
    range (the bundle's ``refiner_dt`` record; the paper's ``dt <= 0.12`` when it has none) are allowed and
-   flagged (:func:`flowturbo.refiner_dt.calls_beyond_range`). A model without a refiner tunes with R = 0 (any
+   flagged (:func:`flowturbo.refiner_dt.range_excess`). A model without a refiner tunes with R = 0 (any
    refiner counts asked for are mapped to 0, said once).
 2. **Prices** (:class:`CallCosts`): the per-call cost of the predictor (CFG batch), the refiner, the decode
    and the solver update of one step, measured once on the chosen device at ``latency_batch`` images with the
@@ -69,7 +69,7 @@ from flowturbo import __version__
 from flowturbo.errors import FlowTurboError
 from flowturbo.fileio import atomic_write_bytes, atomic_write_json, crash_point
 from flowturbo.noise import make_noise
-from flowturbo.refiner_dt import DtDistribution, calls_beyond_range, trained_range
+from flowturbo.refiner_dt import DtDistribution, range_excess
 from flowturbo.runtime.cuda_graphs import CaptureBackend
 from flowturbo.runtime.distributed import Ranks
 from flowturbo.runtime.pytorch_backend import TorchPipeline
@@ -149,14 +149,11 @@ class Candidate:
     def flags(self, refiner_dt: DtDistribution | None) -> list[str]:
         """Warnings that do not exclude the candidate: refiner calls beyond the refiner's trained dt range
         (``refiner_dt``: its record; None: the paper's range, assumed)."""
-        if self.schedule is None:
+        excess = None if self.schedule is None else range_excess(self.schedule, refiner_dt)
+        if excess is None:
             return []
-        beyond = calls_beyond_range(self.schedule, refiner_dt)
-        if not beyond:
-            return []
-        steps = ",".join(str(k) for k in sorted({call.step + 1 for call in beyond}))
-        return [f"R step(s) {steps} call the refiner at dt up to {max(c.dt for c in beyond):.3f}, beyond "
-                f"{trained_range(refiner_dt)[1]}"]
+        return [f"R step(s) {','.join(map(str, excess.steps))} call the refiner at dt up to {excess.longest:.3f}, "
+                f"beyond {excess.known}"]
 
 
 def _family(steps: Sequence[StepKind]) -> str:

@@ -175,7 +175,8 @@ def test_a_dt_export_without_its_dt_input_is_refused(time_input, tmp_path):
 
 def test_r_steps_beyond_the_trained_range_warn_once(bundle, tmp_path_factory):
     """H1R2 on a uniform grid (h = 1/3) asks for dt up to 2/3 > 0.5 in its second R step (its velocity is the first
-    R step's estimate at t = 1/3): one warning per sample call, on every backend."""
+    R step's estimate at t = 1/3): one warning, at a sampler's first request with that schedule (not per batch, not
+    again for the next request), on every backend."""
     from flowturbo.runtime.sampler import Sampler
     from flowturbo.runtime.pytorch_backend import TorchPipeline
 
@@ -183,7 +184,8 @@ def test_r_steps_beyond_the_trained_range_warn_once(bundle, tmp_path_factory):
     pipe = TorchPipeline(bundle.predictor, bundle.refiner, bundle.decoder, NUM_CLASSES, MICRO_LATENT, None,
                          bundle.defaults, "micro", torch.device("cpu"), torch.float32, refiner_dt=RECORD)
     exported = OnnxRuntimeSampler.from_artifacts(_export(bundle, tmp_path_factory, "time-input", schedule=schedule).path)
-    for sample in (lambda: Sampler(pipe).sample([1, 2], schedule=schedule, progress=False, batch_size=1),
+    torch_sampler = Sampler(pipe)
+    for sample in (lambda: torch_sampler.sample([1, 2], schedule=schedule, progress=False, batch_size=1),
                    lambda: exported.sample([1, 2], batch_size=1)):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -192,3 +194,6 @@ def test_r_steps_beyond_the_trained_range_warn_once(bundle, tmp_path_factory):
         assert len(ours) == 1, [str(w.message) for w in ours]
         assert "dt up to 0.667 in R step(s) 3," in str(ours[0].message)
         assert "its trained range dt <= 0.5" in str(ours[0].message)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RefinerRangeWarning)
+            sample()  # said once: the next request with the same schedule is quiet

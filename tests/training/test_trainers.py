@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import gzip
 import json
@@ -380,19 +381,21 @@ def test_dt_refiner_with_a_teacher_cache_resumes_exactly_and_records_its_range(p
 def test_refiner_cli_dt_flags_are_validated_together(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     """The dt flags of one dataclass are applied together (a preset's small_max above a new --max-dt is not an
     error when --dt-small-max comes with it); bad values are one error line, exit 2, before any data is read."""
-    from flowturbo.training.train_cli import REFINER_CACHE_OPTIONS, REFINER_DT_OPTIONS, REFINER_OPTIONS, build_config
-    from flowturbo.training.trainers import RefinerTrainConfig as Config
-    import argparse
+    from flowturbo.training.train_cli import (
+        REFINER_CACHE_OPTIONS,
+        REFINER_DT_OPTIONS,
+        REFINER_OPTIONS,
+        _add_options,
+        build_config,
+    )
 
     parser = argparse.ArgumentParser()
-    from flowturbo.training.train_cli import _add_options
-
     options = REFINER_OPTIONS + REFINER_DT_OPTIONS + REFINER_CACHE_OPTIONS
     _add_options(parser, "refiner", options)
     parser.add_argument("--preset", default="fashion-mnist-dt")
     args = parser.parse_args(["--teacher", "t.pt", "--max-dt", "0.08", "--dt-small-max", "0.02",
                               "--no-dt-conditioning", "--teacher-reuse", "2"])
-    config = build_config(Config, REFINER_TRAIN_PRESETS, args, options)
+    config = build_config(RefinerTrainConfig, REFINER_TRAIN_PRESETS, args, options)
     assert (config.dt.max_dt, config.dt.small_max, config.dt.small_share) == (0.08, 0.02, 0.3)
     assert config.dt_conditioning is False and config.cache == TeacherCacheConfig(batches=32, reuse=2)
     for flags, message in [(["--max-dt", "1.5"], "max_dt (--max-dt) must be in (0, 1]"),

@@ -143,10 +143,10 @@ class RefinerTrainConfig:
 
 
 # The dt refiner of the embedded default on 2 CPU cores: batch 256 at lr 1e-4 (the setting of the outside experiment
-# that trained a dt refiner in ~7 CPU minutes). bench/bench_refiner_training.py measured 0.68 steps/s with teacher
-# samples reused 4x on a loaded 2-core machine (2.4x the 0.28 steps/s without the cache; reuse 8: 1.24 steps/s) and
-# ~2 minutes to fill the 32-batch pool: 1000 steps took ~27 minutes' worth under that load (about half that on
-# idle cores, estimated; --teacher-reuse 8 or --init-from an existing refiner to go faster).
+# that trained a dt refiner in ~7 CPU minutes). bench/bench_refiner_training.py, two runs on a loaded 2-core machine
+# (load 3.5-5): 0.68-0.82 steps/s with teacher samples reused 4x, 2.4-4.1x the 0.20-0.28 steps/s without the cache
+# (reuse 8: 1.2-1.4 steps/s), ~1.5-2 minutes to fill the 32-batch pool: 1000 steps take ~22-27 minutes under that
+# load (about half on idle cores, estimated; --teacher-reuse 8 or --init-from an existing refiner to go faster).
 _FASHION_DT_LOOP = LoopConfig(steps=1000, batch_size=256, lr=1e-4, ema_decay=0.999, grad_clip=0.0, ckpt_every=250)
 
 REFINER_TRAIN_PRESETS: dict[str, dict[str, Any]] = {
