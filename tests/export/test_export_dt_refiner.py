@@ -26,7 +26,6 @@ from flowturbo.refiner_dt import DtDistribution, RefinerRangeWarning
 from flowturbo.runtime.artifacts import load_artifacts
 from flowturbo.runtime.onnx_backend import OnnxRuntimeSampler
 from flowturbo.schedule import SamplingSchedule
-from flowturbo.training.sampling import make_noise, sample_schedule
 
 NUM_CLASSES = 5
 # Partial guidance (per-half carry); R after P (ages 0, h) and R after R (h, 2h); uneven steps.
@@ -37,28 +36,26 @@ PROFILE = BatchProfile(1, 2, 4)
 CLASSES = [4, 0, 2]
 
 
-def _micro_bundle(**kwargs):
-    path = Path(__file__).parent / "test_export_onnx.py"
-    spec = importlib.util.spec_from_file_location("_export_onnx_helpers", path)
+def _onnx_test_helpers():
+    """tests/export/test_export_onnx.py as a module (its micro bundle and PyTorch reference images)."""
     module = sys.modules.get("_export_onnx_helpers")
     if module is None:
+        spec = importlib.util.spec_from_file_location("_export_onnx_helpers",
+                                                      Path(__file__).parent / "test_export_onnx.py")
         module = importlib.util.module_from_spec(spec)
         sys.modules["_export_onnx_helpers"] = module
         spec.loader.exec_module(module)
-    return module.micro_bundle(**kwargs)
+    return module
 
 
 @pytest.fixture(scope="module")
 def bundle():
-    return _micro_bundle(seed=21, dt_conditioning=True, refiner_dt=RECORD)
+    return _onnx_test_helpers().micro_bundle(seed=21, dt_conditioning=True, refiner_dt=RECORD)
 
 
 def _reference(bundle, schedule, classes, seed):
-    noise = make_noise(len(classes), bundle.latent_shape, seed)
-    with torch.no_grad():
-        result = sample_schedule(schedule, noise, torch.tensor(classes), bundle.predictor, bundle.refiner,
-                                 num_classes=NUM_CLASSES)
-        return bundle.decoder.decode(result.latents)
+    """The PyTorch path's images (sample_schedule on the eager models, then the decoder)."""
+    return _onnx_test_helpers()._reference_images(bundle, schedule, classes, seed)
 
 
 def _export(bundle, tmp_path_factory, variant, formats=("onnx",), schedule=SCHEDULE):
