@@ -13,6 +13,7 @@ import torch
 
 torch.set_num_threads(1)
 from flowturbo.runtime.sampler import Sampler
+from flowturbo.training.models import refiner_takes_dt
 s = Sampler.from_bundle(os.environ.get("BUNDLE"), device="cpu")
 p = s.pipeline
 sch = s.default_schedule("H1P5R3")
@@ -30,7 +31,8 @@ with torch.inference_mode():
     v=torch.randn(2*B,C,H,W)
     out[f"pred{B}"]=bench(lambda: p.predictor(x,t,y))
     try:
-        out[f"ref{B}"]=bench(lambda: p.refiner(x,t,y,v))
+        age = (torch.full_like(t, 0.1),) if refiner_takes_dt(p.refiner) else ()  # dt-conditioned refiners: dt too
+        out[f"ref{B}"]=bench(lambda: p.refiner(x,t,y,v,*age))
     except Exception as e: out[f"ref{B}"]=str(e)[:50]
     z=torch.randn(B,C,H,W)
     out[f"dec{B}"]=bench(lambda: p.decoder.decode(z))

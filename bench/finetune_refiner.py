@@ -26,6 +26,8 @@ from flowturbo.runtime.pytorch_backend import DEFAULT_BUNDLE_DIR
 from flowturbo.training.bundle import load_bundle
 from flowturbo.training.encoders import load_encoder
 from flowturbo.training.fashion_mnist import load_fashion_mnist, to_model_range
+from flowturbo.refiner_dt import DtDistribution
+from flowturbo.training.models import refiner_takes_dt
 from flowturbo.training.trainers.refiner import T_MAX
 
 DTS = (0.05, 0.12, 0.2, 0.25, 1 / 3, 0.5)
@@ -50,7 +52,8 @@ def diagnostic(refiner, teacher, x1: torch.Tensor, labels: torch.Tensor, seed: i
         step = torch.minimum(torch.full_like(t, dt), T_MAX - t)
         x_next = x_t + step.view(-1, 1, 1, 1) * v_t
         target = teacher.velocity(x_next, t + step, labels).float()
-        pred = v_t + refiner(x_next, t + step, labels, v_t).float()
+        age = (step,) if refiner_takes_dt(refiner) else ()  # a dt-conditioned refiner gets the age of v_t
+        pred = v_t + refiner(x_next, t + step, labels, v_t, *age).float()
         base = (v_t - target).pow(2).mean()
         out[f"{dt:.3f}"] = float(1 - (pred - target).pow(2).mean() / base)
     return out
@@ -91,7 +94,7 @@ def main() -> int:
         idx = torch.randint(0, len(x_train), (args.batch,), generator=g)
         labels = y_train[idx].clone()
         labels[torch.rand(args.batch, generator=g) < 0.1] = null  # label dropout 0.1, as in training
-        loss = refiner_loss(model, teacher, x_train[idx], labels, args.max_dt)
+        loss = refiner_loss(model, teacher, x_train[idx], labels, DtDistribution(max_dt=args.max_dt))
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()

@@ -7,11 +7,13 @@ except AOTInductor CUDA exports with ``kernel_backend="triton"``, which compile 
 
 Three schedule specialisations (issue 5, item 2):
 
-* ``time-input``: one graph per module, time is an input (:class:`PredictorStep`, :class:`RefinerStep`).
+* ``time-input``: one graph per module, time is an input (:class:`PredictorStep`, :class:`RefinerStep`; a
+  dt-conditioned refiner's graph takes its velocity age ``dt`` as an input too, :class:`DtRefinerStep`).
 * ``per-step``: one graph per distinct step time with the time embedding ``t_embedder(t)`` folded into a
-  constant (``time=`` given to the step wrappers).
-* ``unrolled``: one graph for the whole schedule + decode (:class:`UnrolledSchedule`), times folded, the
-  weights shared by every step; its loop is the one integrator (``flowturbo.integrator``).
+  constant (``time=`` given to the step wrappers); a dt-conditioned refiner gets one graph per distinct
+  ``(t, dt)`` its calls use, both embeddings folded (:func:`refiner_graph_keys`).
+* ``unrolled``: one graph for the whole schedule + decode (:class:`UnrolledSchedule`), times (and dts) folded,
+  the weights shared by every step; its loop is the one integrator (``flowturbo.integrator``).
 
 Velocities in and out of the step graphs follow the integrator's layout: (B, C, H, W), or (B, 2C, H, W)
 per CFG half under partial guidance in a schedule with R steps (``halves``).
@@ -23,41 +25,56 @@ import torch
 import torch.nn as nn
 
 from flowturbo.errors import FlowTurboError
-from flowturbo.integrator import call_times, carries_halves, integrate
+from flowturbo.integrator import call_times, carries_halves, integrate, refiner_call_plan
 from flowturbo.kernels import SolverOps, cfg_guided_reference
 from flowturbo.schedule import SamplingSchedule
 from flowturbo.training.decoders import LatentDecoder
 from flowturbo.training.encoders import LatentEncoder
-from flowturbo.training.models import SiT, VelocityRefiner
+from flowturbo.training.models import SiT, VelocityRefiner, refiner_takes_dt
 
 VARIANTS = ("time-input", "per-step", "unrolled")
 
 
 class _Transformer(nn.Module):
-    """A SiT or refiner body run with either a time input or a folded time embedding."""
+    """A SiT or refiner body run with either a time input or a folded time embedding (and, for a dt-conditioned
+    refiner, either a dt input or a folded dt embedding)."""
 
-    def __init__(self, model: SiT | VelocityRefiner, time: float | None) -> None:
+    def __init__(self, model: SiT | VelocityRefiner, time: float | None, dt: float | None = None) -> None:
         super().__init__()
         # The kernel backend travels with the model: reference (standard ops, every format) or, for
         # AOTInductor CUDA packages only, our Triton custom ops (checked by export.pipeline.ExportRequest).
         self.model = model
         self.time = time
+        self.takes_dt = refiner_takes_dt(model)
+        if dt is not None and not self.takes_dt:
+            raise FlowTurboError("only a dt-conditioned refiner's graph can fold a dt")
+        self.dt = dt
         if time is not None:
-            dtype = model.t_embedder.mlp[0].weight.dtype
-            device = model.t_embedder.mlp[0].weight.device
-            with torch.no_grad():
-                t_emb = model.t_embedder(torch.tensor([time], dtype=torch.float32, device=device))  # (1, D)
-            self.register_buffer("t_emb", t_emb.to(dtype), persistent=False)
+            self.register_buffer("t_emb", self._fold(model.t_embedder, time), persistent=False)  # (1, D)
+        if dt is not None:
+            self.register_buffer("dt_emb", self._fold(model.dt_embedder, dt), persistent=False)  # (1, D)
 
-    def run(self, x: torch.Tensor, t: torch.Tensor | None, y: torch.Tensor) -> torch.Tensor:
-        """``x`` (M, embed_channels, H, W), ``t`` (M,) or None (folded), ``y`` (M,) -> (M, out, H, W).
+    @staticmethod
+    def _fold(embedder: nn.Module, value: float) -> torch.Tensor:
+        """The embedding of one scalar as a constant (1, D) in the model's dtype."""
+        weight = embedder.mlp[0].weight
+        with torch.no_grad():
+            emb = embedder(torch.tensor([value], dtype=torch.float32, device=weight.device))  # (1, D)
+        return emb.to(weight.dtype)
 
-        Mirrors ``_AdaLNTransformer._run`` with ``c = t_emb + y_emb``.
+    def run(self, x: torch.Tensor, t: torch.Tensor | None, y: torch.Tensor,
+            dt: torch.Tensor | None = None) -> torch.Tensor:
+        """``x`` (M, embed_channels, H, W), ``t`` (M,) or None (folded), ``y`` (M,), ``dt`` (M,) or None (folded, or
+        no dt conditioning) -> (M, out, H, W).
+
+        Mirrors ``_AdaLNTransformer._run`` with ``c = t_emb + y_emb (+ dt_emb)``.
         """
         m = self.model
         tokens = m.x_embedder(x) + m.pos_embed  # (M, T, D)
         t_emb = self.t_emb if self.time is not None else m.t_embedder(t)  # (1, D) folded or (M, D)
         c = t_emb + m.y_embedder(y)  # (M, D)
+        if self.takes_dt:
+            c = c + (self.dt_emb if self.dt is not None else m.dt_embedder(dt))  # (1, D) folded or (M, D)
         pending = None
         for block in m.blocks:
             tokens, pending = block.forward_chained(tokens, c, pending, m.kernel_backend)  # (M, T, D)
@@ -72,9 +89,9 @@ class _GuidedStep(nn.Module):
     """
 
     def __init__(self, model: SiT | VelocityRefiner, guidance_scale: float, guidance_channels: int | None,
-                 time: float | None, halves: bool = False) -> None:
+                 time: float | None, halves: bool = False, dt: float | None = None) -> None:
         super().__init__()
-        self.body = _Transformer(model, time)
+        self.body = _Transformer(model, time, dt)
         self.channels = model.config.in_channels
         self.null_label = model.config.num_classes
         self.scale = float(guidance_scale)
@@ -128,13 +145,18 @@ class FoldedPredictorStep(PredictorStep):
 
 
 class RefinerStep(_GuidedStep):
-    """``(latents, v, t, labels) -> guided velocity offset``; the refiner sees ``cat(x, v)`` per CFG half."""
+    """``(latents, v, t, labels) -> guided velocity offset``; the refiner sees ``cat(x, v)`` per CFG half.
+
+    ``time`` / ``dt`` fold the time / the velocity age (per-step and unrolled graphs); a dt-conditioned refiner
+    with neither folded is :class:`DtRefinerStep` (dt an input).
+    """
 
     def __init__(self, refiner: VelocityRefiner, guidance_scale: float, guidance_channels: int | None = None,
-                 time: float | None = None, halves: bool = False) -> None:
-        super().__init__(refiner, guidance_scale, guidance_channels, time, halves)
+                 time: float | None = None, halves: bool = False, dt: float | None = None) -> None:
+        super().__init__(refiner, guidance_scale, guidance_channels, time, halves, dt)
 
-    def raw(self, latents: torch.Tensor, v: torch.Tensor, t: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
+    def raw(self, latents: torch.Tensor, v: torch.Tensor, t: torch.Tensor | None, labels: torch.Tensor,
+            dt: torch.Tensor | None = None) -> torch.Tensor:
         """The refiner output on the CFG-doubled batch: (M, C_out, H, W); v in either velocity layout."""
         c = self.channels
         if not self.guided:
@@ -143,20 +165,45 @@ class RefinerStep(_GuidedStep):
             xx, vv = torch.cat([latents, latents]), torch.cat([v[:, :c], v[:, c:]])
         else:
             xx, vv = torch.cat([latents, latents]), torch.cat([v, v])
-        return self.body.run(torch.cat([xx, vv], dim=1), self.time_rows(t), self._labels(labels))
+        return self.body.run(torch.cat([xx, vv], dim=1), self.time_rows(t), self._labels(labels), self.time_rows(dt))
 
-    def offset(self, latents: torch.Tensor, v: torch.Tensor, t: torch.Tensor | None, labels: torch.Tensor) -> torch.Tensor:
-        return self._combine(self.raw(latents, v, t, labels), latents.shape[0])
+    def offset(self, latents: torch.Tensor, v: torch.Tensor, t: torch.Tensor | None, labels: torch.Tensor,
+               dt: torch.Tensor | None = None) -> torch.Tensor:
+        return self._combine(self.raw(latents, v, t, labels, dt), latents.shape[0])
 
     def forward(self, latents: torch.Tensor, v: torch.Tensor, t: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return self.offset(latents, v, t, labels)
 
 
+class DtRefinerStep(RefinerStep):
+    """A dt-conditioned refiner's time-input graph: ``(latents, v, t, dt, labels) -> offset`` (``dt`` (B,) float32:
+    the age of ``v``, ``flowturbo.integrator``)."""
+
+    def forward(self, latents: torch.Tensor, v: torch.Tensor, t: torch.Tensor,  # type: ignore[override]
+                dt: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return self.offset(latents, v, t, labels, dt)
+
+
 class FoldedRefinerStep(RefinerStep):
-    """Per-step refiner graph: ``(latents, v, labels) -> offset`` at the folded time."""
+    """Per-step refiner graph: ``(latents, v, labels) -> offset`` at the folded time (and dt)."""
 
     def forward(self, latents: torch.Tensor, v: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         return self.offset(latents, v, None, labels)
+
+
+def refiner_step(refiner: VelocityRefiner, guidance_scale: float, guidance_channels: int | None = None,
+                 halves: bool = False) -> RefinerStep:
+    """The time-input refiner graph for ``refiner``: with a dt input when it is dt-conditioned."""
+    cls = DtRefinerStep if refiner_takes_dt(refiner) else RefinerStep
+    return cls(refiner, guidance_scale, guidance_channels, halves=halves)
+
+
+def refiner_graph_keys(schedule: SamplingSchedule, refiner: VelocityRefiner | None) -> list[tuple[float, float | None]]:
+    """The distinct folded refiner graphs a schedule needs, sorted: ``(t, None)`` per call time, or ``(t, dt)`` per
+    call of a dt-conditioned refiner (:func:`flowturbo.integrator.refiner_call_plan`)."""
+    takes_dt = refiner_takes_dt(refiner)
+    return sorted({(call.t, call.dt if takes_dt else None) for call in refiner_call_plan(schedule)},
+                  key=lambda key: (key[0], -1.0 if key[1] is None else key[1]))
 
 
 class DecoderStep(nn.Module):
@@ -192,17 +239,18 @@ class _UnrolledCalls:
         u = self.unrolled
         return u.predictor_steps[u.pred_index[t]].raw(x, None, self.labels)
 
-    def refiner(self, x: torch.Tensor, t: float, v: torch.Tensor) -> torch.Tensor:
+    def refiner(self, x: torch.Tensor, t: float, v: torch.Tensor, dt: float) -> torch.Tensor:
         u = self.unrolled
-        return u.refiner_steps[u.ref_index[t]].raw(x, v, None, self.labels)
+        return u.refiner_steps[u.ref_index[(t, dt if u.refiner_takes_dt else None)]].raw(x, v, None, self.labels)
 
 
 class UnrolledSchedule(nn.Module):
     """The whole schedule + decode as one graph: ``(noise, labels) -> (images, latents)``.
 
-    The step loop is :func:`flowturbo.integrator.integrate` traced once, with time-folded model bodies and the
-    solver ops of the models' kernel backend (``triton``: the fused CFG + update kernels compiled into the
-    AOTInductor package); the weights are shared by all steps (one copy).
+    The step loop is :func:`flowturbo.integrator.integrate` traced once, with time-folded model bodies (a
+    dt-conditioned refiner's dt folded too, one body per (t, dt)) and the solver ops of the models' kernel backend
+    (``triton``: the fused CFG + update kernels compiled into the AOTInductor package); the weights are shared by
+    all steps (one copy).
     """
 
     def __init__(self, schedule: SamplingSchedule, predictor: SiT, refiner: VelocityRefiner | None,
@@ -216,12 +264,14 @@ class UnrolledSchedule(nn.Module):
         self.schedule = schedule
         scale, channels = schedule.guidance_scale, schedule.guidance_channels
         halves = carries_halves(schedule, predictor.config.in_channels)
-        pred_times, ref_times = call_times(schedule)
+        pred_times, _ = call_times(schedule)
+        ref_keys = refiner_graph_keys(schedule, refiner)
         # Step wrappers share the model modules: the exported graph holds one copy of each weight.
         self.predictor_steps = nn.ModuleList([PredictorStep(predictor, scale, channels, t, halves) for t in pred_times])
-        self.refiner_steps = nn.ModuleList([RefinerStep(refiner, scale, channels, t, halves) for t in ref_times])
+        self.refiner_steps = nn.ModuleList([RefinerStep(refiner, scale, channels, t, halves, dt) for t, dt in ref_keys])
         self.pred_index = {t: i for i, t in enumerate(pred_times)}
-        self.ref_index = {t: i for i, t in enumerate(ref_times)}
+        self.ref_index = {key: i for i, key in enumerate(ref_keys)}
+        self.refiner_takes_dt = refiner_takes_dt(refiner)
         self.ops = SolverOps(scale, channels, halves=halves, backend=predictor.kernel_backend)
         self.decoder = decoder
 
@@ -230,20 +280,23 @@ class UnrolledSchedule(nn.Module):
         return self.decoder.decode(result.x), result.x
 
 
-def step_times(schedule: SamplingSchedule) -> tuple[list[float], list[float]]:
-    """Distinct times at which the predictor / refiner is called (the per-step graphs to build)."""
-    pred, ref = call_times(schedule)
-    return list(pred), list(ref)
+def step_times(schedule: SamplingSchedule) -> list[float]:
+    """Distinct times at which the predictor is called (its per-step graphs; the refiner's: :func:`refiner_graph_keys`)."""
+    pred, _ = call_times(schedule)
+    return list(pred)
 
 
 __all__ = [
     "VARIANTS",
     "DecoderStep",
+    "DtRefinerStep",
     "EncoderStep",
     "FoldedPredictorStep",
     "FoldedRefinerStep",
     "PredictorStep",
     "RefinerStep",
     "UnrolledSchedule",
+    "refiner_graph_keys",
+    "refiner_step",
     "step_times",
 ]

@@ -42,14 +42,18 @@ from flowturbo.export.modules import (
     FoldedPredictorStep,
     FoldedRefinerStep,
     PredictorStep,
-    RefinerStep,
     UnrolledSchedule,
+    refiner_graph_keys,
+    refiner_step,
     step_times,
 )
-from flowturbo.integrator import carries_halves
+from flowturbo.integrator import carries_halves, refiner_call_plan
 from flowturbo.kernels import KernelBackend
+from flowturbo.refiner_dt import REFINER_DT_KEY
+from flowturbo.training.models import refiner_takes_dt
 from flowturbo.export.specs import (
     DECODER,
+    DT_INPUT,
     ENCODER,
     PREDICTOR_STEP,
     REFINER_STEP,
@@ -174,25 +178,28 @@ def _plan(bundle: Bundle, request: ExportRequest) -> list[_Planned]:
     planned: list[_Planned] = []
     uses_refiner = schedule.uses_refiner
     halves = carries_halves(schedule, latent[0])  # per-CFG-half velocities under partial guidance
+    dt_conditioning = refiner_takes_dt(bundle.refiner)  # the refiner graphs take / fold the velocity age
     if request.variant == "time-input":
         planned.append(_Planned(PREDICTOR_STEP, "predictor", PredictorStep(bundle.predictor, scale, channels,
                                                                            halves=halves),
                                 predictor_step_spec(latent, precision, batch, halves=halves)))
         if uses_refiner:
-            planned.append(_Planned(REFINER_STEP, "refiner", RefinerStep(bundle.refiner, scale, channels,
-                                                                         halves=halves),
-                                    refiner_step_spec(latent, precision, batch, halves=halves)))
-    else:  # per-step: one graph per distinct call time, time embedding folded
-        pred_times, ref_times = step_times(schedule)
+            planned.append(_Planned(REFINER_STEP, "refiner", refiner_step(bundle.refiner, scale, channels, halves),
+                                    refiner_step_spec(latent, precision, batch, halves=halves,
+                                                      dt_conditioning=dt_conditioning)))
+    else:  # per-step: one graph per distinct call time (refiner: per (t, dt) when dt-conditioned), folded
         index = {t: k for k, t in enumerate(schedule.timesteps)}
-        for t in pred_times:
+        for t in step_times(schedule):
             planned.append(_Planned(f"{PREDICTOR_STEP}_t{index[t]:03d}", "predictor",
                                     FoldedPredictorStep(bundle.predictor, scale, channels, t, halves),
                                     predictor_step_spec(latent, precision, batch, time=t, halves=halves)))
-        for t in ref_times:
-            planned.append(_Planned(f"{REFINER_STEP}_t{index[t]:03d}", "refiner",
-                                    FoldedRefinerStep(bundle.refiner, scale, channels, t, halves),
-                                    refiner_step_spec(latent, precision, batch, time=t, halves=halves)))
+        origin = {(call.t, call.dt): call.velocity_time for call in refiner_call_plan(schedule)}
+        for t, dt in refiner_graph_keys(schedule, bundle.refiner):
+            # dt = t - t_v: the stem also names the grid index of t_v (v003: a velocity from t_3)
+            stem = f"{REFINER_STEP}_t{index[t]:03d}" + ("" if dt is None else f"_v{index[origin[(t, dt)]]:03d}")
+            planned.append(_Planned(stem, "refiner", FoldedRefinerStep(bundle.refiner, scale, channels, t, halves, dt),
+                                    refiner_step_spec(latent, precision, batch, time=t, halves=halves,
+                                                      dt_conditioning=dt_conditioning, dt=dt)))
     planned.append(_Planned(DECODER, "decoder", DecoderStep(bundle.decoder),
                             decoder_spec(latent, image, precision, batch)))
     return planned + _encoder_plan(bundle, request)
@@ -219,7 +226,7 @@ def example_inputs(spec: ModuleSpec, batch: int, num_classes: int, seed: int = V
         shape = tensor.shape_for(batch)
         if tensor.dtype == "int64":
             value = torch.randint(0, num_classes, shape, generator=generator)
-        elif tensor.name == "t":
+        elif tensor.name in ("t", DT_INPUT):  # times and velocity ages in (0, 1)
             value = torch.rand(shape, generator=generator) * 0.98 + 0.01
         elif tensor.name == "images":  # images in [-1, 1]
             value = (torch.rand(shape, generator=generator) * 2 - 1).to(getattr(torch, tensor.dtype))
@@ -366,6 +373,8 @@ def _build(bundle: Bundle, request: ExportRequest, root: Path, device: torch.dev
                                       device=device)
         want = _outputs(item.module, item.spec, check_inputs) if request.validate else []
         entry_base = {"module": item.stem, "role": item.role, "spec": item.spec.to_dict(), "time": item.spec.time}
+        if item.spec.dt is not None:  # a dt-conditioned refiner's per-step graph: the velocity age it folds
+            entry_base["dt"] = item.spec.dt
         onnx_path = None
         if "onnx" in request.formats or "tensorrt" in request.formats:
             onnx_path = root / f"{item.stem}.onnx"
@@ -432,6 +441,10 @@ def _build(bundle: Bundle, request: ExportRequest, root: Path, device: torch.dev
             "image_shape": list(bundle.image_shape),
             "class_names": bundle.class_names,
             "has_refiner": bundle.refiner is not None,
+            # The refiner graphs take (time-input) or fold (per-step, unrolled) the velocity age dt; the runtime
+            # refuses graphs that do not (flowturbo.runtime.artifacts.check_refiner_dt).
+            "refiner_dt_conditioning": refiner_takes_dt(bundle.refiner),
+            REFINER_DT_KEY: None if bundle.refiner_dt is None else bundle.refiner_dt.to_dict(),
             "decoder": bundle.decoder.decoder_type,
             "defaults": bundle.defaults.to_dict(),
         },

@@ -23,7 +23,8 @@ from flowturbo.errors import FlowTurboError
 
 BATCH_AXIS = "batch"  # the symbolic name of the dynamic leading axis
 PRECISIONS = ("fp32", "fp16", "bf16")
-TIME_DTYPE = "float32"  # times stay float32 at every precision (the sinusoid features are computed in fp32)
+TIME_DTYPE = "float32"  # times (t and the refiner's dt) stay float32 at every precision (sinusoids in fp32)
+DT_INPUT = "dt"  # a dt-conditioned refiner's input: the age of its velocity (flowturbo.integrator)
 LABEL_DTYPE = "int64"
 MAX_BATCH = 65536  # sanity bound for profiles typed by hand
 
@@ -138,7 +139,8 @@ class ModuleSpec:
     """The I/O contract of one exported module at one batch profile.
 
     ``time`` is the folded time of a per-step graph (variant ``per-step``), None when time is an input
-    or the graph covers the whole schedule.
+    or the graph covers the whole schedule. ``dt`` is the folded velocity age of a dt-conditioned refiner's
+    per-step graph (one graph per (t, dt) the schedule calls it at), None otherwise.
     """
 
     name: str
@@ -146,6 +148,7 @@ class ModuleSpec:
     outputs: tuple[TensorSpec, ...]
     batch: BatchProfile
     time: float | None = None
+    dt: float | None = None
 
     @property
     def input_names(self) -> list[str]:
@@ -179,13 +182,16 @@ class ModuleSpec:
         return {t.name: (t.shape_for(b.min), t.shape_for(b.opt), t.shape_for(b.max)) for t in self.inputs}
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        data = {
             "name": self.name,
             "inputs": [t.to_dict() for t in self.inputs],
             "outputs": [t.to_dict() for t in self.outputs],
             "batch": self.batch.to_dict(),
             "time": self.time,
         }
+        if self.dt is not None:  # only dt-conditioned per-step refiner graphs fold a dt
+            data["dt"] = self.dt
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "ModuleSpec":
@@ -195,6 +201,7 @@ class ModuleSpec:
             tuple(TensorSpec.from_dict(t) for t in data["outputs"]),
             BatchProfile.from_dict(data["batch"]),
             data.get("time"),
+            data.get("dt"),
         )
 
 
@@ -233,18 +240,29 @@ def predictor_step_spec(
 
 def refiner_step_spec(
     latent_shape: tuple[int, int, int], precision: str, batch: BatchProfile, *, time: float | None = None,
-    halves: bool = False,
+    halves: bool = False, dt_conditioning: bool = False, dt: float | None = None,
 ) -> ModuleSpec:
-    """Refiner step: latents, carried velocity v, [t], labels -> guided velocity offset (B,C,H,W)
-    (v and the offset (B,2C,H,W) with ``halves``)."""
+    """Refiner step: latents, carried velocity v, [t], [dt], labels -> guided velocity offset (B,C,H,W)
+    (v and the offset (B,2C,H,W) with ``halves``).
+
+    A ``dt_conditioning`` refiner takes the velocity age as the input ``dt`` (B,) float32 when time is an input
+    too; a per-step graph (``time`` given) folds it instead (``dt`` given), named ``refiner_step@t/dt=dt``.
+    """
     fp = precision_dtype_name(check_precision(precision))
     velocity = velocity_shape(latent_shape, halves)
+    if (time is None) != (dt is None) and dt_conditioning:
+        raise FlowTurboError("a dt-conditioned refiner's per-step graph folds both t and dt (give both), its "
+                             "time-input graph takes both as inputs (give neither)")
+    if dt is not None and not dt_conditioning:
+        raise FlowTurboError("only a dt-conditioned refiner's graph can fold a dt")
     inputs = [_latent("latents", latent_shape, fp), _latent("v", velocity, fp)]
     if time is None:
         inputs.append(TensorSpec("t", TIME_DTYPE, (BATCH_AXIS,)))
+        if dt_conditioning:
+            inputs.append(TensorSpec(DT_INPUT, TIME_DTYPE, (BATCH_AXIS,)))
     inputs.append(TensorSpec("labels", LABEL_DTYPE, (BATCH_AXIS,)))
-    name = REFINER_STEP if time is None else f"{REFINER_STEP}@{time!r}"
-    return ModuleSpec(name, tuple(inputs), (_latent("offset", velocity, fp),), batch, time)
+    name = REFINER_STEP if time is None else f"{REFINER_STEP}@{time!r}" + (f"/dt={dt!r}" if dt is not None else "")
+    return ModuleSpec(name, tuple(inputs), (_latent("offset", velocity, fp),), batch, time, dt)
 
 
 def decoder_spec(
@@ -289,6 +307,7 @@ def unrolled_spec(
 __all__ = [
     "BATCH_AXIS",
     "DECODER",
+    "DT_INPUT",
     "ENCODER",
     "PRECISIONS",
     "PREDICTOR_STEP",

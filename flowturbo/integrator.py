@@ -8,7 +8,7 @@ Runtime, AOTInductor, TensorRT) and the ``unrolled`` export (traced once into a 
 This module is torch-free: tensors are whatever the two injected objects work on.
 
 * ``calls`` (:class:`ModelCalls`) runs the models: ``predictor(x, t) -> raw`` and
-  ``refiner(x, t, v) -> raw``. ``raw`` is either the model output on the CFG-doubled batch ``[x; x]`` with
+  ``refiner(x, t, v, dt) -> raw`` (``dt``: the age of ``v``, see *The refiner's dt* below). ``raw`` is either the model output on the CFG-doubled batch ``[x; x]`` with
   labels ``[y; null]`` (2B rows, combined by the ops) or an already guided velocity (B rows, e.g. from an
   exported graph with the guidance inside).
 * ``ops`` (:class:`SolverOps`) does the arithmetic, guidance combination included:
@@ -29,6 +29,17 @@ Steps, with ``h = t_{k+1} - t_k`` (DESIGN.md §2):
   ``d' = d + r(x~, t_{k+1}, v)`` (the second call sees the *incoming* v, as the released
   ``models_assemble.py``), ``x <- x + h/2 (d + d')``. Carries ``d``.
 
+**The refiner's dt** (``docs/refiner_dt.md``). Every carried velocity has a time ``t_v``: the time it estimates
+the flow at. An H or P step on ``[t_k, t_{k+1}]`` carries ``d' = v(x~, t_{k+1})``, so ``t_v = t_{k+1}``; an R step
+on ``[t_k, t_{k+1}]`` carries ``d = v + r(x, t_k, v)``, an estimate at ``t_k``, so ``t_v = t_k``; E carries
+nothing. The refiner's ``dt`` input is the *age* of the velocity it is given, the time from ``t_v`` to its
+query time: an R step calls ``r(x, t_k, v, dt = t_k - t_v)`` and ``r(x~, t_{k+1}, v, dt = t_{k+1} - t_v)`` (``v``
+the incoming velocity in both). After an H/P step that is ``0`` and ``h``; after an R step ``h_prev`` and
+``h_prev + h``. This is exactly the training objective (``x' = x_t + dt v_t``, queried at ``t + dt``, target the
+teacher there), and the dt values are plain floats fixed by the schedule's grid
+(:func:`refiner_call_plan` lists them), so CUDA graphs and exported graphs stay valid. A refiner without a dt
+input ignores it (its calls are the released code's). The state's ``carried_time`` is ``t_v``.
+
 **Velocity layout.** A carried velocity is (B, C, H, W) — or, with *partial* guidance (CFG on only the
 first G < C channels, as the official checkpoints) in a schedule with R steps, (B, 2C, H, W): channels
 ``:C`` are the conditional half (guided channels, then the conditional unguided ones: what moves x) and
@@ -37,10 +48,11 @@ channels). The refiner's unconditional branch sees that second half, exactly as 
 carries a doubled velocity per CFG half. See :func:`carries_halves`; the ops and the model calls follow it.
 
 **Hooks** (:class:`StepHooks`) see every step before and after it runs, through the mutable
-:class:`IntegratorState` (``x`` and ``carried``). A hook may replace ``state.x`` (inpainting pastes the
-known region at each step): the next step then starts from the new ``x`` while the carried velocity stays
-what the models said at the old point — a following P or R step reuses it unchanged (it is an estimate of
-the flow there, not a function of x), and H / E steps re-evaluate the predictor at the new ``x``.
+:class:`IntegratorState` (``x``, ``carried`` and its ``carried_time``). A hook may replace ``state.x`` (inpainting
+pastes the known region at each step): the next step then starts from the new ``x`` while the carried velocity
+stays what the models said at the old point — a following P or R step reuses it unchanged (it is an estimate of
+the flow there, not a function of x; its time, hence the refiner's dt, is unchanged too), and H / E steps
+re-evaluate the predictor at the new ``x``.
 """
 
 from __future__ import annotations
@@ -60,7 +72,10 @@ class ModelCalls(Protocol):
 
     def predictor(self, x: Tensor, t: float) -> Tensor: ...
 
-    def refiner(self, x: Tensor, t: float, v: Tensor) -> Tensor: ...
+    def refiner(self, x: Tensor, t: float, v: Tensor, dt: float) -> Tensor:
+        """The refiner's raw offset at (x, t) for the carried velocity ``v`` of age ``dt`` (module docstring);
+        a refiner without a dt input ignores ``dt``."""
+        ...
 
 
 class SolverOps(Protocol):
@@ -88,10 +103,23 @@ class StepInfo:
 
 @dataclasses.dataclass
 class IntegratorState:
-    """The loop's state between steps: latents ``x`` (B, C, H, W) and the carried velocity (or None)."""
+    """The loop's state between steps: latents ``x`` (B, C, H, W), the carried velocity (or None) and the time
+    it estimates the flow at (``t_v``, None when nothing is carried; see *The refiner's dt*)."""
 
     x: Tensor
     carried: Tensor | None = None
+    carried_time: float | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class RefinerCall:
+    """One refiner call of a schedule: the step (index) it belongs to, its query time ``t``, the time ``t_v`` its
+    velocity estimates the flow at and that velocity's age ``dt = t - t_v`` (module docstring)."""
+
+    step: int
+    t: float
+    dt: float
+    velocity_time: float
 
 
 class StepHooks:
@@ -160,21 +188,22 @@ def integrate(
     for step in steps:
         for hook in hooks:
             hook.before_step(step, state)
-        x, carried, kind = state.x, state.carried, step.kind
+        x, carried, carried_time, kind = state.x, state.carried, state.carried_time, step.kind
         t0, t1 = step.t_start, step.t_end
         h = t1 - t0
         if kind is StepKind.EULER:
             _, x = ops.predict(calls.predictor(x, t0), x, h)
             predictor_calls += 1
-            carried = None  # Euler carries nothing
+            carried = carried_time = None  # Euler carries nothing
         elif kind is StepKind.REFINER:
-            if carried is None:
+            if carried is None or carried_time is None:
                 raise ScheduleError(f"step {step.index + 1} is R but no velocity is carried into it")
-            v = carried
-            d, x_pred = ops.predict(calls.refiner(x, t0, v), x, h, base=v)  # d = v + r(x, t_k, v)
-            x, _ = ops.correct(calls.refiner(x_pred, t1, v), x, d, h, base=d)  # d' = d + r(x~, t_k+1, v)
+            v = carried  # estimates the flow at carried_time: its age at t is t - carried_time
+            d, x_pred = ops.predict(calls.refiner(x, t0, v, t0 - carried_time), x, h, base=v)  # d = v + r(x, t_k, v)
+            x, _ = ops.correct(calls.refiner(x_pred, t1, v, t1 - carried_time), x, d, h,
+                               base=d)  # d' = d + r(x~, t_k+1, v)
             refiner_calls += 2
-            carried = d
+            carried, carried_time = d, t0  # d estimates the flow at t_k
         else:  # H, or P (reuses the carried d' when there is one)
             if kind is StepKind.PSEUDO and carried is not None:
                 d = carried
@@ -184,26 +213,32 @@ def integrate(
                 predictor_calls += 1
             x, carried = ops.correct(calls.predictor(x_pred, t1), x, d, h)
             predictor_calls += 1
-        state.x, state.carried = x, carried
+            carried_time = t1  # d' = v(x~, t_k+1)
+        state.x, state.carried, state.carried_time = x, carried, carried_time
         for hook in hooks:
             hook.after_step(step, state)
     grid = (steps[0].t_start, *(s.t_end for s in steps))
     return IntegrationResult(state.x, state.carried, predictor_calls, refiner_calls, grid)
 
 
-class _RecordingCalls:
-    """Model calls that only note when they are made (for :func:`call_times`)."""
+class _RecordingCalls(StepHooks):
+    """Model calls that only note when they are made, in order (for :func:`call_times` and
+    :func:`refiner_call_plan`); a hook too, to know the step each call belongs to."""
 
     def __init__(self) -> None:
-        self.predictor_times: set[float] = set()
-        self.refiner_times: set[float] = set()
+        self.step, self.velocity_time = -1, None
+        self.predictor_times: list[float] = []
+        self.refiner_calls: list[RefinerCall] = []
+
+    def before_step(self, step: StepInfo, state: IntegratorState) -> None:
+        self.step, self.velocity_time = step.index, state.carried_time
 
     def predictor(self, x: Tensor, t: float) -> Tensor:
-        self.predictor_times.add(t)
+        self.predictor_times.append(t)
         return x
 
-    def refiner(self, x: Tensor, t: float, v: Tensor) -> Tensor:
-        self.refiner_times.add(t)
+    def refiner(self, x: Tensor, t: float, v: Tensor, dt: float) -> Tensor:
+        self.refiner_calls.append(RefinerCall(self.step, t, dt, self.velocity_time))
         return x
 
 
@@ -220,24 +255,38 @@ class _SymbolicOps:
         return x
 
 
+def _record(schedule: SamplingSchedule, timesteps: Sequence[float] | None) -> _RecordingCalls:
+    calls = _RecordingCalls()
+    integrate(schedule, object(), calls, _SymbolicOps(), hooks=[calls], timesteps=timesteps)
+    return calls
+
+
 def call_times(schedule: SamplingSchedule,
                timesteps: Sequence[float] | None = None) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """The distinct times at which the predictor / refiner are evaluated (sorted), found by walking
     :func:`integrate` itself — so per-time graphs (the ``per-step`` export) follow the loop's rule."""
-    calls = _RecordingCalls()
-    integrate(schedule, object(), calls, _SymbolicOps(), timesteps=timesteps)
-    return tuple(sorted(calls.predictor_times)), tuple(sorted(calls.refiner_times))
+    calls = _record(schedule, timesteps)
+    return tuple(sorted(set(calls.predictor_times))), tuple(sorted({c.t for c in calls.refiner_calls}))
+
+
+def refiner_call_plan(schedule: SamplingSchedule, timesteps: Sequence[float] | None = None) -> tuple[RefinerCall, ...]:
+    """Every refiner call of the schedule in loop order, with its step, time and dt (the age of its velocity),
+    found by walking :func:`integrate` itself: the one source of the dt values that exported graphs fold, the
+    tuner flags and ``sample`` checks against a refiner's trained range."""
+    return tuple(_record(schedule, timesteps).refiner_calls)
 
 
 __all__ = [
     "IntegrationResult",
     "IntegratorState",
     "ModelCalls",
+    "RefinerCall",
     "SolverOps",
     "StepHooks",
     "StepInfo",
     "call_times",
     "carries_halves",
     "integrate",
+    "refiner_call_plan",
     "step_infos",
 ]

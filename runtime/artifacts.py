@@ -32,6 +32,7 @@ from typing import Any
 from flowturbo.dtypes import PRECISION_DTYPE_NAMES
 from flowturbo.errors import CheckpointError, FlowTurboError, FlowTurboWarning, SamplingError
 from flowturbo.fileio import SealError, artifact_key, read_sealed_json, sha256_file
+from flowturbo.refiner_dt import REFINER_DT_KEY, DtDistribution, read_dt_record
 from flowturbo.schedule import SamplingSchedule, uniform_timesteps
 
 EXPORT_FORMAT = "flowturbo.export/1"
@@ -43,7 +44,8 @@ VARIANT_ROLES = {"time-input": ("predictor", "refiner", "decoder"), "per-step": 
                  "unrolled": ("unrolled",)}
 ONNX_EXTERNAL_DATA_SUFFIX = ".data"
 # Inputs whose dtype does not follow the precision (= flowturbo.export.specs: TIME_DTYPE, LABEL_DTYPE).
-FIXED_DTYPES = {"t": "float32", "labels": "int64"}
+FIXED_DTYPES = {"t": "float32", "dt": "float32", "labels": "int64"}
+DT_INPUT = "dt"  # a dt-conditioned refiner's velocity-age input (= flowturbo.export.specs.DT_INPUT)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +58,7 @@ class ArtifactEntry:
     path: Path
     spec: dict[str, Any]
     time: float | None
+    dt: float | None = None  # the folded velocity age of a dt-conditioned refiner's per-step graph
 
     def output_shape(self, name: str, batch: int) -> tuple[int, ...]:
         """Concrete shape of output ``name`` at ``batch`` images (from the spec)."""
@@ -93,10 +96,25 @@ class ArtifactSet:
     def model(self) -> dict[str, Any]:
         return self.manifest["model"]
 
+    @property
+    def refiner_dt(self) -> DtDistribution | None:
+        """The dt distribution the exported refiner was trained on (its ``max_dt``: the trained range); None when
+        the export records none (an official refiner, an older export)."""
+        try:
+            return read_dt_record(self.model.get(REFINER_DT_KEY))
+        except FlowTurboError as exc:
+            raise CheckpointError(f"{self.root / MANIFEST_FILE}: bad {REFINER_DT_KEY} record ({exc}); {REEXPORT}") from None
+
+    @property
+    def refiner_dt_conditioning(self) -> bool:
+        """Whether the refiner graphs take (time-input) or fold (per-step, unrolled) the velocity age dt."""
+        return bool(self.model.get("refiner_dt_conditioning", False))
+
     def entries(self, fmt: str) -> list[ArtifactEntry]:
         """Artifacts of format ``fmt`` (``onnx``, ``aoti``, ``tensorrt``); refuses when there are none."""
         found = [
-            ArtifactEntry(a["module"], a["role"], a["format"], self.root / a["file"], a["spec"], a.get("time"))
+            ArtifactEntry(a["module"], a["role"], a["format"], self.root / a["file"], a["spec"], a.get("time"),
+                          a.get("dt"))
             for a in self.manifest["artifacts"] if a["format"] == fmt
         ]
         if not found:
@@ -298,6 +316,28 @@ def check_consistent(path: Path, manifest: dict[str, Any]) -> None:
                              f"the precision {manifest.get('precision')!r} needs {wanted!r}")
 
 
+def check_refiner_dt(path: Path, manifest: dict[str, Any]) -> None:
+    """Refuse refiner graphs that disagree with the manifest's ``refiner_dt_conditioning``: a dt-conditioned
+    refiner's time-input graph must take a ``dt`` input and its per-step graphs must fold a ``dt``; a refiner
+    without dt conditioning has neither. Running such graphs would give silently wrong images."""
+    model = manifest.get("model") if isinstance(manifest.get("model"), dict) else {}
+    conditioned = bool(model.get("refiner_dt_conditioning", False))
+    for artifact in manifest.get("artifacts") or []:
+        if not isinstance(artifact, dict) or artifact.get("role") != "refiner":
+            continue
+        spec = artifact.get("spec") if isinstance(artifact.get("spec"), dict) else {}
+        names = [t.get("name") for t in spec.get("inputs") or [] if isinstance(t, dict)]
+        has_dt = DT_INPUT in names if "t" in names else artifact.get("dt") is not None
+        if has_dt != conditioned:
+            what = ("has no dt input (time-input) / folded dt (per-step)" if conditioned else
+                    "takes a dt its refiner does not have")
+            raise CheckpointError(
+                f"{path}: the refiner graph {artifact.get('file')} {what}, but the manifest says the refiner is "
+                f"{'' if conditioned else 'not '}dt-conditioned: the graphs and the manifest come from different "
+                f"exports or an older flowturbo; {REEXPORT}"
+            )
+
+
 def required_files(manifest: dict[str, Any]) -> list[str]:
     """The files an export directory must list, following from its variant, schedule and formats.
 
@@ -402,6 +442,7 @@ def load_artifacts(
     if SamplingSchedule.from_dict(manifest["schedule"]).id != manifest["schedule_id"]:
         raise CheckpointError(f"{path}: schedule and schedule_id disagree (edited by hand?); re-export")
     check_consistent(path, manifest)
+    check_refiner_dt(path, manifest)
     if expect:
         diffs = _differences(manifest, expect)
         if diffs:
@@ -416,5 +457,6 @@ def load_artifacts(
     return ArtifactSet(root, manifest)
 
 
-__all__ = ["EXPORT_FORMAT", "MANIFEST_FILE", "ArtifactEntry", "ArtifactSet", "check_consistent", "export_command",
+__all__ = ["EXPORT_FORMAT", "MANIFEST_FILE", "ArtifactEntry", "ArtifactSet", "check_consistent", "check_refiner_dt",
+           "export_command",
            "load_artifacts", "read_manifest", "reexport_hint", "required_files", "sha256_file", "verify_files"]

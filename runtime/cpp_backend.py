@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from flowturbo.errors import FlowTurboError, SamplingError
+from flowturbo.refiner_dt import RangeWarnings
 from flowturbo.runtime.artifacts import ArtifactSet, load_artifacts
 from flowturbo.runtime.results import Samples, StageTimes
 from flowturbo.schedule import SamplingSchedule
@@ -86,6 +87,7 @@ class CppSampler:
         self.runner = runner_module.ScheduleRunner(str(artifacts.root), device=device or "", format=engine_format,
                                                    cuda_graph=cuda_graph, verify_files=True,
                                                    reuse_engine_buffers=reuse_engine_buffers)
+        self.range_warnings = RangeWarnings()  # R steps beyond the refiner's trained dt: said once
         if self.runner.schedule_id != self.schedule.id:
             raise FlowTurboError("the C++ runner and Python read different schedules from the manifest (bug)")
 
@@ -134,6 +136,7 @@ class CppSampler:
         """One image per class id (the schedule is the exported one; image j from seed ``seed + first_index + j``);
         ``progress`` is accepted for API parity."""
         self.artifacts.check_schedule(schedule)
+        self.range_warnings.check(self.schedule, self.artifacts.refiner_dt)
         classes = [int(c) for c in classes]
         if not classes:
             raise SamplingError("no classes given: pass at least one class id")

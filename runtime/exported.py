@@ -9,7 +9,9 @@ returns the same :class:`~flowturbo.runtime.results.Samples` as the PyTorch samp
 
 The step graphs return the *guided* velocity (CFG inside the graph), so the loop's solver ops add and
 update only (:class:`flowturbo.kernels.SolverOps` on B-row inputs), in the per-CFG-half velocity layout
-when the schedule needs it (:func:`flowturbo.integrator.carries_halves`).
+when the schedule needs it (:func:`flowturbo.integrator.carries_halves`). A dt-conditioned refiner's graphs
+take the velocity age ``dt`` the integrator passes as an input (time-input) or fold it (per-step: one graph per
+``(t, dt)``); the manifest says which (``refiner_dt_conditioning``), checked against the graphs at load.
 """
 
 from __future__ import annotations
@@ -27,7 +29,8 @@ from flowturbo.errors import CheckpointError, FlowTurboError, SamplingError
 from flowturbo.integrator import IntegratorState, StepHooks, StepInfo, carries_halves, integrate
 from flowturbo.kernels import SolverOps, default_kernel_backend
 from flowturbo.noise import make_noise  # the one per-image noise rule, re-exported for the backends
-from flowturbo.runtime.artifacts import ArtifactEntry, ArtifactSet, load_artifacts
+from flowturbo.refiner_dt import RangeWarnings
+from flowturbo.runtime.artifacts import DT_INPUT, ArtifactEntry, ArtifactSet, load_artifacts
 from flowturbo.runtime.editing import (
     DEFAULT_FEATHER_PX,
     EditTask,
@@ -82,10 +85,14 @@ class _GraphCalls:
         self.labels = labels
 
     def predictor(self, x: torch.Tensor, t: float) -> torch.Tensor:
-        return self.sampler._call(self.sampler._predict, t, "predictor", latents=x, labels=self.labels)
+        return self.sampler._call(self.sampler._predict, t, {"t": t}, "predictor", latents=x, labels=self.labels)
 
-    def refiner(self, x: torch.Tensor, t: float, v: torch.Tensor) -> torch.Tensor:
-        return self.sampler._call(self.sampler._refine, t, "refiner", latents=x, v=v, labels=self.labels)
+    def refiner(self, x: torch.Tensor, t: float, v: torch.Tensor, dt: float) -> torch.Tensor:
+        if not self.sampler.refiner_dt_conditioning:  # the official refiner's calls: dt is not an input
+            return self.sampler._call(self.sampler._refine, (t, None), {"t": t}, "refiner", latents=x, v=v,
+                                      labels=self.labels)
+        return self.sampler._call(self.sampler._refine, (t, dt), {"t": t, DT_INPUT: dt}, "refiner", latents=x, v=v,
+                                  labels=self.labels)
 
 
 class ExportedSampler:
@@ -107,11 +114,16 @@ class ExportedSampler:
         self.variant = artifacts.variant
         entries = artifacts.entries(self.artifact_format)
         self.halves = self._velocity_layout(entries)
+        self.refiner_dt_conditioning = artifacts.refiner_dt_conditioning
+        self.refiner_dt = artifacts.refiner_dt  # the trained range (None: not recorded)
+        self.range_warnings = RangeWarnings()  # R steps beyond it: said once per grid (editing rescales it)
         # The graphs return guided velocities: the loop adds and updates only, fused into one Triton kernel
         # per update on CUDA (when Triton is installed), plain torch ops elsewhere.
         self.ops = SolverOps(halves=self.halves, backend=default_kernel_backend(self.device))
-        self._predict: dict[float | None, ModuleFn] = {}
-        self._refine: dict[float | None, ModuleFn] = {}
+        # Time-input graphs under the key None; per-step graphs under their folded time (the refiner's under
+        # (t, dt), dt None unless the refiner is dt-conditioned).
+        self._predict: dict[Any, ModuleFn] = {}
+        self._refine: dict[Any, ModuleFn] = {}
         self._decode: ModuleFn | None = None
         self._unrolled: ModuleFn | None = None
         self._encoder: ModuleFn | None = None
@@ -120,7 +132,7 @@ class ExportedSampler:
             if entry.role == "predictor":
                 self._predict[entry.time] = fn
             elif entry.role == "refiner":
-                self._refine[entry.time] = fn
+                self._refine[None if entry.time is None else (entry.time, entry.dt)] = fn
             elif entry.role == "decoder":
                 self._decode = fn
             elif entry.role == "unrolled":
@@ -177,15 +189,20 @@ class ExportedSampler:
         }
 
     # ---------------------------------------------------------------------------------- the loop
-    def _call(self, table: dict[float | None, ModuleFn], t: float, what: str, **inputs: torch.Tensor) -> torch.Tensor:
+    def _call(self, table: dict[Any, ModuleFn], key: Any, scalars: dict[str, float], what: str,
+              **inputs: torch.Tensor) -> torch.Tensor:
+        """Run the time-input graph of ``table`` with ``scalars`` (t, and a dt-conditioned refiner's dt) as (b,)
+        float32 inputs, or the per-step graph folded at ``key``."""
         fn = table.get(None)
         if fn is not None:  # time-input graph
-            inputs["t"] = torch.full((inputs["labels"].shape[0],), t, dtype=torch.float32,
-                                     device=inputs["labels"].device)
-        else:  # per-step graph with time folded
-            fn = table.get(t)
+            for name, value in scalars.items():
+                inputs[name] = torch.full((inputs["labels"].shape[0],), value, dtype=torch.float32,
+                                          device=inputs["labels"].device)
+        else:  # per-step graph with time (and dt) folded
+            fn = table.get(key)
             if fn is None:
-                raise SamplingError(f"the export has no {what} graph for t={t!r}; it was built for another schedule")
+                at = ", ".join(f"{name}={value!r}" for name, value in scalars.items())
+                raise SamplingError(f"the export has no {what} graph for {at}; it was built for another schedule")
         return fn(**inputs)[0]
 
     def _integrate(self, noise: torch.Tensor, labels: torch.Tensor, *,
@@ -325,6 +342,7 @@ class ExportedSampler:
     def _generate(self, classes: Sequence[int], schedule: SamplingSchedule | None, seed: int,
                   batch_size: int | None, task: Any, first_index: int = 0) -> Samples:
         self.artifacts.check_schedule(schedule)
+        self.range_warnings.check(self.schedule, self.refiner_dt, task.timesteps if task is not None else None)
         labels = torch.as_tensor(list(classes), dtype=torch.long)
         n = labels.shape[0]
         if n == 0:

@@ -16,6 +16,7 @@ import torch
 from flowturbo.dtypes import FLOAT_DTYPE_NAMES, dtype_name, torch_dtype
 from flowturbo.errors import CheckpointError, FlowTurboError
 from flowturbo.kernels import TRITON_AVAILABLE, KernelBackend, default_kernel_backend, require_triton_kernels
+from flowturbo.refiner_dt import DtDistribution
 from flowturbo.training.bundle import BundleDefaults, load_bundle
 from flowturbo.training.checkpoints import (
     PREDICTOR_DEFAULT_ENTRY,
@@ -67,6 +68,7 @@ class TorchPipeline:
     checkpoint_entries: dict[str, str] | None = None  # official checkpoints: which entry each file was read from
     encoder: LatentEncoder | None = None  # images -> latents (inpainting / editing); see require_encoder
     encoder_source: str | None = None  # official checkpoints: the --vae folder its encoder is read from on demand
+    refiner_dt: DtDistribution | None = None  # the dt the refiner was trained on (None: not recorded, e.g. official)
 
     def __post_init__(self) -> None:
         fast_layout = getattr(self.decoder, "to_fast_layout", None)  # any decoder module works; ours may re-layout
@@ -95,6 +97,7 @@ class TorchPipeline:
             "num_classes": self.num_classes,
             "latent_shape": list(self.latent_shape),
             "has_refiner": self.refiner is not None,
+            "refiner_dt_conditioning": bool(getattr(self.refiner, "takes_dt", False)),
             "decoder": self.decoder.decoder_type,
             "device": str(self.device),
             "dtype": dtype_name(self.dtype),
@@ -220,6 +223,7 @@ def load_pipeline(
         dtype=model_dtype,
         kernel_backend=backend,
         encoder=None if bundle.encoder is None else bundle.encoder.eval(),
+        refiner_dt=bundle.refiner_dt,
     )
 
 

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from flowturbo.dtypes import dtype_name
 from flowturbo.errors import FlowTurboError, SamplingError
+from flowturbo.refiner_dt import RangeWarnings
 from flowturbo.runtime.backends import load_exported_sampler
 from flowturbo.runtime.cuda_graphs import CaptureBackend, GraphCache
 from flowturbo.runtime.editing import (
@@ -75,6 +76,7 @@ class Sampler:
         if use_graph and not on_cuda and graph_backend is None:
             raise FlowTurboError("CUDA graphs need a CUDA device; drop --cuda-graph or use --device cuda")
         self.graphs: GraphCache | None = GraphCache(graph_backend) if use_graph else None
+        self.range_warnings = RangeWarnings()  # R steps beyond the refiner's trained dt: said once per schedule
 
     @classmethod
     def from_bundle(cls, model: str | None = None, *, cuda_graph: bool | None = None,
@@ -328,6 +330,7 @@ class Sampler:
                 f"schedule {schedule.notation} has R steps but this model has no refiner; "
                 "use a schedule without R (e.g. 'H8') or a bundle with a refiner"
             )
+        self.range_warnings.check(schedule, pipe.refiner_dt, task.timesteps if task is not None else None)
         labels = torch.as_tensor(list(classes), dtype=torch.long)
         if labels.numel() == 0:
             raise SamplingError("no classes given: pass at least one class id")

@@ -5,8 +5,10 @@ The search (:class:`Tuner`), in order:
 1. **Candidates** (:class:`SearchSpace`): step strings ``H{a}P{b}R{c}`` in the paper's order (Heun-only and
    FlowTurbo), Euler ``E{n}``, optionally every valid general string up to a few steps, each on every time
    grid of a small family (:class:`Grid`: uniform, a power warp ``t = u^g``, a shift ``t = s u / (1 + (s-1) u)``),
-   plus the seed report's velocity-norm rule ``dt = C/||f||`` for a few C. R steps longer than the refiner's
-   training range (``dt <= 0.12``) are allowed and flagged. A model without a refiner tunes with R = 0 (any
+   plus the seed report's velocity-norm rule ``dt = C/||f||`` for a few C. R steps whose refiner calls need a
+   dt (the age of the velocity the refiner corrects, ``flowturbo.integrator``) beyond the refiner's trained
+   range (the bundle's ``refiner_dt`` record; the paper's ``dt <= 0.12`` when it has none) are allowed and
+   flagged (:func:`flowturbo.refiner_dt.range_excess`). A model without a refiner tunes with R = 0 (any
    refiner counts asked for are mapped to 0, said once).
 2. **Prices** (:class:`CallCosts`): the per-call cost of the predictor (CFG batch), the refiner, the decode
    and the solver update of one step, measured once on the chosen device at ``latency_batch`` images with the
@@ -67,6 +69,7 @@ from flowturbo import __version__
 from flowturbo.errors import FlowTurboError
 from flowturbo.fileio import atomic_write_bytes, atomic_write_json, crash_point
 from flowturbo.noise import make_noise
+from flowturbo.refiner_dt import DtDistribution, range_excess
 from flowturbo.runtime.cuda_graphs import CaptureBackend
 from flowturbo.runtime.distributed import Ranks
 from flowturbo.runtime.pytorch_backend import TorchPipeline
@@ -80,7 +83,6 @@ from flowturbo.training.sampling import (
 
 TUNE_FORMAT = "flowturbo.tune/1"
 STATE_FORMAT = "flowturbo.tune-state/1"
-REFINER_TRAINING_DT = 0.12  # the refiner is trained on dt ~ U(0, 0.12] (DESIGN.md §2): longer R steps are flagged
 VNORM_DT_MIN, VNORM_DT_MAX = 0.02, 0.25  # the rule's clip (as bench/quality_study.py)
 VNORM_MIN_STEPS = math.ceil(1 / VNORM_DT_MAX - 1e-9)  # the rule's fewest steps (it lands exactly on t = 1)
 FAMILIES = ("flowturbo", "heun", "euler", "general", "velocity-norm")
@@ -144,17 +146,14 @@ class Candidate:
                           sort_keys=True)
         return "vnorm-" + hashlib.sha256(text.encode()).hexdigest()[:11]
 
-    @property
-    def flags(self) -> list[str]:
-        """Warnings that do not exclude the candidate (R steps beyond the refiner's training range)."""
-        if self.schedule is None:
+    def flags(self, refiner_dt: DtDistribution | None) -> list[str]:
+        """Warnings that do not exclude the candidate: refiner calls beyond the refiner's trained dt range
+        (``refiner_dt``: its record; None: the paper's range, assumed)."""
+        excess = None if self.schedule is None else range_excess(self.schedule, refiner_dt)
+        if excess is None:
             return []
-        grid = self.schedule.timesteps
-        longest = max((grid[k + 1] - grid[k] for k, kind in enumerate(self.schedule.steps) if kind is StepKind.REFINER),
-                      default=0.0)
-        if longest > REFINER_TRAINING_DT + 1e-12:
-            return [f"R step of dt {longest:.3f} > {REFINER_TRAINING_DT} (the refiner's training range)"]
-        return []
+        return [f"R step(s) {','.join(map(str, excess.steps))} call the refiner at dt up to {excess.longest:.3f}, "
+                f"beyond {excess.known}"]
 
 
 def _family(steps: Sequence[StepKind]) -> str:
@@ -336,7 +335,7 @@ def measure_call_costs(pipe: TorchPipeline, batch: int, cfg: float, guidance_cha
     predictor_ms = _median_ms(lambda: calls.predictor(noise, 0.5), pipe.device, repeats, warmup)
     refiner_ms = None
     if pipe.refiner is not None:
-        refiner_ms = _median_ms(lambda: calls.refiner(noise, 0.5, d), pipe.device, repeats, warmup)
+        refiner_ms = _median_ms(lambda: calls.refiner(noise, 0.5, d, 0.1), pipe.device, repeats, warmup)
     decode_ms = _median_ms(lambda: pipe.decoder.decode(noise), pipe.device, repeats, warmup)
     step_ms = _median_ms(lambda: (ops.predict(raw, noise, 0.1), ops.correct(raw, noise, d, 0.1)), pipe.device,
                          repeats, warmup)
@@ -888,7 +887,7 @@ class Tuner:
                 "schedule": cand.schedule.describe() if cand.schedule is not None else None,
                 "rule": None if cand.c is None else {"name": "velocity-norm", "c": cand.c, "dt_min": VNORM_DT_MIN,
                                                       "dt_max": VNORM_DT_MAX},
-                "flags": cand.flags,
+                "flags": cand.flags(self.pipe.refiner_dt),
                 "price_ms_per_image": self._price(cand, costs, scored),
                 "cost": self._cost(cand, costs, scored),
                 "within_budget": None if self._cost(cand, costs, scored) is None
@@ -930,6 +929,7 @@ class Tuner:
             "format": TUNE_FORMAT, "flowturbo_version": __version__, "settings": self.settings(),
             "budget": {"value": self.budget, "unit": self._unit()},
             "costs": dataclasses.asdict(costs), "rungs": rungs, "history": history,
+            "refiner_dt": None if self.pipe.refiner_dt is None else self.pipe.refiner_dt.to_dict(),
             "metric": c.metric, "num_candidates": len(candidates), "candidates": rows, "front": front,
             "family_fronts": family_fronts,
             "recommended": recommended["name"],

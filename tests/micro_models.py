@@ -18,17 +18,42 @@ SENSITIVITY_FACTOR = 100  # outputs at t=0 vs t=1 (and for two labels) differ by
 
 @torch.no_grad()
 def strengthen_conditioning(model: torch.nn.Module, generator: torch.Generator) -> torch.nn.Module:
-    """Unit-scale timestep MLP, label table and adaLN modulation weights (in place); returns ``model``."""
+    """Unit-scale timestep MLP (and a dt-conditioned refiner's dt MLP, whose output layer starts at zero), label
+    table and adaLN modulation weights (in place); returns ``model``."""
     hidden = model.pos_embed.shape[-1]
-    mlp = model.t_embedder.mlp
-    for layer, fan_in in ((mlp[0], mlp[0].weight.shape[1]), (mlp[2], hidden)):
-        layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * (2.0 / math.sqrt(fan_in)))
+    embedders = [model.t_embedder] + ([model.dt_embedder] if getattr(model, "dt_embedder", None) is not None else [])
+    for mlp in (embedder.mlp for embedder in embedders):
+        for layer, fan_in in ((mlp[0], mlp[0].weight.shape[1]), (mlp[2], hidden)):
+            layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) * (2.0 / math.sqrt(fan_in)))
     table = model.y_embedder.embedding_table.weight
     table.copy_(torch.randn(table.shape, generator=generator))
     modulations = [block.adaLN_modulation[-1] for block in model.blocks] + [model.final_layer.adaLN_modulation[-1]]
     for layer in modulations:
         layer.weight.copy_(torch.randn(layer.weight.shape, generator=generator) / math.sqrt(hidden))
     return model
+
+
+MICRO_LATENT = (3, 6, 6)  # (C, H, W) of the micro models
+
+
+def micro_models(seed: int, *, num_classes: int = 5, dt_conditioning: bool = False,
+                 dtype: torch.dtype = torch.float32) -> tuple[torch.nn.Module, torch.nn.Module]:
+    """A depth-1, width-32 SiT and its refiner (dt-conditioned if asked) on (3, 6, 6) latents, random non-zero
+    weights from ``seed`` with strong time / label (/ dt) paths (:func:`strengthen_conditioning`), in eval mode."""
+    from flowturbo.training.models import RefinerConfig, SiT, SiTConfig, VelocityRefiner, perturb_zero_initialized
+
+    generator = torch.Generator().manual_seed(seed)
+    config = SiTConfig(input_size=6, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2,
+                       mlp_ratio=2.0, num_classes=num_classes, class_dropout_prob=0.1, learn_sigma=False)
+    predictor = SiT(config)
+    predictor.initialize_weights(generator)
+    perturb_zero_initialized(predictor, generator=generator)
+    strengthen_conditioning(predictor, generator)
+    refiner = VelocityRefiner(RefinerConfig.for_predictor(config, dt_conditioning=dt_conditioning))
+    refiner.initialize_weights(generator)
+    perturb_zero_initialized(refiner, generator=generator)
+    strengthen_conditioning(refiner, generator)
+    return predictor.to(dtype).eval(), refiner.to(dtype).eval()
 
 
 def save_tiny_bundle(folder: Path, seed: int) -> Path:

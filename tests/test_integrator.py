@@ -1,29 +1,43 @@
-"""The one step loop (flowturbo.integrator): hooks, what each step carries, grids, call times."""
+"""The one step loop (flowturbo.integrator): hooks, what each step carries, grids, call times, the refiner's dt
+(the age of its velocity), and every step kind's arithmetic against a float64 reference on the micro models."""
 
 from __future__ import annotations
 
 import pytest
 import torch
+from micro_models import MICRO_LATENT, SENSITIVITY_FACTOR, micro_models
 from tolerances import tol
 
 from flowturbo.errors import ScheduleError
-from flowturbo.integrator import IntegratorState, StepHooks, StepInfo, call_times, carries_halves, integrate
+from flowturbo.integrator import (
+    IntegratorState,
+    RefinerCall,
+    StepHooks,
+    StepInfo,
+    call_times,
+    carries_halves,
+    integrate,
+    refiner_call_plan,
+)
 from flowturbo.kernels import SolverOps
 from flowturbo.schedule import SamplingSchedule, StepKind
+from flowturbo.training.sampling import CFGModelCalls, solver_ops_for
 
 
 class FieldCalls:
-    """Already-guided (B-row) velocities of a smooth field; records every call as (kind, t)."""
+    """Already-guided (B-row) velocities of a smooth field; records every call as (kind, t) and the refiner's dts."""
 
     def __init__(self) -> None:
         self.log: list[tuple[str, float]] = []
+        self.dts: list[float] = []
 
     def predictor(self, x: torch.Tensor, t: float) -> torch.Tensor:
         self.log.append(("p", t))
         return torch.sin(x) * (1.0 + t) - 0.5 * x
 
-    def refiner(self, x: torch.Tensor, t: float, v: torch.Tensor) -> torch.Tensor:
+    def refiner(self, x: torch.Tensor, t: float, v: torch.Tensor, dt: float) -> torch.Tensor:
         self.log.append(("r", t))
+        self.dts.append(dt)
         return 0.1 * torch.tanh(x - v) * t
 
 
@@ -128,3 +142,156 @@ def test_call_times_are_the_times_the_loop_calls(spec):
 def test_carry_rule(scale, channels, spec, latent, expected):
     schedule = SamplingSchedule.parse(spec, guidance_scale=scale, guidance_channels=channels)
     assert carries_halves(schedule, latent) is expected
+
+
+# ------------------------------------------------------------------------------------------ the refiner's dt
+GRID = (0.0, 0.1, 0.25, 0.45, 0.7, 0.85, 1.0)  # uneven, so every step size differs
+
+
+def test_the_refiner_gets_the_age_of_its_velocity():
+    """After an H or P step the velocity was evaluated at t_k (the predicted point): the R step's calls get dt = 0
+    and h. After an R step it estimates t_k of that step: h_prev and h_prev + h. The plan lists the same."""
+    schedule = SamplingSchedule.parse("HRRPRR", timesteps=GRID)
+    calls = FieldCalls()
+    integrate(schedule, _x(), calls, SolverOps())
+    t = GRID
+    want = [  # (step, t, dt, t_v)
+        (1, t[1], 0.0, t[1]), (1, t[2], t[2] - t[1], t[1]),  # R after H
+        (2, t[2], t[2] - t[1], t[1]), (2, t[3], t[3] - t[1], t[1]),  # R after R: its velocity estimates t_1
+        (4, t[4], 0.0, t[4]), (4, t[5], t[5] - t[4], t[4]),  # R after P
+        (5, t[5], t[5] - t[4], t[4]), (5, t[6], t[6] - t[4], t[4]),
+    ]
+    assert [r for kind, r in calls.log if kind == "r"] == [w[1] for w in want]
+    assert calls.dts == [w[2] for w in want]  # exactly: the same float subtraction
+    assert refiner_call_plan(schedule) == tuple(RefinerCall(*w) for w in want)
+    assert all(c.dt == c.t - c.velocity_time for c in refiner_call_plan(schedule))
+
+
+def test_the_carried_time_is_part_of_the_state():
+    seen = []
+
+    class Look(StepHooks):
+        def after_step(self, step: StepInfo, state: IntegratorState) -> None:
+            seen.append(state.carried_time)
+
+    integrate(SamplingSchedule.parse("EHRPE", timesteps=(0.0, 0.2, 0.3, 0.6, 0.8, 1.0)), _x(), FieldCalls(),
+              SolverOps(), hooks=[Look()])
+    assert seen == [None, 0.3, 0.3, 0.8, None]  # E: none; H/P: t_k+1; R: t_k
+
+
+# ------------------------------------------------------------------------------- arithmetic vs float64 reference
+class Reference:
+    """Every step kind written out on the micro models in float64, independently of the library's CFG code: the
+    guided velocity per CFG half (guided channels shared, unguided channels each half's own), the per-half carry,
+    and the refiner's dt = the age of its velocity. Records the velocity ages it passes and x after every step."""
+
+    def __init__(self, predictor, refiner, labels, scale, channels, age_rule=None):
+        self.predictor, self.refiner, self.labels = predictor, refiner, labels
+        self.scale, self.channels = scale, channels
+        self.age_rule = age_rule or (lambda t, t_v, h: t - t_v)  # a test can swap in a wrong rule
+        self.null = torch.full_like(labels, predictor.config.num_classes)
+
+    def _halves(self, raw: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(conditional, unconditional) guided velocities, (B, C, H, W) each."""
+        b, c = self.labels.shape[0], MICRO_LATENT[0]
+        if self.scale == 1.0:
+            return raw[:, :c], raw[:, :c]
+        cond, uncond = raw[:b, :c], raw[b:, :c]
+        g = c if self.channels is None else self.channels
+        mixed = uncond[:, :g] + self.scale * (cond[:, :g] - uncond[:, :g])  # u + s (c - u)
+        return torch.cat([mixed, cond[:, g:]], 1), torch.cat([mixed, uncond[:, g:]], 1)
+
+    def _rows(self, *tensors):
+        if self.scale == 1.0:
+            return tensors[0], self.labels
+        return torch.cat(tensors), torch.cat([self.labels, self.null])
+
+    def pred(self, x, t):
+        xx, yy = self._rows(x, x)
+        return self._halves(self.predictor(xx, torch.full((xx.shape[0],), t, dtype=x.dtype), yy))
+
+    def ref(self, x, t, v, dt):
+        xx, yy = self._rows(x, x)
+        vv, _ = self._rows(v[0], v[1])
+        tt = torch.full((xx.shape[0],), t, dtype=x.dtype)
+        age = (torch.full_like(tt, dt),) if self.refiner.takes_dt else ()
+        return self._halves(self.refiner(xx, tt, yy, vv, *age))
+
+    def run(self, schedule: SamplingSchedule, x: torch.Tensor):
+        carried, t_v, xs, self.ages = None, None, [], []
+        grid = schedule.timesteps
+        for k, kind in enumerate(schedule.steps):
+            t0, t1 = grid[k], grid[k + 1]
+            h = t1 - t0
+            if kind is StepKind.EULER:
+                x = x + h * self.pred(x, t0)[0]
+                carried = t_v = None
+            elif kind is StepKind.REFINER:
+                ages = (self.age_rule(t0, t_v, h), self.age_rule(t1, t_v, h))
+                self.ages += ages
+                r1 = self.ref(x, t0, carried, ages[0])
+                d = (carried[0] + r1[0], carried[1] + r1[1])  # d = v + r(x, t_k, v), per half
+                x_pred = x + h * d[0]
+                d2 = d[0] + self.ref(x_pred, t1, carried, ages[1])[0]  # d' = d + r(x~, t_k+1, v): the incoming v
+                x = x + h / 2 * (d[0] + d2)
+                carried, t_v = d, t0
+            else:
+                d = carried if kind is StepKind.PSEUDO and carried is not None else self.pred(x, t0)
+                x_pred = x + h * d[0]
+                d2 = self.pred(x_pred, t1)
+                x = x + h / 2 * (d[0] + d2[0])
+                carried, t_v = d2, t1
+            xs.append(x)
+        return xs
+
+
+class EveryX(StepHooks):
+    def __init__(self):
+        self.xs = []
+
+    def after_step(self, step: StepInfo, state: IntegratorState) -> None:
+        self.xs.append(state.x)
+
+
+# E, P without a carry (after E), H, P with a carry, R after P, R after R, R after H; and the same on uneven grids.
+SCHEDULES = [("EPHPRR", None), ("HRRPR", None), ("HRPRR", GRID[:1] + GRID[2:])]
+GUIDANCE = [(1.7, 2), (1.7, None), (1.0, None)]  # partial (per-half carry), full, none
+
+
+@pytest.mark.parametrize("dt_conditioning", [True, False], ids=["dt-refiner", "official-refiner"])
+@pytest.mark.parametrize("scale,channels", GUIDANCE, ids=["partial-cfg", "full-cfg", "no-cfg"])
+@pytest.mark.parametrize("spec,grid", SCHEDULES, ids=[s for s, _ in SCHEDULES])
+def test_every_step_kind_matches_the_float64_reference(spec, grid, scale, channels, dt_conditioning):
+    predictor, refiner = micro_models(3, dt_conditioning=dt_conditioning, dtype=torch.float64)
+    schedule = SamplingSchedule.parse(spec, guidance_scale=scale, guidance_channels=channels, timesteps=grid)
+    gen = torch.Generator().manual_seed(4)
+    x0 = torch.randn(3, *MICRO_LATENT, generator=gen, dtype=torch.float64)
+    labels = torch.tensor([0, 3, 4])
+    calls = CFGModelCalls(predictor, refiner, labels, predictor.config.num_classes, scale != 1.0)
+    steps = EveryX()
+    with torch.no_grad():
+        result = integrate(schedule, x0, calls, solver_ops_for(schedule, MICRO_LATENT[0]), hooks=[steps])
+        reference = Reference(predictor, refiner, labels, scale, channels)
+        want = reference.run(schedule, x0)
+    assert carries_halves(schedule, MICRO_LATENT[0]) is (channels is not None and scale != 1.0)
+    for k, (got, expected) in enumerate(zip(steps.xs, want)):
+        torch.testing.assert_close(got, expected, **tol(torch.float64), msg=lambda m, k=k: f"step {k + 1}: {m}")
+    assert reference.ages == [c.dt for c in refiner_call_plan(schedule)]
+
+
+def test_the_reference_comparison_bites():
+    """The micro models are strong enough that a wrong dt (the step size instead of the velocity's age) or the
+    refiner's CFG halves swapped move the result far beyond the float64 tolerance: the test above would fail."""
+    predictor, refiner = micro_models(3, dt_conditioning=True, dtype=torch.float64)
+    schedule = SamplingSchedule.parse("HRR", guidance_scale=1.7, guidance_channels=2)
+    x0 = torch.randn(2, *MICRO_LATENT, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    labels = torch.tensor([1, 2])
+    floor = SENSITIVITY_FACTOR * tol("export_fp32")["atol"]
+    with torch.no_grad():
+        right = Reference(predictor, refiner, labels, 1.7, 2).run(schedule, x0)[-1]
+        step_size = Reference(predictor, refiner, labels, 1.7, 2, age_rule=lambda t, t_v, h: h).run(schedule, x0)[-1]
+        swapped = Reference(predictor, refiner, labels, 1.7, 2)
+        ref = swapped.ref
+        swapped.ref = lambda x, t, v, dt: ref(x, t, (v[1], v[0]), dt)  # unconditional half to the conditional rows
+        assert (right - step_size).abs().max() >= floor
+        assert (right - swapped.run(schedule, x0)[-1]).abs().max() >= floor

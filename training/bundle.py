@@ -5,7 +5,10 @@ Layout::
     <folder>/config.json            {"format": "flowturbo.bundle/1", "predictor": {SiTConfig},
                                      "refiner": {RefinerConfig} | null, "decoder": {"type": ..., ...},
                                      "class_names": [...] | null,
-                                     "defaults": {"schedule": "H1P5R3", "cfg": 1.5, "guidance_channels": null}}
+                                     "defaults": {"schedule": "H1P5R3", "cfg": 1.5, "guidance_channels": null},
+                                     "refiner_dt": {"max_dt": 0.5, ...} | absent}
+                                    (refiner_dt: the dt distribution the refiner was trained on, whose max_dt
+                                    is its trained range: flowturbo.refiner_dt; absent: not recorded)
     <folder>/predictor.safetensors  SiT state dict (official key layout)
     <folder>/refiner.safetensors    refiner state dict (only when "refiner" is not null)
     <folder>/...                    decoder files, decided by the decoder type (none for "identity",
@@ -29,6 +32,7 @@ import torch
 from flowturbo.errors import CheckpointError, FlowTurboError
 from flowturbo.fileio import OutputFolder, json_text
 from flowturbo.kernels import KernelBackend
+from flowturbo.refiner_dt import REFINER_DT_KEY, DtDistribution, read_dt_record
 from flowturbo.schedule import SamplingSchedule, StepKind
 from flowturbo.training.checkpoints import load_refiner_checkpoint, load_sit_checkpoint
 from flowturbo.training.decoders import IdentityDecoder, LatentDecoder, load_decoder_from_bundle
@@ -95,6 +99,7 @@ class Bundle:
     class_names: list[str] | None = None
     defaults: BundleDefaults = dataclasses.field(default_factory=BundleDefaults)
     encoder: LatentEncoder | None = None  # images -> latents, for inpainting/editing (None: the bundle samples only)
+    refiner_dt: DtDistribution | None = None  # the dt the refiner was trained on (None: not recorded)
 
     def __post_init__(self) -> None:
         _check_consistency(self)
@@ -136,6 +141,8 @@ class Bundle:
         }
         if self.encoder is not None:  # no entry: a bundle that samples only (inpaint / edit explain the fix)
             config[ENCODER_CONFIG_KEY] = self.encoder.bundle_config()
+        if self.refiner_dt is not None:  # no entry: not recorded (the runtime assumes the paper's range)
+            config[REFINER_DT_KEY] = self.refiner_dt.to_dict()
         return config
 
 
@@ -160,6 +167,12 @@ def _check_consistency(bundle: Bundle) -> None:
                     f"refiner {field} = {getattr(refiner, field)} does not match the predictor's "
                     f"{getattr(predictor, field)}; a refiner must be trained for its predictor"
                 )
+    if bundle.refiner_dt is not None:
+        if not isinstance(bundle.refiner_dt, DtDistribution):
+            raise FlowTurboError(f"bundle refiner_dt must be a DtDistribution, got {type(bundle.refiner_dt).__name__}")
+        if bundle.refiner is None:
+            raise FlowTurboError("the bundle records the dt range a refiner was trained on (refiner_dt) but has no "
+                                 "refiner; drop refiner_dt or add the refiner")
     if bundle.encoder is not None:
         if not isinstance(bundle.encoder, LatentEncoder):
             raise FlowTurboError(f"bundle encoder must be a LatentEncoder, got {type(bundle.encoder).__name__}")
@@ -262,6 +275,7 @@ def load_bundle(
         predictor_config = SiTConfig.from_dict(config["predictor"])
         refiner_config = RefinerConfig.from_dict(config["refiner"]) if config.get("refiner") is not None else None
         defaults = BundleDefaults.from_dict(config.get("defaults") or {})
+        refiner_dt = read_dt_record(config.get(REFINER_DT_KEY))
     except CheckpointError:
         raise
     except (FlowTurboError, TypeError) as exc:
@@ -283,7 +297,7 @@ def load_bundle(
     decoder = load_decoder_from_bundle(root, config["decoder"], device, dtype)
     encoder = _load_encoder_or_none(root, config, device, dtype)
     try:
-        return Bundle(predictor, refiner, decoder, config.get("class_names"), defaults, encoder)
+        return Bundle(predictor, refiner, decoder, config.get("class_names"), defaults, encoder, refiner_dt)
     except CheckpointError:
         raise
     except FlowTurboError as exc:
@@ -295,6 +309,17 @@ def load_bundle(
                 f"--refiner ...`)"
             ) from exc
         raise CheckpointError(f"bundle {root} is inconsistent: {exc}") from exc
+
+
+def load_bundle_image_parts(folder: str | os.PathLike[str], *, device: torch.device | str = "cpu",
+                            dtype: torch.dtype = torch.float32) -> tuple[LatentDecoder, LatentEncoder | None,
+                                                                         list[str] | None]:
+    """The decoder (every variant it stores), the encoder (None if it has none) and the class names of the bundle
+    folder, without its predictor and refiner: what ``train package --decoder-bundle`` reuses around new models."""
+    root = Path(folder)
+    config = _read_config(root)
+    decoder = load_decoder_from_bundle(root, config["decoder"], device, dtype)
+    return decoder, _load_encoder_or_none(root, config, device, dtype), config.get("class_names")
 
 
 def _load_encoder_or_none(root: Path, config: dict[str, Any], device: torch.device | str,
@@ -367,6 +392,7 @@ __all__ = [
     "Bundle",
     "BundleDefaults",
     "load_bundle",
+    "load_bundle_image_parts",
     "make_random_bundle",
     "save_bundle",
 ]

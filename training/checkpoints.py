@@ -49,6 +49,7 @@ DEFAULT_CLASS_DROPOUT_PROB = 0.1  # assumed when the label table has a null row 
 _TORCH_LOAD_ERRORS = (RuntimeError, EOFError, OSError, ValueError, KeyError, IndexError)
 
 _BLOCK_KEY = re.compile(r"^blocks\.(\d+)\.")
+DT_EMBEDDER_PREFIX = "dt_embedder."  # the keys of a dt-conditioned refiner's step-size embedding (ours only)
 
 # Keys every SiT-layout state dict has (used to recognise one and to infer its shape).
 _REQUIRED_KEYS = (
@@ -240,8 +241,32 @@ def infer_sit_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | No
         raise CheckpointError(f"the predictor state dict describes an impossible SiT: {exc}") from exc
 
 
+def has_dt_embedder(state_dict: Mapping[str, torch.Tensor]) -> bool:
+    """Whether a refiner state dict holds a step-size embedding (``dt_embedder.*``): a dt-conditioned refiner."""
+    return any(key.startswith(DT_EMBEDDER_PREFIX) for key in state_dict)
+
+
+def check_dt_conditioning(state_dict: Mapping[str, torch.Tensor], config: RefinerConfig, where: str) -> None:
+    """Refuse weights whose dt conditioning differs from ``config``'s, naming the fix (before a strict load
+    would list the ``dt_embedder.*`` keys without saying why)."""
+    has_dt = has_dt_embedder(state_dict)
+    if has_dt and not config.dt_conditioning:
+        raise CheckpointError(
+            f"the refiner in {where} is dt-conditioned (it has dt_embedder.* weights) but its config says "
+            "dt_conditioning false; load it with a config that says \"dt_conditioning\": true (or without a config, "
+            "which infers it from the keys), e.g. in the bundle's config.json \"refiner\" entry"
+        )
+    if not has_dt and config.dt_conditioning:
+        raise CheckpointError(
+            f"the refiner in {where} has no dt embedding (no dt_embedder.* weights: an official FlowTurbo refiner or "
+            "one trained without --dt-conditioning) but its config says dt_conditioning true; load it with "
+            "\"dt_conditioning\": false (or without a config, which infers it from the keys)"
+        )
+
+
 def infer_refiner_config(state_dict: Mapping[str, torch.Tensor], num_heads: int | None = None) -> RefinerConfig:
-    """The :class:`RefinerConfig` of an official-layout refiner state dict (patch embedding over 2C)."""
+    """The :class:`RefinerConfig` of an official-layout refiner state dict (patch embedding over 2C); dt
+    conditioning when it holds ``dt_embedder.*`` keys."""
     info = _infer_common(state_dict, num_heads, "refiner")
     if info["embed_channels"] % 2:
         raise CheckpointError(
@@ -261,6 +286,7 @@ def infer_refiner_config(state_dict: Mapping[str, torch.Tensor], num_heads: int 
             class_dropout_prob=info["class_dropout_prob"],
             depth=info["depth"],
             learn_sigma=_learn_sigma(info["out_channels"], in_channels, "refiner"),
+            dt_conditioning=has_dt_embedder(state_dict),
         )
     except CheckpointError:
         raise
@@ -372,7 +398,8 @@ def load_refiner_checkpoint(
 
     ``config=None`` infers it (:func:`infer_refiner_config`), taking the head count from
     ``predictor_config`` when the widths agree. With ``predictor_config`` the refiner must fit that
-    predictor (latent channels, latent size, classes), else :class:`CheckpointError`.
+    predictor (latent channels, latent size, classes), else :class:`CheckpointError`. A given ``config``
+    must agree with the weights on dt conditioning (:func:`check_dt_conditioning`).
     """
     state_dict, where = _resolve_state_dict(source, prefer, trust_pickle)
     if config is None:
@@ -381,6 +408,7 @@ def load_refiner_checkpoint(
             if proj.shape[0] == predictor_config.hidden_size:
                 num_heads = predictor_config.num_heads
         config = infer_refiner_config(state_dict, num_heads)
+    check_dt_conditioning(state_dict, config, where)
     if predictor_config is not None:
         for field in ("in_channels", "input_size", "num_classes"):
             if getattr(config, field) != getattr(predictor_config, field):
@@ -394,9 +422,12 @@ def load_refiner_checkpoint(
 
 
 __all__ = [
+    "DT_EMBEDDER_PREFIX",
     "atomic_save_safetensors",
+    "check_dt_conditioning",
     "describe_module",
     "extract_state_dict",
+    "has_dt_embedder",
     "infer_refiner_config",
     "infer_sit_config",
     "load_checkpoint_file",

@@ -33,6 +33,13 @@ The refiner mirrors FlowTurbo's released refiner (``shiml20/FlowTurbo`` ``train.
 ``models_assemble.py``): the same key layout with one block, ``x_embedder.proj`` over ``concat(x, v)``
 (2C input channels), and — like the predictor — ``learn_sigma=True`` by default, i.e.
 ``final_layer.linear`` has ``p*p*2C`` rows of which the first C channels are the velocity offset.
+
+**dt conditioning** (beyond the paper, ``RefinerConfig.dt_conditioning``): the refiner may also take the age
+``dt`` of the velocity it corrects (``flowturbo.integrator``, *The refiner's dt*; ``docs/refiner_dt.md``). It is
+embedded by ``dt_embedder`` (a :class:`TimestepEmbedder` like ``t_embedder``: keys ``dt_embedder.mlp.{0,2}``)
+and added to the conditioning, ``c = t_emb + y_emb + dt_emb``; its last linear layer starts at zero, so a fresh
+dt refiner computes exactly what the same weights without ``dt_embedder`` compute. A refiner without it keeps
+the official key layout (official refiner ``.pt`` files load with ``strict=True``).
 """
 
 from __future__ import annotations
@@ -231,13 +238,17 @@ class RefinerConfig:
     class_dropout_prob: float = 0.1
     depth: int = 1
     learn_sigma: bool = True
+    dt_conditioning: bool = False  # a dt_embedder: the refiner takes the age of its velocity (module docstring)
 
     def __post_init__(self) -> None:
         _check_common("RefinerConfig", self)
+        if not isinstance(self.dt_conditioning, bool):
+            raise FlowTurboError(f"RefinerConfig.dt_conditioning must be true or false, got {self.dt_conditioning!r}")
 
     @classmethod
-    def for_predictor(cls, predictor: SiTConfig, *, depth: int = 1) -> "RefinerConfig":
-        """The paper's refiner for ``predictor``: same width, heads, patch, classes; ``depth`` blocks."""
+    def for_predictor(cls, predictor: SiTConfig, *, depth: int = 1, dt_conditioning: bool = False) -> "RefinerConfig":
+        """The paper's refiner for ``predictor``: same width, heads, patch, classes; ``depth`` blocks; with
+        ``dt_conditioning`` a step-size (velocity age) embedding too."""
         return cls(
             input_size=predictor.input_size,
             patch_size=predictor.patch_size,
@@ -249,6 +260,7 @@ class RefinerConfig:
             class_dropout_prob=predictor.class_dropout_prob,
             depth=depth,
             learn_sigma=predictor.learn_sigma,
+            dt_conditioning=dt_conditioning,
         )
 
     @property
@@ -269,9 +281,10 @@ class RefinerConfig:
         return self.grid_size**2
 
     def describe(self) -> str:
+        dt = ", dt-conditioned" if self.dt_conditioning else ""
         return (
             f"velocity refiner (hidden {self.hidden_size}, depth {self.depth}, heads {self.num_heads}, "
-            f"patch {self.patch_size}; {self.input_size}x{self.input_size}x{self.in_channels} latents, "
+            f"patch {self.patch_size}{dt}; {self.input_size}x{self.input_size}x{self.in_channels} latents, "
             f"{self.num_classes} classes)"
         )
 
@@ -525,6 +538,7 @@ class _AdaLNTransformer(nn.Module):
         num_classes: int,
         class_dropout_prob: float,
         kernel_backend: KernelBackend | str,
+        dt_conditioning: bool = False,
     ) -> None:
         super().__init__()
         self.kernel_backend = KernelBackend.coerce(kernel_backend)
@@ -540,6 +554,8 @@ class _AdaLNTransformer(nn.Module):
         self.pos_embed = nn.Parameter(torch.zeros(1, self.grid_size**2, hidden_size), requires_grad=False)
         self.blocks = nn.ModuleList([SiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, out_channels)
+        # The refiner's velocity-age embedding (module docstring); None: no dt input (official layout).
+        self.dt_embedder = TimestepEmbedder(hidden_size) if dt_conditioning else None
         self.initialize_weights()
 
     def set_kernel_backend(self, backend: KernelBackend | str) -> "_AdaLNTransformer":
@@ -565,14 +581,18 @@ class _AdaLNTransformer(nn.Module):
         nn.init.normal_(self.y_embedder.embedding_table.weight, std=EMBEDDING_INIT_STD, generator=generator)
         nn.init.normal_(self.t_embedder.mlp[0].weight, std=EMBEDDING_INIT_STD, generator=generator)
         nn.init.normal_(self.t_embedder.mlp[2].weight, std=EMBEDDING_INIT_STD, generator=generator)
+        if self.dt_embedder is not None:
+            nn.init.normal_(self.dt_embedder.mlp[0].weight, std=EMBEDDING_INIT_STD, generator=generator)
         for layer in self.zero_initialized_layers():
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
     def zero_initialized_layers(self) -> list[nn.Linear]:
-        """The adaLN-Zero layers: every block's modulation, the final modulation and the output linear."""
+        """The adaLN-Zero layers: every block's modulation, the final modulation and the output linear (and the
+        dt embedding's output layer, so a fresh dt refiner ignores dt)."""
         layers: list[nn.Linear] = [block.adaLN_modulation[-1] for block in self.blocks]
-        return layers + [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        layers += [self.final_layer.adaLN_modulation[-1], self.final_layer.linear]
+        return layers + ([self.dt_embedder.mlp[2]] if self.dt_embedder is not None else [])
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """(N, T, p*p*C) -> (N, C, H, W); token order row-major, channel fastest within a patch."""
@@ -595,13 +615,19 @@ class _AdaLNTransformer(nn.Module):
         t: torch.Tensor,
         y: torch.Tensor,
         force_drop_ids: torch.Tensor | None,
+        dt: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """Patchify ``x`` (N, embed_channels, H, W), run the blocks, return (N, out_channels, H, W)."""
+        """Patchify ``x`` (N, embed_channels, H, W), run the blocks, return (N, out_channels, H, W).
+
+        ``dt`` (N,) or scalar: the velocity age, embedded by ``dt_embedder`` (refiners with dt conditioning only).
+        """
         if t.dim() == 0:
             t = t.expand(x.shape[0])
         backend = self.kernel_backend
         tokens = self.x_embedder(x) + self.pos_embed  # (N, T, D)
         c = self.t_embedder(t) + self.y_embedder(y, force_drop_ids)  # (N, D)
+        if dt is not None:
+            c = c + self.dt_embedder(dt.expand(x.shape[0]) if dt.dim() == 0 else dt)  # (N, D)
         pending: PendingResidual | None = None
         for block in self.blocks:
             tokens, pending = block.forward_chained(tokens, c, pending, backend)  # (N, T, D)
@@ -648,7 +674,14 @@ class SiT(_AdaLNTransformer):
 
 
 class VelocityRefiner(_AdaLNTransformer):
-    """FlowTurbo's lightweight velocity refiner: ``r(x, t, v)``, the offset added to a carried velocity."""
+    """FlowTurbo's lightweight velocity refiner: ``r(x, t, v)`` — or ``r(x, t, v, dt)`` with
+    ``config.dt_conditioning`` — the offset added to a carried velocity.
+
+    The dt input is strict both ways: a dt-conditioned refiner needs ``dt``, a refiner without dt conditioning
+    refuses one (:class:`FlowTurboError` naming the fix), so a caller never silently feeds a step size to a model
+    that ignores it or drops one a model needs. Callers that serve both kinds ask :attr:`takes_dt` (or
+    :func:`refiner_takes_dt` for any callable).
+    """
 
     def __init__(
         self, config: RefinerConfig, kernel_backend: KernelBackend | str = KernelBackend.REFERENCE
@@ -669,9 +702,15 @@ class VelocityRefiner(_AdaLNTransformer):
             num_classes=config.num_classes,
             class_dropout_prob=config.class_dropout_prob,
             kernel_backend=kernel_backend,
+            dt_conditioning=config.dt_conditioning,
         )
         self.config = config
         self.in_channels = config.in_channels
+
+    @property
+    def takes_dt(self) -> bool:
+        """Whether :meth:`forward` takes (and needs) the velocity age ``dt``."""
+        return self.config.dt_conditioning
 
     def forward(
         self,
@@ -679,14 +718,32 @@ class VelocityRefiner(_AdaLNTransformer):
         t: torch.Tensor,
         y: torch.Tensor,
         v: torch.Tensor,
+        dt: torch.Tensor | None = None,
         force_drop_ids: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """x, v: (N, C, H, W); t: (N,); y: (N,) -> velocity offset (N, C, H, W)."""
+        """x, v: (N, C, H, W); t: (N,); y: (N,); dt: (N,) velocity age (dt-conditioned refiners only)
+        -> velocity offset (N, C, H, W)."""
         channels = self.config.in_channels
         self._check_input(x, "x", channels)
         self._check_input(v, "v", channels)
-        out = self._run(torch.cat([x, v], dim=1), t, y, force_drop_ids)  # (N, out, H, W)
+        if self.takes_dt and dt is None:
+            raise FlowTurboError(
+                "this refiner is dt-conditioned (RefinerConfig.dt_conditioning): pass dt, the age of v (the time "
+                "from where v was evaluated to t; flowturbo.integrator computes it per call)"
+            )
+        if not self.takes_dt and dt is not None:
+            raise FlowTurboError(
+                "this refiner has no dt input (RefinerConfig.dt_conditioning is false, e.g. an official FlowTurbo "
+                "refiner): call it without dt, or load a dt-conditioned refiner"
+            )
+        out = self._run(torch.cat([x, v], dim=1), t, y, force_drop_ids, dt)  # (N, out, H, W)
         return out[:, :channels]
+
+
+def refiner_takes_dt(refiner: object) -> bool:
+    """Whether a refiner (a :class:`VelocityRefiner` or any callable with a ``takes_dt`` attribute) takes the
+    velocity age ``dt`` as its fifth argument; plain callables without the attribute do not."""
+    return bool(getattr(refiner, "takes_dt", False))
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -744,6 +801,7 @@ __all__ = [
     "count_parameters",
     "format_parameter_count",
     "perturb_zero_initialized",
+    "refiner_takes_dt",
     "sincos_pos_embed_2d",
     "sit_config",
     "timestep_embedding",

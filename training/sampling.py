@@ -26,11 +26,13 @@ from flowturbo.integrator import IntegratorState, StepHooks, StepInfo, carries_h
 from flowturbo.kernels import KernelBackend, SolverOps
 from flowturbo.noise import make_noise  # the one per-image noise rule (seed + image index), re-exported
 from flowturbo.schedule import SamplingSchedule, StepKind
+from flowturbo.training.models import refiner_takes_dt
 
 # model(x (M, C, H, W), t (M,), y (M,)) -> (M, >=C, H, W); the first C channels are the velocity.
 PredictorFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-# refiner(x (M, C, H, W), t (M,), y (M,), v (M, C, H, W)) -> velocity offset (M, C, H, W).
-RefinerFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+# refiner(x (M, C, H, W), t (M,), y (M,), v (M, C, H, W)[, dt (M,)]) -> velocity offset (M, C, H, W); dt (the age
+# of v, flowturbo.integrator) is passed only to refiners that take it (models.refiner_takes_dt).
+RefinerFn = Callable[..., torch.Tensor]
 # Optional per-step callback: (step index, kind, t_start, t_end, x after the step).
 StepCallback = Callable[[int, StepKind, float, float, torch.Tensor], None]
 
@@ -81,7 +83,8 @@ class CFGModelCalls:
     With guidance every call runs the doubled batch ``[x; x]`` with labels ``[y; null]`` (DESIGN.md §2) and
     returns the raw output (2B rows) for the solver ops to combine; with ``guided=False`` (scale 1) only the
     conditional rows run. The refiner gets the carried velocity per CFG half: a (B, 2C, H, W) per-half
-    velocity is split into its halves, a (B, C, H, W) one is used for both.
+    velocity is split into its halves, a (B, C, H, W) one is used for both; a dt-conditioned refiner also gets
+    the velocity's age ``dt`` (one value for every row), others are called exactly as the released code does.
     """
 
     def __init__(self, predictor: PredictorFn | None, refiner: RefinerFn | None, labels: torch.Tensor,
@@ -95,6 +98,7 @@ class CFGModelCalls:
         # model's parameter dtype, outputs go to the solver ops as they are (the ops widen them).
         self.predictor_dtype = _parameter_dtype(predictor)
         self.refiner_dtype = _parameter_dtype(refiner)
+        self.refiner_takes_dt = refiner_takes_dt(refiner)
 
     def _times(self, t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         if isinstance(t, torch.Tensor) and t.ndim == 1:  # per-sample times (B,)
@@ -108,16 +112,18 @@ class CFGModelCalls:
         xx = torch.cat([x, x]) if self.guided else x  # (M, C, H, W)
         return self.predictor_model(_cast(xx, self.predictor_dtype), self._times(t, x), self.labels)
 
-    def refiner(self, x: torch.Tensor, t: float, v: torch.Tensor) -> torch.Tensor:
-        """Raw refiner offset at (x, t) given the carried velocity v: (M, C, H, W)."""
+    def refiner(self, x: torch.Tensor, t: float, v: torch.Tensor, dt: float) -> torch.Tensor:
+        """Raw refiner offset at (x, t) given the carried velocity v of age dt: (M, C, H, W)."""
         if self.refiner_model is None:
             raise SamplingError("an R step needs a refiner; load a bundle with one or use a schedule without R")
         channels, dtype = x.shape[1], self.refiner_dtype
+        age = (self._times(dt, x),) if self.refiner_takes_dt else ()  # (M,) for dt-conditioned refiners only
         if not self.guided:
-            return self.refiner_model(_cast(x, dtype), self._times(t, x), self.labels, _cast(v[:, :channels], dtype))
+            return self.refiner_model(_cast(x, dtype), self._times(t, x), self.labels, _cast(v[:, :channels], dtype),
+                                      *age)
         halves = (v[:, :channels], v[:, channels:]) if v.shape[1] == 2 * channels else (v, v)
         return self.refiner_model(_cast(torch.cat([x, x]), dtype), self._times(t, x), self.labels,
-                                  _cast(torch.cat(halves), dtype))
+                                  _cast(torch.cat(halves), dtype), *age)
 
 
 class GuidedVelocity:
@@ -152,10 +158,10 @@ class GuidedVelocity:
         calls = CFGModelCalls(model, None, self.labels, self.null_label, self.guided)
         return self._combine(calls.predictor(x, t), x)
 
-    def refiner(self, refiner: RefinerFn, x: torch.Tensor, t: float, v: torch.Tensor) -> torch.Tensor:
-        """Guided refiner offset at (x, t) conditioned on the carried velocity v (B, C, H, W)."""
+    def refiner(self, refiner: RefinerFn, x: torch.Tensor, t: float, v: torch.Tensor, dt: float) -> torch.Tensor:
+        """Guided refiner offset at (x, t) conditioned on the carried velocity v (B, C, H, W) of age dt."""
         calls = CFGModelCalls(None, refiner, self.labels, self.null_label, self.guided)
-        return self._combine(calls.refiner(x, t, v), x)
+        return self._combine(calls.refiner(x, t, v, dt), x)
 
 
 def check_labels(labels: torch.Tensor, num_classes: int, batch: int) -> None:

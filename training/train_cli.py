@@ -90,6 +90,9 @@ def _image_options(prefix: str, also_model: bool = False) -> list[Option]:
 LATENT_OPTIONS: list[Option] = [
     ("--autoencoder", ("data.autoencoder",), dict(help="our autoencoder: `train autoencoder` run folder or file")),
     ("--vae", ("data.vae",), dict(help="diffusers AutoencoderKL folder (sd-vae-ft-ema / sd-vae-ft-mse)")),
+    ("--encoder-bundle", ("data.encoder_bundle",),
+     dict(help="a bundle folder whose image encoder encodes the data (e.g. the embedded default's "
+               "flowturbo/runtime/assets/default_model: train a refiner for its predictor)")),
     ("--vae-latent-scale", ("data.vae_latent_scale",), dict(type=float, help="default: the VAE's scaling_factor")),
     ("--no-pre-encode", ("data.pre_encode",),
      dict(action="store_const", const=False, help="encode every batch instead of the whole dataset once")),
@@ -122,19 +125,53 @@ REFINER_OPTIONS: list[Option] = [
     ("--trust-pickle", ("trust_pickle",), dict(action="store_const", const=True, help="allow full unpickling")),
     ("--refiner-depth", ("refiner_depth",), dict(type=int)),
     ("--label-dropout", ("label_dropout",), dict(type=float)),
-    ("--max-dt", ("max_dt",), dict(type=float, help="dt ~ U(0, max_dt] (paper: 0.12)")),
+    ("--init-from", ("init_from",),
+     dict(help="start from this refiner's weights (`train refiner` run/file or official .pt; a refiner without dt "
+               "conditioning starts a --dt-conditioning one exactly)")),
+]
+
+# The velocity age dt the refiner is trained on (flowturbo.refiner_dt.DtDistribution; docs/refiner_dt.md).
+REFINER_DT_OPTIONS: list[Option] = [
+    ("--max-dt", ("dt.max_dt",), dict(type=float, help="longest step: dt ~ U(0, max_dt] (paper: 0.12); recorded with "
+                                                       "the weights as the trained range")),
+    ("--dt-small-share", ("dt.small_share",), dict(type=float, help="probability of dt ~ U(0, dt_small_max] instead")),
+    ("--dt-small-max", ("dt.small_max",), dict(type=float, help="the short steps' upper end")),
+    ("--dt-zero-share", ("dt.zero_share",), dict(type=float, help="probability of dt = 0 exactly (the first R call "
+                                                                  "after an H/P step)")),
+    ("--dt-conditioning", ("dt_conditioning",),
+     dict(action="store_const", const=True, help="the refiner takes dt as an input (a zero-initialised embedding)")),
+    ("--no-dt-conditioning", ("dt_conditioning",),
+     dict(action="store_const", const=False, help="no dt input (the paper's refiner; official layout)")),
+]
+
+# Reuse of the teacher's outputs (training.trainers.refiner.TeacherCacheConfig).
+REFINER_CACHE_OPTIONS: list[Option] = [
+    ("--teacher-cache-batches", ("cache.batches",),
+     dict(type=int, help="pool of teacher samples, in batches per process (0: none, every step calls the teacher)")),
+    ("--teacher-reuse", ("cache.reuse",),
+     dict(type=int, help="steps per recomputed pool batch: each teacher sample serves this many steps on average")),
 ]
 
 
 # --------------------------------------------------------------------------------------- config glue
-def replace_path(config: Any, path: str, value: Any) -> Any:
-    """``dataclasses.replace`` along a dotted path of nested frozen dataclasses."""
-    head, _, rest = path.partition(".")
-    if not dataclasses.is_dataclass(config) or head not in {f.name for f in dataclasses.fields(config)}:
-        raise FlowTurboError(f"unknown config field {path!r} for {type(config).__name__}")
-    if rest:
-        value = replace_path(getattr(config, head), rest, value)
-    return dataclasses.replace(config, **{head: value})
+def replace_paths(config: Any, updates: dict[str, Any]) -> Any:
+    """``dataclasses.replace`` of several dotted paths of nested frozen dataclasses, one ``replace`` per dataclass
+    with all of its changes, so it validates them together (``--max-dt`` and ``--dt-small-max`` given at once
+    are never checked one without the other)."""
+    names = {f.name for f in dataclasses.fields(config)} if dataclasses.is_dataclass(config) else set()
+    nested: dict[str, dict[str, Any]] = {}
+    changes: dict[str, Any] = {}
+    for path, value in updates.items():
+        head, _, rest = path.partition(".")
+        if head not in names:
+            raise FlowTurboError(f"unknown config field {path!r} for {type(config).__name__}")
+        if rest:
+            nested.setdefault(head, {})[rest] = value
+        else:
+            changes[head] = value
+    for head, inner in nested.items():
+        changes[head] = replace_paths(getattr(config, head), inner)
+    return dataclasses.replace(config, **changes)
 
 
 def _field_default(cls: type, name: str) -> Any:
@@ -185,6 +222,7 @@ def _initial_kwargs(cls: type, presets: dict[str, dict], preset: str | None, con
 def build_config(cls: type, presets: dict[str, dict], args: argparse.Namespace, options: Sequence[Option]) -> Any:
     """Preset (or ``--config`` file), then every flag the user gave; the dataclass validates the result."""
     kwargs = _initial_kwargs(cls, presets, getattr(args, "preset", None), getattr(args, "config", None))
+    nested: dict[str, dict[str, Any]] = {}  # top-level field -> {dotted rest: value}: applied together
     for _flag, paths, _kwargs in options:
         value = getattr(args, _dest(paths), None)
         if value is None:
@@ -192,10 +230,12 @@ def build_config(cls: type, presets: dict[str, dict], args: argparse.Namespace, 
         for path in paths:
             head, _, rest = path.partition(".")
             if rest:
-                current = kwargs[head] if head in kwargs else _field_default(cls, head)
-                kwargs[head] = replace_path(current, rest, value)
+                nested.setdefault(head, {})[rest] = value
             else:
                 kwargs[head] = value
+    for head, updates in nested.items():
+        current = kwargs[head] if head in kwargs else _field_default(cls, head)
+        kwargs[head] = replace_paths(current, updates)
     return cls(**kwargs)
 
 
@@ -259,6 +299,7 @@ def _run_package(args: argparse.Namespace) -> int:
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
     bundle = package_bundle(
         args.out, predictor=args.predictor, refiner=args.refiner, autoencoder=args.autoencoder, vae=args.vae,
+        decoder_bundle=args.decoder_bundle,
         variant=args.variant, schedule=args.schedule, cfg=args.cfg, guidance_channels=args.guidance_channels,
         class_names=names, trust_pickle=args.trust_pickle, overwrite=args.overwrite, wait=args.wait,
     )
@@ -306,10 +347,13 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     p.set_defaults(handler=_trainer_command("PredictorTrainConfig", "PREDICTOR_TRAIN_PRESETS", "train_predictor",
                                             pred_opts))
 
-    ref_opts = REFINER_OPTIONS + latent_image_opts + LATENT_OPTIONS + _loop_options() + RUNTIME_OPTIONS
+    ref_opts = (REFINER_OPTIONS + REFINER_DT_OPTIONS + REFINER_CACHE_OPTIONS + latent_image_opts + LATENT_OPTIONS
+                + _loop_options() + RUNTIME_OPTIONS)
     p = sub.add_parser("refiner", help="a FlowTurbo velocity refiner against a frozen predictor")
     _add_run_group(p, REFINER_TRAIN_PRESETS)
     _add_options(p, "refiner", REFINER_OPTIONS)
+    _add_options(p, "step sizes (dt)", REFINER_DT_OPTIONS)
+    _add_options(p, "teacher cache", REFINER_CACHE_OPTIONS)
     _add_options(p, "data", latent_image_opts)
     _add_options(p, "latents", LATENT_OPTIONS)
     _add_options(p, "optimisation", _loop_options())
@@ -322,7 +366,11 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     g.add_argument("--refiner", default=None, help="`train refiner` run folder/file or official refiner .pt")
     g.add_argument("--autoencoder", default=None, help="`train autoencoder` run folder or autoencoder.safetensors")
     g.add_argument("--vae", default=None, help="diffusers AutoencoderKL folder instead of our autoencoder")
-    g.add_argument("--variant", default="ema", choices=["ema", "mse"], help="default decoder variant (both stored)")
+    g.add_argument("--decoder-bundle", default=None,
+                   help="take the decoder (every variant), encoder and class names of this bundle (e.g. the embedded "
+                        "default's runtime/assets/default_model, to give it a new refiner)")
+    g.add_argument("--variant", default=None, choices=["ema", "mse"],
+                   help="default decoder variant (both stored; default: ema, or the --decoder-bundle's own)")
     g.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of trusted .pt files")
     g = p.add_argument_group("sampling defaults")
     g.add_argument("--schedule", default=None, help="default schedule (H1P5R3 with a refiner, else H8)")

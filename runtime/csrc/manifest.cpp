@@ -152,6 +152,7 @@ Manifest load_manifest(const std::string& root_text, bool verify_files) {
     m.latent_shape = model.at("latent_shape").get<std::vector<int64_t>>();
     m.image_shape = model.at("image_shape").get<std::vector<int64_t>>();
     m.has_refiner = model.value("has_refiner", false);
+    m.refiner_dt_conditioning = model.value("refiner_dt_conditioning", false);
     if (model.contains("weights_sha256") && model["weights_sha256"].is_string()) {
       m.weights_sha256 = model["weights_sha256"].get<std::string>();
     }
@@ -163,6 +164,7 @@ Manifest load_manifest(const std::string& root_text, bool verify_files) {
       info.format = a.at("format").get<std::string>();
       info.file = (root / a.at("file").get<std::string>()).string();
       if (a.contains("time") && a["time"].is_number()) info.time = a["time"].get<double>();
+      if (a.contains("dt") && a["dt"].is_number()) info.dt = a["dt"].get<double>();
       info.inputs = read_tensors(a.at("spec").at("inputs"));
       info.outputs = read_tensors(a.at("spec").at("outputs"));
       m.artifacts.push_back(std::move(info));
@@ -172,6 +174,25 @@ Manifest load_manifest(const std::string& root_text, bool verify_files) {
   }
   if (m.schedule.id() != m.schedule_id) {
     throw ManifestError(path.string() + ": schedule and schedule_id disagree (edited by hand?); " + kReexport);
+  }
+  // A dt-conditioned refiner's time-input graph takes a "dt" input, its per-step graphs fold a dt; a refiner
+  // without dt conditioning has neither (runtime/artifacts.check_refiner_dt: the same rule).
+  for (const auto& a : m.artifacts) {
+    if (a.role != "refiner") continue;
+    bool time_input = false, dt_input = false;
+    for (const auto& t : a.inputs) {
+      time_input = time_input || t.name == "t";
+      dt_input = dt_input || t.name == "dt";
+    }
+    const bool has_dt = time_input ? dt_input : a.dt.has_value();
+    if (has_dt != m.refiner_dt_conditioning) {
+      throw ManifestError(path.string() + ": the refiner graph " + a.file +
+                          (m.refiner_dt_conditioning ? " has no dt input (time-input) / folded dt (per-step)"
+                                                     : " takes a dt its refiner does not have") +
+                          ", but the manifest says the refiner is " + (m.refiner_dt_conditioning ? "" : "not ") +
+                          "dt-conditioned: the graphs and the manifest come from different exports or an older "
+                          "flowturbo; " + kReexport);
+    }
   }
   const auto& files = doc.contains("files") ? doc["files"] : json::object();
   if (!files.is_object() || files.empty()) throw ManifestError(path.string() + " lists no files; " + kReexport);

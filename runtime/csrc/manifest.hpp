@@ -35,6 +35,7 @@ struct ArtifactInfo {
   std::string format;  // "onnx" | "aoti" | "tensorrt"
   std::string file;    // absolute path
   std::optional<double> time;  // folded time of a per-step graph
+  std::optional<double> dt;    // folded velocity age of a dt-conditioned refiner's per-step graph
   std::vector<TensorInfo> inputs;
   std::vector<TensorInfo> outputs;
 };
@@ -51,6 +52,9 @@ struct Manifest {
   std::vector<int64_t> latent_shape;  // (C, H, W)
   std::vector<int64_t> image_shape;   // (C, H, W)
   bool has_refiner = false;
+  // The refiner graphs take (time-input) or fold (per-step, unrolled) the velocity age dt; load_manifest refuses
+  // refiner graphs that disagree (runtime/artifacts.check_refiner_dt).
+  bool refiner_dt_conditioning = false;
   std::string weights_sha256;
   std::string device;  // as recorded: "cpu (x86_64)" or "cuda: <GPU name>"
   std::vector<ArtifactInfo> artifacts;

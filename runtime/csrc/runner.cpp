@@ -135,26 +135,48 @@ bool built_with_tensorrt() {
 }
 
 // ----------------------------------------------------------------------------------------- engines
-// The predictor's or the refiner's graphs: one time-input graph (key -1) or per-step graphs keyed by the index
-// of their folded time in the schedule's grid, each with its input names in spec order.
+// No folded dt: the key of every predictor graph and of a refiner graph without dt conditioning (a real dt >= 0).
+constexpr double kNoDt = -1.0;
+
+// The predictor's or the refiner's graphs: one time-input graph (key {-1, kNoDt}) or per-step graphs keyed by the
+// index of their folded time in the schedule's grid and, for a dt-conditioned refiner, their folded velocity age
+// dt; each with its input names in spec order.
 struct StepEngines {
   struct Graph {
     std::unique_ptr<ModuleEngine> engine;
     std::vector<std::string> inputs;
   };
+  using Key = std::pair<int, double>;
   const char* role;
-  std::map<int, Graph> by_time;
+  std::map<Key, Graph> by_key;
 
-  const Graph& at(int time_index, const Schedule& schedule) const {
-    auto found = by_time.find(by_time.count(-1) ? -1 : time_index);
-    if (found == by_time.end()) {
+  const Graph& at(int time_index, double dt, const Schedule& schedule) const {
+    const Key time_input{-1, kNoDt};
+    auto found = by_key.find(by_key.count(time_input) ? time_input : Key{time_index, dt});
+    if (found == by_key.end()) {
       throw RunnerError(RunnerError::Kind::kCheckpoint,
                         std::string("the export has no ") + role + " graph for t=" +
-                            time_text(schedule.timesteps[time_index]) + "; it was built for another schedule");
+                            time_text(schedule.timesteps[time_index]) + (dt == kNoDt ? "" : ", dt=" + time_text(dt)) +
+                            "; it was built for another schedule");
     }
     return found->second;
   }
 };
+
+// For each step k, the grid index of the time the velocity carried into it estimates the flow at (-1: nothing
+// carried): an H or P step carries d' = v(x~, t_{k+1}) (index k + 1), an R step carries d = v + r(x, t_k, v), an
+// estimate at t_k (index k), E carries nothing. A refiner call at t_j gets the age dt = t_j - t_v of its velocity
+// (flowturbo.integrator, "The refiner's dt"): the one rule, used by the loop and by the per-batch dt buffers.
+std::vector<int> carried_time_indices(const Schedule& schedule) {
+  std::vector<int> out;
+  int carried = -1;
+  for (int k = 0; k < schedule.num_steps(); ++k) {
+    out.push_back(carried);
+    const StepKind kind = schedule.steps[k];
+    carried = kind == StepKind::Euler ? -1 : (kind == StepKind::Refiner ? k : k + 1);
+  }
+  return out;
+}
 
 struct ScheduleRunner::Engines {
   StepEngines predictor{"predictor", {}}, refiner{"refiner", {}};
@@ -166,6 +188,9 @@ struct ScheduleRunner::BatchState {
   int64_t batch = 0;
   at::Tensor labels;                  // (b,) int64 on the device
   std::vector<at::Tensor> times;      // per grid index: (b,) float32 filled with t_k (time-input graphs)
+  // Per refiner call (grid index of t, grid index of t_v): (b,) float32 filled with dt = t - t_v, the input of a
+  // dt-conditioned refiner's time-input graph (values fixed by the schedule: CUDA-graph capture stays valid).
+  std::map<std::pair<int, int>, at::Tensor> ages;
   // Solver state: the latents, the predicted point x + h d and a scratch for h d and the update, (b, C, H, W);
   // two buffers for the predictor's d / d' and two for a refiner step's d (ping-pong: the carried velocity
   // must survive the step that replaces it), (b, C, H, W) or (b, 2C, H, W) in the per-CFG-half layout
@@ -251,10 +276,11 @@ ScheduleRunner::ScheduleRunner(const std::string& artifacts_dir, const RunnerOpt
                                                               ", which is not on the schedule's grid; re-export");
       }
     }
+    const StepEngines::Key key{index, a.dt.value_or(kNoDt)};
     if (a.role == "predictor") {
-      engines_->predictor.by_time[index] = {std::move(engine), spec.input_names};
+      engines_->predictor.by_key[key] = {std::move(engine), spec.input_names};
     } else if (a.role == "refiner") {
-      engines_->refiner.by_time[index] = {std::move(engine), spec.input_names};
+      engines_->refiner.by_key[key] = {std::move(engine), spec.input_names};
     } else if (a.role == "decoder") {
       engines_->decoder = std::move(engine);
     } else if (a.role == "unrolled") {
@@ -288,10 +314,10 @@ ScheduleRunner::ScheduleRunner(const std::string& artifacts_dir, const RunnerOpt
   }
   if (!engines_->unrolled) {
     if (!engines_->decoder) throw RunnerError(RunnerError::Kind::kCheckpoint, manifest_.root + " has no decoder; re-export");
-    if (engines_->predictor.by_time.empty()) {
+    if (engines_->predictor.by_key.empty()) {
       throw RunnerError(RunnerError::Kind::kCheckpoint, manifest_.root + " has no predictor graph; re-export");
     }
-    if (manifest_.schedule.uses_refiner() && engines_->refiner.by_time.empty()) {
+    if (manifest_.schedule.uses_refiner() && engines_->refiner.by_key.empty()) {
       throw RunnerError(RunnerError::Kind::kCheckpoint,
                         "schedule " + manifest_.schedule.notation() + " has R steps but " + manifest_.root +
                             " has no refiner graph; re-export");
@@ -303,7 +329,7 @@ ScheduleRunner::ScheduleRunner(const std::string& artifacts_dir, const RunnerOpt
     } else {
       bool all = true;
       for (const auto* table : {&engines_->predictor, &engines_->refiner}) {
-        for (const auto& [_, graph] : table->by_time) all = all && graph.engine->capturable();
+        for (const auto& [_, graph] : table->by_key) all = all && graph.engine->capturable();
       }
       if (engines_->decoder) all = all && engines_->decoder->capturable();
       if (engines_->unrolled) all = all && engines_->unrolled->capturable();
@@ -346,7 +372,13 @@ ScheduleRunner::BatchState& ScheduleRunner::state_for(int64_t batch) {
   state->batch = batch;
   state->labels = at::empty({batch}, at::TensorOptions().dtype(at::kLong).device(device_));
   const auto float_options = at::TensorOptions().dtype(at::kFloat).device(device_);
-  for (double t : manifest_.schedule.timesteps) state->times.push_back(at::full({batch}, t, float_options));
+  const auto& grid = manifest_.schedule.timesteps;
+  for (double t : grid) state->times.push_back(at::full({batch}, t, float_options));
+  const auto carried = carried_time_indices(manifest_.schedule);
+  for (int k = 0; k < manifest_.schedule.num_steps(); ++k) {
+    if (manifest_.schedule.steps[k] != StepKind::Refiner) continue;
+    for (int j : {k, k + 1}) state->ages[{j, carried[k]}] = at::full({batch}, grid[j] - grid[carried[k]], float_options);
+  }
   std::vector<int64_t> latent{batch};
   latent.insert(latent.end(), manifest_.latent_shape.begin(), manifest_.latent_shape.end());
   const auto latent_options = at::TensorOptions().dtype(dtype_).device(device_);
@@ -364,13 +396,14 @@ ScheduleRunner::BatchState& ScheduleRunner::state_for(int64_t batch) {
 namespace {
 
 at::Tensor call_engine(ModuleEngine& engine, const std::vector<std::string>& names, const at::Tensor& x,
-                       const at::Tensor* v, const at::Tensor& t, const at::Tensor& labels) {
+                       const at::Tensor* v, const at::Tensor& t, const at::Tensor* dt, const at::Tensor& labels) {
   std::vector<at::Tensor> inputs;
   inputs.reserve(names.size());
   for (const auto& name : names) {
     if (name == "latents") inputs.push_back(x);
-    else if (name == "v") inputs.push_back(*v);
+    else if (name == "v" && v != nullptr) inputs.push_back(*v);
     else if (name == "t") inputs.push_back(t);
+    else if (name == "dt" && dt != nullptr) inputs.push_back(*dt);
     else if (name == "labels") inputs.push_back(labels);
     else throw RunnerError(RunnerError::Kind::kCheckpoint, "an engine takes an unknown input '" + name + "'");
   }
@@ -380,13 +413,18 @@ at::Tensor call_engine(ModuleEngine& engine, const std::vector<std::string>& nam
 }  // namespace
 
 at::Tensor ScheduleRunner::velocity(const at::Tensor& x, int time_index, BatchState& state) {
-  const auto& graph = engines_->predictor.at(time_index, manifest_.schedule);
-  return call_engine(*graph.engine, graph.inputs, x, nullptr, state.times[time_index], state.labels);
+  const auto& graph = engines_->predictor.at(time_index, kNoDt, manifest_.schedule);
+  return call_engine(*graph.engine, graph.inputs, x, nullptr, state.times[time_index], nullptr, state.labels);
 }
 
-at::Tensor ScheduleRunner::offset(const at::Tensor& x, const at::Tensor& v, int time_index, BatchState& state) {
-  const auto& graph = engines_->refiner.at(time_index, manifest_.schedule);
-  return call_engine(*graph.engine, graph.inputs, x, &v, state.times[time_index], state.labels);
+at::Tensor ScheduleRunner::offset(const at::Tensor& x, const at::Tensor& v, int time_index, int velocity_index,
+                                  BatchState& state) {
+  // dt = t - t_v: the same double subtraction as the Python loop's, so a folded dt matches bit for bit.
+  const auto& grid = manifest_.schedule.timesteps;
+  const double dt = manifest_.refiner_dt_conditioning ? grid[time_index] - grid[velocity_index] : kNoDt;
+  const auto& graph = engines_->refiner.at(time_index, dt, manifest_.schedule);
+  return call_engine(*graph.engine, graph.inputs, x, &v, state.times[time_index],
+                     &state.ages.at({time_index, velocity_index}), state.labels);
 }
 
 at::Tensor ScheduleRunner::integrate(const at::Tensor& noise, BatchState& state, std::vector<StepRecord>* steps,
@@ -405,6 +443,7 @@ at::Tensor ScheduleRunner::integrate(const at::Tensor& noise, BatchState& state,
   auto first = [channels](const at::Tensor& v) { return v.size(1) == channels ? v : v.narrow(1, 0, channels); };
   x.copy_(noise);
   at::Tensor carried;  // undefined: nothing carried
+  const std::vector<int> carried_time = carried_time_indices(schedule);  // grid index of t_v per step
 #ifdef FLOWTURBO_WITH_CUDA
   // Timing events: default-constructed CUDA events have timing disabled (cudaEventDisableTiming), and
   // elapsed_time() on them throws.
@@ -428,10 +467,10 @@ at::Tensor ScheduleRunner::integrate(const at::Tensor& noise, BatchState& state,
     } else if (kind == StepKind::Refiner) {
       const at::Tensor v = carried;  // one of our buffers; schedule validation guarantees it exists
       at::Tensor& d = v.is_same(state.refined_a) ? state.refined_b : state.refined_a;
-      at::add_out(d, v, offset(x, v, k, state));  // d = v + r(x, t_k, v)
+      at::add_out(d, v, offset(x, v, k, carried_time[k], state));  // d = v + r(x, t_k, v, t_k - t_v)
       at::mul_out(scratch, first(d), h);
       at::add_out(x_pred, x, scratch);  // x + h d
-      at::Tensor d_next = offset(x_pred, v, k + 1, state);
+      at::Tensor d_next = offset(x_pred, v, k + 1, carried_time[k], state);  // r(x + h d, t_k+1, v, t_k+1 - t_v)
       at::add_out(scratch, first(d), first(d_next.add_(d)));  // d' = d + r(x + h d, t_k+1, v)  (a + b == b + a)
       scratch.mul_(0.5 * h);
       x.add_(scratch);  // x <- x + h/2 (d + d')

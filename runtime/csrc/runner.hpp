@@ -79,7 +79,9 @@ class ScheduleRunner {
   std::vector<at::Tensor> forward(const at::Tensor& noise, BatchState& state);  // {images, latents}
   at::Tensor decode(const at::Tensor& latents);  // images the caller may keep
   at::Tensor velocity(const at::Tensor& x, int time_index, BatchState& state);
-  at::Tensor offset(const at::Tensor& x, const at::Tensor& v, int time_index, BatchState& state);
+  // The refiner at grid time `time_index` for the velocity carried from grid time `velocity_index` (its age
+  // t - t_v is the dt input / folded dt of a dt-conditioned refiner's graphs).
+  at::Tensor offset(const at::Tensor& x, const at::Tensor& v, int time_index, int velocity_index, BatchState& state);
   void locate_non_finite(const at::Tensor& noise, BatchState& state);
   void synchronize() const;
   bool graph_enabled() const;

@@ -24,34 +24,25 @@ from flowturbo.runtime.onnx_backend import OnnxRuntimeSampler
 from flowturbo.schedule import SamplingSchedule
 from flowturbo.training.bundle import Bundle, BundleDefaults
 from flowturbo.training.decoders import IdentityDecoder
-from flowturbo.training.models import RefinerConfig, SiT, SiTConfig, VelocityRefiner, perturb_zero_initialized
 from flowturbo.kernels import cfg_guided_reference
 from flowturbo.training.sampling import CFGModelCalls, GuidedVelocity, make_noise, sample_schedule
-from micro_models import SENSITIVITY_FACTOR, strengthen_conditioning
+from micro_models import SENSITIVITY_FACTOR, micro_models
+
+from flowturbo.refiner_dt import DtDistribution
 
 NUM_CLASSES = 5
 SCHEDULE = SamplingSchedule.parse("H1P2R2", guidance_scale=1.7, guidance_channels=2)
 PROFILE = BatchProfile(1, 2, 5)
 
 
-def micro_bundle(*, with_refiner: bool = True, dtype: torch.dtype = torch.float32, seed: int = 0) -> Bundle:
-    """A depth-1 SiT (+ refiner) on (3, 6, 6) latents with an identity decoder, random non-zero weights."""
-    generator = torch.Generator().manual_seed(seed)
-    config = SiTConfig(input_size=6, patch_size=2, in_channels=3, hidden_size=32, depth=1, num_heads=2,
-                       mlp_ratio=2.0, num_classes=NUM_CLASSES, class_dropout_prob=0.1, learn_sigma=False)
-    predictor = SiT(config)
-    predictor.initialize_weights(generator)
-    perturb_zero_initialized(predictor, generator=generator)
-    strengthen_conditioning(predictor, generator)
-    refiner = None
-    if with_refiner:
-        refiner = VelocityRefiner(RefinerConfig.for_predictor(config))
-        refiner.initialize_weights(generator)
-        perturb_zero_initialized(refiner, generator=generator)
-        strengthen_conditioning(refiner, generator)
-        refiner = refiner.to(dtype).eval()
+def micro_bundle(*, with_refiner: bool = True, dtype: torch.dtype = torch.float32, seed: int = 0,
+                 dt_conditioning: bool = False, refiner_dt: DtDistribution | None = None) -> Bundle:
+    """A depth-1 SiT (+ refiner, dt-conditioned if asked) on (3, 6, 6) latents with an identity decoder, random
+    non-zero weights (:func:`micro_models.micro_models`)."""
+    predictor, refiner = micro_models(seed, num_classes=NUM_CLASSES, dt_conditioning=dt_conditioning, dtype=dtype)
     defaults = BundleDefaults(schedule="H1P2R2" if with_refiner else "H2")
-    return Bundle(predictor.to(dtype).eval(), refiner, IdentityDecoder(3).eval(), None, defaults)
+    return Bundle(predictor, refiner if with_refiner else None, IdentityDecoder(3).eval(), None, defaults,
+                  refiner_dt=refiner_dt if with_refiner else None)
 
 
 @pytest.fixture(scope="module")
@@ -110,7 +101,7 @@ def test_module_parity_against_reference_cfg(bundle, exported, batch):
     scale, channels = SCHEDULE.guidance_scale, SCHEDULE.guidance_channels
     with torch.no_grad():
         want_v = cfg_guided_reference(calls.predictor(x, t), batch, 3, scale, channels, halves=True)
-        want_r = cfg_guided_reference(calls.refiner(x, t, v), batch, 3, scale, channels, halves=True)
+        want_r = cfg_guided_reference(calls.refiner(x, t, v, 0.25), batch, 3, scale, channels, halves=True)
         guide = GuidedVelocity(y, NUM_CLASSES, scale, channels)  # the conditional half, computed the plain way
         torch.testing.assert_close(want_v[:, :3], guide.predictor(bundle.predictor, x, t), **tol("export_fp32"))
     got_v = run_onnx(root / artifacts["predictor_step"]["file"], {"latents": x, "t": t, "labels": y})[0]

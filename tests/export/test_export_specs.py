@@ -61,6 +61,26 @@ def test_folded_specs_have_no_time_input():
     assert spec.export_dynamic_shapes() is None  # static profile
 
 
+def test_dt_refiner_specs_take_or_fold_dt():
+    """A dt-conditioned refiner's time-input spec takes dt (float32, batched, after t); its per-step spec folds
+    (t, dt) and is named by both; a dt folded into a refiner without dt conditioning is refused."""
+    batch = BatchProfile(1, 3, 9)
+    spec = refiner_step_spec(LATENT, "fp16", batch, dt_conditioning=True)
+    assert spec.input_names == ["latents", "v", "t", "dt", "labels"]
+    assert spec.tensor("dt").dtype == "float32" and spec.tensor("dt").shape_for(5) == (5,)
+    assert spec.tensorrt_profile()["dt"] == ((1,), (3,), (9,))
+    dims = spec.export_dynamic_shapes()
+    assert dims["dt"][0] is dims["latents"][0]  # one symbolic batch axis for every input
+    folded = refiner_step_spec(LATENT, "fp32", batch, dt_conditioning=True, time=0.75, dt=0.5)
+    assert folded.input_names == ["latents", "v", "labels"] and (folded.time, folded.dt) == (0.75, 0.5)
+    assert folded.name == "refiner_step@0.75/dt=0.5" and ModuleSpec.from_dict(folded.to_dict()) == folded
+    assert "dt" not in refiner_step_spec(LATENT, "fp32", batch, time=0.75).to_dict()  # unchanged for the others
+    with pytest.raises(FlowTurboError, match="only a dt-conditioned"):
+        refiner_step_spec(LATENT, "fp32", batch, time=0.75, dt=0.5)
+    with pytest.raises(FlowTurboError, match="folds both t and dt"):
+        refiner_step_spec(LATENT, "fp32", batch, dt_conditioning=True, time=0.75)
+
+
 def test_decoder_and_unrolled_specs():
     dec = decoder_spec(LATENT, IMAGE, "fp32", BatchProfile(1, 2, 3))
     assert dec.tensor("images").shape_for(3) == (3, *IMAGE)
@@ -87,14 +107,18 @@ def test_runtime_manifest_cross_check_accepts_every_spec_the_exporter_writes(pre
 
     from flowturbo.errors import CheckpointError
     from flowturbo.export.manifest import artifact_key
-    from flowturbo.export.specs import LABEL_DTYPE, TIME_DTYPE, encoder_spec
+    from flowturbo.export.specs import DT_INPUT, LABEL_DTYPE, TIME_DTYPE, encoder_spec
+    from flowturbo.runtime.artifacts import DT_INPUT as RUNTIME_DT_INPUT
     from flowturbo.runtime.artifacts import FIXED_DTYPES, check_consistent
 
-    assert FIXED_DTYPES == {"t": TIME_DTYPE, "labels": LABEL_DTYPE}
+    assert FIXED_DTYPES == {"t": TIME_DTYPE, DT_INPUT: TIME_DTYPE, "labels": LABEL_DTYPE}
+    assert RUNTIME_DT_INPUT == DT_INPUT
     batch = BatchProfile(1, 2, 4)
     specs = [predictor_step_spec(LATENT, precision, batch), predictor_step_spec(LATENT, precision, batch, time=0.5),
              refiner_step_spec(LATENT, precision, batch, halves=True), decoder_spec(LATENT, IMAGE, precision, batch),
-             encoder_spec(IMAGE, LATENT, precision, batch), unrolled_spec(LATENT, IMAGE, precision, batch)]
+             encoder_spec(IMAGE, LATENT, precision, batch), unrolled_spec(LATENT, IMAGE, precision, batch),
+             refiner_step_spec(LATENT, precision, batch, dt_conditioning=True),
+             refiner_step_spec(LATENT, precision, batch, dt_conditioning=True, time=0.5, dt=0.25)]
     top = {"batch": batch.describe(), "precision": precision, "variant": "time-input", "schedule_id": "s",
            "formats": ["onnx"], "weights_sha256": "w", "kernel_backend": "reference", "with_encoder": True,
            "tools": {"torch": "2"}, "device": "cpu (x86_64)"}

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from flowturbo.errors import FlowTurboError
+from flowturbo.refiner_dt import DtDistribution
 from flowturbo.runtime.cli import main
 from flowturbo.runtime import tune as tune_module
 from flowturbo.runtime.distributed import Ranks
@@ -94,7 +95,33 @@ def test_model_without_refiner_tunes_without_r():
 def test_long_refiner_steps_are_flagged_not_dropped():
     space = SearchSpace.from_text(heun="1", pseudo="0", refiner="1", euler="", grids="uniform", vnorm_c="")
     (cand,), _ = space.candidates(cfg=1.0, guidance_channels=None, has_refiner=True)
-    assert cand.name == "H1R1@uniform" and "0.500 > 0.12" in cand.flags[0]
+    assert cand.name == "H1R1@uniform"
+    (flag,) = cand.flags(None)  # no record: the paper's range, said to be assumed
+    assert "R step(s) 2 call the refiner at dt up to 0.500" in flag and "the paper's dt <= 0.12 (assumed" in flag
+    assert cand.flags(DtDistribution(max_dt=0.5)) == []  # inside a recorded range of 0.5
+
+
+def test_flags_follow_the_refiner_calls_dt_not_the_step_length():
+    """The flag is about the age of the velocity each refiner call gets (flowturbo.integrator): in H2R2 (steps of
+    0.25) the second R step's calls are at dt 0.25 and 0.5, so a refiner trained to 0.3 flags only step 4."""
+    schedule = SamplingSchedule.parse("H2R2")
+    cand = tune_module.Candidate("H2R2@uniform", "flowturbo", schedule)
+    (flag,) = cand.flags(DtDistribution(max_dt=0.3))
+    assert flag.startswith("R step(s) 4 call the refiner at dt up to 0.500") and "its trained range dt <= 0.3" in flag
+    assert cand.flags(DtDistribution(max_dt=0.5)) == []
+    assert len(cand.flags(DtDistribution(max_dt=0.2))) == 1 and "R step(s) 3,4" in cand.flags(DtDistribution(0.2))[0]
+
+
+def test_price_is_pinned_with_a_refiner_cost():
+    """CallCosts.price is (P c_pred + R c_ref + N c_step + c_decode) / batch exactly, with a non-zero refiner cost:
+    an R schedule costs its refiner calls, not nothing."""
+    costs = CallCosts(4, predictor_ms=8.0, refiner_ms=1.5, decode_ms=3.0, step_ms=0.25, device="cpu")
+    assert costs.price(7, 6, 9) == (7 * 8.0 + 6 * 1.5 + 9 * 0.25 + 3.0) / 4  # H1P5R3: 7 + 6 calls, 9 steps
+    assert costs.calls_equivalent(7, 6) == 7 + 6 * 1.5 / 8.0
+    free_steps = dataclasses.replace(costs, step_ms=0.0)  # so only the refiner calls tell the two apart
+    with_r, without_r = SamplingSchedule.parse("H1P1R2"), SamplingSchedule.parse("H1P1")
+    priced = [free_steps.price(s.predictor_calls, s.refiner_calls, s.num_steps) for s in (with_r, without_r)]
+    assert priced[0] > priced[1] and priced[0] - priced[1] == 4 * 1.5 / 4
 
 
 def test_front_and_nondominated_order():

@@ -272,3 +272,50 @@ def test_an_encoder_that_cannot_be_loaded_does_not_block_sampling(tmp_path, save
     (with_encoder / "refiner.safetensors").unlink()  # the other files: as strict as ever
     with pytest.raises(CheckpointError, match="refiner.safetensors"):
         load_bundle(with_encoder)
+
+
+# ------------------------------------------------------------------------------ dt-conditioned refiners
+def _dt_bundle(original, record):
+    from flowturbo.training.models import RefinerConfig, VelocityRefiner, perturb_zero_initialized
+
+    refiner = VelocityRefiner(RefinerConfig.for_predictor(original.predictor.config, dt_conditioning=True))
+    refiner.initialize_weights(torch.Generator().manual_seed(3))
+    perturb_zero_initialized(refiner, generator=torch.Generator().manual_seed(4))
+    return Bundle(original.predictor, refiner.eval(), original.decoder, original.class_names, original.defaults,
+                  refiner_dt=record)
+
+
+def test_dt_refiner_and_its_trained_range_round_trip(tmp_path, saved):
+    from flowturbo.refiner_dt import DtDistribution
+
+    original, _ = saved
+    record = DtDistribution(max_dt=0.5, small_share=0.3, small_max=0.1, zero_share=0.05)
+    folder = save_bundle(_dt_bundle(original, record), tmp_path / "dt")
+    config = json.loads((folder / "config.json").read_text())
+    assert config["refiner"]["dt_conditioning"] is True
+    assert config["refiner_dt"] == {"max_dt": 0.5, "small_share": 0.3, "small_max": 0.1, "zero_share": 0.05}
+    loaded = load_bundle(folder)
+    assert loaded.refiner_dt == record and loaded.refiner.takes_dt
+    x, t, y, v = _inputs(loaded)
+    dt = torch.full((3,), 0.2)
+    with torch.no_grad():
+        assert torch.equal(loaded.refiner(x, t, y, v, dt), _dt_bundle(original, record).refiner(x, t, y, v, dt))
+    assert load_bundle(saved[1]).refiner_dt is None  # no record: absent from config.json, None when loaded
+
+
+def test_dt_refiner_declared_without_dt_is_refused_naming_the_fix(tmp_path, saved):
+    original, _ = saved
+    folder = save_bundle(_dt_bundle(original, None), tmp_path / "dt")
+    as_official = _edited_copy(folder, tmp_path / "as-official", lambda c: c["refiner"].update(dt_conditioning=False))
+    with pytest.raises(CheckpointError, match='dt-conditioned .* "dt_conditioning": true'):
+        load_bundle(as_official)
+    official_as_dt = _edited_copy(saved[1], tmp_path / "as-dt", lambda c: c["refiner"].update(dt_conditioning=True))
+    with pytest.raises(CheckpointError, match='no dt embedding .* "dt_conditioning": false'):
+        load_bundle(official_as_dt)
+    bad_record = _edited_copy(saved[1], tmp_path / "bad-record", lambda c: c.update(refiner_dt={"max_dt": 2.0}))
+    with pytest.raises(CheckpointError, match=r"max_dt \(--max-dt\) must be in \(0, 1\]"):
+        load_bundle(bad_record)
+    with pytest.raises(FlowTurboError, match="has no refiner"):
+        from flowturbo.refiner_dt import DtDistribution
+
+        Bundle(original.predictor, None, original.decoder, defaults=BundleDefaults("H2"), refiner_dt=DtDistribution())

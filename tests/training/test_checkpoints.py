@@ -292,3 +292,27 @@ def test_refiner_must_fit_the_given_predictor():
     other = SiTConfig(input_size=6, patch_size=2, in_channels=3, hidden_size=48, depth=2, num_heads=3, num_classes=9)
     with pytest.raises(CheckpointError, match="num_classes = 7 but the predictor"):
         load_refiner_checkpoint(state, predictor_config=other)
+
+
+# ------------------------------------------------------------------------------------- dt conditioning
+def test_dt_conditioning_is_inferred_from_the_keys(tmp_path):
+    dt_refiner = _random(VelocityRefiner, RefinerConfig.for_predictor(TINY, dt_conditioning=True))
+    official = _random(VelocityRefiner, RefinerConfig.for_predictor(TINY))
+    assert infer_refiner_config(dt_refiner.state_dict(), num_heads=3).dt_conditioning is True
+    assert infer_refiner_config(official.state_dict(), num_heads=3).dt_conditioning is False
+    path = tmp_path / "dt_refiner.pt"
+    torch.save({"model": dt_refiner.state_dict(), "ema": official.state_dict()}, path)  # the released layout
+    loaded = load_refiner_checkpoint(path, predictor_config=TINY)  # "model" entry, config from the keys
+    x, t, y = _inputs(TINY)
+    dt = torch.full((3,), 0.2)
+    with torch.no_grad():
+        assert torch.equal(loaded(x, t, y, x, dt), dt_refiner(x, t, y, x, dt))
+
+
+def test_dt_conditioning_mismatch_names_the_fix():
+    dt_state = _random(VelocityRefiner, RefinerConfig.for_predictor(TINY, dt_conditioning=True)).state_dict()
+    official_state = _random(VelocityRefiner, RefinerConfig.for_predictor(TINY)).state_dict()
+    with pytest.raises(CheckpointError, match='is dt-conditioned .* "dt_conditioning": true'):
+        load_refiner_checkpoint(dt_state, RefinerConfig.for_predictor(TINY))  # dt weights, a no-dt config
+    with pytest.raises(CheckpointError, match='has no dt embedding .* "dt_conditioning": false'):
+        load_refiner_checkpoint(official_state, RefinerConfig.for_predictor(TINY, dt_conditioning=True))

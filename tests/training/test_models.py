@@ -54,8 +54,17 @@ def _modulate_ln(h, shift, scale):
     return F.layer_norm(h, (h.shape[-1],), eps=1e-6) * (1 + scale[:, None]) + shift[:, None]
 
 
-def reference_forward(sd, x, t, y, *, num_heads, patch, out_channels):
-    """Official SiT forward (DiT equations) written out with plain tensor ops in float64."""
+def _timestep_mlp(sd, prefix, t):
+    half = 128
+    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float64) / half)
+    args = t.double()[:, None] * freqs[None]
+    t_freq = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    return _linear(F.silu(_linear(t_freq, sd, f"{prefix}.mlp.0")), sd, f"{prefix}.mlp.2")
+
+
+def reference_forward(sd, x, t, y, *, num_heads, patch, out_channels, dt=None):
+    """Official SiT forward (DiT equations) written out with plain tensor ops in float64 (``dt``: a dt-conditioned
+    refiner's velocity age, embedded by ``dt_embedder`` like t and added to the conditioning)."""
     sd = {k: v.double() for k, v in sd.items()}
     x, t = x.double(), t.double()
     n, c, height, _ = x.shape
@@ -63,12 +72,9 @@ def reference_forward(sd, x, t, y, *, num_heads, patch, out_channels):
     d = sd["pos_embed"].shape[-1]
     patches = x.reshape(n, c, g, p, g, p).permute(0, 2, 4, 1, 3, 5).reshape(n, g * g, c * p * p)
     tokens = patches @ sd["x_embedder.proj.weight"].reshape(d, -1).T + sd["x_embedder.proj.bias"] + sd["pos_embed"]
-    half = 128
-    freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float64) / half)
-    args = t[:, None] * freqs[None]
-    t_freq = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    t_emb = _linear(F.silu(_linear(t_freq, sd, "t_embedder.mlp.0")), sd, "t_embedder.mlp.2")
-    cond = t_emb + sd["y_embedder.embedding_table.weight"][y]
+    cond = _timestep_mlp(sd, "t_embedder", t) + sd["y_embedder.embedding_table.weight"][y]
+    if dt is not None:
+        cond = cond + _timestep_mlp(sd, "dt_embedder", dt)
     depth = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("blocks."))
     dh = d // num_heads
     for i in range(depth):
@@ -204,6 +210,65 @@ def test_refiner_forward_matches_reference():
     torch.testing.assert_close(offset.double(), full[:, : ODD.in_channels], **tol("model_fp32"))
     assert refiner.state_dict()["x_embedder.proj.weight"].shape == (48, 6, 2, 2)
     assert len(refiner.blocks) == 1
+
+
+def test_dt_refiner_forward_matches_reference():
+    """c = t_emb + y_emb + dt_emb with a dt_embedder of t_embedder's kind (keys dt_embedder.mlp.{0,2})."""
+    config = RefinerConfig.for_predictor(ODD, dt_conditioning=True)
+    refiner = _random_model(VelocityRefiner, config)  # perturbed: the dt path is live
+    assert refiner.takes_dt and _random_model(VelocityRefiner, RefinerConfig.for_predictor(ODD)).takes_dt is False
+    x, t, y = _inputs(ODD)
+    gen = torch.Generator().manual_seed(3)
+    v, dt = torch.randn(x.shape, generator=gen), torch.rand(5, generator=gen) * 0.5
+    with torch.no_grad():
+        offset = refiner(x, t, y, v, dt)
+        other = refiner(x, t, y, v, dt + 0.25)
+    full = reference_forward(refiner.state_dict(), torch.cat([x, v], dim=1), t, y, num_heads=3, patch=2,
+                             out_channels=config.out_channels, dt=dt)
+    torch.testing.assert_close(offset.double(), full[:, : ODD.in_channels], **tol("model_fp32"))
+    assert (offset - other).abs().max() > 10 * tol(torch.float32)["atol"]  # dt matters
+    assert {k for k in refiner.state_dict() if k.startswith("dt_embedder.")} == {
+        "dt_embedder.mlp.0.weight", "dt_embedder.mlp.0.bias", "dt_embedder.mlp.2.weight", "dt_embedder.mlp.2.bias"}
+
+
+def test_fresh_dt_refiner_equals_the_same_refiner_without_dt():
+    """The dt embedding's output layer starts at zero: a dt refiner given a trained refiner's weights computes exactly
+    what that refiner computes, for any dt (so training can start from it)."""
+    plain = _random_model(VelocityRefiner, RefinerConfig.for_predictor(ODD))
+    fresh = VelocityRefiner(RefinerConfig.for_predictor(ODD, dt_conditioning=True)).eval()
+    output_layer = fresh.dt_embedder.mlp[2]
+    assert torch.count_nonzero(output_layer.weight) == 0 and torch.count_nonzero(output_layer.bias) == 0
+    assert torch.count_nonzero(fresh.dt_embedder.mlp[0].weight) > 0  # its first layer is initialised like t's
+    fresh.load_state_dict({**fresh.state_dict(), **plain.state_dict()})
+    x, t, y = _inputs(ODD)
+    v = torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        want = plain(x, t, y, v)
+        for dt in (torch.zeros(5), torch.full((5,), 0.3), torch.rand(5, generator=torch.Generator().manual_seed(5))):
+            assert torch.equal(fresh(x, t, y, v, dt), want)
+    assert want.abs().mean() > 1e-3
+
+
+def test_dt_input_is_strict_both_ways():
+    x, t, y = _inputs(ODD)
+    dt_refiner = _random_model(VelocityRefiner, RefinerConfig.for_predictor(ODD, dt_conditioning=True))
+    with pytest.raises(FlowTurboError, match="dt-conditioned .* pass dt"):
+        dt_refiner(x, t, y, x)
+    official = _random_model(VelocityRefiner, RefinerConfig.for_predictor(ODD))
+    with pytest.raises(FlowTurboError, match="has no dt input"):
+        official(x, t, y, x, torch.zeros(5))
+    assert models.refiner_takes_dt(dt_refiner) and not models.refiner_takes_dt(official)
+    assert not models.refiner_takes_dt(lambda x, t, y, v: v)  # plain callables: the released call
+
+
+def test_refiner_config_dt_conditioning_round_trip():
+    cfg = RefinerConfig.for_predictor(ODD, dt_conditioning=True)
+    assert cfg.to_dict()["dt_conditioning"] is True and RefinerConfig.from_dict(cfg.to_dict()) == cfg
+    old = {k: v for k, v in RefinerConfig.for_predictor(ODD).to_dict().items() if k != "dt_conditioning"}
+    assert RefinerConfig.from_dict(old).dt_conditioning is False  # configs written before the field
+    assert "dt-conditioned" in cfg.describe()
+    with pytest.raises(FlowTurboError, match="dt_conditioning must be true or false"):
+        RefinerConfig.from_dict({**old, "dt_conditioning": "yes"})
 
 
 def test_block_standalone_equals_chained():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import gzip
 import json
@@ -36,7 +37,15 @@ from flowturbo.training.trainers import (
 from flowturbo.training.trainers.common import latest_checkpoint, load_checkpoint_state
 from flowturbo.training.trainers.data import LATENT_CACHE_FILE, load_images, unflipped_tensors
 from flowturbo.training.trainers.predictor import flow_matching_loss, read_trained_predictor
-from flowturbo.training.trainers.refiner import refiner_loss
+from flowturbo.refiner_dt import DtDistribution
+from flowturbo.training.trainers.refiner import (
+    TeacherCacheConfig,
+    TeacherSampleBatches,
+    TeacherSamples,
+    draw_dt,
+    read_trained_refiner,
+    refiner_loss,
+)
 
 CLASSES = ("bag", "coat", "shoe")
 PER_CLASS = 8
@@ -166,22 +175,112 @@ def test_refiner_loss_is_the_flowturbo_objective() -> None:
     teacher = _Recorder(lambda x, t, y: x * (1 + t.view(-1, 1, 1, 1)) + 0.1 * y.view(-1, 1, 1, 1))
     teacher.velocity = teacher.forward  # type: ignore[method-assign]
     refiner = _Recorder(lambda x, t, y, v: 0.5 * v - 0.2 * x)
-    max_dt = 0.6  # large, so that t + dt > 1 happens and the clamp is exercised
+    max_dt = 0.6  # long steps: under t ~ U(0, 1), t + dt > 1 would be common
     torch.manual_seed(4)
-    loss = refiner_loss(refiner, teacher, x1, labels, max_dt)
+    loss = refiner_loss(refiner, teacher, x1, labels, DtDistribution(max_dt=max_dt))
     (x_t, t, y1), (x_next, t_next, y2) = teacher.calls
-    ((rx, rt, ry, rv),) = refiner.calls
+    ((rx, rt, ry, rv),) = refiner.calls  # a refiner without dt conditioning is called without dt
     v_t = x_t * (1 + t.view(-1, 1, 1, 1)) + 0.1 * labels.view(-1, 1, 1, 1)
     dt = ((x_next - x_t) / v_t).flatten(1).mean(1)  # x' = x_t + dt * v_t
     torch.testing.assert_close(x_next, x_t + dt.view(-1, 1, 1, 1) * v_t, **tol("model_fp32"))
     assert (dt > 0).all() and (dt <= max_dt + 1e-5).all()
-    torch.testing.assert_close(t_next, (t + dt).clamp(max=1.0), **tol("model_fp32"))
-    assert (t_next == 1.0).any() and (t + dt > 1.0).any()
+    torch.testing.assert_close(t_next, t + dt, **tol("model_fp32"))  # queried at t + dt: no clamping
+    assert (t_next <= 1.0).all() and (t >= 0).all()  # t ~ U(0, 1 - dt)
+    assert (t / (1 - dt)).max() > 0.9 and (t / (1 - dt)).min() < 0.1  # ... across all of it
     assert torch.equal(y1, labels) and torch.equal(y2, labels) and torch.equal(ry, labels)  # same labels
     assert torch.equal(rx, x_next) and torch.equal(rt, t_next) and torch.equal(rv, v_t)
     target = x_next * (1 + t_next.view(-1, 1, 1, 1)) + 0.1 * labels.view(-1, 1, 1, 1)
     prediction = v_t + 0.5 * v_t - 0.2 * x_next
     torch.testing.assert_close(loss, ((prediction - target) ** 2).mean(), **tol("model_fp32"))
+
+
+def test_a_dt_conditioned_refiner_is_trained_on_the_age_of_v_t() -> None:
+    """The dt a dt-refiner gets in training is the one x' = x_t + dt v_t was made with: the age of v_t at t + dt,
+    exactly what the sampler passes (flowturbo.integrator)."""
+    g = torch.Generator().manual_seed(2)
+    x1 = torch.randn(32, 2, 3, 3, generator=g)
+    labels = torch.randint(0, 3, (32,), generator=g)
+    teacher = _Recorder(lambda x, t, y: torch.sin(x) * (1 + t.view(-1, 1, 1, 1)))
+    teacher.velocity = teacher.forward  # type: ignore[method-assign]
+    refiner = _Recorder(lambda x, t, y, v, dt: dt.view(-1, 1, 1, 1) * v)
+    refiner.takes_dt = True
+    torch.manual_seed(5)
+    loss = refiner_loss(refiner, teacher, x1, labels, DtDistribution(max_dt=0.5, zero_share=0.25))
+    (x_t, t, _), (x_next, t_next, _) = teacher.calls
+    ((rx, rt, _, rv, rdt),) = refiner.calls
+    torch.testing.assert_close(x_next, x_t + rdt.view(-1, 1, 1, 1) * rv, **tol("model_fp32"))
+    torch.testing.assert_close(rt, t + rdt, **tol("model_fp32"))
+    assert (rdt == 0).any() and torch.equal(rx[rdt == 0], x_t[rdt == 0])  # dt = 0: x' = x_t, target = v_t
+    target = torch.sin(x_next) * (1 + t_next.view(-1, 1, 1, 1))
+    torch.testing.assert_close(loss, ((rv + rdt.view(-1, 1, 1, 1) * rv - target) ** 2).mean(), **tol("model_fp32"))
+
+
+def test_dt_distribution_mixture_and_validation() -> None:
+    dist = DtDistribution(max_dt=0.5, small_share=0.3, small_max=0.1, zero_share=0.05)
+    torch.manual_seed(0)
+    dt = draw_dt(200_000, dist, "cpu")
+    assert float(dt.min()) == 0.0 and float(dt.max()) <= 0.5
+    assert abs(float((dt == 0).float().mean()) - 0.05) < 0.005
+    assert abs(float((dt <= 0.1).float().mean()) - (0.05 + 0.3 + 0.65 * 0.2)) < 0.01  # shares of the mixture
+    assert dist.describe() == "dt ~ 0 (p 0.05) | U(0, 0.1] (p 0.3) | U(0, 0.5]"
+    assert DtDistribution.from_dict(dist.to_dict()) == dist
+    for bad, message in [(dict(max_dt=0.0), r"max_dt \(--max-dt\) must be in \(0, 1\]"),
+                         (dict(small_share=0.3, small_max=0.2), r"small_max \(--dt-small-max\) must be in"),
+                         (dict(small_share=0.8, zero_share=0.3), "small_share \\+ zero_share must be <= 1"),
+                         (dict(zero_share=-0.1), "zero_share must be in")]:
+        with pytest.raises(FlowTurboError, match=message):
+            DtDistribution(**bad)
+    assert DtDistribution(max_dt=0.03).small_max == 0.05  # small_max only matters with a small share
+    with pytest.raises(FlowTurboError, match="unknown keys"):
+        DtDistribution.from_dict({"max_dt": 0.5, "mean": 1})
+    with pytest.raises(FlowTurboError, match="--teacher-cache-batches N"):
+        TeacherCacheConfig(batches=0, reuse=2)
+
+
+class _CountingSamples:
+    """make() for TeacherSampleBatches: 'teacher samples' that remember which data rows they came from."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def __call__(self, batch):
+        self.calls += 1
+        x1, labels = batch
+        n = x1.shape[0]
+        return TeacherSamples(x1, torch.rand(n), torch.rand(n), -x1, 2 * x1, labels)
+
+
+def _batches(data, cache, make):
+    from flowturbo.training.trainers.common import DistContext, TensorBatches
+
+    ctx = DistContext(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"))
+    source = TensorBatches(data, 4, ctx, seed=3)
+    return TeacherSampleBatches(source, make, cache, torch.device("cpu"))
+
+
+def test_teacher_cache_reuses_every_sample_and_resumes_exactly() -> None:
+    rows = torch.arange(40, dtype=torch.float32).view(40, 1, 1, 1) * torch.ones(40, 2, 3, 3)
+    data = (rows, torch.arange(40) % 3)
+    make = _CountingSamples()
+    batches = _batches(data, TeacherCacheConfig(batches=5, reuse=3), make)
+    torch.manual_seed(1)
+    drawn = [batches.next_batch() for _ in range(13)]
+    assert make.calls == 5 + 4  # the pool, then one batch recomputed every 3 steps (steps 4, 7, 10, 13)
+    for x_next, _t, _dt, v_t, target, _labels in drawn:
+        ids = x_next[:, 0, 0, 0]
+        assert ids.unique().numel() == 4  # drawn from the pool without repeats
+        assert torch.equal(v_t, -x_next) and torch.equal(target, 2 * x_next)  # rows stay whole
+    state = batches.state_dict()
+    rng = torch.get_rng_state()
+    after = [batches.next_batch() for _ in range(4)]
+    again = _batches(data, TeacherCacheConfig(batches=5, reuse=3), _CountingSamples())
+    again.load_state_dict(state)
+    torch.set_rng_state(rng)
+    assert all(all(torch.equal(a, b) for a, b in zip(x, y)) for x, y in zip(after, [again.next_batch() for _ in range(4)]))
+    fresh = _CountingSamples()
+    no_cache = _batches(data, TeacherCacheConfig(), fresh)
+    [no_cache.next_batch() for _ in range(6)]
+    assert fresh.calls == 6  # no cache: every step its own teacher batch
 
 
 # ------------------------------------------------------------------------------------------- predictor
@@ -223,6 +322,90 @@ def test_refiner_resume_is_exact_with_an_official_style_teacher(gray_folder: Pat
     model, _ = load_autoencoder(ae_run)
     images, _ = unflipped_tensors(load_images(_images(gray_folder, flip=True)))
     torch.testing.assert_close(cache["latents"][n:], model.encode_latents(images.flip(-1)), **tol("model_fp32"))
+
+
+def test_dt_refiner_with_a_teacher_cache_resumes_exactly_and_records_its_range(pred_run: Path, ae_run: Path,
+                                                                             tmp_path: Path) -> None:
+    """A dt-conditioned refiner trained from a pool of teacher samples: a split run (resumed mid-way, the pool inside
+    the checkpoint) equals the straight run; the weights file records the dt distribution and ``train package``
+    carries it into the bundle's config.json."""
+    dist = DtDistribution(max_dt=0.5, small_share=0.3, small_max=0.1, zero_share=0.1)
+    base = RefinerTrainConfig(**{**REFINER_TRAIN_PRESETS["tiny"], "teacher": str(pred_run),
+                                 "data": saved_data_config(pred_run), "dt": dist, "dt_conditioning": True,
+                                 "cache": TeacherCacheConfig(batches=3, reuse=2)})
+    full_cfg = dataclasses.replace(base, loop=dataclasses.replace(base.loop, steps=5, ckpt_every=5))
+    short_cfg = dataclasses.replace(full_cfg, loop=dataclasses.replace(full_cfg.loop, steps=3))
+    quiet = dict(log=lambda _m: None)
+    full = train_refiner(full_cfg, tmp_path / "full", **quiet)
+    train_refiner(short_cfg, tmp_path / "split", **quiet)
+    assert load_checkpoint_state(latest_checkpoint(tmp_path / "split"))["data"]["pool"] is not None
+    train_refiner(full_cfg, tmp_path / "split", resume=True, **quiet)
+    a = load_checkpoint_state(latest_checkpoint(full))
+    b = load_checkpoint_state(latest_checkpoint(tmp_path / "split"))
+    assert len(a["losses"]) == 5 and a["losses"] == b["losses"]
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+    trained = read_trained_refiner(full)
+    assert trained.config.dt_conditioning and trained.dt == dist
+    assert any(k.startswith("dt_embedder.") for k in trained.state)
+    bundle = package_bundle(tmp_path / "bundle", predictor=pred_run, refiner=full, autoencoder=ae_run)
+    config = json.loads((tmp_path / "bundle" / "config.json").read_text())
+    assert config["refiner"]["dt_conditioning"] is True and config["refiner_dt"] == dist.to_dict()
+    assert load_bundle(tmp_path / "bundle").refiner_dt == dist == bundle.refiner_dt
+    # A new refiner around an existing bundle's decoder, encoder and class names (e.g. the embedded default's).
+    again = package_bundle(tmp_path / "again", predictor=pred_run, refiner=full, decoder_bundle=tmp_path / "bundle",
+                           variant="mse")
+    latents = torch.randn(2, *LATENT_SHAPE, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.equal(again.decoder.decode(latents), bundle.decoder.select_variant("mse").decode(latents))
+    assert again.class_names == bundle.class_names and again.encoder is not None and again.refiner_dt == dist
+    # Starting a dt refiner from a refiner without dt is exact (its dt embedding starts at zero output) ...
+    plain = tmp_path / "plain"
+    train_refiner(dataclasses.replace(base, dt_conditioning=False, cache=TeacherCacheConfig(),
+                                      loop=dataclasses.replace(base.loop, steps=1)), plain, **quiet)
+    from flowturbo.training.models import RefinerConfig, VelocityRefiner
+    from flowturbo.training.trainers.refiner import initial_refiner
+
+    started = initial_refiner(dataclasses.replace(base, init_from=str(plain)), trained.config).eval()
+    official = VelocityRefiner(read_trained_refiner(plain).config)
+    official.load_state_dict(read_trained_refiner(plain).state)
+    x = torch.randn(2, *LATENT_SHAPE, generator=torch.Generator().manual_seed(3))
+    t, y = torch.tensor([0.2, 0.7]), torch.tensor([0, 2])
+    with torch.no_grad():
+        assert torch.equal(started(x, t, y, x, torch.tensor([0.0, 0.4])), official.eval()(x, t, y, x))
+    # ... the reverse is refused, naming the flag.
+    with pytest.raises(CheckpointError, match="train with --dt-conditioning"):
+        initial_refiner(dataclasses.replace(base, init_from=str(full)), RefinerConfig.from_dict(
+            {**trained.config.to_dict(), "dt_conditioning": False}))
+
+
+def test_refiner_cli_dt_flags_are_validated_together(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    """The dt flags of one dataclass are applied together (a preset's small_max above a new --max-dt is not an
+    error when --dt-small-max comes with it); bad values are one error line, exit 2, before any data is read."""
+    from flowturbo.training.train_cli import (
+        REFINER_CACHE_OPTIONS,
+        REFINER_DT_OPTIONS,
+        REFINER_OPTIONS,
+        _add_options,
+        build_config,
+    )
+
+    parser = argparse.ArgumentParser()
+    options = REFINER_OPTIONS + REFINER_DT_OPTIONS + REFINER_CACHE_OPTIONS
+    _add_options(parser, "refiner", options)
+    parser.add_argument("--preset", default="fashion-mnist-dt")
+    args = parser.parse_args(["--teacher", "t.pt", "--max-dt", "0.08", "--dt-small-max", "0.02",
+                              "--no-dt-conditioning", "--teacher-reuse", "2"])
+    config = build_config(RefinerTrainConfig, REFINER_TRAIN_PRESETS, args, options)
+    assert (config.dt.max_dt, config.dt.small_max, config.dt.small_share) == (0.08, 0.02, 0.3)
+    assert config.dt_conditioning is False and config.cache == TeacherCacheConfig(batches=32, reuse=2)
+    for flags, message in [(["--max-dt", "1.5"], "max_dt (--max-dt) must be in (0, 1]"),
+                           (["--teacher-cache-batches", "0", "--teacher-reuse", "3"], "--teacher-cache-batches N"),
+                           (["--dt-small-share", "0.9", "--dt-zero-share", "0.2"], "small_share + zero_share")]:
+        code = cli_main(["train", "refiner", "--teacher", str(tmp_path / "t.pt"), "--out", str(tmp_path / "r"),
+                         *flags])
+        err = capsys.readouterr().err
+        assert code == 2 and message in err and err.count("error:") == 1
+    assert not (tmp_path / "r").exists()
 
 
 def test_refiner_refuses_a_teacher_that_does_not_fit(gray_folder: Path, ae_run: Path, tmp_path: Path) -> None:

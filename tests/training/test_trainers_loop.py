@@ -106,6 +106,22 @@ def test_existing_run_needs_resume_and_changed_config_needs_force(tmp_path: Path
     assert result.step == 3
 
 
+@dataclass(frozen=True)
+class ToyConfigWithOption(ToyConfig):
+    """ToyConfig with a field added later whose None keeps the old behaviour (as LatentDataConfig.encoder_bundle)."""
+
+    option: str | None = None
+
+
+def test_a_field_added_later_at_none_does_not_block_resume(tmp_path: Path) -> None:
+    short = ToyConfig(loop=replace(ToyConfig().loop, steps=2))
+    train_toy(tmp_path, short)
+    later = ToyConfigWithOption(loop=replace(short.loop, steps=3))
+    assert train_toy(tmp_path, later, resume=True).step == 3  # "option: (absent) -> null" is no change
+    with pytest.raises(FlowTurboError, match=r'option: null -> "x"'):
+        train_toy(tmp_path, replace(later, option="x", loop=replace(later.loop, steps=4)), resume=True)
+
+
 def test_nan_loss_stops_keeps_last_good_checkpoint_and_names_the_step(tmp_path: Path) -> None:
     calls = {"n": 0}
 

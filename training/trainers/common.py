@@ -67,7 +67,7 @@ PRECISIONS = ("auto", "fp32", "bf16")
 SEED_LIMIT = 2**63  # seeds are in [0, 2^63) (torch generators take signed 64-bit seeds)
 # Config fields that decide the shapes of the trained weights: a resume may not change them, even with --force.
 ARCHITECTURE_FIELDS = frozenset(
-    {"model", "learn_sigma", "refiner_depth", "model.latent_channels", "model.base_channels", "model.channel_mult",
+    {"model", "learn_sigma", "refiner_depth", "dt_conditioning", "model.latent_channels", "model.base_channels", "model.channel_mult",
      "model.num_res_blocks", "model.norm_groups", "model.image_channels"}
 )
 DEVICES = ("auto", "cpu", "cuda")
@@ -637,7 +637,9 @@ def _check_resume_config(out_dir: Path, config: Any, force: bool, log: Callable[
     except (OSError, ValueError, AttributeError) as exc:
         raise CheckpointError(f"cannot read {path} ({exc}); the run folder is damaged: start a new run") from None
     mutable = resume_mutable_fields(config)
-    changes = [c for c in config_changes(saved, config_to_dict(config)) if c.split(":", 1)[0] not in mutable]
+    # A field added after the run started, at None (its "off" value), is not a change: the run behaved that way.
+    changes = [c for c in config_changes(saved, config_to_dict(config))
+               if c.split(":", 1)[0] not in mutable and not c.endswith(": (absent) -> null")]
     shape_changes = [c for c in changes if c.split(":", 1)[0] in ARCHITECTURE_FIELDS]
     if shape_changes:
         raise FlowTurboError(

@@ -68,13 +68,15 @@ class ImageDataConfig:
 class LatentDataConfig:
     """Images plus the encoder that turns them into the latents a generator is trained on.
 
-    Exactly one of ``autoencoder`` (our autoencoder: run folder or ``autoencoder.safetensors``) and ``vae``
-    (a diffusers AutoencoderKL folder) must be set.
+    Exactly one of ``autoencoder`` (our autoencoder: run folder or ``autoencoder.safetensors``), ``vae``
+    (a diffusers AutoencoderKL folder) and ``encoder_bundle`` (a sampling bundle folder: the image encoder it
+    carries for inpainting, e.g. the embedded default's, to train a refiner for a bundle's predictor) must be set.
     """
 
     images: ImageDataConfig = ImageDataConfig()
     autoencoder: str | None = None
     vae: str | None = None
+    encoder_bundle: str | None = None
     vae_latent_scale: float | None = None  # None: the VAE config's scaling_factor (0.18215 for SD-VAE)
     pre_encode: bool = True
     encode_batch_size: int = 256
@@ -231,15 +233,23 @@ def load_diffusers_vae(path: str | Path, device: torch.device | str, latent_scal
 
 
 def load_encoder(config: LatentDataConfig, device: torch.device | str) -> _BundleEncoder:
-    """The latent encoder named by ``config`` (exactly one of ``autoencoder`` / ``vae``)."""
-    if (config.autoencoder is None) == (config.vae is None):
+    """The latent encoder named by ``config`` (exactly one of ``autoencoder`` / ``vae`` / ``encoder_bundle``)."""
+    if sum(source is not None for source in (config.autoencoder, config.vae, config.encoder_bundle)) != 1:
         raise FlowTurboError(
-            "give exactly one latent encoder: --autoencoder (a `train autoencoder` run) or --vae (a diffusers "
-            "AutoencoderKL folder)"
+            "give exactly one latent encoder: --autoencoder (a `train autoencoder` run), --vae (a diffusers "
+            "AutoencoderKL folder) or --encoder-bundle (a bundle folder with an encoder)"
         )
     if config.autoencoder is not None:
         encoder = FlowTurboAutoencoderEncoder.from_autoencoder_file(config.autoencoder)
         return encoder.to(device).eval().requires_grad_(False)
+    if config.encoder_bundle is not None:
+        from flowturbo.training.encoders import load_encoder as load_bundle_encoder
+
+        found = load_bundle_encoder(config.encoder_bundle, device=device)
+        if found is None:
+            raise FlowTurboError(f"--encoder-bundle {config.encoder_bundle} has no encoder (its config.json has no "
+                                 "'encoder' entry); give --autoencoder or --vae instead")
+        return found.requires_grad_(False)
     return load_diffusers_vae(config.vae, device, config.vae_latent_scale)  # type: ignore[arg-type]
 
 
@@ -285,7 +295,7 @@ def _cache_key(config: LatentDataConfig, num_images: int) -> str:
     (Edits inside an image folder that keep the count are not detected: delete ``latents.pt`` after them.)
     """
     blob = json.dumps({"images": dataclasses.asdict(config.images), "num_images": num_images,
-                       "autoencoder": config.autoencoder, "vae": config.vae,
+                       "autoencoder": config.autoencoder, "vae": config.vae, "encoder_bundle": config.encoder_bundle,
                        "vae_latent_scale": config.vae_latent_scale, "encoder": _encoder_fingerprint(config)},
                       sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()
@@ -296,6 +306,9 @@ def _encoder_fingerprint(config: LatentDataConfig) -> list[str]:
     if config.autoencoder is not None:
         path = Path(config.autoencoder)
         files = [path / AUTOENCODER_FILE if path.is_dir() else path]
+    elif config.encoder_bundle is not None:
+        folder = Path(config.encoder_bundle)  # its config.json (the encoder entry) and every weights file
+        files = sorted(p for p in folder.iterdir() if p.is_file() and p.suffix in (".json", ".safetensors"))
     else:
         folder = Path(config.vae or "")
         files = sorted(p for p in folder.iterdir() if p.is_file()) if folder.is_dir() else []

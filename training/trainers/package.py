@@ -1,10 +1,13 @@
 """Assemble trained parts into a bundle (``flowturbo train package``): EMA weights throughout.
 
 Predictor: a ``train predictor`` run folder, checkpoint folder or ``predictor.safetensors``, or an official
-SiT ``.pt``. Refiner (optional): a ``train refiner`` run / file, or an official FlowTurbo refiner ``.pt``.
+SiT ``.pt``. Refiner (optional): a ``train refiner`` run / file (its trained dt distribution is carried into
+``config.json`` as ``refiner_dt``), or an official FlowTurbo refiner ``.pt`` (no record).
 Decoder: our autoencoder (``train autoencoder`` run folder or ``autoencoder.safetensors``; both decoder
-variants stored, ``variant`` active by default) or a diffusers AutoencoderKL folder. Encoder (for inpainting and
-editing): always included — the same autoencoder's encoder, or the AutoencoderKL folder's.
+variants stored, ``variant`` active by default), a diffusers AutoencoderKL folder, or an existing bundle's
+(``decoder_bundle``: its decoder with every variant, its encoder and class names, e.g. to give the embedded default
+a new refiner). Encoder (for inpainting and editing): always included — the same autoencoder's encoder, the
+AutoencoderKL folder's, or the bundle's.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from flowturbo.training.bundle import (
     DEFAULT_SCHEDULE_WITHOUT_REFINER,
     Bundle,
     BundleDefaults,
+    load_bundle_image_parts,
     save_bundle,
 )
 from flowturbo.training.checkpoints import load_refiner_checkpoint, load_sit_checkpoint
@@ -35,7 +39,8 @@ def package_bundle(
     refiner: str | Path | None = None,
     autoencoder: str | Path | None = None,
     vae: str | Path | None = None,
-    variant: str = "ema",
+    decoder_bundle: str | Path | None = None,
+    variant: str | None = None,
     schedule: str | None = None,
     cfg: float | None = None,
     guidance_channels: int | None = None,
@@ -45,7 +50,10 @@ def package_bundle(
     wait: bool = False,
 ) -> Bundle:
     """Build a :class:`Bundle` from trained parts (predictor, optional refiner, decoder, and the encoder that
-    belongs to the decoder, for inpainting and editing), save it to ``out`` (atomically) and return it."""
+    belongs to the decoder, for inpainting and editing), save it to ``out`` (atomically) and return it.
+
+    ``variant`` picks the active decoder variant (``ema``/``mse``; None: ``ema`` for an autoencoder run, the
+    bundle's own for ``decoder_bundle``)."""
     from flowturbo.fileio import check_replaceable, check_writable_target
 
     check_writable_target(out)  # before loading any weights
@@ -59,40 +67,46 @@ def package_bundle(
         sit = load_sit_checkpoint(state, predictor_config)
     else:
         sit, names = load_sit_checkpoint(predictor, trust_pickle=trust_pickle), None
-    ref = None
+    ref, refiner_dt = None, None
     if refiner is not None:
         ours_ref = read_trained_refiner(refiner)
-        if ours_ref is not None:
-            ref = load_refiner_checkpoint(ours_ref[0], ours_ref[1])
-        else:
+        if ours_ref is not None:  # ours: its trained dt distribution goes into config.json (refiner_dt)
+            ref, refiner_dt = load_refiner_checkpoint(ours_ref.state, ours_ref.config), ours_ref.dt
+        else:  # official: no record (the runtime assumes the paper's dt <= 0.12)
             ref = load_refiner_checkpoint(refiner, trust_pickle=trust_pickle)
-    decoder = _decoder(autoencoder, vae, variant)
-    encoder = _encoder(autoencoder, vae)
+    decoder, encoder, bundle_names = _image_parts(autoencoder, vae, decoder_bundle, variant)
+    names = names if names is not None else bundle_names
     defaults = BundleDefaults(
         schedule=schedule or (DEFAULT_SCHEDULE if ref is not None else DEFAULT_SCHEDULE_WITHOUT_REFINER),
         cfg=DEFAULT_CFG if cfg is None else cfg,
         guidance_channels=guidance_channels,
     )
     bundle = Bundle(sit.eval(), None if ref is None else ref.eval(), decoder.eval(),
-                    class_names if class_names is not None else names, defaults, encoder.eval())
+                    class_names if class_names is not None else names, defaults,
+                    None if encoder is None else encoder.eval(), refiner_dt)
     save_bundle(bundle, out, overwrite=overwrite, wait=wait)
     return bundle
 
 
-def _decoder(autoencoder: str | Path | None, vae: str | Path | None, variant: str) -> LatentDecoder:
-    if (autoencoder is None) == (vae is None):
-        raise FlowTurboError("give exactly one decoder: --autoencoder (a `train autoencoder` run) or --vae "
-                             "(a diffusers AutoencoderKL folder)")
+def _image_parts(autoencoder: str | Path | None, vae: str | Path | None, decoder_bundle: str | Path | None,
+                 variant: str | None) -> tuple[LatentDecoder, LatentEncoder | None, list[str] | None]:
+    """The decoder, the encoder that belongs to it and (from a bundle) class names, from exactly one source."""
+    if sum(source is not None for source in (autoencoder, vae, decoder_bundle)) != 1:
+        raise FlowTurboError("give exactly one decoder: --autoencoder (a `train autoencoder` run), --vae (a diffusers "
+                             "AutoencoderKL folder) or --decoder-bundle (an existing bundle's decoder and encoder)")
     if autoencoder is not None:
-        return autoencoder_decoder(autoencoder, variant)
-    if variant != "ema":
+        decoder = autoencoder_decoder(autoencoder, variant or "ema")
+        return decoder, FlowTurboAutoencoderEncoder.from_autoencoder_file(autoencoder), None
+    if decoder_bundle is not None:
+        decoder, encoder, names = load_bundle_image_parts(decoder_bundle)
+        if variant is not None:
+            select = getattr(decoder, "select_variant", None)
+            if select is None:
+                raise FlowTurboError(f"--variant {variant}: the decoder of {decoder_bundle} ({decoder.decoder_type}) "
+                                     "has no variants; drop --variant")
+            decoder = select(variant)
+        return decoder, encoder, names
+    if variant not in (None, "ema"):
         raise FlowTurboError("--variant applies to our autoencoder; for a diffusers VAE pick the folder "
                              "(sd-vae-ft-ema or sd-vae-ft-mse) instead")
-    return DiffusersVAEDecoder.from_folder(vae)  # type: ignore[arg-type]
-
-
-def _encoder(autoencoder: str | Path | None, vae: str | Path | None) -> LatentEncoder:
-    """The encoder that belongs to the decoder: the autoencoder run's own, or the AutoencoderKL folder's."""
-    if autoencoder is not None:
-        return FlowTurboAutoencoderEncoder.from_autoencoder_file(autoencoder)
-    return DiffusersVAEEncoder.from_folder(vae)  # type: ignore[arg-type]
+    return DiffusersVAEDecoder.from_folder(vae), DiffusersVAEEncoder.from_folder(vae), None  # type: ignore[arg-type]
