@@ -183,8 +183,8 @@ def _weights_path(folder: str | os.PathLike[str], config: Mapping[str, Any], wha
     if not path.is_file():
         raise CheckpointError(
             f"bundle {folder} declares an encoder ({what}) but has no weights file {name}; "
-            "copy the encoder weights there or repackage the bundle with `flowturbo train package` (the bundle "
-            "still samples without them)"
+            "copy the encoder weights there or repackage the bundle with flowturbo's train package command (the "
+            "bundle still samples without them)"
         )
     return path
 
