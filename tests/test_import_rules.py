@@ -1,7 +1,8 @@
 """The one-way import rule (DESIGN.md §3): kernels -> training -> export -> runtime.
 
 A module may import from its own layer, the layers to its left, and the pure-data root modules
-(``flowturbo``, ``flowturbo.schedule``, ``flowturbo.errors``, ``flowturbo.fileio``, ``flowturbo.integrator``) — never
+(``flowturbo``, ``flowturbo.schedule``, ``flowturbo.errors``, ``flowturbo.fileio``, ``flowturbo.integrator``,
+``flowturbo.cliargs``, ``flowturbo.imageio``, ...) — never
 from a layer to its right.
 ``runtime/`` loads artifacts without importing training/export code, except through the documented entry
 points listed in RUNTIME_TRAINING_ENTRY_POINTS (the pure-PyTorch backend and the CLI that registers the
@@ -16,7 +17,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ["kernels", "training", "export", "runtime"]
 ROOT_MODULES = {"flowturbo", "flowturbo.schedule", "flowturbo.errors", "flowturbo.fileio", "flowturbo.integrator",
-                "flowturbo.dtypes", "flowturbo.noise", "flowturbo._C"}
+                "flowturbo.dtypes", "flowturbo.noise", "flowturbo._C", "flowturbo.cliargs", "flowturbo.imageio"}
 # Root files that are entry points, not data: each may import exactly the modules listed (inside a function),
 # nothing else from any layer. `python -m flowturbo` must reach the CLI of the runtime layer.
 ROOT_ENTRY_POINTS = {"flowturbo/__main__.py": {"flowturbo.runtime.cli"}}

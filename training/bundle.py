@@ -27,7 +27,7 @@ from typing import Any
 import torch
 
 from flowturbo.errors import CheckpointError, FlowTurboError
-from flowturbo.fileio import OutputFolder, json_text
+from flowturbo.fileio import OutputFolder, check_kind, json_text
 from flowturbo.kernels import KernelBackend
 from flowturbo.schedule import SamplingSchedule, StepKind
 from flowturbo.training.checkpoints import load_refiner_checkpoint, load_sit_checkpoint
@@ -83,6 +83,12 @@ class BundleDefaults:
         if unknown:
             raise FlowTurboError(f"unknown bundle defaults keys {unknown}; valid: schedule, cfg, guidance_channels")
         return cls(**data)
+
+
+OFFICIAL_GUIDANCE_CHANNELS = 3  # official SiT/FlowTurbo code guides 3 of 4 latent channels (DESIGN.md §2)
+# The official SiT family's defaults: every bundle made from its checkpoints, every export of such a bundle and
+# `flowturbo sample --predictor` guide as the released sampler does.
+OFFICIAL_SIT_DEFAULTS = BundleDefaults(guidance_channels=OFFICIAL_GUIDANCE_CHANNELS)
 
 
 @dataclasses.dataclass
@@ -205,6 +211,7 @@ def save_bundle(bundle: Bundle, folder: str | os.PathLike[str], *, overwrite: bo
     """
     _check_consistency(bundle)
     target = Path(folder)
+    check_kind(target, command="train package")  # never another kind of output, whatever `overwrite` says
     if target.exists() and not overwrite:
         raise FlowTurboError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
     with OutputFolder(target, command="train package", what="bundle", wait=wait) as out, out.staging() as staging:

@@ -16,6 +16,7 @@ from flowturbo.training.bundle import (
     DEFAULT_CFG,
     DEFAULT_SCHEDULE,
     DEFAULT_SCHEDULE_WITHOUT_REFINER,
+    OFFICIAL_SIT_DEFAULTS,
     Bundle,
     BundleDefaults,
     save_bundle,
@@ -26,6 +27,8 @@ from flowturbo.training.encoders import DiffusersVAEEncoder, FlowTurboAutoencode
 from flowturbo.training.trainers.autoencoder import autoencoder_decoder
 from flowturbo.training.trainers.predictor import read_trained_predictor
 from flowturbo.training.trainers.refiner import read_trained_refiner
+
+PACKAGE_COMMAND = "train package"
 
 
 def package_bundle(
@@ -45,20 +48,27 @@ def package_bundle(
     wait: bool = False,
 ) -> Bundle:
     """Build a :class:`Bundle` from trained parts (predictor, optional refiner, decoder, and the encoder that
-    belongs to the decoder, for inpainting and editing), save it to ``out`` (atomically) and return it."""
-    from flowturbo.fileio import check_replaceable, check_writable_target
+    belongs to the decoder, for inpainting and editing), save it to ``out`` (atomically) and return it.
+
+    The model family's defaults travel into the bundle: official SiT checkpoints guide 3 of their 4 latent
+    channels (:data:`flowturbo.training.bundle.OFFICIAL_SIT_DEFAULTS`), as the released sampler and ``flowturbo
+    sample --predictor`` do; ``guidance_channels`` overrides. ``out`` must not be another kind of flowturbo
+    output (a training run, an export, ...), whatever ``overwrite`` says."""
+    from flowturbo.fileio import check_kind, check_replaceable, check_writable_target
 
     check_writable_target(out)  # before loading any weights
+    check_kind(out, command=PACKAGE_COMMAND)  # another kind of output is never replaced, --overwrite or not
     if Path(out).exists():
         if not overwrite:
             raise FlowTurboError(f"{out} already exists; pass --overwrite to replace it")
-        check_replaceable(out, "bundle")
+        check_replaceable(out, "bundle", command=PACKAGE_COMMAND)
     ours = read_trained_predictor(predictor)
     if ours is not None:
         state, predictor_config, names = ours
         sit = load_sit_checkpoint(state, predictor_config)
     else:
         sit, names = load_sit_checkpoint(predictor, trust_pickle=trust_pickle), None
+    family = BundleDefaults() if ours is not None else OFFICIAL_SIT_DEFAULTS  # the family's defaults travel along
     ref = None
     if refiner is not None:
         ours_ref = read_trained_refiner(refiner)
@@ -71,7 +81,7 @@ def package_bundle(
     defaults = BundleDefaults(
         schedule=schedule or (DEFAULT_SCHEDULE if ref is not None else DEFAULT_SCHEDULE_WITHOUT_REFINER),
         cfg=DEFAULT_CFG if cfg is None else cfg,
-        guidance_channels=guidance_channels,
+        guidance_channels=family.guidance_channels if guidance_channels is None else guidance_channels,
     )
     bundle = Bundle(sit.eval(), None if ref is None else ref.eval(), decoder.eval(),
                     class_names if class_names is not None else names, defaults, encoder.eval())
