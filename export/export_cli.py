@@ -84,6 +84,12 @@ def check_export_args(args: argparse.Namespace) -> None:
                              "batch of 8 is 8:8:8)")
     if not DEVICE_SYNTAX.match(args.device):
         raise FlowTurboError(f"unknown --device {args.device!r}; use cpu, cuda or cuda:N")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise FlowTurboError(f"--device {args.device}: this machine has no CUDA GPU (or this torch has no CUDA); "
+                                 "export with --device cpu, or run on a GPU machine")
     check_writable_target(args.out)
     check_replaceable(args.out, "export directory", command="export")
 

@@ -248,17 +248,18 @@ def run_command(parser: argparse.ArgumentParser, argv: Sequence[str], command_of
         return exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 2)
     if before is not None:
         before()
+    command = command_of(args)
     try:
-        if other_rank_exits(command_of(args)):
+        if other_rank_exits(command):
             return 0
         with stop_cleanly_on_sigterm():
             check_path_arguments(args)
             return int(args.handler(args) or 0)
     except Terminated as exc:
-        print(f"flowturbo {args.command}: error: {exc}", file=sys.stderr)
+        print(f"flowturbo {command}: error: {exc}", file=sys.stderr)
         return SIGTERM_EXIT_STATUS
     except FlowTurboError as exc:
-        print(f"flowturbo {args.command}: error: {exc}", file=sys.stderr)
+        print(f"flowturbo {command}: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)

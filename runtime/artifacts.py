@@ -37,7 +37,7 @@ EXPORT_FORMAT = "flowturbo.export/1"
 MANIFEST_FILE = "manifest.json"
 BATCH_AXIS = "batch"
 # The fix when no command can be built (the directory's own manifest is unreadable): what to do, in words.
-REEXPORT = ("re-export the directory: run the `flowturbo export` command it was built with again (its manifest.json "
+REEXPORT = ("re-export the directory: run the flowturbo export command it was built with again (its manifest.json "
             "records it under \"command\") with --overwrite")
 # The graphs each variant consists of, by role (the refiner only when the schedule has R steps).
 VARIANT_ROLES = {"time-input": ("predictor", "refiner", "decoder"), "per-step": ("predictor", "refiner", "decoder"),
@@ -451,7 +451,7 @@ def load_artifacts(
         diffs = _differences(manifest, expect)
         if diffs:
             raise CheckpointError(
-                f"{root} was exported for something else; re-export with `flowturbo export` or pick the right "
+                f"{root} was exported for something else; re-export it (flowturbo export) or pick the right "
                 "directory:\n  " + "\n  ".join(diffs)
             )
     verify_files(root, manifest, checksums=verify)

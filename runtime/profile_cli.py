@@ -84,7 +84,7 @@ def _check_args(args: argparse.Namespace) -> None:
         if args.model is not None:
             raise FlowTurboError("--artifacts already holds the model; drop --model")
         if args.dtype is not None:
-            raise FlowTurboError("--dtype is fixed when exporting (`flowturbo export --precision`); drop --dtype")
+            raise FlowTurboError("--dtype is fixed when exporting (flowturbo export --precision); drop --dtype")
     elif args.artifacts is not None:
         raise FlowTurboError("--artifacts needs --backend onnxruntime, aoti, tensorrt or cpp (pytorch runs --model)")
 

@@ -188,8 +188,8 @@ def _check_consistency(bundle: Bundle) -> None:
         raise FlowTurboError(
             f"default schedule {bundle.defaults.schedule!r} has refiner (R) steps but the bundle has no refiner; "
             f"give the bundle a default schedule without R, e.g. BundleDefaults(schedule="
-            f"{DEFAULT_SCHEDULE_WITHOUT_REFINER!r}) (`flowturbo train package --schedule "
-            f"{DEFAULT_SCHEDULE_WITHOUT_REFINER}`), or add a refiner"
+            f"{DEFAULT_SCHEDULE_WITHOUT_REFINER!r}) (flowturbo train package --schedule "
+            f"{DEFAULT_SCHEDULE_WITHOUT_REFINER}), or add a refiner"
         )
 
 
@@ -298,8 +298,8 @@ def load_bundle(
             raise CheckpointError(
                 f"bundle {root} is inconsistent: its default schedule {defaults.schedule!r} has refiner (R) steps "
                 f"but it has no refiner; set \"defaults\": {{\"schedule\": \"{DEFAULT_SCHEDULE_WITHOUT_REFINER}\"}} "
-                f"in {root / CONFIG_FILE} (or any schedule without R), or add the refiner (`flowturbo train package "
-                f"--refiner ...`)"
+                f"in {root / CONFIG_FILE} (or any schedule without R), or add the refiner (flowturbo train package "
+                f"--refiner RUN)"
             ) from exc
         raise CheckpointError(f"bundle {root} is inconsistent: {exc}") from exc
 

@@ -494,8 +494,8 @@ def missing_encoder_error(bundle_dir: str | os.PathLike[str], what: str = "this 
                                f"{bundle_dir} was loaded (its files have changed since): load it again")
     return FlowTurboError(
         f"{what} needs an image encoder, but the bundle {bundle_dir} has none (no 'encoder' entry in its "
-        f"{BUNDLE_CONFIG_FILE}); repackage it with `flowturbo train package` (which includes the autoencoder's "
-        "encoder) or train one against its decoder with flowturbo.training.trainers.encoder"
+        f"{BUNDLE_CONFIG_FILE}); repackage it with flowturbo's train package command (which includes the "
+        "autoencoder's encoder) or train one against its decoder with flowturbo.training.trainers.encoder"
     )
 
 
