@@ -537,9 +537,11 @@ def _locked_ancestor(folder: Path) -> Path | None:
     return None
 
 
-def add_owned(folder: str | os.PathLike[str], paths: Iterable[str | os.PathLike[str]], command: str = "") -> None:
+def add_owned(folder: str | os.PathLike[str], paths: Iterable[str | os.PathLike[str]], command: str = "",
+              kind: str | None = None) -> None:
     """Add ``paths`` (paths as the OS reads them: absolute, or relative to the working folder, e.g.
-    ``folder / "x"``) to ``folder``'s ownership record (created if absent).
+    ``folder / "x"``) to ``folder``'s ownership record (created if absent; ``kind`` names the kind of a new
+    record, see :func:`write_ownership`).
 
     A record inside a target this process is writing (holds the lock of) is listed in that target's record in
     turn, so the target's record vouches for it (see :func:`unknown_entries`): a training run's
@@ -550,7 +552,7 @@ def add_owned(folder: str | os.PathLike[str], paths: Iterable[str | os.PathLike[
     new = {_relative(folder, p) for p in paths}
     files = (old.files if old else frozenset()) | new
     if old is None or not new <= old.files:
-        kind = (old.kind or None) if old else None
+        kind = (old.kind or None) if old else kind
         write_ownership(folder, files, command or (old.command if old else ""), kind=kind)
     ancestor = _locked_ancestor(folder)  # (also for a record an older flowturbo left unlisted: resumed runs)
     if ancestor is not None:
@@ -1163,9 +1165,8 @@ def owned_run_folder(folder: str | os.PathLike[str], *, command: str, wait: bool
             yield folder
     except BaseException:
         for path in reversed(created):
-            if path == folder and set(os.listdir(path)) <= {OWNERSHIP_FILE}:
-                with contextlib.suppress(OSError):
-                    (path / OWNERSHIP_FILE).unlink()
+            if path == folder and all(Path(f).name == OWNERSHIP_FILE for f in list_files(path)):
+                shutil.rmtree(path, ignore_errors=True)  # this run's folder, holding nothing but its records
             with contextlib.suppress(OSError):
                 path.rmdir()
         raise

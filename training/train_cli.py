@@ -258,6 +258,7 @@ def _trainer_command(cls_name: str, presets_name: str, train_name: str,
 
         cls, presets, train = (getattr(trainers, n) for n in (cls_name, presets_name, train_name))
         config = build_config(cls, presets, args, options)
+        check_inputs_exist(config)
         with _locked_run_folder(args.out, f"train {args.train_command}", args.wait, args.resume):
             out = train(config, args.out, resume=args.resume, force=args.force)
         if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
@@ -265,6 +266,22 @@ def _trainer_command(cls_name: str, presets_name: str, train_name: str,
         return 0
 
     return run
+
+
+# Config fields naming files or folders a trainer reads, with the flag that sets them: checked to exist before
+# anything runs (a trainer encodes its whole dataset before it loads the teacher, say).
+INPUT_FIELDS = (("teacher", "--teacher"), ("data.autoencoder", "--autoencoder"), ("data.vae", "--vae"))
+
+
+def check_inputs_exist(config: Any) -> None:
+    """Refuse a training config whose teacher / autoencoder / VAE path does not exist, before any work."""
+    for path, flag in INPUT_FIELDS:
+        value: Any = config
+        for name in path.split("."):
+            value = getattr(value, name, None)
+        if isinstance(value, str) and value and not os.path.exists(value):
+            raise FlowTurboError(f"{flag} {value} not found; check the path (a run folder, a file, or for --vae a "
+                                 "diffusers AutoencoderKL folder)")
 
 
 def _locked_run_folder(out: str, command: str, wait: bool, resume: bool) -> contextlib.AbstractContextManager:

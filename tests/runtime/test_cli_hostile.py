@@ -246,3 +246,17 @@ def test_one_sample_count_rule_one_number(capsys):
     assert check_sample_count(MIN_METRIC_SAMPLES, feature_dim=128) is None
     with pytest.raises(FlowTurboError, match="at least 2049 samples"):
         check_sample_count(MIN_METRIC_SAMPLES, feature_dim=2048)
+
+
+def test_a_missing_teacher_is_refused_before_the_dataset_is_encoded(tmp_path, capsys, monkeypatch):
+    """`train refiner` encodes its dataset before it loads the teacher: a typo in --teacher is caught first."""
+    from flowturbo.training.trainers import refiner
+
+    def encode(*args, **kwargs):
+        raise AssertionError("the dataset was prepared before the refusal")
+
+    monkeypatch.setattr(refiner, "prepare_latent_data", encode)
+    assert main(["train", "refiner", "--preset", "tiny", "--teacher", str(tmp_path / "runs" / "pred-typo"),
+                 "--out", str(tmp_path / "ref")]) == 2
+    one_error(capsys, f"--teacher {tmp_path / 'runs' / 'pred-typo'} not found")
+    assert list(tmp_path.iterdir()) == []

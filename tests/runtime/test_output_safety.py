@@ -371,3 +371,21 @@ def test_parse_error_hint_runs_as_printed(capsys):
     command = _printed_command(one_error(capsys, "--cfg must be a finite number >= 0"))
     assert command == ["flowturbo", "sample", "--help"]
     assert main(command[1:]) == 0
+
+
+def test_damaged_export_hint_keeps_encoder_batch_and_out(copy):
+    """The re-export hint after a damaged export dropped --with-encoder, the batch profile and --out (following it
+    failed again): it is built from the manifest and rebuilds the directory in place."""
+    from flowturbo.errors import CheckpointError
+    from flowturbo.runtime.artifacts import load_artifacts
+
+    export = copy("export")
+    target = export / "predictor_step.onnx"
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    target.write_bytes(bytes(data))
+    with pytest.raises(CheckpointError) as caught:
+        load_artifacts(export)
+    command = _printed_command(str(caught.value))
+    assert "--with-encoder" in command and ("--batch", "1:2:4") in zip(command, command[1:])
+    assert command[-3:] == ["--out", str(export), "--overwrite"]

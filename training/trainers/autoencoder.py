@@ -132,9 +132,9 @@ def train_autoencoder(config: AutoencoderTrainConfig, out_dir: str | Path, *, re
     """
     out_dir = Path(out_dir)
     fileio.check_kind(out_dir, kind=fileio.KIND_TRAINING_RUN)  # never into a bundle, an export, ... (kinds rule)
-    check_run_folder(out_dir / STAGE1_DIR, config, resume=resume, force=force, log=lambda _m: None)
     if not resume and out_dir.is_dir() and latest_checkpoint(out_dir / STAGE1_DIR) is None:
         fileio.check_replaceable(out_dir, "training run folder")  # a new run: nothing of the user's in it
+    check_run_folder(out_dir / STAGE1_DIR, config, resume=resume, force=force, log=lambda _m: None)
     ctx = setup_distributed(config.loop.device)
     try:
         say = log if ctx.is_main else (lambda _m: None)

@@ -48,7 +48,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from flowturbo import fileio
-from flowturbo.cliargs import SEED_LIMIT
+from flowturbo.cliargs import SEED_LIMIT, rank_from_env
 from flowturbo.errors import CheckpointError, FlowTurboError
 from flowturbo.fileio import atomic_write_bytes, atomic_write_json  # re-exported: many trainer call sites
 
@@ -663,7 +663,8 @@ def check_run_folder(out_dir: str | Path, config: Any, *, resume: bool, force: b
     changed architecture is refused even then); ``resume`` without a checkpoint to resume from is refused
     (unless ``resume_needs_run=False``: a later stage of a run that has not started yet). A new run refuses a
     folder holding anything flowturbo did not write. Trainers call this before expensive set-up (encoding a
-    dataset) so a mistake costs nothing.
+    dataset) so a mistake costs nothing. Then the run folder is created (rank 0) with an ownership record that
+    names it a training run, so the caches and weights the trainer adds are recorded as a run's.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
@@ -689,6 +690,8 @@ def check_run_folder(out_dir: str | Path, config: Any, *, resume: bool, force: b
         )
     if existing is not None:
         _check_resume_config(out_dir, config, force, log)
+    if rank_from_env() == 0 and fileio.read_ownership(out_dir) is None:  # the record names the kind from the start
+        fileio.add_owned(out_dir, [], kind=fileio.KIND_TRAINING_RUN)  # (listed by a locked run folder above it)
     return existing is not None
 
 
