@@ -12,6 +12,7 @@ import re
 import sys
 from pathlib import Path
 
+from flowturbo.cliargs import GUIDANCE_SCALE, POSITIVE_INT, input_path, int_in, output_path
 from flowturbo.errors import FlowTurboError
 
 DEFAULT_MODEL_SUBDIR = ("assets", "default_model")  # the embedded default, inside the runtime package folder
@@ -35,30 +36,36 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("export", help="export a model + schedule to ONNX / AOTInductor / TensorRT with a manifest")
     g = p.add_argument_group("what to export")
-    g.add_argument("--model", default=None, help="bundle folder (default: the embedded default model)")
-    g.add_argument("--schedule", default=None, help="schedule notation, preset, or a schedule JSON file such as "
-                                                   "flowturbo tune's recommended_schedule.json (default: the model's)")
+    g.add_argument("--model", default=None, type=input_path("--model"),
+                   help="bundle folder (default: the embedded default model)")
+    g.add_argument("--schedule", default=None, type=input_path("--schedule", suffix=".json"),
+                   help="schedule notation, preset, or a schedule JSON file such as flowturbo tune's "
+                        "recommended_schedule.json (default: the model's)")
     g.add_argument("--timesteps", default=None, help="custom time grid: comma-separated, increasing, from 0 to 1")
-    g.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
-    g.add_argument("--guidance-channels", type=int, default=None, help="guide only the first N latent channels")
+    g.add_argument("--cfg", type=GUIDANCE_SCALE, default=None, help="guidance scale (default: the model's)")
+    g.add_argument("--guidance-channels", type=POSITIVE_INT, default=None,
+                   help="guide only the first N latent channels")
     o = p.add_argument_group("how")
     o.add_argument("--batch", default="1:1:16", help="batch profile MIN:OPT:MAX in images (default 1:1:16)")
     o.add_argument("--format", default="onnx", help="comma-separated: onnx, aoti, tensorrt (default onnx)")
     o.add_argument("--precision", default="fp32", choices=PRECISIONS)
     o.add_argument("--variant", default=DEFAULT_VARIANT, choices=VARIANTS,
                    help=f"schedule specialisation (default {DEFAULT_VARIANT}; see BENCHMARKS.md)")
-    o.add_argument("--opset", type=int, default=DEFAULT_OPSET)
+    o.add_argument("--opset", type=POSITIVE_INT, default=DEFAULT_OPSET)
     o.add_argument("--device", default="cpu", help="cpu or cuda (AOTInductor / TensorRT build device)")
     o.add_argument("--kernels", default="reference", choices=["reference", "triton"],
                    help="reference: standard ops (every format); triton: our fused kernels compiled into "
                         "AOTInductor CUDA packages (--format aoti --device cuda)")
-    o.add_argument("--trt-opt-level", type=int, default=DEFAULT_OPTIMIZATION_LEVEL, help="TensorRT builder level 0..5")
+    o.add_argument("--trt-opt-level", type=int_in(0, 5), default=DEFAULT_OPTIMIZATION_LEVEL,
+                   help="TensorRT builder level 0..5")
     o.add_argument("--with-encoder", action="store_true",
                    help="also export the image encoder (for `flowturbo inpaint` / `edit --artifacts`)")
     o.add_argument("--no-validate", action="store_true", help="skip the parity check against eager PyTorch")
-    o.add_argument("--out", required=True, help="export directory (written atomically, sealed manifest.json last)")
-    o.add_argument("--overwrite", action="store_true", help="replace an export directory built for something else "
-                                                            "(only one holding nothing but flowturbo's own files)")
+    o.add_argument("--out", required=True, type=output_path("--out"),
+                   help="export directory (written atomically, sealed manifest.json last)")
+    o.add_argument("--overwrite", action="store_true",
+                   help="replace an export directory built for something else (only an export directory holding "
+                        "nothing but flowturbo's own files; never a bundle, a training run or another output)")
     o.add_argument("--wait", action="store_true",
                    help="if another flowturbo process is writing --out, wait for it instead of failing at once")
     p.set_defaults(handler=run_export)
@@ -77,8 +84,14 @@ def check_export_args(args: argparse.Namespace) -> None:
                              "batch of 8 is 8:8:8)")
     if not DEVICE_SYNTAX.match(args.device):
         raise FlowTurboError(f"unknown --device {args.device!r}; use cpu, cuda or cuda:N")
+    if args.device.startswith("cuda"):
+        import torch
+
+        if not torch.cuda.is_available():
+            raise FlowTurboError(f"--device {args.device}: this machine has no CUDA GPU (or this torch has no CUDA); "
+                                 "export with --device cpu, or run on a GPU machine")
     check_writable_target(args.out)
-    check_replaceable(args.out, "export directory")
+    check_replaceable(args.out, "export directory", command="export")
 
 
 def _parse_timesteps(text: str) -> list[float]:
@@ -124,7 +137,8 @@ def run_export(args: argparse.Namespace) -> int:
         validate=not args.no_validate, tensorrt_optimization_level=args.trt_opt_level, kernel_backend=args.kernels,
         with_encoder=args.with_encoder,
     )
-    result = export_bundle(bundle, request, args.out, source="embedded default" if args.model is None else str(folder),
+    source = "embedded default" if args.model is None else str(folder.resolve())  # re-export hints run anywhere
+    result = export_bundle(bundle, request, args.out, source=source,
                            command=" ".join(["flowturbo", *sys.argv[1:]]), overwrite=args.overwrite, wait=args.wait)
     manifest = result.manifest
     state = "up to date (reused)" if result.reused else "written"

@@ -104,7 +104,8 @@ def check_engine_metadata(found: dict[str, Any], expected: dict[str, Any], where
     diffs = metadata_differences(found, expected)
     if diffs:
         raise CheckpointError(
-            f"{where} was built for something else; rebuild it with `flowturbo export --format tensorrt`:\n  "
+            f"{where} was built for something else; rebuild it: export again with --format tensorrt and --overwrite:"
+            "\n  "
             + "\n  ".join(diffs)
         )
     if found.get("key") != engine_cache_key(found):

@@ -10,9 +10,24 @@ Pure Python (no torch), importable from every layer. It gives each writer (``sam
   target, ``.NAME.flowturbo-tmp-PID-XXXX``, and swaps it into place only when complete (an atomic exchange
   where the kernel offers ``renameat2(RENAME_EXCHANGE)``, else rename aside + rename + restore on failure).
 * **Ownership records**: every folder flowturbo creates holds ``.flowturbo-owned.json`` listing every file
-  flowturbo wrote there. An existing folder is replaced (or, for training runs, written into) only if every
+  flowturbo wrote there, the command that wrote them and the folder's *kind* (:data:`KINDS`: a sample-like
+  output of ``sample`` / ``inpaint`` / ``edit`` / ``profile``, an export, a tune output, an eval result, a
+  training run, a bundle). An existing folder is replaced (or, for training runs, written into) only if every
   entry in it is listed in that record; anything else is refused with an error naming the unknown entries, so
   a user's ``thesis.txt`` beside a ``run.json`` survives byte for byte.
+* **The kinds rule** (:func:`check_kind`): a command replaces only a folder of its own kind, and writes into a
+  training run only as the ``train`` command of that run (resume / force); a bundle, an export or a training
+  run is never replaced by another command, whatever flag is given. A record from an older flowturbo names no
+  kind: it is inferred from the command it names, else from the files (``manifest.json``: an export;
+  ``checkpoints/``: a training run; ``config.json`` + ``predictor.safetensors``: a bundle; ...), and a folder
+  whose kind cannot be told is refused.
+* **The input rule** (:func:`check_apart`): a command's output path (``--out``; ``tune``'s ``--export`` and
+  ``--cache``) that is, contains or lies inside one of its input paths, or another of its outputs, is refused
+  before any work, naming both (symlinks resolved for the comparison).
+* **No writing through links**: a symbolic link given as an output path is refused, naming where it points
+  (:func:`check_writable_target`); links among its parent folders are followed, as the kernel does.
+* **Disk full** (``ENOSPC`` / quota) while a staged folder is written ends in one :class:`FlowTurboError`
+  naming the target; the staging folder is removed and the previous content stays.
 * **A lock per target** (:func:`lock_target`): an advisory ``flock`` on ``.NAME.flowturbo-lock`` beside the
   target. A second writer fails at once with "another flowturbo process (pid N) is writing DIR", or waits
   (``--wait``). The lock file is removed when released.
@@ -62,6 +77,7 @@ TEMP_FILE_SUFFIX = ".flowturbo-tmp"  # .FILE.PID.XXXX.flowturbo-tmp: a file bein
 HASH_CHUNK_BYTES = 1 << 20
 MAX_NAMED_ENTRIES = 5  # unknown entries named in an error message
 RENAME_EXCHANGE = 2  # linux/fs.h
+DISK_FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)  # a write that the file system has no room for
 AT_FDCWD = -100
 # FS_IOC_GETFLAGS (linux/fs.h) and the inode flags that make a folder impossible to rename or replace.
 FS_IOC_GETFLAGS = 0x80086601
@@ -81,7 +97,7 @@ _crash_hits: dict[str, int] = {}
 
 def crash_point(name: str) -> None:
     """Test hook: SIGKILL this very process at ``name`` when ``$FLOWTURBO_TEST_KILL_AT`` is ``name`` (or
-    ``name#N``: at its N-th visit).
+    ``name#N``: at its N-th visit; ``name@TERM``: send SIGTERM instead, as ``kill PID`` or torchrun would).
 
     The crash-safety tests (``tests/test_crash_safety.py``) use it to kill ``sample`` / ``export`` / ``train``
     subprocesses at exact points (lock held, file written but not renamed, folder staged, checkpoint staged)
@@ -90,12 +106,13 @@ def crash_point(name: str) -> None:
     wanted = os.environ.get(KILL_AT_ENV)
     if not wanted:
         return
+    wanted, _, how = wanted.partition("@")
     point, _, nth = wanted.partition("#")
     if point != name:
         return
     _crash_hits[name] = _crash_hits.get(name, 0) + 1
     if _crash_hits[name] == int(nth or 1):
-        os.kill(os.getpid(), signal.SIGKILL)
+        os.kill(os.getpid(), signal.SIGTERM if how == "TERM" else signal.SIGKILL)
 
 
 # ------------------------------------------------------------------------------------------ modes
@@ -319,15 +336,63 @@ def read_sealed_json(path: str | os.PathLike[str], *, fix: str) -> dict[str, Any
 
 
 # -------------------------------------------------------------------------------- ownership records
+# The kinds of output folders (the ``kind`` of an ownership record) and the commands that write each.
+KIND_SAMPLE = "sample"  # sample / inpaint / edit / profile: cheap to redo, they replace one another
+KIND_EXPORT = "export"
+KIND_TUNE = "tune"
+KIND_EVAL = "eval"
+KIND_TRAINING_RUN = "training run"
+KIND_BUNDLE = "bundle"
+KINDS = {
+    KIND_SAMPLE: "sample-like output (of sample / inpaint / edit / profile)",
+    KIND_EXPORT: "export directory",
+    KIND_TUNE: "tune output",
+    KIND_EVAL: "eval result",
+    KIND_TRAINING_RUN: "training run",
+    KIND_BUNDLE: "model bundle",
+}
+COMMAND_KINDS = {
+    "sample": KIND_SAMPLE, "inpaint": KIND_SAMPLE, "edit": KIND_SAMPLE, "profile": KIND_SAMPLE,
+    "export": KIND_EXPORT, "tune": KIND_TUNE, "eval": KIND_EVAL, "train package": KIND_BUNDLE,
+    "train autoencoder": KIND_TRAINING_RUN, "train predictor": KIND_TRAINING_RUN, "train refiner": KIND_TRAINING_RUN,
+}
+# A record of an older flowturbo names no kind (and may name no command): the files tell, first match wins.
+_KIND_EVIDENCE = (
+    (KIND_EXPORT, ("manifest.json",)),
+    (KIND_TRAINING_RUN, ("checkpoints/latest",)),
+    (KIND_BUNDLE, ("config.json", "predictor.safetensors")),
+    (KIND_TUNE, ("tune.json",)),
+    (KIND_SAMPLE, ("run.json",)),
+    (KIND_SAMPLE, ("profile.json",)),
+    (KIND_TRAINING_RUN, ("latents.pt",)),  # a run before its first checkpoint: its encoded dataset ...
+    (KIND_TRAINING_RUN, ("config.json",)),  # ... or its config (a bundle's config.json has its weights beside it)
+)
+
+
+def kind_of_command(command: str) -> str:
+    """The kind of output ``command`` writes (:data:`COMMAND_KINDS`; another command name is its own kind)."""
+    return COMMAND_KINDS.get(command, command)
+
+
+def describe_kind(kind: str | None) -> str:
+    """``kind`` in words (``"model bundle"``, ...)."""
+    return KINDS.get(kind or "", f"{kind!r} output" if kind else "output of an unknown kind")
+
+
 @dataclass(frozen=True)
 class OwnershipRecord:
-    """What flowturbo wrote into a folder: relative POSIX paths of files, and the command that wrote them."""
+    """What flowturbo wrote into a folder: relative POSIX paths of files, the command that wrote them and the
+    folder's kind (:data:`KINDS`; empty in records of older flowturbo releases, see :func:`folder_kind`)."""
 
     files: frozenset[str]
     command: str = ""
+    kind: str = ""
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": OWNERSHIP_FORMAT, "command": self.command, "files": sorted(self.files)}
+        data = {"format": OWNERSHIP_FORMAT, "command": self.command, "files": sorted(self.files)}
+        if self.kind:
+            data["kind"] = self.kind
+        return data
 
 
 def read_ownership(folder: str | os.PathLike[str]) -> OwnershipRecord | None:
@@ -340,13 +405,116 @@ def read_ownership(folder: str | os.PathLike[str]) -> OwnershipRecord | None:
     if not isinstance(data, dict) or data.get("format") != OWNERSHIP_FORMAT or not isinstance(data.get("files"), list):
         return None
     files = frozenset(f for f in data["files"] if isinstance(f, str))
-    return OwnershipRecord(files, str(data.get("command", "")))
+    kind = data.get("kind")
+    return OwnershipRecord(files, str(data.get("command", "")), kind if isinstance(kind, str) else "")
 
 
-def write_ownership(folder: str | os.PathLike[str], files: Iterable[str], command: str = "") -> Path:
-    """(Re)write ``folder``'s ownership record listing ``files`` (paths relative to ``folder``)."""
-    record = OwnershipRecord(frozenset(files) - {OWNERSHIP_FILE}, command)
+def write_ownership(folder: str | os.PathLike[str], files: Iterable[str], command: str = "",
+                    kind: str | None = None) -> Path:
+    """(Re)write ``folder``'s ownership record listing ``files`` (paths relative to ``folder``); ``kind``
+    defaults to the kind of ``command`` (none without a command)."""
+    if kind is None:
+        kind = kind_of_command(command) if command else ""
+    record = OwnershipRecord(frozenset(files) - {OWNERSHIP_FILE}, command, kind)
     return atomic_write_json(Path(folder) / OWNERSHIP_FILE, record.to_dict())
+
+
+def folder_kind(folder: str | os.PathLike[str], record: OwnershipRecord | None = None) -> str | None:
+    """The kind of the flowturbo output ``folder``: its record's ``kind``; for a record of an older flowturbo,
+    the kind of the command it names, else what its files show (:data:`_KIND_EVIDENCE`); None when it has no
+    record or the kind cannot be told."""
+    record = record if record is not None else read_ownership(folder)
+    if record is None:
+        return None
+    if record.kind:
+        return record.kind
+    if record.command:
+        return kind_of_command(record.command)
+    for kind, evidence in _KIND_EVIDENCE:
+        if all(name in record.files for name in evidence):
+            return kind
+    return None
+
+
+def check_kind(target: str | os.PathLike[str], *, command: str | None = None, kind: str | None = None,
+               flag: str = "--out") -> None:
+    """Refuse writing ``command``'s output (or an output of ``kind``) at ``target`` when ``target`` is a flowturbo
+    output of another kind (the kinds rule, see the module docstring).
+
+    A folder of the same kind passes (what else it holds is :func:`check_replaceable`'s business); a training run
+    passes only for the ``train`` command that wrote it. A folder without a record is left to
+    :func:`check_replaceable` (refused unless empty); one with a record whose kind cannot be told is refused.
+    """
+    target = Path(target)
+    if not target.is_dir() or target.is_symlink():
+        return
+    record = read_ownership(target)
+    if record is None:
+        return
+    wanted = kind if kind is not None else kind_of_command(command or "")
+    found = folder_kind(target, record)
+    by = f" (written by `flowturbo {record.command}`)" if record.command else ""
+    doer = (f"`flowturbo {command}`" if command else
+            "the trainer" if wanted == KIND_TRAINING_RUN else f"a writer of {describe_kind(wanted)}")
+    if found is None:
+        raise FlowTurboError(
+            f"refusing to write {flag} {target}: it is a flowturbo output whose record (from an older flowturbo) "
+            f"does not say which kind of output it is, and its files do not tell; move it away or choose another "
+            f"{flag}"
+        )
+    if found != wanted:
+        never = (" (a bundle, an export or a training run is never replaced by another command, whatever flag is "
+                 "given)" if found in (KIND_BUNDLE, KIND_EXPORT, KIND_TRAINING_RUN) else "")
+        does = "writes only into" if wanted == KIND_TRAINING_RUN else "replaces only"
+        it = _a("flowturbo " + describe_kind(found))
+        raise FlowTurboError(
+            f"refusing to write {flag} {target}: it is {it}{by}, and {doer} {does} {_a(describe_kind(wanted))}{never}; "
+            f"choose another {flag}"
+        )
+    if wanted == KIND_TRAINING_RUN and command and record.command and record.command != command:
+        raise FlowTurboError(
+            f"refusing to write {flag} {target}: it is the training run of `flowturbo {record.command}`, and "
+            f"`flowturbo {command}` writes only into its own runs; choose another {flag}"
+        )
+
+
+def _a(noun: str) -> str:
+    """``a flowturbo bundle`` / ``an export directory`` (the article for ``noun``)."""
+    return f"{'an' if noun[:1] in 'aeiou' else 'a'} {noun}"
+
+
+def _real(path: str | os.PathLike[str]) -> Path:
+    return Path(os.path.realpath(os.path.abspath(path)))
+
+
+def check_apart(outputs: Iterable[tuple[str, str | os.PathLike[str] | None]],
+                inputs: Iterable[tuple[str, str | os.PathLike[str] | None]]) -> None:
+    """The input rule: refuse an output path that is, contains or lies inside one of the input paths, or another
+    of the outputs, naming both.
+
+    ``outputs`` / ``inputs``: ``(flag, path)`` pairs (a None path is skipped; so is an input that does not
+    exist: it cannot be lost). Paths are compared with every symlink resolved, so a link to an input is that
+    input. Call it before any work.
+    """
+    outs = [(flag, path, _real(path), True) for flag, path in outputs if path is not None]
+    ins = [(flag, path, _real(path), False) for flag, path in inputs if path is not None and os.path.lexists(path)]
+    for i, (out_flag, out, out_real, _) in enumerate(outs):
+        for other_flag, other, other_real, is_output in outs[i + 1:] + ins:
+            if out_real == other_real:
+                relation = "is"
+            elif out_real in other_real.parents:
+                relation = "contains"
+            elif other_real in out_real.parents:
+                relation = "lies inside"
+            else:
+                continue
+            resolved = ("" if (str(out_real), str(other_real)) == (os.path.abspath(out), os.path.abspath(other))
+                        else f" (links resolved: {out_real} and {other_real})")
+            why = ("two outputs of one command cannot share a folder" if is_output
+                   else "writing it would replace or change an input this command reads")
+            raise FlowTurboError(f"{out_flag} {out} {relation} {other_flag} {other}{resolved}: {why}; choose an "
+                                 f"{out_flag} outside {other_flag}")
+
 
 
 def _relative(folder: str | os.PathLike[str], path: str | os.PathLike[str]) -> str:
@@ -369,9 +537,11 @@ def _locked_ancestor(folder: Path) -> Path | None:
     return None
 
 
-def add_owned(folder: str | os.PathLike[str], paths: Iterable[str | os.PathLike[str]], command: str = "") -> None:
+def add_owned(folder: str | os.PathLike[str], paths: Iterable[str | os.PathLike[str]], command: str = "",
+              kind: str | None = None) -> None:
     """Add ``paths`` (paths as the OS reads them: absolute, or relative to the working folder, e.g.
-    ``folder / "x"``) to ``folder``'s ownership record (created if absent).
+    ``folder / "x"``) to ``folder``'s ownership record (created if absent; ``kind`` names the kind of a new
+    record, see :func:`write_ownership`).
 
     A record inside a target this process is writing (holds the lock of) is listed in that target's record in
     turn, so the target's record vouches for it (see :func:`unknown_entries`): a training run's
@@ -382,7 +552,8 @@ def add_owned(folder: str | os.PathLike[str], paths: Iterable[str | os.PathLike[
     new = {_relative(folder, p) for p in paths}
     files = (old.files if old else frozenset()) | new
     if old is None or not new <= old.files:
-        write_ownership(folder, files, command or (old.command if old else ""))
+        kind = (old.kind or None) if old else kind
+        write_ownership(folder, files, command or (old.command if old else ""), kind=kind)
     ancestor = _locked_ancestor(folder)  # (also for a record an older flowturbo left unlisted: resumed runs)
     if ancestor is not None:
         add_owned(ancestor, [resolve_target(folder) / OWNERSHIP_FILE])
@@ -397,7 +568,7 @@ def remove_owned(folder: str | os.PathLike[str], paths: Iterable[str | os.PathLi
     gone = {_relative(folder, p) for p in paths}
     keep = {f for f in old.files if not any(f == g or f.startswith(g.rstrip("/") + "/") for g in gone)}
     if keep != old.files:
-        write_ownership(folder, keep, old.command)
+        write_ownership(folder, keep, old.command, kind=old.kind or None)
 
 
 def list_files(folder: str | os.PathLike[str]) -> list[str]:
@@ -461,29 +632,49 @@ def _describe_unknown(unknown: list[str]) -> str:
     return f"{named}{more}"
 
 
-def check_replaceable(target: str | os.PathLike[str], what: str = "output") -> Path:
+def check_replaceable(target: str | os.PathLike[str], what: str = "output", *, command: str | None = None,
+                      flag: str = "--out") -> Path:
     """Refuse ``target`` unless it is absent, an empty folder, or a folder holding only what flowturbo wrote.
 
-    ``what`` names the kind of output in the message ("sample output", "export directory", ...).
+    ``what`` names the kind of output in the message ("sample output", "export directory", ...). With
+    ``command``, the kinds rule applies first (:func:`check_kind`): a folder of another kind is refused.
     """
     target = Path(target)
     if not target.exists() and not target.is_symlink():
         return target
-    if target.is_symlink() or not target.is_dir():
-        raise FlowTurboError(f"{target} exists and is not a folder; choose another --out")
+    if target.is_symlink():
+        raise _link_error(target, flag)
+    if not target.is_dir():
+        raise FlowTurboError(f"{flag} {target} exists and is not a folder; choose another {flag}")
+    if command is not None:
+        check_kind(target, command=command, flag=flag)
     unknown = unknown_entries(target)
     if unknown:
         if read_ownership(target) is None:
             raise FlowTurboError(
                 f"refusing to replace {target}: it is not a flowturbo {what} (it has no {OWNERSHIP_FILE} record of "
-                f"what flowturbo wrote) and holds {_describe_unknown(unknown)}; choose another --out, or move "
+                f"what flowturbo wrote) and holds {_describe_unknown(unknown)}; choose another {flag}, or move "
                 "those entries away"
             )
         raise FlowTurboError(
             f"refusing to replace {target}: it holds entries flowturbo did not write: {_describe_unknown(unknown)}; "
-            "move them away (or choose another --out) and run again"
+            f"move them away (or choose another {flag}) and run again"
         )
     return target
+
+
+def _link_error(target: Path, flag: str) -> FlowTurboError:
+    """The refusal of a symbolic link as an output path (flowturbo never writes through a link)."""
+    try:
+        points = os.readlink(target)
+    except OSError:
+        points = "?"
+    real = Path(os.path.realpath(target))
+    where = f"{points}" + ("" if real.exists() else ", which does not exist")
+    return FlowTurboError(
+        f"{flag} {target} is a symbolic link (to {where}); flowturbo does not write through links (it would replace "
+        f"the link, not what it points to): pass the real path ({flag} {real}) or remove the link"
+    )
 
 
 # --------------------------------------------------------------------------------------------- locks
@@ -620,11 +811,13 @@ def check_writable_target(target: str | os.PathLike[str], flag: str = "--out") -
     The nearest existing ancestor of the target's parent must be a folder in which a file can be created
     (probed: this catches read-only and special file systems such as ``/proc``, and missing permissions);
     an existing target must not be immutable or append-only (``chattr``) and must be writable; a ``..`` after a
-    missing folder is refused.
+    missing folder is refused; so is a target that is a symbolic link (flowturbo does not write through links).
     """
     target = Path(target)
     if target.name in ("", ".", ".."):
         raise FlowTurboError(f"{flag} {target} does not name a folder; give a path such as outputs/run1")
+    if target.is_symlink():
+        raise _link_error(target, flag)
     _check_followable(target, flag)
     parent = resolve_target(target).parent
     anchor = _nearest_existing(parent)
@@ -880,14 +1073,14 @@ class OutputFolder:
     def __enter__(self) -> "OutputFolder":
         check_writable_target(self.target, self.flag)
         self.path = resolve_target(self.target)
-        check_replaceable(self.path, self.what)
+        check_replaceable(self.path, self.what, command=self.command, flag=self.flag)
         self._created = make_folders(self.path.parent)
         stack = contextlib.ExitStack()
         try:
             stack.enter_context(lock_target(self.path, wait=self.wait))
             crash_point("locked")
             remove_stale_debris(self.path)
-            check_replaceable(self.path, self.what)  # again, under the lock
+            check_replaceable(self.path, self.what, command=self.command, flag=self.flag)  # again, under the lock
         except BaseException:
             stack.close()
             self._remove_created()
@@ -915,6 +1108,15 @@ class OutputFolder:
         try:
             yield folder
             self.commit(folder)
+        except OSError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            if exc.errno not in DISK_FULL_ERRNOS:
+                raise
+            raise FlowTurboError(
+                f"cannot write {self.flag} {self.target}: {exc.strerror or exc} (nothing was written: the staging "
+                f"folder is removed and {self.target} keeps its previous content); free some space or choose "
+                f"another {self.flag}"
+            ) from None
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
@@ -923,7 +1125,7 @@ class OutputFolder:
         """Record, seal and swap a complete staging ``folder`` into place (done by :meth:`staging`)."""
         write_ownership(folder, list_files(folder), self.command)
         _seal_permissions(folder)
-        check_replaceable(self.path, self.what)
+        check_replaceable(self.path, self.what, command=self.command, flag=self.flag)
         crash_point("staged")
         swap_into_place(folder, self.path)
         self.committed = True
@@ -942,16 +1144,19 @@ def owned_run_folder(folder: str | os.PathLike[str], *, command: str, wait: bool
 
     The folder must be absent, empty or hold only what flowturbo recorded (else refused, naming the unknown
     entries; ``check_owned=False`` skips this for a resumed run, which adds files and removes none of the
-    user's). It is created (normal permissions) with an ownership record; writers add their files with
+    user's), and must not be another kind of flowturbo output or another command's run (:func:`check_kind`).
+    It is created (normal permissions) with an ownership record; writers add their files with
     ``record=folder``. Temporary files of dead writers inside it are removed.
     """
     check_writable_target(folder)
     folder = resolve_target(folder)
+    check_kind(folder, command=command)  # a resumed run too: only the train command of that run writes into it
     created = make_folders(folder.parent)
     try:
         with lock_target(folder, wait=wait):
             remove_stale_debris(folder)
             remove_stale_temp_files(folder)  # before judging ownership: a killed run's half-written files
+            check_kind(folder, command=command)  # again, under the lock
             if check_owned:
                 check_replaceable(folder, what)
             created += make_folders(folder)
@@ -960,9 +1165,8 @@ def owned_run_folder(folder: str | os.PathLike[str], *, command: str, wait: bool
             yield folder
     except BaseException:
         for path in reversed(created):
-            if path == folder and set(os.listdir(path)) <= {OWNERSHIP_FILE}:
-                with contextlib.suppress(OSError):
-                    (path / OWNERSHIP_FILE).unlink()
+            if path == folder and all(Path(f).name == OWNERSHIP_FILE for f in list_files(path)):
+                shutil.rmtree(path, ignore_errors=True)  # this run's folder, holding nothing but its records
             with contextlib.suppress(OSError):
                 path.rmdir()
         raise
@@ -974,18 +1178,31 @@ __all__ = [
     "SEAL_KEY",
     "SealError",
     "OwnershipRecord",
+    "COMMAND_KINDS",
+    "KINDS",
+    "KIND_BUNDLE",
+    "KIND_EVAL",
+    "KIND_EXPORT",
+    "KIND_SAMPLE",
+    "KIND_TRAINING_RUN",
+    "KIND_TUNE",
     "add_owned",
     "artifact_key",
     "atomic_path",
     "atomic_write_bytes",
     "atomic_write_json",
     "atomic_write_text",
+    "check_apart",
+    "check_kind",
     "check_replaceable",
     "check_writable_target",
     "canonical_json",
+    "describe_kind",
     "file_mode",
+    "folder_kind",
     "folder_mode",
     "json_text",
+    "kind_of_command",
     "list_files",
     "lock_path_for",
     "lock_target",

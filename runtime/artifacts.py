@@ -38,7 +38,9 @@ from flowturbo.schedule import SamplingSchedule, uniform_timesteps
 EXPORT_FORMAT = "flowturbo.export/1"
 MANIFEST_FILE = "manifest.json"
 BATCH_AXIS = "batch"
-REEXPORT = "re-export with `flowturbo export --overwrite`"
+# The fix when no command can be built (the directory's own manifest is unreadable): what to do, in words.
+REEXPORT = ("re-export the directory: run the flowturbo export command it was built with again (its manifest.json "
+            "records it under \"command\") with --overwrite")
 # The graphs each variant consists of, by role (the refiner only when the schedule has R steps).
 VARIANT_ROLES = {"time-input": ("predictor", "refiner", "decoder"), "per-step": ("predictor", "refiner", "decoder"),
                  "unrolled": ("unrolled",)}
@@ -119,8 +121,11 @@ class ArtifactSet:
         ]
         if not found:
             have = sorted({a["format"] for a in self.manifest["artifacts"]})
+            wanted = {**self.manifest, "formats": [fmt]}
+            out = new_export_folder(self.root, fmt)
             raise CheckpointError(
-                f"{self.root} has no {fmt} artifacts (it has {have}); re-export with `flowturbo export --format {fmt}`"
+                f"{self.root} has no {fmt} artifacts (it has {have}); export them with "
+                f"`{export_command(self.schedule, wanted, out=out)}`"
             )
         return found
 
@@ -128,9 +133,12 @@ class ArtifactSet:
         """Refuse a batch outside the exported profile, naming the re-export command."""
         low, opt, high = self.batch
         if not low <= batch <= high:
+            profile = {"min": min(low, batch), "opt": opt, "max": max(high, batch)}
+            wider = export_command(self.schedule, {**self.manifest, "batch": profile},
+                                   out=new_export_folder(self.root, f"b{profile['min']}-{profile['max']}"))
             raise SamplingError(
                 f"batch of {batch} images is outside the exported profile {low}:{opt}:{high} of {self.root}; "
-                f"use --batch between {low} and {high}, or re-export with --batch {min(low, batch)}:{opt}:{max(high, batch)}"
+                f"use --batch between {low} and {high}, or re-export with a wider profile: `{wider}`"
             )
 
 
@@ -140,7 +148,7 @@ class ArtifactSet:
         if schedule is not None and schedule.id != exported.id:
             raise SamplingError(
                 f"these artifacts were exported for schedule {exported} (id {exported.id}), not "
-                f"{schedule} (id {schedule.id}); re-export with {reexport_hint(schedule, self.manifest)}"
+                f"{schedule} (id {schedule.id}); re-export with {reexport_hint(schedule, self.manifest, self.root)}"
             )
 
     def batch_size_for(self, num_images: int, batch_size: int | None) -> int:
@@ -176,18 +184,20 @@ class ArtifactSet:
         if _major_minor(built) != _major_minor(running):
             raise CheckpointError(
                 f"{self.root} was compiled by torch {built}, but this is torch {running}; AOTInductor packages "
-                "only load in the torch release that built them: re-export with `flowturbo export --format aoti`"
+                f"only load in the torch release that built them: {rebuild_hint(self.root, self.manifest)}"
             )
 
 
-def export_command(schedule: SamplingSchedule, manifest: dict[str, Any] | None = None) -> str:
+def export_command(schedule: SamplingSchedule, manifest: dict[str, Any] | None = None, *, out: str | None = None,
+                   overwrite: bool = False) -> str:
     """The ``flowturbo export`` command that reproduces ``schedule`` (notation, custom time grid, guidance scale
     and channels).
 
     With the ``manifest`` of an existing export, the command also carries over its model (the bundle folder; none
     for the embedded default; ``--model MODEL_DIR`` to fill in when the manifest names no folder that exists
-    here), formats, batch profile, precision, variant, encoder and device, and ends in ``--out NEW_DIR`` (a new
-    folder, to fill in), so the printed command runs as is once NEW_DIR is chosen.
+    here), formats, batch profile, opset, precision, variant, kernels, encoder and device, and ends in ``--out
+    OUT`` (``out``; default the placeholder ``NEW_DIR``) and, with ``overwrite``, ``--overwrite``: it runs as
+    printed.
     """
     parts = ["flowturbo export"]
     model = (manifest or {}).get("model") or {}
@@ -206,6 +216,9 @@ def export_command(schedule: SamplingSchedule, manifest: dict[str, Any] | None =
         parts.append(f"--format {','.join(manifest['formats'])}")
     if all(k in batch for k in ("min", "opt", "max")):
         parts.append(f"--batch {batch['min']}:{batch['opt']}:{batch['max']}")
+    opset = (manifest.get("key_fields") or {}).get("opset")
+    if isinstance(opset, int):
+        parts.append(f"--opset {opset}")
     for flag, key in (("--precision", "precision"), ("--variant", "variant")):
         if isinstance(manifest.get(key), str):
             parts.append(f"{flag} {manifest[key]}")
@@ -215,17 +228,45 @@ def export_command(schedule: SamplingSchedule, manifest: dict[str, Any] | None =
         parts.append("--device cuda")
     if manifest.get("with_encoder"):
         parts.append("--with-encoder")
-    parts.append("--out NEW_DIR")
+    parts.append(f"--out {shlex.quote(out) if out is not None else 'NEW_DIR'}")
+    if overwrite:
+        parts.append("--overwrite")
     return " ".join(parts)
 
 
-def reexport_hint(schedule: SamplingSchedule, manifest: dict[str, Any] | None) -> str:
-    """``flowturbo export --schedule S --cfg C`` and, given the manifest of the export at hand, the full command
-    that rebuilds it for ``schedule`` (model, formats, batch, precision, variant carried over; a new --out)."""
+def new_export_folder(root: str | os.PathLike[str], tag: str) -> str:
+    """A folder beside the export ``root`` for a re-export of it (``ROOT-TAG``, ``ROOT-TAG-2``, ...; the tag names
+    what changes, e.g. the schedule): one that does not exist yet, so the printed command writes a new directory."""
+    base = f"{os.path.normpath(root)}-{tag}"
+    candidate, n = base, 1
+    while os.path.lexists(candidate):
+        n += 1
+        candidate = f"{base}-{n}"
+    return candidate
+
+
+def reexport_hint(schedule: SamplingSchedule, manifest: dict[str, Any] | None,
+                  root: str | os.PathLike[str] | None = None) -> str:
+    """``flowturbo export --schedule S --cfg C`` and, given the manifest of the export at ``root``, the full command
+    that rebuilds it for ``schedule`` (model, formats, batch, precision, variant carried over) into a new folder
+    beside it (:func:`new_export_folder`)."""
     short = f"`{export_command(schedule)}`"
     if manifest is None:
         return short
-    return f"{short} (in full, keeping this export's settings: `{export_command(schedule, manifest)}`)"
+    out = new_export_folder(root, schedule.notation) if root is not None else None
+    return f"{short} (in full, keeping this export's settings: `{export_command(schedule, manifest, out=out)}`)"
+
+
+def rebuild_hint(root: str | os.PathLike[str], manifest: dict[str, Any] | None) -> str:
+    """How to rebuild the damaged export ``root`` in place: its own settings (from its ``manifest``, when that is
+    readable) with ``--out ROOT --overwrite``."""
+    try:
+        schedule = SamplingSchedule.from_dict(manifest["schedule"]) if isinstance(manifest, dict) else None
+    except (FlowTurboError, KeyError, TypeError, ValueError):
+        schedule = None
+    if schedule is None:
+        return REEXPORT
+    return f"re-export it with `{export_command(schedule, manifest, out=str(root), overwrite=True)}`"
 
 
 def _major_minor(version: str) -> tuple[str, ...]:
@@ -264,7 +305,8 @@ def check_consistent(path: Path, manifest: dict[str, Any]) -> None:
     """
     def refuse(what: str) -> CheckpointError:
         return CheckpointError(
-            f"{path}: {what}; the manifest was changed after export and re-sealed, so it cannot be trusted; {REEXPORT}"
+            f"{path}: {what}; the manifest was changed after export and re-sealed, so it cannot be trusted; "
+            f"{rebuild_hint(path.parent, manifest)}"
         )
 
     fields = manifest.get("key_fields")
@@ -338,26 +380,28 @@ def check_refiner_dt(path: Path, manifest: dict[str, Any]) -> None:
             )
 
 
-def required_files(manifest: dict[str, Any]) -> list[str]:
+def required_files(manifest: dict[str, Any], root: Path | None = None) -> list[str]:
     """The files an export directory must list, following from its variant, schedule and formats.
 
     Every format in ``formats`` needs one artifact per graph of the variant (``unrolled``: the whole schedule;
     ``time-input`` / ``per-step``: predictor and decoder graphs, and refiner graphs when the schedule has R
     steps); each artifact's file (and an ONNX graph's external ``.data`` file) must be listed in ``files``.
+    ``root``: the directory, for the rebuild command in the messages.
     """
-    path = MANIFEST_FILE
+    path = MANIFEST_FILE if root is None else root / MANIFEST_FILE
+    fix = REEXPORT if root is None else rebuild_hint(root, manifest)
     variant, formats = manifest.get("variant"), manifest.get("formats")
     if variant not in VARIANT_ROLES:
-        raise CheckpointError(f"{path}: unknown variant {variant!r}; {REEXPORT}")
+        raise CheckpointError(f"{path}: unknown variant {variant!r}; {fix}")
     if not isinstance(formats, list) or not formats or not all(isinstance(f, str) for f in formats):
-        raise CheckpointError(f"{path}: no formats listed; {REEXPORT}")
+        raise CheckpointError(f"{path}: no formats listed; {fix}")
     uses_refiner = SamplingSchedule.from_dict(manifest["schedule"]).uses_refiner
     roles = [r for r in VARIANT_ROLES[variant] if r != "refiner" or uses_refiner]
     if manifest.get("with_encoder"):  # `flowturbo export --with-encoder`: inpainting / editing need it
         roles.append("encoder")
     artifacts = manifest.get("artifacts")
     if not isinstance(artifacts, list):
-        raise CheckpointError(f"{path}: no artifacts listed; {REEXPORT}")
+        raise CheckpointError(f"{path}: no artifacts listed; {fix}")
     needed: list[str] = []
     for fmt in formats:
         have = {a.get("role") for a in artifacts if isinstance(a, dict) and a.get("format") == fmt}
@@ -365,11 +409,11 @@ def required_files(manifest: dict[str, Any]) -> list[str]:
         if missing:
             raise CheckpointError(
                 f"{path}: a {variant} export needs {fmt} graphs for {', '.join(roles)}, but lists none for "
-                f"{', '.join(missing)}; {REEXPORT}"
+                f"{', '.join(missing)}; {fix}"
             )
     for a in artifacts:
         if not isinstance(a, dict) or not isinstance(a.get("file"), str):
-            raise CheckpointError(f"{path}: an artifact entry has no file; {REEXPORT}")
+            raise CheckpointError(f"{path}: an artifact entry has no file; {fix}")
         needed.append(a["file"])
         if a.get("format") == "onnx" and a.get("external_data"):
             needed.append(a["file"] + ONNX_EXTERNAL_DATA_SUFFIX)
@@ -379,29 +423,30 @@ def required_files(manifest: dict[str, Any]) -> list[str]:
 def verify_files(root: Path, manifest: dict[str, Any], *, checksums: bool = True) -> None:
     """Every required file is listed; every listed file exists with the recorded size (and SHA-256)."""
     files = manifest.get("files")
+    fix = rebuild_hint(root, manifest)
     if not isinstance(files, dict) or not files:
-        raise CheckpointError(f"{root / MANIFEST_FILE} lists no files; {REEXPORT}")
-    for rel in required_files(manifest):
+        raise CheckpointError(f"{root / MANIFEST_FILE} lists no files; {fix}")
+    for rel in required_files(manifest, root):
         if rel not in files:
-            raise CheckpointError(f"{root / MANIFEST_FILE} does not list {rel} with its size and SHA-256; {REEXPORT}")
+            raise CheckpointError(f"{root / MANIFEST_FILE} does not list {rel} with its size and SHA-256; {fix}")
     for rel, entry in sorted(files.items()):
         if (not isinstance(entry, dict) or not isinstance(entry.get("bytes"), int)
                 or not re.fullmatch(r"[0-9a-f]{64}", str(entry.get("sha256")))):
-            raise CheckpointError(f"{root / MANIFEST_FILE}: the entry of {rel} lacks its size or SHA-256; {REEXPORT}")
+            raise CheckpointError(f"{root / MANIFEST_FILE}: the entry of {rel} lacks its size or SHA-256; {fix}")
         path = root / rel
         if ".." in Path(rel).parts or Path(rel).is_absolute():
-            raise CheckpointError(f"{root / MANIFEST_FILE} lists {rel}, outside the directory; {REEXPORT}")
+            raise CheckpointError(f"{root / MANIFEST_FILE} lists {rel}, outside the directory; {fix}")
         if not path.is_file():
-            raise CheckpointError(f"{path} is missing (listed in the manifest); {REEXPORT}")
+            raise CheckpointError(f"{path} is missing (listed in the manifest); {fix}")
         size = path.stat().st_size
         if size != entry.get("bytes"):
             raise CheckpointError(
                 f"{path} has {size} bytes but the manifest records {entry.get('bytes')} (truncated or replaced); "
-                f"{REEXPORT}"
+                f"{fix}"
             )
         if checksums and sha256_file(path) != entry.get("sha256"):
             raise CheckpointError(
-                f"{path} does not match its SHA-256 in the manifest (corrupted or modified); {REEXPORT}"
+                f"{path} does not match its SHA-256 in the manifest (corrupted or modified); {fix}"
             )
 
 
@@ -428,8 +473,9 @@ def load_artifacts(
     path = root / MANIFEST_FILE
     if not path.is_file():
         raise CheckpointError(
-            f"{root} has no {MANIFEST_FILE}: it is not an export directory, or its export did not finish; "
-            "re-run `flowturbo export`"
+            f"{root} has no {MANIFEST_FILE}: it is not an export directory, or its export did not finish; export "
+            f"into it with `flowturbo export --out {shlex.quote(str(root))}` (add the --model, --schedule and other flags "
+            "you want; a folder holding files flowturbo did not write is refused, not replaced)"
         )
     manifest = read_manifest(root)
     if manifest.get("format") != EXPORT_FORMAT:
@@ -438,16 +484,16 @@ def load_artifacts(
     missing = [k for k in ("schedule", "schedule_id", "variant", "precision", "batch", "model", "artifacts", "files")
                if k not in manifest]
     if missing:
-        raise CheckpointError(f"{path} lacks {missing}; re-export the directory")
+        raise CheckpointError(f"{path} lacks {missing}; {REEXPORT}")
     if SamplingSchedule.from_dict(manifest["schedule"]).id != manifest["schedule_id"]:
-        raise CheckpointError(f"{path}: schedule and schedule_id disagree (edited by hand?); re-export")
+        raise CheckpointError(f"{path}: schedule and schedule_id disagree (edited by hand?); {REEXPORT}")
     check_consistent(path, manifest)
     check_refiner_dt(path, manifest)
     if expect:
         diffs = _differences(manifest, expect)
         if diffs:
             raise CheckpointError(
-                f"{root} was exported for something else; re-export with `flowturbo export` or pick the right "
+                f"{root} was exported for something else; re-export it (flowturbo export) or pick the right "
                 "directory:\n  " + "\n  ".join(diffs)
             )
     verify_files(root, manifest, checksums=verify)
@@ -458,5 +504,5 @@ def load_artifacts(
 
 
 __all__ = ["EXPORT_FORMAT", "MANIFEST_FILE", "ArtifactEntry", "ArtifactSet", "check_consistent", "check_refiner_dt",
-           "export_command",
-           "load_artifacts", "read_manifest", "reexport_hint", "required_files", "sha256_file", "verify_files"]
+           "export_command", "load_artifacts", "new_export_folder", "read_manifest", "rebuild_hint", "reexport_hint",
+           "required_files", "sha256_file", "verify_files"]

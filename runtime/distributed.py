@@ -30,6 +30,7 @@ import signal
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from flowturbo.cliargs import world_size_from_env
 from flowturbo.errors import FlowTurboError
 
 T = TypeVar("T")
@@ -37,14 +38,6 @@ T = TypeVar("T")
 
 class RankFailure(FlowTurboError):
     """Another process of the torchrun group failed or died; nothing was written."""
-
-
-def world_size_from_env() -> int:
-    """``WORLD_SIZE`` as torchrun sets it (1 when not under torchrun)."""
-    try:
-        return max(1, int(os.environ.get("WORLD_SIZE", "1")))
-    except ValueError:
-        raise FlowTurboError(f"WORLD_SIZE={os.environ.get('WORLD_SIZE')!r} is not an integer") from None
 
 
 def under_torchrun() -> bool:

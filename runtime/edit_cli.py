@@ -16,9 +16,13 @@ import time
 from typing import Any
 
 from flowturbo import __version__
+from flowturbo.cliargs import GUIDANCE_SCALE, POSITIVE_INT, SEED, Number, input_path, int_in, output_path
 from flowturbo.errors import FlowTurboError
 from flowturbo.runtime.backends import EXPORTED_BACKENDS
 from flowturbo.runtime.cli import (
+    MAX_GRID_SCALE,
+    MAX_IMAGES,
+    MAX_THREADS,
     _add_model_arguments,
     _parse_classes,
     _pipeline_options,
@@ -27,31 +31,39 @@ from flowturbo.runtime.cli import (
 )
 
 TASKS = ("inpaint", "edit")
+MAX_FEATHER_PX = 64
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
     _add_model_arguments(p)
     g = p.add_argument_group("what to generate")
-    g.add_argument("--image", required=True, help="input image (PNG/JPEG) of the model's image size")
+    g.add_argument("--image", required=True, type=input_path("--image"),
+                   help="input image (PNG/JPEG) of the model's image size")
     g.add_argument("--classes", required=True, help="comma-separated class ids of the results (cycled)")
-    g.add_argument("--num-images", type=int, default=None, help="number of results (default: one per class given)")
+    g.add_argument("--num-images", type=int_in(1, MAX_IMAGES), default=None,
+                   help="number of results, at least one per class given (default: one per class given)")
     g.add_argument("--schedule", default=None, help="schedule notation or preset (default: the model's)")
-    g.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
-    g.add_argument("--guidance-channels", type=int, default=None, help="guide only the first N latent channels")
-    g.add_argument("--seed", type=int, default=0, help="noise seed (results do not depend on --batch)")
-    g.add_argument("--batch", type=int, default=None, help="images per batch")
+    g.add_argument("--cfg", type=GUIDANCE_SCALE, default=None, help="guidance scale (default: the model's)")
+    g.add_argument("--guidance-channels", type=POSITIVE_INT, default=None,
+                   help="guide only the first N latent channels")
+    g.add_argument("--seed", type=SEED, default=0, help="noise seed (results do not depend on --batch)")
+    g.add_argument("--batch", type=POSITIVE_INT, default=None, help="images per batch")
     g.add_argument("--resize", action="store_true",
                    help="resize an image (bicubic) / mask (nearest) of another size instead of refusing it")
     o = p.add_argument_group("output")
-    o.add_argument("--out", required=True, help="output folder (grid.png, input.png, results, run.json)")
-    o.add_argument("--grid-scale", type=int, default=4, help="upscale factor of grid.png for viewing (nearest)")
+    o.add_argument("--out", required=True, type=output_path("--out"),
+                   help="output folder (grid.png, input.png, results, run.json); replaced only if it is a "
+                        "sample-like output holding nothing but flowturbo's own files")
+    o.add_argument("--grid-scale", type=int_in(1, MAX_GRID_SCALE), default=4,
+                   help="upscale factor of grid.png for viewing (nearest)")
     o.add_argument("--wait", action="store_true", help="wait for another flowturbo process writing --out")
     o.add_argument("--no-progress", action="store_true", help="no progress bar")
     a = p.add_argument_group("exported artifacts (instead of --model)")
-    a.add_argument("--artifacts", default=None, help="export directory made with `flowturbo export --with-encoder`")
+    a.add_argument("--artifacts", default=None, type=input_path("--artifacts"),
+                   help="export directory made with `flowturbo export --with-encoder`")
     a.add_argument("--backend", default="pytorch", choices=["pytorch", *EXPORTED_BACKENDS],
                    help="pytorch (default), onnxruntime, aoti or tensorrt (cpp: not supported, says why)")
-    a.add_argument("--threads", type=int, default=None, help="CPU intra-op threads")
+    a.add_argument("--threads", type=int_in(1, MAX_THREADS), default=None, help="CPU intra-op threads")
 
 
 def add_inpaint_parser(sub: argparse._SubParsersAction) -> None:
@@ -59,9 +71,10 @@ def add_inpaint_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("inpaint", help="regenerate the white region of a mask in an image with a FlowTurbo schedule")
     _add_common(p)
     g = p.add_argument_group("inpainting")
-    g.add_argument("--mask", required=True,
-                   help="mask image of the input's size: white (>= 50%% gray) = regenerate, black = keep")
-    g.add_argument("--feather", type=int, default=None,
+    g.add_argument("--mask", required=True, type=input_path("--mask"),
+                   help="mask image of the input's size: white (>= 50%% gray) = regenerate, black = keep (or, when "
+                        "its colour is the same everywhere, opaque alpha = regenerate)")
+    g.add_argument("--feather", type=int_in(0, MAX_FEATHER_PX), default=None,
                    help="pixels over which the result fades into the kept input inside the white region (default 2)")
     p.set_defaults(handler=run_task, task="inpaint")
 
@@ -71,7 +84,7 @@ def add_edit_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("edit", help="SDEdit-style editing of an image towards given classes (e.g. shirt -> dress)")
     _add_common(p)
     g = p.add_argument_group("editing")
-    g.add_argument("--strength", type=float, required=True,
+    g.add_argument("--strength", type=Number(float, low=0, low_open=True, high=1), required=True,
                    help="in (0, 1]: how far from the input (starts at t0 = 1 - strength; 1 = plain sampling)")
     p.set_defaults(handler=run_task, task="edit")
 
@@ -82,8 +95,8 @@ def _check_args(args: argparse.Namespace) -> None:
 
     if args.task == "edit":
         check_strength(args.strength)
-    if args.task == "inpaint" and args.feather is not None and not 0 <= args.feather <= 64:
-        raise FlowTurboError(f"--feather must be in [0, 64] pixels, got {args.feather}")
+    if args.task == "inpaint" and args.feather is not None and not 0 <= args.feather <= MAX_FEATHER_PX:
+        raise FlowTurboError(f"--feather must be in [0, {MAX_FEATHER_PX}] pixels, got {args.feather}")
     if args.backend == "cpp":
         from flowturbo.runtime.cpp_backend import _NO_TASKS
 
@@ -91,22 +104,15 @@ def _check_args(args: argparse.Namespace) -> None:
     check_sample_args(args)
 
 
-def _image_size_on_disk(path: str) -> tuple[int, int]:
-    from flowturbo.runtime.editing import _open
-
-    return tuple(_open(path, "--image").size)  # type: ignore[return-value]
-
-
 def run_task(args: argparse.Namespace) -> int:
     """``flowturbo inpaint|edit``: check, read inputs, lock --out, load, run, write."""
     from flowturbo.fileio import OutputFolder
+    from flowturbo.imageio import open_image
 
     _check_args(args)
-    disk_size = _image_size_on_disk(args.image)  # unreadable image: refused before anything else
+    disk_size = tuple(open_image(args.image, "--image").size)  # unreadable image: refused before anything else
     if args.task == "inpaint":
-        from flowturbo.runtime.editing import _open
-
-        _open(args.mask, "--mask")
+        open_image(args.mask, "--mask")
     with OutputFolder(args.out, command=args.task, what="output", wait=args.wait) as out:
         return _run(args, out, disk_size)
 
@@ -126,6 +132,7 @@ def _run(args: argparse.Namespace, out_folder: Any, disk_size: tuple[int, int]) 
             torch.set_num_threads(args.threads)
         device = None if args.device == "auto" else args.device
         sampler = load_exported_sampler(args.artifacts, args.backend, device=device, threads=args.threads)
+        _require_exported_encoder(args, sampler)
         channels, size = int(sampler.artifacts.model["image_shape"][0]), int(sampler.artifacts.model["image_shape"][1])
         schedule, num_classes, class_names = _exported_schedule(args, sampler), sampler.num_classes, sampler.class_names
         model_info: dict[str, Any] = sampler.describe()
@@ -176,6 +183,21 @@ def _run(args: argparse.Namespace, out_folder: Any, disk_size: tuple[int, int]) 
         _print_timings(load_s, samples, write_s, "load model" if args.artifacts is None else "load artifacts")
     print(f"wrote {out / 'grid.png'}, {n} PNGs, {', '.join(inputs)} and {out / 'run.json'}")
     return 0
+
+
+def _require_exported_encoder(args: argparse.Namespace, sampler: Any) -> None:
+    """An export without the encoder graph is refused with the command that rebuilds it with one, in full (its
+    manifest's settings, --with-encoder, a new --out)."""
+    from flowturbo.runtime.artifacts import export_command, new_export_folder
+
+    manifest = sampler.artifacts.manifest
+    if manifest.get("with_encoder"):
+        return
+    out = new_export_folder(args.artifacts, "with-encoder")
+    command = export_command(sampler.schedule, {**manifest, "with_encoder": True}, out=out)
+    what = "inpainting" if args.task == "inpaint" else "editing"
+    raise FlowTurboError(f"the export {args.artifacts} has no encoder graph, which {what} needs: export one with "
+                         f"`{command}` and pass --artifacts {out}")
 
 
 def _schedule_line(samples: Any) -> str:

@@ -31,7 +31,6 @@ import math
 import os
 import warnings
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -39,11 +38,13 @@ import torch
 import torch.nn.functional as F
 
 from flowturbo.errors import FlowTurboError, FlowTurboWarning
+from flowturbo.imageio import open_image
 from flowturbo.integrator import IntegratorState, StepHooks, StepInfo
 from flowturbo.schedule import SamplingSchedule
 
 MASK_THRESHOLD = 0.5  # mask pixels >= this (after scaling to [0, 1]) are regenerated
 DEFAULT_FEATHER_PX = 2  # width of the blend ramp inside the regenerated region, in image pixels
+MIN_STEP_AT_ONE = 2.0**-20  # an edit's shortest step: 8 float32 ulps at t = 1 (steps below are lost to rounding)
 
 
 class EditingWarning(FlowTurboWarning):
@@ -57,20 +58,6 @@ class ImageInput:
 
     pixels: torch.Tensor  # (1, C, H, W) float32 in [-1, 1]
     notes: tuple[str, ...] = ()
-
-
-def _open(path: str | os.PathLike[str], what: str) -> Any:
-    from PIL import Image, UnidentifiedImageError
-
-    file = Path(path)
-    if not file.is_file():
-        raise FlowTurboError(f"{what} {file} not found" if not file.exists() else f"{what} {file} is not a file")
-    try:
-        image = Image.open(file)
-        image.load()
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
-        raise FlowTurboError(f"{what} {file} is not a readable image ({exc}); give a PNG or JPEG file") from None
-    return image
 
 
 SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")  # how PIL opens 16-bit grayscale PNGs
@@ -99,7 +86,7 @@ def load_image(path: str | os.PathLike[str], *, channels: int, size: int, resize
     model; a 16-bit grayscale image is scaled to 8 bits (:func:`_eight_bit`, noted); a size other than the
     model's is refused unless ``resize`` (bicubic, noted).
     """
-    image = _open(path, "--image")
+    image = open_image(path, "--image")
     notes: list[str] = []
     image = _eight_bit(image, notes, "--image")
     mode = "L" if channels == 1 else "RGB"
@@ -132,16 +119,14 @@ def load_mask(path: str | os.PathLike[str], *, size: int, image_size: tuple[int,
     mask whose size differs from the image's (``image_size``, as read from disk) is refused naming both sizes,
     unless ``resize`` (nearest neighbour, noted).
     """
-    image = _open(path, "--mask")
+    image = open_image(path, "--mask")
     notes: list[str] = []
     want = image_size or (size, size)
     if image.size != want and not resize:
         raise FlowTurboError(f"--mask is {image.size[0]}x{image.size[1]} but --image is {want[0]}x{want[1]}; "
                              "give a mask of the image's size or pass --resize")
     image = _eight_bit(image, notes, "--mask")
-    if image.mode not in ("L", "1"):
-        notes.append(f"converted the {image.mode} mask to grayscale")
-    gray = image.convert("L")
+    gray = _mask_channel(image, notes)
     if gray.size != (size, size):
         notes.append(f"resized the mask from {gray.size[0]}x{gray.size[1]} to {size}x{size} (nearest)")
         from PIL import Image
@@ -152,6 +137,29 @@ def load_mask(path: str | os.PathLike[str], *, size: int, image_size: tuple[int,
     if not torch.equal(values, binary.float()):
         notes.append(f"the mask is not binary: pixels >= {MASK_THRESHOLD} count as white (regenerate)")
     return binary.float()[None, None], tuple(notes)
+
+
+def _mask_channel(image: Any, notes: list[str]) -> Any:
+    """The 8-bit gray image a mask is read from: its gray levels, or its alpha channel when that is where it was
+    drawn (the colour is the same everywhere and the alpha varies: opaque = regenerate). A mask with both a
+    drawn colour and a drawn alpha is ambiguous and refused."""
+    if "A" in image.getbands() or (image.mode == "P" and "transparency" in image.info):
+        rgba = image.convert("RGBA") if image.mode != "LA" else image
+        alpha = np.asarray(rgba.getchannel("A"))
+        colour = np.asarray(rgba.convert("L"))
+        if alpha.min() != alpha.max():  # the alpha channel holds a drawing
+            if colour.min() != colour.max():
+                raise FlowTurboError(
+                    f"--mask has both a drawn colour and a drawn alpha channel ({image.mode}), so which one is the mask "
+                    "is ambiguous; save it as a grayscale PNG (white = regenerate, black = keep), or keep the colour "
+                    "the same everywhere to use the alpha (opaque = regenerate)"
+                )
+            notes.append(f"used the {image.mode} mask's alpha channel (its colour is the same everywhere): "
+                         "opaque = regenerate, transparent = keep")
+            return rgba.getchannel("A")
+    if image.mode not in ("L", "1"):
+        notes.append(f"converted the {image.mode} mask to grayscale")
+    return image.convert("L")
 
 
 def check_task_inputs(image: ImageInput, mask: torch.Tensor | None, image_shape: tuple[int, ...],
@@ -293,10 +301,29 @@ class EditTask:
 
 
 def edit_timesteps(schedule: SamplingSchedule, strength: float) -> tuple[float, ...]:
-    """The schedule's grid rescaled onto ``[1 - strength, 1]``; strength 1 gives the grid itself."""
+    """The schedule's grid rescaled onto ``[1 - strength, 1]``; strength 1 gives the grid itself.
+
+    A strength so small that the rescaled steps are lost to float32 rounding (the models' time dtype) is
+    refused, naming the smallest strength for this schedule (:func:`smallest_strength`).
+    """
     t0 = 1.0 - check_strength(strength)
-    grid = tuple(t0 + (1.0 - t0) * t for t in schedule.timesteps)
-    return (t0, *grid[1:-1], 1.0)  # both ends exact
+    least = smallest_strength(schedule)
+    if strength < least:
+        raise FlowTurboError(
+            f"--strength {strength:g} is too small for the {schedule.num_steps} steps of {schedule.notation}: it "
+            f"starts the edit at t = 1 - {strength:g}, and steps that short are no steps in float32 time (the input "
+            f"would come back unchanged); use --strength {least:g} or more"
+        )
+    return (t0, *(t0 + (1.0 - t0) * t for t in schedule.timesteps[1:-1]), 1.0)  # both ends exact
+
+
+def smallest_strength(schedule: SamplingSchedule) -> float:
+    """The smallest edit strength for ``schedule`` (one significant digit, rounded up): its shortest step,
+    rescaled onto ``[1 - strength, 1]``, must be at least :data:`MIN_STEP_AT_ONE`."""
+    shortest = min(b - a for a, b in zip(schedule.timesteps, schedule.timesteps[1:]))
+    exact = MIN_STEP_AT_ONE / shortest
+    digits = 10.0 ** math.floor(math.log10(exact))
+    return float(f"{math.ceil(exact / digits) * digits:.1g}")  # as printed: that strength itself passes
 
 
 def input_only_samples(image: ImageInput, classes: Sequence[int], schedule: SamplingSchedule, num_classes: int,

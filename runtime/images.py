@@ -13,6 +13,7 @@ from PIL import Image
 
 from flowturbo.errors import FlowTurboError
 from flowturbo.fileio import OutputFolder, json_text
+from flowturbo.imageio import read_image_array
 
 RUN_RECORD = "run.json"
 INPUT_IMAGE_FILES = ("input.png", "mask.png")  # inpaint / edit outputs: the inputs, beside the results
@@ -109,12 +110,33 @@ def write_grid(folder: Path, images: np.ndarray, grid_scale: int = 1) -> None:
     _png(make_grid(images), folder / "grid.png", grid_scale)
 
 
+def _image_pngs(folder: Path) -> list[Path]:
+    """The image PNGs of a sample folder (not grid.png nor an inpaint/edit input), in index order."""
+    skipped = {"grid.png", *INPUT_IMAGE_FILES}
+    return sorted(p for p in folder.glob("*.png") if p.name not in skipped)
+
+
+def _read_pngs(folder: Path, files: list[Path]) -> np.ndarray:
+    """``files`` of the sample folder ``folder`` as (N, H, W, C) uint8, through the one image reader
+    (:func:`flowturbo.imageio.read_image_array`); one that is unreadable or of another size than the first is
+    refused naming both."""
+    fix = f"delete or replace it, or sample {folder} again"
+    arrays = [read_image_array(path, "sample image", fix) for path in files]
+    for path, array in zip(files, arrays):
+        if array.shape != arrays[0].shape:
+            raise FlowTurboError(f"sample image {path} is {_size(array)} but {files[0].name} is {_size(arrays[0])}: "
+                                 f"every image of a sample folder has one size; {fix}")
+    return np.stack(arrays)
+
+
+def _size(array: np.ndarray) -> str:
+    """``WxHxC`` of an (H, W, C) image."""
+    return f"{array.shape[1]}x{array.shape[0]}x{array.shape[2]}"
+
+
 def read_image_files(folder: str | Path) -> np.ndarray:
     """The image PNGs of a sample folder (not grid.png nor an inpaint/edit input), in index order: (N, H, W, C) uint8."""
-    skipped = {"grid.png", *INPUT_IMAGE_FILES}
-    files = sorted(p for p in Path(folder).glob("*.png") if p.name not in skipped)
-    arrays = [np.asarray(Image.open(p)) for p in files]
-    return np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])
+    return _read_pngs(Path(folder), _image_pngs(Path(folder)))
 
 
 def read_sample_folder(folder: str | Path) -> tuple[torch.Tensor, list[int], dict[str, Any]]:
@@ -128,10 +150,9 @@ def read_sample_folder(folder: str | Path) -> tuple[torch.Tensor, list[int], dic
         labels = [int(v) for v in record.get("labels", [])]
     except (OSError, ValueError, TypeError, AttributeError) as exc:
         raise FlowTurboError(f"{record_path} is not a readable flowturbo run record ({exc}); sample again") from None
-    files = sorted(p for p in root.glob("*.png") if p.name != "grid.png" and p.name not in INPUT_IMAGE_FILES)
+    files = _image_pngs(root)
     if len(files) != len(labels) or not files:
         raise FlowTurboError(f"{root} holds {len(files)} image PNGs but run.json lists {len(labels)} labels")
-    arrays = [np.asarray(Image.open(p)) for p in files]
-    stacked = np.stack([a[..., None] if a.ndim == 2 else a for a in arrays])  # (N, H, W, C) uint8
+    stacked = _read_pngs(root, files)  # (N, H, W, C) uint8
     images = torch.from_numpy(stacked).permute(0, 3, 1, 2).float() / 127.5 - 1  # (N, C, H, W)
     return images, labels, record

@@ -11,8 +11,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from flowturbo.cliargs import (
+    GUIDANCE_SCALE,
+    NON_NEGATIVE_INT,
+    POSITIVE_INT,
+    SEED,
+    input_path,
+    int_in,
+    output_path,
+)
 from flowturbo.errors import FlowTurboError
 from flowturbo.runtime.backends import EXPORTED_BACKENDS
+from flowturbo.runtime.cli import MAX_THREADS
 
 BACKENDS = ("pytorch", *EXPORTED_BACKENDS)
 
@@ -21,29 +31,33 @@ def add_profile_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``flowturbo profile``."""
     p = sub.add_parser("profile", help="time every schedule step (+ decode): table, profile.json, trace, chart")
     m = p.add_argument_group("what to profile (default: the embedded default model, PyTorch eager)")
-    m.add_argument("--model", default=None, help="bundle folder (default: the embedded default model)")
-    m.add_argument("--artifacts", default=None, help="export directory (`flowturbo export`) for --backend "
-                                                     "onnxruntime|aoti|tensorrt|cpp")
+    m.add_argument("--model", default=None, type=input_path("--model"),
+                   help="bundle folder (default: the embedded default model)")
+    m.add_argument("--artifacts", default=None, type=input_path("--artifacts"),
+                   help="export directory (`flowturbo export`) for --backend onnxruntime|aoti|tensorrt|cpp")
     m.add_argument("--backend", default="pytorch", choices=BACKENDS,
                    help="pytorch (default) runs the bundle eagerly; the others run --artifacts")
     m.add_argument("--schedule", default=None, help="schedule notation or preset (default: the model's / the "
                                                     "exported one; with --artifacts it must equal the exported one)")
-    m.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's / the exported one)")
+    m.add_argument("--cfg", type=GUIDANCE_SCALE, default=None,
+                   help="guidance scale (default: the model's / the exported one)")
     m.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, or auto (default)")
     m.add_argument("--dtype", default=None, help="pytorch backend: float32 | float16 | bfloat16 | float64 (default: "
                                                  "bfloat16 on CUDA, float32 on CPU)")
     m.add_argument("--kernels", default="auto", choices=["auto", "reference", "triton"],
                    help="pytorch backend: fused Triton kernels (CUDA default) or the reference ops (CPU default)")
     r = p.add_argument_group("how")
-    r.add_argument("--batch", type=int, default=1, help="images per batch (default 1; CFG doubles the rows)")
-    r.add_argument("--seed", type=int, default=0, help="noise seed in [0, 2^63)")
-    r.add_argument("--warmup", type=int, default=2, help="untimed runs first (default 2)")
-    r.add_argument("--repeats", type=int, default=5, help="timed runs; the median-total run is reported (default 5)")
-    r.add_argument("--threads", type=int, default=None, help="CPU intra-op threads (torch / ONNX Runtime)")
+    r.add_argument("--batch", type=POSITIVE_INT, default=1, help="images per batch (default 1; CFG doubles the rows)")
+    r.add_argument("--seed", type=SEED, default=0, help="noise seed in [0, 2^63)")
+    r.add_argument("--warmup", type=NON_NEGATIVE_INT, default=2, help="untimed runs first (default 2)")
+    r.add_argument("--repeats", type=POSITIVE_INT, default=5,
+                   help="timed runs; the median-total run is reported (default 5)")
+    r.add_argument("--threads", type=int_in(1, MAX_THREADS), default=None,
+                   help="CPU intra-op threads (torch / ONNX Runtime)")
     r.add_argument("--no-kernels", action="store_true", help="skip the torch.profiler run (no per-step kernels)")
-    r.add_argument("--out", required=True, help="output folder (profile.json, trace.json, steps.png, table.txt; "
-                                                "written atomically; replaced only if it holds nothing but "
-                                                "flowturbo's own output)")
+    r.add_argument("--out", required=True, type=output_path("--out"),
+                   help="output folder (profile.json, trace.json, steps.png, table.txt; written atomically; replaced "
+                        "only if it is a sample-like output holding nothing but flowturbo's own files)")
     r.add_argument("--wait", action="store_true",
                    help="if another flowturbo process is writing --out, wait for it instead of failing at once")
     p.set_defaults(handler=run_profile)
@@ -51,7 +65,7 @@ def add_profile_parser(sub: argparse._SubParsersAction) -> None:
 
 def _check_args(args: argparse.Namespace) -> None:
     """Refuse impossible requests before loading anything."""
-    from flowturbo.runtime.cli import MAX_IMAGES, MAX_THREADS, check_device, check_seed
+    from flowturbo.runtime.cli import MAX_IMAGES, check_device, check_seed
 
     check_seed(args.seed)
     check_device(args.device)
@@ -65,12 +79,12 @@ def _check_args(args: argparse.Namespace) -> None:
         raise FlowTurboError(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
     if args.backend in EXPORTED_BACKENDS:
         if args.artifacts is None:
-            raise FlowTurboError(f"--backend {args.backend} runs an export directory: pass --artifacts DIR "
-                                 f"(make one with `flowturbo export --out DIR`)")
+            raise FlowTurboError(f"--backend {args.backend} runs an export directory: pass --artifacts DIR (a "
+                                 "directory made by flowturbo export), or drop --backend to profile the bundle")
         if args.model is not None:
             raise FlowTurboError("--artifacts already holds the model; drop --model")
         if args.dtype is not None:
-            raise FlowTurboError("--dtype is fixed when exporting (`flowturbo export --precision`); drop --dtype")
+            raise FlowTurboError("--dtype is fixed when exporting (flowturbo export --precision); drop --dtype")
     elif args.artifacts is not None:
         raise FlowTurboError("--artifacts needs --backend onnxruntime, aoti, tensorrt or cpp (pytorch runs --model)")
 
@@ -101,7 +115,7 @@ def _expect_schedule(args: argparse.Namespace, exported: Any, sampler: Any = Non
     if wanted.id != exported.id:
         raise FlowTurboError(
             f"{args.artifacts} was exported for schedule {exported} (id {exported.id}), not {wanted} (id {wanted.id}); "
-            f"re-export with {reexport_hint(wanted, _manifest_of(sampler))}, or drop --schedule/--cfg"
+            f"re-export with {reexport_hint(wanted, _manifest_of(sampler), args.artifacts)}, or drop --schedule/--cfg"
         )
 
 

@@ -17,7 +17,7 @@ from flowturbo.dtypes import FLOAT_DTYPE_NAMES, dtype_name, torch_dtype
 from flowturbo.errors import CheckpointError, FlowTurboError
 from flowturbo.kernels import TRITON_AVAILABLE, KernelBackend, default_kernel_backend, require_triton_kernels
 from flowturbo.refiner_dt import DtDistribution
-from flowturbo.training.bundle import BundleDefaults, load_bundle
+from flowturbo.training.bundle import OFFICIAL_GUIDANCE_CHANNELS, OFFICIAL_SIT_DEFAULTS, BundleDefaults, load_bundle
 from flowturbo.training.checkpoints import (
     PREDICTOR_DEFAULT_ENTRY,
     REFINER_DEFAULT_ENTRY,
@@ -41,11 +41,10 @@ from flowturbo.training.sampling import (
 )
 
 # The reference sampling functions, re-exported: runtime code reaches training/ only through this module.
-__all__ = ["TorchPipeline", "FiniteCheck", "check_labels", "load_pipeline", "make_noise", "non_finite_message",
-           "resolve_device", "resolve_dtype", "resolve_kernel_backend", "sample_schedule"]
+__all__ = ["OFFICIAL_GUIDANCE_CHANNELS", "TorchPipeline", "FiniteCheck", "check_labels", "load_pipeline", "make_noise",
+           "non_finite_message", "resolve_device", "resolve_dtype", "resolve_kernel_backend", "sample_schedule"]
 
 DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "assets" / "default_model"
-OFFICIAL_GUIDANCE_CHANNELS = 3  # official SiT/FlowTurbo code guides 3 of 4 latent channels (DESIGN.md §2)
 GPU_DEFAULT_DTYPE = torch.bfloat16  # the fast path's default on CUDA (measured: BENCHMARKS.md)
 CPU_DEFAULT_DTYPE = torch.float32
 
@@ -254,7 +253,7 @@ def _load_official(
         num_classes=config.num_classes,
         latent_shape=(config.in_channels, config.input_size, config.input_size),
         class_names=None,
-        defaults=BundleDefaults(guidance_channels=OFFICIAL_GUIDANCE_CHANNELS),
+        defaults=OFFICIAL_SIT_DEFAULTS,
         source=f"{OFFICIAL_SOURCE_PREFIX}{predictor}" + (f" + {refiner}" if refiner else ""),
         device=device,
         dtype=dtype,

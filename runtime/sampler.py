@@ -330,6 +330,10 @@ class Sampler:
                 f"schedule {schedule.notation} has R steps but this model has no refiner; "
                 "use a schedule without R (e.g. 'H8') or a bundle with a refiner"
             )
+        channels = pipe.latent_shape[0]
+        if schedule.guidance_channels is not None and schedule.guidance_channels > channels:
+            raise SamplingError(f"--guidance-channels {schedule.guidance_channels} is more than this model's {channels} "
+                                f"latent channels; pass --guidance-channels {channels} or less (or none: all)")
         self.range_warnings.check(schedule, pipe.refiner_dt, task.timesteps if task is not None else None)
         labels = torch.as_tensor(list(classes), dtype=torch.long)
         if labels.numel() == 0:

@@ -43,7 +43,8 @@ ENGINE_FORMAT = "flowturbo.tensorrt-engine/1"
 KEY_FIELDS = ("module", "weights_sha256", "schedule_id", "batch", "precision", "tensorrt_version", "gpu_name", "spec")
 KEY_HEX_DIGITS = 16  # = flowturbo.export.manifest.KEY_HEX_DIGITS
 METADATA_SUFFIX = ".json"
-REBUILD = "rebuild it with `flowturbo export --format tensorrt`"
+REBUILD = ("rebuild it: run flowturbo export --format tensorrt again with the directory's other settings (its "
+           "manifest.json records the command it was built with) and --overwrite")
 
 # Spec dtype name -> name of the ``tensorrt.DataType`` member an engine must report for that tensor.
 TRT_DTYPE_NAMES = {"float32": "FLOAT", "float16": "HALF", "bfloat16": "BF16", "int64": "INT64"}

@@ -177,6 +177,8 @@ def _int_range(text: str, flag: str) -> tuple[int, ...]:
     try:
         if ":" in text:
             lo, hi = (int(v) for v in text.split(":"))
+            if lo > hi:
+                raise FlowTurboError(f"{flag} {text} is a reversed range (it would hold no count); write {hi}:{lo}")
             values = tuple(range(lo, hi + 1))
         else:
             values = tuple(int(v) for v in text.split(",") if v.strip())

@@ -15,7 +15,18 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from flowturbo.cliargs import (
+    GUIDANCE_SCALE,
+    POSITIVE,
+    POSITIVE_INT,
+    SEED,
+    Number,
+    input_path,
+    int_in,
+    output_path,
+)
 from flowturbo.errors import FlowTurboError
+from flowturbo.runtime.cli import MAX_THREADS
 
 BACKENDS = ("pytorch",)
 METRICS = ("domain-fid", "inception-fid")
@@ -29,25 +40,29 @@ def add_tune_parser(sub: argparse._SubParsersAction) -> None:
     _add_model_arguments(p)
     b = p.add_argument_group("budget (one of)")
     budget = b.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--budget-ms", type=float,
+    budget.add_argument("--budget-ms", type=POSITIVE,
                         help="ms per image (sample + decode) at --latency-batch; the recommendation's measured "
                              "latency is held to it too (a warning, and the best measured candidate that fits)")
-    budget.add_argument("--budget-calls", type=float,
+    budget.add_argument("--budget-calls", type=POSITIVE,
                         help="predictor-call equivalents (a refiner call counts its measured cost ratio)")
     q = p.add_argument_group("quality")
     q.add_argument("--metric", choices=METRICS, default="domain-fid",
                    help="domain-fid: the bundle's classifier features (fast); inception-fid: standard InceptionV3")
-    q.add_argument("--num-samples", type=int, default=1000, help="samples of the last rung (the front's FIDs)")
+    q.add_argument("--num-samples", type=POSITIVE_INT, default=1000, help="samples of the last rung (the front's FIDs)")
     q.add_argument("--allow-small-sample", action="store_true",
                    help="allow --num-samples below the metric's minimum (500; inception-fid: 2049, more than its "
                         "2048 feature dimensions; FIDs then carry a warning)")
-    q.add_argument("--num-reference", type=int, default=10000, help="Fashion-MNIST test images for the reference")
-    q.add_argument("--reference", default=None, help="reference .npz (mu, sigma) instead of Fashion-MNIST")
-    q.add_argument("--classifier", default=None, help="classifier folder (default: the model's classifier/)")
+    q.add_argument("--num-reference", type=Number(int, low=2), default=10000,
+                   help="Fashion-MNIST test images for the reference")
+    q.add_argument("--reference", default=None, type=input_path("--reference"),
+                   help="reference .npz (mu, sigma) instead of Fashion-MNIST")
+    q.add_argument("--classifier", default=None, type=input_path("--classifier"),
+                   help="classifier folder (default: the model's classifier/)")
     s = p.add_argument_group("search")
     s.add_argument("--search", choices=["halving", "exhaustive"], default="halving")
-    s.add_argument("--eta", type=int, default=3, help="successive halving: keep 1/eta, give eta times more samples")
-    s.add_argument("--min-samples", type=int, default=100, help="samples of the first rung (at least)")
+    s.add_argument("--eta", type=Number(int, low=2), default=3,
+                   help="successive halving: keep 1/eta, give eta times more samples")
+    s.add_argument("--min-samples", type=POSITIVE_INT, default=100, help="samples of the first rung (at least)")
     s.add_argument("--heun", default="0:3", help="Heun step counts, LO:HI or a list (default 0:3)")
     s.add_argument("--pseudo", default="0:6", help="pseudo-corrector step counts (default 0:6)")
     s.add_argument("--refiner-steps", default="0:3", help="refiner step counts (default 0:3)")
@@ -55,17 +70,17 @@ def add_tune_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--grids", default="uniform,power:1.5,power:0.75,shift:2,shift:0.5",
                    help="time grids: uniform, power:G (t=u^G), shift:S (t=Su/(1+(S-1)u))")
     s.add_argument("--vnorm-c", default="0.2,0.3,0.4,0.6", help="C values of the rule dt = C/||f|| ('' for none)")
-    s.add_argument("--general-max-steps", type=int, default=0,
+    s.add_argument("--general-max-steps", type=int_in(0, 6), default=0,
                    help="also every valid E/H/P/R string of at most this many steps (any order)")
-    s.add_argument("--max-steps", type=int, default=12)
+    s.add_argument("--max-steps", type=int_in(1, 64), default=12)
     s.add_argument("--baselines", default="", help="schedules always scored on every sample and shown, e.g. H4,H8")
-    s.add_argument("--cfg", type=float, default=None, help="guidance scale (default: the model's)")
-    s.add_argument("--guidance-channels", type=int, default=None)
-    s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--batch", type=int, default=100, help="images per generation batch")
-    s.add_argument("--latency-batch", type=int, default=16, help="images per batch for costs and latencies")
-    s.add_argument("--latency-repeats", type=int, default=3)
-    s.add_argument("--threads", type=int, default=None,
+    s.add_argument("--cfg", type=GUIDANCE_SCALE, default=None, help="guidance scale (default: the model's)")
+    s.add_argument("--guidance-channels", type=POSITIVE_INT, default=None)
+    s.add_argument("--seed", type=SEED, default=0)
+    s.add_argument("--batch", type=POSITIVE_INT, default=100, help="images per generation batch")
+    s.add_argument("--latency-batch", type=POSITIVE_INT, default=16, help="images per batch for costs and latencies")
+    s.add_argument("--latency-repeats", type=POSITIVE_INT, default=3)
+    s.add_argument("--threads", type=int_in(1, MAX_THREADS), default=None,
                    help="CPU threads of torch (default: all cores; 1 is steadier on a busy 2-core machine); under "
                         "torchrun the costs and latencies are measured by rank 0 alone with this many threads "
                         "(default: what a single process uses, not torchrun's 1 per process)")
@@ -76,13 +91,19 @@ def add_tune_parser(sub: argparse._SubParsersAction) -> None:
                         "default (eager with --no-cuda-graph). Exported backends (onnxruntime, aoti, tensorrt, "
                         "cpp) are not tuned here: time the exported schedule with `flowturbo profile`")
     o = p.add_argument_group("output")
-    o.add_argument("--out", required=True, help="output folder (tune.json, front.json, table.txt, front.png, "
-                                                "recommended_schedule.json); staged and swapped in when complete")
-    o.add_argument("--cache", default=None, help="cache folder for features per schedule id (default: "
-                                                 "$FLOWTURBO_CACHE_DIR or ~/.cache/flowturbo, under tune/)")
+    o.add_argument("--out", required=True, type=output_path("--out"),
+                   help="output folder (tune.json, front.json, table.txt, front.png, recommended_schedule.json); "
+                        "staged and swapped in when complete; replaced only if it is a tune output")
+    o.add_argument("--cache", default=None, type=output_path("--cache"),
+                   help="cache folder for features per schedule id (default: $FLOWTURBO_CACHE_DIR or "
+                        "~/.cache/flowturbo, under tune/)")
     o.add_argument("--resume", action="store_true", help="continue the interrupted tune of --out (same settings)")
-    o.add_argument("--export", default=None, metavar="DIR", help="also export the recommended fixed schedule here")
+    o.add_argument("--export", default=None, metavar="DIR", type=output_path("--export"),
+                   help="also export the recommended fixed schedule here")
     o.add_argument("--export-format", default="onnx", help="formats for --export (default onnx)")
+    o.add_argument("--overwrite", action="store_true",
+                   help="replace an existing export directory at --export (only one holding nothing but flowturbo's "
+                        "own files; an identical export is reused)")
     o.add_argument("--wait", action="store_true", help="wait for another flowturbo process writing --out")
     o.add_argument("--no-progress", action="store_true")
     p.set_defaults(handler=run_tune)
@@ -116,25 +137,61 @@ def check_tune_args(args: argparse.Namespace) -> None:
                          flag="--num-samples")
     if args.num_samples < 1 or args.min_samples < 1 or args.batch < 1 or args.latency_batch < 1:
         raise FlowTurboError("--num-samples, --min-samples, --batch and --latency-batch must be >= 1")
-    if args.threads is not None and not 1 <= args.threads <= 4096:
-        raise FlowTurboError(f"--threads must be in [1, 4096], got {args.threads}")
+    if args.threads is not None and not 1 <= args.threads <= MAX_THREADS:
+        raise FlowTurboError(f"--threads must be in [1, {MAX_THREADS}], got {args.threads}")
     if args.eta < 2:
         raise FlowTurboError(f"--eta must be >= 2, got {args.eta}")
     if args.metric == "domain-fid" and args.predictor is not None and args.classifier is None:
         raise FlowTurboError("--metric domain-fid needs a domain classifier: official checkpoints have none; pass "
                              "--classifier DIR or --metric inception-fid")
     if args.export is not None and args.predictor is not None:
-        raise FlowTurboError("--export needs a bundle (--model or the embedded default); export official checkpoints "
-                             "with `flowturbo export` from a bundle")
+        raise FlowTurboError("--export needs a bundle (--model or the embedded default); package the official "
+                             "checkpoints into a bundle (flowturbo train package) and export that")
+    _space(args)  # --heun, --grids, ... parse (a reversed range, an empty space) before anything loads
+    check_outputs(args)
+
+
+def _space(args: argparse.Namespace) -> Any:
+    from flowturbo.runtime.tune import SearchSpace
+
+    return SearchSpace.from_text(heun=args.heun, pseudo=args.pseudo, refiner=args.refiner_steps, euler=args.euler,
+                                 grids=args.grids, vnorm_c=args.vnorm_c, general_max_steps=args.general_max_steps,
+                                 max_steps=args.max_steps)
+
+
+def check_outputs(args: argparse.Namespace) -> None:
+    """Every pre-condition of tune's outputs, before anything loads: ``--out``, ``--export`` and the cache folder
+    apart from one another (the default cache included; the flags against the inputs are checked by the command
+    line for every command), ``--export`` writable, an export directory (not another kind of output) and, when it
+    holds one already, ``--overwrite`` given; ``--export-format`` known."""
+    from flowturbo.fileio import check_apart, check_replaceable, check_writable_target
+
+    if args.cache is None:  # the default cache folder is an output too
+        check_apart([("--out", args.out), ("--export", args.export),
+                     ("the default --cache", str(_cache_root(args)))], [])
+    if args.export is None:
+        return
+    check_writable_target(args.export, "--export")
+    check_replaceable(args.export, "export directory", command="export", flag="--export")
+    export = Path(args.export)
+    if export.is_dir() and any(export.iterdir()) and not args.overwrite:
+        raise FlowTurboError(f"--export {args.export} already holds an export directory; pass --overwrite to replace "
+                             "it (an identical export is reused), or choose another --export")
+    from flowturbo.export.pipeline import ExportRequest
+    from flowturbo.schedule import SamplingSchedule
+
+    ExportRequest(schedule=SamplingSchedule.parse("E1"), formats=_export_formats(args))  # formats known, tools here
+
+
+def _export_formats(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(f.strip() for f in args.export_format.split(",") if f.strip())
 
 
 def _config(args: argparse.Namespace, pipe: Any) -> Any:
     from flowturbo.dtypes import dtype_name
-    from flowturbo.runtime.tune import SearchSpace, TuneConfig
+    from flowturbo.runtime.tune import TuneConfig
 
-    space = SearchSpace.from_text(heun=args.heun, pseudo=args.pseudo, refiner=args.refiner_steps, euler=args.euler,
-                                  grids=args.grids, vnorm_c=args.vnorm_c, general_max_steps=args.general_max_steps,
-                                  max_steps=args.max_steps)
+    space = _space(args)
     defaults = pipe.defaults
     return TuneConfig(
         model=pipe.source, metric=args.metric, num_samples=args.num_samples, min_samples=args.min_samples,
@@ -164,14 +221,12 @@ def run_tune(args: argparse.Namespace) -> int:
     with process_group(args.device) as ranks, contextlib.ExitStack() as output:
 
         def open_output() -> None:
-            if ranks.is_main:
+            if ranks.is_main:  # both outputs checked and locked before the search (export_bundle re-enters the lock)
                 folders.append(output.enter_context(OutputFolder(args.out, command="tune", what="tune output",
                                                                  wait=args.wait)))
                 if args.export:
-                    from flowturbo.fileio import check_replaceable, check_writable_target
-
-                    check_writable_target(args.export, "--export")
-                    check_replaceable(args.export, "export directory")
+                    output.enter_context(OutputFolder(args.export, command="export", what="export directory",
+                                                      wait=args.wait, flag="--export"))
 
         ranks.run_all(open_output, "checking --out")
         tuner = ranks.run_all(lambda: _make_tuner(args, ranks, cache_root), "loading the model")
@@ -329,10 +384,10 @@ def _export(args: argparse.Namespace, report: dict[str, Any]) -> None:
     schedule = SamplingSchedule.from_dict(fixed["schedule"])
     folder = Path(args.model) if args.model else default_model_dir()
     bundle = load_bundle(folder, device="cpu")
-    formats = tuple(f.strip() for f in args.export_format.split(",") if f.strip())
+    formats = _export_formats(args)
     result = export_bundle(bundle, ExportRequest(schedule=schedule, formats=formats), args.export,
-                           source="embedded default" if args.model is None else str(folder),
-                           command=" ".join(["flowturbo", *sys.argv[1:]]))
+                           source="embedded default" if args.model is None else str(folder.resolve()),
+                           command=" ".join(["flowturbo", *sys.argv[1:]]), overwrite=args.overwrite)
     print(f"exported {fixed['name']} -> {result.path} ({', '.join(formats)})")
 
 

@@ -290,7 +290,7 @@ def test_next_run_removes_debris_of_dead_processes(tmp_path):
     for folder in (stale, live, aside):
         folder.mkdir()
         (folder / "graph.onnx").write_bytes(b"x" * 10)
-    fileio.write_ownership(aside, ["graph.onnx"])
+    fileio.write_ownership(aside, ["graph.onnx"], "test")  # as OutputFolder writes it
     with OutputFolder(target, command="test") as out, out.staging() as staging:
         (staging / "a").write_text("1")
     assert not stale.exists() and not aside.exists() and live.exists()
@@ -406,5 +406,5 @@ def test_seal_key_is_reserved():
 
 
 def test_fileio_is_torch_free():
-    code = "import sys, flowturbo.fileio; assert 'torch' not in sys.modules"
+    code = "import sys, flowturbo.fileio, flowturbo.cliargs, flowturbo.imageio; assert 'torch' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -2,7 +2,7 @@
 
 A module may import from its own layer, the layers to its left, and the pure-data root modules
 (``flowturbo``, ``flowturbo.schedule``, ``flowturbo.errors``, ``flowturbo.fileio``, ``flowturbo.integrator``,
-``flowturbo.refiner_dt``, ...) — never
+``flowturbo.refiner_dt``, ``flowturbo.cliargs``, ``flowturbo.imageio``, ...) — never
 from a layer to its right.
 ``runtime/`` loads artifacts without importing training/export code, except through the documented entry
 points listed in RUNTIME_TRAINING_ENTRY_POINTS (the pure-PyTorch backend and the CLI that registers the
@@ -17,7 +17,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 LAYERS = ["kernels", "training", "export", "runtime"]
 ROOT_MODULES = {"flowturbo", "flowturbo.schedule", "flowturbo.errors", "flowturbo.fileio", "flowturbo.integrator",
-                "flowturbo.dtypes", "flowturbo.noise", "flowturbo.refiner_dt", "flowturbo._C"}
+                "flowturbo.dtypes", "flowturbo.noise", "flowturbo.refiner_dt", "flowturbo._C", "flowturbo.cliargs",
+                "flowturbo.imageio"}
 # Root files that are entry points, not data: each may import exactly the modules listed (inside a function),
 # nothing else from any layer. `python -m flowturbo` must reach the CLI of the runtime layer.
 ROOT_ENTRY_POINTS = {"flowturbo/__main__.py": {"flowturbo.runtime.cli"}}

@@ -30,7 +30,7 @@ from typing import Any
 import torch
 
 from flowturbo.errors import CheckpointError, FlowTurboError
-from flowturbo.fileio import OutputFolder, json_text
+from flowturbo.fileio import OutputFolder, check_kind, json_text
 from flowturbo.kernels import KernelBackend
 from flowturbo.refiner_dt import REFINER_DT_KEY, DtDistribution, read_dt_record
 from flowturbo.schedule import SamplingSchedule, StepKind
@@ -87,6 +87,12 @@ class BundleDefaults:
         if unknown:
             raise FlowTurboError(f"unknown bundle defaults keys {unknown}; valid: schedule, cfg, guidance_channels")
         return cls(**data)
+
+
+OFFICIAL_GUIDANCE_CHANNELS = 3  # official SiT/FlowTurbo code guides 3 of 4 latent channels (DESIGN.md §2)
+# The official SiT family's defaults: every bundle made from its checkpoints, every export of such a bundle and
+# `flowturbo sample --predictor` guide as the released sampler does.
+OFFICIAL_SIT_DEFAULTS = BundleDefaults(guidance_channels=OFFICIAL_GUIDANCE_CHANNELS)
 
 
 @dataclasses.dataclass
@@ -195,8 +201,8 @@ def _check_consistency(bundle: Bundle) -> None:
         raise FlowTurboError(
             f"default schedule {bundle.defaults.schedule!r} has refiner (R) steps but the bundle has no refiner; "
             f"give the bundle a default schedule without R, e.g. BundleDefaults(schedule="
-            f"{DEFAULT_SCHEDULE_WITHOUT_REFINER!r}) (`flowturbo train package --schedule "
-            f"{DEFAULT_SCHEDULE_WITHOUT_REFINER}`), or add a refiner"
+            f"{DEFAULT_SCHEDULE_WITHOUT_REFINER!r}) (flowturbo train package --schedule "
+            f"{DEFAULT_SCHEDULE_WITHOUT_REFINER}), or add a refiner"
         )
 
 
@@ -218,6 +224,7 @@ def save_bundle(bundle: Bundle, folder: str | os.PathLike[str], *, overwrite: bo
     """
     _check_consistency(bundle)
     target = Path(folder)
+    check_kind(target, command="train package")  # never another kind of output, whatever `overwrite` says
     if target.exists() and not overwrite:
         raise FlowTurboError(f"{target} already exists; pass overwrite=True (--overwrite) to replace it")
     with OutputFolder(target, command="train package", what="bundle", wait=wait) as out, out.staging() as staging:
@@ -305,8 +312,8 @@ def load_bundle(
             raise CheckpointError(
                 f"bundle {root} is inconsistent: its default schedule {defaults.schedule!r} has refiner (R) steps "
                 f"but it has no refiner; set \"defaults\": {{\"schedule\": \"{DEFAULT_SCHEDULE_WITHOUT_REFINER}\"}} "
-                f"in {root / CONFIG_FILE} (or any schedule without R), or add the refiner (`flowturbo train package "
-                f"--refiner ...`)"
+                f"in {root / CONFIG_FILE} (or any schedule without R), or add the refiner (flowturbo train package "
+                f"--refiner RUN)"
             ) from exc
         raise CheckpointError(f"bundle {root} is inconsistent: {exc}") from exc
 

@@ -183,8 +183,8 @@ def _weights_path(folder: str | os.PathLike[str], config: Mapping[str, Any], wha
     if not path.is_file():
         raise CheckpointError(
             f"bundle {folder} declares an encoder ({what}) but has no weights file {name}; "
-            "copy the encoder weights there or repackage the bundle with `flowturbo train package` (the bundle "
-            "still samples without them)"
+            "copy the encoder weights there or repackage the bundle with flowturbo's train package command (the "
+            "bundle still samples without them)"
         )
     return path
 
@@ -494,8 +494,8 @@ def missing_encoder_error(bundle_dir: str | os.PathLike[str], what: str = "this 
                                f"{bundle_dir} was loaded (its files have changed since): load it again")
     return FlowTurboError(
         f"{what} needs an image encoder, but the bundle {bundle_dir} has none (no 'encoder' entry in its "
-        f"{BUNDLE_CONFIG_FILE}); repackage it with `flowturbo train package` (which includes the autoencoder's "
-        "encoder) or train one against its decoder with flowturbo.training.trainers.encoder"
+        f"{BUNDLE_CONFIG_FILE}); repackage it with flowturbo's train package command (which includes the "
+        "autoencoder's encoder) or train one against its decoder with flowturbo.training.trainers.encoder"
     )
 
 

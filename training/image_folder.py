@@ -14,10 +14,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 
 from flowturbo.errors import FlowTurboError
+from flowturbo.imageio import open_image
 
 IMAGE_EXTENSIONS = (".jpeg", ".jpg", ".png", ".bmp", ".webp")
 PIL_MODES = {1: "L", 3: "RGB"}  # image channels -> PIL mode
@@ -116,11 +117,7 @@ class ImageFolderDataset(Dataset):
     def load_image(self, index: int) -> Image.Image:
         """The cropped (unflipped) PIL image of item ``index``; unreadable files raise :class:`FlowTurboError`."""
         path, _ = self.samples[index]
-        try:
-            with Image.open(path) as img:
-                img = img.convert(PIL_MODES[self.channels])
-        except (OSError, UnidentifiedImageError, ValueError) as exc:
-            raise FlowTurboError(f"cannot read image {path} ({exc}); delete or replace the file") from exc
+        img = open_image(path, "dataset image", "delete or replace the file").convert(PIL_MODES[self.channels])
         return center_crop_arr(img, self.resolution)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:

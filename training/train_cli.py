@@ -20,10 +20,25 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from flowturbo.cliargs import (
+    GUIDANCE_SCALE,
+    NON_NEGATIVE,
+    NON_NEGATIVE_INT,
+    POSITIVE,
+    POSITIVE_INT,
+    SEED,
+    ArgumentParser,
+    Number,
+    input_path,
+    output_path,
+    run_command,
+)
 from flowturbo.errors import FlowTurboError
 
 # (flag, dotted config paths, argparse kwargs)
 Option = tuple[str, tuple[str, ...], dict[str, Any]]
+LABEL_DROPOUT = Number(float, low=0, high=1, high_open=True)  # a probability below 1 (1: never conditioned)
+PROBABILITY = Number(float, low=0, high=1)
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -36,13 +51,13 @@ def _ints(text: str) -> tuple[int, ...]:
 def _loop_options(prefix: str = "loop", flag_prefix: str = "") -> list[Option]:
     p, f = prefix, flag_prefix
     return [
-        (f"--{f}steps", (f"{p}.steps",), dict(type=int, help="optimizer steps")),
-        (f"--{f}batch-size", (f"{p}.batch_size",), dict(type=int, help="global batch (split over processes)")),
-        (f"--{f}lr", (f"{p}.lr",), dict(type=float, help="AdamW learning rate (constant after warm-up)")),
-        (f"--{f}weight-decay", (f"{p}.weight_decay",), dict(type=float)),
-        (f"--{f}warmup-steps", (f"{p}.warmup_steps",), dict(type=int, help="linear lr warm-up steps")),
-        (f"--{f}grad-clip", (f"{p}.grad_clip",), dict(type=float, help="max gradient norm (0: off)")),
-        (f"--{f}ema-decay", (f"{p}.ema_decay",), dict(type=float)),
+        (f"--{f}steps", (f"{p}.steps",), dict(type=POSITIVE_INT, help="optimizer steps")),
+        (f"--{f}batch-size", (f"{p}.batch_size",), dict(type=POSITIVE_INT, help="global batch (split over processes)")),
+        (f"--{f}lr", (f"{p}.lr",), dict(type=POSITIVE, help="AdamW learning rate (constant after warm-up)")),
+        (f"--{f}weight-decay", (f"{p}.weight_decay",), dict(type=NON_NEGATIVE)),
+        (f"--{f}warmup-steps", (f"{p}.warmup_steps",), dict(type=NON_NEGATIVE_INT, help="linear lr warm-up steps")),
+        (f"--{f}grad-clip", (f"{p}.grad_clip",), dict(type=NON_NEGATIVE, help="max gradient norm (0: off)")),
+        (f"--{f}ema-decay", (f"{p}.ema_decay",), dict(type=Number(float, low=0, high=1, high_open=True))),
     ]
 
 
@@ -56,15 +71,17 @@ def _runtime_options(*loops: str) -> list[Option]:
         ("--precision", paths("precision"),
          dict(choices=["auto", "fp32", "bf16"], help="auto: bf16 autocast on CUDA, fp32 on CPU")),
         ("--device", paths("device"), dict(choices=["auto", "cpu", "cuda"])),
-        ("--seed", paths("seed"), dict(type=int)),
-        ("--log-every", paths("log_every"), dict(type=int, help="progress-bar update interval (steps)")),
-        ("--ckpt-every", paths("ckpt_every"), dict(type=int, help="checkpoint interval (steps)")),
-        ("--keep-checkpoints", paths("keep_checkpoints"), dict(type=int, help="newest checkpoints kept (0: all)")),
-        ("--max-minutes", ("loop.max_minutes",), dict(type=float, help="stop cleanly and save after this long")),
+        ("--seed", paths("seed"), dict(type=SEED)),
+        ("--log-every", paths("log_every"), dict(type=POSITIVE_INT, help="progress-bar update interval (steps)")),
+        ("--ckpt-every", paths("ckpt_every"), dict(type=POSITIVE_INT, help="checkpoint interval (steps)")),
+        ("--keep-checkpoints", paths("keep_checkpoints"),
+         dict(type=NON_NEGATIVE_INT, help="newest checkpoints kept (0: all)")),
+        ("--max-minutes", ("loop.max_minutes",), dict(type=POSITIVE, help="stop cleanly and save after this long")),
         ("--budget-ends-run", ("loop.budget_ends_run",),
          dict(action="store_const", const=True,
               help="a --max-minutes stop finishes the run (final weights written) instead of pausing it")),
-        ("--num-workers", paths("num_workers"), dict(type=int, help="DataLoader workers for image folders")),
+        ("--num-workers", paths("num_workers"),
+         dict(type=NON_NEGATIVE_INT, help="DataLoader workers for image folders")),
         ("--no-progress", paths("progress"), dict(action="store_const", const=False, help="no progress bar")),
     ]
 
@@ -77,38 +94,45 @@ def _image_options(prefix: str, also_model: bool = False) -> list[Option]:
     model_channels = ("model.image_channels",) if also_model else ()
     return [
         ("--dataset", (f"{prefix}.dataset",),
-         dict(help="'fashion-mnist' or an ImageNet-layout folder root/<class>/*.png")),
+         dict(type=input_path("--dataset", keywords=("fashion-mnist",)),
+              help="'fashion-mnist' or an ImageNet-layout folder root/<class>/*.png")),
         ("--split", (f"{prefix}.split",), dict(choices=["train", "test"], help="Fashion-MNIST split")),
-        ("--fashion-mnist-root", (f"{prefix}.fashion_mnist_root",), dict(help="folder of the idx files")),
-        ("--limit", (f"{prefix}.limit",), dict(type=int, help="use only the first N images")),
-        ("--image-size", (f"{prefix}.image_size", *model_size), dict(type=int, help="center-crop size (folders)")),
+        ("--fashion-mnist-root", (f"{prefix}.fashion_mnist_root",),
+         dict(type=input_path("--fashion-mnist-root"), help="folder of the idx files")),
+        ("--limit", (f"{prefix}.limit",), dict(type=POSITIVE_INT, help="use only the first N images")),
+        ("--image-size", (f"{prefix}.image_size", *model_size),
+         dict(type=POSITIVE_INT, help="center-crop size (folders)")),
         ("--image-channels", (f"{prefix}.image_channels", *model_channels), dict(type=int, choices=[1, 3])),
         ("--no-flip", (f"{prefix}.random_flip",), dict(action="store_const", const=False, help="no horizontal flips")),
     ]
 
 
 LATENT_OPTIONS: list[Option] = [
-    ("--autoencoder", ("data.autoencoder",), dict(help="our autoencoder: `train autoencoder` run folder or file")),
-    ("--vae", ("data.vae",), dict(help="diffusers AutoencoderKL folder (sd-vae-ft-ema / sd-vae-ft-mse)")),
+    ("--autoencoder", ("data.autoencoder",),
+     dict(type=input_path("--autoencoder"), help="our autoencoder: `train autoencoder` run folder or file")),
+    ("--vae", ("data.vae",),
+     dict(type=input_path("--vae"), help="diffusers AutoencoderKL folder (sd-vae-ft-ema / sd-vae-ft-mse)")),
     ("--encoder-bundle", ("data.encoder_bundle",),
-     dict(help="a bundle folder whose image encoder encodes the data (e.g. the embedded default's "
+     dict(type=input_path("--encoder-bundle"),
+          help="a bundle folder whose image encoder encodes the data (e.g. the embedded default's "
                "flowturbo/runtime/assets/default_model: train a refiner for its predictor)")),
-    ("--vae-latent-scale", ("data.vae_latent_scale",), dict(type=float, help="default: the VAE's scaling_factor")),
+    ("--vae-latent-scale", ("data.vae_latent_scale",), dict(type=POSITIVE, help="default: the VAE's scaling_factor")),
     ("--no-pre-encode", ("data.pre_encode",),
      dict(action="store_const", const=False, help="encode every batch instead of the whole dataset once")),
-    ("--encode-batch-size", ("data.encode_batch_size",), dict(type=int)),
+    ("--encode-batch-size", ("data.encode_batch_size",), dict(type=POSITIVE_INT)),
 ]
 
 AUTOENCODER_OPTIONS: list[Option] = [
-    ("--latent-channels", ("model.latent_channels",), dict(type=int)),
-    ("--base-channels", ("model.base_channels",), dict(type=int)),
+    ("--latent-channels", ("model.latent_channels",), dict(type=POSITIVE_INT)),
+    ("--base-channels", ("model.base_channels",), dict(type=POSITIVE_INT)),
     ("--channel-mult", ("model.channel_mult",),
      dict(type=_ints, help="e.g. 1,2,4 (len - 1 = number of 2x downsamples)")),
-    ("--num-res-blocks", ("model.num_res_blocks",), dict(type=int)),
-    ("--norm-groups", ("model.norm_groups",), dict(type=int)),
+    ("--num-res-blocks", ("model.num_res_blocks",), dict(type=POSITIVE_INT)),
+    ("--norm-groups", ("model.norm_groups",), dict(type=POSITIVE_INT)),
     ("--recon-loss", ("recon_loss",), dict(choices=["l1", "mse"])),
-    ("--kl-weight", ("kl_weight",), dict(type=float)),
-    ("--latent-scale-images", ("latent_scale_images",), dict(type=int, help="images used to measure the scale")),
+    ("--kl-weight", ("kl_weight",), dict(type=NON_NEGATIVE)),
+    ("--latent-scale-images", ("latent_scale_images",),
+     dict(type=POSITIVE_INT, help="images used to measure the scale")),
     ("--no-finetune", ("finetune_decoder",),
      dict(action="store_const", const=False, help="skip the 'mse' decoder stage")),
 ]
@@ -116,28 +140,34 @@ AUTOENCODER_OPTIONS: list[Option] = [
 PREDICTOR_OPTIONS: list[Option] = [
     ("--model", ("model",), dict(help="SiT preset, e.g. SiT-M/2, SiT-T/2, SiT-XL/2")),
     ("--learn-sigma", ("learn_sigma",), dict(action="store_const", const=True, help="2C output channels (official)")),
-    ("--label-dropout", ("label_dropout",), dict(type=float, help="probability of the null label (CFG)")),
+    ("--label-dropout", ("label_dropout",), dict(type=LABEL_DROPOUT, help="probability of the null label (CFG)")),
 ]
 
 REFINER_OPTIONS: list[Option] = [
-    ("--teacher", ("teacher",), dict(help="predictor: `train predictor` run folder/file or official SiT .pt")),
+    ("--teacher", ("teacher",),
+     dict(type=input_path("--teacher"), help="predictor: `train predictor` run folder/file or official SiT .pt")),
     ("--teacher-model", ("teacher_model",), dict(help="insist the teacher is this preset, e.g. SiT-XL/2")),
     ("--trust-pickle", ("trust_pickle",), dict(action="store_const", const=True, help="allow full unpickling")),
-    ("--refiner-depth", ("refiner_depth",), dict(type=int)),
-    ("--label-dropout", ("label_dropout",), dict(type=float)),
+    ("--refiner-depth", ("refiner_depth",), dict(type=POSITIVE_INT)),
+    ("--label-dropout", ("label_dropout",), dict(type=LABEL_DROPOUT)),
     ("--init-from", ("init_from",),
-     dict(help="start from this refiner's weights (`train refiner` run/file or official .pt; a refiner without dt "
+     dict(type=input_path("--init-from"),
+          help="start from this refiner's weights (`train refiner` run/file or official .pt; a refiner without dt "
                "conditioning starts a --dt-conditioning one exactly)")),
 ]
 
-# The velocity age dt the refiner is trained on (flowturbo.refiner_dt.DtDistribution; docs/refiner_dt.md).
+# The velocity age dt the refiner is trained on (flowturbo.refiner_dt.DtDistribution; docs/refiner_dt.md). Ranges
+# are checked at parse time; the pairs (e.g. --dt-small-max <= --max-dt) by DtDistribution, before any work.
 REFINER_DT_OPTIONS: list[Option] = [
-    ("--max-dt", ("dt.max_dt",), dict(type=float, help="longest step: dt ~ U(0, max_dt] (paper: 0.12); recorded with "
-                                                       "the weights as the trained range")),
-    ("--dt-small-share", ("dt.small_share",), dict(type=float, help="probability of dt ~ U(0, dt_small_max] instead")),
-    ("--dt-small-max", ("dt.small_max",), dict(type=float, help="the short steps' upper end")),
-    ("--dt-zero-share", ("dt.zero_share",), dict(type=float, help="probability of dt = 0 exactly (the first R call "
-                                                                  "after an H/P step)")),
+    ("--max-dt", ("dt.max_dt",), dict(type=Number(float, low=0, low_open=True, high=1),
+                                      help="longest step: dt ~ U(0, max_dt] (paper: 0.12); recorded with the weights "
+                                           "as the trained range")),
+    ("--dt-small-share", ("dt.small_share",),
+     dict(type=PROBABILITY, help="probability of dt ~ U(0, dt_small_max] instead")),
+    ("--dt-small-max", ("dt.small_max",),
+     dict(type=Number(float, low=0, low_open=True, high=1), help="the short steps' upper end")),
+    ("--dt-zero-share", ("dt.zero_share",), dict(type=PROBABILITY, help="probability of dt = 0 exactly (the first R "
+                                                                       "call after an H/P step)")),
     ("--dt-conditioning", ("dt_conditioning",),
      dict(action="store_const", const=True, help="the refiner takes dt as an input (a zero-initialised embedding)")),
     ("--no-dt-conditioning", ("dt_conditioning",),
@@ -147,9 +177,11 @@ REFINER_DT_OPTIONS: list[Option] = [
 # Reuse of the teacher's outputs (training.trainers.refiner.TeacherCacheConfig).
 REFINER_CACHE_OPTIONS: list[Option] = [
     ("--teacher-cache-batches", ("cache.batches",),
-     dict(type=int, help="pool of teacher samples, in batches per process (0: none, every step calls the teacher)")),
+     dict(type=NON_NEGATIVE_INT,
+          help="pool of teacher samples, in batches per process (0: none, every step calls the teacher)")),
     ("--teacher-reuse", ("cache.reuse",),
-     dict(type=int, help="steps per recomputed pool batch: each teacher sample serves this many steps on average")),
+     dict(type=POSITIVE_INT,
+          help="steps per recomputed pool batch: each teacher sample serves this many steps on average")),
 ]
 
 
@@ -253,8 +285,10 @@ def _add_options(parser: argparse.ArgumentParser, title: str, options: Sequence[
 
 def _add_run_group(parser: argparse.ArgumentParser, presets: dict[str, dict]) -> None:
     group = parser.add_argument_group("run")
-    group.add_argument("--out", required=True, help="output folder (checkpoints, config.json, loss_curve.png); a new "
-                                                    "run refuses a folder holding files flowturbo did not write")
+    group.add_argument("--out", required=True, type=output_path("--out"),
+                       help="output folder (checkpoints, config.json, loss_curve.png); a new run refuses a folder "
+                            "holding files flowturbo did not write, and any run refuses another kind of flowturbo "
+                            "output or another command's run")
     group.add_argument("--preset", default=None, choices=sorted(presets), help=f"default: {next(iter(presets))}")
     group.add_argument("--config", default=None, help="start from a saved config.json instead of a preset")
     group.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
@@ -272,6 +306,7 @@ def _trainer_command(cls_name: str, presets_name: str, train_name: str,
 
         cls, presets, train = (getattr(trainers, n) for n in (cls_name, presets_name, train_name))
         config = build_config(cls, presets, args, options)
+        check_inputs_exist(config)
         with _locked_run_folder(args.out, f"train {args.train_command}", args.wait, args.resume):
             out = train(config, args.out, resume=args.resume, force=args.force)
         if os.environ.get("RANK", "0") == "0":  # under torchrun only rank 0 reports
@@ -279,6 +314,22 @@ def _trainer_command(cls_name: str, presets_name: str, train_name: str,
         return 0
 
     return run
+
+
+# Config fields naming files or folders a trainer reads, with the flag that sets them: checked to exist before
+# anything runs (a trainer encodes its whole dataset before it loads the teacher, say).
+INPUT_FIELDS = (("teacher", "--teacher"), ("data.autoencoder", "--autoencoder"), ("data.vae", "--vae"))
+
+
+def check_inputs_exist(config: Any) -> None:
+    """Refuse a training config whose teacher / autoencoder / VAE path does not exist, before any work."""
+    for path, flag in INPUT_FIELDS:
+        value: Any = config
+        for name in path.split("."):
+            value = getattr(value, name, None)
+        if isinstance(value, str) and value and not os.path.exists(value):
+            raise FlowTurboError(f"{flag} {value} not found; check the path (a run folder, a file, or for --vae a "
+                                 "diffusers AutoencoderKL folder)")
 
 
 def _locked_run_folder(out: str, command: str, wait: bool, resume: bool) -> contextlib.AbstractContextManager:
@@ -362,11 +413,15 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
     p = sub.add_parser("package", help="assemble predictor + refiner + decoder + encoder (EMA weights) into a bundle")
     g = p.add_argument_group("parts")
-    g.add_argument("--predictor", required=True, help="`train predictor` run folder/file or official SiT .pt")
-    g.add_argument("--refiner", default=None, help="`train refiner` run folder/file or official refiner .pt")
-    g.add_argument("--autoencoder", default=None, help="`train autoencoder` run folder or autoencoder.safetensors")
-    g.add_argument("--vae", default=None, help="diffusers AutoencoderKL folder instead of our autoencoder")
-    g.add_argument("--decoder-bundle", default=None,
+    g.add_argument("--predictor", required=True, type=input_path("--predictor"),
+                   help="`train predictor` run folder/file or official SiT .pt")
+    g.add_argument("--refiner", default=None, type=input_path("--refiner"),
+                   help="`train refiner` run folder/file or official refiner .pt")
+    g.add_argument("--autoencoder", default=None, type=input_path("--autoencoder"),
+                   help="`train autoencoder` run folder or autoencoder.safetensors")
+    g.add_argument("--vae", default=None, type=input_path("--vae"),
+                   help="diffusers AutoencoderKL folder instead of our autoencoder")
+    g.add_argument("--decoder-bundle", default=None, type=input_path("--decoder-bundle"),
                    help="take the decoder (every variant), encoder and class names of this bundle (e.g. the embedded "
                         "default's runtime/assets/default_model, to give it a new refiner)")
     g.add_argument("--variant", default=None, choices=["ema", "mse"],
@@ -374,30 +429,29 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     g.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of trusted .pt files")
     g = p.add_argument_group("sampling defaults")
     g.add_argument("--schedule", default=None, help="default schedule (H1P5R3 with a refiner, else H8)")
-    g.add_argument("--cfg", type=float, default=None, help="default guidance scale")
-    g.add_argument("--guidance-channels", type=int, default=None, help="guide only the first N channels")
+    g.add_argument("--cfg", type=GUIDANCE_SCALE, default=None, help="default guidance scale")
+    g.add_argument("--guidance-channels", type=POSITIVE_INT, default=None,
+                   help="guide only the first N channels (default: the model family's: 3 for official SiT "
+                        "checkpoints, all for ours)")
     g.add_argument("--class-names", default=None, help="comma-separated (default: from the predictor run)")
     g = p.add_argument_group("output")
-    g.add_argument("--out", required=True, help="bundle folder")
-    g.add_argument("--overwrite", action="store_true", help="replace an existing bundle (only one holding nothing "
-                                                            "but flowturbo's own files)")
+    g.add_argument("--out", required=True, type=output_path("--out"), help="bundle folder")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace an existing bundle (only a bundle holding nothing but flowturbo's own files; never "
+                        "another kind of output)")
     g.add_argument("--wait", action="store_true", help="wait for another flowturbo process writing --out")
     p.set_defaults(handler=_run_package)
     return train
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Stand-alone entry (``python -m flowturbo.training.train_cli train ...``, e.g. under torchrun)."""
-    parser = argparse.ArgumentParser(prog="flowturbo")
+    """Stand-alone entry (``python -m flowturbo.training.train_cli train ...``, e.g. under torchrun): the same
+    parsing, input rule and torchrun handling as ``flowturbo train`` (:func:`flowturbo.cliargs.run_command`)."""
+    parser = ArgumentParser(prog="flowturbo")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     add_train_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        return int(args.handler(args) or 0)
-    except FlowTurboError as exc:
-        print(f"flowturbo train: error: {exc}", file=sys.stderr)
-        return 2
-
+    return run_command(parser, list(sys.argv[1:] if argv is None else argv),
+                       lambda args: f"train {args.train_command}")
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -7,9 +7,9 @@ A tiny random bundle (SiT-T/2 on 8x8 latents, identity decoder) and one ONNX exp
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
+import shlex
 import shutil
 import stat
 import subprocess
@@ -25,6 +25,8 @@ from flowturbo.errors import CheckpointError, FlowTurboError
 from flowturbo.runtime.artifacts import load_artifacts
 from flowturbo.runtime.cli import main
 from flowturbo.training.bundle import load_bundle
+from cli_checks import one_error_line as _one_error_line
+from cli_checks import snapshot as _snapshot
 from micro_models import save_tiny_bundle
 
 SCHEDULE_ARGS = ["--schedule", "H1P1R1", "--cfg", "2.0"]
@@ -46,23 +48,9 @@ def exported(bundle_dir, tmp_path_factory) -> Path:
     return out
 
 
-def _snapshot(folder: Path) -> dict[str, str]:
-    """Relative path -> SHA-256 of every file below ``folder`` (byte-for-byte comparison)."""
-    return {p.relative_to(folder).as_posix(): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(folder.rglob("*")) if p.is_file()}
-
-
 def _sample(bundle_dir: Path, out: Path, *extra: str) -> int:
     return main(["sample", "--model", str(bundle_dir), *SCHEDULE_ARGS, "--num-images", "2", "--device", "cpu",
                  "--no-progress", "--out", str(out), *extra])
-
-
-def _one_error_line(capsys, *needles: str) -> str:
-    err = capsys.readouterr().err.strip()
-    assert len(err.splitlines()) == 1 and "error:" in err and "Traceback" not in err, err
-    for needle in needles:
-        assert needle in err, (needle, err)
-    return err
 
 
 @pytest.fixture
@@ -475,7 +463,7 @@ def test_inconsistent_bundle_hint_is_followable(bundle_dir, tmp_path, capsys):
 
 def test_eval_num_samples_zero_names_the_flag(capsys, count_model_loads):
     assert main(["eval", "--num-samples", "0"]) == 2
-    err = _one_error_line(capsys, "--num-samples must be in [1, ")
+    err = _one_error_line(capsys, "--num-samples must be an integer in [1, ")
     assert "class" not in err and count_model_loads == []
 
 
@@ -486,25 +474,24 @@ def test_train_autoencoder_tiny_names_the_flag_that_fixes_its_size(tmp_path, cap
 
 
 def test_reexport_hint_keeps_cfg(exported, bundle_dir, tmp_path, capsys):
-    """The hint carries --model/--cfg/--format/--batch/--precision/--variant over and names a new --out."""
-    assert main(["sample", "--artifacts", str(exported), "--backend", "onnxruntime", "--schedule", "H1P2R1",
+    """The hint carries --model/--cfg/--format/--batch/--opset/--precision/--variant over and names a new --out
+    beside the export: it runs as printed, and the sample then runs on its output."""
+    art = tmp_path / "art"
+    shutil.copytree(exported, art)
+    assert main(["sample", "--artifacts", str(art), "--backend", "onnxruntime", "--schedule", "H1P2R1",
                  "--out", str(tmp_path / "o")]) == 2
     err = _one_error_line(capsys, "re-export with `flowturbo export --schedule H1P2R1 --cfg 2` (in full",
                           f"`flowturbo export --model {bundle_dir} --schedule H1P2R1 --cfg 2 --format onnx "
-                          "--batch 1:2:4 --precision fp32 --variant time-input --out NEW_DIR`")
-    command = err.split("`")[3].split()[1:]
-    from flowturbo.runtime.cli import build_parser
-
-    args = build_parser().parse_args(command)  # every flag of the hint exists: it runs once NEW_DIR is chosen
-    assert (args.model, args.schedule, args.cfg, args.batch, args.out) == (str(bundle_dir), "H1P2R1", 2.0, "1:2:4",
-                                                                          "NEW_DIR")
+                          f"--batch 1:2:4 --opset 18 --precision fp32 --variant time-input --out {art}-H1P2R1`")
+    command = shlex.split(err.split("`")[3])
+    assert main([*command[1:], "--no-validate"]) == 0  # it runs as printed (parity checks skipped: speed)
+    assert main(["sample", "--artifacts", f"{art}-H1P2R1", "--backend", "onnxruntime", "--schedule", "H1P2R1",
+                 "--no-progress", "--out", str(tmp_path / "o")]) == 0
 
 
 def test_reexport_command_for_the_default_model_and_a_custom_grid(tmp_path):
     """The embedded default needs no --model (its source is not a folder), a folder that is gone becomes a
     placeholder, and a custom time grid is carried as --timesteps (else the command builds another schedule)."""
-    import shlex
-
     from flowturbo.runtime.artifacts import export_command
     from flowturbo.runtime.cli import build_parser
     from flowturbo.schedule import SamplingSchedule
@@ -514,7 +501,7 @@ def test_reexport_command_for_the_default_model_and_a_custom_grid(tmp_path):
     grid = SamplingSchedule.parse("H2", guidance_scale=1.5, timesteps=[0.0, 0.3, 1.0])
     command = export_command(grid, manifest)
     args = build_parser().parse_args(shlex.split(command)[1:])
-    assert args.model is None and args.timesteps == "0.0,0.3,1.0" and args.out == "NEW_DIR"
+    assert args.model is None and args.timesteps == "0.0,0.3,1.0" and args.out == "NEW_DIR"  # no --out given
     assert "--timesteps" not in export_command(SamplingSchedule.parse("H2", guidance_scale=1.5), manifest)
     manifest["model"]["source"] = str(tmp_path / "gone")
     assert "--model MODEL_DIR" in export_command(grid, manifest)

@@ -265,7 +265,7 @@ def test_cli_inpaint_bad_input_is_one_error_line_and_writes_nothing(files, tmp_p
 def test_cli_edit_refuses_strength_outside_0_1(files, tmp_path, capsys, strength):
     code, _, err = _cli(["edit", "--image", str(files / "shirt.png"), "--strength", strength, "--classes", "1",
                          "--out", str(tmp_path / "o")], capsys)
-    assert code == 2 and "--strength must be in (0, 1]" in err and not (tmp_path / "o").exists()
+    assert code == 2 and "--strength must be a finite number in (0, 1]" in err and not (tmp_path / "o").exists()
 
 
 def test_cli_all_black_mask_warns_and_returns_the_input(files, tmp_path, capsys):
@@ -280,7 +280,7 @@ def test_cli_all_black_mask_warns_and_returns_the_input(files, tmp_path, capsys)
 
 def test_cli_cpp_backend_says_it_is_not_supported(files, tmp_path, capsys):
     code, _, err = _cli(["edit", "--image", str(files / "shirt.png"), "--strength", "0.5", "--classes", "1",
-                         "--artifacts", str(tmp_path), "--backend", "cpp", "--out", str(tmp_path / "o")], capsys)
+                         "--artifacts", str(tmp_path / "art"), "--backend", "cpp", "--out", str(tmp_path / "o")], capsys)
     assert code == 2 and "not supported by --backend cpp" in err
 
 

@@ -311,7 +311,8 @@ def test_cli_out_is_a_file_or_foreign_folder(tmp_path, capsys):
 
 def test_cli_cpp_backend_missing_and_fake(tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "flowturbo.runtime.cpp_backend", None)  # import fails
-    assert main(["profile", "--backend", "cpp", "--artifacts", str(tmp_path), "--out", str(tmp_path / "o")]) == 2
+    art = tmp_path / "art"  # (an --out inside --artifacts would be refused by the input rule)
+    assert main(["profile", "--backend", "cpp", "--artifacts", str(art), "--out", str(tmp_path / "o")]) == 2
     err = capsys.readouterr().err
     assert "cpp backend is not available" in err and "CppSampler" in err
     assert not (tmp_path / "o").exists()
@@ -341,7 +342,7 @@ def test_cli_cpp_backend_missing_and_fake(tmp_path, capsys, monkeypatch):
     module.CppSampler = FakeCppSampler
     monkeypatch.setitem(sys.modules, "flowturbo.runtime.cpp_backend", module)
     out = tmp_path / "cpp"
-    assert main(["profile", "--backend", "cpp", "--artifacts", str(tmp_path), "--batch", "3", "--seed", "7",
+    assert main(["profile", "--backend", "cpp", "--artifacts", str(art), "--batch", "3", "--seed", "7",
                  "--device", "cpu", "--warmup", "1", "--repeats", "4", "--out", str(out)]) == 0
     assert calls["profile_batch"] == ([0, 1, 2], 7, 1, 4) and calls["from_artifacts"][1] == "cpu"
     check_table(capsys.readouterr().out, schedule)

@@ -314,7 +314,7 @@ def test_every_difference_is_listed_at_once():
 
 def test_wrong_format_is_refused():
     found = {**_metadata(), "format": "flowturbo.tensorrt-engine/0"}
-    with pytest.raises(CheckpointError, match=r"(?s)--format tensorrt`:\n  format: metadata has 'flowturbo.tensorrt-engine/0'"):
+    with pytest.raises(CheckpointError, match=r"(?s)and --overwrite:\n  format: metadata has 'flowturbo.tensorrt-engine/0'"):
         tb.check_engine(found, _metadata(), "e.engine")
     with pytest.raises(CheckpointError, match="format: metadata has None"):
         tb.check_engine({}, _metadata(), "e.engine")

@@ -104,5 +104,5 @@ def test_errors_name_the_problem(tmp_path: Path) -> None:
     (broken / "cls").mkdir(parents=True)
     (broken / "cls" / "bad.png").write_bytes(b"this is not a png")
     ds = ImageFolderDataset(broken, RES)
-    with pytest.raises(FlowTurboError, match=r"cannot read image .*bad\.png"):
+    with pytest.raises(FlowTurboError, match=r"dataset image .*bad\.png is not a readable image"):
         ds[0]

@@ -475,6 +475,35 @@ def test_package_assembles_a_loadable_bundle_from_ema_weights(pred_run: Path, ae
         assert loaded.encoder.encode(images).shape == (2, *LATENT_SHAPE)
 
 
+def test_package_from_official_checkpoints_keeps_their_guidance_channels(ae_run: Path, pred_run: Path,
+                                                                         tmp_path: Path) -> None:
+    """Issue 19: `train package` from official SiT checkpoints wrote guidance_channels null, so the bundle, its
+    exports and the C++ runner guided all 4 latent channels where `sample --predictor` guides 3. The family's
+    defaults travel into the bundle and from there into every export; --guidance-channels still overrides."""
+    from flowturbo.export.pipeline import ExportRequest, export_bundle
+    from flowturbo.runtime.artifacts import load_artifacts
+    from flowturbo.training.bundle import OFFICIAL_GUIDANCE_CHANNELS
+
+    teacher = _official_teacher(tmp_path / "SiT-T-2.pt")
+    package_bundle(tmp_path / "official", predictor=teacher, autoencoder=ae_run)
+    bundle = load_bundle(tmp_path / "official")
+    assert bundle.defaults.guidance_channels == OFFICIAL_GUIDANCE_CHANNELS == 3
+    schedule = bundle.defaults.sampling_schedule()
+    result = export_bundle(bundle, ExportRequest(schedule, "1:1:2", ("onnx",), validate=False), tmp_path / "art",
+                           progress=False)
+    assert schedule.guidance_channels == 3 and load_artifacts(result.path).schedule.guidance_channels == 3
+    package_bundle(tmp_path / "all", predictor=teacher, autoencoder=ae_run, guidance_channels=4)
+    assert load_bundle(tmp_path / "all").defaults.guidance_channels == 4
+    package_bundle(tmp_path / "ours", predictor=pred_run, autoencoder=ae_run)
+    assert load_bundle(tmp_path / "ours").defaults.guidance_channels is None  # our own models guide every channel
+    # A bundle's predictor file has no metadata of its own: its bundle says which family it is (as a new refiner
+    # is packaged around the embedded default's predictor), for the official bundle and ours alike.
+    for source in ("official", "ours"):
+        repackaged = tmp_path / f"re-{source}"
+        package_bundle(repackaged, predictor=tmp_path / source / "predictor.safetensors", autoencoder=ae_run)
+        assert load_bundle(repackaged).defaults.guidance_channels == load_bundle(tmp_path / source).defaults.guidance_channels
+
+
 def saved_data_config(pred_run: Path) -> LatentDataConfig:
     """The data config a predictor run was trained with (read back from its config.json)."""
     from flowturbo.training.trainers.common import config_from_dict

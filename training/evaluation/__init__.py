@@ -119,29 +119,26 @@ def _resolve_reference(
 
 def check_sample_count(n: int, *, allow_small_sample: bool = False, flag: str = "samples",
                        feature_dim: int | None = None, what: str | None = None) -> str | None:
-    """Refuse fewer than :data:`MIN_METRIC_SAMPLES` samples unless allowed; returns the warning text then.
+    """Refuse too few samples for the metrics unless allowed; returns the warning text then (None: enough).
 
-    ``feature_dim``: the features' dimension D; FID's covariance estimate of D-d features is singular with D
-    samples or fewer, so at least D + 1 are needed too (2049 for Inception's 2048-d features). ``what`` names the
-    metric in the messages (e.g. ``--metric inception-fid``).
+    One rule, one number: at least :data:`MIN_METRIC_SAMPLES`, and, with ``feature_dim`` D, at least D + 1 (FID's
+    covariance estimate of D-d features is singular with D samples or fewer: 2049 for Inception's 2048-d
+    features). ``what`` names the metric in the messages (e.g. ``--metric inception-fid``).
     """
-    if feature_dim is not None and n <= feature_dim:
-        name = what or f"FID of {feature_dim}-d features"
-        if not allow_small_sample:
-            raise FlowTurboError(
-                f"{name} needs at least {feature_dim + 1} samples ({flag}), got {n}: its features are "
-                f"{feature_dim}-d and FID's covariance estimate is singular with no more samples than dimensions; "
-                f"raise {flag} to {feature_dim + 1} or more, or pass --allow-small-sample to get numbers anyway")
-        return (f"WARNING: only {n} samples for {feature_dim}-d features (at least {feature_dim + 1} needed): the "
-                "covariance is singular, the FIDs are unreliable and not comparable with other runs")
-    if n >= MIN_METRIC_SAMPLES:
+    needed = max(MIN_METRIC_SAMPLES, (feature_dim or 0) + 1)
+    if n >= needed:
         return None
+    reasons = [f"FID / precision / recall from fewer than {MIN_METRIC_SAMPLES} samples are noise"]
+    if feature_dim is not None and needed > MIN_METRIC_SAMPLES:
+        reasons = [f"{what or 'FID'}'s features are {feature_dim}-d and FID's covariance estimate is singular with "
+                   "no more samples than dimensions"]
     if not allow_small_sample:
         raise FlowTurboError(
-            f"FID / precision / recall from {n} samples would be noise: at least {MIN_METRIC_SAMPLES} are needed "
-            f"({flag}); generate more, or pass --allow-small-sample (allow_small_sample=True) to get numbers anyway"
+            f"{what + ' needs' if what else 'the metrics need'} at least {needed} samples ({flag}), got {n}: "
+            f"{reasons[0]}; raise {flag} to {needed} or more, or pass --allow-small-sample (allow_small_sample=True) "
+            "to get numbers anyway"
         )
-    return (f"WARNING: only {n} samples (fewer than {MIN_METRIC_SAMPLES}): FID, precision and recall are "
+    return (f"WARNING: only {n} samples (at least {needed} needed: {reasons[0]}): FID, precision and recall are "
             "unreliable at this size and not comparable with other runs")
 
 

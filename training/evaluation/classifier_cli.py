@@ -8,41 +8,42 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from pathlib import Path
 
-from flowturbo.errors import FlowTurboError
+from flowturbo.cliargs import POSITIVE, POSITIVE_INT, SEED, ArgumentParser, input_path, output_path, run_command
 
 from flowturbo.training.evaluation.classifier import TrainClassifierConfig, save_classifier, train_classifier
 from flowturbo.training.fashion_mnist import DEFAULT_ROOT
 
 
-def _parse_args(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description="Train the Fashion-MNIST domain classifier used for evaluation.")
-    parser.add_argument("--out", required=True, type=Path, help="folder for classifier.safetensors + classifier.json")
+def _parser() -> argparse.ArgumentParser:
+    parser = ArgumentParser(prog="python -m flowturbo.training.evaluation.classifier_cli",
+                            description="Train the Fashion-MNIST domain classifier used for evaluation.")
+    parser.add_argument("--out", required=True, type=output_path("--out"),
+                        help="folder for classifier.safetensors + classifier.json")
     data = parser.add_argument_group("data")
-    data.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="folder with the Fashion-MNIST idx files")
-    data.add_argument("--train-limit", type=int, default=None)
+    data.add_argument("--root", type=input_path("--root"), default=str(DEFAULT_ROOT),
+                      help="folder with the Fashion-MNIST idx files")
+    data.add_argument("--train-limit", type=POSITIVE_INT, default=None)
     train = parser.add_argument_group("training")
     defaults = TrainClassifierConfig()
-    train.add_argument("--epochs", type=int, default=defaults.epochs)
-    train.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    train.add_argument("--lr", type=float, default=defaults.lr)
-    train.add_argument("--seed", type=int, default=defaults.seed)
+    train.add_argument("--epochs", type=POSITIVE_INT, default=defaults.epochs)
+    train.add_argument("--batch-size", type=POSITIVE_INT, default=defaults.batch_size)
+    train.add_argument("--lr", type=POSITIVE, default=defaults.lr)
+    train.add_argument("--seed", type=SEED, default=defaults.seed)
     train.add_argument("--device", default=None, help="cuda / cpu (default: cuda when available)")
-    return parser.parse_args(argv)
+    parser.set_defaults(handler=_train, command="classifier")
+    return parser
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Train, report test accuracy, save."""
-    args = _parse_args(argv)
+def _train(args: argparse.Namespace) -> int:
+    """Check --out, train, report test accuracy, save."""
+    from flowturbo.fileio import check_writable_target
+
+    check_writable_target(args.out)  # before the training, not after it
     config = TrainClassifierConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed, train_limit=args.train_limit
     )
-    try:
-        result = train_classifier(config, root=args.root, device=args.device)
-    except FlowTurboError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    result = train_classifier(config, root=args.root, device=args.device)
     save_classifier(
         result.model,
         args.out,
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"test accuracy {result.test_accuracy:.4f}; saved to {args.out}")
     return 0
 
+
+def main(argv: list[str] | None = None) -> int:
+    """Train, report test accuracy, save; a foreseeable mistake is one ``error:`` line and status 2."""
+    return run_command(_parser(), list(sys.argv[1:] if argv is None else argv), lambda args: "classifier")
 
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -131,9 +131,10 @@ def train_autoencoder(config: AutoencoderTrainConfig, out_dir: str | Path, *, re
     Works under ``torchrun`` (DDP). With ``resume`` a stopped run continues exactly where it stopped.
     """
     out_dir = Path(out_dir)
-    check_run_folder(out_dir / STAGE1_DIR, config, resume=resume, force=force, log=lambda _m: None)
+    fileio.check_kind(out_dir, kind=fileio.KIND_TRAINING_RUN)  # never into a bundle, an export, ... (kinds rule)
     if not resume and out_dir.is_dir() and latest_checkpoint(out_dir / STAGE1_DIR) is None:
         fileio.check_replaceable(out_dir, "training run folder")  # a new run: nothing of the user's in it
+    check_run_folder(out_dir / STAGE1_DIR, config, resume=resume, force=force, log=lambda _m: None)
     ctx = setup_distributed(config.loop.device)
     try:
         say = log if ctx.is_main else (lambda _m: None)

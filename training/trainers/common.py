@@ -48,6 +48,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
 from flowturbo import fileio
+from flowturbo.cliargs import SEED_LIMIT, rank_from_env
 from flowturbo.errors import CheckpointError, FlowTurboError
 from flowturbo.fileio import atomic_write_bytes, atomic_write_json  # re-exported: many trainer call sites
 
@@ -64,7 +65,6 @@ LOSS_CURVE_DPI = 100
 LOSS_CURVE_SIZE_INCHES = (7.0, 4.0)
 
 PRECISIONS = ("auto", "fp32", "bf16")
-SEED_LIMIT = 2**63  # seeds are in [0, 2^63) (torch generators take signed 64-bit seeds)
 # Config fields that decide the shapes of the trained weights: a resume may not change them, even with --force.
 ARCHITECTURE_FIELDS = frozenset(
     {"model", "learn_sigma", "refiner_depth", "dt_conditioning", "model.latent_channels", "model.base_channels", "model.channel_mult",
@@ -665,11 +665,13 @@ def check_run_folder(out_dir: str | Path, config: Any, *, resume: bool, force: b
     changed architecture is refused even then); ``resume`` without a checkpoint to resume from is refused
     (unless ``resume_needs_run=False``: a later stage of a run that has not started yet). A new run refuses a
     folder holding anything flowturbo did not write. Trainers call this before expensive set-up (encoding a
-    dataset) so a mistake costs nothing.
+    dataset) so a mistake costs nothing. Then the run folder is created (rank 0) with an ownership record that
+    names it a training run, so the caches and weights the trainer adds are recorded as a run's.
     """
     out_dir = Path(out_dir)
     if out_dir.exists() and not out_dir.is_dir():
         raise FlowTurboError(f"--out {out_dir} exists and is not a folder; choose another --out")
+    fileio.check_kind(out_dir, kind=fileio.KIND_TRAINING_RUN)  # never into a bundle, an export, ... (kinds rule)
     existing = latest_checkpoint(out_dir)
     if existing is None and resume and resume_needs_run:
         raise FlowTurboError(
@@ -690,6 +692,8 @@ def check_run_folder(out_dir: str | Path, config: Any, *, resume: bool, force: b
         )
     if existing is not None:
         _check_resume_config(out_dir, config, force, log)
+    if rank_from_env() == 0 and fileio.read_ownership(out_dir) is None:  # the record names the kind from the start
+        fileio.add_owned(out_dir, [], kind=fileio.KIND_TRAINING_RUN)  # (listed by a locked run folder above it)
     return existing is not None
 
 

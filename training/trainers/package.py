@@ -12,24 +12,32 @@ AutoencoderKL folder's, or the bundle's.
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from flowturbo.errors import FlowTurboError
 from flowturbo.training.bundle import (
+    BUNDLE_FORMAT,
+    CONFIG_FILE,
     DEFAULT_CFG,
     DEFAULT_SCHEDULE,
     DEFAULT_SCHEDULE_WITHOUT_REFINER,
+    OFFICIAL_SIT_DEFAULTS,
+    PREDICTOR_FILE,
     Bundle,
     BundleDefaults,
     load_bundle_image_parts,
     save_bundle,
 )
 from flowturbo.training.checkpoints import load_refiner_checkpoint, load_sit_checkpoint
+from flowturbo.training.models import SiTConfig
 from flowturbo.training.decoders import DiffusersVAEDecoder, LatentDecoder
 from flowturbo.training.encoders import DiffusersVAEEncoder, FlowTurboAutoencoderEncoder, LatentEncoder
 from flowturbo.training.trainers.autoencoder import autoencoder_decoder
 from flowturbo.training.trainers.predictor import read_trained_predictor
 from flowturbo.training.trainers.refiner import read_trained_refiner
+
+PACKAGE_COMMAND = "train package"
 
 
 def package_bundle(
@@ -53,20 +61,32 @@ def package_bundle(
     belongs to the decoder, for inpainting and editing), save it to ``out`` (atomically) and return it.
 
     ``variant`` picks the active decoder variant (``ema``/``mse``; None: ``ema`` for an autoencoder run, the
-    bundle's own for ``decoder_bundle``)."""
-    from flowturbo.fileio import check_replaceable, check_writable_target
+    bundle's own for ``decoder_bundle``). The model family's defaults travel into the bundle: official SiT
+    checkpoints guide 3 of their 4 latent channels (:data:`flowturbo.training.bundle.OFFICIAL_SIT_DEFAULTS`), as the
+    released sampler and ``flowturbo sample --predictor`` do; ``guidance_channels`` overrides. ``out`` must not be
+    another kind of flowturbo output (a training run, an export, ...), whatever ``overwrite`` says."""
+    from flowturbo.fileio import check_kind, check_replaceable, check_writable_target
 
     check_writable_target(out)  # before loading any weights
+    check_kind(out, command=PACKAGE_COMMAND)  # another kind of output is never replaced, --overwrite or not
     if Path(out).exists():
         if not overwrite:
             raise FlowTurboError(f"{out} already exists; pass --overwrite to replace it")
-        check_replaceable(out, "bundle")
+        check_replaceable(out, "bundle", command=PACKAGE_COMMAND)
     ours = read_trained_predictor(predictor)
+    in_bundle = bundle_of_predictor(predictor)
     if ours is not None:
         state, predictor_config, names = ours
         sit = load_sit_checkpoint(state, predictor_config)
+        family = BundleDefaults()  # the family's defaults travel along: ours guide every channel
+    elif in_bundle is not None:  # a bundle's predictor (no metadata of its own): the bundle says what it is
+        folder, config = in_bundle
+        sit = load_sit_checkpoint(folder / PREDICTOR_FILE, SiTConfig.from_dict(config["predictor"]))
+        names = config.get("class_names")
+        family = BundleDefaults(guidance_channels=(config.get("defaults") or {}).get("guidance_channels"))
     else:
         sit, names = load_sit_checkpoint(predictor, trust_pickle=trust_pickle), None
+        family = OFFICIAL_SIT_DEFAULTS  # the released code guides 3 of 4 channels
     ref, refiner_dt = None, None
     if refiner is not None:
         ours_ref = read_trained_refiner(refiner)
@@ -79,13 +99,28 @@ def package_bundle(
     defaults = BundleDefaults(
         schedule=schedule or (DEFAULT_SCHEDULE if ref is not None else DEFAULT_SCHEDULE_WITHOUT_REFINER),
         cfg=DEFAULT_CFG if cfg is None else cfg,
-        guidance_channels=guidance_channels,
+        guidance_channels=family.guidance_channels if guidance_channels is None else guidance_channels,
     )
     bundle = Bundle(sit.eval(), None if ref is None else ref.eval(), decoder.eval(),
                     class_names if class_names is not None else names, defaults,
                     None if encoder is None else encoder.eval(), refiner_dt)
     save_bundle(bundle, out, overwrite=overwrite, wait=wait)
     return bundle
+
+
+def bundle_of_predictor(predictor: str | Path) -> tuple[Path, dict] | None:
+    """``(folder, config)`` when ``predictor`` is a bundle folder or the predictor file inside one, else None."""
+    path = Path(predictor)
+    folder = path if path.is_dir() else path.parent
+    if path.is_file() and path.name != PREDICTOR_FILE:
+        return None
+    try:
+        config = json.loads((folder / CONFIG_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(config, dict) or config.get("format") != BUNDLE_FORMAT or "predictor" not in config:
+        return None
+    return folder, config
 
 
 def _image_parts(autoencoder: str | Path | None, vae: str | Path | None, decoder_bundle: str | Path | None,
