@@ -527,6 +527,11 @@ def test_cli_trains_resumes_refuses_changes_and_packages(pred_run: Path, ae_run:
     assert cli_main(["train", "predictor", "--config", str(out / "config.json"), "--steps", "2", "--resume",
                      *common]) == 0
     assert load_checkpoint_state(latest_checkpoint(out))["step"] == 2
+    # --resume alone continues with the run's own settings (no preset, no flags repeated): before, the default
+    # preset was taken and the run refused as changed
+    assert cli_main(["train", "predictor", "--resume", "--steps", "3", "--out", str(out)]) == 0
+    assert load_checkpoint_state(latest_checkpoint(out))["step"] == 3
+    assert json.loads((out / "config.json").read_text())["config"]["data"]["images"]["limit"] == 16
     assert cli_main(["train", "package", "--predictor", str(out), "--autoencoder", str(ae_run),
                      "--schedule", "H4", "--out", str(tmp_path / "bundle")]) == 0
     assert load_bundle(tmp_path / "bundle").defaults.schedule == "H4"
