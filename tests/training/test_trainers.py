@@ -398,7 +398,7 @@ def test_refiner_cli_dt_flags_are_validated_together(tmp_path: Path, capsys: pyt
     config = build_config(RefinerTrainConfig, REFINER_TRAIN_PRESETS, args, options)
     assert (config.dt.max_dt, config.dt.small_max, config.dt.small_share) == (0.08, 0.02, 0.3)
     assert config.dt_conditioning is False and config.cache == TeacherCacheConfig(batches=32, reuse=2)
-    for flags, message in [(["--max-dt", "1.5"], "max_dt (--max-dt) must be in (0, 1]"),
+    for flags, message in [(["--max-dt", "1.5"], "--max-dt must be a finite number in (0, 1], got '1.5'"),
                            (["--teacher-cache-batches", "0", "--teacher-reuse", "3"], "--teacher-cache-batches N"),
                            (["--dt-small-share", "0.9", "--dt-zero-share", "0.2"], "small_share + zero_share")]:
         code = cli_main(["train", "refiner", "--teacher", str(tmp_path / "t.pt"), "--out", str(tmp_path / "r"),
