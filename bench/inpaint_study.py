@@ -3,10 +3,11 @@
     python bench/inpaint_study.py --num-images 1000 --out bench/results/inpaint_study.json --figures docs
 
 Inpainting: the first N Fashion-MNIST test images, each inpainted towards its own class, with a centre mask
-(the middle 16x16 of 32x32) and a half mask (the right half), for H1P5R3, H2P4R2, Heun H4 and H8 (CFG 1.5,
+(the middle 16x16 of 32x32) and a half mask (the right half), for ``--methods`` (default: the default's
+schedule H1R3, the paper's H1P5R3, Heun H4 and H8; CFG 1.5,
 the same noise for every method): domain FID against the test split, class accuracy (the domain classifier
 on the results), MSE of the kept region against the input (must be 0), and ms per image (sample + decode,
-this CPU, one batch of ``--batch``). Editing: H1P5R3 at strengths 0.2 ... 1.0 towards the class ``(label + 1)
+this CPU, one batch of ``--batch``). Editing: the first method at strengths 0.2 ... 1.0 towards the class ``(label + 1)
 mod 10`` (e.g. a trouser towards a pullover): target-class accuracy against the mean absolute pixel distance to
 the source. The unmodified test images' FID against the split is the floor.
 """
@@ -30,7 +31,7 @@ from flowturbo.runtime.sampler import Sampler
 from flowturbo.training.evaluation import DomainFeatures, evaluate_samples, load_classifier
 from flowturbo.training.fashion_mnist import load_fashion_mnist, to_model_range
 
-METHODS = ("H1P5R3", "H2P4R2", "H4", "H8")
+METHODS = ("H1R3", "H1P5R3", "H4", "H8")  # the first one also edits and fills the figures
 STRENGTHS = (0.2, 0.4, 0.6, 0.8, 1.0)
 CFG = 1.5
 
@@ -57,6 +58,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path("bench/results/inpaint_study.json"))
     parser.add_argument("--figures", type=Path, default=None, help="write inpaint_grid.png and edit_strip.png here")
+    parser.add_argument("--methods", type=lambda text: tuple(text.split(",")), default=METHODS,
+                        help="schedules, comma-separated (the first one also edits and fills the figures)")
     parser.add_argument("--latency-rounds", type=int, default=0,
                         help="instead of the study: ms/image of sample vs inpaint (centre) vs edit (0.6) per method, "
                              "interleaved over this many rounds (medians), on --batch images; JSON to --out")
@@ -79,7 +82,7 @@ def main() -> None:
     rows: list[dict[str, Any]] = [{"method": "input (test images)", "mask": "-", **score(images, labels)}]
     for mask_name, mask in masks().items():
         keep = mask[0, 0] == 0
-        for spec in METHODS:
+        for spec in args.methods:
             schedule = sampler.default_schedule(spec, cfg=CFG)
             out, seconds = timed(lambda: sampler.inpaint(images, mask, labels, schedule=schedule, seed=args.seed,
                                                          batch_size=args.batch, progress=False))
@@ -92,7 +95,7 @@ def main() -> None:
     targets = [(c + 1) % 10 for c in labels]
     edits: list[dict[str, Any]] = []
     for strength in STRENGTHS:
-        schedule = sampler.default_schedule("H1P5R3", cfg=CFG)
+        schedule = sampler.default_schedule(args.methods[0], cfg=CFG)
         out = sampler.edit(images, strength, targets, schedule=schedule, seed=args.seed, batch_size=args.batch,
                            progress=False)
         metrics = score(out.images, targets)
@@ -103,11 +106,11 @@ def main() -> None:
         print(json.dumps(edits[-1]), flush=True)
     result = {"date": datetime.date.today().isoformat(), "commit": git_commit(), "device": f"cpu ({platform.machine()}, "
               f"{args.threads} threads)", "num_images": len(labels), "seed": args.seed, "cfg": CFG,
-              "batch": args.batch, "inpaint": rows, "edit": edits}
+              "batch": args.batch, "edit_schedule": args.methods[0], "inpaint": rows, "edit": edits}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     if args.figures is not None:
-        write_figures(sampler, images, labels, args.figures, args.seed)
+        write_figures(sampler, images, labels, args.figures, args.seed, args.methods[0])
 
 
 def latency(args: argparse.Namespace) -> None:
@@ -121,7 +124,7 @@ def latency(args: argparse.Namespace) -> None:
     mask = masks()["centre"]
     runs: dict[tuple[str, str], list[float]] = {}
     for _ in range(args.latency_rounds):
-        for spec in METHODS:
+        for spec in args.methods:
             schedule = sampler.default_schedule(spec, cfg=CFG)
             jobs = {
                 "sample": lambda: sampler.sample(labels, schedule=schedule, seed=args.seed, progress=False),
@@ -144,8 +147,9 @@ def latency(args: argparse.Namespace) -> None:
     args.out.write_text(json.dumps(result, indent=2) + "\n")
 
 
-def write_figures(sampler: Sampler, images: torch.Tensor, labels: list[int], folder: Path, seed: int) -> None:
-    """README pictures: rows input | mask | H1P5R3 | H8 (centre mask), and an edit strength strip."""
+def write_figures(sampler: Sampler, images: torch.Tensor, labels: list[int], folder: Path, seed: int,
+                  method: str) -> None:
+    """README pictures: rows input | mask | ``method`` | H8 (centre mask), and an edit strength strip of ``method``."""
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
@@ -155,7 +159,7 @@ def write_figures(sampler: Sampler, images: torch.Tensor, labels: list[int], fol
     for k in picks:
         one = images[k:k + 1]
         row = [one, (mask * 2 - 1)]
-        for spec in ("H1P5R3", "H8"):
+        for spec in (method, "H8"):
             schedule = sampler.default_schedule(spec, cfg=CFG)
             row.append(sampler.inpaint(one, mask, [labels[k]], schedule=schedule, seed=seed, progress=False).images)
         tiles.append(torch.cat(row))
@@ -163,7 +167,7 @@ def write_figures(sampler: Sampler, images: torch.Tensor, labels: list[int], fol
     Image.fromarray(grid[..., 0]).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(
         folder / "inpaint_grid.png")
     source, target = images[1:2], 3  # a pullover (test image 1) edited towards "Dress"
-    strip = [source] + [sampler.edit(source, s, [target], schedule=sampler.default_schedule("H1P5R3", cfg=CFG),
+    strip = [source] + [sampler.edit(source, s, [target], schedule=sampler.default_schedule(method, cfg=CFG),
                                      seed=seed, progress=False).images for s in STRENGTHS]
     grid = make_grid(to_uint8(torch.cat(strip)), columns=len(strip))
     Image.fromarray(grid[..., 0]).resize((grid.shape[1] * 3, grid.shape[0] * 3), Image.NEAREST).save(

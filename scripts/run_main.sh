@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
-exec .venv/bin/flowturbo sample --schedule H1P5R3 --num-images 20 --device cpu --out outputs/main "$@"
+# No --schedule: the bundle's own default (H1R3 since issue 20, chosen by `flowturbo tune`; QUALITY.md).
+exec .venv/bin/flowturbo sample --num-images 20 --device cpu --out outputs/main "$@"
