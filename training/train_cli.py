@@ -252,8 +252,15 @@ def _initial_kwargs(cls: type, presets: dict[str, dict], preset: str | None, con
 
 
 def build_config(cls: type, presets: dict[str, dict], args: argparse.Namespace, options: Sequence[Option]) -> Any:
-    """Preset (or ``--config`` file), then every flag the user gave; the dataclass validates the result."""
-    kwargs = _initial_kwargs(cls, presets, getattr(args, "preset", None), getattr(args, "config", None))
+    """Preset (or ``--config`` file), then every flag the user gave; the dataclass validates the result.
+
+    ``--resume`` without ``--preset`` / ``--config`` starts from the run's own saved settings (``--out``'s
+    ``config.json``), so ``train refiner --resume --out RUN`` continues a run without repeating its flags."""
+    config_file = getattr(args, "config", None)
+    if config_file is None and getattr(args, "resume", False) and getattr(args, "preset", None) is None:
+        saved = Path(str(args.out)) / "config.json"
+        config_file = str(saved) if saved.is_file() else None
+    kwargs = _initial_kwargs(cls, presets, getattr(args, "preset", None), config_file)
     nested: dict[str, dict[str, Any]] = {}  # top-level field -> {dotted rest: value}: applied together
     for _flag, paths, _kwargs in options:
         value = getattr(args, _dest(paths), None)

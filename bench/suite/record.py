@@ -221,7 +221,8 @@ def short_table(results: dict[str, Any]) -> str:
     rows = results.get("rows", {})
     for key, entry in sorted(rows.items(), key=lambda kv: (kv[1].get("batch", 0), kv[0])):
         diff, diff64 = entry.get("max_abs_diff_vs_b"), entry.get("max_abs_diff_vs_f64")
-        label = f"({key.replace(f'@{entry.get("batch", 0)}', '')}) {entry.get('row', '')}"  # "(b~p2) ..."
+        suffix = "@" + str(entry.get("batch", 0))
+        label = f"({key.replace(suffix, '')}) {entry.get('row', '')}"  # "(b) ...", "(b~p2) ..."
         lines.append(f"{label[:47]:<48}{entry.get('batch', 0):>6}{entry.get('ms_per_image', float('nan')):>10.3f}"
                      f"{entry.get('build_s', 0.0):>9.1f}"
                      f"{f'{diff:>14.3g}' if diff is not None else ' ' * 14}"

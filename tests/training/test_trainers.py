@@ -398,7 +398,7 @@ def test_refiner_cli_dt_flags_are_validated_together(tmp_path: Path, capsys: pyt
     config = build_config(RefinerTrainConfig, REFINER_TRAIN_PRESETS, args, options)
     assert (config.dt.max_dt, config.dt.small_max, config.dt.small_share) == (0.08, 0.02, 0.3)
     assert config.dt_conditioning is False and config.cache == TeacherCacheConfig(batches=32, reuse=2)
-    for flags, message in [(["--max-dt", "1.5"], "max_dt (--max-dt) must be in (0, 1]"),
+    for flags, message in [(["--max-dt", "1.5"], "--max-dt must be a finite number in (0, 1], got '1.5'"),
                            (["--teacher-cache-batches", "0", "--teacher-reuse", "3"], "--teacher-cache-batches N"),
                            (["--dt-small-share", "0.9", "--dt-zero-share", "0.2"], "small_share + zero_share")]:
         code = cli_main(["train", "refiner", "--teacher", str(tmp_path / "t.pt"), "--out", str(tmp_path / "r"),
@@ -527,6 +527,11 @@ def test_cli_trains_resumes_refuses_changes_and_packages(pred_run: Path, ae_run:
     assert cli_main(["train", "predictor", "--config", str(out / "config.json"), "--steps", "2", "--resume",
                      *common]) == 0
     assert load_checkpoint_state(latest_checkpoint(out))["step"] == 2
+    # --resume alone continues with the run's own settings (no preset, no flags repeated): before, the default
+    # preset was taken and the run refused as changed
+    assert cli_main(["train", "predictor", "--resume", "--steps", "3", "--out", str(out)]) == 0
+    assert load_checkpoint_state(latest_checkpoint(out))["step"] == 3
+    assert json.loads((out / "config.json").read_text())["config"]["data"]["images"]["limit"] == 16
     assert cli_main(["train", "package", "--predictor", str(out), "--autoencoder", str(ae_run),
                      "--schedule", "H4", "--out", str(tmp_path / "bundle")]) == 0
     assert load_bundle(tmp_path / "bundle").defaults.schedule == "H4"
