@@ -1,4 +1,6 @@
-"""The predictor protocol: what a model family implements so that the one step loop samples it (docs/families.md).
+"""The predictor protocol: what a model family implements so that the one step loop samples it.
+
+Documented in docs/predictor_protocol.md.
 
 A *family* (class-conditional SiT, Stable Diffusion 3, FLUX.1, ...) is one adapter object that holds a loaded
 model and turns it into the integrator's :class:`~flowturbo.integrator.ModelCalls` on flowturbo's time convention
@@ -29,6 +31,8 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import json
+import os
 import re
 from collections.abc import Iterator, Sequence
 from typing import Any, ClassVar, Protocol, Union, runtime_checkable
@@ -212,7 +216,7 @@ def check_image_size(size: ImageSize, multiple: int, why: str, flag: str = "--si
 # ---------------------------------------------------------------------------------------------------- protocol
 @runtime_checkable
 class ModelFamily(Protocol):
-    """One loaded model of a family, as the runtime sees it (module docstring; docs/families.md)."""
+    """One loaded model of a family, as the runtime sees it (module docstring; docs/predictor_protocol.md)."""
 
     name: str  # "sit", "sd3", "flux", ...: recorded in every run
     conditioning_kind: ConditioningKind
@@ -257,6 +261,24 @@ class ModelFamily(Protocol):
         ...
 
 
+PIPELINE_INDEX = "model_index.json"  # what makes a folder a diffusers pipeline (its _class_name: the pipeline class)
+
+
+def diffusers_pipeline_class(path: str) -> str | None:
+    """The pipeline class named by a diffusers pipeline folder's ``model_index.json`` (None: not a pipeline folder);
+    cheap and torch-free, for commands that must refuse such folders before loading anything."""
+    index = os.path.join(path, PIPELINE_INDEX)
+    if not os.path.isfile(index):
+        return None
+    try:
+        with open(index, encoding="utf-8") as handle:
+            data = json.load(handle)
+    except (OSError, UnicodeDecodeError, ValueError):
+        return "(unreadable model_index.json)"
+    name = data.get("_class_name") if isinstance(data, dict) else None
+    return str(name) if name else "(unnamed)"
+
+
 def conditioning_mismatch(family: ModelFamily, given: ConditioningKind) -> FlowTurboError:
     """The error for a request of the wrong kind (``--classes`` for a text model, ``--prompt`` for a class model)."""
     if family.conditioning_kind is ConditioningKind.PROMPTS:
@@ -279,5 +301,6 @@ __all__ = [
     "TextConditioning",
     "check_image_size",
     "conditioning_mismatch",
+    "diffusers_pipeline_class",
     "nearest_multiples",
 ]

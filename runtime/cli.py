@@ -590,6 +590,17 @@ def _command_of(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+def _text_model_refusal(argv: Sequence[str]) -> str | None:
+    """The one ``error:`` line for ``--pipeline`` (a diffusers text-to-image folder) on a command other than
+    ``sample``: only sampling runs text-to-image models for now (no export, C++ runner, refiner training, tuning,
+    profiling, inpainting or editing of them yet)."""
+    command = _command_of(argv)
+    if command in (None, "sample") or not any(a == "--pipeline" or a.startswith("--pipeline=") for a in argv):
+        return None
+    return (f"flowturbo {command}: error: --pipeline (a diffusers text-to-image folder) works with `flowturbo sample` "
+            f"only for now; `flowturbo {command}` with text-to-image models is not supported yet")
+
+
 def full_command(args: argparse.Namespace) -> str:
     """``sample``, ``export``, ``train package``, ...: the sub-command a parsed command line runs."""
     sub = getattr(args, "train_command", None) if args.command == "train" else None
@@ -601,6 +612,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command; a foreseeable mistake prints one ``error:`` line and returns 2. Under torchrun, commands that do not
     split their work run on rank 0 only (:func:`flowturbo.cliargs.run_command`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    refused = _text_model_refusal(argv)
+    if refused is not None:
+        print(refused, file=sys.stderr)
+        return 2
     parser = build_parser(_command_of(argv) or "")
 
     def one_line_warnings() -> None:

@@ -83,7 +83,7 @@ class TorchPipeline:
         if self.family_adapter is not None:
             return self.family_adapter
         return SiTFamily(self.predictor, self.refiner, self.decoder, self.num_classes, self.latent_shape,
-                         self.defaults)
+                         self.defaults, self.device)
 
     def __post_init__(self) -> None:
         fast_layout = getattr(self.decoder, "to_fast_layout", None)  # any decoder module works; ours may re-layout

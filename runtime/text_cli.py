@@ -1,4 +1,4 @@
-"""``flowturbo sample --pipeline DIR --prompt ...``: the text-to-image flags of ``sample`` (docs/families.md).
+"""``flowturbo sample --pipeline DIR --prompt ...``: the text-to-image flags of ``sample`` (docs/predictor_protocol.md).
 
 A ``--pipeline`` folder is a diffusers ``StableDiffusion3Pipeline`` or ``FluxPipeline`` as the Hub downloads it; its
 model family's adapter (:mod:`flowturbo.training.families`) does everything model-specific. This module parses and

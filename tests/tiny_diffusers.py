@@ -155,7 +155,8 @@ def build_sd15(seed: int = 0):
                                 norm_num_groups=4, attention_head_dim=2)
     scheduler = PNDMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", skip_prk_steps=True,
                               steps_offset=1, set_alpha_to_one=False)
-    return StableDiffusionPipeline(vae=vae(0.18215, None, latent_channels=4, quant_convs=True), text_encoder=clip_encoder(tokenizer, False),
+    return StableDiffusionPipeline(vae=vae(0.18215, None, latent_channels=4, quant_convs=True),
+                                   text_encoder=clip_encoder(tokenizer, False),
                                    tokenizer=tokenizer, unet=unet, scheduler=scheduler, safety_checker=None,
                                    feature_extractor=None, requires_safety_checker=False)
 

@@ -147,3 +147,28 @@ def test_missing_text_encoder_files_name_the_path(tiny_pipelines, tmp_path, caps
     shutil.rmtree(target) if target.is_dir() else target.unlink()
     missing = folder / removed.split("/")[0]
     _refused(capsys, folder, tmp_path / "out", "--prompt", "x", needles=["missing", str(missing), "FluxPipeline"])
+
+
+@pytest.mark.parametrize("command", [
+    ["export", "--out", "x"], ["tune", "--out", "x"], ["profile"], ["inpaint"], ["edit"], ["eval"],
+])
+def test_pipeline_on_other_commands_is_not_supported_yet(tiny_pipelines, tmp_path, capsys, command):
+    """Only `sample` runs text-to-image models for now: export, tune, profile, inpaint, edit and eval refuse
+    --pipeline with one line (not argparse's "unrecognized arguments")."""
+    assert main([*command, "--pipeline", str(tiny_pipelines["sd3"])]) == 2
+    one_error_line(capsys, f"flowturbo {command[0]}: error:", "works with `flowturbo sample` only",
+                   "not supported yet")
+    assert not (tmp_path / "x").exists()
+
+
+def test_train_refiner_with_a_diffusers_teacher_is_not_supported_yet(tiny_pipelines, tmp_path, capsys):
+    out = tmp_path / "ref"
+    assert main(["train", "refiner", "--preset", "tiny", "--teacher", str(tiny_pipelines["flux_dev"]),
+                 "--out", str(out)]) == 2
+    one_error_line(capsys, "diffusers FluxPipeline folder", "not supported yet", "flowturbo sample --pipeline")
+    assert not out.exists()
+
+
+def test_guidance_channels_are_refused_for_text_models(tiny_pipelines, tmp_path, capsys):
+    _refused(capsys, tiny_pipelines["sd3"], tmp_path / "out", "--prompt", "x", "--cfg", "3", "--guidance-channels",
+             "3", needles=["partial-channel CFG", "guide every latent channel"])

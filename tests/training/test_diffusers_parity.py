@@ -2,7 +2,7 @@
 
 Tiny random pipelines built offline (tests/tiny_diffusers.py, once per session), loaded back from their folders by
 both sides. Same noise (ours: flowturbo.noise; the pipeline gets it as ``latents``, FLUX packed), same prompts,
-same guidance; float32. What each test pins (docs/families.md, "Parity"):
+same guidance; float32. What each test pins (docs/predictor_protocol.md, "Parity"):
 
 * E steps on the model's grid equal the pipeline with its default scheduler — SD3 with CFG (E28 at CFG 7: the
   pipeline's default exactly), FLUX.1-dev (guidance embedding, resolution-dependent shift), FLUX.1-schnell — on

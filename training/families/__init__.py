@@ -1,5 +1,5 @@
 """Model families (the predictor protocol of :mod:`flowturbo.families`): one adapter module per family, and the
-registry that recognises a diffusers pipeline folder and loads the adapter for it (docs/families.md).
+registry that recognises a diffusers pipeline folder and loads the adapter for it (docs/predictor_protocol.md).
 
 * ``sit.py`` — class-conditional SiT (+ FlowTurbo refiners): our bundles and the official checkpoints.
 * ``flow_match.py`` — what the adapters of diffusers' flow-matching text-to-image pipelines share.

@@ -1,4 +1,4 @@
-"""What the adapters of diffusers' flow-matching text-to-image pipelines share (docs/families.md).
+"""What the adapters of diffusers' flow-matching text-to-image pipelines share (docs/predictor_protocol.md).
 
 These pipelines (a transformer over VAE latents, text encoders from ``transformers``, a
 ``FlowMatchEulerDiscreteScheduler``) integrate ``dx/dsigma = model_output`` from ``sigma = 1`` (noise) to
@@ -37,6 +37,7 @@ import torch
 
 from flowturbo.errors import CheckpointError, FlowTurboError, FlowTurboWarning, SamplingError
 from flowturbo.families import (
+    PIPELINE_INDEX,
     ConditioningKind,
     FamilyDefaults,
     GuidanceRule,
@@ -49,7 +50,6 @@ from flowturbo.families import (
 from flowturbo.schedule import SamplingSchedule
 from flowturbo.training.decoders import DiffusersVAEDecoder
 
-PIPELINE_INDEX = "model_index.json"
 MODEL_CONFIG = "config.json"
 SCHEDULER_CONFIG = "scheduler_config.json"
 WEIGHT_SUFFIXES = (".safetensors", ".bin")
@@ -344,9 +344,13 @@ class FlowMatchFamily:
         """The diffusers pipeline of ``folder`` on ``device`` in ``dtype`` (every component cast: without
         ``accelerate`` diffusers may leave some in float32)."""
         try:
+            import diffusers
+            import transformers  # noqa: F401 - the text encoders' library
+        except ImportError as exc:
+            raise FlowTurboError(f"{folder.class_name} folders need diffusers and transformers>=5 ({exc.name} is not "
+                                 "installed): pip install 'flowturbo[text]'") from None
+        try:
             with quiet_diffusers():
-                import diffusers
-
                 pipeline_type = getattr(diffusers, cls.pipeline_class)
                 pipe = pipeline_type.from_pretrained(str(folder.path), local_files_only=True, dtype=dtype)
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
@@ -412,6 +416,11 @@ class FlowMatchFamily:
                                     self.linspace_sigmas)
 
     def check_schedule(self, schedule: SamplingSchedule) -> None:
+        """R steps need a refiner (none exists for these models yet); CFG guides every latent channel."""
+        if schedule.guidance_channels is not None:
+            raise SamplingError(f"--guidance-channels {schedule.guidance_channels}: partial-channel CFG is the "
+                                f"official SiT checkpoints' rule; {self.description} models guide every latent channel (drop "
+                                "--guidance-channels)")
         if schedule.uses_refiner:
             raise SamplingError(
                 f"schedule {schedule.notation} has R steps, which need a velocity refiner, and no refiner exists yet "

@@ -11,7 +11,8 @@
 * Latents: (16, H/8, W/8), unpacked (the transformer patchifies them itself); sizes must be multiples of the VAE
   factor times the patch size (16 for the released models). Decode: ``latents / 1.5305 + 0.0609`` through the VAE
   (the folder's ``scaling_factor`` / ``shift_factor``).
-* Defaults: the pipeline's own — ``E28`` (28 Euler steps, its default scheduler exactly) at CFG 7.0.
+* Defaults: the pipeline's own — ``E28`` (28 Euler steps, its default scheduler exactly) at CFG 7.0; ``H27E1`` for a
+  folder saved with ``FlowMatchHeunDiscreteScheduler`` (its 28 steps: 27 Heun + a last Euler step).
 """
 
 from __future__ import annotations
@@ -46,7 +47,9 @@ class SD3Family(FlowMatchFamily):
         shift = self.scheduler_config.get("shift", 1.0)
         time_shift = "resolution-dependent (mu from the image tokens)" if self.scheduler_config.get(
             "use_dynamic_shifting") else f"static shift {shift:g} (the scheduler's)"
-        self.defaults = FamilyDefaults(schedule="E28", cfg=7.0, time_shift=time_shift)
+        # The pipeline's default: 28 steps of its scheduler (Heun: 27 Heun steps and a last Euler step, 55 calls).
+        heun = folder.component_class("scheduler") == "FlowMatchHeunDiscreteScheduler"
+        self.defaults = FamilyDefaults(schedule="H27E1" if heun else "E28", cfg=7.0, time_shift=time_shift)
 
     def tokenizers(self) -> list[tuple[str, Any, int]]:
         pipe = self.pipe

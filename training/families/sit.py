@@ -1,7 +1,8 @@
-"""The SiT family: class-conditional SiT predictors (+ FlowTurbo refiners) as a :class:`~flowturbo.families.ModelFamily`.
+"""The SiT family: class-conditional SiT predictors (+ FlowTurbo refiners) as a
+:class:`~flowturbo.families.ModelFamily`.
 
-The first adapter of the predictor protocol (docs/families.md). SiT already samples on flowturbo's time convention
-(``t = 0`` noise -> ``t = 1`` data, DESIGN.md §2), so the adapter maps nothing: it runs the predictor and the refiner
+The first adapter of the predictor protocol (docs/predictor_protocol.md). SiT already samples on flowturbo's time
+convention (``t = 0`` noise -> ``t = 1`` data, DESIGN.md §2), so the adapter maps nothing: it runs the predictor and the refiner
 on the doubled batch ``[x; x]`` with labels ``[y; null]`` (:class:`CFGModelCalls`), guides all channels or, as the
 official checkpoints, the first ``guidance_channels`` (the solver ops do, with the per-CFG-half carry of
 :mod:`flowturbo.integrator`), uses the schedule's own time grid, and decodes with the bundle's decoder.
@@ -123,7 +124,8 @@ def check_refiner_present(schedule: SamplingSchedule, refiner: object | None, fi
 class SiTFamily:
     """One loaded SiT predictor (+ optional refiner) and its decoder as a :class:`~flowturbo.families.ModelFamily`.
 
-    ``defaults`` is anything with ``schedule``, ``cfg`` and ``guidance_channels`` (a bundle's ``BundleDefaults``).
+    ``defaults`` is anything with ``schedule``, ``cfg`` and ``guidance_channels`` (a bundle's ``BundleDefaults``);
+    ``device``: where the class ids go (None: the predictor's parameters' device).
     """
 
     name = "sit"
@@ -131,8 +133,9 @@ class SiTFamily:
     guidance_rule = GuidanceRule.CFG
 
     def __init__(self, predictor: PredictorFn, refiner: RefinerFn | None, decoder: Any, num_classes: int,
-                 latent_shape: Sequence[int], defaults: Any) -> None:
+                 latent_shape: Sequence[int], defaults: Any, device: torch.device | None = None) -> None:
         self.predictor, self.refiner, self.decoder = predictor, refiner, decoder
+        self.device = device
         self.num_classes = int(num_classes)
         self._latent_shape = tuple(int(d) for d in latent_shape)  # (C, h, w)
         self.defaults = FamilyDefaults(schedule=defaults.schedule, cfg=defaults.cfg,
@@ -158,8 +161,8 @@ class SiTFamily:
                               "'H8') or a bundle with a refiner")
         channels = self._latent_shape[0]
         if schedule.guidance_channels is not None and schedule.guidance_channels > channels:
-            raise SamplingError(f"--guidance-channels {schedule.guidance_channels} is more than this model's {channels} "
-                                f"latent channels; pass --guidance-channels {channels} or less (or none: all)")
+            raise SamplingError(f"--guidance-channels {schedule.guidance_channels} is more than this model's "
+                                f"{channels} latent channels; pass --guidance-channels {channels} or less (or none: all)")
 
     def condition(self, requests: Sequence[Any], schedule: SamplingSchedule, *,
                   negative: Sequence[str] | None = None, guidance: float | None = None) -> ClassConditioning:
@@ -173,7 +176,7 @@ class SiTFamily:
         if labels.numel() == 0:
             raise SamplingError("no classes given: pass at least one class id")
         check_labels(labels, self.num_classes, labels.shape[0])
-        return ClassConditioning(labels.to(_parameter_device(self.predictor)))
+        return ClassConditioning(labels.to(self.device or _parameter_device(self.predictor)))
 
     def model_calls(self, conditioning: ClassConditioning, schedule: SamplingSchedule) -> CFGModelCalls:
         return CFGModelCalls(self.predictor, self.refiner, conditioning.labels, self.num_classes,
