@@ -103,8 +103,11 @@ class Sampler:
                       **kwargs: Any) -> "Sampler":
         """Load a diffusers flow-matching text-to-image pipeline folder as the Hub downloads it (the pipeline classes
         :mod:`flowturbo.training.families` registers: SD3 / SD3.5, FLUX.1); see ``load_text_pipeline`` (``device``,
-        ``dtype``, ``kernel_backend``, ``max_sequence_length``). Sample with ``sample(prompts=[...])``."""
-        return cls(load_text_pipeline(folder, **kwargs), cuda_graph=cuda_graph, graph_backend=graph_backend,
+        ``dtype``, ``kernel_backend``, ``max_sequence_length``). Sample with ``sample(prompts=[...])``.
+
+        ``cuda_graph`` defaults to off here: capturing a diffusers transformer in a CUDA graph has not been verified
+        on a GPU yet (pass ``cuda_graph=True`` to try; a failed capture falls back step by step with a warning)."""
+        return cls(load_text_pipeline(folder, **kwargs), cuda_graph=bool(cuda_graph), graph_backend=graph_backend,
                    graph_batch=graph_batch)
 
     @staticmethod

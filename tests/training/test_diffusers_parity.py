@@ -2,7 +2,7 @@
 
 Tiny random pipelines built offline (tests/tiny_diffusers.py, once per session), loaded back from their folders by
 both sides. Same noise (ours: flowturbo.noise; the pipeline gets it as ``latents``, FLUX packed), same prompts,
-same guidance; float32. What each test pins (docs/predictor_protocol.md, "Parity"):
+same guidance; float32. What each test pins:
 
 * E steps on the model's grid equal the pipeline with its default scheduler — SD3 with CFG (E28 at CFG 7: the
   pipeline's default exactly), FLUX.1-dev (guidance embedding, resolution-dependent shift), FLUX.1-schnell — on
@@ -11,7 +11,7 @@ same guidance; float32. What each test pins (docs/predictor_protocol.md, "Parity
 * a batch of prompts (each encoded once) equals the pipeline given the same embeddings; FLUX true CFG.
 
 They bite: a wrong shift, a flipped time convention, CFG on the wrong half and an unpacked latent each fail one
-(checked by hand; the table is in the issue's note).
+(checked by hand mutation; the table is in docs/predictor_protocol.md).
 """
 
 from __future__ import annotations
