@@ -284,7 +284,7 @@ def _run_sample_pytorch(args: argparse.Namespace, out_folder: Any) -> int:
     if args.pipeline is not None:  # a text-to-image pipeline folder (runtime/text_cli.py)
         from flowturbo.runtime.text_cli import load_text_sampler, prompt_names, sample_text
 
-        sampler = load_text_sampler(args)
+        sampler = load_text_sampler(args, lambda parse: schedule_from_args(args, parse))
     else:
         sampler = Sampler.from_bundle(args.model, **_pipeline_options(args))
     load_s = time.perf_counter() - t_load

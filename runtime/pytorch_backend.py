@@ -253,17 +253,20 @@ def load_text_pipeline(
     dtype: str | torch.dtype | None = None,
     kernel_backend: str | KernelBackend | None = None,
     max_sequence_length: int | None = None,
+    before_weights: Any = None,
 ) -> TorchPipeline:
     """A diffusers text-to-image pipeline folder (a flow-matching pipeline class registered in
     :mod:`flowturbo.training.families`) as a :class:`TorchPipeline` whose family is the folder's adapter.
 
     ``dtype`` / ``kernel_backend`` ``None``: the device's fast-path defaults (as :func:`load_pipeline`);
-    ``max_sequence_length``: T5 tokens per prompt (None: the pipeline's default).
+    ``max_sequence_length``: T5 tokens per prompt (None: the pipeline's default); ``before_weights(family)``: called
+    with the adapter once the folder's configs are read, before any weights load (e.g. ``family.check_request``).
     """
     torch_device = resolve_device(device)
     model_dtype = resolve_dtype(dtype, torch_device)
     backend = resolve_kernel_backend(kernel_backend, torch_device)
-    family = load_family(folder, device=torch_device, dtype=model_dtype, max_sequence_length=max_sequence_length)
+    family = load_family(folder, device=torch_device, dtype=model_dtype, max_sequence_length=max_sequence_length,
+                         before_weights=before_weights)
     defaults = family.defaults
     return TorchPipeline(
         predictor=family.transformer,

@@ -107,12 +107,25 @@ def requests(args: argparse.Namespace) -> list[str]:
     return [prompts[i % len(prompts)] for i in range(args.num_images)]
 
 
-def load_text_sampler(args: argparse.Namespace) -> Any:
-    """The :class:`~flowturbo.runtime.sampler.Sampler` of ``--pipeline`` with the execution-path flags."""
+def load_text_sampler(args: argparse.Namespace, schedule_of: Any) -> Any:
+    """The :class:`~flowturbo.runtime.sampler.Sampler` of ``--pipeline`` with the execution-path flags. The request
+    (size, schedule, CFG, negative prompt, guidance) is checked against the folder's configs before any weights load:
+    ``schedule_of(parse)`` gives the schedule the command line asks for, ``parse(spec)`` turning a notation into one
+    with the model's default CFG."""
     from flowturbo.runtime.sampler import Sampler
+    from flowturbo.schedule import SamplingSchedule
+
+    size = ImageSize.parse(args.size) if args.size is not None else None
+
+    def check(family: Any) -> None:
+        defaults = family.defaults
+        schedule = schedule_of(lambda spec: SamplingSchedule.parse(
+            spec or defaults.schedule, guidance_scale=defaults.cfg if args.cfg is None else args.cfg,
+            guidance_channels=args.guidance_channels))
+        family.check_request(schedule, size=size, negative=args.negative_prompt, guidance=args.guidance)
 
     return Sampler.from_pipeline(args.pipeline, device=args.device, dtype=args.dtype, kernel_backend=args.kernels,
-                                 max_sequence_length=args.max_sequence_length,
+                                 max_sequence_length=args.max_sequence_length, before_weights=check,
                                  cuda_graph=False if args.no_cuda_graph else None)
 
 

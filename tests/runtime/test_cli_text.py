@@ -22,7 +22,7 @@ from flowturbo.families import ImageSize
 from flowturbo.runtime.cli import main
 from flowturbo.runtime.images import to_uint8
 from flowturbo.runtime.sampler import Sampler
-from flowturbo.training.families.flow_match import PromptTruncatedWarning
+from flowturbo.training.families.flow_match import FlowMatchFamily, PromptTruncatedWarning
 from flowturbo.training.families.flux import pack_latents
 
 SIZE = f"{IMAGE_SIZE}x{IMAGE_SIZE}"
@@ -127,7 +127,12 @@ def _refused(capsys, folder, out, *args, needles=()):
     ("sd3", ["--prompt", "x", "--model", "somewhere"], ["--pipeline holds the whole model", "--model"]),
     ("sd3", [], ["--pipeline needs prompts"]),
 ])
-def test_bad_requests_are_one_error_line(tiny_pipelines, tmp_path, capsys, name, args, needles):
+def test_bad_requests_are_one_error_line(tiny_pipelines, tmp_path, capsys, monkeypatch, name, args, needles):
+    """Each refused from the folder's configs alone, before any weights load (a real FLUX.1 folder is 30 GB)."""
+    def no_weights(*args, **kwargs):
+        raise AssertionError("the weights were loaded before the request was refused")
+
+    monkeypatch.setattr(FlowMatchFamily, "load_pipeline", no_weights)
     _refused(capsys, tiny_pipelines[name], tmp_path / "out", *args, needles=needles)
 
 
@@ -169,6 +174,7 @@ def test_train_refiner_with_a_diffusers_teacher_is_not_supported_yet(tiny_pipeli
     assert not out.exists()
 
 
-def test_guidance_channels_are_refused_for_text_models(tiny_pipelines, tmp_path, capsys):
+def test_guidance_channels_are_refused_for_text_models(tiny_pipelines, tmp_path, capsys, monkeypatch):
+    monkeypatch.setattr(FlowMatchFamily, "load_pipeline", None)  # refused before the weights load
     _refused(capsys, tiny_pipelines["sd3"], tmp_path / "out", "--prompt", "x", "--cfg", "3", "--guidance-channels",
              "3", needles=["partial-channel CFG", "guide every latent channel"])

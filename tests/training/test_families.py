@@ -57,8 +57,8 @@ def test_the_family_scan_sees_a_module_naming_a_family(tmp_path):
 def test_the_registry_holds_protocol_adapters():
     assert set(PIPELINE_FAMILIES) == {"StableDiffusion3Pipeline", "FluxPipeline"}
     for family in PIPELINE_FAMILIES.values():
-        for member in ("latent_shape", "image_size", "timesteps", "check_schedule", "condition", "model_calls",
-                       "decode", "describe", "conditioning_kind"):
+        for member in ("latent_shape", "image_size", "timesteps", "check_schedule", "check_request", "condition",
+                       "model_calls", "decode", "describe", "conditioning_kind"):
             assert hasattr(family, member), (family, member)
         assert family.conditioning_kind is ConditioningKind.PROMPTS
 

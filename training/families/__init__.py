@@ -44,10 +44,12 @@ def recognize_pipeline(folder: str | Path, flag: str = "--pipeline") -> tuple[Pi
 
 
 def load_family(folder: str | Path, *, device: Any, dtype: Any, max_sequence_length: int | None = None,
-                flag: str = "--pipeline") -> FlowMatchFamily:
-    """Recognise and load a diffusers pipeline folder as its family's adapter on ``device`` in ``dtype``."""
+                flag: str = "--pipeline", before_weights: Any = None) -> FlowMatchFamily:
+    """Recognise and load a diffusers pipeline folder as its family's adapter on ``device`` in ``dtype``;
+    ``before_weights(family)`` runs before any weights load (:meth:`FlowMatchFamily.load`)."""
     found, family = recognize_pipeline(folder, flag)
-    return family.load(found, device=device, dtype=dtype, max_sequence_length=max_sequence_length)
+    return family.load(found, device=device, dtype=dtype, max_sequence_length=max_sequence_length,
+                       before_weights=before_weights)
 
 
 __all__ = ["PIPELINE_FAMILIES", "load_family", "recognize_pipeline", "supported_pipelines"]

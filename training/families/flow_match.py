@@ -25,11 +25,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import inspect
 import json
 import logging
 import math
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -102,6 +103,16 @@ class PipelineFolder:
     def scheduler_config(self) -> dict[str, Any]:
         config = self.path / "scheduler" / SCHEDULER_CONFIG
         return _read_json(config) if config.is_file() else {}
+
+    def model_config(self, name: str, model_type: Any = None) -> dict[str, Any]:
+        """A model component's ``config.json``, completed with ``model_type``'s constructor defaults (what diffusers
+        builds from it) when given; read without loading any weights."""
+        config = _read_json(self.path / name / MODEL_CONFIG)
+        if model_type is None:
+            return config
+        defaults = {name: p.default for name, p in inspect.signature(model_type.__init__).parameters.items()
+                    if p.default is not inspect.Parameter.empty}
+        return {**defaults, **config}
 
     def describe_models(self) -> str:
         """``UNet2DConditionModel + PNDMScheduler, epsilon prediction``: what a refused folder holds."""
@@ -187,11 +198,12 @@ def flow_match_timesteps(config: dict[str, Any], num_steps: int, image_tokens: i
                                  "integrate the deterministic flow: set it false in scheduler/scheduler_config.json")
     with quiet_diffusers():
         scheduler = FlowMatchEulerDiscreteScheduler.from_config(config)
+    full = scheduler.config  # the folder's config with the scheduler's defaults filled in
     kwargs: dict[str, Any] = {}
-    if config.get("use_dynamic_shifting"):
-        kwargs["mu"] = calculate_shift(image_tokens, config["base_image_seq_len"], config["max_image_seq_len"],
-                                       config["base_shift"], config["max_shift"])
-    if linspace_sigmas and not config.get("use_flow_sigmas"):
+    if full.get("use_dynamic_shifting"):
+        kwargs["mu"] = calculate_shift(image_tokens, full["base_image_seq_len"], full["max_image_seq_len"],
+                                       full["base_shift"], full["max_shift"])
+    if linspace_sigmas and not full.get("use_flow_sigmas"):
         scheduler.set_timesteps(sigmas=np.linspace(1.0, 1 / num_steps, num_steps), **kwargs)
     else:
         scheduler.set_timesteps(num_steps, **kwargs)
@@ -309,17 +321,39 @@ class FlowMatchFamily:
     default_latent_side: int
     max_latent_side: int | None = None  # the largest latent side the transformer's position embedding covers
 
-    def __init__(self, pipe: Any, folder: PipelineFolder, *, max_sequence_length: int | None = None) -> None:
-        self.pipe = pipe
+    def __init__(self, folder: PipelineFolder, *, max_sequence_length: int | None = None) -> None:
+        """The adapter from ``folder``'s configs alone (no weights: requests can be checked before anything large
+        loads); :meth:`attach` gives it the loaded pipeline. Subclasses read ``self.transformer_config``."""
+        from diffusers import AutoencoderKL
+
         self.folder = folder
-        self.transformer = pipe.transformer
-        self.scheduler_config = dict(pipe.scheduler.config)
-        self.num_train_timesteps = int(self.scheduler_config["num_train_timesteps"])
-        self.vae_scale_factor = int(pipe.vae_scale_factor)
+        self.pipe: Any = None
+        self.transformer: Any = None
+        self.decoder: Any = None
+        self.scheduler_config = folder.scheduler_config()
+        self.num_train_timesteps = int(self.scheduler_config.get("num_train_timesteps", 1000))
+        self.transformer_config = folder.model_config("transformer", self._transformer_type())
+        vae_config = folder.model_config("vae", AutoencoderKL)
+        self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)  # as the pipelines compute it
         self.max_sequence_length = int(max_sequence_length or self.default_max_sequence_length)
+
+    @classmethod
+    def _transformer_type(cls) -> Any:
+        import diffusers
+
+        return getattr(diffusers, cls.transformer_class)
+
+    def attach(self, pipe: Any) -> "FlowMatchFamily":
+        """Give the adapter its loaded pipeline (transformer, text encoders, VAE decoder with scale and shift)."""
+        if int(pipe.vae_scale_factor) != self.vae_scale_factor:
+            raise CheckpointError(f"{self.folder.path}: the loaded VAE's factor {pipe.vae_scale_factor} differs from "
+                                  f"its config's {self.vae_scale_factor}")
+        self.pipe = pipe
+        self.transformer = pipe.transformer
         vae = pipe.vae
         self.decoder = DiffusersVAEDecoder._from_vae(vae, float(vae.config.scaling_factor),
                                                      float(vae.config.shift_factor or 0.0)).eval()
+        return self
 
     # ------------------------------------------------------------------------------------------ loading
     @classmethod
@@ -335,20 +369,33 @@ class FlowMatchFamily:
 
     @classmethod
     def load(cls, folder: PipelineFolder, *, device: torch.device, dtype: torch.dtype,
-             max_sequence_length: int | None = None) -> "FlowMatchFamily":
-        """The adapter over ``folder``'s pipeline (diffusers' ``pipeline_class``) on ``device`` in ``dtype``."""
-        return cls(cls.load_pipeline(folder, device, dtype), folder, max_sequence_length=max_sequence_length)
+             max_sequence_length: int | None = None,
+             before_weights: Callable[["FlowMatchFamily"], None] | None = None) -> "FlowMatchFamily":
+        """The adapter over ``folder``'s pipeline (diffusers' ``pipeline_class``) on ``device`` in ``dtype``.
+
+        ``before_weights(family)`` runs once the configs are read and before any weights load (the command line
+        refuses a bad request there: :meth:`check_request`)."""
+        cls._require_libraries(folder)
+        family = cls(folder, max_sequence_length=max_sequence_length)
+        if before_weights is not None:
+            before_weights(family)
+        return family.attach(cls.load_pipeline(folder, device, dtype))
+
+    @staticmethod
+    def _require_libraries(folder: PipelineFolder) -> None:
+        try:
+            import diffusers  # noqa: F401
+            import transformers  # noqa: F401 - the text encoders' library
+        except ImportError as exc:
+            raise FlowTurboError(f"{folder.class_name} folders need diffusers and transformers>=5 ({exc.name} is not "
+                                 "installed): pip install 'flowturbo[text]'") from None
 
     @classmethod
     def load_pipeline(cls, folder: PipelineFolder, device: torch.device, dtype: torch.dtype) -> Any:
         """The diffusers pipeline of ``folder`` on ``device`` in ``dtype`` (every component cast: without
         ``accelerate`` diffusers may leave some in float32)."""
-        try:
-            import diffusers
-            import transformers  # noqa: F401 - the text encoders' library
-        except ImportError as exc:
-            raise FlowTurboError(f"{folder.class_name} folders need diffusers and transformers>=5 ({exc.name} is not "
-                                 "installed): pip install 'flowturbo[text]'") from None
+        import diffusers
+
         try:
             with quiet_diffusers():
                 pipeline_type = getattr(diffusers, cls.pipeline_class)
@@ -426,6 +473,16 @@ class FlowMatchFamily:
                 f"schedule {schedule.notation} has R steps, which need a velocity refiner, and no refiner exists yet "
                 f"for {self.description} models (training one on the teacher's own trajectories is planned); use H, "
                 f"P and E steps, e.g. H2P4 or {self.defaults.schedule} (the pipeline's default)")
+
+    def check_request(self, schedule: SamplingSchedule, *, size: ImageSize | None = None,
+                      negative: str | Sequence[str] | None = None, guidance: float | None = None) -> None:
+        """Everything :meth:`condition` and the sampler would refuse about a request, from the configs alone: the
+        size, the schedule, the negative prompt and CFG, the distilled guidance value."""
+        self.latent_shape(size)
+        self.check_schedule(schedule)
+        count = 1 if negative is None or isinstance(negative, str) else len(negative)
+        self._negative_prompts(negative, count, schedule)
+        self._guidance_value(guidance)
 
     def condition(self, requests: Sequence[Any], schedule: SamplingSchedule, *,
                   negative: Sequence[str] | None = None, guidance: float | None = None) -> TextConditioning:

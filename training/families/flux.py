@@ -64,13 +64,13 @@ class FluxFamily(FlowMatchFamily):
     default_max_sequence_length = 512  # the pipeline's default
     linspace_sigmas = True
 
-    def __init__(self, pipe: Any, folder: PipelineFolder, *, max_sequence_length: int | None = None) -> None:
-        super().__init__(pipe, folder, max_sequence_length=max_sequence_length)
-        config = self.transformer.config
-        self.patch = PACK * int(config.patch_size)
-        self.latent_channels = int(config.in_channels) // (PACK * PACK)
+    def __init__(self, folder: PipelineFolder, *, max_sequence_length: int | None = None) -> None:
+        super().__init__(folder, max_sequence_length=max_sequence_length)
+        config = self.transformer_config
+        self.patch = PACK * int(config["patch_size"])
+        self.latent_channels = int(config["in_channels"]) // (PACK * PACK)
         self.default_latent_side = DEFAULT_LATENT_SIDE
-        distilled = bool(config.guidance_embeds)
+        distilled = bool(config["guidance_embeds"])
         self.guidance_rule = GuidanceRule.EMBEDDED if distilled else GuidanceRule.NONE
         self.description = "FLUX.1-dev" if distilled else "FLUX.1-schnell"
         dynamic = self.scheduler_config.get("use_dynamic_shifting")

@@ -36,14 +36,14 @@ class SD3Family(FlowMatchFamily):
     default_max_sequence_length = 256  # the pipeline's default
     guidance_rule = GuidanceRule.CFG
 
-    def __init__(self, pipe: Any, folder: PipelineFolder, *, max_sequence_length: int | None = None) -> None:
-        super().__init__(pipe, folder, max_sequence_length=max_sequence_length)
-        config = self.transformer.config
-        self.patch = int(config.patch_size)
-        self.latent_channels = int(config.in_channels)
-        self.default_latent_side = int(config.sample_size)
-        if config.pos_embed_max_size:  # the embedding is cropped to the image: larger images have none
-            self.max_latent_side = int(config.pos_embed_max_size) * self.patch
+    def __init__(self, folder: PipelineFolder, *, max_sequence_length: int | None = None) -> None:
+        super().__init__(folder, max_sequence_length=max_sequence_length)
+        config = self.transformer_config
+        self.patch = int(config["patch_size"])
+        self.latent_channels = int(config["in_channels"])
+        self.default_latent_side = int(config["sample_size"])
+        if config["pos_embed_max_size"]:  # the embedding is cropped to the image: larger images have none
+            self.max_latent_side = int(config["pos_embed_max_size"]) * self.patch
         shift = self.scheduler_config.get("shift", 1.0)
         time_shift = "resolution-dependent (mu from the image tokens)" if self.scheduler_config.get(
             "use_dynamic_shifting") else f"static shift {shift:g} (the scheduler's)"
