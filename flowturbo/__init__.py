@@ -9,6 +9,10 @@ The torch-free root modules are importable from every layer: ``flowturbo.schedul
 
 __version__ = "0.1.0"
 
+from flowturbo import _source_tree  # noqa: E402
+
+_source_tree.install()  # run from the repository: its layer folders must not shadow installed packages (kernels)
+
 from flowturbo.errors import FlowTurboError  # noqa: E402
 from flowturbo.schedule import SamplingSchedule, StepKind  # noqa: E402
 

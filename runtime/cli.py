@@ -35,6 +35,7 @@ from flowturbo.cliargs import (
 )
 from flowturbo.errors import FlowTurboError
 from flowturbo.runtime.backends import EXPORTED_BACKENDS
+from flowturbo.runtime.text_cli import add_text_arguments, check_text_args
 
 CLASSIFIER_SUBDIR = "classifier"  # a bundle's domain classifier for `flowturbo eval --features domain`
 
@@ -138,6 +139,7 @@ def check_out_parent(out: str | None, flag: str = "--out") -> None:
 def _add_sample_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("sample", help="generate images with a FlowTurbo schedule and print a timing table")
     _add_model_arguments(p)
+    add_text_arguments(p)
     g = p.add_argument_group("sampling")
     g.add_argument("--schedule", default=None, type=input_path("--schedule", suffix=".json"),
                    help="schedule notation, preset, or a schedule JSON file (e.g. flowturbo tune's "
@@ -259,6 +261,7 @@ def _run_sample(args: argparse.Namespace) -> int:
     from flowturbo.fileio import OutputFolder
     from flowturbo.runtime.distributed import under_torchrun
 
+    check_text_args(args, distributed=under_torchrun())
     if under_torchrun():  # torchrun --nproc_per_node N -m flowturbo sample ...: images split over the processes
         from flowturbo.runtime.sharded_cli import run_sample
 
@@ -278,14 +281,26 @@ def _run_sample_pytorch(args: argparse.Namespace, out_folder: Any) -> int:
     from flowturbo.runtime.sampler import Sampler
 
     t_load = time.perf_counter()
-    sampler = Sampler.from_bundle(args.model, **_pipeline_options(args))
+    if args.pipeline is not None:  # a text-to-image pipeline folder (runtime/text_cli.py)
+        from flowturbo.runtime.text_cli import load_text_sampler, prompt_names, sample_text
+
+        sampler = load_text_sampler(args, lambda parse: schedule_from_args(args, parse))
+    else:
+        sampler = Sampler.from_bundle(args.model, **_pipeline_options(args))
     load_s = time.perf_counter() - t_load
     pipe = sampler.pipeline
     channels: Any = "default" if args.guidance_channels is None else args.guidance_channels
-    schedule = schedule_from_args(args, lambda spec: sampler.default_schedule(spec, args.cfg, channels))
-    classes = _parse_classes(args.classes, pipe.num_classes, args.num_images)
-    samples = sampler.sample(classes, schedule=schedule, seed=args.seed, batch_size=args.batch,
-                             progress=not args.no_progress)
+    if args.pipeline is not None:
+        samples = sample_text(sampler, args, lambda size: schedule_from_args(
+            args, lambda spec: sampler.default_schedule(spec, args.cfg, channels, size)))
+        names = prompt_names(samples.prompts)
+    else:
+        schedule = schedule_from_args(args, lambda spec: sampler.default_schedule(spec, args.cfg, channels))
+        classes = _parse_classes(args.classes, pipe.num_classes, args.num_images)
+        samples = sampler.sample(classes, schedule=schedule, seed=args.seed, batch_size=args.batch,
+                                 progress=not args.no_progress)
+        names = pipe.class_names
+    schedule = samples.schedule
     t_write = time.perf_counter()
     record: dict[str, Any] = {
         "flowturbo_version": __version__,
@@ -299,7 +314,7 @@ def _run_sample_pytorch(args: argparse.Namespace, out_folder: Any) -> int:
         "seconds_load": load_s,
         **samples.record(),
     }
-    out = write_sample_folder(out_folder, to_uint8(samples.images), samples.labels, record, pipe.class_names,
+    out = write_sample_folder(out_folder, to_uint8(samples.images), samples.labels, record, names,
                               grid_scale=args.grid_scale)
     write_s = time.perf_counter() - t_write
     n = len(samples.labels)
@@ -575,6 +590,17 @@ def _command_of(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
+def _text_model_refusal(argv: Sequence[str]) -> str | None:
+    """The one ``error:`` line for ``--pipeline`` (a diffusers text-to-image folder) on a command other than
+    ``sample``: only sampling runs text-to-image models for now (no export, C++ runner, refiner training, tuning,
+    profiling, inpainting or editing of them yet)."""
+    command = _command_of(argv)
+    if command in (None, "sample") or not any(a == "--pipeline" or a.startswith("--pipeline=") for a in argv):
+        return None
+    return (f"flowturbo {command}: error: --pipeline (a diffusers text-to-image folder) works with `flowturbo sample` "
+            f"only for now; `flowturbo {command}` with text-to-image models is not supported yet")
+
+
 def full_command(args: argparse.Namespace) -> str:
     """``sample``, ``export``, ``train package``, ...: the sub-command a parsed command line runs."""
     sub = getattr(args, "train_command", None) if args.command == "train" else None
@@ -586,6 +612,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     command; a foreseeable mistake prints one ``error:`` line and returns 2. Under torchrun, commands that do not
     split their work run on rank 0 only (:func:`flowturbo.cliargs.run_command`)."""
     argv = list(sys.argv[1:] if argv is None else argv)
+    refused = _text_model_refusal(argv)
+    if refused is not None:
+        print(refused, file=sys.stderr)
+        return 2
     parser = build_parser(_command_of(argv) or "")
 
     def one_line_warnings() -> None:

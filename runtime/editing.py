@@ -243,10 +243,10 @@ class InpaintTask:
     def regenerates_nothing(self) -> bool:  # noqa: D102 - every mask black
         return not bool(self.mask.any())
 
-    def prepare(self, noise: torch.Tensor, labels: torch.Tensor,
+    def prepare(self, noise: torch.Tensor, conditioning: Any,
                 rows: slice = slice(None)) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         """(starting latents, extra per-batch inputs) for the batch of result ``rows``: start from the noise; the
-        hook needs x_1, z and the keep mask."""
+        hook needs x_1, z and the keep mask (the batch's ``conditioning`` — labels — is not needed)."""
         b = noise.shape[0]
         known = _rows(self.known, rows, b).to(device=noise.device, dtype=noise.dtype).contiguous()
         keep = _rows(self.keep, rows, b).to(noise.device).contiguous()
@@ -282,7 +282,7 @@ class EditTask:
         self.notes = tuple(image.notes)
         self.key = ("edit", self.strength)
 
-    def prepare(self, noise: torch.Tensor, labels: torch.Tensor,
+    def prepare(self, noise: torch.Tensor, conditioning: Any,
                 rows: slice = slice(None)) -> tuple[torch.Tensor, tuple[torch.Tensor, ...]]:
         known = _rows(self.known, rows, noise.shape[0]).to(device=noise.device, dtype=noise.dtype)
         if self.t0 == 0.0:

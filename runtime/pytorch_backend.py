@@ -1,8 +1,10 @@
 """The pure-PyTorch backend: the one documented place where ``runtime`` builds models from ``training``.
 
 :func:`load_pipeline` turns what a user has — our bundle folder, the embedded default, or official
-checkpoint files (SiT-XL/2 ``.pt``, a FlowTurbo refiner ``.pt``, a diffusers VAE folder) — into a
-:class:`TorchPipeline` the :class:`~flowturbo.runtime.sampler.Sampler` runs.
+checkpoint files (SiT-XL/2 ``.pt``, a FlowTurbo refiner ``.pt``, a diffusers VAE folder) — and
+:func:`load_text_pipeline` a diffusers text-to-image pipeline folder into a :class:`TorchPipeline` the
+:class:`~flowturbo.runtime.sampler.Sampler` runs. Each pipeline's :attr:`TorchPipeline.family` is its model
+family's adapter (:mod:`flowturbo.families`): what the sampler calls to condition, run and decode.
 """
 
 from __future__ import annotations
@@ -32,17 +34,21 @@ from flowturbo.training.encoders import (
     LatentEncoder,
     missing_encoder_error,
 )
+from flowturbo.training.families import load_family
+from flowturbo.training.families.sit import SiTFamily
 from flowturbo.training.sampling import (
     FiniteCheck,
     check_labels,
     make_noise,
     non_finite_message,
+    run_schedule,
     sample_schedule,
 )
 
 # The reference sampling functions, re-exported: runtime code reaches training/ only through this module.
-__all__ = ["OFFICIAL_GUIDANCE_CHANNELS", "TorchPipeline", "FiniteCheck", "check_labels", "load_pipeline", "make_noise",
-           "non_finite_message", "resolve_device", "resolve_dtype", "resolve_kernel_backend", "sample_schedule"]
+__all__ = ["OFFICIAL_GUIDANCE_CHANNELS", "TorchPipeline", "FiniteCheck", "check_labels", "load_pipeline",
+           "load_text_pipeline", "make_noise", "non_finite_message", "resolve_device", "resolve_dtype",
+           "resolve_kernel_backend", "run_schedule", "sample_schedule"]
 
 DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "assets" / "default_model"
 GPU_DEFAULT_DTYPE = torch.bfloat16  # the fast path's default on CUDA (measured: BENCHMARKS.md)
@@ -68,6 +74,16 @@ class TorchPipeline:
     encoder: LatentEncoder | None = None  # images -> latents (inpainting / editing); see require_encoder
     encoder_source: str | None = None  # official checkpoints: the --vae folder its encoder is read from on demand
     refiner_dt: DtDistribution | None = None  # the dt the refiner was trained on (None: not recorded, e.g. official)
+    family_adapter: Any = None  # a text-to-image family's adapter (None: the class-conditional SiT family)
+
+    @property
+    def family(self) -> Any:
+        """The model family's adapter (:class:`flowturbo.families.ModelFamily`): for class-conditional models the SiT
+        family over this pipeline's current predictor, refiner and decoder."""
+        if self.family_adapter is not None:
+            return self.family_adapter
+        return SiTFamily(self.predictor, self.refiner, self.decoder, self.num_classes, self.latent_shape,
+                         self.defaults, self.device)
 
     def __post_init__(self) -> None:
         fast_layout = getattr(self.decoder, "to_fast_layout", None)  # any decoder module works; ours may re-layout
@@ -91,6 +107,10 @@ class TorchPipeline:
         return torch.float64 if self.dtype == torch.float64 else torch.float32
 
     def describe(self) -> dict[str, Any]:
+        if self.family_adapter is not None:  # a text-to-image pipeline: its family says what it is
+            return {"source": self.source, **self.family_adapter.describe(), "device": str(self.device),
+                    "dtype": dtype_name(self.dtype), "state_dtype": dtype_name(self.state_dtype),
+                    "kernels": self.kernel_backend.value}
         described = {
             "source": self.source,
             "num_classes": self.num_classes,
@@ -223,6 +243,44 @@ def load_pipeline(
         kernel_backend=backend,
         encoder=None if bundle.encoder is None else bundle.encoder.eval(),
         refiner_dt=bundle.refiner_dt,
+    )
+
+
+def load_text_pipeline(
+    folder: str | Path,
+    *,
+    device: str | torch.device | None = "cpu",
+    dtype: str | torch.dtype | None = None,
+    kernel_backend: str | KernelBackend | None = None,
+    max_sequence_length: int | None = None,
+    before_weights: Any = None,
+) -> TorchPipeline:
+    """A diffusers text-to-image pipeline folder (a flow-matching pipeline class registered in
+    :mod:`flowturbo.training.families`) as a :class:`TorchPipeline` whose family is the folder's adapter.
+
+    ``dtype`` / ``kernel_backend`` ``None``: the device's fast-path defaults (as :func:`load_pipeline`);
+    ``max_sequence_length``: T5 tokens per prompt (None: the pipeline's default); ``before_weights(family)``: called
+    with the adapter once the folder's configs are read, before any weights load (e.g. ``family.check_request``).
+    """
+    torch_device = resolve_device(device)
+    model_dtype = resolve_dtype(dtype, torch_device)
+    backend = resolve_kernel_backend(kernel_backend, torch_device)
+    family = load_family(folder, device=torch_device, dtype=model_dtype, max_sequence_length=max_sequence_length,
+                         before_weights=before_weights)
+    defaults = family.defaults
+    return TorchPipeline(
+        predictor=family.transformer,
+        refiner=None,
+        decoder=family.decoder,
+        num_classes=0,
+        latent_shape=family.latent_shape(),
+        class_names=None,
+        defaults=BundleDefaults(defaults.schedule, defaults.cfg, defaults.guidance_channels),
+        source=str(folder),
+        device=torch_device,
+        dtype=model_dtype,
+        kernel_backend=backend,
+        family_adapter=family,
     )
 
 

@@ -31,7 +31,8 @@ class StageTimes:
 
 @dataclasses.dataclass(frozen=True)
 class Samples:
-    """Decoded images (N, C, H, W) in [-1, 1], their labels, and what it cost."""
+    """Decoded images (N, C, H, W) in [-1, 1], their labels (class ids, or indices into ``prompts``), and what it
+    cost."""
 
     images: torch.Tensor
     labels: list[int]
@@ -42,6 +43,8 @@ class Samples:
     times: StageTimes
     execution: dict[str, Any] | None = None  # which path ran (kernels, CUDA graph, dtypes), when the backend says
     task: dict[str, Any] | None = None  # inpainting / editing: what was done (runtime.editing tasks' describe())
+    prompts: list[str] | None = None  # text-to-image: the distinct prompts; image i's label indexes them
+    conditioning: dict[str, Any] | None = None  # text-to-image: negative prompt, guidance, image size, ...
 
     @property
     def ms_per_image(self) -> float:
@@ -69,4 +72,8 @@ class Samples:
             record["execution"] = dict(self.execution)
         if self.task is not None:
             record["task"] = dict(self.task)
+        if self.prompts is not None:
+            record["prompts"] = list(self.prompts)
+        if self.conditioning is not None:
+            record["conditioning"] = dict(self.conditioning)
         return record

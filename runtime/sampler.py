@@ -1,7 +1,13 @@
-"""The sampler API: classes + seed + schedule in, images + call counts + timings out.
+"""The sampler API: classes or prompts + seed + schedule in, images + call counts + timings out.
 
 Backends behind one interface; this module holds the PyTorch one. Exported backends (ONNX Runtime,
 AOTInductor, TensorRT, the C++ runner) plug in through ``Sampler.from_artifacts``.
+
+Every model is reached through its family's adapter (:mod:`flowturbo.families`, ``pipeline.family``): the
+conditioning of a request (class ids, or prompts encoded once each), the model calls the step loop runs, the time
+grid of a schedule named by its notation, the latent shape of an image size and the decode. Class-conditional
+bundles and official checkpoints are the SiT family (``Sampler.from_bundle``); diffusers text-to-image pipeline
+folders (SD3, FLUX.1) load with ``Sampler.from_pipeline``.
 
 **The fast path is the default on CUDA**: bfloat16 models with a float32 solver state, our Triton kernels
 (adaLN fusions inside the models, the fused CFG + solver update in the step loop), and the whole schedule
@@ -15,6 +21,7 @@ runs; ``run.json`` records it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from collections.abc import Sequence
@@ -25,6 +32,7 @@ from tqdm.auto import tqdm
 
 from flowturbo.dtypes import dtype_name
 from flowturbo.errors import FlowTurboError, SamplingError
+from flowturbo.families import ConditioningKind, ImageSize, conditioning_mismatch
 from flowturbo.refiner_dt import RangeWarnings
 from flowturbo.runtime.backends import load_exported_sampler
 from flowturbo.runtime.cuda_graphs import CaptureBackend, GraphCache
@@ -40,10 +48,10 @@ from flowturbo.runtime.editing import (
 )
 from flowturbo.runtime.pytorch_backend import (
     TorchPipeline,
-    check_labels,
     load_pipeline,
+    load_text_pipeline,
     make_noise,
-    sample_schedule,
+    run_schedule,
 )
 from flowturbo.runtime.results import Samples, StageTimes
 from flowturbo.schedule import SamplingSchedule
@@ -59,6 +67,8 @@ class Sampler:
 
     >>> sampler = Sampler.from_bundle()            # the embedded default
     >>> out = sampler.sample([0, 1, 2], seed=0)    # schedule and cfg from the model's defaults
+    >>> sd3 = Sampler.from_pipeline("stable-diffusion-3.5-medium")   # a diffusers pipeline folder
+    >>> out = sd3.sample(prompts=["a red fox"], schedule="H2P6", cfg=4.5, size=ImageSize(1024, 1024))
 
     ``cuda_graph``: capture schedule + decode per batch size (default: on for CUDA pipelines; refused on CPU
     unless a ``graph_backend`` stand-in is given, as the tests and the GPU suite's dry run do).
@@ -87,6 +97,19 @@ class Sampler:
         return cls(load_pipeline(model, **kwargs), cuda_graph=cuda_graph, graph_backend=graph_backend,
                    graph_batch=graph_batch)
 
+    @classmethod
+    def from_pipeline(cls, folder: str, *, cuda_graph: bool | None = None,
+                      graph_backend: CaptureBackend | None = None, graph_batch: int | None = None,
+                      **kwargs: Any) -> "Sampler":
+        """Load a diffusers flow-matching text-to-image pipeline folder as the Hub downloads it (the pipeline classes
+        :mod:`flowturbo.training.families` registers: SD3 / SD3.5, FLUX.1); see ``load_text_pipeline`` (``device``,
+        ``dtype``, ``kernel_backend``, ``max_sequence_length``). Sample with ``sample(prompts=[...])``.
+
+        ``cuda_graph`` defaults to off here: capturing a diffusers transformer in a CUDA graph has not been verified
+        on a GPU yet (pass ``cuda_graph=True`` to try; a failed capture falls back step by step with a warning)."""
+        return cls(load_text_pipeline(folder, **kwargs), cuda_graph=bool(cuda_graph), graph_backend=graph_backend,
+                   graph_batch=graph_batch)
+
     @staticmethod
     def from_artifacts(folder: str, backend: str = "onnxruntime", *, device: str | None = None,
                        threads: int | None = None, expect: dict[str, Any] | None = None) -> Any:
@@ -100,15 +123,20 @@ class Sampler:
         return load_exported_sampler(folder, backend, device=device, threads=threads, expect=expect)
 
     def default_schedule(self, spec: str | None = None, cfg: float | None = None,
-                         guidance_channels: int | None | str = "default") -> SamplingSchedule:
-        """Parse ``spec`` (or the model's default schedule) with guidance settings (or the model's)."""
-        defaults = self.pipeline.defaults
+                         guidance_channels: int | None | str = "default",
+                         size: ImageSize | None = None) -> SamplingSchedule:
+        """Parse ``spec`` (or the model's default schedule) with guidance settings (or the model's), on the model's
+        time grid for images of ``size`` (families with a time shift: SD3, FLUX; others: the schedule's own)."""
+        family = self.pipeline.family
+        defaults = family.defaults
         channels = defaults.guidance_channels if guidance_channels == "default" else guidance_channels
-        return SamplingSchedule.parse(
+        schedule = SamplingSchedule.parse(
             spec or defaults.schedule,
             guidance_scale=defaults.cfg if cfg is None else cfg,
             guidance_channels=channels,
         )
+        grid = family.timesteps(schedule.num_steps, family.latent_shape(size))
+        return schedule if grid is None else dataclasses.replace(schedule, timesteps=grid)
 
     def execution(self) -> dict[str, Any]:
         """Which path runs: device, model and state dtypes, kernels, CUDA graph (and why not, if it fell back)."""
@@ -139,70 +167,71 @@ class Sampler:
         return text
 
     # ------------------------------------------------------------------------------------------ batches
-    def _forward(self, schedule: SamplingSchedule, x0: torch.Tensor, labels: torch.Tensor, *extra: torch.Tensor,
-                 task: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
-        """Schedule + decode for one batch without host syncs (what a CUDA graph captures).
-
-        ``task`` (inpainting / editing, :mod:`flowturbo.runtime.editing`) adds its per-step hooks (over the
-        ``extra`` inputs) and its time grid; its pixel-space post-processing runs outside, in :meth:`_run_batch`.
-        """
+    def _integrate(self, schedule: SamplingSchedule, x0: torch.Tensor, conditioning: Any,
+                   extra: Sequence[torch.Tensor], task: Any, check_finite: bool) -> torch.Tensor:
+        """The schedule from ``x0`` through the family's model calls: final latents (b, C, h, w). ``task``
+        (inpainting / editing, :mod:`flowturbo.runtime.editing`) adds its per-step hooks (over the ``extra`` inputs)
+        and its time grid."""
         pipe = self.pipeline
-        hooks = task.hooks(*extra) if task is not None else ()
-        timesteps = task.timesteps if task is not None else None
-        result = sample_schedule(schedule, x0, labels, pipe.predictor, pipe.refiner, num_classes=pipe.num_classes,
-                                 check_finite=False, check_inputs=False, kernel_backend=pipe.kernel_backend,
-                                 hooks=hooks, timesteps=timesteps)
-        return pipe.decoder.decode(result.latents), result.latents  # (b, C_img, H, W), (b, C, h, w)
+        return run_schedule(schedule, x0, pipe.family.model_calls(conditioning, schedule), check_finite=check_finite,
+                            kernel_backend=pipe.kernel_backend, hooks=task.hooks(*extra) if task is not None else (),
+                            timesteps=task.timesteps if task is not None else None).latents
 
-    def _locate_non_finite(self, schedule: SamplingSchedule, x0: torch.Tensor, labels: torch.Tensor,
+    def _forward(self, schedule: SamplingSchedule, x0: torch.Tensor, conditioning: Any, *extra: torch.Tensor,
+                 task: Any = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Schedule + decode for one batch without host syncs (what a CUDA graph captures); the task's pixel-space
+        post-processing runs outside, in :meth:`_run_batch`."""
+        latents = self._integrate(schedule, x0, conditioning, extra, task, check_finite=False)
+        return self.pipeline.family.decode(latents), latents  # (b, C_img, H, W), (b, C, h, w)
+
+    def _locate_non_finite(self, schedule: SamplingSchedule, x0: torch.Tensor, conditioning: Any,
                            extra: tuple[torch.Tensor, ...] = (), task: Any = None) -> None:
         """Re-run a batch step by step with NaN checks: raises naming the first bad step (or the decoder)."""
-        pipe = self.pipeline
-        sample_schedule(schedule, x0, labels, pipe.predictor, pipe.refiner, num_classes=pipe.num_classes,
-                        check_finite=True, check_inputs=False, kernel_backend=pipe.kernel_backend,
-                        hooks=task.hooks(*extra) if task is not None else (),
-                        timesteps=task.timesteps if task is not None else None)
+        self._integrate(schedule, x0, conditioning, extra, task, check_finite=True)
         raise SamplingError("NaN/Inf in the decoded images (the latents were finite): the decoder overflowed; "
                             "try --dtype float32")
 
-    def _run_batch(self, schedule: SamplingSchedule, noise: torch.Tensor, labels: torch.Tensor,
+    def _run_batch(self, schedule: SamplingSchedule, noise: torch.Tensor, conditioning: Any,
                    task: Any = None, rows: slice = slice(None)) -> tuple[torch.Tensor, float, float, float]:
         """(images, sample s, decode s, capture s) for one batch (results ``rows``) on the configured path."""
         pipe = self.pipeline
-        x0, extra = task.prepare(noise, labels, rows) if task is not None else (noise, ())
+        x0, extra = task.prepare(noise, conditioning, rows) if task is not None else (noise, ())
         if self.graphs is not None:
             _sync(pipe.device)
             started = time.perf_counter()
-            key = (task.key if task is not None else ("sample",), schedule.id, noise.shape[0])
-            run = self.graphs.run(key, lambda x, y, *e: self._forward(schedule, x, y, *e, task=task),
-                                  (x0, labels, *extra))
+            key = (task.key if task is not None else ("sample",), schedule.id, noise.shape[0], tuple(noise.shape[1:]),
+                   conditioning.static_key())
+            tensors = conditioning.tensors()
+
+            def forward(x: torch.Tensor, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                given = conditioning.with_tensors(inputs[:len(tensors)])
+                return self._forward(schedule, x, given, *inputs[len(tensors):], task=task)
+
+            run = self.graphs.run(key, forward, (x0, *tensors, *extra))
             images = run.outputs[0]
             _sync(pipe.device)
             elapsed = time.perf_counter() - started - run.capture_s
             if not bool(torch.isfinite(images).all()):
-                self._locate_non_finite(schedule, x0, labels, extra, task)
+                self._locate_non_finite(schedule, x0, conditioning, extra, task)
             return (task.finish(images, rows) if task is not None else images), elapsed, 0.0, run.capture_s
         per_step_checks = pipe.device.type != "cuda"  # a host sync per step costs nothing on CPU
         _sync(pipe.device)
         t0 = time.perf_counter()
-        result = sample_schedule(schedule, x0, labels, pipe.predictor, pipe.refiner, num_classes=pipe.num_classes,
-                                 check_finite=per_step_checks, check_inputs=False, kernel_backend=pipe.kernel_backend,
-                                 hooks=task.hooks(*extra) if task is not None else (),
-                                 timesteps=task.timesteps if task is not None else None)
+        latents = self._integrate(schedule, x0, conditioning, extra, task, check_finite=per_step_checks)
         _sync(pipe.device)
         t1 = time.perf_counter()
-        images = pipe.decoder.decode(result.latents)  # (b, C_img, H_img, W_img) in [-1, 1]
+        images = pipe.family.decode(latents)  # (b, C_img, H_img, W_img) in [-1, 1]
         if task is not None:
             images = task.finish(images, rows)
         _sync(pipe.device)
         t2 = time.perf_counter()
         if not bool(torch.isfinite(images).all()):
             if not per_step_checks:
-                self._locate_non_finite(schedule, x0, labels, extra, task)
+                self._locate_non_finite(schedule, x0, conditioning, extra, task)
             raise SamplingError("NaN/Inf in the decoded images; the decoder's weights or dtype are bad")
         return images, t1 - t0, t2 - t1, 0.0
 
-    def _largest_batch_that_fits(self, schedule: SamplingSchedule, noise: torch.Tensor, labels: torch.Tensor) -> int:
+    def _largest_batch_that_fits(self, schedule: SamplingSchedule, noise: torch.Tensor, conditioning: Any) -> int:
         """The largest batch (< the failed one) whose step-by-step run fits in GPU memory, by bisection over
         [0, n) (about log2(n) trial runs); 0: not even one image."""
         fits, fails = 0, noise.shape[0]  # invariant: ``fits`` images run (0 trivially), ``fails`` images do not
@@ -211,19 +240,19 @@ class Sampler:
             if self.pipeline.device.type == "cuda":
                 torch.cuda.empty_cache()
             try:
-                self._forward(schedule, noise[:size], labels[:size])
+                self._forward(schedule, noise[:size], conditioning.rows(slice(0, size)))
                 _sync(self.pipeline.device)
                 fits = size
             except torch.OutOfMemoryError:
                 fails = size
         return fits
 
-    def _out_of_memory(self, schedule: SamplingSchedule, noise: torch.Tensor, labels: torch.Tensor) -> SamplingError:
+    def _out_of_memory(self, schedule: SamplingSchedule, noise: torch.Tensor, conditioning: Any) -> SamplingError:
         if self.graphs is not None:
             self.graphs.clear()
         if self.pipeline.device.type == "cuda":
             torch.cuda.empty_cache()
-        fits = self._largest_batch_that_fits(schedule, noise, labels)
+        fits = self._largest_batch_that_fits(schedule, noise, conditioning)
         free = ""
         if self.pipeline.device.type == "cuda":
             free_b, total_b = torch.cuda.mem_get_info(self.pipeline.device)
@@ -236,24 +265,52 @@ class Sampler:
     @torch.inference_mode()
     def sample(
         self,
-        classes: Sequence[int],
+        classes: Sequence[int] | None = None,
         *,
-        schedule: SamplingSchedule | None = None,
+        prompts: Sequence[str] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        guidance: float | None = None,
+        size: ImageSize | None = None,
+        schedule: SamplingSchedule | str | None = None,
+        cfg: float | None = None,
         seed: int = 0,
         batch_size: int | None = None,
         progress: bool = True,
         first_index: int = 0,
     ) -> Samples:
-        """Generate one image per entry of ``classes``.
+        """Generate one image per entry of ``classes`` (class-conditional models) or of ``prompts`` (text-to-image).
 
         Image ``j`` starts from its own noise, seeded ``seed + first_index + j``
-        (:func:`flowturbo.noise.make_noise`; ``first_index`` is the global index of ``classes[0]`` when a request
+        (:func:`flowturbo.noise.make_noise`; ``first_index`` is the global index of the first image when a request
         is split over processes), so results do not depend on ``batch_size`` or on the number of processes. The
         work is split into batches of at most ``batch_size`` images (default: all at
         once; with CUDA graphs: at most ``graph_batch`` = 16 images); with CUDA graphs, each distinct batch size
         is captured once and replayed afterwards (a 40-image request runs graphs of 16, 16 and 8).
+
+        ``schedule``: a :class:`SamplingSchedule` (its grid as given) or notation (on the model's time grid, with
+        ``cfg`` or the model's CFG scale); None: the model's default. Text-to-image only: ``negative_prompt`` (one, or
+        one per image; used with CFG, default ``""`` where the model's CFG wants one), ``guidance`` (the distilled
+        guidance value of guidance-distilled models such as FLUX.1-dev), ``size`` (default: the model's); each
+        distinct prompt is encoded once.
         """
-        return self._generate(classes, schedule, seed, batch_size, progress, None, first_index)
+        family = self.pipeline.family
+        if prompts is not None and classes is not None:
+            raise FlowTurboError("give class ids or prompts, not both")
+        given = ConditioningKind.PROMPTS if prompts is not None else ConditioningKind.CLASSES
+        if given is not family.conditioning_kind:
+            raise conditioning_mismatch(family, given)
+        if isinstance(prompts, str):
+            prompts = [prompts]
+        requests = list(prompts) if prompts is not None else classes
+        if requests is None:
+            raise FlowTurboError("no classes given: pass at least one class id")
+        if schedule is None or isinstance(schedule, str):
+            schedule = self.default_schedule(schedule, cfg, size=size)
+        elif cfg is not None:
+            raise FlowTurboError("cfg applies to a schedule given by notation; a SamplingSchedule carries its own "
+                                 "guidance (use schedule.with_guidance)")
+        return self._generate(requests, schedule, seed, batch_size, progress, None, first_index,
+                              negative=negative_prompt, guidance=guidance, size=size)
 
     @torch.inference_mode()
     def inpaint(
@@ -275,7 +332,7 @@ class Sampler:
         class (N, C, H, W); mask: (1 or N, 1, H, W) or (H, W) in {0, 1}, 1 = regenerate. Method and guarantees: :mod:`flowturbo.runtime.editing` (kept pixels
         are exactly the input's; an all-white mask is plain sampling; an all-black one returns the input).
         """
-        pipe = self.pipeline
+        pipe = self._class_pipeline("inpainting")
         image = image if isinstance(image, ImageInput) else ImageInput(image.float())
         mask = mask.float().reshape(-1, 1, *mask.shape[-2:])
         _check_task_image(image, mask, pipe, len(classes))
@@ -306,13 +363,22 @@ class Sampler:
         schedule's steps on its grid rescaled onto ``[t0, 1]`` (same call counts); see
         :mod:`flowturbo.runtime.editing`.
         """
-        pipe = self.pipeline
+        pipe = self._class_pipeline("editing")
         image = image if isinstance(image, ImageInput) else ImageInput(image.float())
         strength = check_strength(strength)
         _check_task_image(image, None, pipe, len(classes))
         schedule = schedule or self.default_schedule()
         known = self._encode(image, "editing")
         return self._generate(classes, schedule, seed, batch_size, progress, EditTask(image, known, strength, schedule))
+
+    def _class_pipeline(self, what: str) -> TorchPipeline:
+        """The pipeline, when its family is class-conditional (inpainting and editing are not yet wired for text
+        models: their tasks would need the prompts' conditioning and the VAE encoder's scale and shift)."""
+        family = self.pipeline.family
+        if family.conditioning_kind is not ConditioningKind.CLASSES:
+            raise FlowTurboError(f"{what} with text-to-image models ({family.name}) is not supported yet; sample with "
+                                 "prompts, or use a class-conditional model")
+        return self.pipeline
 
     def _encode(self, image: ImageInput, what: str) -> torch.Tensor:
         """x_1 = E(image): (1, C, h, w) in the solver state's dtype, on the device."""
@@ -321,32 +387,25 @@ class Sampler:
         weight = next(encoder.parameters())
         return encoder.encode(image.pixels.to(device=pipe.device, dtype=weight.dtype)).to(pipe.state_dtype)
 
-    def _generate(self, classes: Sequence[int], schedule: SamplingSchedule | None, seed: int,
-                  batch_size: int | None, progress: bool, task: Any, first_index: int = 0) -> Samples:
+    def _generate(self, requests: Sequence[Any], schedule: SamplingSchedule | None, seed: int,
+                  batch_size: int | None, progress: bool, task: Any, first_index: int = 0, *,
+                  negative: str | Sequence[str] | None = None, guidance: float | None = None,
+                  size: ImageSize | None = None) -> Samples:
+        """``requests``: class ids or prompts, one per image (the family conditions them)."""
         pipe = self.pipeline
-        schedule = schedule or self.default_schedule()
-        if schedule.uses_refiner and pipe.refiner is None:
-            raise SamplingError(
-                f"schedule {schedule.notation} has R steps but this model has no refiner; "
-                "use a schedule without R (e.g. 'H8') or a bundle with a refiner"
-            )
-        channels = pipe.latent_shape[0]
-        if schedule.guidance_channels is not None and schedule.guidance_channels > channels:
-            raise SamplingError(f"--guidance-channels {schedule.guidance_channels} is more than this model's {channels} "
-                                f"latent channels; pass --guidance-channels {channels} or less (or none: all)")
+        family = pipe.family
+        latent_shape = family.latent_shape(size)  # (C, h, w); a size the model cannot take is refused here
+        schedule = schedule or self.default_schedule(size=size)
+        family.check_schedule(schedule)
         self.range_warnings.check(schedule, pipe.refiner_dt, task.timesteps if task is not None else None)
-        labels = torch.as_tensor(list(classes), dtype=torch.long)
-        if labels.numel() == 0:
-            raise SamplingError("no classes given: pass at least one class id")
-        check_labels(labels, pipe.num_classes, labels.shape[0])
-        n = labels.shape[0]
+        conditioning = family.condition(requests, schedule, negative=negative, guidance=guidance)
+        n = len(conditioning)
         default_batch = min(n, self.graph_batch) if self.graphs is not None else n
         batch = default_batch if batch_size is None else int(batch_size)
         if batch < 1:
             raise FlowTurboError(f"batch size must be >= 1, got {batch_size}")
-        noise = make_noise(n, pipe.latent_shape, seed, dtype=pipe.state_dtype, device=pipe.device,
+        noise = make_noise(n, latent_shape, seed, dtype=pipe.state_dtype, device=pipe.device,
                            first_index=first_index)  # (N, C, H, W)
-        labels = labels.to(pipe.device)
         num_batches = math.ceil(n / batch)
         images, sample_s, decode_s, capture_s = [], 0.0, 0.0, 0.0
         what = task.name if task is not None else "sampling"
@@ -354,18 +413,20 @@ class Sampler:
                    disable=not progress or num_batches == 1, leave=False)
         for start in range(0, n, batch):
             stop = min(start + batch, n)
-            chunk_noise, chunk_labels = noise[start:stop], labels[start:stop]
+            chunk_noise, chunk_conditioning = noise[start:stop], conditioning.rows(slice(start, stop))
             try:
-                decoded, s, d, c = self._run_batch(schedule, chunk_noise, chunk_labels, task, slice(start, stop))
+                decoded, s, d, c = self._run_batch(schedule, chunk_noise, chunk_conditioning, task,
+                                                   slice(start, stop))
             except torch.OutOfMemoryError:
-                raise self._out_of_memory(schedule, chunk_noise, chunk_labels) from None
+                raise self._out_of_memory(schedule, chunk_noise, chunk_conditioning) from None
             images.append(decoded.float().cpu())
             sample_s, decode_s, capture_s = sample_s + s, decode_s + d, capture_s + c
             bar.update(stop - start)
         bar.close()
+        labels, prompts = _labels_of(requests, family)
         return Samples(
             images=torch.cat(images),
-            labels=labels.cpu().tolist(),
+            labels=labels,
             schedule=schedule,
             predictor_calls=schedule.predictor_calls,
             refiner_calls=schedule.refiner_calls,
@@ -374,7 +435,27 @@ class Sampler:
                              and self.graphs.fallback_reason is None),
             execution=self.execution(),
             task=task.describe() if task is not None else None,
+            prompts=prompts,
+            conditioning=None if prompts is None else _text_record(conditioning, negative, family, latent_shape),
         )
+
+
+def _labels_of(requests: Sequence[Any], family: Any) -> tuple[list[int], list[str] | None]:
+    """(labels, prompts) of a request: class ids and None, or each image's index among the distinct prompts and
+    those prompts (first-seen order)."""
+    if family.conditioning_kind is ConditioningKind.CLASSES:
+        return [int(r) for r in requests], None
+    prompts = list(dict.fromkeys(requests))
+    index = {prompt: i for i, prompt in enumerate(prompts)}
+    return [index[r] for r in requests], prompts
+
+
+def _text_record(conditioning: Any, negative: str | Sequence[str] | None, family: Any,
+                 latent_shape: tuple[int, int, int]) -> dict[str, Any]:
+    """What run.json says about a text-to-image request beyond its prompts."""
+    return {"family": family.name, "image_size": str(family.image_size(latent_shape)),
+            "negative_prompt": negative if negative is None or isinstance(negative, str) else list(negative),
+            "guidance": conditioning.guidance, "max_sequence_length": getattr(family, "max_sequence_length", None)}
 
 
 def _check_task_image(image: ImageInput, mask: torch.Tensor | None, pipe: TorchPipeline,

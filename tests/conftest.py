@@ -28,6 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))  # `from tolerances imp
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+import flowturbo  # noqa: E402,F401 - first: run from the repository, kernels/ must not shadow the installed `kernels`
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU; this machine has none")
 
 
@@ -52,3 +54,13 @@ def seeded() -> torch.Generator:
     """A fixed-seed CPU generator (tests draw random non-zero inputs from it)."""
     torch.manual_seed(0)
     return torch.Generator().manual_seed(1234)
+
+
+@pytest.fixture(scope="session")
+def tiny_pipelines(tmp_path_factory) -> dict[str, Path]:
+    """Tiny random diffusers pipeline folders (SD3, FLUX.1-dev / -schnell, an SD 1.5 to refuse), built offline once
+    per session with ``save_pretrained`` (tests/tiny_diffusers.py); name -> folder."""
+    from tiny_diffusers import save_tiny_pipelines
+
+    torch.manual_seed(0)
+    return save_tiny_pipelines(tmp_path_factory.mktemp("tiny_pipelines"))

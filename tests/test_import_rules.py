@@ -18,7 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 LAYERS = ["kernels", "training", "export", "runtime"]
 ROOT_MODULES = {"flowturbo", "flowturbo.schedule", "flowturbo.errors", "flowturbo.fileio", "flowturbo.integrator",
                 "flowturbo.dtypes", "flowturbo.noise", "flowturbo.refiner_dt", "flowturbo._C", "flowturbo.cliargs",
-                "flowturbo.imageio"}
+                "flowturbo.imageio", "flowturbo.families", "flowturbo._source_tree"}
 # Root files that are entry points, not data: each may import exactly the modules listed (inside a function),
 # nothing else from any layer. `python -m flowturbo` must reach the CLI of the runtime layer.
 ROOT_ENTRY_POINTS = {"flowturbo/__main__.py": {"flowturbo.runtime.cli"}}

@@ -205,7 +205,8 @@ def _json_safe(value: Any) -> Any:
 class DiffusersVAEDecoder(LatentDecoder):
     """The decoder half (``post_quant_conv`` + ``decoder``) of a diffusers ``AutoencoderKL``.
 
-    ``decode(z) == vae.decode(z / latent_scale).sample.clamp(-1, 1)``; the encoder is not kept in memory.
+    ``decode(z) == vae.decode(z / latent_scale + latent_shift).sample.clamp(-1, 1)``; the encoder is not kept in
+    memory. ``latent_shift`` is the VAE's ``shift_factor`` (0 for the SD-VAE; SD3 / FLUX VAEs have one).
     """
 
     decoder_type: ClassVar[str] = "diffusers-vae"
@@ -217,19 +218,21 @@ class DiffusersVAEDecoder(LatentDecoder):
         decoder: nn.Module,
         post_quant_conv: nn.Module | None,
         latent_scale: float = SD_VAE_LATENT_SCALE,
+        latent_shift: float = 0.0,
     ) -> None:
         super().__init__()
         self.vae_config = _json_safe({k: v for k, v in dict(vae_config).items() if not k.startswith("_")})
         self.decoder = decoder
         self.post_quant_conv = post_quant_conv
         self.latent_scale = float(latent_scale)
+        self.latent_shift = float(latent_shift)
         self.latent_channels = int(self.vae_config["latent_channels"])
         self.image_channels = int(self.vae_config["out_channels"])
         self.downsample_factor = 2 ** (len(self.vae_config["block_out_channels"]) - 1)
 
     @classmethod
-    def _from_vae(cls, vae: nn.Module, latent_scale: float) -> "DiffusersVAEDecoder":
-        return cls(dict(vae.config), vae.decoder, vae.post_quant_conv, latent_scale)
+    def _from_vae(cls, vae: nn.Module, latent_scale: float, latent_shift: float = 0.0) -> "DiffusersVAEDecoder":
+        return cls(dict(vae.config), vae.decoder, vae.post_quant_conv, latent_scale, latent_shift)
 
     @classmethod
     def from_folder(
@@ -248,17 +251,22 @@ class DiffusersVAEDecoder(LatentDecoder):
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         self._check_latents(latents)
         z = _like_weights(latents, self.decoder.conv_in.weight) / self.latent_scale  # (N, C, h, w)
+        if self.latent_shift:
+            z = z + self.latent_shift
         if self.post_quant_conv is not None:
             z = self.post_quant_conv(z)
         return self.decoder(z).clamp(*IMAGE_RANGE)  # (N, 3, h*f, w*f)
 
     def bundle_config(self) -> dict[str, Any]:
-        return {
+        config = {
             "type": self.decoder_type,
             "latent_scale": self.latent_scale,
             "vae_config": self.vae_config,
             "weights": DECODER_WEIGHTS_FILE,
         }
+        if self.latent_shift:
+            config["latent_shift"] = self.latent_shift
+        return config
 
     def save_to_bundle(self, folder: str | os.PathLike[str]) -> None:
         """Write ``decoder.safetensors`` (keys ``decoder.*`` and ``post_quant_conv.*``)."""
@@ -285,7 +293,7 @@ class DiffusersVAEDecoder(LatentDecoder):
         autoencoder_kl = _import_autoencoder_kl()
         with torch.device("meta"):
             vae = autoencoder_kl.from_config(config["vae_config"])
-        module = cls._from_vae(vae, config.get("latent_scale", SD_VAE_LATENT_SCALE))
+        module = cls._from_vae(vae, config.get("latent_scale", SD_VAE_LATENT_SCALE), config.get("latent_shift", 0.0))
         del vae  # the meta encoder goes with it
         module = module.to(dtype=dtype).to_empty(device=device)
         strict_load(module, load_file(str(weights), device="cpu"), f"diffusers VAE decoder from {weights}")

@@ -3,9 +3,10 @@
 Everything here is the ground truth the fast paths (fused kernels, exported graphs, the C++ runner) are
 tested against. DESIGN.md §2 gives the equations; the comments below cite them.
 
-* :func:`sample_schedule` runs a fixed :class:`~flowturbo.schedule.SamplingSchedule` (E / H / P / R steps),
-  so Euler and Heun baselines are schedules too (``"E8"``, ``"H8"``), through the one step loop
-  :func:`flowturbo.integrator.integrate` (reference or fused solver ops).
+* :func:`run_schedule` runs a fixed :class:`~flowturbo.schedule.SamplingSchedule` (E / H / P / R steps) with any
+  model family's calls (:mod:`flowturbo.families`), so Euler and Heun baselines are schedules too (``"E8"``,
+  ``"H8"``), through the one step loop :func:`flowturbo.integrator.integrate` (reference or fused solver ops);
+  :func:`sample_schedule` is the same for class-conditional SiT models and their labels.
 * :func:`sample_adaptive` is an error-controlled solver (torchdiffeq: ``dopri5`` or the embedded
   Heun–Euler pair ``adaptive_heun``) with atol/rtol, counting the calls it really made.
 * :func:`sample_velocity_norm_rule` is the seed report's rule ``dt = C / ||f(x, t)||``.
@@ -22,17 +23,20 @@ from collections.abc import Callable, Sequence
 import torch
 
 from flowturbo.errors import SamplingError
-from flowturbo.integrator import IntegratorState, StepHooks, StepInfo, carries_halves, integrate
+from flowturbo.integrator import IntegratorState, ModelCalls, StepHooks, StepInfo, carries_halves, integrate
 from flowturbo.kernels import KernelBackend, SolverOps
 from flowturbo.noise import make_noise  # the one per-image noise rule (seed + image index), re-exported
 from flowturbo.schedule import SamplingSchedule, StepKind
-from flowturbo.training.models import refiner_takes_dt
 
-# model(x (M, C, H, W), t (M,), y (M,)) -> (M, >=C, H, W); the first C channels are the velocity.
-PredictorFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
-# refiner(x (M, C, H, W), t (M,), y (M,), v (M, C, H, W)[, dt (M,)]) -> velocity offset (M, C, H, W); dt (the age
-# of v, flowturbo.integrator) is passed only to refiners that take it (models.refiner_takes_dt).
-RefinerFn = Callable[..., torch.Tensor]
+# The SiT family's model calls and label check (flowturbo.training.families.sit), re-exported: the reference
+# samplers below are the class-conditional family's.
+from flowturbo.training.families.sit import (
+    CFGModelCalls,
+    PredictorFn,
+    RefinerFn,
+    check_labels,
+    check_refiner_present,
+)
 # Optional per-step callback: (step index, kind, t_start, t_end, x after the step).
 StepCallback = Callable[[int, StepKind, float, float, torch.Tensor], None]
 
@@ -60,70 +64,6 @@ def combine_guidance(
     if guidance_channels is None or guidance_channels >= cond.shape[1]:
         return guided
     return torch.cat([guided[:, :guidance_channels], cond[:, guidance_channels:]], dim=1)
-
-
-def _parameter_dtype(model: object) -> torch.dtype | None:
-    """The dtype of a module's first floating-point parameter (None for plain callables)."""
-    parameters = getattr(model, "parameters", None)
-    if parameters is None:
-        return None
-    for p in parameters():
-        if p.is_floating_point():
-            return p.dtype
-    return None
-
-
-def _cast(x: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
-    return x if dtype is None or x.dtype == dtype else x.to(dtype)
-
-
-class CFGModelCalls:
-    """:class:`flowturbo.integrator.ModelCalls` over PyTorch models for one label batch.
-
-    With guidance every call runs the doubled batch ``[x; x]`` with labels ``[y; null]`` (DESIGN.md §2) and
-    returns the raw output (2B rows) for the solver ops to combine; with ``guided=False`` (scale 1) only the
-    conditional rows run. The refiner gets the carried velocity per CFG half: a (B, 2C, H, W) per-half
-    velocity is split into its halves, a (B, C, H, W) one is used for both; a dt-conditioned refiner also gets
-    the velocity's age ``dt`` (one value for every row), others are called exactly as the released code does.
-    """
-
-    def __init__(self, predictor: PredictorFn | None, refiner: RefinerFn | None, labels: torch.Tensor,
-                 null_label: int, guided: bool) -> None:
-        self.predictor_model = predictor
-        self.refiner_model = refiner
-        self.guided = bool(guided)
-        null = torch.full_like(labels, null_label)
-        self.labels = torch.cat([labels, null]) if self.guided else labels  # (M,) M = 2B or B
-        # Models may run narrower than the solver state (bf16 weights, float32 state): inputs are cast to the
-        # model's parameter dtype, outputs go to the solver ops as they are (the ops widen them).
-        self.predictor_dtype = _parameter_dtype(predictor)
-        self.refiner_dtype = _parameter_dtype(refiner)
-        self.refiner_takes_dt = refiner_takes_dt(refiner)
-
-    def _times(self, t: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        if isinstance(t, torch.Tensor) and t.ndim == 1:  # per-sample times (B,)
-            return torch.cat([t, t]) if self.guided else t
-        return torch.full((self.labels.shape[0],), float(t), dtype=x.dtype, device=x.device)
-
-    def predictor(self, x: torch.Tensor, t: float | torch.Tensor) -> torch.Tensor:
-        """Raw predictor output at (x, t): (M, C_out, H, W)."""
-        if self.predictor_model is None:
-            raise SamplingError("no predictor was given")
-        xx = torch.cat([x, x]) if self.guided else x  # (M, C, H, W)
-        return self.predictor_model(_cast(xx, self.predictor_dtype), self._times(t, x), self.labels)
-
-    def refiner(self, x: torch.Tensor, t: float, v: torch.Tensor, dt: float) -> torch.Tensor:
-        """Raw refiner offset at (x, t) given the carried velocity v of age dt: (M, C, H, W)."""
-        if self.refiner_model is None:
-            raise SamplingError("an R step needs a refiner; load a bundle with one or use a schedule without R")
-        channels, dtype = x.shape[1], self.refiner_dtype
-        age = (self._times(dt, x),) if self.refiner_takes_dt else ()  # (M,) for dt-conditioned refiners only
-        if not self.guided:
-            return self.refiner_model(_cast(x, dtype), self._times(t, x), self.labels, _cast(v[:, :channels], dtype),
-                                      *age)
-        halves = (v[:, :channels], v[:, channels:]) if v.shape[1] == 2 * channels else (v, v)
-        return self.refiner_model(_cast(torch.cat([x, x]), dtype), self._times(t, x), self.labels,
-                                  _cast(torch.cat(halves), dtype), *age)
 
 
 class GuidedVelocity:
@@ -164,17 +104,6 @@ class GuidedVelocity:
         return self._combine(calls.refiner(x, t, v, dt), x)
 
 
-def check_labels(labels: torch.Tensor, num_classes: int, batch: int) -> None:
-    """Refuse class ids outside ``[0, num_classes)`` or a label batch that does not match the noise."""
-    if labels.ndim != 1 or labels.shape[0] != batch:
-        raise SamplingError(f"labels must have shape ({batch},) to match the noise batch, got {tuple(labels.shape)}")
-    if labels.dtype not in (torch.int32, torch.int64):
-        raise SamplingError(f"labels must be integer class ids, got dtype {labels.dtype}")
-    if batch and (int(labels.min()) < 0 or int(labels.max()) >= num_classes):
-        bad = labels[(labels < 0) | (labels >= num_classes)].tolist()
-        raise SamplingError(f"class ids {bad[:5]} are outside [0, {num_classes}); this model has {num_classes} classes")
-
-
 def non_finite_message(step: StepInfo, notation: str = "") -> str:
     """The message naming the first step that produced NaN/Inf."""
     where = f" of {notation}" if notation else ""
@@ -212,6 +141,39 @@ def solver_ops_for(schedule: SamplingSchedule, latent_channels: int,
                      halves=carries_halves(schedule, latent_channels), backend=kernel_backend)
 
 
+def run_schedule(
+    schedule: SamplingSchedule,
+    noise: torch.Tensor,
+    calls: ModelCalls,
+    *,
+    check_finite: bool = True,
+    callback: StepCallback | None = None,
+    hooks: Sequence[StepHooks] = (),
+    kernel_backend: KernelBackend | str = KernelBackend.REFERENCE,
+    timesteps: Sequence[float] | None = None,
+) -> SampleResult:
+    """Integrate from ``noise`` (B, C, H, W) at t=0 to t=1 with a fixed schedule and a family's model calls.
+
+    The family-independent half of every PyTorch sampling path: ``calls`` come from a model family
+    (:meth:`flowturbo.families.ModelFamily.model_calls`; SiT: :class:`CFGModelCalls`), the loop is
+    :func:`flowturbo.integrator.integrate` with the solver ops of ``kernel_backend`` (``reference``: plain PyTorch,
+    the ground truth, any dtype incl. float64; ``triton``: the fused CFG + update kernels) for the schedule's
+    guidance. The state keeps ``noise``'s dtype. ``hooks`` run around every step (after the finite check and the
+    ``callback``); ``timesteps`` replaces the schedule's grid (e.g. a sub-interval). ``check_finite`` costs a host
+    sync per step: turn it off inside CUDA-graph capture.
+    """
+    if noise.ndim != 4:
+        raise SamplingError(f"noise must be (B, C, H, W), got shape {tuple(noise.shape)}")
+    ops = solver_ops_for(schedule, noise.shape[1], kernel_backend)
+    ops.check_device(noise.device)
+    all_hooks: list[StepHooks] = [FiniteCheck(schedule.notation)] if check_finite else []
+    if callback is not None:
+        all_hooks.append(_CallbackHook(callback))
+    all_hooks.extend(hooks)
+    result = integrate(schedule, noise, calls, ops, hooks=all_hooks, timesteps=timesteps)
+    return SampleResult(result.x, result.predictor_calls, result.refiner_calls, result.timesteps)
+
+
 def sample_schedule(
     schedule: SamplingSchedule,
     noise: torch.Tensor,
@@ -227,35 +189,22 @@ def sample_schedule(
     kernel_backend: KernelBackend | str = KernelBackend.REFERENCE,
     timesteps: Sequence[float] | None = None,
 ) -> SampleResult:
-    """Integrate the velocity ODE from noise (t=0) to data (t=1) with a fixed schedule.
+    """Integrate the velocity ODE of a class-conditional (SiT) model from noise (t=0) to data (t=1).
 
     noise: (B, C, H, W) initial latents x_0; labels: (B,) class ids in [0, num_classes) (the null label
-    used for guidance is ``num_classes``). The loop is :func:`flowturbo.integrator.integrate` with
-    :class:`CFGModelCalls` and the solver ops of ``kernel_backend`` (``reference``: plain PyTorch, the ground
-    truth, any dtype incl. float64; ``triton``: the fused CFG + update kernels). The state keeps ``noise``'s
-    dtype; model inputs are cast to each model's parameter dtype. ``hooks`` run around every step (after the
-    finite check); ``timesteps`` replaces the schedule's grid (e.g. a sub-interval). ``check_finite`` and
-    ``check_inputs`` cost host syncs: turn them off inside CUDA-graph capture. Returns the final latents and
-    the calls made.
+    used for guidance is ``num_classes``). :func:`run_schedule` with the SiT family's :class:`CFGModelCalls`;
+    model inputs are cast to each model's parameter dtype. ``check_finite`` and ``check_inputs`` cost host syncs:
+    turn them off inside CUDA-graph capture. Returns the final latents and the calls made.
     """
-    if schedule.uses_refiner and refiner is None:
-        raise SamplingError(
-            f"schedule {schedule.notation} has R steps but no refiner was given; load a bundle with a refiner "
-            "or use a schedule without R (e.g. 'H8')"
-        )
+    check_refiner_present(schedule, refiner, "no refiner was given; load a bundle with a refiner or use a schedule "
+                          "without R (e.g. 'H8')")
     if noise.ndim != 4:
         raise SamplingError(f"noise must be (B, C, H, W), got shape {tuple(noise.shape)}")
     if check_inputs:  # a host sync: callers that capture CUDA graphs check the labels beforehand
         check_labels(labels, num_classes, noise.shape[0])
-    ops = solver_ops_for(schedule, noise.shape[1], kernel_backend)
-    ops.check_device(noise.device)
     calls = CFGModelCalls(predictor, refiner, labels, num_classes, schedule.guidance_scale != 1.0)
-    all_hooks: list[StepHooks] = [FiniteCheck(schedule.notation)] if check_finite else []
-    if callback is not None:
-        all_hooks.append(_CallbackHook(callback))
-    all_hooks.extend(hooks)
-    result = integrate(schedule, noise, calls, ops, hooks=all_hooks, timesteps=timesteps)
-    return SampleResult(result.x, result.predictor_calls, result.refiner_calls, result.timesteps)
+    return run_schedule(schedule, noise, calls, check_finite=check_finite, callback=callback, hooks=hooks,
+                        kernel_backend=kernel_backend, timesteps=timesteps)
 
 
 ADAPTIVE_METHODS = ("dopri5", "adaptive_heun", "bosh3")
@@ -356,6 +305,7 @@ __all__ = [
     "check_labels",
     "combine_guidance",
     "make_noise",
+    "run_schedule",
     "sample_adaptive",
     "sample_schedule",
     "sample_velocity_norm_rule",

@@ -34,6 +34,7 @@ from flowturbo.cliargs import (
     run_command,
 )
 from flowturbo.errors import FlowTurboError
+from flowturbo.families import diffusers_pipeline_class
 
 # (flag, dotted config paths, argparse kwargs)
 Option = tuple[str, tuple[str, ...], dict[str, Any]]
@@ -337,6 +338,11 @@ def check_inputs_exist(config: Any) -> None:
         if isinstance(value, str) and value and not os.path.exists(value):
             raise FlowTurboError(f"{flag} {value} not found; check the path (a run folder, a file, or for --vae a "
                                  "diffusers AutoencoderKL folder)")
+        pipeline = diffusers_pipeline_class(value) if flag == "--teacher" and isinstance(value, str) else None
+        if pipeline is not None:
+            raise FlowTurboError(f"{flag} {value} is a diffusers {pipeline} folder: training a refiner for a diffusers "
+                                 "text-to-image teacher is not supported yet; --teacher takes a `train predictor` run "
+                                 "or an official SiT checkpoint (sample the folder with `flowturbo sample --pipeline`)")
 
 
 def _locked_run_folder(out: str, command: str, wait: bool, resume: bool) -> contextlib.AbstractContextManager:

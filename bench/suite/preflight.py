@@ -193,6 +193,7 @@ def graph_check(device: Any, dry: bool, faults: Faults) -> dict[str, Any]:
     """A 16-step schedule of a tiny model through the Sampler's CUDA-graph path, replayed, against eager."""
     import torch
 
+    from flowturbo.families import ClassConditioning  # the sampler's batches take the family's conditioning
     from flowturbo.runtime.cuda_graphs import ReplayByCallBackend
     from flowturbo.runtime.pytorch_backend import TorchPipeline, make_noise
     from flowturbo.runtime.sampler import Sampler
@@ -210,8 +211,9 @@ def graph_check(device: Any, dry: bool, faults: Faults) -> dict[str, Any]:
     noise = make_noise(3, (4, 8, 8), 5, dtype=torch.float32, device=device)
     labels = torch.tensor([1, 4, 7], device=device)
     with torch.inference_mode():
-        want = eager._forward(schedule, noise, labels)[1]
-        runs = [graphed.graphs.run(("pre-flight", 3), lambda a, b: graphed._forward(schedule, a, b), (noise, labels))
+        want = eager._forward(schedule, noise, ClassConditioning(labels))[1]
+        runs = [graphed.graphs.run(("pre-flight", 3), lambda a, b: graphed._forward(schedule, a, ClassConditioning(b)),
+                                   (noise, labels))
                 for _ in range(3)]
     if not all(run.replayed for run in runs[1:]):
         raise RuntimeError(f"the graph was not replayed: {graphed.graphs.fallback_reason}")

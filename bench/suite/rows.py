@@ -182,6 +182,7 @@ def torch_rows(models: SuiteModels, dry: bool, device: Any, schedule: Any, wante
     """Rows (a)-(d): the PyTorch paths, all through flowturbo's Sampler / integrator."""
     import torch
 
+    from flowturbo.families import ClassConditioning  # the sampler's batches take the family's conditioning
     from flowturbo.runtime.sampler import Sampler
 
     fast_dtype = torch.float32 if dry else torch.bfloat16  # the interpreter computes bf16 wrongly
@@ -189,11 +190,12 @@ def torch_rows(models: SuiteModels, dry: bool, device: Any, schedule: Any, wante
     if "a" in wanted:
         sampler = Sampler(pipeline_for(models, torch.float32, "reference", device), cuda_graph=False)
         autocast = torch.autocast(device.type, dtype=torch.bfloat16 if dry else torch.float16)
-        rows["a"] = Row("a", lambda n, y, s=sampler: RowRun(*s._forward(schedule, n, y)), autocast=autocast,
+        rows["a"] = Row("a", lambda n, y, s=sampler: RowRun(*s._forward(schedule, n, ClassConditioning(y))),
+                        autocast=autocast,
                         describe=lambda: "fp32 weights, autocast " + ("bf16 (CPU)" if dry else "fp16"))
     if "b" in wanted:
         sampler = Sampler(pipeline_for(models, fast_dtype, "reference", device), cuda_graph=False)
-        rows["b"] = Row("b", lambda n, y, s=sampler: RowRun(*s._forward(schedule, n, y)),
+        rows["b"] = Row("b", lambda n, y, s=sampler: RowRun(*s._forward(schedule, n, ClassConditioning(y))),
                         describe=lambda s=sampler: s.describe_execution())
     for key, kernels, needs in (("c", "reference", ("graph",)), ("d", "triton", ("graph", "triton"))):
         if key not in wanted:
@@ -206,7 +208,8 @@ def torch_rows(models: SuiteModels, dry: bool, device: Any, schedule: Any, wante
         sampler = Sampler(pipe, cuda_graph=True, graph_backend=_graph_backend(device, faults))
 
         def run(n: Any, y: Any, s: Sampler = sampler) -> RowRun:
-            out = s.graphs.run((schedule.id, n.shape[0]), lambda a, b: s._forward(schedule, a, b), (n, y))
+            out = s.graphs.run((schedule.id, n.shape[0]), lambda a, b: s._forward(schedule, a, ClassConditioning(b)),
+                                 (n, y))
             return RowRun(out.outputs[0], out.outputs[1], out.replayed)
 
         def describe(s: Sampler = sampler, key: str = key) -> str:
@@ -305,11 +308,12 @@ def float64_reference(models: SuiteModels, device: Any, schedule: Any,
     reference ops, eager, float64 state — what every row is also checked against (``max_abs_diff_vs_f64``)."""
     import torch
 
+    from flowturbo.families import ClassConditioning
     from flowturbo.runtime.sampler import Sampler
 
     sampler = Sampler(pipeline_for(models, torch.float64, "reference", device), cuda_graph=False)
     with torch.inference_mode():
-        out = {batch: sampler._forward(schedule, noise.double(), labels)[1].cpu()
+        out = {batch: sampler._forward(schedule, noise.double(), ClassConditioning(labels))[1].cpu()
                for batch, (noise, labels) in inputs.items()}
     del sampler
     if device.type == "cuda":
