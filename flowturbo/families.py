@@ -261,6 +261,26 @@ class ModelFamily(Protocol):
         ...
 
 
+MAX_PROMPTS = 100_000  # per --prompts file: more is a mistake (each prompt is encoded and sampled)
+
+
+def read_prompts(path: str, flag: str = "--prompts") -> list[str]:
+    """One prompt per line of a UTF-8 file (surrounding blanks stripped, blank lines skipped); ``flag`` names it in
+    errors."""
+    try:
+        with open(path, encoding="utf-8") as handle:
+            prompts = [line.strip() for line in handle if line.strip()]
+    except UnicodeDecodeError:
+        raise FlowTurboError(f"{flag} {path} is not UTF-8 text; save it as UTF-8, one prompt per line") from None
+    except OSError as exc:
+        raise FlowTurboError(f"cannot read {flag} {path}: {exc.strerror or exc}") from None
+    if not prompts:
+        raise FlowTurboError(f"{flag} {path} holds no prompt; write one prompt per line")
+    if len(prompts) > MAX_PROMPTS:
+        raise FlowTurboError(f"{flag} {path} holds {len(prompts)} prompts, more than {MAX_PROMPTS}; split the file")
+    return prompts
+
+
 PIPELINE_INDEX = "model_index.json"  # what makes a folder a diffusers pipeline (its _class_name: the pipeline class)
 
 
@@ -303,4 +323,5 @@ __all__ = [
     "conditioning_mismatch",
     "diffusers_pipeline_class",
     "nearest_multiples",
+    "read_prompts",
 ]

@@ -254,23 +254,40 @@ def load_text_pipeline(
     kernel_backend: str | KernelBackend | None = None,
     max_sequence_length: int | None = None,
     before_weights: Any = None,
+    refiner: str | Path | None = None,
 ) -> TorchPipeline:
     """A diffusers text-to-image pipeline folder (a flow-matching pipeline class registered in
     :mod:`flowturbo.training.families`) as a :class:`TorchPipeline` whose family is the folder's adapter.
 
     ``dtype`` / ``kernel_backend`` ``None``: the device's fast-path defaults (as :func:`load_pipeline`);
     ``max_sequence_length``: T5 tokens per prompt (None: the pipeline's default); ``before_weights(family)``: called
-    with the adapter once the folder's configs are read, before any weights load (e.g. ``family.check_request``).
+    with the adapter once the folder's configs are read, before any weights load (e.g. ``family.check_request``);
+    ``refiner``: a token refiner trained for this pipeline (``train refiner --teacher DIR`` run or its
+    ``refiner.safetensors``), which R steps need.
     """
+    trained = None
+    if refiner is not None:
+        from flowturbo.training.token_refiner import read_token_refiner
+
+        trained = read_token_refiner(refiner)  # a bad file fails before the pipeline loads
     torch_device = resolve_device(device)
     model_dtype = resolve_dtype(dtype, torch_device)
     backend = resolve_kernel_backend(kernel_backend, torch_device)
+    def before(family: Any) -> None:
+        if trained is not None:
+            family.expect_refiner(trained, source=f"--refiner {refiner}")
+        if before_weights is not None:
+            before_weights(family)
+
     family = load_family(folder, device=torch_device, dtype=model_dtype, max_sequence_length=max_sequence_length,
-                         before_weights=before_weights)
+                         before_weights=before)
+    if trained is not None:
+        family.attach_refiner(trained, kernel_backend=backend, source=f"--refiner {refiner}")
     defaults = family.defaults
     return TorchPipeline(
         predictor=family.transformer,
-        refiner=None,
+        refiner=family.refiner,
+        refiner_dt=None if trained is None else trained.dt,
         decoder=family.decoder,
         num_classes=0,
         latent_shape=family.latent_shape(),

@@ -103,7 +103,8 @@ class Sampler:
                       **kwargs: Any) -> "Sampler":
         """Load a diffusers flow-matching text-to-image pipeline folder as the Hub downloads it (the pipeline classes
         :mod:`flowturbo.training.families` registers: SD3 / SD3.5, FLUX.1); see ``load_text_pipeline`` (``device``,
-        ``dtype``, ``kernel_backend``, ``max_sequence_length``). Sample with ``sample(prompts=[...])``.
+        ``dtype``, ``kernel_backend``, ``max_sequence_length``, ``refiner``: a token refiner trained for this folder,
+        which schedules with R steps need). Sample with ``sample(prompts=[...])``.
 
         ``cuda_graph`` defaults to off here: capturing a diffusers transformer in a CUDA graph has not been verified
         on a GPU yet (pass ``cuda_graph=True`` to try; a failed capture falls back step by step with a warning)."""

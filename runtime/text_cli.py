@@ -14,13 +14,12 @@ from typing import Any
 
 from flowturbo.cliargs import Number, input_path, int_in
 from flowturbo.errors import FlowTurboError
-from flowturbo.families import ImageSize
+from flowturbo.families import ImageSize, read_prompts
 
 MAX_SEQUENCE_LENGTH = 512  # the diffusers pipelines refuse longer T5 sequences
-MAX_PROMPTS = 100_000  # per --prompts file: more is a mistake (each prompt is encoded and sampled)
 NAME_CHARS = 40  # characters of a prompt in its images' file names
 TEXT_FLAGS = ("--prompt", "--prompts", "--negative-prompt", "--guidance", "--size", "--max-sequence-length")
-MODEL_FLAGS = ("--model", "--predictor", "--refiner", "--vae", "--decoder", "--checkpoint-entry", "--artifacts")
+MODEL_FLAGS = ("--model", "--predictor", "--vae", "--decoder", "--checkpoint-entry", "--artifacts")
 
 
 def add_text_arguments(p: argparse.ArgumentParser) -> None:
@@ -64,8 +63,9 @@ def check_text_args(args: argparse.Namespace, *, distributed: bool = False) -> N
                              "--prompt TEXT or --prompts FILE")
     other = _given(args, MODEL_FLAGS)
     if other or args.backend != "pytorch":
-        raise FlowTurboError(f"--pipeline holds the whole model; drop {other[0] if other else '--backend'} (exported "
-                             "text-to-image models are not supported yet)")
+        raise FlowTurboError(f"--pipeline holds the whole model (with --refiner: a refiner trained for it); drop "
+                             f"{other[0] if other else '--backend'} (exported text-to-image models are not supported "
+                             "yet)")
     if distributed:
         raise FlowTurboError("--pipeline runs in one process for now; run it without torchrun")
     if args.prompt is None and args.prompts is None:
@@ -77,22 +77,6 @@ def check_text_args(args: argparse.Namespace, *, distributed: bool = False) -> N
     if args.size is not None:
         ImageSize.parse(args.size)
     requests(args)  # reads --prompts and applies --num-images: a bad file or count fails now
-
-
-def read_prompts(path: str) -> list[str]:
-    """One prompt per line of a UTF-8 file (surrounding blanks stripped, blank lines skipped)."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            prompts = [line.strip() for line in handle if line.strip()]
-    except UnicodeDecodeError:
-        raise FlowTurboError(f"--prompts {path} is not UTF-8 text; save it as UTF-8, one prompt per line") from None
-    except OSError as exc:
-        raise FlowTurboError(f"cannot read --prompts {path}: {exc.strerror or exc}") from None
-    if not prompts:
-        raise FlowTurboError(f"--prompts {path} holds no prompt; write one prompt per line")
-    if len(prompts) > MAX_PROMPTS:
-        raise FlowTurboError(f"--prompts {path} holds {len(prompts)} prompts, more than {MAX_PROMPTS}; split the file")
-    return prompts
 
 
 def requests(args: argparse.Namespace) -> list[str]:
@@ -126,6 +110,7 @@ def load_text_sampler(args: argparse.Namespace, schedule_of: Any) -> Any:
 
     return Sampler.from_pipeline(args.pipeline, device=args.device, dtype=args.dtype, kernel_backend=args.kernels,
                                  max_sequence_length=args.max_sequence_length, before_weights=check,
+                                 refiner=args.refiner,
                                  cuda_graph=False if args.no_cuda_graph else None)
 
 

@@ -332,24 +332,27 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = TIMESTEP_M
     return embedding
 
 
-def sincos_pos_embed_2d(embed_dim: int, grid_size: int, max_period: float = POS_EMBED_MAX_PERIOD) -> torch.Tensor:
-    """MAE/DiT fixed 2-D sin-cos position embedding, (grid_size**2, embed_dim) float32.
+def sincos_pos_embed_2d(embed_dim: int, grid_size: int, max_period: float = POS_EMBED_MAX_PERIOD, *,
+                        grid_width: int | None = None) -> torch.Tensor:
+    """MAE/DiT fixed 2-D sin-cos position embedding, (grid_size * grid_width, embed_dim) float32.
 
-    Token ``k = i * grid_size + j`` (row i, column j) gets ``[sin(j w), cos(j w), sin(i w), cos(i w)]``
+    Token ``k = i * grid_width + j`` (row i, column j) gets ``[sin(j w), cos(j w), sin(i w), cos(i w)]``
     with ``w_m = max_period ** (-m / (embed_dim / 4))``, computed in float64 like the official code.
+    ``grid_width`` (None: square, ``grid_size``) gives rectangular grids of ``grid_size`` rows.
     """
     if embed_dim % 4:
         raise FlowTurboError(f"2-D sin-cos position embedding needs embed_dim % 4 == 0, got {embed_dim}")
     quarter = embed_dim // 4
     omega = 1.0 / max_period ** (torch.arange(quarter, dtype=torch.float64) / quarter)  # (D/4,)
-    coords = torch.arange(grid_size, dtype=torch.float64)
-    rows, cols = torch.meshgrid(coords, coords, indexing="ij")  # (G, G) each
+    rows, cols = torch.meshgrid(torch.arange(grid_size, dtype=torch.float64),
+                                torch.arange(grid_size if grid_width is None else grid_width, dtype=torch.float64),
+                                indexing="ij")  # (G, W) each
 
     def one_axis(pos: torch.Tensor) -> torch.Tensor:
-        out = pos.reshape(-1)[:, None] * omega[None]  # (G*G, D/4)
-        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (G*G, D/2)
+        out = pos.reshape(-1)[:, None] * omega[None]  # (G*W, D/4)
+        return torch.cat([torch.sin(out), torch.cos(out)], dim=1)  # (G*W, D/2)
 
-    return torch.cat([one_axis(cols), one_axis(rows)], dim=1).float()  # (G*G, D)
+    return torch.cat([one_axis(cols), one_axis(rows)], dim=1).float()  # (G*W, D)
 
 
 class PatchEmbed(nn.Module):

@@ -186,6 +186,36 @@ REFINER_CACHE_OPTIONS: list[Option] = [
 ]
 
 
+# A diffusers text-to-image teacher (training.trainers.text_refiner.TextRefinerTrainConfig): `train refiner
+# --teacher PIPELINE_FOLDER --prompts FILE` samples its own training states. Flags of the SiT teacher's data
+# (--dataset, --autoencoder, ...) do not apply to it, nor these to a SiT teacher: each is refused with the other.
+TEXT_REFINER_OPTIONS: list[Option] = [
+    ("--prompts", ("prompts",),
+     dict(type=input_path("--prompts"), help="text-to-image teacher: a UTF-8 file of prompts, one per line, that the "
+                                             "teacher samples its training trajectories from")),
+    ("--negative-prompt", ("negative_prompt",), dict(help="text-to-image teacher: the negative prompt of its CFG")),
+    ("--size", ("size",), dict(help="text-to-image teacher: image size WIDTHxHEIGHT of the trajectories (default: "
+                                    "the model's)")),
+    ("--cfg", ("cfg",), dict(type=GUIDANCE_SCALE, help="text-to-image teacher: the CFG scale of the velocity the "
+                                                       "refiner corrects (default: the model's, SD3 7)")),
+    ("--guidance", ("guidance",), dict(type=NON_NEGATIVE, help="text-to-image teacher: FLUX.1-dev's distilled "
+                                                               "guidance value (default 3.5)")),
+    ("--max-sequence-length", ("max_sequence_length",), dict(type=POSITIVE_INT, help="text-to-image teacher: T5 "
+                                                                                     "tokens per prompt")),
+    ("--fine-steps", ("trajectories.fine_steps",),
+     dict(type=POSITIVE_INT, help="text-to-image teacher: Heun steps of the fine grid it samples (default 32)")),
+    ("--trajectories-per-prompt", ("trajectories.per_prompt",),
+     dict(type=POSITIVE_INT, help="text-to-image teacher: noise draws per prompt (default 4)")),
+    ("--trajectory-batch", ("trajectories.batch",),
+     dict(type=POSITIVE_INT, help="text-to-image teacher: trajectories sampled at once")),
+    ("--refiner-width", ("hidden_size",),
+     dict(type=POSITIVE_INT, help="text-to-image teacher: the refiner block's width (default: the teacher's)")),
+    ("--refiner-heads", ("num_heads",),
+     dict(type=POSITIVE_INT, help="text-to-image teacher: attention heads (default: the teacher's)")),
+]
+SIT_ONLY_REFINER_FLAGS = ("--teacher-model", "--trust-pickle", "--label-dropout", "--init-from")
+
+
 # --------------------------------------------------------------------------------------- config glue
 def replace_paths(config: Any, updates: dict[str, Any]) -> Any:
     """``dataclasses.replace`` of several dotted paths of nested frozen dataclasses, one ``replace`` per dataclass
@@ -338,11 +368,10 @@ def check_inputs_exist(config: Any) -> None:
         if isinstance(value, str) and value and not os.path.exists(value):
             raise FlowTurboError(f"{flag} {value} not found; check the path (a run folder, a file, or for --vae a "
                                  "diffusers AutoencoderKL folder)")
-        pipeline = diffusers_pipeline_class(value) if flag == "--teacher" and isinstance(value, str) else None
-        if pipeline is not None:
-            raise FlowTurboError(f"{flag} {value} is a diffusers {pipeline} folder: training a refiner for a diffusers "
-                                 "text-to-image teacher is not supported yet; --teacher takes a `train predictor` run "
-                                 "or an official SiT checkpoint (sample the folder with `flowturbo sample --pipeline`)")
+        if flag == "--teacher" and isinstance(value, str) and value and hasattr(config, "prompts"):
+            from flowturbo.training.families import recognize_pipeline
+
+            recognize_pipeline(value, flag)  # a folder that is not a supported pipeline: one error naming it
 
 
 def _locked_run_folder(out: str, command: str, wait: bool, resume: bool) -> contextlib.AbstractContextManager:
@@ -355,6 +384,51 @@ def _locked_run_folder(out: str, command: str, wait: bool, resume: bool) -> cont
     from flowturbo.fileio import owned_run_folder
 
     return owned_run_folder(out, command=command, wait=wait, what="training run folder", check_owned=not resume)
+
+
+def _refiner_command(sit: Callable[[argparse.Namespace], int], text: Callable[[argparse.Namespace], int],
+                     sit_opts: Sequence[Option], text_opts: Sequence[Option]) -> Callable[[argparse.Namespace], int]:
+    """``train refiner``: the SiT trainer, or the text-to-image one when ``--teacher`` is a diffusers pipeline folder
+    (or a resumed run says it is one); flags of the other kind are refused naming the teacher."""
+
+    def given(args: argparse.Namespace, options: Sequence[Option]) -> list[str]:
+        return [flag for flag, paths, _ in options if getattr(args, _dest(paths), None) is not None]
+
+    def run(args: argparse.Namespace) -> int:
+        teacher = getattr(args, _dest(("teacher",)), None)
+        if teacher is not None:
+            is_text = diffusers_pipeline_class(teacher) is not None
+        else:  # resuming a run (or a --config): its saved settings say which trainer
+            saved = args.config or (str(Path(str(args.out)) / "config.json") if args.resume else None)
+            is_text = _saved_kind(saved) == "text-to-image"
+        if args.preset is not None:
+            from flowturbo.training.trainers.text_refiner import TEXT_REFINER_TRAIN_PRESETS
+
+            if is_text and args.preset not in TEXT_REFINER_TRAIN_PRESETS:
+                raise FlowTurboError(f"--preset {args.preset} is a SiT-teacher preset; a text-to-image teacher takes "
+                                     f"{' or '.join(sorted(TEXT_REFINER_TRAIN_PRESETS))}")
+        wrong = given(args, sit_opts if is_text else text_opts)
+        other = {flag for flag, _, _ in (text_opts if is_text else sit_opts)}
+        wrong = [flag for flag in wrong if flag not in other]
+        if wrong:
+            what = ("a text-to-image teacher (a diffusers pipeline folder)" if is_text else
+                    "a SiT teacher (a `train predictor` run or an official checkpoint)")
+            raise FlowTurboError(f"{wrong[0]} does not apply to {what}; drop it")
+        return (text if is_text else sit)(args)
+
+    return run
+
+
+def _saved_kind(path: str | None) -> str | None:
+    """The ``kind`` of a saved trainer config (a run folder's config.json or a --config file), if it names one."""
+    if path is None or not os.path.isfile(path):
+        return None
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return None
+    data = data.get("config", data) if isinstance(data, dict) else None
+    return data.get("kind") if isinstance(data, dict) else None
 
 
 def _run_package(args: argparse.Namespace) -> int:
@@ -381,6 +455,7 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
         AUTOENCODER_TRAIN_PRESETS,
         PREDICTOR_TRAIN_PRESETS,
         REFINER_TRAIN_PRESETS,
+        TEXT_REFINER_TRAIN_PRESETS,
     )
 
     train = subparsers.add_parser("train", help="train the autoencoder, a predictor or a refiner; package a bundle")
@@ -413,8 +488,10 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
     ref_opts = (REFINER_OPTIONS + REFINER_DT_OPTIONS + REFINER_CACHE_OPTIONS + latent_image_opts + LATENT_OPTIONS
                 + _loop_options() + RUNTIME_OPTIONS)
-    p = sub.add_parser("refiner", help="a FlowTurbo velocity refiner against a frozen predictor")
-    _add_run_group(p, REFINER_TRAIN_PRESETS)
+    p = sub.add_parser("refiner", help="a FlowTurbo velocity refiner against a frozen predictor (SiT) or a diffusers "
+                                       "text-to-image pipeline folder (SD3 / FLUX.1: trained on its own trajectories)")
+    _add_run_group(p, {**REFINER_TRAIN_PRESETS, **{k: v for k, v in TEXT_REFINER_TRAIN_PRESETS.items()
+                                                   if k not in REFINER_TRAIN_PRESETS}})
     _add_options(p, "refiner", REFINER_OPTIONS)
     _add_options(p, "step sizes (dt)", REFINER_DT_OPTIONS)
     _add_options(p, "teacher cache", REFINER_CACHE_OPTIONS)
@@ -422,7 +499,14 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     _add_options(p, "latents", LATENT_OPTIONS)
     _add_options(p, "optimisation", _loop_options())
     _add_options(p, "runtime", RUNTIME_OPTIONS)
-    p.set_defaults(handler=_trainer_command("RefinerTrainConfig", "REFINER_TRAIN_PRESETS", "train_refiner", ref_opts))
+    _add_options(p, "text-to-image teacher (--teacher a diffusers flow-matching pipeline folder, e.g. SD3 / FLUX.1)",
+                 TEXT_REFINER_OPTIONS)
+    sit_refiner = _trainer_command("RefinerTrainConfig", "REFINER_TRAIN_PRESETS", "train_refiner", ref_opts)
+    text_opts = ([o for o in REFINER_OPTIONS if o[0] not in SIT_ONLY_REFINER_FLAGS] + REFINER_DT_OPTIONS
+                 + REFINER_CACHE_OPTIONS + TEXT_REFINER_OPTIONS + _loop_options() + RUNTIME_OPTIONS)
+    text_refiner = _trainer_command("TextRefinerTrainConfig", "TEXT_REFINER_TRAIN_PRESETS", "train_text_refiner",
+                                    text_opts)
+    p.set_defaults(handler=_refiner_command(sit_refiner, text_refiner, ref_opts, text_opts))
 
     p = sub.add_parser("package", help="assemble predictor + refiner + decoder + encoder (EMA weights) into a bundle")
     g = p.add_argument_group("parts")

@@ -119,7 +119,7 @@ def _refused(capsys, folder, out, *args, needles=()):
     ("sd3", ["--classes", "1", "--prompt", "x"], ["--classes is for class-conditional models", "--prompt"]),
     ("sd3", ["--prompt", "x", "--size", "30x30"], ["28x28", "32x32", "not a multiple of 4"]),
     ("sd3", ["--prompt", "x", "--size", "68x40"], ["larger than", "at most 64 pixels a side"]),
-    ("sd3", ["--prompt", "x", "--schedule", "H2P2R2"], ["R steps", "no refiner exists yet", "E28"]),
+    ("sd3", ["--prompt", "x", "--schedule", "H2P2R2"], ["R steps", "need a velocity refiner", "--refiner RUN", "E28"]),
     ("sd3", ["--prompt", "x", "--guidance", "3"], ["no guidance embedding", "--cfg"]),
     ("flux_dev", ["--prompt", "x", "--cfg", "4"], ["guidance-distilled", "--guidance G (default 3.5)"]),
     ("flux_schnell", ["--prompt", "x", "--cfg", "2"], ["takes no guidance", "--negative-prompt"]),
@@ -166,11 +166,13 @@ def test_pipeline_on_other_commands_is_not_supported_yet(tiny_pipelines, tmp_pat
     assert not (tmp_path / "x").exists()
 
 
-def test_train_refiner_with_a_diffusers_teacher_is_not_supported_yet(tiny_pipelines, tmp_path, capsys):
+def test_train_refiner_with_a_diffusers_teacher_needs_prompts(tiny_pipelines, tmp_path, capsys):
+    """A diffusers teacher samples its own training states: without --prompts, one line saying so (the training itself
+    is tests/training/test_text_refiner.py)."""
     out = tmp_path / "ref"
     assert main(["train", "refiner", "--preset", "tiny", "--teacher", str(tiny_pipelines["flux_dev"]),
                  "--out", str(out)]) == 2
-    one_error_line(capsys, "diffusers FluxPipeline folder", "not supported yet", "flowturbo sample --pipeline")
+    one_error_line(capsys, "samples its own training states from prompts", "--prompts FILE")
     assert not out.exists()
 
 

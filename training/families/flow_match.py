@@ -221,13 +221,16 @@ class FlowMatchCalls:
 
     ``predictor(x, t)`` runs the transformer at ``sigma = 1 - t`` on ``[x; x]`` with ``[prompt; negative]`` when the
     schedule guides (the solver ops combine the halves), on ``x`` alone otherwise, and returns ``-model_output``
-    (flowturbo's velocity). There is no refiner for these models yet.
+    (flowturbo's velocity). ``refiner(x, t, v, dt)`` runs the family's token refiner (when one is attached:
+    :meth:`FlowMatchFamily.attach_refiner`) on the *guided* carried velocity and the prompts' pooled embeddings: B
+    rows, which the solver ops take as already guided (``flowturbo.training.token_refiner``).
     """
 
     def __init__(self, family: "FlowMatchFamily", conditioning: TextConditioning, doubled: bool) -> None:
         self.family = family
         self.doubled = bool(doubled)
         self.inputs = family.transformer_inputs(conditioning, self.doubled)
+        self.pooled = conditioning.prompt.pooled  # (B, P): the refiner's text conditioning
 
     def predictor(self, x: torch.Tensor, t: float) -> torch.Tensor:
         """Raw velocity at (x, t): (M, C, h, w), M = 2B ([cond; uncond]) or B."""
@@ -236,7 +239,18 @@ class FlowMatchCalls:
         return self.family.transformer_output(xx, sigma, self.inputs).neg()  # v = -model_output
 
     def refiner(self, x: torch.Tensor, t: float, v: torch.Tensor, dt: float) -> torch.Tensor:
-        raise SamplingError(f"{self.family.name} models have no velocity refiner yet; use a schedule without R steps")
+        """The refiner's offset at (x, t) for the carried guided velocity ``v`` of age ``dt``: (B, C, h, w)."""
+        refiner = self.family.refiner
+        if refiner is None:
+            raise SamplingError(f"this {self.family.description} model has no velocity refiner; pass one (--refiner "
+                                "RUN) or use a schedule without R steps")
+        b = x.shape[0]
+        weight = next(refiner.parameters())
+        time = torch.full((b,), float(t), dtype=torch.float32, device=x.device)  # (B,)
+        age = torch.full((b,), float(dt), dtype=torch.float32, device=x.device) if refiner.takes_dt else None
+        with torch.no_grad():
+            out = refiner(x.to(weight.dtype), time, v.to(weight.dtype), self.pooled, age)  # (B, C, h, w)
+        return out.to(x.dtype)
 
 
 # ----------------------------------------------------------------------------------------------- helpers
@@ -336,6 +350,8 @@ class FlowMatchFamily:
         vae_config = folder.model_config("vae", AutoencoderKL)
         self.vae_scale_factor = 2 ** (len(vae_config["block_out_channels"]) - 1)  # as the pipelines compute it
         self.max_sequence_length = int(max_sequence_length or self.default_max_sequence_length)
+        self.refiner: Any = None  # a TokenRefiner (attach_refiner), or None
+        self.refiner_record: Any = None  # its TokenRefinerRecord
 
     @classmethod
     def _transformer_type(cls) -> Any:
@@ -408,6 +424,55 @@ class FlowMatchFamily:
         with quiet_diffusers():
             return pipe.to(device=device, dtype=dtype)
 
+    def attach_refiner(self, trained: Any, *, kernel_backend: Any = None, source: str = "--refiner") -> None:
+        """Give the loaded adapter a token refiner (a :class:`~flowturbo.training.token_refiner.TrainedTokenRefiner`)
+        trained for this teacher (:meth:`expect_refiner`'s checks), built on the transformer's device and dtype."""
+        self.expect_refiner(trained, source=source)
+        backend = "reference" if kernel_backend is None else kernel_backend
+        self.refiner = trained.build(self.device, self.dtype, backend)
+
+    def expect_refiner(self, trained: Any, *, source: str = "--refiner") -> None:
+        """Check a token refiner against this teacher from the configs alone (before any weights load): the pipeline
+        class, the transformer's architecture, the latent channels and patch must match (a refiner of another model
+        is refused naming the difference); then requests are checked as with the refiner (R steps, its CFG)."""
+        from flowturbo.training.token_refiner import transformer_digest
+
+        record, config = trained.record, trained.config
+        mine = transformer_digest(self.transformer_config)
+        if record.pipeline_class != self.folder.class_name or record.transformer_digest != mine:
+            raise CheckpointError(f"{source}: this refiner was trained for a {record.pipeline_class} whose "
+                                  f"transformer config digest is {record.transformer_digest} ({record.pipeline}); "
+                                  f"{self.folder.path} is a {self.folder.class_name} with digest {mine}: train a "
+                                  "refiner for this model (`flowturbo train refiner --teacher DIR --prompts FILE`)")
+        if config.latent_channels != self.latent_channels or config.patch_size != self.patch:
+            raise CheckpointError(f"{source}: the refiner works on {config.latent_channels}-channel latents in "
+                                  f"{config.patch_size}x{config.patch_size} patches; this model has "
+                                  f"{self.latent_channels} channels and {self.patch}x{self.patch} patches")
+        self.refiner_record = record
+
+    def sigma_rows(self, sigma: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """``sigma`` as (M,) float64 rows for a batch ``x`` of M rows: one float for every row, or one per row."""
+        if isinstance(sigma, torch.Tensor):
+            if sigma.shape != (x.shape[0],):
+                raise SamplingError(f"per-row sigmas must be ({x.shape[0]},), got {tuple(sigma.shape)}")
+            return sigma.to(device=x.device, dtype=torch.float64)
+        return torch.full((x.shape[0],), float(sigma), dtype=torch.float64, device=x.device)
+
+    def guided_velocity(self, x: torch.Tensor, t: torch.Tensor, conditioning: TextConditioning,
+                        cfg: float) -> torch.Tensor:
+        """The teacher's guided velocity (flowturbo's convention) at per-row times ``t`` (B,) on latents x
+        (B, C, h, w): ``u + cfg (c - u)`` over ``[prompt; negative]`` when ``cfg != 1``, the conditional output
+        otherwise (a distilled guidance value is in the conditioning). What the token refiner learns to correct."""
+        doubled = cfg != 1.0
+        inputs = self.transformer_inputs(conditioning, doubled)
+        sigma = 1.0 - t.to(torch.float64)  # (B,)
+        xx, ss = (torch.cat([x, x]), torch.cat([sigma, sigma])) if doubled else (x, sigma)
+        out = self.transformer_output(xx, ss, inputs).float().neg()  # (M, C, h, w)
+        if not doubled:
+            return out
+        cond, uncond = out.chunk(2)
+        return uncond + cfg * (cond - uncond)
+
     # --------------------------------------------------------------------------------- family-specific
     def encode(self, prompts: list[str]) -> PromptEmbeddings:
         """The embeddings of distinct prompts (rows in order), computed once (no_grad, the models' dtype)."""
@@ -463,16 +528,26 @@ class FlowMatchFamily:
                                     self.linspace_sigmas)
 
     def check_schedule(self, schedule: SamplingSchedule) -> None:
-        """R steps need a refiner (none exists for these models yet); CFG guides every latent channel."""
+        """R steps need a refiner (:meth:`attach_refiner`); CFG guides every latent channel."""
         if schedule.guidance_channels is not None:
             raise SamplingError(f"--guidance-channels {schedule.guidance_channels}: partial-channel CFG is the "
                                 f"official SiT checkpoints' rule; {self.description} models guide every latent channel (drop "
                                 "--guidance-channels)")
-        if schedule.uses_refiner:
+        if schedule.uses_refiner and self.refiner_record is None:
             raise SamplingError(
-                f"schedule {schedule.notation} has R steps, which need a velocity refiner, and no refiner exists yet "
-                f"for {self.description} models (training one on the teacher's own trajectories is planned); use H, "
-                f"P and E steps, e.g. H2P4 or {self.defaults.schedule} (the pipeline's default)")
+                f"schedule {schedule.notation} has R steps, which need a velocity refiner: pass one trained for this "
+                f"model (--refiner RUN, from `flowturbo train refiner --teacher {self.folder.path} --prompts FILE`), or "
+                f"use H, P and E steps, e.g. H2P4 or {self.defaults.schedule} (the pipeline's default)")
+        if schedule.uses_refiner:
+            self._check_refiner_guidance(schedule)
+
+    def _check_refiner_guidance(self, schedule: SamplingSchedule) -> None:
+        """A refiner corrects the velocity of one guidance setting: another CFG scale is refused."""
+        record = self.refiner_record
+        if abs(schedule.guidance_scale - record.cfg) > 1e-9:
+            raise SamplingError(f"the refiner was trained on the teacher's velocity at CFG {record.cfg:g}; schedule "
+                                f"{schedule.notation} asks for CFG {schedule.guidance_scale:g}: sample with --cfg "
+                                f"{record.cfg:g}, or train a refiner at this scale (--cfg at training)")
 
     def check_request(self, schedule: SamplingSchedule, *, size: ImageSize | None = None,
                       negative: str | Sequence[str] | None = None, guidance: float | None = None) -> None:
@@ -555,6 +630,12 @@ class FlowMatchFamily:
         doubled = schedule.guidance_scale != 1.0
         if doubled and conditioning.negative is None:
             raise SamplingError("CFG needs the negative prompts' embeddings: condition the request with the schedule")
+        record = self.refiner_record
+        if schedule.uses_refiner and record is not None and record.guidance is not None and \
+                conditioning.guidance is not None and abs(conditioning.guidance - record.guidance) > 1e-9:
+            raise SamplingError(f"the refiner was trained on the teacher's velocity at --guidance {record.guidance:g}; "
+                                f"this request asks for {conditioning.guidance:g}: sample with --guidance "
+                                f"{record.guidance:g}, or train a refiner at this value")
         return FlowMatchCalls(self, conditioning, doubled)
 
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -567,7 +648,9 @@ class FlowMatchFamily:
                 "conditioning": self.conditioning_kind.value, "guidance_rule": self.guidance_rule.value,
                 "defaults": self.defaults.to_dict(), "max_sequence_length": self.max_sequence_length,
                 "vae_scale_factor": self.vae_scale_factor, "latent_channels": self.latent_channels,
-                "default_size": str(self.default_size())}
+                "default_size": str(self.default_size()),
+                "refiner": None if self.refiner is None else {"config": self.refiner.config.to_dict(),
+                                                              "trained_for": self.refiner_record.to_dict()}}
 
 
 __all__ = [

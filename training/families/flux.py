@@ -104,13 +104,13 @@ class FluxFamily(FlowMatchFamily):
                                             device=embeds.device)
         return inputs
 
-    def transformer_output(self, x: torch.Tensor, sigma: float, inputs: dict[str, Any]) -> torch.Tensor:
+    def transformer_output(self, x: torch.Tensor, sigma: float | torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
         _, _, height, width = x.shape
         ids = self._ids.get((height, width))
         if ids is None:
             ids = self._ids[(height, width)] = image_ids(height, width, x.device, self.dtype)  # (h/2 * w/2, 3)
-        timestep = torch.full((x.shape[0],), sigma * self.num_train_timesteps, dtype=torch.float32,
-                              device=x.device).to(self.dtype) / 1000  # the pipeline's t.to(dtype) / 1000
+        timestep = (self.sigma_rows(sigma, x) * self.num_train_timesteps).float()  # (M,) float32(sigma * 1000)
+        timestep = timestep.to(self.dtype) / 1000  # the pipeline's t.to(dtype) / 1000
         out = self.transformer(hidden_states=pack_latents(x.to(self.dtype)), timestep=timestep, img_ids=ids,
                                return_dict=False, **inputs)[0]  # (M, h/2 * w/2, 4C)
         return unpack_latents(out, height, width)  # (M, C, h, w)

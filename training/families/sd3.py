@@ -71,9 +71,9 @@ class SD3Family(FlowMatchFamily):
         pooled = torch.cat([prompt.pooled, negative.pooled]) if doubled else prompt.pooled  # (M, P)
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
 
-    def transformer_output(self, x: torch.Tensor, sigma: float, inputs: dict[str, Any]) -> torch.Tensor:
-        timestep = torch.full((x.shape[0],), sigma * self.num_train_timesteps, dtype=torch.float32,
-                              device=x.device)  # (M,) float32(sigma * 1000), as the scheduler's timesteps
+    def transformer_output(self, x: torch.Tensor, sigma: float | torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
+        timestep = self.sigma_rows(sigma, x) * self.num_train_timesteps  # (M,) float64
+        timestep = timestep.float()  # float32(sigma * 1000), as the scheduler's timesteps
         return self.transformer(hidden_states=x.to(self.dtype), timestep=timestep, return_dict=False,
                                 **inputs)[0]  # (M, C, h, w)
 
