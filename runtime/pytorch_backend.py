@@ -246,6 +246,18 @@ def load_pipeline(
     )
 
 
+def text_bundle_settings(folder: str | Path | None) -> dict[str, Any] | None:
+    """None unless ``folder`` is a text bundle (``train package --refiner`` of a refiner for a diffusers teacher:
+    :mod:`flowturbo.training.text_bundle`); else its ``pipeline`` folder, ``refiner`` weights and ``defaults``
+    (the pipeline it points at must still be there: named if not)."""
+    from flowturbo.training.text_bundle import bundle_defaults, is_text_bundle, read_text_bundle
+
+    if not is_text_bundle(folder):
+        return None
+    bundle = read_text_bundle(folder)  # type: ignore[arg-type]
+    return {"pipeline": str(bundle.pipeline), "refiner": str(bundle.refiner), "defaults": bundle_defaults(bundle)}
+
+
 def load_text_pipeline(
     folder: str | Path,
     *,
@@ -255,6 +267,7 @@ def load_text_pipeline(
     max_sequence_length: int | None = None,
     before_weights: Any = None,
     refiner: str | Path | None = None,
+    defaults: dict[str, Any] | None = None,
 ) -> TorchPipeline:
     """A diffusers text-to-image pipeline folder (a flow-matching pipeline class registered in
     :mod:`flowturbo.training.families`) as a :class:`TorchPipeline` whose family is the folder's adapter.
@@ -263,7 +276,8 @@ def load_text_pipeline(
     ``max_sequence_length``: T5 tokens per prompt (None: the pipeline's default); ``before_weights(family)``: called
     with the adapter once the folder's configs are read, before any weights load (e.g. ``family.check_request``);
     ``refiner``: a token refiner trained for this pipeline (``train refiner --teacher DIR`` run or its
-    ``refiner.safetensors``), which R steps need.
+    ``refiner.safetensors``), which R steps need; ``defaults``: family defaults to override (a text bundle's
+    schedule, CFG and guidance).
     """
     trained = None
     if refiner is not None:
@@ -274,6 +288,8 @@ def load_text_pipeline(
     model_dtype = resolve_dtype(dtype, torch_device)
     backend = resolve_kernel_backend(kernel_backend, torch_device)
     def before(family: Any) -> None:
+        if defaults:
+            family.defaults = dataclasses.replace(family.defaults, **defaults)
         if trained is not None:
             family.expect_refiner(trained, source=f"--refiner {refiner}")
         if before_weights is not None:

@@ -52,6 +52,7 @@ from flowturbo.runtime.pytorch_backend import (
     load_text_pipeline,
     make_noise,
     run_schedule,
+    text_bundle_settings,
 )
 from flowturbo.runtime.results import Samples, StageTimes
 from flowturbo.schedule import SamplingSchedule
@@ -94,6 +95,11 @@ class Sampler:
                     **kwargs: Any) -> "Sampler":
         """Load a bundle folder (None: the embedded default) or official checkpoints; see ``load_pipeline``
         (``device``, ``dtype``, ``kernel_backend``, ``checkpoint_entry``, ...)."""
+        text = text_bundle_settings(model)
+        if text is not None:  # a refiner packaged for a diffusers pipeline folder: that folder + the refiner
+            return cls.from_pipeline(text["pipeline"], cuda_graph=cuda_graph, graph_backend=graph_backend,
+                                     graph_batch=graph_batch, refiner=text["refiner"], defaults=text["defaults"],
+                                     **kwargs)
         return cls(load_pipeline(model, **kwargs), cuda_graph=cuda_graph, graph_backend=graph_backend,
                    graph_batch=graph_batch)
 

@@ -49,8 +49,27 @@ def _given(args: argparse.Namespace, flags: tuple[str, ...]) -> list[str]:
     return [flag for flag in flags if getattr(args, flag.lstrip("-").replace("-", "_"), None) is not None]
 
 
+def resolve_text_bundle(args: argparse.Namespace) -> None:
+    """``--model BUNDLE`` naming a text bundle (a refiner packaged for a diffusers pipeline folder) is that folder
+    (``--pipeline``) with the bundle's refiner (``--refiner``) and defaults (``args.text_defaults``)."""
+    args.text_defaults = None
+    if getattr(args, "model", None) is None:
+        return
+    from flowturbo.runtime.pytorch_backend import text_bundle_settings
+
+    text = text_bundle_settings(args.model)
+    if text is None:
+        return
+    if args.pipeline is not None or args.refiner is not None:
+        raise FlowTurboError(f"--model {args.model} is a text bundle: it names its pipeline folder and holds its refiner; "
+                             "drop --pipeline / --refiner")
+    args.pipeline, args.refiner, args.model = text["pipeline"], text["refiner"], None
+    args.text_defaults = text["defaults"]
+
+
 def check_text_args(args: argparse.Namespace, *, distributed: bool = False) -> None:
     """Refuse text flags that do not fit together, before anything is loaded (one ``error:`` line each)."""
+    resolve_text_bundle(args)
     if args.pipeline is None:
         text = _given(args, TEXT_FLAGS)
         if text:
@@ -110,7 +129,7 @@ def load_text_sampler(args: argparse.Namespace, schedule_of: Any) -> Any:
 
     return Sampler.from_pipeline(args.pipeline, device=args.device, dtype=args.dtype, kernel_backend=args.kernels,
                                  max_sequence_length=args.max_sequence_length, before_weights=check,
-                                 refiner=args.refiner,
+                                 refiner=args.refiner, defaults=getattr(args, "text_defaults", None),
                                  cuda_graph=False if args.no_cuda_graph else None)
 
 

@@ -432,7 +432,14 @@ def _saved_kind(path: str | None) -> str | None:
 
 
 def _run_package(args: argparse.Namespace) -> int:
+    from flowturbo.training.token_refiner import is_token_refiner
     from flowturbo.training.trainers.package import package_bundle
+
+    if args.refiner is not None and is_token_refiner(args.refiner):
+        return _run_text_package(args)
+    if args.predictor is None:
+        raise FlowTurboError("--predictor is required (a `train predictor` run or an official SiT .pt); a refiner "
+                             "trained for a diffusers pipeline folder is packaged without one")
 
     names = [n.strip() for n in args.class_names.split(",")] if args.class_names else None
     bundle = package_bundle(
@@ -443,6 +450,26 @@ def _run_package(args: argparse.Namespace) -> int:
     )
     counts = ", ".join(f"{k} {v:,}" for k, v in bundle.parameter_counts().items())
     print(f"wrote bundle {args.out} ({counts} parameters; default schedule {bundle.defaults.schedule})")
+    return 0
+
+
+def _run_text_package(args: argparse.Namespace) -> int:
+    """``train package --refiner RUN`` of a refiner for a diffusers teacher: a bundle pointing at the folder."""
+    from flowturbo.training.text_bundle import package_text_bundle
+
+    others = [flag for flag, value in (("--predictor", args.predictor), ("--autoencoder", args.autoencoder),
+                                       ("--vae", args.vae), ("--decoder-bundle", args.decoder_bundle),
+                                       ("--variant", args.variant), ("--cfg", args.cfg),
+                                       ("--guidance-channels", args.guidance_channels),
+                                       ("--class-names", args.class_names)) if value is not None]
+    if others:
+        raise FlowTurboError(f"{others[0]} does not apply: --refiner {args.refiner} was trained for a diffusers "
+                             "pipeline folder, which holds the predictor, text encoders and VAE (the bundle points at "
+                             "it) and fixes the CFG the refiner corrects")
+    bundle = package_text_bundle(args.out, refiner=args.refiner, schedule=args.schedule, overwrite=args.overwrite,
+                                 wait=args.wait)
+    print(f"wrote text bundle {args.out} (refiner for {bundle.pipeline}; default schedule {bundle.schedule} at CFG "
+          f"{bundle.cfg:g}{'' if bundle.guidance is None else f', guidance {bundle.guidance:g}'})")
     return 0
 
 
@@ -510,8 +537,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
 
     p = sub.add_parser("package", help="assemble predictor + refiner + decoder + encoder (EMA weights) into a bundle")
     g = p.add_argument_group("parts")
-    g.add_argument("--predictor", required=True, type=input_path("--predictor"),
-                   help="`train predictor` run folder/file or official SiT .pt")
+    g.add_argument("--predictor", default=None, type=input_path("--predictor"),
+                   help="`train predictor` run folder/file or official SiT .pt (required, except for a refiner "
+                        "trained for a diffusers pipeline folder: its bundle points at the folder)")
     g.add_argument("--refiner", default=None, type=input_path("--refiner"),
                    help="`train refiner` run folder/file or official refiner .pt")
     g.add_argument("--autoencoder", default=None, type=input_path("--autoencoder"),
