@@ -69,6 +69,9 @@ class CppSampler:
 
     def __init__(self, artifacts: ArtifactSet, *, device: str | None = None, engine_format: str = "aoti",
                  cuda_graph: bool = True, reuse_engine_buffers: bool = False) -> None:
+        if artifacts.takes_prompts:
+            raise FlowTurboError(f"{artifacts.root} is a text-to-image export (its graphs take prompt embeddings); the "
+                                 "C++ runner takes class ids only for now: use --backend onnxruntime or aoti")
         runner_module = _runner_module()
         built_against = runner_module.build_info()["torch_version"]
         if built_against.split("+")[0] != torch.__version__.split("+")[0]:
