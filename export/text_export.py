@@ -81,6 +81,7 @@ class TextExport:
 
     size: ImageSize
     max_sequence_length: int
+    guidance: float | None = None  # the default distilled guidance value recorded (None: the family's)
 
 
 def text_schedule(family: Any, notation: str | None, cfg: float | None, size: ImageSize) -> SamplingSchedule:
@@ -206,6 +207,9 @@ def export_text_pipeline(
     ``options.size``: :func:`text_schedule`) into the directory ``out``, atomically, as
     :func:`flowturbo.export.pipeline.export_bundle` (reuse, ``overwrite``, ``wait`` alike)."""
     check_text_request(family, request)
+    if options.guidance is not None and family.guidance_rule is not GuidanceRule.EMBEDDED:
+        raise FlowTurboError(f"--guidance {options.guidance:g}: {family.description} has no guidance embedding; use "
+                             "--cfg S (classifier-free guidance)")
     device = torch.device(request.device)
     if family.device != device or family.dtype != torch_dtype(request.precision):
         raise FlowTurboError(f"load the pipeline in {request.precision} on {device} for this export "
@@ -213,7 +217,7 @@ def export_text_pipeline(
     latent = list(family.latent_shape(options.size))
     weights = weights_sha256({"transformer": family.transformer, "decoder": family.decoder})
     text_fields = {"family": family.name, "latent_shape": latent, "image_size": str(options.size),
-                   "max_sequence_length": options.max_sequence_length}
+                   "max_sequence_length": options.max_sequence_length, "guidance": options.guidance}
     key_fields = {"format": EXPORT_FORMAT, "weights_sha256": weights, **request.key_fields(), "text": text_fields,
                   "tools": tool_versions(), "exporter_sha256": exporter_sha256(),
                   "device": device_description(device)}
@@ -303,7 +307,8 @@ def _build(family: Any, request: ExportRequest, options: TextExport, root: Path,
             "has_refiner": False,
             "refiner_dt_conditioning": False,
             "decoder": family.decoder.decoder_type,
-            "defaults": family.defaults.to_dict(),
+            "defaults": {**family.defaults.to_dict(),
+                         **({} if options.guidance is None else {"guidance": float(options.guidance)})},
             "adapter": {k: described[k] for k in ("pipeline_class", "transformer", "scheduler") if k in described},
             "adapter_check_max_abs_error": adapter_error,
         },

@@ -94,7 +94,10 @@ def text_graph_inputs(artifacts: ArtifactSet, request: TextRequest, encoder: Any
             raise FlowTurboError("give prompts or prompt embeddings, not both")
         prompts = [request.prompts] if isinstance(request.prompts, str) else list(request.prompts)
         family = encoder()
-        conditioning = family.condition(prompts, schedule, negative=request.negative_prompt, guidance=request.guidance)
+        guidance = request.guidance
+        if GUIDANCE in inputs and guidance is None:  # the export's recorded default (flowturbo export --guidance)
+            guidance = (artifacts.model.get("defaults") or {}).get("guidance")
+        conditioning = family.condition(prompts, schedule, negative=request.negative_prompt, guidance=guidance)
         prompt, negative, guidance = conditioning.prompt, conditioning.negative, conditioning.guidance
         given = {PROMPT_EMBEDS: prompt.embeds, POOLED: prompt.pooled}
         if negative is not None:
