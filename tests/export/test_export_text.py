@@ -215,3 +215,24 @@ def test_export_and_sample_cli_end_to_end(exported, tiny_pipelines, tmp_path, ca
     assert main(["sample", "--artifacts", str(result.path), "--backend", "onnxruntime", "--prompt", "a",
                  "--size", "64", "--out", str(tmp_path / "y")]) == 2
     one_error_line(capsys, "exported for 32x32")
+
+
+@pytest.mark.slow
+def test_aoti_sd3_cfg_export_equals_the_pytorch_sampler(tiny_pipelines, tmp_path):
+    """AOTInductor (CPU) packages of the SD3 CFG graphs (~50 s to compile both on one core; slow, as every AOTInductor
+    test): the same parity as ONNX Runtime, batches split within the profile."""
+    torch.set_num_threads(1)
+    family = load_family(tiny_pipelines["sd3"], device=torch.device("cpu"), dtype=torch.float32,
+                         max_sequence_length=MAX_SEQUENCE_LENGTH)
+    schedule = text_schedule(family, "H1E1", 3.0, SIZE)
+    result = export_text_pipeline(family, ExportRequest(schedule, PROFILE, ("aoti",)),
+                                  TextExport(SIZE, MAX_SEQUENCE_LENGTH), tmp_path / "aoti",
+                                  source=str(tiny_pipelines["sd3"]))
+    assert [a["file"] for a in result.manifest["artifacts"]] == ["predictor_step.pt2", "decoder.pt2"]
+    sampler = Sampler.from_artifacts(result.path, backend="aoti")
+    got = sampler.sample(prompts=PROMPTS + ["a dog"], negative_prompt=NEGATIVE, seed=5)  # batches of 3 and 1
+    reference = Sampler.from_pipeline(str(tiny_pipelines["sd3"]), device="cpu", max_sequence_length=MAX_SEQUENCE_LENGTH)
+    want = reference.sample(prompts=PROMPTS + ["a dog"], negative_prompt=NEGATIVE, schedule="H1E1", cfg=3.0,
+                            size=SIZE, seed=5, progress=False)
+    torch.testing.assert_close(got.images, want.images, **tol("export_fp32"))
+    assert got.num_batches == 2
