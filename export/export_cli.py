@@ -209,6 +209,9 @@ def run_text_export(args: argparse.Namespace) -> int:
         from flowturbo.export.text_export import check_text_request
 
         check_text_request(family, request)
+        if args.guidance is not None and family.guidance_rule.value != "embedded":  # type: ignore[attr-defined]
+            raise FlowTurboError(f"--guidance {args.guidance:g}: {family.description} has no guidance embedding; "  # type: ignore[attr-defined]
+                                 "use --cfg S (classifier-free guidance)")
         plan["request"] = request
 
     family = load_family(args.pipeline, device=args.device, dtype=torch_dtype(args.precision),

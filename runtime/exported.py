@@ -42,7 +42,7 @@ from flowturbo.runtime.editing import (
     warn_nothing_to_regenerate,
 )
 from flowturbo.runtime.results import Samples, StageTimes
-from flowturbo.runtime.text_exported import TextRequest, text_graph_inputs
+from flowturbo.runtime.text_exported import PromptEncoder, TextRequest, prompt_labels, text_graph_inputs
 from flowturbo.schedule import SamplingSchedule, StepKind
 
 # A module call: keyword tensors in (spec input names), output tensors out (spec order).
@@ -117,7 +117,7 @@ class ExportedSampler:
         model = artifacts.model
         self.takes_prompts = artifacts.takes_prompts  # a text-to-image export: prompt embeddings, not class ids
         self.num_classes = int(model.get("num_classes", 0))
-        self._prompt_encoder: Any = None  # the pipeline folder's text encoders, loaded on the first prompts
+        self.prompt_encoder = PromptEncoder(artifacts)  # the pipeline folder's text encoders, loaded on first use
         self.latent_shape = tuple(int(d) for d in model["latent_shape"])
         self.class_names = model.get("class_names")
         self.dtype = torch_dtype(artifacts.precision)
@@ -340,16 +340,6 @@ class ExportedSampler:
             raise SamplingError("no classes given: pass at least one class id")
         return self._generate(classes, schedule, seed, batch_size, None, first_index)
 
-    def prompt_encoder(self) -> Any:
-        """The text encoders of the pipeline folder the manifest records (loaded once, in PyTorch, on the CPU)."""
-        if self._prompt_encoder is None:
-            from flowturbo.runtime.pytorch_backend import load_prompt_encoder
-
-            model = self.artifacts.model
-            self._prompt_encoder = load_prompt_encoder(model["pipeline"],
-                                                       max_sequence_length=model.get("max_sequence_length"))
-        return self._prompt_encoder
-
     def _generate_text(self, request: TextRequest, schedule: SamplingSchedule | None, seed: int,
                        batch_size: int | None, first_index: int = 0) -> Samples:
         """A text-to-image export's sampling: the conditioning inputs per image, batches within the profile."""
@@ -368,12 +358,7 @@ class ExportedSampler:
                 raise SamplingError("NaN/Inf in the decoded images; try the fp32 export or a lower guidance scale")
             images.append(out.float().cpu())
             sample_s, decode_s = sample_s + s, decode_s + d
-        prompts = None
-        labels = list(range(n))
-        if request.prompts is not None:
-            given = [request.prompts] if isinstance(request.prompts, str) else list(request.prompts)
-            prompts = list(dict.fromkeys(given))
-            labels = [prompts.index(p) for p in given]
+        labels, prompts = prompt_labels(request, n)
         return Samples(
             images=torch.cat(images),
             labels=labels,

@@ -52,6 +52,34 @@ class TextRequest:
         return any(v is not None for v in dataclasses.astuple(self))
 
 
+class PromptEncoder:
+    """The text encoders of the pipeline folder an export's manifest records, loaded on first use (in PyTorch, on
+    the CPU; :func:`flowturbo.runtime.pytorch_backend.load_prompt_encoder`)."""
+
+    def __init__(self, artifacts: ArtifactSet) -> None:
+        self.artifacts = artifacts
+        self._family: Any = None
+
+    def __call__(self) -> Any:
+        if self._family is None:
+            from flowturbo.runtime.pytorch_backend import load_prompt_encoder
+
+            model = self.artifacts.model
+            self._family = load_prompt_encoder(model["pipeline"], max_sequence_length=model.get("max_sequence_length"))
+        return self._family
+
+
+def prompt_labels(request: TextRequest, n: int) -> tuple[list[int], list[str] | None]:
+    """(labels, distinct prompts) of a request: each image's index among its distinct prompts, or 0..n-1 for
+    embeddings given directly (no prompts)."""
+    if request.prompts is None:
+        return list(range(n)), None
+    given = [request.prompts] if isinstance(request.prompts, str) else list(request.prompts)
+    prompts = list(dict.fromkeys(given))
+    index = {prompt: i for i, prompt in enumerate(prompts)}
+    return [index[p] for p in given], prompts
+
+
 def predictor_inputs(artifacts: ArtifactSet) -> dict[str, list[Any]]:
     """The predictor graph's input names -> spec shapes (``"batch"`` first)."""
     for artifact in artifacts.manifest["artifacts"]:
@@ -142,4 +170,4 @@ def text_graph_inputs(artifacts: ArtifactSet, request: TextRequest, encoder: Any
     return tensors, record
 
 
-__all__ = ["TextRequest", "predictor_inputs", "text_graph_inputs"]
+__all__ = ["PromptEncoder", "TextRequest", "predictor_inputs", "prompt_labels", "text_graph_inputs"]

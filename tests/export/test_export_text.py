@@ -170,17 +170,13 @@ def test_prompts_to_a_class_export_are_refused(tmp_path):
     assert sampler.sample([1], seed=0).images.shape[0] == 1  # class ids still work
 
 
-def test_manifest_records_the_pipeline_and_the_cpp_runner_refuses(exported):
+def test_manifest_records_the_pipeline(exported):
     result, _ = exported("flux_dev")
     artifacts = load_artifacts(result.path)
     model = artifacts.model
     assert model["pipeline"] == result.manifest["model"]["source"] and "text encoders" in model["prompt_encoder"]
     assert model["guidance_rule"] == "embedded" and model["defaults"]["guidance"] == 3.5
     assert [t["name"] for t in result.manifest["artifacts"][0]["spec"]["inputs"]][-1] == "guidance"
-    from flowturbo.runtime.cpp_backend import CppSampler
-
-    with pytest.raises(FlowTurboError, match=r"C\+\+ runner takes class ids only"):
-        CppSampler(artifacts)
 
 
 @pytest.mark.parametrize("args, needles", [
@@ -236,3 +232,14 @@ def test_aoti_sd3_cfg_export_equals_the_pytorch_sampler(tiny_pipelines, tmp_path
                             size=SIZE, seed=5, progress=False)
     torch.testing.assert_close(got.images, want.images, **tol("export_fp32"))
     assert got.num_batches == 2
+    from flowturbo.runtime.cpp_backend import CppSampler, cpp_unavailable_reason
+
+    if cpp_unavailable_reason() is not None:  # the C++ runner is optional (as in tests/runtime/test_cpp_runner.py)
+        pytest.skip(f"C++ runner: {cpp_unavailable_reason()}")
+    runner = CppSampler.from_artifacts(result.path)  # the same packages, the loop in C++
+    torch.testing.assert_close(runner.sample(prompts=PROMPTS + ["a dog"], negative_prompt=NEGATIVE, seed=5).images,
+                               want.images, **tol("export_fp32"))
+    with pytest.raises(FlowTurboError, match="conditioned on prompts, not class ids"):
+        runner.sample([0])
+    with pytest.raises(FlowTurboError, match="negative_prompt_embeds and negative_pooled_prompt_embeds"):
+        runner.sample(prompt_embeds=torch.randn(1, 93, 64), pooled_prompt_embeds=torch.randn(1, 64))
