@@ -50,6 +50,10 @@ def sample_exported_text(sampler: Any, args: argparse.Namespace, schedule: Any) 
     if args.max_sequence_length is not None and args.max_sequence_length != model.get("max_sequence_length"):
         raise FlowTurboError(f"--max-sequence-length {args.max_sequence_length}: {args.artifacts} takes "
                              f"{model.get('max_sequence_length')} tokens per prompt; drop the flag or re-export")
+    exported = sampler.schedule
+    if schedule is not None and schedule.steps == exported.steps and \
+            schedule.guidance_scale == exported.guidance_scale and schedule.guidance_channels is None:
+        schedule = None  # --schedule / --cfg naming the exported ones: its grid is the family's, recorded at export
     samples = sampler.sample(prompts=requests(args), negative_prompt=args.negative_prompt, guidance=args.guidance,
                              schedule=schedule, seed=args.seed, batch_size=args.batch)
     return samples, prompt_names(samples.prompts)

@@ -201,7 +201,7 @@ def test_export_and_sample_cli_end_to_end(exported, tiny_pipelines, tmp_path, ca
     result, _ = exported("flux_schnell")
     out = tmp_path / "images"
     argv = ["sample", "--artifacts", str(result.path), "--backend", "onnxruntime", "--prompt", "a dog", "--seed", "3",
-            "--out", str(out)]
+            "--schedule", STEPS, "--out", str(out)]  # the exported notation: its grid is the family's, as recorded
     assert main(argv) == 0
     assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["0_a_dog.png", "grid.png", "run.json"]
     capsys.readouterr()
@@ -211,6 +211,9 @@ def test_export_and_sample_cli_end_to_end(exported, tiny_pipelines, tmp_path, ca
     assert main(["sample", "--artifacts", str(result.path), "--backend", "onnxruntime", "--prompt", "a",
                  "--size", "64", "--out", str(tmp_path / "y")]) == 2
     one_error_line(capsys, "exported for 32x32")
+    assert main(["sample", "--artifacts", str(result.path), "--backend", "onnxruntime", "--prompt", "a",
+                 "--schedule", "E2", "--out", str(tmp_path / "z")]) == 2
+    one_error_line(capsys, "exported for schedule H1P1E1", f"--pipeline {result.manifest['model']['pipeline']}")
 
 
 @pytest.mark.slow
