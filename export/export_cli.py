@@ -11,6 +11,7 @@ import importlib.util
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from flowturbo.cliargs import GUIDANCE_SCALE, POSITIVE_INT, input_path, int_in, output_path
 from flowturbo.errors import FlowTurboError
@@ -116,7 +117,8 @@ def run_export(args: argparse.Namespace) -> int:
     text = [flag for flag, value in (("--size", args.size), ("--guidance", args.guidance),
                                      ("--max-sequence-length", args.max_sequence_length)) if value is not None]
     if text:
-        raise FlowTurboError(f"{text[0]} is for text-to-image models: pass --pipeline DIR (a diffusers pipeline folder)")
+        raise FlowTurboError(f"{text[0]} is for text-to-image models: pass --pipeline DIR (a diffusers pipeline "
+                             "folder)")
     folder = Path(args.model) if args.model else default_model_dir()
     bundle = load_bundle(folder, device=args.device, dtype=torch_dtype(args.precision), kernel_backend=args.kernels)
     if args.with_encoder and bundle.encoder is None:  # none declared, or declared but not loadable: say which
@@ -181,8 +183,8 @@ def run_text_export(args: argparse.Namespace) -> int:
     then :func:`flowturbo.export.text_export.export_text_pipeline`."""
     from flowturbo.dtypes import torch_dtype
     from flowturbo.export.pipeline import ExportRequest
-    from flowturbo.export.text_export import TextExport, export_text_pipeline, text_schedule
-    from flowturbo.families import ImageSize
+    from flowturbo.export.text_export import TextExport, check_text_request, export_text_pipeline, text_schedule
+    from flowturbo.families import GuidanceRule, ImageSize
     from flowturbo.schedule import is_schedule_file
     from flowturbo.training.families import load_family
 
@@ -195,10 +197,10 @@ def run_text_export(args: argparse.Namespace) -> int:
         raise FlowTurboError("--guidance-channels is the official SiT checkpoints' rule; text-to-image models guide "
                              "every latent channel")
     size = ImageSize.parse(args.size) if args.size is not None else None
-    plan: dict[str, object] = {}
+    plan: dict[str, Any] = {}  # size, schedule and request, checked before the weights load
 
-    def check(family: object) -> None:  # before any weights load: size, schedule, guidance
-        chosen = size or family.default_size()  # type: ignore[attr-defined]
+    def check(family: Any) -> None:  # before any weights load: size, schedule, guidance
+        chosen = size or family.default_size()
         plan["size"] = chosen
         plan["schedule"] = text_schedule(family, args.schedule, args.cfg, chosen)
         request = ExportRequest(
@@ -206,26 +208,24 @@ def run_text_export(args: argparse.Namespace) -> int:
             formats=tuple(f.strip() for f in args.format.split(",") if f.strip()), precision=args.precision,
             variant=args.variant, opset=args.opset, device=args.device, validate=not args.no_validate,
             kernel_backend=args.kernels, with_encoder=args.with_encoder)
-        from flowturbo.export.text_export import check_text_request
-
         check_text_request(family, request)
-        if args.guidance is not None and family.guidance_rule.value != "embedded":  # type: ignore[attr-defined]
-            raise FlowTurboError(f"--guidance {args.guidance:g}: {family.description} has no guidance embedding; "  # type: ignore[attr-defined]
+        if args.guidance is not None and family.guidance_rule is not GuidanceRule.EMBEDDED:
+            raise FlowTurboError(f"--guidance {args.guidance:g}: {family.description} has no guidance embedding; "
                                  "use --cfg S (classifier-free guidance)")
         plan["request"] = request
 
     family = load_family(args.pipeline, device=args.device, dtype=torch_dtype(args.precision),
                          max_sequence_length=args.max_sequence_length, before_weights=check)
-    options = TextExport(plan["size"], family.max_sequence_length, args.guidance)  # type: ignore[arg-type]
-    result = export_text_pipeline(family, plan["request"], options, args.out,  # type: ignore[arg-type]
+    options = TextExport(plan["size"], family.max_sequence_length, args.guidance)
+    result = export_text_pipeline(family, plan["request"], options, args.out,
                                   source=str(Path(args.pipeline).resolve()),
                                   command=" ".join(["flowturbo", *sys.argv[1:]]), overwrite=args.overwrite,
                                   wait=args.wait)
     manifest = result.manifest
     state = "up to date (reused)" if result.reused else "written"
     print(f"flowturbo export: {family.description} {plan['schedule']} at {options.size} -> {result.path} [{state}], "
-          f"key {manifest['key']}, {manifest['precision']}, batch {plan['request'].batch.describe()}")  # type: ignore
-    print("  grid t = " + ", ".join(f"{t:.4f}" for t in plan["schedule"].timesteps))  # type: ignore[attr-defined]
+          f"key {manifest['key']}, {manifest['precision']}, batch {plan['request'].batch.describe()}")
+    print("  grid t = " + ", ".join(f"{t:.4f}" for t in plan["schedule"].timesteps))
     for a in manifest["artifacts"]:
         err = a.get("max_abs_error")
         err_text = "" if err is None else f"  max|err| {err:.2e}"

@@ -115,8 +115,8 @@ def check_text_request(family: Any, request: ExportRequest) -> None:
         raise FlowTurboError("--kernels triton: our fused kernels are not wired into diffusers transformers; use "
                              "--kernels reference")
     if request.schedule.uses_refiner:
-        raise FlowTurboError(f"schedule {request.schedule.notation} has R (refiner) steps; exporting a velocity refiner "
-                             f"for {family.description} models is not supported yet: export H, P and E steps")
+        raise FlowTurboError(f"schedule {request.schedule.notation} has R (refiner) steps; exporting a velocity "
+                             f"refiner for {family.description} models is not supported yet: export H, P and E steps")
     if request.schedule.guidance_channels is not None:
         raise FlowTurboError(f"--guidance-channels: {family.description} models guide every latent channel")
 

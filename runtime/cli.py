@@ -613,7 +613,8 @@ def _text_model_refusal(argv: Sequence[str]) -> str | None:
                                                         for a in argv):
         return None
     return (f"flowturbo {command}: error: --pipeline (a diffusers text-to-image folder) works with `flowturbo sample` "
-            f"and `flowturbo export` only for now; `flowturbo {command}` with text-to-image models is not supported yet")
+            f"and `flowturbo export` only for now; `flowturbo {command}` with text-to-image models is not supported "
+            "yet")
 
 
 def full_command(args: argparse.Namespace) -> str:

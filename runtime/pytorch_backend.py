@@ -47,7 +47,8 @@ from flowturbo.training.sampling import (
 
 # The reference sampling functions, re-exported: runtime code reaches training/ only through this module.
 __all__ = ["OFFICIAL_GUIDANCE_CHANNELS", "TorchPipeline", "FiniteCheck", "check_labels", "load_pipeline",
-           "load_prompt_encoder", "load_text_pipeline", "make_noise", "non_finite_message", "resolve_device", "resolve_dtype",
+           "load_prompt_encoder", "load_text_pipeline", "make_noise", "non_finite_message", "resolve_device",
+           "resolve_dtype",
            "resolve_kernel_backend", "run_schedule", "sample_schedule"]
 
 DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "assets" / "default_model"

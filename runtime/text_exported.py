@@ -144,7 +144,8 @@ def text_graph_inputs(artifacts: ArtifactSet, request: TextRequest, encoder: Any
         if NEGATIVE in inputs:
             if any(n is None for n in negatives):
                 raise FlowTurboError(f"this export guides with CFG {schedule.guidance_scale:g}: pass "
-                                     "negative_prompt_embeds and negative_pooled_prompt_embeds (the unconditional half)")
+                                     "negative_prompt_embeds and negative_pooled_prompt_embeds (the unconditional "
+                                     "half)")
             given.update({NEGATIVE: negatives[0], NEGATIVE_POOLED: negatives[1]})
         elif any(n is not None for n in negatives):
             raise FlowTurboError("negative prompt embeddings act through CFG, but this export has none (exported with "

@@ -610,7 +610,9 @@ BatchOutput ScheduleRunner::run_batch(const at::Tensor& noise_in, const at::Tens
   } catch (const ManifestError& exc) {
     throw RunnerError(RunnerError::Kind::kSampling, exc.what());
   }
-  const at::Tensor labels_cpu = manifest_.takes_prompts ? at::zeros({batch}, at::kLong) : labels_in.to(at::kCPU, at::kLong);
+  // A text export has no class ids: a placeholder of zeros (its engines take none; the class check is skipped).
+  const at::Tensor labels_cpu =
+      manifest_.takes_prompts ? at::zeros({batch}, at::kLong) : labels_in.to(at::kCPU, at::kLong);
   const int64_t low = labels_cpu.min().item<int64_t>(), high = labels_cpu.max().item<int64_t>();
   if (!manifest_.takes_prompts && (low < 0 || high >= manifest_.num_classes)) {
     throw RunnerError(RunnerError::Kind::kSampling,

@@ -3,7 +3,9 @@ tests/tiny_diffusers.py exported to ONNX, sampled through ONNX Runtime, compared
 
 One export per pipeline (module-scoped; ~20 s each on one core), each on ``H1P1E1`` so one schedule covers the H, P and
 E steps: SD3 with CFG 4 and a negative prompt (the doubled batch inside the graph), FLUX.1-dev with its guidance
-embedding as a graph input and its resolution-dependent shift, FLUX.1-schnell unguided on its unshifted grid.
+embedding as a graph input and its resolution-dependent shift, FLUX.1-schnell unguided on its unshifted grid. One
+slow test (as every AOTInductor test) compiles the SD3 CFG graphs with AOTInductor and runs them from Python and from
+the C++ runner (skipped, with the build's reason, when the runner is not built).
 
 They bite: CFG on the wrong half, a dropped shift (the schedule recorded on the uniform grid), a wrong time scale or
 sign, or a guidance input ignored each fail a parity test below (checked by hand mutation: docs/predictor_protocol.md).
@@ -156,7 +158,8 @@ def test_prompts_to_a_class_export_are_refused(tmp_path):
 
     from flowturbo.export.pipeline import export_bundle
 
-    spec = importlib.util.spec_from_file_location("_export_onnx_helpers", Path(__file__).with_name("test_export_onnx.py"))
+    spec = importlib.util.spec_from_file_location("_export_onnx_helpers",
+                                                  Path(__file__).with_name("test_export_onnx.py"))
     helpers = importlib.util.module_from_spec(spec)
     sys.modules.setdefault("_export_onnx_helpers", helpers)
     spec.loader.exec_module(helpers)
@@ -171,7 +174,15 @@ def test_prompts_to_a_class_export_are_refused(tmp_path):
 
 
 def test_manifest_records_the_pipeline(exported):
-    result, _ = exported("flux_dev")
+    """The manifest names the pipeline folder whose text encoders make the embeddings; the sampler loads only those
+    (no transformer, no VAE) and they give the full adapter's embeddings."""
+    result, reference = exported("flux_dev")
+    encoder = OnnxRuntimeSampler.from_artifacts(result.path).prompt_encoder()
+    assert encoder.pipe.transformer is None and encoder.pipe.vae is None
+    schedule = SamplingSchedule.parse("E1")
+    with torch.no_grad():
+        mine, theirs = (f.condition(PROMPTS, schedule) for f in (encoder, reference.pipeline.family))
+    assert torch.equal(mine.prompt.embeds, theirs.prompt.embeds) and torch.equal(mine.prompt.pooled, theirs.prompt.pooled)
     artifacts = load_artifacts(result.path)
     model = artifacts.model
     assert model["pipeline"] == result.manifest["model"]["source"] and "text encoders" in model["prompt_encoder"]
@@ -203,7 +214,8 @@ def test_export_and_sample_cli_end_to_end(exported, tiny_pipelines, tmp_path, ca
     argv = ["sample", "--artifacts", str(result.path), "--backend", "onnxruntime", "--prompt", "a dog", "--seed", "3",
             "--schedule", STEPS, "--out", str(out)]  # the exported notation: its grid is the family's, as recorded
     assert main(argv) == 0
-    assert sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) == ["0_a_dog.png", "grid.png", "run.json"]
+    written = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))  # (the ownership record is hidden)
+    assert written == ["0_a_dog.png", "grid.png", "run.json"]
     capsys.readouterr()
     assert main(["sample", "--artifacts", str(result.path), "--backend", "onnxruntime", "--classes", "1",
                  "--out", str(tmp_path / "x")]) == 2
