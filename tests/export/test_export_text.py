@@ -150,8 +150,9 @@ def test_bad_text_requests_are_one_clear_error_each(exported):
         sampler.sample(prompts=PROMPTS, schedule=SamplingSchedule.parse("E2", guidance_scale=4.0))
 
 
-def test_prompts_to_a_class_export_are_refused(tmp_path):
-    """A class-conditional export refuses prompts and prompt embeddings, naming what it takes."""
+def test_prompts_to_a_class_export_are_refused(tmp_path, capsys):
+    """A class-conditional export refuses prompts and prompt embeddings (API and command line), naming what it
+    takes."""
     import importlib.util
     import sys
     from pathlib import Path
@@ -171,6 +172,10 @@ def test_prompts_to_a_class_export_are_refused(tmp_path):
         with pytest.raises(FlowTurboError, match="conditioned on class ids, not text prompts"):
             sampler.sample(**request)
     assert sampler.sample([1], seed=0).images.shape[0] == 1  # class ids still work
+    capsys.readouterr()
+    assert main(["sample", "--artifacts", str(path), "--backend", "onnxruntime", "--prompt", "a cat",
+                 "--out", str(tmp_path / "images")]) == 2
+    one_error_line(capsys, "conditioned on class ids, not text prompts", "--classes")
 
 
 def test_manifest_records_the_pipeline(exported):
