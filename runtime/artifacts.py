@@ -211,6 +211,9 @@ def export_command(schedule: SamplingSchedule, manifest: dict[str, Any] | None =
     if text:
         parts.append(f"--pipeline {shlex.quote(source)}" if source and Path(source).is_dir() else "--pipeline DIR")
         parts += [f"--size {model.get('image_size')}", f"--max-sequence-length {model.get('max_sequence_length')}"]
+        guidance = ((manifest or {}).get("key_fields") or {}).get("text", {}).get("guidance")
+        if guidance is not None:  # exported with an explicit default guidance value
+            parts.append(f"--guidance {guidance:g}")
     elif manifest is not None and source != "embedded default":
         parts.append(f"--model {shlex.quote(source)}" if source and Path(source).is_dir() else "--model MODEL_DIR")
     parts += [f"--schedule {schedule.notation}", f"--cfg {schedule.guidance_scale:g}"]
