@@ -11,6 +11,7 @@ import importlib.util
 import re
 import sys
 from pathlib import Path
+from typing import Any
 
 from flowturbo.cliargs import GUIDANCE_SCALE, POSITIVE_INT, input_path, int_in, output_path
 from flowturbo.errors import FlowTurboError
@@ -45,9 +46,11 @@ def add_export_parser(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--cfg", type=GUIDANCE_SCALE, default=None, help="guidance scale (default: the model's)")
     g.add_argument("--guidance-channels", type=POSITIVE_INT, default=None,
                    help="guide only the first N latent channels")
+    add_text_export_arguments(p)
     o = p.add_argument_group("how")
     o.add_argument("--batch", default="1:1:16", help="batch profile MIN:OPT:MAX in images (default 1:1:16)")
-    o.add_argument("--format", default="onnx", help="comma-separated: onnx, aoti, tensorrt (default onnx)")
+    o.add_argument("--format", "--formats", dest="format", default="onnx",
+                   help="comma-separated: onnx, aoti, tensorrt (default onnx)")
     o.add_argument("--precision", default="fp32", choices=PRECISIONS)
     o.add_argument("--variant", default=DEFAULT_VARIANT, choices=VARIANTS,
                    help=f"schedule specialisation (default {DEFAULT_VARIANT}; see BENCHMARKS.md)")
@@ -109,6 +112,13 @@ def run_export(args: argparse.Namespace) -> int:
     from flowturbo.training.bundle import load_bundle
 
     check_export_args(args)
+    if args.pipeline is not None:
+        return run_text_export(args)
+    text = [flag for flag, value in (("--size", args.size), ("--guidance", args.guidance),
+                                     ("--max-sequence-length", args.max_sequence_length)) if value is not None]
+    if text:
+        raise FlowTurboError(f"{text[0]} is for text-to-image models: pass --pipeline DIR (a diffusers pipeline "
+                             "folder)")
     folder = Path(args.model) if args.model else default_model_dir()
     bundle = load_bundle(folder, device=args.device, dtype=torch_dtype(args.precision), kernel_backend=args.kernels)
     if args.with_encoder and bundle.encoder is None:  # none declared, or declared but not loadable: say which
@@ -151,4 +161,77 @@ def run_export(args: argparse.Namespace) -> int:
     return 0
 
 
-__all__ = ["add_export_parser", "default_model_dir", "run_export"]
+def add_text_export_arguments(p: argparse.ArgumentParser) -> None:
+    """``export``'s text-to-image group (a diffusers pipeline folder instead of --model)."""
+    from flowturbo.cliargs import Number, int_in
+
+    g = p.add_argument_group("text-to-image (a diffusers flow-matching pipeline folder instead of --model)")
+    g.add_argument("--pipeline", default=None, type=input_path("--pipeline"),
+                   help="a diffusers text-to-image pipeline folder (as for flowturbo sample --pipeline); its "
+                        "transformer step and VAE decoder are exported, its text encoders stay in PyTorch")
+    g.add_argument("--size", default=None, help="image size WIDTHxHEIGHT the graphs are built for (default: the "
+                                                  "model's); the family's time grid for it is baked into the schedule")
+    g.add_argument("--guidance", type=Number(float, low=0), default=None,
+                   help="default distilled guidance value recorded for guidance-distilled models (a graph input: "
+                        "sampling may pass another)")
+    g.add_argument("--max-sequence-length", type=int_in(1, 512), default=None,
+                   help="T5 tokens per prompt the graphs take (default: the pipeline's)")
+
+
+def run_text_export(args: argparse.Namespace) -> int:
+    """``flowturbo export --pipeline DIR``: the request checked against the folder's configs before any weights load,
+    then :func:`flowturbo.export.text_export.export_text_pipeline`."""
+    from flowturbo.dtypes import torch_dtype
+    from flowturbo.export.pipeline import ExportRequest
+    from flowturbo.export.text_export import TextExport, check_text_request, export_text_pipeline, text_schedule
+    from flowturbo.families import GuidanceRule, ImageSize
+    from flowturbo.schedule import is_schedule_file
+    from flowturbo.training.families import load_family
+
+    if args.model is not None:
+        raise FlowTurboError("--pipeline holds the whole model; drop --model")
+    if args.timesteps is not None or is_schedule_file(args.schedule):
+        raise FlowTurboError("text-to-image exports run on the model's own time grid: give --schedule as a notation "
+                             "(e.g. E4 or H2P2), without --timesteps or a schedule file")
+    if args.guidance_channels is not None:
+        raise FlowTurboError("--guidance-channels is the official SiT checkpoints' rule; text-to-image models guide "
+                             "every latent channel")
+    size = ImageSize.parse(args.size) if args.size is not None else None
+    plan: dict[str, Any] = {}  # size, schedule and request, checked before the weights load
+
+    def check(family: Any) -> None:  # before any weights load: size, schedule, guidance
+        chosen = size or family.default_size()
+        plan["size"] = chosen
+        plan["schedule"] = text_schedule(family, args.schedule, args.cfg, chosen)
+        request = ExportRequest(
+            schedule=plan["schedule"], batch=args.batch,
+            formats=tuple(f.strip() for f in args.format.split(",") if f.strip()), precision=args.precision,
+            variant=args.variant, opset=args.opset, device=args.device, validate=not args.no_validate,
+            kernel_backend=args.kernels, with_encoder=args.with_encoder)
+        check_text_request(family, request)
+        if args.guidance is not None and family.guidance_rule is not GuidanceRule.EMBEDDED:
+            raise FlowTurboError(f"--guidance {args.guidance:g}: {family.description} has no guidance embedding; "
+                                 "use --cfg S (classifier-free guidance)")
+        plan["request"] = request
+
+    family = load_family(args.pipeline, device=args.device, dtype=torch_dtype(args.precision),
+                         max_sequence_length=args.max_sequence_length, before_weights=check)
+    options = TextExport(plan["size"], family.max_sequence_length, args.guidance)
+    result = export_text_pipeline(family, plan["request"], options, args.out,
+                                  source=str(Path(args.pipeline).resolve()),
+                                  command=" ".join(["flowturbo", *sys.argv[1:]]), overwrite=args.overwrite,
+                                  wait=args.wait)
+    manifest = result.manifest
+    state = "up to date (reused)" if result.reused else "written"
+    print(f"flowturbo export: {family.description} {plan['schedule']} at {options.size} -> {result.path} [{state}], "
+          f"key {manifest['key']}, {manifest['precision']}, batch {plan['request'].batch.describe()}")
+    print("  grid t = " + ", ".join(f"{t:.4f}" for t in plan["schedule"].timesteps))
+    for a in manifest["artifacts"]:
+        err = a.get("max_abs_error")
+        err_text = "" if err is None else f"  max|err| {err:.2e}"
+        print(f"  {a['format']:<9}{a['file']:<34}{a['build_seconds']:>7.1f} s{err_text}")
+    print(f"  prompts are encoded by the text encoders of {manifest['model']['pipeline']} (PyTorch)")
+    return 0
+
+
+__all__ = ["add_export_parser", "default_model_dir", "run_export", "run_text_export"]

@@ -265,6 +265,35 @@ def refiner_step_spec(
     return ModuleSpec(name, tuple(inputs), (_latent("offset", velocity, fp),), batch, time, dt)
 
 
+# Text-to-image predictor graphs (export/text_export.py): the prompt embeddings are inputs, the text encoders are not.
+PROMPT_EMBEDS = "prompt_embeds"  # (B, L, D) per-token embeddings
+POOLED_PROMPT_EMBEDS = "pooled_prompt_embeds"  # (B, P)
+NEGATIVE_PROMPT_EMBEDS = "negative_prompt_embeds"  # (B, L, D): CFG's unconditional half
+NEGATIVE_POOLED_PROMPT_EMBEDS = "negative_pooled_prompt_embeds"  # (B, P)
+GUIDANCE_INPUT = "guidance"  # (B,) float32: the distilled guidance value of guidance-embedding models
+TEXT_INPUTS = (PROMPT_EMBEDS, POOLED_PROMPT_EMBEDS, NEGATIVE_PROMPT_EMBEDS, NEGATIVE_POOLED_PROMPT_EMBEDS,
+               GUIDANCE_INPUT)
+
+
+def text_predictor_step_spec(
+    latent_shape: tuple[int, int, int], precision: str, batch: BatchProfile, *, sequence_length: int,
+    embed_dim: int, pooled_dim: int, negative: bool, guidance_input: bool,
+) -> ModuleSpec:
+    """Text-to-image predictor step: latents (B,C,H,W), t (B,), prompt_embeds (B,L,D), pooled_prompt_embeds (B,P),
+    [negative_prompt_embeds (B,L,D), negative_pooled_prompt_embeds (B,P)] (CFG), [guidance (B,) float32]
+    -> guided velocity (B,C,H,W) on flowturbo's time axis. L is fixed by the export (``--max-sequence-length``)."""
+    fp = precision_dtype_name(check_precision(precision))
+    inputs = [_latent("latents", latent_shape, fp), TensorSpec("t", TIME_DTYPE, (BATCH_AXIS,)),
+              TensorSpec(PROMPT_EMBEDS, fp, (BATCH_AXIS, sequence_length, embed_dim)),
+              TensorSpec(POOLED_PROMPT_EMBEDS, fp, (BATCH_AXIS, pooled_dim))]
+    if negative:
+        inputs += [TensorSpec(NEGATIVE_PROMPT_EMBEDS, fp, (BATCH_AXIS, sequence_length, embed_dim)),
+                   TensorSpec(NEGATIVE_POOLED_PROMPT_EMBEDS, fp, (BATCH_AXIS, pooled_dim))]
+    if guidance_input:
+        inputs.append(TensorSpec(GUIDANCE_INPUT, TIME_DTYPE, (BATCH_AXIS,)))
+    return ModuleSpec(PREDICTOR_STEP, tuple(inputs), (_latent("velocity", latent_shape, fp),), batch)
+
+
 def decoder_spec(
     latent_shape: tuple[int, int, int], image_shape: tuple[int, int, int], precision: str, batch: BatchProfile
 ) -> ModuleSpec:
@@ -309,6 +338,12 @@ __all__ = [
     "DECODER",
     "DT_INPUT",
     "ENCODER",
+    "GUIDANCE_INPUT",
+    "NEGATIVE_POOLED_PROMPT_EMBEDS",
+    "NEGATIVE_PROMPT_EMBEDS",
+    "POOLED_PROMPT_EMBEDS",
+    "PROMPT_EMBEDS",
+    "TEXT_INPUTS",
     "PRECISIONS",
     "PREDICTOR_STEP",
     "REFINER_STEP",
@@ -321,6 +356,7 @@ __all__ = [
     "encoder_spec",
     "predictor_step_spec",
     "refiner_step_spec",
+    "text_predictor_step_spec",
     "unrolled_spec",
     "velocity_shape",
 ]

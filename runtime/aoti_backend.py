@@ -71,12 +71,16 @@ class AotiSampler(ExportedSampler):
     def _load(self, entry: ArtifactEntry) -> ModuleFn:
         return _AotiModule(entry, self._device)
 
-    def run_batch(self, noise: torch.Tensor, labels: torch.Tensor, task: Any = None,
+    def run_batch(self, noise: torch.Tensor, labels: torch.Tensor | dict[str, torch.Tensor], task: Any = None,
                   rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor, float, float]:
         if self.device.type != "cuda":
             return super().run_batch(noise, labels, task, rows)
         torch.cuda.synchronize(self.device)  # stage times measure the GPU work
-        out = super().run_batch(noise.to(self.device), labels.to(self.device), task, rows)
+        if isinstance(labels, dict):  # a text export's inputs (prompt embeddings, ...)
+            labels = {name: value.to(self.device) for name, value in labels.items()}
+        else:
+            labels = labels.to(self.device)
+        out = super().run_batch(noise.to(self.device), labels, task, rows)
         torch.cuda.synchronize(self.device)
         return out
 

@@ -46,7 +46,7 @@ VARIANT_ROLES = {"time-input": ("predictor", "refiner", "decoder"), "per-step": 
                  "unrolled": ("unrolled",)}
 ONNX_EXTERNAL_DATA_SUFFIX = ".data"
 # Inputs whose dtype does not follow the precision (= flowturbo.export.specs: TIME_DTYPE, LABEL_DTYPE).
-FIXED_DTYPES = {"t": "float32", "dt": "float32", "labels": "int64"}
+FIXED_DTYPES = {"t": "float32", "dt": "float32", "labels": "int64", "guidance": "float32"}
 DT_INPUT = "dt"  # a dt-conditioned refiner's velocity-age input (= flowturbo.export.specs.DT_INPUT)
 
 
@@ -163,6 +163,11 @@ class ArtifactSet:
             self.check_batch(min(batch, num_images - start))
         return batch
 
+    @property
+    def takes_prompts(self) -> bool:
+        """Whether the graphs take prompt embeddings (a text-to-image export) rather than class ids."""
+        return self.model.get("conditioning") == "prompts"
+
     def check_classes(self, labels: Sequence[int]) -> None:
         """Refuse class ids outside ``[0, num_classes)`` of the exported model, naming the first few."""
         num_classes = int(self.model["num_classes"])
@@ -202,12 +207,19 @@ def export_command(schedule: SamplingSchedule, manifest: dict[str, Any] | None =
     parts = ["flowturbo export"]
     model = (manifest or {}).get("model") or {}
     source = model.get("source") if isinstance(model.get("source"), str) else ""
-    if manifest is not None and source != "embedded default":
+    text = model.get("conditioning") == "prompts"  # a text-to-image export: --pipeline, its size and prompt length
+    if text:
+        parts.append(f"--pipeline {shlex.quote(source)}" if source and Path(source).is_dir() else "--pipeline DIR")
+        parts += [f"--size {model.get('image_size')}", f"--max-sequence-length {model.get('max_sequence_length')}"]
+        guidance = ((manifest or {}).get("key_fields") or {}).get("text", {}).get("guidance")
+        if guidance is not None:  # exported with an explicit default guidance value
+            parts.append(f"--guidance {guidance:g}")
+    elif manifest is not None and source != "embedded default":
         parts.append(f"--model {shlex.quote(source)}" if source and Path(source).is_dir() else "--model MODEL_DIR")
     parts += [f"--schedule {schedule.notation}", f"--cfg {schedule.guidance_scale:g}"]
     if schedule.guidance_channels is not None:
         parts.append(f"--guidance-channels {schedule.guidance_channels}")
-    if tuple(schedule.timesteps) != uniform_timesteps(schedule.num_steps):
+    if not text and tuple(schedule.timesteps) != uniform_timesteps(schedule.num_steps):  # text: the family's grid
         parts.append("--timesteps " + ",".join(repr(float(t)) for t in schedule.timesteps))
     if manifest is None:
         return " ".join(parts)

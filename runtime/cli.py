@@ -261,7 +261,12 @@ def _run_sample(args: argparse.Namespace) -> int:
     from flowturbo.fileio import OutputFolder
     from flowturbo.runtime.distributed import under_torchrun
 
-    check_text_args(args, distributed=under_torchrun())
+    if args.artifacts is not None and not under_torchrun():  # an export: text flags checked for exports
+        from flowturbo.runtime.exported_text_cli import check_exported_text_args
+
+        check_exported_text_args(args)
+    else:
+        check_text_args(args, distributed=under_torchrun())
     if under_torchrun():  # torchrun --nproc_per_node N -m flowturbo sample ...: images split over the processes
         from flowturbo.runtime.sharded_cli import run_sample
 
@@ -348,15 +353,24 @@ def _run_sample_exported(args: argparse.Namespace, out_folder: Any) -> int:
         channels = base.guidance_channels if args.guidance_channels is None else args.guidance_channels
         schedule = (SamplingSchedule.parse(args.schedule, guidance_scale=scale, guidance_channels=channels)
                     if args.schedule else base.with_guidance(scale, channels))
-    classes = _parse_classes(args.classes, sampler.num_classes, args.num_images)
-    samples = sampler.sample(classes, schedule=schedule, seed=args.seed, batch_size=args.batch)
+    from flowturbo.runtime.exported_text_cli import sample_exported_text, wants_text
+
+    names = sampler.class_names
+    if getattr(sampler, "takes_prompts", False):  # a text-to-image export (flowturbo export --pipeline)
+        samples, names = sample_exported_text(sampler, args, schedule)
+    elif wants_text(args):
+        raise FlowTurboError(f"{args.artifacts} is conditioned on class ids, not text prompts: pass --classes (or "
+                             "nothing: every class once), or export a text-to-image model with --pipeline")
+    else:
+        classes = _parse_classes(args.classes, sampler.num_classes, args.num_images)
+        samples = sampler.sample(classes, schedule=schedule, seed=args.seed, batch_size=args.batch)
     t_write = time.perf_counter()
     record: dict[str, Any] = {
         "flowturbo_version": __version__, "backend": sampler.backend, "model": sampler.describe(),
         "seed": args.seed, "command": " ".join(["flowturbo", *sys.argv[1:]]), "torch_version": torch.__version__,
         "host": platform.node(), "seconds_load": load_s, **samples.record(),
     }
-    out = write_sample_folder(out_folder, to_uint8(samples.images), samples.labels, record, sampler.class_names,
+    out = write_sample_folder(out_folder, to_uint8(samples.images), samples.labels, record, names,
                               grid_scale=args.grid_scale)
     write_s, n = time.perf_counter() - t_write, len(samples.labels)
     print(f"flowturbo sample: {samples.schedule}, {n} images in {samples.num_batches} batch(es), backend "
@@ -592,13 +606,15 @@ def _command_of(argv: Sequence[str]) -> str | None:
 
 def _text_model_refusal(argv: Sequence[str]) -> str | None:
     """The one ``error:`` line for ``--pipeline`` (a diffusers text-to-image folder) on a command other than
-    ``sample``: only sampling runs text-to-image models for now (no export, C++ runner, refiner training, tuning,
-    profiling, inpainting or editing of them yet)."""
+    ``sample`` and ``export``: only sampling and export run text-to-image models for now (no C++ runner, refiner
+    training, tuning, profiling, inpainting or editing of them yet)."""
     command = _command_of(argv)
-    if command in (None, "sample") or not any(a == "--pipeline" or a.startswith("--pipeline=") for a in argv):
+    if command in (None, "sample", "export") or not any(a == "--pipeline" or a.startswith("--pipeline=")
+                                                        for a in argv):
         return None
     return (f"flowturbo {command}: error: --pipeline (a diffusers text-to-image folder) works with `flowturbo sample` "
-            f"only for now; `flowturbo {command}` with text-to-image models is not supported yet")
+            f"and `flowturbo export` only for now; `flowturbo {command}` with text-to-image models is not supported "
+            "yet")
 
 
 def full_command(args: argparse.Namespace) -> str:

@@ -22,10 +22,12 @@ from typing import Any
 
 import torch
 
+from flowturbo.dtypes import torch_dtype
 from flowturbo.errors import FlowTurboError, SamplingError
 from flowturbo.refiner_dt import RangeWarnings
 from flowturbo.runtime.artifacts import ArtifactSet, load_artifacts
 from flowturbo.runtime.results import Samples, StageTimes
+from flowturbo.runtime.text_exported import PromptEncoder, TextRequest, prompt_labels, text_graph_inputs
 from flowturbo.schedule import SamplingSchedule
 
 
@@ -78,7 +80,9 @@ class CppSampler:
             artifacts.check_torch_version(torch.__version__)
         self.artifacts = artifacts
         self.schedule: SamplingSchedule = artifacts.schedule
-        self.num_classes = int(artifacts.model["num_classes"])
+        self.takes_prompts = artifacts.takes_prompts  # a text-to-image export: prompt embeddings, not class ids
+        self.prompt_encoder = PromptEncoder(artifacts)
+        self.num_classes = int(artifacts.model.get("num_classes", 0))
         self.latent_shape = tuple(int(d) for d in artifacts.model["latent_shape"])
         self.class_names = artifacts.model.get("class_names")
         self.variant = artifacts.variant
@@ -131,10 +135,27 @@ class CppSampler:
         return out
 
     @torch.inference_mode()
-    def sample(self, classes: Sequence[int], *, schedule: SamplingSchedule | None = None, seed: int = 0,
-               batch_size: int | None = None, progress: bool = False, first_index: int = 0) -> Samples:
+    def sample(self, classes: Sequence[int] | None = None, *, prompts: Sequence[str] | None = None,
+               negative_prompt: str | Sequence[str] | None = None, guidance: float | None = None,
+               prompt_embeds: torch.Tensor | None = None, pooled_prompt_embeds: torch.Tensor | None = None,
+               negative_prompt_embeds: torch.Tensor | None = None,
+               negative_pooled_prompt_embeds: torch.Tensor | None = None, schedule: SamplingSchedule | None = None,
+               seed: int = 0, batch_size: int | None = None, progress: bool = False, first_index: int = 0) -> Samples:
         """One image per class id (the schedule is the exported one; image j from seed ``seed + first_index + j``);
+        a text-to-image export takes prompts or prompt embeddings instead, as ``ExportedSampler.sample``;
         ``progress`` is accepted for API parity."""
+        text = TextRequest(prompts, negative_prompt, guidance, prompt_embeds, pooled_prompt_embeds,
+                           negative_prompt_embeds, negative_pooled_prompt_embeds)
+        if self.takes_prompts:
+            if classes is not None:
+                raise FlowTurboError(f"{self.artifacts.root} is a text-to-image export: it is conditioned on prompts, "
+                                     "not class ids; pass prompts=[...] (--prompt TEXT) or prompt embeddings")
+            return self._sample_text(text, schedule, seed, batch_size, first_index)
+        if text.given:
+            raise FlowTurboError(f"{self.artifacts.root} is conditioned on class ids, not text prompts: pass class ids "
+                                 "(--classes), or export a text-to-image pipeline folder (flowturbo export --pipeline)")
+        if classes is None:
+            raise SamplingError("no classes given: pass at least one class id")
         self.artifacts.check_schedule(schedule)
         self.range_warnings.check(self.schedule, self.artifacts.refiner_dt)
         classes = [int(c) for c in classes]
@@ -160,6 +181,29 @@ class CppSampler:
             num_batches=math.ceil(n / batch),
             times=StageTimes(sample_ms / 1000, decode_ms / 1000),
         )
+
+    def _sample_text(self, request: TextRequest, schedule: SamplingSchedule | None, seed: int,
+                     batch_size: int | None, first_index: int) -> Samples:
+        """A text-to-image export through the runner: the prompt embeddings per batch as its conditioning inputs."""
+        self.artifacts.check_schedule(schedule)
+        dtype = torch_dtype(self.artifacts.precision)
+        inputs, record = text_graph_inputs(self.artifacts, request, self.prompt_encoder, dtype=dtype,
+                                           device=torch.device("cpu"))
+        n = int(next(iter(inputs.values())).shape[0])
+        batch = self.artifacts.batch_size_for(n, batch_size)  # refuses before computing anything
+        noise = self.make_noise(n, seed, first_index)  # (N, C, H, W)
+        images, sample_ms, decode_ms = [], 0.0, 0.0
+        for start in range(0, n, batch):
+            stop = min(start + batch, n)
+            rows = {name: _capsule(value[start:stop].contiguous()) for name, value in inputs.items()}
+            out = self.runner.run_batch(_capsule(noise[start:stop].contiguous()), None, False, rows)
+            images.append(torch.from_dlpack(out["images"]).float().cpu())
+            sample_ms, decode_ms = sample_ms + out["sample_ms"], decode_ms + out["decode_ms"]
+        labels, prompts = prompt_labels(request, n)
+        return Samples(images=torch.cat(images), labels=labels, schedule=self.schedule,
+                       predictor_calls=self.schedule.predictor_calls, refiner_calls=self.schedule.refiner_calls,
+                       num_batches=math.ceil(n / batch), times=StageTimes(sample_ms / 1000, decode_ms / 1000),
+                       prompts=prompts, conditioning=record)
 
     def inpaint(self, *args: Any, **kwargs: Any) -> Samples:
         """Not supported: the C++ runner has no per-step hooks (use ``--backend aoti`` on the same packages)."""

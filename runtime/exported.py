@@ -42,6 +42,7 @@ from flowturbo.runtime.editing import (
     warn_nothing_to_regenerate,
 )
 from flowturbo.runtime.results import Samples, StageTimes
+from flowturbo.runtime.text_exported import PromptEncoder, TextRequest, prompt_labels, text_graph_inputs
 from flowturbo.schedule import SamplingSchedule, StepKind
 
 # A module call: keyword tensors in (spec input names), output tensors out (spec order).
@@ -75,24 +76,31 @@ class _ObserverHooks(StepHooks):
 
 
 class _GraphCalls:
-    """:class:`flowturbo.integrator.ModelCalls` over an export's step graphs for one label batch.
+    """:class:`flowturbo.integrator.ModelCalls` over an export's step graphs for one batch.
 
-    The graphs take B images and return the guided velocity / offset (CFG inside), i.e. B-row "raw" outputs.
+    ``conditioning``: the graphs' conditioning inputs of the batch (``labels`` (B,), or a text export's prompt
+    embeddings). The graphs take B images and return the guided velocity / offset (CFG inside), i.e. B-row "raw"
+    outputs.
     """
 
-    def __init__(self, sampler: "ExportedSampler", labels: torch.Tensor) -> None:
+    def __init__(self, sampler: "ExportedSampler", conditioning: dict[str, torch.Tensor]) -> None:
         self.sampler = sampler
-        self.labels = labels
+        self.conditioning = conditioning
 
     def predictor(self, x: torch.Tensor, t: float) -> torch.Tensor:
-        return self.sampler._call(self.sampler._predict, t, {"t": t}, "predictor", latents=x, labels=self.labels)
+        return self.sampler._call(self.sampler._predict, t, {"t": t}, "predictor", latents=x, **self.conditioning)
 
     def refiner(self, x: torch.Tensor, t: float, v: torch.Tensor, dt: float) -> torch.Tensor:
         if not self.sampler.refiner_dt_conditioning:  # the official refiner's calls: dt is not an input
             return self.sampler._call(self.sampler._refine, (t, None), {"t": t}, "refiner", latents=x, v=v,
-                                      labels=self.labels)
+                                      **self.conditioning)
         return self.sampler._call(self.sampler._refine, (t, dt), {"t": t, DT_INPUT: dt}, "refiner", latents=x, v=v,
-                                  labels=self.labels)
+                                  **self.conditioning)
+
+
+def _conditioning(labels: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """A batch's graph inputs besides latents and times: ``{"labels": labels}`` or a text export's inputs as given."""
+    return dict(labels) if isinstance(labels, dict) else {"labels": labels}
 
 
 class ExportedSampler:
@@ -107,7 +115,9 @@ class ExportedSampler:
         self.artifacts = artifacts
         self.schedule: SamplingSchedule = artifacts.schedule
         model = artifacts.model
-        self.num_classes = int(model["num_classes"])
+        self.takes_prompts = artifacts.takes_prompts  # a text-to-image export: prompt embeddings, not class ids
+        self.num_classes = int(model.get("num_classes", 0))
+        self.prompt_encoder = PromptEncoder(artifacts)  # the pipeline folder's text encoders, loaded on first use
         self.latent_shape = tuple(int(d) for d in model["latent_shape"])
         self.class_names = model.get("class_names")
         self.dtype = torch_dtype(artifacts.precision)
@@ -196,8 +206,8 @@ class ExportedSampler:
         fn = table.get(None)
         if fn is not None:  # time-input graph
             for name, value in scalars.items():
-                inputs[name] = torch.full((inputs["labels"].shape[0],), value, dtype=torch.float32,
-                                          device=inputs["labels"].device)
+                inputs[name] = torch.full((inputs["latents"].shape[0],), value, dtype=torch.float32,
+                                          device=inputs["latents"].device)
         else:  # per-step graph with time (and dt) folded
             fn = table.get(key)
             if fn is None:
@@ -205,13 +215,13 @@ class ExportedSampler:
                 raise SamplingError(f"the export has no {what} graph for {at}; it was built for another schedule")
         return fn(**inputs)[0]
 
-    def _integrate(self, noise: torch.Tensor, labels: torch.Tensor, *,
+    def _integrate(self, noise: torch.Tensor, labels: torch.Tensor | dict[str, torch.Tensor], *,
                    hooks: Sequence[StepHooks] = (), timesteps: Sequence[float] | None = None) -> torch.Tensor:
         """DESIGN.md §2 steps over the schedule's grid through the one integrator; (b, C, H, W) -> (b, C, H, W)."""
         all_hooks = list(hooks)
         if self.step_hook is not None:
             all_hooks.insert(0, _ObserverHooks(self.step_hook))
-        result = integrate(self.schedule, noise, _GraphCalls(self, labels), self.ops, hooks=all_hooks,
+        result = integrate(self.schedule, noise, _GraphCalls(self, _conditioning(labels)), self.ops, hooks=all_hooks,
                            timesteps=timesteps)
         return result.x
 
@@ -289,8 +299,15 @@ class ExportedSampler:
     @torch.inference_mode()
     def sample(
         self,
-        classes: Sequence[int],
+        classes: Sequence[int] | None = None,
         *,
+        prompts: Sequence[str] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        guidance: float | None = None,
+        prompt_embeds: torch.Tensor | None = None,
+        pooled_prompt_embeds: torch.Tensor | None = None,
+        negative_prompt_embeds: torch.Tensor | None = None,
+        negative_pooled_prompt_embeds: torch.Tensor | None = None,
         schedule: SamplingSchedule | None = None,
         seed: int = 0,
         batch_size: int | None = None,
@@ -300,10 +317,59 @@ class ExportedSampler:
         """One image per class id, like ``Sampler.sample`` (image j from seed ``seed + first_index + j``); the
         schedule is the exported one.
 
+        A text-to-image export (``flowturbo export --pipeline``) takes ``prompts`` instead (encoded with the text
+        encoders of the pipeline folder its manifest records; ``negative_prompt``, ``guidance`` as
+        ``Sampler.sample``), or the embeddings directly: ``prompt_embeds`` (N, L, D) and ``pooled_prompt_embeds``
+        (N, P), plus ``negative_prompt_embeds`` / ``negative_pooled_prompt_embeds`` for a CFG export
+        (:mod:`flowturbo.runtime.text_exported`).
+
         Batches hold at most ``batch_size`` images (default: the profile's max) and must fit the exported
         batch profile. ``progress`` is accepted for API compatibility.
         """
+        text = TextRequest(prompts, negative_prompt, guidance, prompt_embeds, pooled_prompt_embeds,
+                           negative_prompt_embeds, negative_pooled_prompt_embeds)
+        if self.takes_prompts:
+            if classes is not None:
+                raise FlowTurboError(f"{self.artifacts.root} is a text-to-image export: it is conditioned on prompts, "
+                                     "not class ids; pass prompts=[...] (--prompt TEXT) or prompt embeddings")
+            return self._generate_text(text, schedule, seed, batch_size, first_index)
+        if text.given:
+            raise FlowTurboError(f"{self.artifacts.root} is conditioned on class ids, not text prompts: pass class ids "
+                                 "(--classes), or export a text-to-image pipeline folder (flowturbo export --pipeline)")
+        if classes is None:
+            raise SamplingError("no classes given: pass at least one class id")
         return self._generate(classes, schedule, seed, batch_size, None, first_index)
+
+    def _generate_text(self, request: TextRequest, schedule: SamplingSchedule | None, seed: int,
+                       batch_size: int | None, first_index: int = 0) -> Samples:
+        """A text-to-image export's sampling: the conditioning inputs per image, batches within the profile."""
+        self.artifacts.check_schedule(schedule)
+        inputs, record = text_graph_inputs(self.artifacts, request, self.prompt_encoder, dtype=self.dtype,
+                                           device=self.device)
+        n = int(next(iter(inputs.values())).shape[0])
+        batch = self.artifacts.batch_size_for(n, batch_size)  # refuses before computing anything
+        noise = make_noise(n, self.latent_shape, seed, self.dtype, first_index=first_index).to(self.device)
+        images, sample_s, decode_s = [], 0.0, 0.0
+        for start in range(0, n, batch):
+            stop = min(start + batch, n)
+            rows = {name: value[start:stop].contiguous() for name, value in inputs.items()}
+            out, _, s, d = self.run_batch(noise[start:stop].contiguous(), rows, None, slice(start, stop))
+            if not bool(torch.isfinite(out).all()):
+                raise SamplingError("NaN/Inf in the decoded images; try the fp32 export or a lower guidance scale")
+            images.append(out.float().cpu())
+            sample_s, decode_s = sample_s + s, decode_s + d
+        labels, prompts = prompt_labels(request, n)
+        return Samples(
+            images=torch.cat(images),
+            labels=labels,
+            schedule=self.schedule,
+            predictor_calls=self.schedule.predictor_calls,
+            refiner_calls=self.schedule.refiner_calls,
+            num_batches=math.ceil(n / batch),
+            times=StageTimes(sample_s, decode_s),
+            prompts=prompts,
+            conditioning=record,
+        )
 
     @torch.inference_mode()
     def inpaint(self, image: Any, mask: torch.Tensor, classes: Sequence[int], *,

@@ -47,7 +47,8 @@ from flowturbo.training.sampling import (
 
 # The reference sampling functions, re-exported: runtime code reaches training/ only through this module.
 __all__ = ["OFFICIAL_GUIDANCE_CHANNELS", "TorchPipeline", "FiniteCheck", "check_labels", "load_pipeline",
-           "load_text_pipeline", "make_noise", "non_finite_message", "resolve_device", "resolve_dtype",
+           "load_prompt_encoder", "load_text_pipeline", "make_noise", "non_finite_message", "resolve_device",
+           "resolve_dtype",
            "resolve_kernel_backend", "run_schedule", "sample_schedule"]
 
 DEFAULT_BUNDLE_DIR = Path(__file__).resolve().parent / "assets" / "default_model"
@@ -315,6 +316,44 @@ def load_text_pipeline(
         kernel_backend=backend,
         family_adapter=family,
     )
+
+
+def load_prompt_encoder(folder: str | Path, *, max_sequence_length: int | None = None,
+                        device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32) -> Any:
+    """The text encoders of a diffusers text-to-image pipeline folder, as its family adapter without the transformer
+    and the VAE (neither is loaded): what an exported text-to-image artifact needs to turn prompts into the
+    embeddings its graphs take. ``family.condition(prompts, schedule, negative=..., guidance=...)`` then gives the
+    same :class:`~flowturbo.families.TextConditioning` as the full adapter (the same encoders, the same rules)."""
+    import diffusers
+
+    from flowturbo.training.families import recognize_pipeline
+    from flowturbo.training.families.flow_match import quiet_diffusers
+
+    found, family_type = recognize_pipeline(folder, "the export's pipeline folder")
+    family_type._require_libraries(found)
+    torch_device = torch.device(device)
+
+    class EncodersOnly(family_type):  # type: ignore[misc, valid-type]
+        """The adapter with its device and dtype from the text encoders (it holds no transformer)."""
+
+        @property
+        def device(self) -> torch.device:
+            return torch_device
+
+        @property
+        def dtype(self) -> torch.dtype:
+            return dtype
+
+    family = EncodersOnly(found, max_sequence_length=max_sequence_length)
+    try:
+        with quiet_diffusers():
+            pipe = getattr(diffusers, family_type.pipeline_class).from_pretrained(
+                str(found.path), transformer=None, vae=None, local_files_only=True, dtype=dtype)
+    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"could not load the text encoders of {found.path}: "
+                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc
+    family.pipe = pipe.to(device=torch_device)
+    return family
 
 
 def _load_official(

@@ -148,7 +148,8 @@ Manifest load_manifest(const std::string& root_text, bool verify_files) {
     m.batch_opt = batch.at("opt").get<int64_t>();
     m.batch_max = batch.at("max").get<int64_t>();
     const auto& model = doc.at("model");
-    m.num_classes = model.at("num_classes").get<int64_t>();
+    m.takes_prompts = model.value("conditioning", std::string()) == "prompts";  // a text-to-image export
+    m.num_classes = m.takes_prompts ? 0 : model.at("num_classes").get<int64_t>();
     m.latent_shape = model.at("latent_shape").get<std::vector<int64_t>>();
     m.image_shape = model.at("image_shape").get<std::vector<int64_t>>();
     m.has_refiner = model.value("has_refiner", false);

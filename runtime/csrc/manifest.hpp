@@ -49,6 +49,9 @@ struct Manifest {
   std::string precision;  // "fp32" | "fp16" | "bf16"
   int64_t batch_min = 1, batch_opt = 1, batch_max = 1;
   int64_t num_classes = 0;
+  // A text-to-image export (flowturbo export --pipeline): the predictor graph takes prompt embeddings (and the
+  // negative prompt's, a guidance value) instead of class ids; the runner's caller passes them per batch.
+  bool takes_prompts = false;
   std::vector<int64_t> latent_shape;  // (C, H, W)
   std::vector<int64_t> image_shape;   // (C, H, W)
   bool has_refiner = false;

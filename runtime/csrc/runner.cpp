@@ -187,6 +187,8 @@ struct ScheduleRunner::Engines {
 struct ScheduleRunner::BatchState {
   int64_t batch = 0;
   at::Tensor labels;                  // (b,) int64 on the device
+  // A text-to-image export's predictor inputs besides latents and t (prompt embeddings, ...), (b, ...) on the device.
+  std::map<std::string, at::Tensor> conditioning;
   std::vector<at::Tensor> times;      // per grid index: (b,) float32 filled with t_k (time-input graphs)
   // Per refiner call (grid index of t, grid index of t_v): (b,) float32 filled with dt = t - t_v, the input of a
   // dt-conditioned refiner's time-input graph (values fixed by the schedule: CUDA-graph capture stays valid).
@@ -371,6 +373,18 @@ ScheduleRunner::BatchState& ScheduleRunner::state_for(int64_t batch) {
   auto state = std::make_unique<BatchState>();
   state->batch = batch;
   state->labels = at::empty({batch}, at::TensorOptions().dtype(at::kLong).device(device_));
+  if (manifest_.takes_prompts) {
+    for (const auto& a : manifest_.artifacts) {
+      if (a.role != "predictor" || a.format != options_.format) continue;
+      for (const auto& input : a.inputs) {
+        if (input.name == "latents" || input.name == "t") continue;
+        std::vector<int64_t> shape{batch};
+        shape.insert(shape.end(), input.shape.begin(), input.shape.end());
+        const auto type = input.dtype == "float32" ? at::kFloat : dtype_of_precision(manifest_.precision);
+        state->conditioning[input.name] = at::empty(shape, at::TensorOptions().dtype(type).device(device_));
+      }
+    }
+  }
   const auto float_options = at::TensorOptions().dtype(at::kFloat).device(device_);
   const auto& grid = manifest_.schedule.timesteps;
   for (double t : grid) state->times.push_back(at::full({batch}, t, float_options));
@@ -396,7 +410,8 @@ ScheduleRunner::BatchState& ScheduleRunner::state_for(int64_t batch) {
 namespace {
 
 at::Tensor call_engine(ModuleEngine& engine, const std::vector<std::string>& names, const at::Tensor& x,
-                       const at::Tensor* v, const at::Tensor& t, const at::Tensor* dt, const at::Tensor& labels) {
+                       const at::Tensor* v, const at::Tensor& t, const at::Tensor* dt, const at::Tensor& labels,
+                       const std::map<std::string, at::Tensor>& conditioning) {
   std::vector<at::Tensor> inputs;
   inputs.reserve(names.size());
   for (const auto& name : names) {
@@ -405,6 +420,7 @@ at::Tensor call_engine(ModuleEngine& engine, const std::vector<std::string>& nam
     else if (name == "t") inputs.push_back(t);
     else if (name == "dt" && dt != nullptr) inputs.push_back(*dt);
     else if (name == "labels") inputs.push_back(labels);
+    else if (conditioning.count(name)) inputs.push_back(conditioning.at(name));
     else throw RunnerError(RunnerError::Kind::kCheckpoint, "an engine takes an unknown input '" + name + "'");
   }
   return engine.run(inputs).at(0);
@@ -414,7 +430,8 @@ at::Tensor call_engine(ModuleEngine& engine, const std::vector<std::string>& nam
 
 at::Tensor ScheduleRunner::velocity(const at::Tensor& x, int time_index, BatchState& state) {
   const auto& graph = engines_->predictor.at(time_index, kNoDt, manifest_.schedule);
-  return call_engine(*graph.engine, graph.inputs, x, nullptr, state.times[time_index], nullptr, state.labels);
+  return call_engine(*graph.engine, graph.inputs, x, nullptr, state.times[time_index], nullptr, state.labels,
+                     state.conditioning);
 }
 
 at::Tensor ScheduleRunner::offset(const at::Tensor& x, const at::Tensor& v, int time_index, int velocity_index,
@@ -424,7 +441,7 @@ at::Tensor ScheduleRunner::offset(const at::Tensor& x, const at::Tensor& v, int 
   const double dt = manifest_.refiner_dt_conditioning ? grid[time_index] - grid[velocity_index] : kNoDt;
   const auto& graph = engines_->refiner.at(time_index, dt, manifest_.schedule);
   return call_engine(*graph.engine, graph.inputs, x, &v, state.times[time_index],
-                     &state.ages.at({time_index, velocity_index}), state.labels);
+                     &state.ages.at({time_index, velocity_index}), state.labels, state.conditioning);
 }
 
 at::Tensor ScheduleRunner::integrate(const at::Tensor& noise, BatchState& state, std::vector<StepRecord>* steps,
@@ -560,6 +577,11 @@ void ScheduleRunner::locate_non_finite(const at::Tensor& noise, BatchState& stat
 }
 
 BatchOutput ScheduleRunner::run_batch(const at::Tensor& noise_in, const at::Tensor& labels_in, bool profile) {
+  return run_batch(noise_in, labels_in, {}, profile);
+}
+
+BatchOutput ScheduleRunner::run_batch(const at::Tensor& noise_in, const at::Tensor& labels_in,
+                                      const std::map<std::string, at::Tensor>& conditioning, bool profile) {
   // Normal (not inference) tensors whatever mode the caller is in: the per-batch buffers outlive this call and
   // are updated in place by later calls, which an inference tensor forbids outside inference mode.
   c10::InferenceMode normal_tensors(false);
@@ -574,7 +596,13 @@ BatchOutput ScheduleRunner::run_batch(const at::Tensor& noise_in, const at::Tens
     msg << "), got " << noise_in.sizes();
     throw RunnerError(RunnerError::Kind::kSampling, msg.str());
   }
-  if (labels_in.dim() != 1 || labels_in.size(0) != batch) {
+  if (manifest_.takes_prompts != !conditioning.empty()) {
+    throw RunnerError(RunnerError::Kind::kSampling,
+                      manifest_.takes_prompts ? "this is a text-to-image export: pass the prompt embeddings "
+                                                "(conditioning), not class ids"
+                                              : "this export is conditioned on class ids, not prompt embeddings");
+  }
+  if (!manifest_.takes_prompts && (labels_in.dim() != 1 || labels_in.size(0) != batch)) {
     throw RunnerError(RunnerError::Kind::kSampling, "labels must be a vector with one class id per image");
   }
   try {
@@ -582,9 +610,11 @@ BatchOutput ScheduleRunner::run_batch(const at::Tensor& noise_in, const at::Tens
   } catch (const ManifestError& exc) {
     throw RunnerError(RunnerError::Kind::kSampling, exc.what());
   }
-  const at::Tensor labels_cpu = labels_in.to(at::kCPU, at::kLong);
+  // A text export has no class ids: a placeholder of zeros (its engines take none; the class check is skipped).
+  const at::Tensor labels_cpu =
+      manifest_.takes_prompts ? at::zeros({batch}, at::kLong) : labels_in.to(at::kCPU, at::kLong);
   const int64_t low = labels_cpu.min().item<int64_t>(), high = labels_cpu.max().item<int64_t>();
-  if (low < 0 || high >= manifest_.num_classes) {
+  if (!manifest_.takes_prompts && (low < 0 || high >= manifest_.num_classes)) {
     throw RunnerError(RunnerError::Kind::kSampling,
                       "class ids must be in [0, " + std::to_string(manifest_.num_classes) + "), got " +
                           std::to_string(low < 0 ? low : high) + "; this model has " +
@@ -596,6 +626,19 @@ BatchOutput ScheduleRunner::run_batch(const at::Tensor& noise_in, const at::Tens
                       "schedule as one call (re-export with --variant time-input)");
   }
   BatchState& state = state_for(batch);
+  for (const auto& [name, buffer] : state.conditioning) {  // a text export's inputs: every one, with its shape
+    const auto given = conditioning.find(name);
+    if (given == conditioning.end() || given->second.sizes() != buffer.sizes()) {
+      std::ostringstream msg;
+      msg << "the text-to-image export takes " << name << " of shape " << buffer.sizes() << ", got "
+          << (given == conditioning.end() ? std::string("none") : c10::str(given->second.sizes()));
+      throw RunnerError(RunnerError::Kind::kSampling, msg.str());
+    }
+  }
+  if (conditioning.size() != state.conditioning.size()) {
+    throw RunnerError(RunnerError::Kind::kSampling, "an input the text-to-image export does not take was given");
+  }
+  for (auto& [name, buffer] : state.conditioning) buffer.copy_(conditioning.at(name));
   const at::Tensor noise = noise_in.to(device_, dtype_).contiguous();
   BatchOutput out;
   synchronize();

@@ -66,6 +66,12 @@ class ScheduleRunner {
   // `profile`, each step is timed (no CUDA graph then). Throws RunnerError on bad input or NaN/Inf,
   // naming the first step that produced it.
   BatchOutput run_batch(const at::Tensor& noise, const at::Tensor& labels, bool profile);
+  // The same for a text-to-image export: `conditioning` maps the predictor graph's other inputs
+  // (prompt_embeds (b, L, D), pooled_prompt_embeds (b, P), the negative prompt's for CFG, guidance (b,)) to
+  // tensors of b rows (any device; copied to the runner's). Every input the graph takes must be given, with its
+  // shape; a class-conditional export refuses it (and a text export refuses labels).
+  BatchOutput run_batch(const at::Tensor& noise, const at::Tensor& labels,
+                        const std::map<std::string, at::Tensor>& conditioning, bool profile);
 
  private:
   struct BatchState;

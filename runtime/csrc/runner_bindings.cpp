@@ -127,13 +127,19 @@ PYBIND11_MODULE(_runner, m) {
            "flowturbo.noise.make_noise)")
       .def(
           "run_batch",
-          [](ScheduleRunner& r, const py::object& noise, const py::object& labels, bool profile) {
+          [](ScheduleRunner& r, const py::object& noise, const py::object& labels, bool profile,
+             const py::dict& conditioning) {
             at::Tensor noise_t = from_capsule(noise, "noise");
-            at::Tensor labels_t = from_capsule(labels, "labels");
+            at::Tensor labels_t = labels.is_none() ? at::Tensor() : from_capsule(labels, "labels");
+            std::map<std::string, at::Tensor> inputs;
+            for (const auto& item : conditioning) {
+              const auto name = item.first.cast<std::string>();
+              inputs[name] = from_capsule(py::reinterpret_borrow<py::object>(item.second), name.c_str());
+            }
             flowturbo::BatchOutput out;
             {
               py::gil_scoped_release release;
-              out = r.run_batch(noise_t, labels_t, profile);
+              out = r.run_batch(noise_t, labels_t, inputs, profile);
             }
             py::dict d;
             d["images"] = to_capsule(out.images);
@@ -147,7 +153,8 @@ PYBIND11_MODULE(_runner, m) {
             d["steps"] = steps;
             return d;
           },
-          py::arg("noise"), py::arg("labels"), py::arg("profile") = false,
-          "One batch: noise (b,C,H,W) and labels (b,) as DLPack capsules -> dict with images/latents capsules, "
+          py::arg("noise"), py::arg("labels"), py::arg("profile") = false, py::arg("conditioning") = py::dict(),
+          "One batch: noise (b,C,H,W) and labels (b,) as DLPack capsules (a text-to-image export: labels None and "
+          "conditioning {input name: capsule} with its prompt embeddings) -> dict with images/latents capsules, "
           "sample_ms, decode_ms, total_ms, steps (when profiled) and graph_replayed");
 }

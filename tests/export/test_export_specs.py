@@ -107,18 +107,21 @@ def test_runtime_manifest_cross_check_accepts_every_spec_the_exporter_writes(pre
 
     from flowturbo.errors import CheckpointError
     from flowturbo.export.manifest import artifact_key
-    from flowturbo.export.specs import DT_INPUT, LABEL_DTYPE, TIME_DTYPE, encoder_spec
+    from flowturbo.export.specs import (DT_INPUT, GUIDANCE_INPUT, LABEL_DTYPE, TIME_DTYPE, encoder_spec,
+                                        text_predictor_step_spec)
     from flowturbo.runtime.artifacts import DT_INPUT as RUNTIME_DT_INPUT
     from flowturbo.runtime.artifacts import FIXED_DTYPES, check_consistent
 
-    assert FIXED_DTYPES == {"t": TIME_DTYPE, DT_INPUT: TIME_DTYPE, "labels": LABEL_DTYPE}
+    assert FIXED_DTYPES == {"t": TIME_DTYPE, DT_INPUT: TIME_DTYPE, "labels": LABEL_DTYPE, GUIDANCE_INPUT: TIME_DTYPE}
     assert RUNTIME_DT_INPUT == DT_INPUT
     batch = BatchProfile(1, 2, 4)
     specs = [predictor_step_spec(LATENT, precision, batch), predictor_step_spec(LATENT, precision, batch, time=0.5),
              refiner_step_spec(LATENT, precision, batch, halves=True), decoder_spec(LATENT, IMAGE, precision, batch),
              encoder_spec(IMAGE, LATENT, precision, batch), unrolled_spec(LATENT, IMAGE, precision, batch),
              refiner_step_spec(LATENT, precision, batch, dt_conditioning=True),
-             refiner_step_spec(LATENT, precision, batch, dt_conditioning=True, time=0.5, dt=0.25)]
+             refiner_step_spec(LATENT, precision, batch, dt_conditioning=True, time=0.5, dt=0.25),
+             text_predictor_step_spec(LATENT, precision, batch, sequence_length=7, embed_dim=5, pooled_dim=3,
+                                      negative=True, guidance_input=True)]
     top = {"batch": batch.describe(), "precision": precision, "variant": "time-input", "schedule_id": "s",
            "formats": ["onnx"], "weights_sha256": "w", "kernel_backend": "reference", "with_encoder": True,
            "tools": {"torch": "2"}, "device": "cpu (x86_64)"}

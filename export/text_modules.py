@@ -1,0 +1,157 @@
+"""Exportable step graphs of text-to-image (diffusers flow-matching) models, built through the predictor protocol.
+
+The graph of one predictor call takes the prompt embeddings as inputs (the text encoders stay in PyTorch: they run
+once per prompt) and returns the *guided* velocity on flowturbo's time axis, exactly what the PyTorch path's
+:class:`~flowturbo.training.families.flow_match.FlowMatchCalls` + the solver ops' CFG rule compute:
+
+* ``sigma = 1 - t`` (the time is a graph input, one value per row), ``v = -model_output``;
+* CFG (``guidance_scale != 1``): the batch is doubled inside the graph, ``[x; x]`` with ``[prompt; negative]``
+  embeddings, and combined as ``u + s (c - u)`` (:func:`flowturbo.kernels.cfg_guided_reference`, the solver ops'
+  rule), so callers pass B images;
+* a distilled guidance value (``GuidanceRule.EMBEDDED``) is the graph input ``guidance`` (B,);
+* everything model-specific — the transformer's keyword inputs, packing into tokens and unpacking, position ids
+  (constants of the graph) — is the family adapter's own ``transformer_inputs`` / ``transformer_output``. Those take
+  sigma as a Python float; the graph needs it as a tensor, so while a graph runs the adapter's transformer is a
+  stand-in (:class:`_TimestepRows`) that receives the timestep the adapter builds for ``sigma = 1`` — its scale
+  (``sigma * 1000`` for SD3, ``sigma`` for FLUX) — and multiplies it by the rows' sigma. Export validates the result
+  against the adapter's own calls at a grid time (``export/text_export.py``), so a wrong mapping cannot pass.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from flowturbo.errors import FlowTurboError
+from flowturbo.families import GuidanceRule, PromptEmbeddings, TextConditioning
+from flowturbo.kernels import cfg_guided_reference
+
+SCALE_SIGMA = 1.0  # the sigma the adapter builds its timestep for: the timestep's scale
+
+
+class _TimestepRows(nn.Module):
+    """The adapter's transformer with its ``timestep`` replaced by ``scale * sigma`` per row (module docstring)."""
+
+    def __init__(self, transformer: nn.Module) -> None:
+        super().__init__()
+        self.inner = transformer
+        self.sigma: torch.Tensor | None = None  # (M,) float32, set for the duration of one call
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.inner.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.inner.device
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if "timestep" not in kwargs or self.sigma is None:
+            raise FlowTurboError("the family adapter's transformer_output did not pass a timestep keyword: its "
+                                 "time input cannot be exported")
+        scale = kwargs.pop("timestep")  # (M,) the adapter's timestep at sigma = 1
+        return self.inner(*args, timestep=scale * self.sigma.to(scale.dtype), **kwargs)
+
+
+class TextPredictorStep(nn.Module):
+    """One guided predictor call of a text-to-image family: the inputs of
+    :func:`flowturbo.export.specs.text_predictor_step_spec` -> guided velocity (B, C, h, w).
+
+    Subclasses fix ``forward``'s signature (its parameter names are the graph's input names)."""
+
+    def __init__(self, family: Any, guidance_scale: float) -> None:
+        super().__init__()
+        self.family = family
+        self.rows = _TimestepRows(family.transformer)  # registers the transformer's weights with this module
+        self.scale = float(guidance_scale)
+        self.guided = self.scale != 1.0
+        self.embedded_guidance = family.guidance_rule is GuidanceRule.EMBEDDED
+
+    @contextlib.contextmanager
+    def _stand_in(self, sigma: torch.Tensor) -> Iterator[None]:
+        """The adapter's transformer is the per-row-timestep stand-in for one call."""
+        original = self.family.transformer
+        self.rows.sigma = sigma
+        self.family.transformer = self.rows
+        try:
+            yield
+        finally:
+            self.family.transformer = original
+            self.rows.sigma = None
+
+    def velocity(self, latents: torch.Tensor, t: torch.Tensor, prompt: PromptEmbeddings,
+                 negative: PromptEmbeddings | None, guidance: torch.Tensor | None) -> torch.Tensor:
+        """``latents`` (B, C, h, w), ``t`` (B,) float32 -> guided velocity (B, C, h, w)."""
+        batch = latents.shape[0]
+        if self.guided and negative is None:
+            raise FlowTurboError("a CFG graph needs the negative prompt's embeddings")
+        # The adapter's own conditioning inputs; a placeholder guidance value, replaced by the input rows below.
+        conditioning = TextConditioning(prompt, negative if self.guided else None,
+                                        1.0 if self.embedded_guidance else None)
+        inputs = self.family.transformer_inputs(conditioning, self.guided)
+        if self.embedded_guidance:
+            if guidance is None:
+                raise FlowTurboError("this model embeds a guidance value: the graph needs the guidance input")
+            inputs["guidance"] = torch.cat([guidance, guidance]) if self.guided else guidance  # (M,) float32
+        xx = torch.cat([latents, latents]) if self.guided else latents  # (M, C, h, w)
+        sigma = 1.0 - t.float()  # (B,) flowturbo's t = 1 - sigma
+        sigma = torch.cat([sigma, sigma]) if self.guided else sigma  # (M,)
+        with self._stand_in(sigma):
+            out = self.family.transformer_output(xx, SCALE_SIGMA, inputs).neg()  # (M, C, h, w) v = -model_output
+        if not self.guided:
+            return out
+        return cfg_guided_reference(out, batch, out.shape[1], self.scale, None, False).to(out.dtype)  # (B, C, h, w)
+
+
+class PromptStep(TextPredictorStep):
+    """``(latents, t, prompt_embeds, pooled_prompt_embeds) -> velocity``."""
+
+    def forward(self, latents: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor,
+                pooled_prompt_embeds: torch.Tensor) -> torch.Tensor:
+        return self.velocity(latents, t, PromptEmbeddings(prompt_embeds, pooled_prompt_embeds), None, None)
+
+
+class PromptGuidanceStep(TextPredictorStep):
+    """``(latents, t, prompt_embeds, pooled_prompt_embeds, guidance) -> velocity`` (a distilled guidance value)."""
+
+    def forward(self, latents: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor,
+                pooled_prompt_embeds: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+        return self.velocity(latents, t, PromptEmbeddings(prompt_embeds, pooled_prompt_embeds), None, guidance)
+
+
+class CFGPromptStep(TextPredictorStep):
+    """``(latents, t, prompt_embeds, pooled_prompt_embeds, negative_prompt_embeds, negative_pooled_prompt_embeds)
+    -> guided velocity`` (the doubled batch inside)."""
+
+    def forward(self, latents: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor,
+                pooled_prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor,
+                negative_pooled_prompt_embeds: torch.Tensor) -> torch.Tensor:
+        return self.velocity(latents, t, PromptEmbeddings(prompt_embeds, pooled_prompt_embeds),
+                             PromptEmbeddings(negative_prompt_embeds, negative_pooled_prompt_embeds), None)
+
+
+class CFGPromptGuidanceStep(TextPredictorStep):
+    """CFG on a doubled batch and a distilled guidance value (FLUX.1-dev's "true CFG")."""
+
+    def forward(self, latents: torch.Tensor, t: torch.Tensor, prompt_embeds: torch.Tensor,
+                pooled_prompt_embeds: torch.Tensor, negative_prompt_embeds: torch.Tensor,
+                negative_pooled_prompt_embeds: torch.Tensor, guidance: torch.Tensor) -> torch.Tensor:
+        return self.velocity(latents, t, PromptEmbeddings(prompt_embeds, pooled_prompt_embeds),
+                             PromptEmbeddings(negative_prompt_embeds, negative_pooled_prompt_embeds), guidance)
+
+
+def text_predictor_step(family: Any, guidance_scale: float) -> TextPredictorStep:
+    """The predictor graph wrapper for ``family`` at ``guidance_scale``: CFG or not, guidance input or not."""
+    guided = float(guidance_scale) != 1.0
+    embedded = family.guidance_rule is GuidanceRule.EMBEDDED
+    cls = {(False, False): PromptStep, (False, True): PromptGuidanceStep, (True, False): CFGPromptStep,
+           (True, True): CFGPromptGuidanceStep}[(guided, embedded)]
+    return cls(family, guidance_scale)
+
+
+__all__ = ["CFGPromptGuidanceStep", "CFGPromptStep", "PromptGuidanceStep", "PromptStep", "TextPredictorStep",
+           "text_predictor_step"]
