@@ -143,7 +143,7 @@ TEXT_REFINER_TRAIN_PRESETS: dict[str, dict[str, Any]] = {
     "default": dict(cache=TeacherCacheConfig(batches=16, reuse=4)),
     # The CPU run of QUALITY.md on a tiny random pipeline (tests/tiny_diffusers.py): minutes on 2 cores.
     "tiny": dict(trajectories=TrajectoryConfig(fine_steps=16, per_prompt=8, batch=16),
-                 hidden_size=32, num_heads=4,
+                 hidden_size=32, num_heads=4, cache=TeacherCacheConfig(batches=8, reuse=4),
                  loop=LoopConfig(steps=400, batch_size=32, lr=1e-3, ema_decay=0.99, grad_clip=0.0, ckpt_every=200,
                                  log_every=20)),
 }
