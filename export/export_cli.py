@@ -176,6 +176,9 @@ def add_text_export_arguments(p: argparse.ArgumentParser) -> None:
                         "sampling may pass another)")
     g.add_argument("--max-sequence-length", type=int_in(1, 512), default=None,
                    help="T5 tokens per prompt the graphs take (default: the pipeline's)")
+    g.add_argument("--refiner", default=None, type=input_path("--refiner"),
+                   help="a refiner trained for this pipeline (`train refiner --teacher DIR --prompts FILE` run): "
+                        "schedules with R steps export its graph too")
 
 
 def run_text_export(args: argparse.Namespace) -> int:
@@ -214,8 +217,21 @@ def run_text_export(args: argparse.Namespace) -> int:
                                  "use --cfg S (classifier-free guidance)")
         plan["request"] = request
 
+    trained = None
+    if args.refiner is not None:
+        from flowturbo.training.token_refiner import read_token_refiner
+
+        trained = read_token_refiner(args.refiner)
+
+    def check_with_refiner(family: Any) -> None:
+        if trained is not None:
+            family.expect_refiner(trained, source=f"--refiner {args.refiner}")
+        check(family)
+
     family = load_family(args.pipeline, device=args.device, dtype=torch_dtype(args.precision),
-                         max_sequence_length=args.max_sequence_length, before_weights=check)
+                         max_sequence_length=args.max_sequence_length, before_weights=check_with_refiner)
+    if trained is not None:
+        family.attach_refiner(trained, source=f"--refiner {args.refiner}")
     options = TextExport(plan["size"], family.max_sequence_length, args.guidance)
     result = export_text_pipeline(family, plan["request"], options, args.out,
                                   source=str(Path(args.pipeline).resolve()),

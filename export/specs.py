@@ -294,6 +294,22 @@ def text_predictor_step_spec(
     return ModuleSpec(PREDICTOR_STEP, tuple(inputs), (_latent("velocity", latent_shape, fp),), batch)
 
 
+def text_refiner_step_spec(
+    latent_shape: tuple[int, int, int], precision: str, batch: BatchProfile, *, pooled_dim: int,
+    dt_conditioning: bool,
+) -> ModuleSpec:
+    """Text-to-image refiner step (a token refiner): latents (B,C,H,W), the carried guided velocity v (B,C,H,W), t (B,),
+    [dt (B,)], pooled_prompt_embeds (B,P) -> offset (B,C,H,W) of the guided velocity (no CFG halves: it corrects the
+    guided velocity of the CFG it was trained at)."""
+    fp = precision_dtype_name(check_precision(precision))
+    inputs = [_latent("latents", latent_shape, fp), _latent("v", latent_shape, fp),
+              TensorSpec("t", TIME_DTYPE, (BATCH_AXIS,))]
+    if dt_conditioning:
+        inputs.append(TensorSpec(DT_INPUT, TIME_DTYPE, (BATCH_AXIS,)))
+    inputs.append(TensorSpec(POOLED_PROMPT_EMBEDS, fp, (BATCH_AXIS, pooled_dim)))
+    return ModuleSpec(REFINER_STEP, tuple(inputs), (_latent("offset", latent_shape, fp),), batch)
+
+
 def decoder_spec(
     latent_shape: tuple[int, int, int], image_shape: tuple[int, int, int], precision: str, batch: BatchProfile
 ) -> ModuleSpec:
@@ -357,6 +373,7 @@ __all__ = [
     "predictor_step_spec",
     "refiner_step_spec",
     "text_predictor_step_spec",
+    "text_refiner_step_spec",
     "unrolled_spec",
     "velocity_shape",
 ]

@@ -12,8 +12,9 @@ What differs (docs/predictor_protocol.md, "Export"):
   VAE decoder with its scale and shift. The text encoders are not exported: they run once per prompt in PyTorch,
   from the pipeline folder the manifest records;
 * the schedule — the family's own shifted time grid for the exported image size is baked into the recorded
-  schedule (as ``Sampler.default_schedule(..., size=...)`` does for sampling); R steps are refused (no refiner
-  export for these models yet);
+  schedule (as ``Sampler.default_schedule(..., size=...)`` does for sampling); R steps export the family's
+  attached token refiner (``--refiner RUN``) as a third graph, ``refiner_step`` (latents, v, t, dt, pooled prompt
+  embeddings -> offset of the guided velocity); without one they are refused;
 * the checks — besides ONNX Runtime / AOTInductor against the eager graph module, the eager graph module is checked
   once against the adapter's own model calls at a grid time (the PyTorch sampling path), so the time mapping, the
   CFG halves and the guidance input are validated, not only the tracing.
@@ -57,16 +58,20 @@ from flowturbo.export.pipeline import (
 )
 from flowturbo.export.specs import (
     DECODER,
+    DT_INPUT,
     GUIDANCE_INPUT,
     PREDICTOR_STEP,
+    REFINER_STEP,
     ModuleSpec,
     decoder_spec,
     text_predictor_step_spec,
+    text_refiner_step_spec,
 )
-from flowturbo.export.text_modules import text_predictor_step
+from flowturbo.export.text_modules import text_predictor_step, text_refiner_step
 from flowturbo.families import GuidanceRule, ImageSize, PromptEmbeddings, TextConditioning
 from flowturbo.fileio import OutputFolder, atomic_write_bytes, sealed_json_bytes
 from flowturbo.kernels import cfg_guided_reference
+from flowturbo.refiner_dt import REFINER_DT_KEY
 from flowturbo.schedule import SamplingSchedule
 
 TEXT_FORMATS = ("onnx", "aoti")  # TensorRT engines of text models: not built yet
@@ -90,11 +95,7 @@ def text_schedule(family: Any, notation: str | None, cfg: float | None, size: Im
     defaults = family.defaults
     schedule = SamplingSchedule.parse(notation or defaults.schedule,
                                       guidance_scale=defaults.cfg if cfg is None else cfg)
-    if schedule.uses_refiner:
-        raise FlowTurboError(f"schedule {schedule.notation} has R (refiner) steps; exporting a velocity refiner for "
-                             f"{family.description} models is not supported yet: export H, P and E steps (e.g. "
-                             f"H2P2 or {defaults.schedule})")
-    family.check_schedule(schedule)
+    family.check_schedule(schedule)  # R steps: a refiner trained for this model, at this CFG (--refiner)
     grid = family.timesteps(schedule.num_steps, family.latent_shape(size))
     return schedule if grid is None else dataclasses.replace(schedule, timesteps=grid)
 
@@ -114,9 +115,9 @@ def check_text_request(family: Any, request: ExportRequest) -> None:
     if request.kernel_backend != "reference":
         raise FlowTurboError("--kernels triton: our fused kernels are not wired into diffusers transformers; use "
                              "--kernels reference")
-    if request.schedule.uses_refiner:
-        raise FlowTurboError(f"schedule {request.schedule.notation} has R (refiner) steps; exporting a velocity "
-                             f"refiner for {family.description} models is not supported yet: export H, P and E steps")
+    if request.schedule.uses_refiner and family.refiner_record is None:
+        raise FlowTurboError(f"schedule {request.schedule.notation} has R (refiner) steps, which need a refiner trained "
+                             f"for this {family.description} model: pass --refiner RUN, or export H, P and E steps")
     if request.schedule.guidance_channels is not None:
         raise FlowTurboError(f"--guidance-channels: {family.description} models guide every latent channel")
 
@@ -146,10 +147,19 @@ def _plan(family: Any, request: ExportRequest, options: TextExport) -> tuple[lis
     spec = text_predictor_step_spec(latent, request.precision, request.batch, sequence_length=sequence,
                                     embed_dim=width, pooled_dim=pooled, negative=scale != 1.0,
                                     guidance_input=family.guidance_rule is GuidanceRule.EMBEDDED)
-    planned = [_Planned(PREDICTOR_STEP, "predictor", text_predictor_step(family, scale), spec),
-               _Planned(DECODER, "decoder", DecoderStep(family.decoder),
-                        decoder_spec(latent, image, request.precision, request.batch))]
+    planned = [_Planned(PREDICTOR_STEP, "predictor", text_predictor_step(family, scale), spec)]
+    if request.schedule.uses_refiner:
+        refiner = family.refiner
+        planned.append(_Planned(REFINER_STEP, "refiner", text_refiner_step(refiner), text_refiner_step_spec(
+            latent, request.precision, request.batch, pooled_dim=pooled, dt_conditioning=refiner.takes_dt)))
+    planned.append(_Planned(DECODER, "decoder", DecoderStep(family.decoder),
+                            decoder_spec(latent, image, request.precision, request.batch)))
     return planned, {"sequence_length": sequence, "embed_dim": width, "pooled_dim": pooled}
+
+
+def _refiner_dt(family: Any) -> dict[str, Any] | None:
+    dt = getattr(family, "refiner_dt", None)
+    return None if dt is None else dt.to_dict()
 
 
 def text_example_inputs(spec: ModuleSpec, batch: int, seed: int = VALIDATION_SEED,
@@ -161,6 +171,8 @@ def text_example_inputs(spec: ModuleSpec, batch: int, seed: int = VALIDATION_SEE
         shape = tensor.shape_for(batch)
         if tensor.name == "t":
             value = torch.rand(shape, generator=generator) * 0.98 + 0.01
+        elif tensor.name == DT_INPUT:
+            value = torch.rand(shape, generator=generator) * 0.5
         elif tensor.name == GUIDANCE_INPUT:
             value = torch.rand(shape, generator=generator) * 4 + 1
         else:
@@ -215,7 +227,10 @@ def export_text_pipeline(
         raise FlowTurboError(f"load the pipeline in {request.precision} on {device} for this export "
                              f"(it is {family.dtype} on {family.device})")
     latent = list(family.latent_shape(options.size))
-    weights = weights_sha256({"transformer": family.transformer, "decoder": family.decoder})
+    parts = {"transformer": family.transformer, "decoder": family.decoder}
+    if request.schedule.uses_refiner:
+        parts["refiner"] = family.refiner
+    weights = weights_sha256(parts)
     text_fields = {"family": family.name, "latent_shape": latent, "image_size": str(options.size),
                    "max_sequence_length": options.max_sequence_length, "guidance": options.guidance}
     key_fields = {"format": EXPORT_FORMAT, "weights_sha256": weights, **request.key_fields(), "text": text_fields,
@@ -304,8 +319,10 @@ def _build(family: Any, request: ExportRequest, options: TextExport, root: Path,
             "latent_shape": key_fields["text"]["latent_shape"],
             "image_shape": [int(family.decoder.image_channels), options.size.height, options.size.width],
             "text_inputs": shapes,
-            "has_refiner": False,
-            "refiner_dt_conditioning": False,
+            "has_refiner": request.schedule.uses_refiner,
+            "refiner_dt_conditioning": bool(request.schedule.uses_refiner and family.refiner.takes_dt),
+            REFINER_DT_KEY: _refiner_dt(family) if request.schedule.uses_refiner else None,
+            "refiner_trained_for": (family.refiner_record.to_dict() if request.schedule.uses_refiner else None),
             "decoder": family.decoder.decoder_type,
             "defaults": {**family.defaults.to_dict(),
                          **({} if options.guidance is None else {"guidance": float(options.guidance)})},

@@ -144,6 +144,32 @@ class CFGPromptGuidanceStep(TextPredictorStep):
                              PromptEmbeddings(negative_prompt_embeds, negative_pooled_prompt_embeds), guidance)
 
 
+class TextRefinerStep(nn.Module):
+    """A text family's token refiner as a graph: ``(latents, v, t, [dt], pooled_prompt_embeds) -> offset`` (B rows:
+    the offset of the guided velocity, :mod:`flowturbo.training.token_refiner`)."""
+
+    def __init__(self, refiner: nn.Module) -> None:
+        super().__init__()
+        self.refiner = refiner
+
+    def forward(self, latents: torch.Tensor, v: torch.Tensor, t: torch.Tensor,
+                pooled_prompt_embeds: torch.Tensor) -> torch.Tensor:
+        return self.refiner(latents, t, v, pooled_prompt_embeds)
+
+
+class TextDtRefinerStep(TextRefinerStep):
+    """The same with the velocity age ``dt`` (B,) as an input (a dt-conditioned refiner)."""
+
+    def forward(self, latents: torch.Tensor, v: torch.Tensor, t: torch.Tensor,  # type: ignore[override]
+                dt: torch.Tensor, pooled_prompt_embeds: torch.Tensor) -> torch.Tensor:
+        return self.refiner(latents, t, v, pooled_prompt_embeds, dt)
+
+
+def text_refiner_step(refiner: nn.Module) -> TextRefinerStep:
+    """The refiner graph wrapper: with a dt input exactly when the refiner takes one."""
+    return (TextDtRefinerStep if refiner.takes_dt else TextRefinerStep)(refiner)
+
+
 def text_predictor_step(family: Any, guidance_scale: float) -> TextPredictorStep:
     """The predictor graph wrapper for ``family`` at ``guidance_scale``: CFG or not, guidance input or not."""
     guided = float(guidance_scale) != 1.0
@@ -153,5 +179,5 @@ def text_predictor_step(family: Any, guidance_scale: float) -> TextPredictorStep
     return cls(family, guidance_scale)
 
 
-__all__ = ["CFGPromptGuidanceStep", "CFGPromptStep", "PromptGuidanceStep", "PromptStep", "TextPredictorStep",
-           "text_predictor_step"]
+__all__ = ["CFGPromptGuidanceStep", "CFGPromptStep", "PromptGuidanceStep", "PromptStep", "TextDtRefinerStep",
+           "TextPredictorStep", "TextRefinerStep", "text_predictor_step", "text_refiner_step"]

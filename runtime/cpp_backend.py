@@ -78,6 +78,9 @@ class CppSampler:
                                  f"{torch.__version__} is installed; rebuild it: bash scripts/setup.sh")
         if engine_format == "aoti":
             artifacts.check_torch_version(torch.__version__)
+        if artifacts.takes_prompts and artifacts.schedule.uses_refiner:
+            raise FlowTurboError(f"{artifacts.root}: the C++ runner does not run text-to-image exports with R steps yet "
+                                 "(its refiner engine takes class ids); sample it with backend onnxruntime or aoti")
         self.artifacts = artifacts
         self.schedule: SamplingSchedule = artifacts.schedule
         self.takes_prompts = artifacts.takes_prompts  # a text-to-image export: prompt embeddings, not class ids

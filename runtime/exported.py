@@ -42,7 +42,7 @@ from flowturbo.runtime.editing import (
     warn_nothing_to_regenerate,
 )
 from flowturbo.runtime.results import Samples, StageTimes
-from flowturbo.runtime.text_exported import PromptEncoder, TextRequest, prompt_labels, text_graph_inputs
+from flowturbo.runtime.text_exported import POOLED, PromptEncoder, TextRequest, prompt_labels, text_graph_inputs
 from flowturbo.schedule import SamplingSchedule, StepKind
 
 # A module call: keyword tensors in (spec input names), output tensors out (spec order).
@@ -91,11 +91,13 @@ class _GraphCalls:
         return self.sampler._call(self.sampler._predict, t, {"t": t}, "predictor", latents=x, **self.conditioning)
 
     def refiner(self, x: torch.Tensor, t: float, v: torch.Tensor, dt: float) -> torch.Tensor:
+        # A text export's refiner reads the prompts' pooled embeddings only (its graph's one conditioning input).
+        conditioning = ({POOLED: self.conditioning[POOLED]} if self.sampler.takes_prompts else self.conditioning)
         if not self.sampler.refiner_dt_conditioning:  # the official refiner's calls: dt is not an input
             return self.sampler._call(self.sampler._refine, (t, None), {"t": t}, "refiner", latents=x, v=v,
-                                      **self.conditioning)
+                                      **conditioning)
         return self.sampler._call(self.sampler._refine, (t, dt), {"t": t, DT_INPUT: dt}, "refiner", latents=x, v=v,
-                                  **self.conditioning)
+                                  **conditioning)
 
 
 def _conditioning(labels: torch.Tensor | dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

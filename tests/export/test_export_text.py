@@ -196,7 +196,7 @@ def test_manifest_records_the_pipeline(exported):
 
 
 @pytest.mark.parametrize("args, needles", [
-    (["--schedule", "H1R2"], ("R (refiner) steps", "not supported yet")),
+    (["--schedule", "H1R2"], ("has R steps", "need a velocity refiner", "--refiner RUN")),
     (["--variant", "per-step"], ("time-input variant only",)),
     (["--with-encoder"], ("inpainting and editing with text-to-image models",)),
     (["--guidance-channels", "2"], ("every latent channel",)),

@@ -352,6 +352,7 @@ class FlowMatchFamily:
         self.max_sequence_length = int(max_sequence_length or self.default_max_sequence_length)
         self.refiner: Any = None  # a TokenRefiner (attach_refiner), or None
         self.refiner_record: Any = None  # its TokenRefinerRecord
+        self.refiner_dt: Any = None  # the dt distribution it was trained on (its max_dt: the trained range)
 
     @classmethod
     def _transformer_type(cls) -> Any:
@@ -449,6 +450,7 @@ class FlowMatchFamily:
                                   f"{config.patch_size}x{config.patch_size} patches; this model has "
                                   f"{self.latent_channels} channels and {self.patch}x{self.patch} patches")
         self.refiner_record = record
+        self.refiner_dt = trained.dt
 
     def sigma_rows(self, sigma: float | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         """``sigma`` as (M,) float64 rows for a batch ``x`` of M rows: one float for every row, or one per row."""
