@@ -300,6 +300,9 @@ def load_text_pipeline(
                          before_weights=before)
     if trained is not None:
         family.attach_refiner(trained, kernel_backend=backend, source=f"--refiner {refiner}")
+    from flowturbo.training.families.fused_adaln import fuse_adaln
+
+    family.adaln_fusion = fuse_adaln(family.transformer, backend)  # the fused adaLN kernel where the pattern matches
     defaults = family.defaults
     return TorchPipeline(
         predictor=family.transformer,

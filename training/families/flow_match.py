@@ -652,7 +652,8 @@ class FlowMatchFamily:
                 "vae_scale_factor": self.vae_scale_factor, "latent_channels": self.latent_channels,
                 "default_size": str(self.default_size()),
                 "refiner": None if self.refiner is None else {"config": self.refiner.config.to_dict(),
-                                                              "trained_for": self.refiner_record.to_dict()}}
+                                                              "trained_for": self.refiner_record.to_dict()},
+                "adaln_fusion": None if getattr(self, "adaln_fusion", None) is None else self.adaln_fusion.to_dict()}
 
 
 __all__ = [
