@@ -181,8 +181,9 @@ def check_strength(strength: float) -> float:
     return float(strength)
 
 
-def latent_keep_mask(mask: torch.Tensor, latent_size: int) -> torch.Tensor:
-    """(1, 1, H, W) pixel mask (1 = regenerate) -> (1, 1, h, w) bool *keep* mask at latent resolution.
+def latent_keep_mask(mask: torch.Tensor, latent_size: int | tuple[int, int]) -> torch.Tensor:
+    """(1, 1, H, W) pixel mask (1 = regenerate) -> (1, 1, h, w) bool *keep* mask at latent resolution (``latent_size``:
+    h = w, or (h, w)).
 
     A latent cell is regenerated when any of its pixels is (max-pooling), so no generated pixel depends on a
     latent that was pinned to the input.
@@ -228,7 +229,7 @@ class InpaintTask:
     name = "inpaint"
     timesteps: tuple[float, ...] | None = None
 
-    def __init__(self, image: ImageInput, mask: torch.Tensor, known: torch.Tensor, latent_size: int, *,
+    def __init__(self, image: ImageInput, mask: torch.Tensor, known: torch.Tensor, latent_size: int | tuple[int, int], *,
                  feather: int = DEFAULT_FEATHER_PX, mask_notes: Sequence[str] = ()) -> None:
         self.image = image
         self.mask = mask  # (1, 1, H, W) in {0, 1}
@@ -326,19 +327,23 @@ def smallest_strength(schedule: SamplingSchedule) -> float:
     return float(f"{math.ceil(exact / digits) * digits:.1g}")  # as printed: that strength itself passes
 
 
-def input_only_samples(image: ImageInput, classes: Sequence[int], schedule: SamplingSchedule, num_classes: int,
-                       notes: Sequence[str]) -> Any:
-    """The result of an all-black mask: every output is the input image; no model call is made."""
+def input_only_samples(image: ImageInput, classes: Sequence[Any], schedule: SamplingSchedule, num_classes: int,
+                       notes: Sequence[str], *, prompts: bool = False) -> Any:
+    """The result of an all-black mask: every output is the input image; no model call is made. ``prompts``:
+    ``classes`` are a text model's prompts (labels index the distinct ones, as ``sample``'s)."""
     from flowturbo.runtime.results import Samples, StageTimes
 
-    labels = [int(c) for c in classes]
+    distinct = list(dict.fromkeys(classes)) if prompts else None
+    labels = [distinct.index(p) for p in classes] if distinct is not None else [int(c) for c in classes]
     if not labels:
-        raise FlowTurboError("no classes given: pass at least one class id")
-    bad = [c for c in labels if not 0 <= c < num_classes]
+        raise FlowTurboError("no prompts given: pass at least one prompt" if prompts else
+                             "no classes given: pass at least one class id")
+    bad = [] if prompts else [c for c in labels if not 0 <= c < num_classes]
     if bad:
         raise FlowTurboError(f"class ids {bad[:5]} are outside [0, {num_classes}); this model has {num_classes} classes")
     return Samples(images=_rows(image.pixels.float().cpu(), slice(None), len(labels)).contiguous(), labels=labels,
                    schedule=schedule, predictor_calls=0, refiner_calls=0, num_batches=0, times=StageTimes(0.0, 0.0),
+                   prompts=distinct,
                    task={"task": "inpaint", "regenerated_fraction": 0.0,
                          "notes": [*image.notes, *notes, "the mask is black everywhere: the input is returned"]})
 
