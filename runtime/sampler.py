@@ -416,11 +416,7 @@ class Sampler:
         if pixels.dim() != 4:
             raise FlowTurboError(f"the image must be (N, C, H, W) in [-1, 1], got {tuple(pixels.shape)}")
         size = ImageSize(int(pixels.shape[-1]), int(pixels.shape[-2]))
-        try:
-            _, h, w = family.latent_shape(size)  # (C, h, w)
-        except FlowTurboError as exc:  # "--size WxH is not a multiple of ...; the nearest valid sizes are ..."
-            raise FlowTurboError(f"--image {str(exc).removeprefix('--size ')} (the image's size is the output's: "
-                                 "resize it to one the model takes)") from None
+        _, h, w = check_text_image_size(family, size)  # (C, h, w)
         check_task_inputs(image, mask, (3, size.height, size.width), len(requests))
         return requests, size, (h, w)
 
@@ -493,6 +489,16 @@ class Sampler:
             prompts=prompts,
             conditioning=None if prompts is None else _text_record(conditioning, negative, family, latent_shape),
         )
+
+
+def check_text_image_size(family: Any, size: ImageSize) -> tuple[int, int, int]:
+    """The latent shape (C, h, w) of a text model's inpaint / edit input of ``size`` (the output's size); a size the
+    model cannot take is refused naming the nearest valid ones."""
+    try:
+        return family.latent_shape(size)
+    except FlowTurboError as exc:  # "--size WxH is not a multiple of ...; the nearest valid sizes are ..."
+        raise FlowTurboError(f"--image {str(exc).removeprefix('--size ')} (the input image's size is the results': "
+                             "resize it to one the model takes)") from None
 
 
 def _labels_of(requests: Sequence[Any], family: Any) -> tuple[list[int], list[str] | None]:
