@@ -136,6 +136,20 @@ def test_inpaint_hook_pins_the_known_latents_exactly(samplers, image, name):
             assert (latents[~keep] - known.expand(2, -1, -1, -1)[~keep]).abs().max() > 0.1
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_non_square_inpainting_keeps_pixels_on_the_grid_of_its_size(samplers, name):
+    """A 32x16 (W x H) image: results of its size, kept pixels exact, the family's grid at that size."""
+    sampler = samplers(name)
+    image = torch.rand(1, 3, 16, 32, generator=torch.Generator().manual_seed(9)) * 2 - 1
+    mask = torch.zeros(1, 1, 16, 32)
+    mask[..., 4:12, 20:28] = 1
+    out = sampler.inpaint(image, mask, prompts=PROMPTS[:1], schedule="E3", seed=2, progress=False)
+    keep = mask[0, 0] == 0
+    assert out.images.shape == (1, 3, 16, 32)
+    assert torch.equal(out.images[:, :, keep], image[:, :, keep])
+    assert out.schedule.timesteps == sampler.default_schedule("E3", size=ImageSize(32, 16)).timesteps
+
+
 def test_all_black_mask_returns_the_input_with_a_warning(samplers, image):
     with pytest.warns(EditingWarning, match="nothing to regenerate"):
         out = samplers("sd3").inpaint(image, torch.zeros(IMAGE_SIZE, IMAGE_SIZE), prompts=PROMPTS, progress=False)
