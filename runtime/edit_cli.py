@@ -5,6 +5,10 @@ with an export made ``--with-encoder``), read the image (and mask) before loadin
 ``--out`` first, and write like ``sample``: ``grid.png`` (input | mask | results), ``input.png``
 (``mask.png``), one PNG per result and ``run.json`` (with the task's settings and any conversion notes),
 atomically. Method and guarantees: :mod:`flowturbo.runtime.editing`.
+
+``--pipeline DIR --prompt TEXT`` (a diffusers SD3 / FLUX.1 folder, the text flags of ``sample`` without ``--size``):
+the results have the input image's size (one the model takes, checked before any weights load), on the family's own
+time grid at that size; files are named after the prompts (docs/predictor_protocol.md, "Inpainting and editing").
 """
 
 from __future__ import annotations
@@ -85,7 +89,7 @@ def add_inpaint_parser(sub: argparse._SubParsersAction) -> None:
 
 def add_edit_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``flowturbo edit``."""
-    p = sub.add_parser("edit", help="SDEdit-style editing of an image towards given classes (e.g. shirt -> dress)")
+    p = sub.add_parser("edit", help="SDEdit-style editing of an image towards given classes (e.g. shirt -> dress) or prompts")
     _add_common(p)
     g = p.add_argument_group("editing")
     g.add_argument("--strength", type=Number(float, low=0, low_open=True, high=1), required=True,
