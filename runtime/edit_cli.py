@@ -5,6 +5,10 @@ with an export made ``--with-encoder``), read the image (and mask) before loadin
 ``--out`` first, and write like ``sample``: ``grid.png`` (input | mask | results), ``input.png``
 (``mask.png``), one PNG per result and ``run.json`` (with the task's settings and any conversion notes),
 atomically. Method and guarantees: :mod:`flowturbo.runtime.editing`.
+
+``--pipeline DIR --prompt TEXT`` (a diffusers SD3 / FLUX.1 folder, the text flags of ``sample`` without ``--size``):
+the results have the input image's size (one the model takes, checked before any weights load), on the family's own
+time grid at that size; files are named after the prompts (docs/predictor_protocol.md, "Inpainting and editing").
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from flowturbo import __version__
 from flowturbo.cliargs import GUIDANCE_SCALE, POSITIVE_INT, SEED, Number, input_path, int_in, output_path
 from flowturbo.errors import FlowTurboError
 from flowturbo.runtime.backends import EXPORTED_BACKENDS
+from flowturbo.runtime.text_cli import add_text_arguments, check_text_args
 from flowturbo.runtime.cli import (
     MAX_GRID_SCALE,
     MAX_IMAGES,
@@ -39,9 +44,11 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("what to generate")
     g.add_argument("--image", required=True, type=input_path("--image"),
                    help="input image (PNG/JPEG) of the model's image size")
-    g.add_argument("--classes", required=True, help="comma-separated class ids of the results (cycled)")
+    g.add_argument("--classes", default=None,
+                   help="comma-separated class ids of the results (cycled); required for class-conditional models")
     g.add_argument("--num-images", type=int_in(1, MAX_IMAGES), default=None,
-                   help="number of results, at least one per class given (default: one per class given)")
+                   help="number of results, at least one per class (or prompt) given (default: one per class or "
+                        "prompt given)")
     g.add_argument("--schedule", default=None, help="schedule notation or preset (default: the model's)")
     g.add_argument("--cfg", type=GUIDANCE_SCALE, default=None, help="guidance scale (default: the model's)")
     g.add_argument("--guidance-channels", type=POSITIVE_INT, default=None,
@@ -64,6 +71,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     a.add_argument("--backend", default="pytorch", choices=["pytorch", *EXPORTED_BACKENDS],
                    help="pytorch (default), onnxruntime, aoti or tensorrt (cpp: not supported, says why)")
     a.add_argument("--threads", type=int_in(1, MAX_THREADS), default=None, help="CPU intra-op threads")
+    add_text_arguments(p, size=False)  # --pipeline DIR --prompt ...: the output is the input image's size
 
 
 def add_inpaint_parser(sub: argparse._SubParsersAction) -> None:
@@ -81,7 +89,7 @@ def add_inpaint_parser(sub: argparse._SubParsersAction) -> None:
 
 def add_edit_parser(sub: argparse._SubParsersAction) -> None:
     """Register ``flowturbo edit``."""
-    p = sub.add_parser("edit", help="SDEdit-style editing of an image towards given classes (e.g. shirt -> dress)")
+    p = sub.add_parser("edit", help="SDEdit-style editing of an image towards given classes (e.g. shirt -> dress) or prompts")
     _add_common(p)
     g = p.add_argument_group("editing")
     g.add_argument("--strength", type=Number(float, low=0, low_open=True, high=1), required=True,
@@ -101,6 +109,10 @@ def _check_args(args: argparse.Namespace) -> None:
         from flowturbo.runtime.cpp_backend import _NO_TASKS
 
         raise FlowTurboError(_NO_TASKS.format(what="inpainting" if args.task == "inpaint" else "editing"))
+    check_text_args(args)  # --pipeline with prompts; text flags without it refused; a text --model bundle resolved
+    if args.pipeline is None and args.classes is None:
+        raise FlowTurboError("--classes is required: the class ids of the results (or --pipeline DIR with --prompt "
+                             "TEXT for a text-to-image model)")
     check_sample_args(args)
 
 
@@ -118,11 +130,10 @@ def run_task(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace, out_folder: Any, disk_size: tuple[int, int]) -> int:
-    import numpy as np
     import torch
 
     from flowturbo.runtime.editing import DEFAULT_FEATHER_PX, load_image, load_mask
-    from flowturbo.runtime.images import to_uint8, write_sample_folder
+    from flowturbo.runtime.images import to_uint8
 
     t_load = time.perf_counter()
     if args.artifacts is not None:
@@ -136,6 +147,8 @@ def _run(args: argparse.Namespace, out_folder: Any, disk_size: tuple[int, int]) 
         channels, size = int(sampler.artifacts.model["image_shape"][0]), int(sampler.artifacts.model["image_shape"][1])
         schedule, num_classes, class_names = _exported_schedule(args, sampler), sampler.num_classes, sampler.class_names
         model_info: dict[str, Any] = sampler.describe()
+    elif args.pipeline is not None:  # a text-to-image pipeline folder: the image's size, the family's grid
+        return _run_text(args, out_folder, disk_size, t_load)
     else:
         from flowturbo.runtime.sampler import Sampler
 
@@ -159,10 +172,59 @@ def _run(args: argparse.Namespace, out_folder: Any, disk_size: tuple[int, int]) 
         feather = DEFAULT_FEATHER_PX if args.feather is None else args.feather
         samples = sampler.inpaint(image, mask, classes, feather=feather, mask_notes=notes,
                                   progress=not args.no_progress, **common)
-        mask_pixels = (mask[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)  # (H, W, 1)
-        inputs["mask.png"] = np.repeat(mask_pixels, channels, axis=2)
+        inputs["mask.png"] = _mask_png(mask, channels)
     else:
         samples = sampler.edit(image, args.strength, classes, progress=not args.no_progress, **common)
+    return _write(args, out_folder, sampler, samples, model_info, class_names, inputs, load_s)
+
+
+def _run_text(args: argparse.Namespace, out_folder: Any, disk_size: tuple[int, int], t_load: float) -> int:
+    """``--pipeline DIR --prompt ...``: the results have the input image's size (one the model takes), on the
+    family's own time grid at that size; files are named after the prompts, as ``sample``'s."""
+    from flowturbo.families import ImageSize
+    from flowturbo.runtime.cli import schedule_from_args
+    from flowturbo.runtime.editing import DEFAULT_FEATHER_PX, load_image, load_mask
+    from flowturbo.runtime.images import to_uint8
+    from flowturbo.runtime.sampler import check_text_image_size
+    from flowturbo.runtime.text_cli import load_text_sampler, prompt_names, requests
+
+    size = ImageSize(*disk_size)
+    sampler = load_text_sampler(args, lambda parse: schedule_from_args(args, parse),
+                                check_family=lambda family: check_text_image_size(family, size))
+    pipe = sampler.pipeline
+    pipe.require_encoder("inpainting" if args.task == "inpaint" else "editing")
+    load_s = time.perf_counter() - t_load
+    channels: Any = "default" if args.guidance_channels is None else args.guidance_channels
+    schedule = schedule_from_args(args, lambda spec: sampler.default_schedule(spec, args.cfg, channels, size))
+    image = load_image(args.image, channels=3, size=disk_size)
+    text = dict(prompts=requests(args), negative_prompt=args.negative_prompt, guidance=args.guidance,
+                schedule=schedule, seed=args.seed, batch_size=args.batch, progress=not args.no_progress)
+    inputs = {"input.png": to_uint8(image.pixels)[0]}
+    if args.task == "inpaint":
+        mask, notes = load_mask(args.mask, size=disk_size, image_size=disk_size, resize=args.resize)
+        feather = DEFAULT_FEATHER_PX if args.feather is None else args.feather
+        samples = sampler.inpaint(image, mask, feather=feather, mask_notes=notes, **text)
+        inputs["mask.png"] = _mask_png(mask, 3)
+    else:
+        samples = sampler.edit(image, args.strength, **text)
+    return _write(args, out_folder, sampler, samples, pipe.describe(), prompt_names(samples.prompts), inputs, load_s)
+
+
+def _mask_png(mask: Any, channels: int) -> Any:
+    """(1, 1, H, W) in {0, 1} -> (H, W, channels) uint8 for ``mask.png``."""
+    import numpy as np
+
+    mask_pixels = (mask[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)  # (H, W, 1)
+    return np.repeat(mask_pixels, channels, axis=2)
+
+
+def _write(args: argparse.Namespace, out_folder: Any, sampler: Any, samples: Any, model_info: dict[str, Any],
+           names: list[str] | None, inputs: dict[str, Any], load_s: float) -> int:
+    """Write the output folder (results, inputs, run.json) and print the summary."""
+    import torch
+
+    from flowturbo.runtime.images import to_uint8, write_sample_folder
+
     t_write = time.perf_counter()
     record: dict[str, Any] = {
         "flowturbo_version": __version__, "command": " ".join(["flowturbo", *sys.argv[1:]]),
@@ -170,7 +232,7 @@ def _run(args: argparse.Namespace, out_folder: Any, disk_size: tuple[int, int]) 
         "mask": str(args.mask) if args.task == "inpaint" else None, "torch_version": torch.__version__,
         "host": platform.node(), "seconds_load": load_s, **samples.record(),
     }
-    out = write_sample_folder(out_folder, to_uint8(samples.images), samples.labels, record, class_names,
+    out = write_sample_folder(out_folder, to_uint8(samples.images), samples.labels, record, names,
                               grid_scale=args.grid_scale, inputs=inputs)
     write_s, n = time.perf_counter() - t_write, len(samples.labels)
     task = samples.task or {}

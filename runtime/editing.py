@@ -79,8 +79,14 @@ def _eight_bit(image: Any, notes: list[str], what: str) -> Any:
     return Image.fromarray(np.rint(values / 257.0).astype(np.uint8), mode="L")
 
 
-def load_image(path: str | os.PathLike[str], *, channels: int, size: int, resize: bool = False) -> ImageInput:
-    """Read an image file as (1, channels, size, size) in [-1, 1].
+def _wh(size: int | tuple[int, int]) -> tuple[int, int]:
+    """A side (a square) or (width, height) as (width, height)."""
+    return (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+
+
+def load_image(path: str | os.PathLike[str], *, channels: int, size: int | tuple[int, int],
+               resize: bool = False) -> ImageInput:
+    """Read an image file as (1, channels, H, W) in [-1, 1] (``size``: H = W, or (W, H)).
 
     A colour image for a grayscale model is converted (and the note says so), likewise grayscale for an RGB
     model; a 16-bit grayscale image is scaled to 8 bits (:func:`_eight_bit`, noted); a size other than the
@@ -93,12 +99,13 @@ def load_image(path: str | os.PathLike[str], *, channels: int, size: int, resize
     if image.mode != mode:
         notes.append(f"converted the {image.mode} image to {mode} for a {channels}-channel model")
         image = image.convert(mode)
-    if image.size != (size, size):
+    width, height = _wh(size)
+    if image.size != (width, height):
         if not resize:
-            raise FlowTurboError(f"--image is {image.size[0]}x{image.size[1]} but the model makes {size}x{size} "
+            raise FlowTurboError(f"--image is {image.size[0]}x{image.size[1]} but the model makes {width}x{height} "
                                  "images; pass --resize to resize it")
-        notes.append(f"resized the image from {image.size[0]}x{image.size[1]} to {size}x{size}")
-        image = image.resize((size, size), _bicubic())
+        notes.append(f"resized the image from {image.size[0]}x{image.size[1]} to {width}x{height}")
+        image = image.resize((width, height), _bicubic())
     array = np.asarray(image, dtype=np.uint8)
     array = array[..., None] if array.ndim == 2 else array  # (H, W, C)
     pixels = torch.from_numpy(array.copy()).permute(2, 0, 1)[None].float() / 127.5 - 1  # (1, C, H, W)
@@ -111,9 +118,10 @@ def _bicubic() -> Any:
     return Image.Resampling.BICUBIC
 
 
-def load_mask(path: str | os.PathLike[str], *, size: int, image_size: tuple[int, int] | None = None,
+def load_mask(path: str | os.PathLike[str], *, size: int | tuple[int, int], image_size: tuple[int, int] | None = None,
               resize: bool = False) -> tuple[torch.Tensor, tuple[str, ...]]:
-    """Read a mask file as (1, 1, size, size) floats in {0, 1}: 1 (white) = regenerate, 0 (black) = keep.
+    """Read a mask file as (1, 1, H, W) floats in {0, 1} (``size``: H = W, or (W, H)): 1 (white) = regenerate,
+    0 (black) = keep.
 
     Grey levels are thresholded at :data:`MASK_THRESHOLD` (noted); colour masks are converted to gray first. A
     mask whose size differs from the image's (``image_size``, as read from disk) is refused naming both sizes,
@@ -121,17 +129,18 @@ def load_mask(path: str | os.PathLike[str], *, size: int, image_size: tuple[int,
     """
     image = open_image(path, "--mask")
     notes: list[str] = []
-    want = image_size or (size, size)
+    width, height = _wh(size)
+    want = image_size or (width, height)
     if image.size != want and not resize:
         raise FlowTurboError(f"--mask is {image.size[0]}x{image.size[1]} but --image is {want[0]}x{want[1]}; "
                              "give a mask of the image's size or pass --resize")
     image = _eight_bit(image, notes, "--mask")
     gray = _mask_channel(image, notes)
-    if gray.size != (size, size):
-        notes.append(f"resized the mask from {gray.size[0]}x{gray.size[1]} to {size}x{size} (nearest)")
+    if gray.size != (width, height):
+        notes.append(f"resized the mask from {gray.size[0]}x{gray.size[1]} to {width}x{height} (nearest)")
         from PIL import Image
 
-        gray = gray.resize((size, size), Image.Resampling.NEAREST)
+        gray = gray.resize((width, height), Image.Resampling.NEAREST)
     values = torch.from_numpy(np.asarray(gray, dtype=np.uint8).copy()).float() / 255.0  # (H, W) in [0, 1]
     binary = values >= MASK_THRESHOLD
     if not torch.equal(values, binary.float()):
@@ -181,8 +190,9 @@ def check_strength(strength: float) -> float:
     return float(strength)
 
 
-def latent_keep_mask(mask: torch.Tensor, latent_size: int) -> torch.Tensor:
-    """(1, 1, H, W) pixel mask (1 = regenerate) -> (1, 1, h, w) bool *keep* mask at latent resolution.
+def latent_keep_mask(mask: torch.Tensor, latent_size: int | tuple[int, int]) -> torch.Tensor:
+    """(1, 1, H, W) pixel mask (1 = regenerate) -> (1, 1, h, w) bool *keep* mask at latent resolution (``latent_size``:
+    h = w, or (h, w)).
 
     A latent cell is regenerated when any of its pixels is (max-pooling), so no generated pixel depends on a
     latent that was pinned to the input.
@@ -228,7 +238,7 @@ class InpaintTask:
     name = "inpaint"
     timesteps: tuple[float, ...] | None = None
 
-    def __init__(self, image: ImageInput, mask: torch.Tensor, known: torch.Tensor, latent_size: int, *,
+    def __init__(self, image: ImageInput, mask: torch.Tensor, known: torch.Tensor, latent_size: int | tuple[int, int], *,
                  feather: int = DEFAULT_FEATHER_PX, mask_notes: Sequence[str] = ()) -> None:
         self.image = image
         self.mask = mask  # (1, 1, H, W) in {0, 1}
@@ -326,19 +336,23 @@ def smallest_strength(schedule: SamplingSchedule) -> float:
     return float(f"{math.ceil(exact / digits) * digits:.1g}")  # as printed: that strength itself passes
 
 
-def input_only_samples(image: ImageInput, classes: Sequence[int], schedule: SamplingSchedule, num_classes: int,
-                       notes: Sequence[str]) -> Any:
-    """The result of an all-black mask: every output is the input image; no model call is made."""
+def input_only_samples(image: ImageInput, classes: Sequence[Any], schedule: SamplingSchedule, num_classes: int,
+                       notes: Sequence[str], *, prompts: bool = False) -> Any:
+    """The result of an all-black mask: every output is the input image; no model call is made. ``prompts``:
+    ``classes`` are a text model's prompts (labels index the distinct ones, as ``sample``'s)."""
     from flowturbo.runtime.results import Samples, StageTimes
 
-    labels = [int(c) for c in classes]
+    distinct = list(dict.fromkeys(classes)) if prompts else None
+    labels = [distinct.index(p) for p in classes] if distinct is not None else [int(c) for c in classes]
     if not labels:
-        raise FlowTurboError("no classes given: pass at least one class id")
-    bad = [c for c in labels if not 0 <= c < num_classes]
+        raise FlowTurboError("no prompts given: pass at least one prompt" if prompts else
+                             "no classes given: pass at least one class id")
+    bad = [] if prompts else [c for c in labels if not 0 <= c < num_classes]
     if bad:
         raise FlowTurboError(f"class ids {bad[:5]} are outside [0, {num_classes}); this model has {num_classes} classes")
     return Samples(images=_rows(image.pixels.float().cpu(), slice(None), len(labels)).contiguous(), labels=labels,
                    schedule=schedule, predictor_calls=0, refiner_calls=0, num_batches=0, times=StageTimes(0.0, 0.0),
+                   prompts=distinct,
                    task={"task": "inpaint", "regenerated_fraction": 0.0,
                          "notes": [*image.notes, *notes, "the mask is black everywhere: the input is returned"]})
 

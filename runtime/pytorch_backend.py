@@ -91,9 +91,12 @@ class TorchPipeline:
         if fast_layout is not None:
             fast_layout(self.device)  # the SD-VAE / TAESD decoders run channels-last on CUDA
 
-    def require_encoder(self, what: str) -> LatentEncoder:
+    def require_encoder(self, what: str) -> Any:
         """The image encoder, loaded on first use for official checkpoints (the ``--vae`` AutoencoderKL's encoder);
-        a clear error naming the fix when the model has none."""
+        a clear error naming the fix when the model has none. A text-to-image pipeline's is its family's VAE encoder
+        (with the VAE's scale and shift, the inverse of the family's decode)."""
+        if self.encoder is None and self.family_adapter is not None:
+            self.encoder = self.family_adapter.image_encoder().eval()
         if self.encoder is None and self.encoder_source is not None:
             self.encoder = DiffusersVAEEncoder.from_folder(self.encoder_source, device=self.device,
                                                            dtype=self.dtype).eval()

@@ -324,71 +324,115 @@ class Sampler:
         self,
         image: ImageInput | torch.Tensor,
         mask: torch.Tensor,
-        classes: Sequence[int],
+        classes: Sequence[int] | None = None,
         *,
-        schedule: SamplingSchedule | None = None,
+        prompts: Sequence[str] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        guidance: float | None = None,
+        schedule: SamplingSchedule | str | None = None,
+        cfg: float | None = None,
         seed: int = 0,
         batch_size: int | None = None,
         progress: bool = True,
         feather: int = DEFAULT_FEATHER_PX,
         mask_notes: Sequence[str] = (),
     ) -> Samples:
-        """Regenerate the white region of ``mask`` in ``image``, once per entry of ``classes``.
+        """Regenerate the white region of ``mask`` in ``image``, once per entry of ``classes`` (class-conditional
+        models) or of ``prompts`` (text-to-image: ``negative_prompt`` and ``guidance`` as in :meth:`sample`).
 
         image: (1, C, H, W) in [-1, 1] (or an :class:`~flowturbo.runtime.editing.ImageInput`), or one image per
-        class (N, C, H, W); mask: (1 or N, 1, H, W) or (H, W) in {0, 1}, 1 = regenerate. Method and guarantees: :mod:`flowturbo.runtime.editing` (kept pixels
-        are exactly the input's; an all-white mask is plain sampling; an all-black one returns the input).
+        result (N, C, H, W); mask: (1 or N, 1, H, W) or (H, W) in {0, 1}, 1 = regenerate. A text model samples at
+        the image's size (one it can take; else refused naming the nearest valid ones), on its own time grid for
+        that size. Method and guarantees: :mod:`flowturbo.runtime.editing` (kept pixels are exactly the input's; an
+        all-white mask is plain sampling; an all-black one returns the input).
         """
-        pipe = self._class_pipeline("inpainting")
         image = image if isinstance(image, ImageInput) else ImageInput(image.float())
         mask = mask.float().reshape(-1, 1, *mask.shape[-2:])
-        _check_task_image(image, mask, pipe, len(classes))
-        schedule = schedule or self.default_schedule()
+        requests, size, latent_size = self._task_request(classes, prompts, image, mask)
+        schedule = self._task_schedule(schedule, cfg, size)
+        pipe = self.pipeline
         pipe.require_encoder("inpainting")  # a model without one is refused even when nothing is regenerated
         if not bool(mask.any()):
             warn_nothing_to_regenerate()
-            return input_only_samples(image, classes, schedule, pipe.num_classes, mask_notes)
+            if size is None:
+                return input_only_samples(image, requests, schedule, pipe.num_classes, mask_notes)
+            return input_only_samples(image, requests, schedule, 0, mask_notes, prompts=True)
         known = self._encode(image, "inpainting")
-        task = InpaintTask(image, mask, known, pipe.latent_shape[1], feather=feather, mask_notes=mask_notes)
-        return self._generate(classes, schedule, seed, batch_size, progress, task)
+        task = InpaintTask(image, mask, known, latent_size, feather=feather, mask_notes=mask_notes)
+        return self._generate(requests, schedule, seed, batch_size, progress, task, negative=negative_prompt,
+                              guidance=guidance, size=size)
 
     @torch.inference_mode()
     def edit(
         self,
         image: ImageInput | torch.Tensor,
         strength: float,
-        classes: Sequence[int],
+        classes: Sequence[int] | None = None,
         *,
-        schedule: SamplingSchedule | None = None,
+        prompts: Sequence[str] | None = None,
+        negative_prompt: str | Sequence[str] | None = None,
+        guidance: float | None = None,
+        schedule: SamplingSchedule | str | None = None,
+        cfg: float | None = None,
         seed: int = 0,
         batch_size: int | None = None,
         progress: bool = True,
     ) -> Samples:
-        """SDEdit-style editing of ``image`` towards each class in ``classes`` (strength in (0, 1]; 1 = sample).
+        """SDEdit-style editing of ``image`` towards each class in ``classes`` or each prompt in ``prompts``
+        (strength in (0, 1]; 1 = sample).
 
         Starts at ``t0 = 1 - strength`` on the linear path between fresh noise and the encoded image and runs the
-        schedule's steps on its grid rescaled onto ``[t0, 1]`` (same call counts); see
-        :mod:`flowturbo.runtime.editing`.
+        schedule's steps on its grid (a text model's: its own shifted grid at the image's size) rescaled onto
+        ``[t0, 1]`` (same call counts); see :mod:`flowturbo.runtime.editing`.
         """
-        pipe = self._class_pipeline("editing")
         image = image if isinstance(image, ImageInput) else ImageInput(image.float())
         strength = check_strength(strength)
-        _check_task_image(image, None, pipe, len(classes))
-        schedule = schedule or self.default_schedule()
+        requests, size, _ = self._task_request(classes, prompts, image, None)
+        schedule = self._task_schedule(schedule, cfg, size)
         known = self._encode(image, "editing")
-        return self._generate(classes, schedule, seed, batch_size, progress, EditTask(image, known, strength, schedule))
+        return self._generate(requests, schedule, seed, batch_size, progress, EditTask(image, known, strength, schedule),
+                              negative=negative_prompt, guidance=guidance, size=size)
 
-    def _class_pipeline(self, what: str) -> TorchPipeline:
-        """The pipeline, when its family is class-conditional (inpainting and editing are not yet wired for text
-        models: their tasks would need the prompts' conditioning and the VAE encoder's scale and shift)."""
+    def _task_request(self, classes: Sequence[int] | None, prompts: Sequence[str] | None, image: ImageInput,
+                      mask: torch.Tensor | None) -> tuple[list[Any], ImageSize | None, int | tuple[int, int]]:
+        """(requests, image size, latent size) of an inpaint / edit request, its image (and mask) checked against the
+        model: class ids and the model's one image size (size None), or prompts and the image's own size (a size the
+        model takes; the latent size is then (h, w))."""
         family = self.pipeline.family
-        if family.conditioning_kind is not ConditioningKind.CLASSES:
-            raise FlowTurboError(f"{what} with text-to-image models ({family.name}) is not supported yet; sample with "
-                                 "prompts, or use a class-conditional model")
-        return self.pipeline
+        if prompts is not None and classes is not None:
+            raise FlowTurboError("give class ids or prompts, not both")
+        given = ConditioningKind.PROMPTS if prompts is not None else ConditioningKind.CLASSES
+        if given is not family.conditioning_kind:
+            raise conditioning_mismatch(family, given)
+        if given is ConditioningKind.CLASSES:
+            if classes is None:
+                raise FlowTurboError("no classes given: pass at least one class id")
+            _check_task_image(image, mask, self.pipeline, len(classes))
+            return list(classes), None, self.pipeline.latent_shape[1]
+        requests = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not requests:
+            raise FlowTurboError("no prompts given: pass at least one prompt")
+        pixels = image.pixels
+        if pixels.dim() != 4:
+            raise FlowTurboError(f"the image must be (N, C, H, W) in [-1, 1], got {tuple(pixels.shape)}")
+        size = ImageSize(int(pixels.shape[-1]), int(pixels.shape[-2]))
+        _, h, w = check_text_image_size(family, size)  # (C, h, w)
+        check_task_inputs(image, mask, (3, size.height, size.width), len(requests))
+        return requests, size, (h, w)
+
+    def _task_schedule(self, schedule: SamplingSchedule | str | None, cfg: float | None,
+                       size: ImageSize | None) -> SamplingSchedule:
+        """A schedule object as given, or a notation (None: the model's default) on the model's grid at ``size``."""
+        if schedule is None or isinstance(schedule, str):
+            return self.default_schedule(schedule, cfg, size=size)
+        if cfg is not None:
+            raise FlowTurboError("cfg applies to a schedule given by notation; a SamplingSchedule carries its own "
+                                 "guidance (use schedule.with_guidance)")
+        return schedule
 
     def _encode(self, image: ImageInput, what: str) -> torch.Tensor:
-        """x_1 = E(image): (1, C, h, w) in the solver state's dtype, on the device."""
+        """x_1 = E(image): (1, C, h, w) in the solver state's dtype, on the device (a text model's: its VAE encoder with
+        the scale and shift, ``TorchPipeline.require_encoder``)."""
         pipe = self.pipeline
         encoder = pipe.require_encoder(what)
         weight = next(encoder.parameters())
@@ -445,6 +489,16 @@ class Sampler:
             prompts=prompts,
             conditioning=None if prompts is None else _text_record(conditioning, negative, family, latent_shape),
         )
+
+
+def check_text_image_size(family: Any, size: ImageSize) -> tuple[int, int, int]:
+    """The latent shape (C, h, w) of a text model's inpaint / edit input of ``size`` (the output's size); a size the
+    model cannot take is refused naming the nearest valid ones."""
+    try:
+        return family.latent_shape(size)
+    except FlowTurboError as exc:  # "--size WxH is not a multiple of ...; the nearest valid sizes are ..."
+        raise FlowTurboError(f"--image {str(exc).removeprefix('--size ')} (the input image's size is the results': "
+                             "resize it to one the model takes)") from None
 
 
 def _labels_of(requests: Sequence[Any], family: Any) -> tuple[list[int], list[str] | None]:

@@ -22,8 +22,8 @@ TEXT_FLAGS = ("--prompt", "--prompts", "--negative-prompt", "--guidance", "--siz
 MODEL_FLAGS = ("--model", "--predictor", "--vae", "--decoder", "--checkpoint-entry", "--artifacts")
 
 
-def add_text_arguments(p: argparse.ArgumentParser) -> None:
-    """``sample``'s text-to-image group."""
+def add_text_arguments(p: argparse.ArgumentParser, *, size: bool = True) -> None:
+    """``sample``'s text-to-image group (``inpaint`` / ``edit``: without ``--size``, the input image's)."""
     g = p.add_argument_group("text-to-image (a diffusers flow-matching pipeline folder instead of --model)")
     g.add_argument("--pipeline", default=None, type=input_path("--pipeline"),
                    help="a diffusers StableDiffusion3Pipeline (SD3 / SD3.5) or FluxPipeline (FLUX.1-dev / -schnell) "
@@ -37,9 +37,10 @@ def add_text_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--guidance", type=Number(float, low=0), default=None,
                    help="the distilled guidance value of guidance-distilled models (FLUX.1-dev: default 3.5); not "
                         "CFG: one transformer call per step")
-    g.add_argument("--size", default=None,
-                   help="image size WIDTHxHEIGHT in pixels, or one number for a square (default: the model's, "
-                        "1024x1024 for SD3.5 / FLUX.1); a multiple of the VAE factor times the patch size (16)")
+    if size:
+        g.add_argument("--size", default=None,
+                       help="image size WIDTHxHEIGHT in pixels, or one number for a square (default: the model's, "
+                            "1024x1024 for SD3.5 / FLUX.1); a multiple of the VAE factor times the patch size (16)")
     g.add_argument("--max-sequence-length", type=int_in(1, MAX_SEQUENCE_LENGTH), default=None,
                    help="T5 tokens per prompt (default: the pipeline's, 256 for SD3 and 512 for FLUX.1)")
 
@@ -93,7 +94,7 @@ def check_text_args(args: argparse.Namespace, *, distributed: bool = False) -> N
         raise FlowTurboError("give --prompt or --prompts, not both")
     if args.prompt is not None and not all(p.strip() for p in args.prompt):
         raise FlowTurboError("--prompt is empty; give the text to draw")
-    if args.size is not None:
+    if getattr(args, "size", None) is not None:
         ImageSize.parse(args.size)
     requests(args)  # reads --prompts and applies --num-images: a bad file or count fails now
 
@@ -110,15 +111,16 @@ def requests(args: argparse.Namespace) -> list[str]:
     return [prompts[i % len(prompts)] for i in range(args.num_images)]
 
 
-def load_text_sampler(args: argparse.Namespace, schedule_of: Any) -> Any:
+def load_text_sampler(args: argparse.Namespace, schedule_of: Any, check_family: Any = None) -> Any:
     """The :class:`~flowturbo.runtime.sampler.Sampler` of ``--pipeline`` with the execution-path flags. The request
     (size, schedule, CFG, negative prompt, guidance) is checked against the folder's configs before any weights load:
     ``schedule_of(parse)`` gives the schedule the command line asks for, ``parse(spec)`` turning a notation into one
-    with the model's default CFG."""
+    with the model's default CFG; ``check_family(family)``: a caller's own check there (inpaint / edit: the image's
+    size)."""
     from flowturbo.runtime.sampler import Sampler
     from flowturbo.schedule import SamplingSchedule
 
-    size = ImageSize.parse(args.size) if args.size is not None else None
+    size = ImageSize.parse(args.size) if getattr(args, "size", None) is not None else None
 
     def check(family: Any) -> None:
         defaults = family.defaults
@@ -126,6 +128,8 @@ def load_text_sampler(args: argparse.Namespace, schedule_of: Any) -> Any:
             spec or defaults.schedule, guidance_scale=defaults.cfg if args.cfg is None else args.cfg,
             guidance_channels=args.guidance_channels))
         family.check_request(schedule, size=size, negative=args.negative_prompt, guidance=args.guidance)
+        if check_family is not None:
+            check_family(family)
 
     return Sampler.from_pipeline(args.pipeline, device=args.device, dtype=args.dtype, kernel_backend=args.kernels,
                                  max_sequence_length=args.max_sequence_length, before_weights=check,

@@ -155,14 +155,15 @@ def test_missing_text_encoder_files_name_the_path(tiny_pipelines, tmp_path, caps
 
 
 @pytest.mark.parametrize("command", [
-    ["tune", "--out", "x"], ["profile"], ["inpaint"], ["edit"], ["eval"],
+    ["tune", "--out", "x"], ["profile"], ["eval"],
 ])
 def test_pipeline_on_other_commands_is_not_supported_yet(tiny_pipelines, tmp_path, capsys, command):
-    """Only `sample` and `export` (tests/export/test_export_text.py) run text-to-image models for now: tune, profile,
-    inpaint, edit and eval refuse --pipeline with one line (not argparse's "unrecognized arguments")."""
+    """Only `sample`, `export` (tests/export/test_export_text.py), `inpaint` and `edit` (tests/runtime/
+    test_text_editing.py) run text-to-image models for now: tune, profile and eval refuse --pipeline with one line
+    (not argparse's "unrecognized arguments")."""
     assert main([*command, "--pipeline", str(tiny_pipelines["sd3"])]) == 2
-    one_error_line(capsys, f"flowturbo {command[0]}: error:", "works with `flowturbo sample` and `flowturbo export` "
-                   "only", "not supported yet")
+    one_error_line(capsys, f"flowturbo {command[0]}: error:", "works with `flowturbo sample`, `flowturbo export`, "
+                   "`flowturbo inpaint` and `flowturbo edit` only", "not supported yet")
     assert not (tmp_path / "x").exists()
 
 

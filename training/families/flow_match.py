@@ -644,6 +644,22 @@ class FlowMatchFamily:
         """``vae.decode(latents / scaling_factor + shift_factor)`` in [-1, 1] (B, 3, H, W), as the pipelines."""
         return self.decoder.decode(latents)
 
+    def image_encoder(self) -> "VAEImageEncoder":
+        """The image encoder inpainting and editing start from: the loaded VAE's encoder with the folder's scale and
+        shift, the inverse of :meth:`decode`."""
+        if self.pipe is None:
+            raise SamplingError("the adapter has no loaded pipeline: load it (FlowMatchFamily.load) before encoding")
+        vae = self.pipe.vae
+        return VAEImageEncoder(vae, float(vae.config.scaling_factor), float(vae.config.shift_factor or 0.0))
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> latents (B, C, H/f, W/f): ``(mode - shift_factor) * scaling_factor``
+        (:class:`VAEImageEncoder`); a size the model cannot take is refused naming the nearest valid ones."""
+        if images.dim() != 4:
+            raise FlowTurboError(f"images must be (B, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
+        self.latent_shape(ImageSize(int(images.shape[-1]), int(images.shape[-2])))
+        return self.image_encoder().encode(images)
+
     def describe(self) -> dict[str, Any]:
         return {"family": self.name, "pipeline": str(self.folder.path), "pipeline_class": self.folder.class_name,
                 "transformer": self.transformer_class, "scheduler": self.folder.component_class("scheduler"),
@@ -656,11 +672,37 @@ class FlowMatchFamily:
                 "adaln_fusion": None if getattr(self, "adaln_fusion", None) is None else self.adaln_fusion.to_dict()}
 
 
+class VAEImageEncoder(torch.nn.Module):
+    """A diffusers ``AutoencoderKL``'s encoder as the flow-matching pipelines use it, the inverse of the decode:
+    ``(vae.encode(x).latent_dist.mode() - shift_factor) * scaling_factor`` (decode: ``z / scaling_factor +
+    shift_factor``). The posterior's mode (= its mean), not a sample: deterministic; diffusers' img2img / inpaint
+    pipelines draw ``latent_dist.sample(generator)`` by default, which differs from the mode by ``std * eps`` (tiny
+    for the released VAEs, whose posterior std is small)."""
+
+    def __init__(self, vae: Any, scaling_factor: float, shift_factor: float) -> None:
+        super().__init__()
+        self.vae = vae
+        self.scaling_factor = float(scaling_factor)
+        self.shift_factor = float(shift_factor)
+        self.image_channels = int(vae.config.in_channels)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """(B, 3, H, W) in [-1, 1] -> (B, C, H/f, W/f) in the VAE's dtype."""
+        if images.dim() != 4 or images.shape[1] != self.image_channels:
+            raise FlowTurboError(f"images must be (B, {self.image_channels}, H, W) in [-1, 1], got "
+                                 f"{tuple(images.shape)}")
+        weight = next(self.vae.parameters())
+        mode = self.vae.encode(images.to(device=weight.device, dtype=weight.dtype)).latent_dist.mode()  # (B, C, h, w)
+        return (mode - self.shift_factor) * self.scaling_factor
+
+
 __all__ = [
     "FlowMatchCalls",
     "FlowMatchFamily",
     "PipelineFolder",
     "PromptTruncatedWarning",
+    "VAEImageEncoder",
     "calculate_shift",
     "flow_match_timesteps",
     "quiet_diffusers",
