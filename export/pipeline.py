@@ -336,15 +336,9 @@ def export_bundle(
     key = artifact_key(key_fields)
     with OutputFolder(out, command="export", what="export directory", wait=wait) as folder:
         target = folder.path  # the resolved target every step of the folder uses
-        if target.exists():
-            existing = _read_manifest(target)
-            if existing is not None and existing.get("key") == key and _checksums_ok(target, existing):
-                return ExportResult(target, existing, reused=True)
-            if any(target.iterdir()) and not overwrite:
-                what = ("artifacts built for something else (" +
-                        _differences(existing.get("key_fields", {}), key_fields) + ")" if existing is not None
-                        else "an export that is incomplete, unsealed or edited by hand")
-                raise FlowTurboError(f"{target} holds {what}; pass --overwrite to rebuild or choose another --out")
+        reused = reuse_existing(target, key, key_fields, overwrite)
+        if reused is not None:
+            return reused
         with folder.staging() as staging:
             manifest = _build(bundle, request, staging, device, weights, key, key_fields, source, command, progress,
                               before_module)
@@ -421,7 +415,52 @@ def _build(bundle: Bundle, request: ExportRequest, root: Path, device: torch.dev
     timing_cache = root / "tensorrt" / tensorrt_export.TIMING_CACHE_FILE
     if timing_cache.is_file():
         written.append(timing_cache)
-    manifest = {
+    model = {
+        "source": source,
+        "weights_sha256": weights,
+        "num_classes": bundle.num_classes,
+        "latent_shape": list(bundle.latent_shape),
+        "image_shape": list(bundle.image_shape),
+        "class_names": bundle.class_names,
+        "has_refiner": bundle.refiner is not None,
+        # The refiner graphs take (time-input) or fold (per-step, unrolled) the velocity age dt; the runtime
+        # refuses graphs that do not (flowturbo.runtime.artifacts.check_refiner_dt).
+        "refiner_dt_conditioning": refiner_takes_dt(bundle.refiner),
+        REFINER_DT_KEY: None if bundle.refiner_dt is None else bundle.refiner_dt.to_dict(),
+        "decoder": bundle.decoder.decoder_type,
+        "defaults": bundle.defaults.to_dict(),
+    }
+    manifest = manifest_record(request, key, key_fields, model, artifacts, file_entries(root, written), command,
+                               started, with_encoder=request.with_encoder)
+    if failures is not None:
+        manifest["validation_failures"] = failures
+    # Last, sealed: a directory without it is incomplete, and an edited one is refused by every reader.
+    atomic_write_bytes(root / MANIFEST_FILE, sealed_json_bytes(manifest))
+    return manifest
+
+
+def reuse_existing(target: Path, key: str, key_fields: dict[str, Any], overwrite: bool) -> ExportResult | None:
+    """An existing export at ``target`` with the same key and intact checksums (reused as is), else None when it may
+    be (re)built; a folder holding anything else is refused unless ``overwrite``, naming what differs."""
+    if not target.exists():
+        return None
+    existing = _read_manifest(target)
+    if existing is not None and existing.get("key") == key and _checksums_ok(target, existing):
+        return ExportResult(target, existing, reused=True)
+    if any(target.iterdir()) and not overwrite:
+        what = ("artifacts built for something else (" + _differences(existing.get("key_fields", {}), key_fields) + ")"
+                if existing is not None else "an export that is incomplete, unsealed or edited by hand")
+        raise FlowTurboError(f"{target} holds {what}; pass --overwrite to rebuild or choose another --out")
+    return None
+
+
+def manifest_record(request: "ExportRequest", key: str, key_fields: dict[str, Any], model: dict[str, Any],
+                    artifacts: list[dict[str, Any]], files: Any, command: str | None, started: float, *,
+                    with_encoder: bool) -> dict[str, Any]:
+    """The manifest every export writes (class bundles and text-to-image pipelines): the request, the artifact key,
+    ``model`` (what the runtime needs to know about the model), the artifacts and their file checksums, the tools,
+    device, command and timing. The caller seals it last (:func:`flowturbo.fileio.sealed_json_bytes`)."""
+    return {
         "format": EXPORT_FORMAT,
         "key": key,
         "key_fields": key_fields,
@@ -432,35 +471,16 @@ def _build(bundle: Bundle, request: ExportRequest, root: Path, device: torch.dev
         "kernel_backend": request.kernel_backend,
         "batch": request.batch.to_dict(),
         "formats": list(request.formats),
-        "with_encoder": request.with_encoder,
-        "model": {
-            "source": source,
-            "weights_sha256": weights,
-            "num_classes": bundle.num_classes,
-            "latent_shape": list(bundle.latent_shape),
-            "image_shape": list(bundle.image_shape),
-            "class_names": bundle.class_names,
-            "has_refiner": bundle.refiner is not None,
-            # The refiner graphs take (time-input) or fold (per-step, unrolled) the velocity age dt; the runtime
-            # refuses graphs that do not (flowturbo.runtime.artifacts.check_refiner_dt).
-            "refiner_dt_conditioning": refiner_takes_dt(bundle.refiner),
-            REFINER_DT_KEY: None if bundle.refiner_dt is None else bundle.refiner_dt.to_dict(),
-            "decoder": bundle.decoder.decoder_type,
-            "defaults": bundle.defaults.to_dict(),
-        },
+        "with_encoder": with_encoder,
+        "model": model,
         "artifacts": artifacts,
-        "files": file_entries(root, written),
+        "files": files,
         "tools": key_fields["tools"],
         "device": key_fields["device"],
         "command": command if command is not None else command_line(),
         "created_unix": time.time(),
         "export_seconds": time.perf_counter() - started,
     }
-    if failures is not None:
-        manifest["validation_failures"] = failures
-    # Last, sealed: a directory without it is incomplete, and an edited one is refused by every reader.
-    atomic_write_bytes(root / MANIFEST_FILE, sealed_json_bytes(manifest))
-    return manifest
 
 
 def export_model(

@@ -37,7 +37,6 @@ from flowturbo.export.manifest import (
     EXPORT_FORMAT,
     MANIFEST_FILE,
     artifact_key,
-    command_line,
     device_description,
     exporter_sha256,
     file_entries,
@@ -50,11 +49,10 @@ from flowturbo.export.pipeline import (
     VALIDATION_SEED,
     ExportRequest,
     ExportResult,
-    _checksums_ok,
-    _differences,
     _max_error,
     _outputs,
-    _read_manifest,
+    manifest_record,
+    reuse_existing,
 )
 from flowturbo.export.specs import (
     DECODER,
@@ -239,15 +237,9 @@ def export_text_pipeline(
     key = artifact_key(key_fields)
     with OutputFolder(out, command="export", what="export directory", wait=wait) as folder:
         target = folder.path
-        if target.exists():
-            existing = _read_manifest(target)
-            if existing is not None and existing.get("key") == key and _checksums_ok(target, existing):
-                return ExportResult(target, existing, reused=True)
-            if any(target.iterdir()) and not overwrite:
-                what = ("artifacts built for something else (" +
-                        _differences(existing.get("key_fields", {}), key_fields) + ")" if existing is not None
-                        else "an export that is incomplete, unsealed or edited by hand")
-                raise FlowTurboError(f"{target} holds {what}; pass --overwrite to rebuild or choose another --out")
+        reused = reuse_existing(target, key, key_fields, overwrite)
+        if reused is not None:
+            return reused
         with folder.staging() as staging:
             manifest = _build(family, request, options, staging, device, weights, key, key_fields, source, command)
     return ExportResult(target, manifest, reused=False)
@@ -293,51 +285,33 @@ def _build(family: Any, request: ExportRequest, options: TextExport, root: Path,
                 entry["max_abs_error"] = _max_error(got, want, f"{package.name} (AOTInductor)", request.precision)
             artifacts.append(entry)
     described = family.describe()
-    manifest = {
-        "format": EXPORT_FORMAT,
-        "key": key,
-        "key_fields": key_fields,
-        "schedule": request.schedule.describe(),
-        "schedule_id": request.schedule.id,
-        "variant": request.variant,
-        "precision": request.precision,
-        "kernel_backend": request.kernel_backend,
-        "batch": request.batch.to_dict(),
-        "formats": list(request.formats),
-        "with_encoder": False,
-        "model": {
-            "source": source,
-            "weights_sha256": weights,
-            "conditioning": "prompts",
-            "family": family.name,
-            "description": family.description,
-            "pipeline": source,
-            "prompt_encoder": PROMPT_ENCODER,
-            "max_sequence_length": options.max_sequence_length,
-            "guidance_rule": family.guidance_rule.value,
-            "image_size": str(options.size),
-            "latent_shape": key_fields["text"]["latent_shape"],
-            "image_shape": [int(family.decoder.image_channels), options.size.height, options.size.width],
-            "text_inputs": shapes,
-            "has_refiner": request.schedule.uses_refiner,
-            "refiner_dt_conditioning": bool(request.schedule.uses_refiner and family.refiner.takes_dt),
-            REFINER_DT_KEY: _refiner_dt(family) if request.schedule.uses_refiner else None,
-            "refiner_trained_for": (family.refiner_record.to_dict() if request.schedule.uses_refiner else None),
-            "decoder": family.decoder.decoder_type,
-            "defaults": {**family.defaults.to_dict(),
-                         **({} if options.guidance is None else {"guidance": float(options.guidance)})},
-            "adapter": {k: described[k] for k in ("pipeline_class", "transformer", "scheduler") if k in described},
-            "adapter_check_max_abs_error": adapter_error,
-        },
-        "artifacts": artifacts,
-        "files": file_entries(root, written),
-        "tools": key_fields["tools"],
-        "device": key_fields["device"],
-        "command": command if command is not None else command_line(),
-        "created_unix": time.time(),
-        "export_seconds": time.perf_counter() - started,
-        "validation_bound": VALIDATION_ATOL[request.precision],
+    model = {
+        "source": source,
+        "weights_sha256": weights,
+        "conditioning": "prompts",
+        "family": family.name,
+        "description": family.description,
+        "pipeline": source,
+        "prompt_encoder": PROMPT_ENCODER,
+        "max_sequence_length": options.max_sequence_length,
+        "guidance_rule": family.guidance_rule.value,
+        "image_size": str(options.size),
+        "latent_shape": key_fields["text"]["latent_shape"],
+        "image_shape": [int(family.decoder.image_channels), options.size.height, options.size.width],
+        "text_inputs": shapes,
+        "has_refiner": request.schedule.uses_refiner,
+        "refiner_dt_conditioning": bool(request.schedule.uses_refiner and family.refiner.takes_dt),
+        REFINER_DT_KEY: _refiner_dt(family) if request.schedule.uses_refiner else None,
+        "refiner_trained_for": (family.refiner_record.to_dict() if request.schedule.uses_refiner else None),
+        "decoder": family.decoder.decoder_type,
+        "defaults": {**family.defaults.to_dict(),
+                     **({} if options.guidance is None else {"guidance": float(options.guidance)})},
+        "adapter": {k: described[k] for k in ("pipeline_class", "transformer", "scheduler") if k in described},
+        "adapter_check_max_abs_error": adapter_error,
     }
+    manifest = manifest_record(request, key, key_fields, model, artifacts, file_entries(root, written), command,
+                               started, with_encoder=False)
+    manifest["validation_bound"] = VALIDATION_ATOL[request.precision]
     atomic_write_bytes(root / MANIFEST_FILE, sealed_json_bytes(manifest))
     return manifest
 

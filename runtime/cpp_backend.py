@@ -27,7 +27,13 @@ from flowturbo.errors import FlowTurboError, SamplingError
 from flowturbo.refiner_dt import RangeWarnings
 from flowturbo.runtime.artifacts import ArtifactSet, load_artifacts
 from flowturbo.runtime.results import Samples, StageTimes
-from flowturbo.runtime.text_exported import PromptEncoder, TextRequest, prompt_labels, text_graph_inputs
+from flowturbo.runtime.text_exported import (
+    PromptEncoder,
+    TextRequest,
+    asks_for_text,
+    prompt_labels,
+    text_graph_inputs,
+)
 from flowturbo.schedule import SamplingSchedule
 
 
@@ -149,16 +155,8 @@ class CppSampler:
         ``progress`` is accepted for API parity."""
         text = TextRequest(prompts, negative_prompt, guidance, prompt_embeds, pooled_prompt_embeds,
                            negative_prompt_embeds, negative_pooled_prompt_embeds)
-        if self.takes_prompts:
-            if classes is not None:
-                raise FlowTurboError(f"{self.artifacts.root} is a text-to-image export: it is conditioned on prompts, "
-                                     "not class ids; pass prompts=[...] (--prompt TEXT) or prompt embeddings")
+        if asks_for_text(self.artifacts, classes, text):
             return self._sample_text(text, schedule, seed, batch_size, first_index)
-        if text.given:
-            raise FlowTurboError(f"{self.artifacts.root} is conditioned on class ids, not text prompts: pass class ids "
-                                 "(--classes), or export a text-to-image pipeline folder (flowturbo export --pipeline)")
-        if classes is None:
-            raise SamplingError("no classes given: pass at least one class id")
         self.artifacts.check_schedule(schedule)
         self.range_warnings.check(self.schedule, self.artifacts.refiner_dt)
         classes = [int(c) for c in classes]

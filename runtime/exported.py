@@ -42,7 +42,14 @@ from flowturbo.runtime.editing import (
     warn_nothing_to_regenerate,
 )
 from flowturbo.runtime.results import Samples, StageTimes
-from flowturbo.runtime.text_exported import POOLED, PromptEncoder, TextRequest, prompt_labels, text_graph_inputs
+from flowturbo.runtime.text_exported import (
+    POOLED,
+    PromptEncoder,
+    TextRequest,
+    asks_for_text,
+    prompt_labels,
+    text_graph_inputs,
+)
 from flowturbo.schedule import SamplingSchedule, StepKind
 
 # A module call: keyword tensors in (spec input names), output tensors out (spec order).
@@ -330,16 +337,8 @@ class ExportedSampler:
         """
         text = TextRequest(prompts, negative_prompt, guidance, prompt_embeds, pooled_prompt_embeds,
                            negative_prompt_embeds, negative_pooled_prompt_embeds)
-        if self.takes_prompts:
-            if classes is not None:
-                raise FlowTurboError(f"{self.artifacts.root} is a text-to-image export: it is conditioned on prompts, "
-                                     "not class ids; pass prompts=[...] (--prompt TEXT) or prompt embeddings")
+        if asks_for_text(self.artifacts, classes, text):
             return self._generate_text(text, schedule, seed, batch_size, first_index)
-        if text.given:
-            raise FlowTurboError(f"{self.artifacts.root} is conditioned on class ids, not text prompts: pass class ids "
-                                 "(--classes), or export a text-to-image pipeline folder (flowturbo export --pipeline)")
-        if classes is None:
-            raise SamplingError("no classes given: pass at least one class id")
         return self._generate(classes, schedule, seed, batch_size, None, first_index)
 
     def _generate_text(self, request: TextRequest, schedule: SamplingSchedule | None, seed: int,

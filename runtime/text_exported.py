@@ -69,6 +69,22 @@ class PromptEncoder:
         return self._family
 
 
+def asks_for_text(artifacts: ArtifactSet, classes: Any, request: TextRequest) -> bool:
+    """Whether a sampling request to an export is a text-to-image one (prompts or embeddings) — the export's kind —
+    or class ids; the wrong kind for the export (or nothing) is one clear error."""
+    if artifacts.takes_prompts:
+        if classes is not None:
+            raise FlowTurboError(f"{artifacts.root} is a text-to-image export: it is conditioned on prompts, not class "
+                                 "ids; pass prompts=[...] (--prompt TEXT) or prompt embeddings")
+        return True
+    if request.given:
+        raise FlowTurboError(f"{artifacts.root} is conditioned on class ids, not text prompts: pass class ids "
+                             "(--classes), or export a text-to-image pipeline folder (flowturbo export --pipeline)")
+    if classes is None:
+        raise SamplingError("no classes given: pass at least one class id")
+    return False
+
+
 def prompt_labels(request: TextRequest, n: int) -> tuple[list[int], list[str] | None]:
     """(labels, distinct prompts) of a request: each image's index among its distinct prompts, or 0..n-1 for
     embeddings given directly (no prompts)."""
@@ -171,4 +187,4 @@ def text_graph_inputs(artifacts: ArtifactSet, request: TextRequest, encoder: Any
     return tensors, record
 
 
-__all__ = ["PromptEncoder", "TextRequest", "predictor_inputs", "prompt_labels", "text_graph_inputs"]
+__all__ = ["PromptEncoder", "TextRequest", "asks_for_text", "predictor_inputs", "prompt_labels", "text_graph_inputs"]
