@@ -17,17 +17,9 @@ import datetime
 import json
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
 
 from flowturbo.fileio import atomic_write_text
-from flowturbo.training.token_refiner import TokenRefiner, TokenRefinerConfig
-
-
-def count(fn) -> int:
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        fn()
-    return int(counter.get_total_flops())
+from flowturbo.training.token_refiner import TokenRefiner, TokenRefinerConfig, call_flops
 
 
 def main() -> None:
@@ -46,11 +38,11 @@ def main() -> None:
                                     caption_projection_dim=1536, pooled_projection_dim=2048, pos_embed_max_size=384,
                                     qk_norm="rms_norm", dual_attention_layers=tuple(range(13)))
         pooled = torch.zeros(1, 2048)
-        teacher = count(lambda: sd3(hidden_states=x, encoder_hidden_states=torch.zeros(1, 333, 4096),
+        teacher = call_flops(lambda: sd3(hidden_states=x, encoder_hidden_states=torch.zeros(1, 333, 4096),
                                     pooled_projections=pooled, timestep=t))
         refiner = TokenRefiner(TokenRefinerConfig(latent_channels=16, patch_size=2, pooled_dim=2048, hidden_size=1536,
                                                   num_heads=24))
-        mine = count(lambda: refiner(x, t, x, pooled, t))
+        mine = call_flops(lambda: refiner(x, t, x, pooled, t))
         results["SD3.5-medium"] = {"teacher_flops": teacher, "refiner_flops": mine, "ratio": mine / teacher,
                                    "refiner_parameters": sum(p.numel() for p in refiner.parameters())}
         # black-forest-labs/FLUX.1-schnell, transformer/config.json
@@ -58,12 +50,12 @@ def main() -> None:
                                       attention_head_dim=128, num_attention_heads=24, joint_attention_dim=4096,
                                       pooled_projection_dim=768, guidance_embeds=False, axes_dims_rope=(16, 56, 56))
         pooled = torch.zeros(1, 768)
-        teacher = count(lambda: flux(hidden_states=torch.zeros(1, 4096, 64), encoder_hidden_states=torch.zeros(1, 256, 4096),
+        teacher = call_flops(lambda: flux(hidden_states=torch.zeros(1, 4096, 64), encoder_hidden_states=torch.zeros(1, 256, 4096),
                                      pooled_projections=pooled, timestep=t, img_ids=torch.zeros(4096, 3),
                                      txt_ids=torch.zeros(256, 3)))
         refiner = TokenRefiner(TokenRefinerConfig(latent_channels=16, patch_size=2, pooled_dim=768, hidden_size=3072,
                                                   num_heads=24))
-        mine = count(lambda: refiner(x, t, x, pooled, t))
+        mine = call_flops(lambda: refiner(x, t, x, pooled, t))
         results["FLUX.1-schnell"] = {"teacher_flops": teacher, "refiner_flops": mine, "ratio": mine / teacher,
                                      "refiner_parameters": sum(p.numel() for p in refiner.parameters())}
     record = {"date": datetime.date.today().isoformat(), "size": "1024x1024", "torch": torch.__version__,

@@ -291,6 +291,7 @@ def load_text_pipeline(
     torch_device = resolve_device(device)
     model_dtype = resolve_dtype(dtype, torch_device)
     backend = resolve_kernel_backend(kernel_backend, torch_device)
+
     def before(family: Any) -> None:
         if defaults:
             family.defaults = dataclasses.replace(family.defaults, **defaults)
@@ -310,7 +311,7 @@ def load_text_pipeline(
     return TorchPipeline(
         predictor=family.transformer,
         refiner=family.refiner,
-        refiner_dt=None if trained is None else trained.dt,
+        refiner_dt=family.refiner_dt,
         decoder=family.decoder,
         num_classes=0,
         latent_shape=family.latent_shape(),
@@ -330,10 +331,7 @@ def load_prompt_encoder(folder: str | Path, *, max_sequence_length: int | None =
     and the VAE (neither is loaded): what an exported text-to-image artifact needs to turn prompts into the
     embeddings its graphs take. ``family.condition(prompts, schedule, negative=..., guidance=...)`` then gives the
     same :class:`~flowturbo.families.TextConditioning` as the full adapter (the same encoders, the same rules)."""
-    import diffusers
-
     from flowturbo.training.families import recognize_pipeline
-    from flowturbo.training.families.flow_match import quiet_diffusers
 
     found, family_type = recognize_pipeline(folder, "the export's pipeline folder")
     family_type._require_libraries(found)
@@ -351,14 +349,7 @@ def load_prompt_encoder(folder: str | Path, *, max_sequence_length: int | None =
             return dtype
 
     family = EncodersOnly(found, max_sequence_length=max_sequence_length)
-    try:
-        with quiet_diffusers():
-            pipe = getattr(diffusers, family_type.pipeline_class).from_pretrained(
-                str(found.path), transformer=None, vae=None, local_files_only=True, dtype=dtype)
-    except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
-        raise CheckpointError(f"could not load the text encoders of {found.path}: "
-                              f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") from exc
-    family.pipe = pipe.to(device=torch_device)
+    family.pipe = family_type.load_pipeline(found, torch_device, dtype, transformer=None, vae=None)
     return family
 
 

@@ -300,22 +300,8 @@ class Sampler:
         guidance value of guidance-distilled models such as FLUX.1-dev), ``size`` (default: the model's); each
         distinct prompt is encoded once.
         """
-        family = self.pipeline.family
-        if prompts is not None and classes is not None:
-            raise FlowTurboError("give class ids or prompts, not both")
-        given = ConditioningKind.PROMPTS if prompts is not None else ConditioningKind.CLASSES
-        if given is not family.conditioning_kind:
-            raise conditioning_mismatch(family, given)
-        if isinstance(prompts, str):
-            prompts = [prompts]
-        requests = list(prompts) if prompts is not None else classes
-        if requests is None:
-            raise FlowTurboError("no classes given: pass at least one class id")
-        if schedule is None or isinstance(schedule, str):
-            schedule = self.default_schedule(schedule, cfg, size=size)
-        elif cfg is not None:
-            raise FlowTurboError("cfg applies to a schedule given by notation; a SamplingSchedule carries its own "
-                                 "guidance (use schedule.with_guidance)")
+        requests = self._requests(classes, prompts)
+        schedule = self._resolve_schedule(schedule, cfg, size)
         return self._generate(requests, schedule, seed, batch_size, progress, None, first_index,
                               negative=negative_prompt, guidance=guidance, size=size)
 
@@ -349,7 +335,7 @@ class Sampler:
         image = image if isinstance(image, ImageInput) else ImageInput(image.float())
         mask = mask.float().reshape(-1, 1, *mask.shape[-2:])
         requests, size, latent_size = self._task_request(classes, prompts, image, mask)
-        schedule = self._task_schedule(schedule, cfg, size)
+        schedule = self._resolve_schedule(schedule, cfg, size)
         pipe = self.pipeline
         pipe.require_encoder("inpainting")  # a model without one is refused even when nothing is regenerated
         if not bool(mask.any()):
@@ -388,28 +374,36 @@ class Sampler:
         image = image if isinstance(image, ImageInput) else ImageInput(image.float())
         strength = check_strength(strength)
         requests, size, _ = self._task_request(classes, prompts, image, None)
-        schedule = self._task_schedule(schedule, cfg, size)
+        schedule = self._resolve_schedule(schedule, cfg, size)
         known = self._encode(image, "editing")
         return self._generate(requests, schedule, seed, batch_size, progress, EditTask(image, known, strength, schedule),
                               negative=negative_prompt, guidance=guidance, size=size)
 
-    def _task_request(self, classes: Sequence[int] | None, prompts: Sequence[str] | None, image: ImageInput,
-                      mask: torch.Tensor | None) -> tuple[list[Any], ImageSize | None, int | tuple[int, int]]:
-        """(requests, image size, latent size) of an inpaint / edit request, its image (and mask) checked against the
-        model: class ids and the model's one image size (size None), or prompts and the image's own size (a size the
-        model takes; the latent size is then (h, w))."""
+    def _requests(self, classes: Sequence[int] | None, prompts: Sequence[str] | str | None) -> list[Any]:
+        """One request per image: the prompts (text-to-image) or the class ids, of the kind the model takes (the wrong
+        kind, both kinds or none is one clear error)."""
         family = self.pipeline.family
         if prompts is not None and classes is not None:
             raise FlowTurboError("give class ids or prompts, not both")
         given = ConditioningKind.PROMPTS if prompts is not None else ConditioningKind.CLASSES
         if given is not family.conditioning_kind:
             raise conditioning_mismatch(family, given)
-        if given is ConditioningKind.CLASSES:
-            if classes is None:
-                raise FlowTurboError("no classes given: pass at least one class id")
-            _check_task_image(image, mask, self.pipeline, len(classes))
-            return list(classes), None, self.pipeline.latent_shape[1]
-        requests = [prompts] if isinstance(prompts, str) else list(prompts)
+        if prompts is not None:
+            return [prompts] if isinstance(prompts, str) else list(prompts)
+        if classes is None:
+            raise FlowTurboError("no classes given: pass at least one class id")
+        return list(classes)
+
+    def _task_request(self, classes: Sequence[int] | None, prompts: Sequence[str] | None, image: ImageInput,
+                      mask: torch.Tensor | None) -> tuple[list[Any], ImageSize | None, int | tuple[int, int]]:
+        """(requests, image size, latent size) of an inpaint / edit request, its image (and mask) checked against the
+        model: class ids and the model's one image size (size None), or prompts and the image's own size (a size the
+        model takes; the latent size is then (h, w))."""
+        requests = self._requests(classes, prompts)
+        if prompts is None:
+            _check_task_image(image, mask, self.pipeline, len(requests))
+            return requests, None, self.pipeline.latent_shape[1]
+        family = self.pipeline.family
         if not requests:
             raise FlowTurboError("no prompts given: pass at least one prompt")
         pixels = image.pixels
@@ -420,9 +414,10 @@ class Sampler:
         check_task_inputs(image, mask, (3, size.height, size.width), len(requests))
         return requests, size, (h, w)
 
-    def _task_schedule(self, schedule: SamplingSchedule | str | None, cfg: float | None,
+    def _resolve_schedule(self, schedule: SamplingSchedule | str | None, cfg: float | None,
                        size: ImageSize | None) -> SamplingSchedule:
-        """A schedule object as given, or a notation (None: the model's default) on the model's grid at ``size``."""
+        """A schedule object as given, or a notation (None: the model's default) on the model's grid at ``size``
+        (with ``cfg``, which a schedule object refuses: it carries its own guidance)."""
         if schedule is None or isinstance(schedule, str):
             return self.default_schedule(schedule, cfg, size=size)
         if cfg is not None:

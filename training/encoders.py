@@ -313,8 +313,11 @@ class FlowTurboAutoencoderEncoder(LatentEncoder):
 class DiffusersVAEEncoder(LatentEncoder):
     """The encoder half (``encoder`` + ``quant_conv``) of a diffusers ``AutoencoderKL``.
 
-    ``encode(x) == vae.encode(x).latent_dist.mean * latent_scale`` (``SD_VAE_LATENT_SCALE`` = 0.18215 by
-    default); the decoder is not kept in memory.
+    ``encode(x) == (vae.encode(x).latent_dist.mean - latent_shift) * latent_scale`` (``SD_VAE_LATENT_SCALE`` =
+    0.18215 by default; ``latent_shift`` is the VAE's ``shift_factor``, 0 for the SD-VAE, set for SD3 / FLUX VAEs):
+    the exact inverse of :class:`~flowturbo.training.decoders.DiffusersVAEDecoder`'s scaling. The posterior's mean
+    (= its mode), not a sample: deterministic (diffusers' img2img / inpaint pipelines draw a sample by default, which
+    differs by ``std * eps``). The decoder is not kept in memory.
     """
 
     encoder_type: ClassVar[str] = "diffusers-vae"
@@ -325,19 +328,21 @@ class DiffusersVAEEncoder(LatentEncoder):
         encoder: nn.Module,
         quant_conv: nn.Module | None,
         latent_scale: float = SD_VAE_LATENT_SCALE,
+        latent_shift: float = 0.0,
     ) -> None:
         super().__init__()
         self.vae_config = _json_safe({k: v for k, v in dict(vae_config).items() if not k.startswith("_")})
         self.encoder = encoder
         self.quant_conv = quant_conv
         self.latent_scale = float(latent_scale)
+        self.latent_shift = float(latent_shift)
         self.latent_channels = int(self.vae_config["latent_channels"])
         self.image_channels = int(self.vae_config["in_channels"])
         self.downsample_factor = 2 ** (len(self.vae_config["block_out_channels"]) - 1)
 
     @classmethod
-    def _from_vae(cls, vae: nn.Module, latent_scale: float) -> "DiffusersVAEEncoder":
-        return cls(dict(vae.config), vae.encoder, vae.quant_conv, latent_scale)
+    def _from_vae(cls, vae: nn.Module, latent_scale: float, latent_shift: float = 0.0) -> "DiffusersVAEEncoder":
+        return cls(dict(vae.config), vae.encoder, vae.quant_conv, latent_scale, latent_shift)
 
     @classmethod
     def from_folder(
@@ -358,15 +363,20 @@ class DiffusersVAEEncoder(LatentEncoder):
         if self.quant_conv is not None:
             h = self.quant_conv(h)
         mean = h[:, : self.latent_channels]  # DiagonalGaussianDistribution.mean: the first half
+        if self.latent_shift:
+            mean = mean - self.latent_shift
         return mean * self.latent_scale
 
     def bundle_config(self) -> dict[str, Any]:
-        return {
+        config = {
             "type": self.encoder_type,
             "latent_scale": self.latent_scale,
             "vae_config": self.vae_config,
             "weights": ENCODER_WEIGHTS_FILE,
         }
+        if self.latent_shift:
+            config["latent_shift"] = self.latent_shift
+        return config
 
     def save_to_bundle(self, folder: str | os.PathLike[str]) -> None:
         """Write ``encoder.safetensors`` (keys ``encoder.*`` and ``quant_conv.*``) atomically."""
@@ -386,7 +396,7 @@ class DiffusersVAEEncoder(LatentEncoder):
         autoencoder_kl = _import_autoencoder_kl()
         with torch.device("meta"):
             vae = autoencoder_kl.from_config(config["vae_config"])
-        module = cls._from_vae(vae, config.get("latent_scale", SD_VAE_LATENT_SCALE))
+        module = cls._from_vae(vae, config.get("latent_scale", SD_VAE_LATENT_SCALE), config.get("latent_shift", 0.0))
         del vae  # the meta decoder goes with it
         module = module.to(dtype=dtype).to_empty(device=device)
         state = _read_safetensors(weights, "diffusers VAE encoder")

@@ -48,8 +48,10 @@ from flowturbo.families import (
     check_image_size,
     conditioning_mismatch,
 )
+from flowturbo.kernels import cfg_guided_reference
 from flowturbo.schedule import SamplingSchedule
 from flowturbo.training.decoders import DiffusersVAEDecoder
+from flowturbo.training.encoders import DiffusersVAEEncoder
 
 MODEL_CONFIG = "config.json"
 SCHEDULER_CONFIG = "scheduler_config.json"
@@ -353,6 +355,7 @@ class FlowMatchFamily:
         self.refiner: Any = None  # a TokenRefiner (attach_refiner), or None
         self.refiner_record: Any = None  # its TokenRefinerRecord
         self.refiner_dt: Any = None  # the dt distribution it was trained on (its max_dt: the trained range)
+        self.adaln_fusion: Any = None  # which adaptive norms run our fused kernel (fused_adaln.AdaLNFusion), once set
 
     @classmethod
     def _transformer_type(cls) -> Any:
@@ -408,15 +411,16 @@ class FlowMatchFamily:
                                  "installed): pip install 'flowturbo[text]'") from None
 
     @classmethod
-    def load_pipeline(cls, folder: PipelineFolder, device: torch.device, dtype: torch.dtype) -> Any:
+    def load_pipeline(cls, folder: PipelineFolder, device: torch.device, dtype: torch.dtype, **components: Any) -> Any:
         """The diffusers pipeline of ``folder`` on ``device`` in ``dtype`` (every component cast: without
-        ``accelerate`` diffusers may leave some in float32)."""
+        ``accelerate`` diffusers may leave some in float32); ``components`` replace saved ones (``transformer=None,
+        vae=None``: the text encoders alone)."""
         import diffusers
 
         try:
             with quiet_diffusers():
                 pipeline_type = getattr(diffusers, cls.pipeline_class)
-                pipe = pipeline_type.from_pretrained(str(folder.path), local_files_only=True, dtype=dtype)
+                pipe = pipeline_type.from_pretrained(str(folder.path), local_files_only=True, dtype=dtype, **components)
         except (OSError, ValueError, RuntimeError, KeyError, TypeError) as exc:
             raise CheckpointError(f"could not load the {folder.class_name} in {folder.path}: "
                                   f"{str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__}") \
@@ -470,10 +474,7 @@ class FlowMatchFamily:
         sigma = 1.0 - t.to(torch.float64)  # (B,)
         xx, ss = (torch.cat([x, x]), torch.cat([sigma, sigma])) if doubled else (x, sigma)
         out = self.transformer_output(xx, ss, inputs).float().neg()  # (M, C, h, w)
-        if not doubled:
-            return out
-        cond, uncond = out.chunk(2)
-        return uncond + cfg * (cond - uncond)
+        return cfg_guided_reference(out, x.shape[0], out.shape[1], cfg)  # the solver ops' rule: u + s (c - u)
 
     # --------------------------------------------------------------------------------- family-specific
     def encode(self, prompts: list[str]) -> PromptEmbeddings:
@@ -644,17 +645,17 @@ class FlowMatchFamily:
         """``vae.decode(latents / scaling_factor + shift_factor)`` in [-1, 1] (B, 3, H, W), as the pipelines."""
         return self.decoder.decode(latents)
 
-    def image_encoder(self) -> "VAEImageEncoder":
+    def image_encoder(self) -> DiffusersVAEEncoder:
         """The image encoder inpainting and editing start from: the loaded VAE's encoder with the folder's scale and
-        shift, the inverse of :meth:`decode`."""
+        shift, ``(mean - shift_factor) * scaling_factor``, the inverse of :meth:`decode`."""
         if self.pipe is None:
             raise SamplingError("the adapter has no loaded pipeline: load it (FlowMatchFamily.load) before encoding")
         vae = self.pipe.vae
-        return VAEImageEncoder(vae, float(vae.config.scaling_factor), float(vae.config.shift_factor or 0.0))
+        return DiffusersVAEEncoder._from_vae(vae, float(vae.config.scaling_factor), float(vae.config.shift_factor or 0.0))
 
     def encode_image(self, images: torch.Tensor) -> torch.Tensor:
-        """Images (B, 3, H, W) in [-1, 1] -> latents (B, C, H/f, W/f): ``(mode - shift_factor) * scaling_factor``
-        (:class:`VAEImageEncoder`); a size the model cannot take is refused naming the nearest valid ones."""
+        """Images (B, 3, H, W) in [-1, 1] -> latents (B, C, H/f, W/f): ``(mean - shift_factor) * scaling_factor``
+        (:meth:`image_encoder`); a size the model cannot take is refused naming the nearest valid ones."""
         if images.dim() != 4:
             raise FlowTurboError(f"images must be (B, 3, H, W) in [-1, 1], got {tuple(images.shape)}")
         self.latent_shape(ImageSize(int(images.shape[-1]), int(images.shape[-2])))
@@ -669,32 +670,7 @@ class FlowMatchFamily:
                 "default_size": str(self.default_size()),
                 "refiner": None if self.refiner is None else {"config": self.refiner.config.to_dict(),
                                                               "trained_for": self.refiner_record.to_dict()},
-                "adaln_fusion": None if getattr(self, "adaln_fusion", None) is None else self.adaln_fusion.to_dict()}
-
-
-class VAEImageEncoder(torch.nn.Module):
-    """A diffusers ``AutoencoderKL``'s encoder as the flow-matching pipelines use it, the inverse of the decode:
-    ``(vae.encode(x).latent_dist.mode() - shift_factor) * scaling_factor`` (decode: ``z / scaling_factor +
-    shift_factor``). The posterior's mode (= its mean), not a sample: deterministic; diffusers' img2img / inpaint
-    pipelines draw ``latent_dist.sample(generator)`` by default, which differs from the mode by ``std * eps`` (tiny
-    for the released VAEs, whose posterior std is small)."""
-
-    def __init__(self, vae: Any, scaling_factor: float, shift_factor: float) -> None:
-        super().__init__()
-        self.vae = vae
-        self.scaling_factor = float(scaling_factor)
-        self.shift_factor = float(shift_factor)
-        self.image_channels = int(vae.config.in_channels)
-
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """(B, 3, H, W) in [-1, 1] -> (B, C, H/f, W/f) in the VAE's dtype."""
-        if images.dim() != 4 or images.shape[1] != self.image_channels:
-            raise FlowTurboError(f"images must be (B, {self.image_channels}, H, W) in [-1, 1], got "
-                                 f"{tuple(images.shape)}")
-        weight = next(self.vae.parameters())
-        mode = self.vae.encode(images.to(device=weight.device, dtype=weight.dtype)).latent_dist.mode()  # (B, C, h, w)
-        return (mode - self.shift_factor) * self.scaling_factor
+                "adaln_fusion": None if self.adaln_fusion is None else self.adaln_fusion.to_dict()}
 
 
 __all__ = [
@@ -702,7 +678,6 @@ __all__ = [
     "FlowMatchFamily",
     "PipelineFolder",
     "PromptTruncatedWarning",
-    "VAEImageEncoder",
     "calculate_shift",
     "flow_match_timesteps",
     "quiet_diffusers",

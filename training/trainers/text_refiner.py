@@ -33,7 +33,6 @@ from torch import nn
 
 from flowturbo.errors import CheckpointError, FlowTurboError
 from flowturbo.families import ImageSize, TextConditioning, read_prompts
-from flowturbo.fileio import atomic_write_bytes
 from flowturbo.integrator import StepHooks, integrate
 from flowturbo.refiner_dt import REFINER_DT_KEY, DtDistribution
 from flowturbo.schedule import SamplingSchedule
@@ -50,6 +49,7 @@ from flowturbo.training.trainers.common import (
     DistContext,
     LoopConfig,
     TensorBatches,
+    atomic_torch_save,
     autocast_context,
     check_run_folder,
     run_training,
@@ -236,12 +236,8 @@ def _shared_trajectories(family: Any, conditioning: TextConditioning, num_prompt
         pool = teacher_trajectories(family, conditioning, mine, config, latent_shape, cfg, config.loop.seed,
                                     progress=config.loop.progress and ctx.is_main)
         folder.mkdir(parents=True, exist_ok=True)
-        import io
-
-        buffer = io.BytesIO()
-        torch.save({"states": pool.states.half() if pool.states.is_floating_point() else pool.states,
-                    "times": pool.times, "prompt_index": pool.prompt_index, "rows": mine}, buffer)
-        atomic_write_bytes(part, buffer.getvalue(), record=out_dir)
+        atomic_torch_save({"states": pool.states.half(), "times": pool.times, "prompt_index": pool.prompt_index,
+                           "rows": mine}, part, record=out_dir)  # states in fp16: half the host memory
     ctx.barrier()
     parts = [torch.load(folder / f"part-{r}-of-{ctx.world_size}.pt", map_location="cpu", weights_only=True)
              for r in range(ctx.world_size)]
