@@ -68,15 +68,20 @@ def resolve_text_bundle(args: argparse.Namespace) -> None:
     args.text_defaults = text["defaults"]
 
 
+def refuse_text_flags(args: argparse.Namespace) -> None:
+    """Without ``--pipeline``: the first text-to-image flag given is refused (the model is class-conditional)."""
+    text = _given(args, TEXT_FLAGS)
+    if text:
+        raise FlowTurboError(f"{text[0]} is for text-to-image models: pass --pipeline DIR (a diffusers "
+                             "StableDiffusion3Pipeline or FluxPipeline folder); the embedded default, --model "
+                             "bundles and --predictor checkpoints are class-conditional (--classes)")
+
+
 def check_text_args(args: argparse.Namespace, *, distributed: bool = False) -> None:
     """Refuse text flags that do not fit together, before anything is loaded (one ``error:`` line each)."""
     resolve_text_bundle(args)
     if args.pipeline is None:
-        text = _given(args, TEXT_FLAGS)
-        if text:
-            raise FlowTurboError(f"{text[0]} is for text-to-image models: pass --pipeline DIR (a diffusers "
-                                 "StableDiffusion3Pipeline or FluxPipeline folder); the embedded default, --model "
-                                 "bundles and --predictor checkpoints are class-conditional (--classes)")
+        refuse_text_flags(args)
         return
     if args.classes is not None:
         raise FlowTurboError("--classes is for class-conditional models; a --pipeline folder is text-to-image: pass "

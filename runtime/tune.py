@@ -34,6 +34,16 @@ The search (:class:`Tuner`), in order:
    latency exceeds the budget is reported loudly (``latency_check`` in the report, a warning in the summary)
    and replaced by the lowest-FID measured candidate whose measured latency fits, if there is one.
 
+**Text-to-image models** (``flowturbo tune --pipeline DIR --prompts FILE``, :class:`TuneRequests`): image i is
+conditioned on prompt ``i mod P`` (and the negative prompt, distilled guidance value and size asked for), the model
+family's own calls run every candidate (the step loop ``flowturbo sample --pipeline`` runs), the ``model`` grid is
+the family's shifted grid for that size, and the velocity-norm rule is left out (class models only). The default
+metric there is ``fine-grid``: the RMS over all latent elements of the final latents' distance to the model's own
+``H{fine_steps}`` solution on its grid from the same noise and prompt (cached per image beside the candidates) — it
+needs no reference and no decode, and measures the solver's error, not image quality. ``inception-fid`` compares
+decoded images with ``--reference`` (a statistics .npz or a folder of images, :func:`folder_reference`). Whatever the
+metric, each candidate's value is in its ``fid`` field (lower is better).
+
 Per-image features (and class predictions, and the rule's calls) are cached per candidate id (the schedule
 id, or a hash of the rule's settings) under the cache folder, keyed by everything they depend on; a killed
 tune continues with ``resume=True`` from its state file (settings, including a digest of every model weight,
@@ -67,6 +77,7 @@ from tqdm.auto import tqdm
 
 from flowturbo import __version__
 from flowturbo.errors import FlowTurboError
+from flowturbo.families import ImageSize
 from flowturbo.fileio import atomic_write_bytes, atomic_write_json, crash_point
 from flowturbo.noise import make_noise
 from flowturbo.refiner_dt import DtDistribution, range_excess
@@ -75,8 +86,7 @@ from flowturbo.runtime.distributed import Ranks
 from flowturbo.runtime.pytorch_backend import TorchPipeline
 from flowturbo.schedule import SamplingSchedule, StepKind, parse_steps
 from flowturbo.training.sampling import (
-    CFGModelCalls,
-    sample_schedule,
+    run_schedule,
     sample_velocity_norm_rule,
     solver_ops_for,
 )
@@ -86,13 +96,18 @@ STATE_FORMAT = "flowturbo.tune-state/1"
 VNORM_DT_MIN, VNORM_DT_MAX = 0.02, 0.25  # the rule's clip (as bench/quality_study.py)
 VNORM_MIN_STEPS = math.ceil(1 / VNORM_DT_MAX - 1e-9)  # the rule's fewest steps (it lands exactly on t = 1)
 FAMILIES = ("flowturbo", "heun", "euler", "general", "velocity-norm")
+METRICS = ("domain-fid", "inception-fid", "fine-grid")  # fine-grid: RMS distance to the model's own fine solution
+DEFAULT_FINE_STEPS = 64  # the fine-grid metric's reference: H64 on the model's own grid
+ModelGrid = Callable[[int], "Sequence[float] | None"]
 
 
 # ----------------------------------------------------------------------------------------------- grids
 @dataclasses.dataclass(frozen=True)
 class Grid:
     """A time grid family member: ``uniform``, ``power:g`` (``t_k = (k/N)^g``; g > 1 puts more steps near the
-    noise end t = 0) or ``shift:s`` (``t_k = s u / (1 + (s - 1) u)``, u = k/N; s > 1 puts more near t = 1)."""
+    noise end t = 0), ``shift:s`` (``t_k = s u / (1 + (s - 1) u)``, u = k/N; s > 1 puts more near t = 1) or
+    ``model``: the model family's own grid for the image size (SD3's static shift, FLUX's resolution-dependent one:
+    what ``flowturbo sample --pipeline`` runs; for a family without one, such as SiT, it is the uniform grid)."""
 
     kind: str
     value: float = 1.0
@@ -100,25 +115,29 @@ class Grid:
     @classmethod
     def parse(cls, text: str) -> "Grid":
         text = text.strip().lower()
-        if text == "uniform":
-            return cls("uniform")
+        if text in ("uniform", "model"):
+            return cls(text)
         kind, _, value = text.partition(":")
         try:
             number = float(value)
         except ValueError:
             number = float("nan")
         if kind not in ("power", "shift") or not (math.isfinite(number) and number > 0):
-            raise FlowTurboError(f"unknown grid {text!r}; use uniform, power:G or shift:S with a number > 0 "
+            raise FlowTurboError(f"unknown grid {text!r}; use uniform, model, power:G or shift:S with a number > 0 "
                                  "(e.g. power:1.5, shift:2)")
         return cls(kind, number)
 
     @property
     def name(self) -> str:
-        return "uniform" if self.kind == "uniform" else f"{self.kind}:{self.value:g}"
+        return self.kind if self.kind in ("uniform", "model") else f"{self.kind}:{self.value:g}"
 
-    def timesteps(self, num_steps: int) -> tuple[float, ...]:
-        """``0 = t_0 < ... < t_N = 1`` exactly (both ends are exact in float64)."""
+    def timesteps(self, num_steps: int, model_grid: ModelGrid | None = None) -> tuple[float, ...]:
+        """``0 = t_0 < ... < t_N = 1`` exactly (both ends are exact in float64). ``model_grid(N)``: the model's own
+        grid (None where the model has none: uniform), which the ``model`` kind needs."""
         u = [k / num_steps for k in range(num_steps + 1)]
+        if self.kind == "model":
+            own = None if model_grid is None else model_grid(num_steps)
+            return tuple(u) if own is None else tuple(float(t) for t in own)
         if self.kind == "uniform":
             return tuple(u)
         if self.kind == "power":
@@ -241,9 +260,15 @@ class SearchSpace:
         return list(dict.fromkeys(strings))
 
     def candidates(self, *, cfg: float, guidance_channels: int | None, has_refiner: bool,
-                   baselines: Sequence[str] = ()) -> tuple[list[Candidate], list[str]]:
-        """Every valid candidate (schedules on every grid, the rule's Cs, baselines) and notes for the user."""
+                   baselines: Sequence[str] = (), model_grid: ModelGrid | None = None,
+                   rule: bool = True) -> tuple[list[Candidate], list[str]]:
+        """Every valid candidate (schedules on every grid, the rule's Cs, baselines) and notes for the user.
+        ``model_grid(N)``: the model's own N-step grid (the ``model`` grid); ``rule``: whether the model can run the
+        velocity-norm rule (class-conditional models only)."""
         notes: list[str] = []
+        if self.vnorm_c and not rule:
+            notes.append("the velocity-norm rule runs on class-conditional models only: its candidates (--vnorm-c) "
+                         "are left out")
         strings = self.step_strings()
         if not has_refiner and any("R" in s for s in strings):
             asked = ", ".join(str(r) for r in self.refiner if r) or "R in general strings"
@@ -260,10 +285,10 @@ class SearchSpace:
                 continue
             for grid_name in self.grids:
                 grid = Grid.parse(grid_name)
-                schedule = dataclasses.replace(base, timesteps=grid.timesteps(len(steps)))
+                schedule = dataclasses.replace(base, timesteps=grid.timesteps(len(steps), model_grid))
                 cand = Candidate(f"{base.notation}@{grid.name}", _family(steps), schedule)
                 out.setdefault(cand.id, cand)
-        for c in self.vnorm_c:
+        for c in self.vnorm_c if rule else ():
             cand = Candidate(f"vnorm-C{c:g}", "velocity-norm", c=c)
             out.setdefault(cand.id, cand)
         for spec in baselines:
@@ -271,8 +296,8 @@ class SearchSpace:
             schedule = SamplingSchedule.parse(name, guidance_scale=cfg, guidance_channels=guidance_channels)
             if schedule.uses_refiner and not has_refiner:
                 raise FlowTurboError(f"baseline {spec} has R steps but this model has no refiner")
-            grid = Grid.parse(grid_name or "uniform")
-            schedule = dataclasses.replace(schedule, timesteps=grid.timesteps(schedule.num_steps))
+            grid = Grid.parse(grid_name or ("uniform" if model_grid is None else "model"))
+            schedule = dataclasses.replace(schedule, timesteps=grid.timesteps(schedule.num_steps, model_grid))
             cand = Candidate(f"{schedule.notation}@{grid.name}", _family(schedule.steps), schedule, baseline=True)
             out[cand.id] = cand
         return list(out.values()), notes
@@ -321,16 +346,65 @@ def _median_ms(fn: Callable[[], Any], device: torch.device, repeats: int, warmup
     return statistics.median(times)
 
 
+@dataclasses.dataclass(frozen=True)
+class TuneRequests:
+    """What image ``i`` of a tune is conditioned on: class ``i mod K`` (class-conditional models, ``prompts`` None)
+    or prompt ``i mod P`` (text-to-image), with a text model's negative prompt, distilled guidance value and image
+    size. Every candidate sees the same requests, so their scores are paired."""
+
+    prompts: tuple[str, ...] | None = None
+    negative_prompt: str | None = None
+    guidance: float | None = None
+    size: ImageSize | None = None
+
+    def for_images(self, pipe: TorchPipeline, lo: int, hi: int) -> list[Any]:
+        """The requests of images ``[lo, hi)``."""
+        if self.prompts is None:
+            return [i % pipe.num_classes for i in range(lo, hi)]
+        return [self.prompts[i % len(self.prompts)] for i in range(lo, hi)]
+
+    def condition(self, pipe: TorchPipeline, lo: int, hi: int, schedule: SamplingSchedule) -> Any:
+        """The family's conditioning of images ``[lo, hi)`` (prompts encoded once each)."""
+        extra = {} if self.prompts is None else {"negative": self.negative_prompt, "guidance": self.guidance}
+        return pipe.family.condition(self.for_images(pipe, lo, hi), schedule, **extra)
+
+    def sample_kwargs(self, pipe: TorchPipeline, lo: int, hi: int) -> dict[str, Any]:
+        """``Sampler.sample``'s request arguments for images ``[lo, hi)``."""
+        if self.prompts is None:
+            return {"classes": self.for_images(pipe, lo, hi)}
+        return {"prompts": self.for_images(pipe, lo, hi), "negative_prompt": self.negative_prompt,
+                "guidance": self.guidance, "size": self.size}
+
+    def latent_shape(self, pipe: TorchPipeline) -> tuple[int, int, int]:
+        return tuple(pipe.latent_shape) if self.size is None else tuple(pipe.family.latent_shape(self.size))
+
+    def model_grid(self, pipe: TorchPipeline) -> ModelGrid | None:
+        """The model's own N-step grid for this size (None: the family has none, e.g. SiT: uniform)."""
+        if self.prompts is None:
+            return None
+        shape = self.latent_shape(pipe)
+        return lambda num_steps: pipe.family.timesteps(num_steps, shape)
+
+    def describe(self) -> dict[str, Any]:
+        """What the caches and ``resume`` key on (the prompts by digest)."""
+        if self.prompts is None:
+            return {"classes": "i mod K"}
+        digest = hashlib.sha256(json.dumps(list(self.prompts)).encode()).hexdigest()
+        return {"prompts": f"i mod P, P = {len(self.prompts)}", "prompts_sha256": digest,
+                "negative_prompt": self.negative_prompt, "guidance": self.guidance,
+                "size": None if self.size is None else str(self.size)}
+
+
 @torch.inference_mode()
-def measure_call_costs(pipe: TorchPipeline, batch: int, cfg: float, guidance_channels: int | None, *,
-                       repeats: int = 7, warmup: int = 2) -> CallCosts:
-    """Time one predictor call, one refiner call, one decode and one step's solver update at ``batch`` images."""
-    noise = make_noise(batch, pipe.latent_shape, 0, dtype=pipe.state_dtype, device=pipe.device)  # (B, C, H, W)
-    labels = (torch.arange(batch) % pipe.num_classes).to(pipe.device)
-    guided = cfg != 1.0
-    calls = CFGModelCalls(pipe.predictor, pipe.refiner, labels, pipe.num_classes, guided)
+def measure_call_costs(pipe: TorchPipeline, batch: int, cfg: float, guidance_channels: int | None,
+                       requests: TuneRequests = TuneRequests(), *, repeats: int = 7, warmup: int = 2) -> CallCosts:
+    """Time one predictor call, one refiner call, one decode and one step's solver update at ``batch`` images, through
+    the model family's calls (CFG doubling included) on ``requests``' first ``batch`` images."""
+    noise = make_noise(batch, requests.latent_shape(pipe), 0, dtype=pipe.state_dtype,
+                       device=pipe.device)  # (B, C, H, W)
     schedule = SamplingSchedule.parse("H1P1R1" if pipe.refiner is not None else "H2", guidance_scale=cfg,
                                       guidance_channels=guidance_channels)
+    calls = pipe.family.model_calls(requests.condition(pipe, 0, batch, schedule), schedule)
     ops = solver_ops_for(schedule, noise.shape[1], pipe.kernel_backend)
     raw = calls.predictor(noise, 0.5)
     d, x_pred = ops.predict(raw, noise, 0.1)
@@ -338,14 +412,13 @@ def measure_call_costs(pipe: TorchPipeline, batch: int, cfg: float, guidance_cha
     refiner_ms = None
     if pipe.refiner is not None:
         refiner_ms = _median_ms(lambda: calls.refiner(noise, 0.5, d, 0.1), pipe.device, repeats, warmup)
-    decode_ms = _median_ms(lambda: pipe.decoder.decode(noise), pipe.device, repeats, warmup)
+    decode_ms = _median_ms(lambda: pipe.family.decode(noise), pipe.device, repeats, warmup)
     step_ms = _median_ms(lambda: (ops.predict(raw, noise, 0.1), ops.correct(raw, noise, d, 0.1)), pipe.device,
                          repeats, warmup)
     threads = torch.get_num_threads() if pipe.device.type == "cpu" else None
     return CallCosts(batch, predictor_ms, refiner_ms, decode_ms, step_ms, str(pipe.device), threads=threads)
 
 
-@functools.lru_cache(maxsize=1)
 @functools.lru_cache(maxsize=1)
 def single_process_threads() -> int:
     """The CPU threads torch uses in a plain single process on this machine (``flowturbo sample`` without
@@ -379,14 +452,52 @@ def check_metric_samples(n: int, metric: str, *, allow_small_sample: bool, flag:
                          feature_dim: int | None = None) -> str | None:
     """The evaluation's sample-count rule (:func:`flowturbo.training.evaluation.check_sample_count`) for ``metric``:
     ``inception-fid`` (2048-d features) needs at least 2049. ``feature_dim``: the extractor's (default: known for
-    inception-fid only; the domain features are far smaller than the general minimum). Returns the warning of
-    an allowed small sample."""
+    inception-fid only; the domain features are far smaller than the general minimum). ``fine-grid`` has no
+    minimum. Returns the warning of an allowed small sample."""
     from flowturbo.training.evaluation import check_sample_count
     from flowturbo.training.evaluation.features import INCEPTION_DIM
+
+    if metric == "fine-grid":  # a distance per image, averaged: no covariance to estimate, no minimum
+        return None
 
     dim = feature_dim if feature_dim is not None else (INCEPTION_DIM if metric == "inception-fid" else None)
     return check_sample_count(n, allow_small_sample=allow_small_sample, flag=flag, feature_dim=dim,
                               what=f"--metric {metric}")
+
+
+REFERENCE_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+REFERENCE_CHUNK = 32  # images read and featurised at a time (a 1024² RGB image is 12 MB as float32)
+
+
+def folder_reference(folder: str | Path, extractor: Any, size: ImageSize, *, progress: bool = True) -> Any:
+    """FID reference statistics of a folder of images (png / jpg / webp / bmp, sorted by name), each fitted to
+    ``size`` (resized to cover it, centre-cropped: ``PIL.ImageOps.fit``) and converted to RGB."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    from flowturbo.training.evaluation import ReferenceStatistics
+
+    root = Path(folder)
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in REFERENCE_IMAGE_SUFFIXES and p.is_file())
+    if len(files) < 2:
+        raise FlowTurboError(f"--reference {root}: {len(files)} image file(s) ({', '.join(REFERENCE_IMAGE_SUFFIXES)}) "
+                             "found; FID needs at least 2 reference images (thousands for a stable number)")
+    features = []
+    for start in tqdm(range(0, len(files), REFERENCE_CHUNK), desc="reference images", disable=not progress,
+                      leave=False):
+        chunk = []
+        for path in files[start:start + REFERENCE_CHUNK]:
+            try:
+                with Image.open(path) as image:
+                    fitted = ImageOps.fit(image.convert("RGB"), (size.width, size.height),
+                                          method=Image.Resampling.BICUBIC)
+            except (OSError, UnidentifiedImageError) as exc:
+                raise FlowTurboError(f"--reference: {path} is not a readable image ({exc})") from None
+            chunk.append(torch.from_numpy(np.asarray(fitted, dtype=np.uint8).copy()))
+        pixels = torch.stack(chunk).permute(0, 3, 1, 2).float() / 127.5 - 1  # (b, 3, H, W) in [-1, 1]
+        features.append(extractor.extract(pixels, progress=False))
+    return ReferenceStatistics.from_features(torch.cat(features).numpy(), metadata={
+        "source": str(root.resolve()), "num_samples": len(files), "size": str(size),
+        "features": extractor.identity()})
 
 
 # ---------------------------------------------------------------------------------------------- config
@@ -395,7 +506,7 @@ class TuneConfig:
     """Everything a tune's results depend on (a resumed tune must have the same; see :meth:`settings`)."""
 
     model: str  # bundle folder / "embedded default" / official checkpoint description
-    metric: str = "domain-fid"  # domain-fid | inception-fid
+    metric: str = "domain-fid"  # domain-fid | inception-fid | fine-grid (METRICS)
     num_samples: int = 1000
     min_samples: int = 100
     eta: int = 3
@@ -415,6 +526,8 @@ class TuneConfig:
     reference: str | None = None
     allow_small_sample: bool = False
     latency_repeats: int = 3
+    requests: dict[str, Any] | None = None  # TuneRequests.describe() (None: classes i mod K)
+    fine_steps: int = DEFAULT_FINE_STEPS  # the fine-grid metric's reference: H{fine_steps} on the model's own grid
 
     def settings(self) -> dict[str, Any]:
         """The fields that define a tune's results (what ``--resume`` compares)."""
@@ -486,11 +599,16 @@ def nondominated_order(points: Sequence[tuple[str, float, float]]) -> list[str]:
 
 
 def weights_digest(pipe: TorchPipeline) -> str:
-    """SHA-256 of every weight of the predictor, the refiner and the decoder (names, dtypes, shapes and all
-    bytes): the caches and ``resume`` must never mix two models. Hashing runs at ~1 GB/s, seconds even for
-    large models, nothing next to a tune."""
+    """SHA-256 of every weight of the predictor, the refiner and the decoder (and a text-to-image model's text
+    encoders; names, dtypes, shapes and all bytes): the caches and ``resume`` must never mix two models. Hashing
+    runs at ~1 GB/s, seconds even for large models, nothing next to a tune."""
     digest = hashlib.sha256()
-    for role, module in (("predictor", pipe.predictor), ("refiner", pipe.refiner), ("decoder", pipe.decoder)):
+    modules = [("predictor", pipe.predictor), ("refiner", pipe.refiner), ("decoder", pipe.decoder)]
+    loaded = getattr(pipe.family_adapter, "pipe", None)  # a text-to-image pipeline: its text encoders condition too
+    for name, component in sorted(getattr(loaded, "components", {}).items()):
+        if name.startswith("text_encoder"):
+            modules.append((name, component))
+    for role, module in modules:
         if module is None or not hasattr(module, "state_dict"):
             digest.update(f"{role}:none".encode())
             continue
@@ -554,6 +672,10 @@ def apply_measured_budget(report: dict[str, Any]) -> None:
 class Tuner:
     """Runs one tune (see the module docstring). ``ranks`` splits the images over torchrun processes.
 
+    ``requests``: what each image is conditioned on (classes, or a text model's prompts; :class:`TuneRequests`).
+    ``extractor``: the FID metrics' feature extractor (None for ``fine-grid``, which compares latents to the model's
+    own fine solution and needs no images).
+
     ``measure_threads``: CPU threads of torch while rank 0 measures the call costs and the latencies (the CLI's
     ``--threads``); None: unchanged in a single process, a single process's default under torchrun (see
     :func:`single_process_threads`). ``cuda_graph``: the latency re-measurement's path on CUDA (None: the
@@ -564,10 +686,13 @@ class Tuner:
                  cache_dir: Path, ranks: Ranks | None = None, progress: bool = True,
                  state_path: Path | None = None, resume: bool = False, log: Callable[[str], None] = print,
                  measure_threads: int | None = None, cuda_graph: bool | None = None,
-                 graph_backend: CaptureBackend | None = None) -> None:
+                 graph_backend: CaptureBackend | None = None, requests: TuneRequests = TuneRequests()) -> None:
         self.config = config
         self.pipe = pipe
-        self.extractor = extractor
+        self.requests = requests
+        self.latent_shape = requests.latent_shape(pipe)
+        self.extractor = extractor  # None with the fine-grid metric (no images are decoded)
+        self._conditions: dict[tuple[int, int], Any] = {}
         self.classifier = classifier
         self.ranks = ranks or Ranks()
         self.progress = progress and self.ranks.is_main
@@ -588,10 +713,15 @@ class Tuner:
     def _context_key(self) -> str:
         """Everything a candidate's cached features depend on besides the candidate itself."""
         c = self.config
-        fields = {"weights": self.weights_digest, "features": self.extractor.identity(), "seed": c.seed,
+        fields = {"weights": self.weights_digest, "features": self._metric_identity(), "seed": c.seed,
                   "batch": c.batch, "cfg": c.cfg, "guidance_channels": c.guidance_channels, "device": c.device,
-                  "dtype": c.dtype, "noise": "per-image seed + index (flowturbo.noise)", "classes": "i mod K"}
+                  "dtype": c.dtype, "noise": "per-image seed + index (flowturbo.noise)", **self.requests.describe()}
         return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:20]
+
+    def _metric_identity(self) -> str:
+        if self.config.metric == "fine-grid":
+            return f"fine-grid:H{self.config.fine_steps}@model:rms-latents:v1"
+        return self.extractor.identity()
 
     def _cache_file(self, cand: Candidate) -> Path:
         return self.cache / f"{cand.id}.npz"
@@ -619,28 +749,79 @@ class Tuner:
         feats, preds, calls = [], [], []
         for lo in range(start, stop, c.batch):
             hi = min(lo + c.batch, stop, c.num_samples)
-            noise = make_noise(hi - lo, pipe.latent_shape, c.seed, dtype=pipe.state_dtype, device=pipe.device,
-                               first_index=lo)
-            labels = (torch.arange(lo, hi) % pipe.num_classes).to(pipe.device)
+            noise = self._noise(lo, hi)
             if cand.schedule is not None:
-                result = sample_schedule(cand.schedule, noise, labels, pipe.predictor, pipe.refiner,
-                                         num_classes=pipe.num_classes, kernel_backend=pipe.kernel_backend)
+                result = self._run(cand.schedule, noise, lo, hi)
                 steps = cand.schedule.num_steps
             else:
+                labels = torch.as_tensor(self.requests.for_images(pipe, lo, hi), device=pipe.device)
                 result = sample_velocity_norm_rule(noise, labels, pipe.predictor, num_classes=pipe.num_classes,
                                                    c=float(cand.c), dt_min=VNORM_DT_MIN, dt_max=VNORM_DT_MAX,
                                                    guidance_scale=c.cfg, guidance_channels=c.guidance_channels)
                 steps = len(result.timesteps) - 1
-            images = pipe.decoder.decode(result.latents).float().clamp(-1, 1)  # (b, C, H, W)
-            feats.append(self.extractor.extract(images, progress=False).numpy())
-            if self.classifier is not None:
+            if c.metric == "fine-grid":  # per-image mean squared distance to the fine solution: (b, 1)
+                error = (result.latents.float() - self._fine_latents(lo, hi)).pow(2).flatten(1).mean(1, keepdim=True)
+                feats.append(error.cpu().numpy().astype(np.float64))
+            else:
+                images = pipe.family.decode(result.latents).float().clamp(-1, 1)  # (b, C, H, W)
+                feats.append(self.extractor.extract(images, progress=False).numpy())
+            if self.classifier is not None and c.metric != "fine-grid":
                 preds.append(self.classifier.predict(images).numpy())
             calls.append([result.predictor_calls, result.refiner_calls, steps, hi - lo])
             self.images_generated += hi - lo
-        empty = np.zeros((0, self.extractor.dim), np.float32)
+        empty = np.zeros((0, 1 if c.metric == "fine-grid" else self.extractor.dim), np.float32)
         return {"features": np.concatenate(feats) if feats else empty,
                 "predicted": np.concatenate(preds) if preds else np.zeros(0, np.int64),
                 "calls": np.asarray(calls, np.float64).reshape(-1, 4)}
+
+    def _noise(self, lo: int, hi: int) -> torch.Tensor:
+        """Images ``[lo, hi)``'s starting noise (b, C, h, w): image i from seed ``seed + i``."""
+        return make_noise(hi - lo, self.latent_shape, self.config.seed, dtype=self.pipe.state_dtype,
+                          device=self.pipe.device, first_index=lo)
+
+    def _condition(self, lo: int, hi: int, schedule: SamplingSchedule) -> Any:
+        """The conditioning of images ``[lo, hi)``, made once (every candidate shares the CFG scale, and so the
+        negative prompts' embeddings)."""
+        if (lo, hi) not in self._conditions:
+            self._conditions[(lo, hi)] = self.requests.condition(self.pipe, lo, hi, schedule)
+        return self._conditions[(lo, hi)]
+
+    def _run(self, schedule: SamplingSchedule, noise: torch.Tensor, lo: int, hi: int,
+             check_finite: bool = True) -> Any:
+        """``schedule`` from ``noise`` for images ``[lo, hi)`` through the model family's calls (the step loop
+        ``flowturbo sample`` runs): the final latents and the calls made."""
+        pipe = self.pipe
+        calls = pipe.family.model_calls(self._condition(lo, hi, schedule), schedule)
+        return run_schedule(schedule, noise, calls, check_finite=check_finite, kernel_backend=pipe.kernel_backend)
+
+    def fine_schedule(self) -> SamplingSchedule:
+        """The fine-grid metric's reference: ``H{fine_steps}`` on the model's own grid, at the tune's guidance."""
+        c = self.config
+        schedule = SamplingSchedule.parse(f"H{c.fine_steps}", guidance_scale=c.cfg,
+                                          guidance_channels=c.guidance_channels)
+        grid = Grid("model").timesteps(c.fine_steps, self.requests.model_grid(self.pipe))
+        return dataclasses.replace(schedule, timesteps=grid)
+
+    def _fine_latents(self, lo: int, hi: int) -> torch.Tensor:
+        """The fine solution's final latents of images ``[lo, hi)`` (b, C, h, w) float32, from the per-image cache
+        (``fine-H{n}/{i}.npy`` beside the candidates'), computed for the whole range when one is missing."""
+        folder = self.cache / f"fine-H{self.config.fine_steps}"
+        paths = [folder / f"{i}.npy" for i in range(lo, hi)]
+        cached = []
+        for path in paths:
+            try:
+                cached.append(np.load(path))
+            except (OSError, ValueError):  # missing or damaged: recomputed, never trusted
+                break
+        if len(cached) == len(paths):
+            return torch.from_numpy(np.stack(cached)).to(self.pipe.device)
+        latents = self._run(self.fine_schedule(), self._noise(lo, hi), lo, hi).latents.float()
+        for path, row in zip(paths, latents.cpu().numpy()):
+            buffer = io.BytesIO()
+            np.save(buffer, row)
+            atomic_write_bytes(path, buffer.getvalue())
+        self.images_generated += hi - lo
+        return latents
 
     def _features(self, cand: Candidate, n: int) -> dict[str, np.ndarray] | None:
         """Features of images ``[0, n)`` on rank 0 (None elsewhere), generating what the cache lacks."""
@@ -667,11 +848,14 @@ class Tuner:
         if not self.ranks.is_main:
             return None
         assert data is not None
-        labels = np.arange(n) % self.pipe.num_classes
-        predicted = data["predicted"][:n] if self.classifier is not None else None
-        result = score_features(data["features"][:n], features=self.extractor, labels=labels if predicted is not None
-                                else None, predicted=predicted, reference=self.reference, progress=False,
-                                allow_small_sample=True)
+        if self.config.metric == "fine-grid":  # RMS over every latent element of the n images
+            result = {"fid": math.sqrt(float(data["features"][:n, 0].mean()))}
+        else:
+            labels = np.arange(n) % self.pipe.num_classes
+            predicted = data["predicted"][:n] if self.classifier is not None else None
+            result = score_features(data["features"][:n], features=self.extractor,
+                                    labels=labels if predicted is not None else None, predicted=predicted,
+                                    reference=self.reference, progress=False, allow_small_sample=True)
         calls = data["calls"]
         covered = calls[np.cumsum(calls[:, 3]) <= n] if len(calls) else calls
         weights = covered[:, 3] / covered[:, 3].sum()
@@ -714,7 +898,9 @@ class Tuner:
             self.log(f"flowturbo tune: {warning}")
         self.ranks.run_all(lambda: self._load_or_start_state(None), "reading the tune state")
         candidates, notes = c.space.candidates(cfg=c.cfg, guidance_channels=c.guidance_channels,
-                                               has_refiner=self.pipe.refiner is not None, baselines=c.baselines)
+                                               has_refiner=self.pipe.refiner is not None, baselines=c.baselines,
+                                               model_grid=self.requests.model_grid(self.pipe),
+                                               rule=self.requests.prompts is None)
         for note in notes:
             self.log(f"flowturbo tune: warning: {note}")
         if not candidates:
@@ -790,7 +976,7 @@ class Tuner:
             if self.state.get("costs"):
                 return CallCosts(**self.state["costs"])
             with torch_threads(self._measuring_threads()):
-                return measure_call_costs(self.pipe, c.latency_batch, c.cfg, c.guidance_channels)
+                return measure_call_costs(self.pipe, c.latency_batch, c.cfg, c.guidance_channels, self.requests)
 
         costs = self.ranks.run_all(measure, "measuring the call costs")
         costs = self.ranks.broadcast(costs, "sharing the call costs")
@@ -800,8 +986,17 @@ class Tuner:
     def _reference(self) -> Any:
         from flowturbo.training.evaluation import fashion_mnist_reference, load_reference_npz
 
+        if self.config.metric == "fine-grid":
+            return None  # the fine solution is each image's own reference
         if self.config.reference:
+            if Path(self.config.reference).is_dir():
+                size = self.pipe.family.image_size(self.latent_shape)
+                return folder_reference(self.config.reference, self.extractor, size, progress=self.progress)
             return load_reference_npz(self.config.reference)
+        if self.requests.prompts is not None:
+            raise FlowTurboError(f"--metric {self.config.metric} on a text-to-image model needs --reference: a "
+                                 "folder of reference images or a statistics .npz (Fashion-MNIST says nothing "
+                                 "about these images); or use --metric fine-grid")
         return fashion_mnist_reference(self.extractor, num_samples=self.config.num_reference, progress=False)
 
     def _price(self, cand: Candidate, costs: CallCosts, scored: dict[str, Any] | None = None) -> float | None:
@@ -949,8 +1144,9 @@ class Tuner:
         names |= {r["name"] for r in report["candidates"] if r["baseline"] and r["fid"] is not None}
         names |= {n for n in (report["recommended"], report["recommended_fixed"]) if n}
         pipe, c = self.pipe, self.config
-        noise = make_noise(c.latency_batch, pipe.latent_shape, c.seed, dtype=pipe.state_dtype, device=pipe.device)
-        labels = (torch.arange(c.latency_batch) % pipe.num_classes).to(pipe.device)
+        noise = self._noise(0, c.latency_batch)
+        labels = torch.as_tensor(self.requests.for_images(pipe, 0, c.latency_batch), device=pipe.device) \
+            if self.requests.prompts is None else None
         use_graph = pipe.device.type == "cuda" if self.cuda_graph is None else bool(self.cuda_graph)
         sampler = None
         if use_graph:  # the path `flowturbo sample` runs by default on CUDA: schedule + decode in one CUDA graph
@@ -967,14 +1163,12 @@ class Tuner:
 
             def run(cand: Candidate = cand) -> None:
                 if cand.schedule is not None:
-                    out = sample_schedule(cand.schedule, noise, labels, pipe.predictor, pipe.refiner,
-                                          num_classes=pipe.num_classes, kernel_backend=pipe.kernel_backend,
-                                          check_finite=False)
+                    out = self._run(cand.schedule, noise, 0, c.latency_batch, check_finite=False)
                 else:
                     out = sample_velocity_norm_rule(noise, labels, pipe.predictor, num_classes=pipe.num_classes,
                                                     c=float(cand.c), dt_min=VNORM_DT_MIN, dt_max=VNORM_DT_MAX,
                                                     guidance_scale=c.cfg, guidance_channels=c.guidance_channels)
-                pipe.decoder.decode(out.latents)
+                pipe.family.decode(out.latents)
 
             measured[name] = _median_ms(run, pipe.device, c.latency_repeats, 1) / c.latency_batch
         for r in report["candidates"]:
@@ -985,10 +1179,11 @@ class Tuner:
         """ms/image of ``schedule`` through the sampler's CUDA-graph path (capture excluded, median of
         ``latency_repeats`` replays after the capturing run), and the path that actually ran."""
         c = self.config
-        classes = [i % self.pipe.num_classes for i in range(c.latency_batch)]
+        requests = self.requests.sample_kwargs(self.pipe, 0, c.latency_batch)
 
         def once() -> float:
-            out = sampler.sample(classes, schedule=schedule, seed=c.seed, batch_size=c.latency_batch, progress=False)
+            out = sampler.sample(**requests, schedule=schedule, seed=c.seed, batch_size=c.latency_batch,
+                                 progress=False)
             return 1000 * out.times.total_s / c.latency_batch
 
         once()  # captures (or falls back to eager, with the sampler's one-line warning)

@@ -29,15 +29,21 @@ from flowturbo.errors import FlowTurboError
 from flowturbo.runtime.cli import MAX_THREADS
 
 BACKENDS = ("pytorch",)
-METRICS = ("domain-fid", "inception-fid")
+METRICS = ("domain-fid", "inception-fid", "fine-grid")  # flowturbo.runtime.tune.METRICS
+TEXT_GRIDS = "model,uniform,power:1.5"  # --grids' default for a --pipeline model (its own grid first)
+CLASS_GRIDS = "uniform,power:1.5,power:0.75,shift:2,shift:0.5"
+# The table's name for the metric's value (tune.json keeps it in each candidate's "fid" field, whatever the metric).
+SCORE_LABELS = {"domain-fid": "FID", "inception-fid": "FID", "fine-grid": "fine RMS"}
 
 
 def add_tune_parser(sub: argparse._SubParsersAction) -> None:
     from flowturbo.runtime.cli import _add_model_arguments
+    from flowturbo.runtime.text_cli import add_text_arguments
 
     p = sub.add_parser("tune", help="search schedules (H/P/R/E counts, time grids, the velocity-norm rule) for a "
                                     "latency budget: Pareto front, recommendation, optional export")
     _add_model_arguments(p)
+    add_text_arguments(p)  # --pipeline DIR --prompts FILE: tune a text-to-image model on a prompt set
     b = p.add_argument_group("budget (one of)")
     budget = b.add_mutually_exclusive_group(required=True)
     budget.add_argument("--budget-ms", type=POSITIVE,
@@ -46,8 +52,14 @@ def add_tune_parser(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--budget-calls", type=POSITIVE,
                         help="predictor-call equivalents (a refiner call counts its measured cost ratio)")
     q = p.add_argument_group("quality")
-    q.add_argument("--metric", choices=METRICS, default="domain-fid",
-                   help="domain-fid: the bundle's classifier features (fast); inception-fid: standard InceptionV3")
+    q.add_argument("--metric", choices=METRICS, default=None,
+                   help="domain-fid: the bundle's classifier features (fast; the default for class models); "
+                        "inception-fid: standard InceptionV3 (text models: against --reference); fine-grid: RMS "
+                        "distance of the final latents to the model's own H{--fine-steps} solution from the same "
+                        "noise and prompt (no reference needed; the default for --pipeline)")
+    q.add_argument("--fine-steps", type=int_in(2, 512), default=None,
+                   help="Heun steps of the fine-grid metric's reference solution, on the model's own grid "
+                        "(default 64)")
     q.add_argument("--num-samples", type=POSITIVE_INT, default=1000, help="samples of the last rung (the front's FIDs)")
     q.add_argument("--allow-small-sample", action="store_true",
                    help="allow --num-samples below the metric's minimum (500; inception-fid: 2049, more than its "
@@ -55,7 +67,8 @@ def add_tune_parser(sub: argparse._SubParsersAction) -> None:
     q.add_argument("--num-reference", type=Number(int, low=2), default=10000,
                    help="Fashion-MNIST test images for the reference")
     q.add_argument("--reference", default=None, type=input_path("--reference"),
-                   help="reference .npz (mu, sigma) instead of Fashion-MNIST")
+                   help="reference .npz (mu, sigma) instead of Fashion-MNIST, or a folder of reference images "
+                        "(fitted to the image size; what inception-fid on a --pipeline model compares with)")
     q.add_argument("--classifier", default=None, type=input_path("--classifier"),
                    help="classifier folder (default: the model's classifier/)")
     s = p.add_argument_group("search")
@@ -67,9 +80,13 @@ def add_tune_parser(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--pseudo", default="0:6", help="pseudo-corrector step counts (default 0:6)")
     s.add_argument("--refiner-steps", default="0:3", help="refiner step counts (default 0:3)")
     s.add_argument("--euler", default="4,6,8,10", help="Euler step counts ('' for none)")
-    s.add_argument("--grids", default="uniform,power:1.5,power:0.75,shift:2,shift:0.5",
-                   help="time grids: uniform, power:G (t=u^G), shift:S (t=Su/(1+(S-1)u))")
-    s.add_argument("--vnorm-c", default="0.2,0.3,0.4,0.6", help="C values of the rule dt = C/||f|| ('' for none)")
+    s.add_argument("--grids", default=None,
+                   help="time grids: uniform, power:G (t=u^G), shift:S (t=Su/(1+(S-1)u)), model (the model's own: "
+                        "the shifted grid of a --pipeline model; uniform for class models); default "
+                        f"{CLASS_GRIDS} (class models), {TEXT_GRIDS} (--pipeline)")
+    s.add_argument("--vnorm-c", default=None,
+                   help="C values of the rule dt = C/||f|| ('' for none; default 0.2,0.3,0.4,0.6 on class models, "
+                        "none on --pipeline models, which cannot run it)")
     s.add_argument("--general-max-steps", type=int_in(0, 6), default=0,
                    help="also every valid E/H/P/R string of at most this many steps (any order)")
     s.add_argument("--max-steps", type=int_in(1, 64), default=12)
@@ -123,11 +140,72 @@ def state_path_for(cache_root: Path, out: str) -> Path:
     return cache_root / "runs" / f"{key}.json"
 
 
+def resolve_defaults(args: argparse.Namespace) -> None:
+    """The defaults that depend on the model's kind: a ``--pipeline`` model (or a text bundle, which names one) tunes
+    with ``--metric fine-grid`` on its own grid first and without the velocity-norm rule; class models as before."""
+    from flowturbo.runtime.text_cli import resolve_text_bundle
+    from flowturbo.runtime.tune import DEFAULT_FINE_STEPS
+
+    resolve_text_bundle(args)  # --model TEXT_BUNDLE -> its --pipeline folder + --refiner + defaults
+    text = args.pipeline is not None
+    args.metric = args.metric or ("fine-grid" if text else "domain-fid")
+    args.grids = args.grids if args.grids is not None else (TEXT_GRIDS if text else CLASS_GRIDS)
+    if args.vnorm_c is None:
+        args.vnorm_c = "" if text else "0.2,0.3,0.4,0.6"
+    if args.fine_steps is not None and args.metric != "fine-grid":
+        raise FlowTurboError(f"--fine-steps sets the fine-grid metric's reference; --metric is {args.metric}")
+    args.fine_steps = args.fine_steps or DEFAULT_FINE_STEPS
+
+
+def check_text_tune_args(args: argparse.Namespace) -> None:
+    """A ``--pipeline`` tune's flags (after :func:`resolve_defaults`): prompts, a metric that fits text-to-image
+    images, nothing only class models have. The prompts are read into ``args.tune_prompts``."""
+    from flowturbo.families import ImageSize, read_prompts
+    from flowturbo.runtime.text_cli import _given, refuse_text_flags
+
+    args.tune_prompts = None
+    if args.pipeline is None:
+        refuse_text_flags(args)
+        return
+    other = _given(args, ("--model", "--predictor", "--vae", "--decoder", "--checkpoint-entry"))
+    if other:
+        raise FlowTurboError(f"--pipeline holds the whole model (with --refiner: a refiner trained for it); drop "
+                             f"{other[0]}")
+    if args.prompt is None and args.prompts is None:
+        raise FlowTurboError("tune --pipeline needs the prompts to tune on: pass --prompts FILE (one per line) or "
+                             "--prompt TEXT (repeatable); image i uses prompt i mod P")
+    if args.prompt is not None and args.prompts is not None:
+        raise FlowTurboError("give --prompt or --prompts, not both")
+    if args.prompt is not None and not all(p.strip() for p in args.prompt):
+        raise FlowTurboError("--prompt is empty; give the text to draw")
+    if args.metric == "domain-fid":
+        raise FlowTurboError("--metric domain-fid uses a Fashion-MNIST classifier's features, which say nothing about "
+                             "a text-to-image model's images: use --metric fine-grid (the default here), or "
+                             "inception-fid with --reference FOLDER")
+    if args.metric == "inception-fid" and args.reference is None:
+        raise FlowTurboError("--metric inception-fid on a --pipeline model needs --reference: a folder of reference "
+                             "images (or a statistics .npz); or use --metric fine-grid, which needs none")
+    if args.vnorm_c.strip():
+        raise FlowTurboError("--vnorm-c: the velocity-norm rule runs on class-conditional models only; drop it")
+    if args.guidance_channels is not None:
+        raise FlowTurboError("--guidance-channels is the SiT models' partial-channel CFG; text-to-image CFG guides "
+                             "every latent channel")
+    if args.export is not None:
+        raise FlowTurboError("--export works with class-conditional bundles; export the recommendation with "
+                             "`flowturbo export --pipeline DIR --schedule OUT/recommended_schedule.json` (and the "
+                             "same --size)")
+    if args.size is not None:
+        ImageSize.parse(args.size)
+    args.tune_prompts = tuple(args.prompt) if args.prompt is not None else tuple(read_prompts(args.prompts))
+
+
 def check_tune_args(args: argparse.Namespace) -> None:
     """Refuse bad flags before anything is loaded (one ``error:`` line each)."""
     from flowturbo.runtime.cli import check_device, check_seed
     from flowturbo.runtime.tune import check_metric_samples
 
+    resolve_defaults(args)
+    check_text_tune_args(args)
     check_seed(args.seed)
     check_device(args.device)
     budget = args.budget_ms if args.budget_ms is not None else args.budget_calls
@@ -187,7 +265,7 @@ def _export_formats(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(f.strip() for f in args.export_format.split(",") if f.strip())
 
 
-def _config(args: argparse.Namespace, pipe: Any) -> Any:
+def _config(args: argparse.Namespace, pipe: Any, requests: Any) -> Any:
     from flowturbo.dtypes import dtype_name
     from flowturbo.runtime.tune import TuneConfig
 
@@ -202,6 +280,7 @@ def _config(args: argparse.Namespace, pipe: Any) -> Any:
         baselines=tuple(b.strip() for b in args.baselines.split(",") if b.strip()),
         device=str(pipe.device), dtype=dtype_name(pipe.dtype), num_reference=args.num_reference,
         reference=args.reference, allow_small_sample=args.allow_small_sample, latency_repeats=args.latency_repeats,
+        requests=requests.describe(), fine_steps=args.fine_steps,
     )
 
 
@@ -251,25 +330,52 @@ def run_tune(args: argparse.Namespace) -> int:
 def _make_tuner(args: argparse.Namespace, ranks: Any, cache_root: Path) -> Any:
     from flowturbo.runtime.cli import _classifier_folder, _pipeline_options
     from flowturbo.runtime.pytorch_backend import load_pipeline
-    from flowturbo.runtime.tune import Tuner
+    from flowturbo.runtime.tune import Tuner, TuneRequests
     from flowturbo.training.evaluation import DomainFeatures, InceptionFeatures, load_classifier
     from flowturbo.training.evaluation.classifier import CONFIG_FILENAME as CLASSIFIER_CONFIG
 
     options = _pipeline_options(args)
     cuda_graph = options.pop("cuda_graph")  # the latency re-measurement's path on CUDA (the sampler's default)
     options["device"] = ranks.device(args.device)
-    pipe = load_pipeline(args.model, **options)
-    folder = _classifier_folder(args)
     classifier = None
-    if (folder / CLASSIFIER_CONFIG).is_file():
-        classifier = DomainFeatures(load_classifier(folder, device=pipe.device), device=pipe.device)
-    elif args.metric == "domain-fid":
-        raise FlowTurboError(f"no domain classifier at {folder}; pass --classifier DIR or --metric inception-fid")
-    extractor = classifier if args.metric == "domain-fid" else InceptionFeatures(pipe.device)
-    config = _config(args, pipe)
+    if args.pipeline is not None:
+        pipe, requests = _load_text_model(args, ranks, options["device"])
+    else:
+        pipe, requests = load_pipeline(args.model, **options), TuneRequests()
+        folder = _classifier_folder(args)
+        if (folder / CLASSIFIER_CONFIG).is_file():
+            classifier = DomainFeatures(load_classifier(folder, device=pipe.device), device=pipe.device)
+        elif args.metric == "domain-fid":
+            raise FlowTurboError(f"no domain classifier at {folder}; pass --classifier DIR or --metric inception-fid")
+    extractor = {"domain-fid": lambda: classifier, "fine-grid": lambda: None,
+                 "inception-fid": lambda: InceptionFeatures(pipe.device)}[args.metric]()
+    config = _config(args, pipe, requests)
     return Tuner(config, pipe, extractor, classifier=classifier, cache_dir=cache_root, ranks=ranks,
                  progress=not args.no_progress, state_path=state_path_for(cache_root, args.out), resume=args.resume,
-                 measure_threads=args.threads, cuda_graph=cuda_graph)
+                 measure_threads=args.threads, cuda_graph=cuda_graph, requests=requests)
+
+
+def _load_text_model(args: argparse.Namespace, ranks: Any, device: Any) -> tuple[Any, Any]:
+    """The ``--pipeline`` model (with ``--refiner``) and the tune's requests; the request (size, CFG, negative
+    prompt, guidance) is checked against the folder's configs before any weights load."""
+    from flowturbo.families import ImageSize
+    from flowturbo.runtime.pytorch_backend import load_text_pipeline
+    from flowturbo.runtime.tune import TuneRequests
+    from flowturbo.schedule import SamplingSchedule
+
+    if ranks.distributed:
+        raise FlowTurboError("tune --pipeline runs in one process for now; run it without torchrun")
+    size = ImageSize.parse(args.size) if args.size is not None else None
+
+    def check(family: Any) -> None:
+        cfg = family.defaults.cfg if args.cfg is None else args.cfg
+        family.check_request(SamplingSchedule.parse("H2", guidance_scale=cfg), size=size,
+                             negative=args.negative_prompt, guidance=args.guidance)
+
+    pipe = load_text_pipeline(args.pipeline, device=device, dtype=args.dtype, kernel_backend=args.kernels,
+                              max_sequence_length=args.max_sequence_length, before_weights=check,
+                              refiner=args.refiner, defaults=args.text_defaults)
+    return pipe, TuneRequests(args.tune_prompts, args.negative_prompt, args.guidance, size)
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -278,8 +384,9 @@ def table_text(report: dict[str, Any]) -> str:
     rows = [r for r in report["candidates"] if r["fid"] is not None]
     rows.sort(key=lambda r: (-(r["num_samples"] or 0), r["cost"] if r["cost"] is not None else 1e30, r["fid"]))
     unit = report["budget"]["unit"]
+    score = SCORE_LABELS.get(report["metric"], "FID")
     head = (f"{'':2}{'candidate':<24}{'family':<14}{'pred':>6}{'ref':>5}{'priced ms/img':>14}{'measured':>10}"
-            f"{'samples':>9}{'FID':>9}{'class acc':>10}  flags")
+            f"{'samples':>9}{score:>9}{'class acc':>10}  flags")
     lines = [f"budget: {report['budget']['value']:g} {unit}; front marked *, recommended >, baselines b", head,
              "-" * len(head)]
     for r in rows:

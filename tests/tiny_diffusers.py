@@ -186,3 +186,33 @@ def load_diffusers(folder: Path):
     pipe = DiffusionPipeline.from_pretrained(folder)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def write_random_token_refiner(folder: Path, path: Path, cfg: float, *, seed: int = 7, scale: float = 0.05) -> Path:
+    """A token refiner for the tiny pipeline at ``folder`` (trained-for record at CFG ``cfg``, size ``IMAGE_SIZE``),
+    every weight random non-zero: not a trained refiner, but one whose every input changes its output, so a dropped
+    refiner call or a wrong input shows in the samples."""
+    from flowturbo.schedule import SamplingSchedule
+    from flowturbo.training.families import load_family
+    from flowturbo.training.token_refiner import (
+        TokenRefiner,
+        TokenRefinerConfig,
+        TokenRefinerRecord,
+        transformer_digest,
+        write_token_refiner,
+    )
+    from flowturbo.training.trainers.text_refiner import TEXT_REFINER_DT
+
+    family = load_family(folder, device=torch.device("cpu"), dtype=torch.float32,
+                         max_sequence_length=MAX_SEQUENCE_LENGTH)
+    pooled = family.condition(["x"], SamplingSchedule.parse("E1")).prompt.pooled.shape[1]
+    generator = torch.Generator().manual_seed(seed)
+    refiner = TokenRefiner(TokenRefinerConfig(latent_channels=family.latent_channels, patch_size=family.patch,
+                                              pooled_dim=int(pooled), hidden_size=16, num_heads=2))
+    with torch.no_grad():
+        for p in refiner.parameters():
+            p.copy_(torch.randn(p.shape, generator=generator) * scale)
+    record = TokenRefinerRecord(family.folder.class_name, transformer_digest(family.transformer_config), str(folder),
+                                cfg, None, f"{IMAGE_SIZE}x{IMAGE_SIZE}")
+    write_token_refiner(path, refiner, record, TEXT_REFINER_DT)
+    return path

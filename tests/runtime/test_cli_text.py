@@ -154,16 +154,14 @@ def test_missing_text_encoder_files_name_the_path(tiny_pipelines, tmp_path, caps
     _refused(capsys, folder, tmp_path / "out", "--prompt", "x", needles=["missing", str(missing), "FluxPipeline"])
 
 
-@pytest.mark.parametrize("command", [
-    ["tune", "--out", "x"], ["profile"], ["eval"],
-])
+@pytest.mark.parametrize("command", [["profile"], ["eval"]])
 def test_pipeline_on_other_commands_is_not_supported_yet(tiny_pipelines, tmp_path, capsys, command):
-    """Only `sample`, `export` (tests/export/test_export_text.py), `inpaint` and `edit` (tests/runtime/
-    test_text_editing.py) run text-to-image models for now: tune, profile and eval refuse --pipeline with one line
-    (not argparse's "unrecognized arguments")."""
+    """Only `sample`, `export` (tests/export/test_export_text.py), `inpaint`, `edit` (tests/runtime/
+    test_text_editing.py) and `tune` (tests/runtime/test_tune_text.py) run text-to-image models for now: profile and
+    eval refuse --pipeline with one line (not argparse's "unrecognized arguments")."""
     assert main([*command, "--pipeline", str(tiny_pipelines["sd3"])]) == 2
-    one_error_line(capsys, f"flowturbo {command[0]}: error:", "works with `flowturbo sample`, `flowturbo export`, "
-                   "`flowturbo inpaint` and `flowturbo edit` only", "not supported yet")
+    one_error_line(capsys, f"flowturbo {command[0]}: error:", "works with `flowturbo sample`, `export`, `inpaint`, "
+                   "`edit` and `tune` only", "not supported yet")
     assert not (tmp_path / "x").exists()
 
 

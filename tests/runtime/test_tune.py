@@ -184,7 +184,7 @@ def _bare_tuner(ranks: Ranks, **kwargs) -> Tuner:
     tuner = Tuner.__new__(Tuner)
     tuner.config = TuneConfig(model="m", latency_batch=4, budget_ms=3.0)
     tuner.pipe = SimpleNamespace(device=torch.device("cpu"))
-    tuner.ranks, tuner.state = ranks, {}
+    tuner.ranks, tuner.state, tuner.requests = ranks, {}, tune_module.TuneRequests()
     tuner.measure_threads = kwargs.get("measure_threads")
     return tuner
 
@@ -195,7 +195,7 @@ def test_costs_are_measured_by_rank_zero_alone_with_a_single_process_threads(mon
     measured: list[int] = []
     rank0_costs = CallCosts(4, predictor_ms=4.0, refiner_ms=None, decode_ms=0.0, step_ms=0.0, device="cpu")
 
-    def fake_measure(pipe, batch, cfg, channels):
+    def fake_measure(pipe, batch, cfg, channels, requests):
         measured.append(torch.get_num_threads())
         return dataclasses.replace(rank0_costs, threads=torch.get_num_threads())
 
