@@ -23,7 +23,7 @@ def main() -> int:
         rec = next(c for c in r["candidates"] if c["name"] == r["recommended"])
         print(f"| {name} | {r['settings']['search']} | {r['settings']['num_samples']} | {r['rungs']} | "
               f"{r['num_candidates']} | {t['evaluations']} | {t['images_generated']} | {t['total_s']:.0f} | "
-              f"{rec['name']} ({rec['fid']:.3f}) | {', '.join(r['front'])} |")
+              f"{rec['name']} ({rec.get('score', rec.get('fid')):.3f}) | {', '.join(r['front'])} |")  # /1 files: fid
     rows = [json.loads((RESULTS / f"sample-{n}.json").read_text()) for n in (1, 2)
             if (RESULTS / f"sample-{n}.json").is_file()]
     if rows:

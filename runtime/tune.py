@@ -42,7 +42,7 @@ metric there is ``fine-grid``: the RMS over all latent elements of the final lat
 ``H{fine_steps}`` solution on its grid from the same noise and prompt (cached per image beside the candidates) — it
 needs no reference and no decode, and measures the solver's error, not image quality. ``inception-fid`` compares
 decoded images with ``--reference`` (a statistics .npz or a folder of images, :func:`folder_reference`). Whatever the
-metric, each candidate's value is in its ``fid`` field (lower is better).
+metric, each candidate's value is in its ``score`` field (lower is better; ``scores``: per rung).
 
 Per-image features (and class predictions, and the rule's calls) are cached per candidate id (the schedule
 id, or a hash of the rule's settings) under the cache folder, keyed by everything they depend on; a killed
@@ -91,8 +91,8 @@ from flowturbo.training.sampling import (
     solver_ops_for,
 )
 
-TUNE_FORMAT = "flowturbo.tune/1"
-STATE_FORMAT = "flowturbo.tune-state/1"
+TUNE_FORMAT = "flowturbo.tune/2"  # /2: the metric value is "score" (was "fid"), per rung "scores"
+STATE_FORMAT = "flowturbo.tune-state/2"
 VNORM_DT_MIN, VNORM_DT_MAX = 0.02, 0.25  # the rule's clip (as bench/quality_study.py)
 VNORM_MIN_STEPS = math.ceil(1 / VNORM_DT_MAX - 1e-9)  # the rule's fewest steps (it lands exactly on t = 1)
 FAMILIES = ("flowturbo", "heun", "euler", "general", "velocity-norm")
@@ -568,7 +568,7 @@ class Scored:
     """A candidate's numbers at one sample count."""
 
     num_samples: int
-    fid: float
+    score: float  # the metric's value (FID, or the fine-grid RMS); lower is better
     class_accuracy: float | None
     predictor_calls: float  # the rule: the mean over its batches
     refiner_calls: float
@@ -579,12 +579,12 @@ class Scored:
 
 
 def pareto_front(points: Sequence[tuple[str, float, float]]) -> list[str]:
-    """Names of the non-dominated ``(name, cost, fid)`` points (lower is better in both), by cost."""
+    """Names of the non-dominated ``(name, cost, score)`` points (lower is better in both), by cost."""
     front, best = [], math.inf
-    for name, cost, fid in sorted(points, key=lambda p: (p[1], p[2])):
-        if fid < best:
+    for name, cost, score in sorted(points, key=lambda p: (p[1], p[2])):
+        if score < best:
             front.append(name)
-            best = fid
+            best = score
     return front
 
 
@@ -643,7 +643,7 @@ def apply_measured_budget(report: dict[str, Any]) -> None:
     for r in report["candidates"]:
         measured = r.get("measured_ms_per_image")
         r["measured_within_budget"] = None if measured is None else measured <= limit
-    fits = [r for r in report["candidates"] if r["measured_within_budget"] and r["fid"] is not None
+    fits = [r for r in report["candidates"] if r["measured_within_budget"] and r["score"] is not None
             and r["num_samples"] == final]
     for role, label in (("recommended", "the recommended"), ("recommended_fixed", "the best fixed (exportable)")):
         name = report.get(role)
@@ -653,12 +653,12 @@ def apply_measured_budget(report: dict[str, Any]) -> None:
         if measured <= limit:
             continue
         pool = fits if role == "recommended" else [r for r in fits if r["schedule"] is not None]
-        better = min(pool, key=lambda r: (r["fid"], r["measured_ms_per_image"])) if pool else None
+        better = min(pool, key=lambda r: (r["score"], r["measured_ms_per_image"])) if pool else None
         text = (f"{label} schedule {name} is priced at {rows[name]['price_ms_per_image']:.2f} ms/image but measured "
                 f"{measured:.2f} ms/image, over the budget of {limit:g} ms/image")
         if better is not None:
             text += (f"; recommending {better['name']} instead ({better['measured_ms_per_image']:.2f} ms/image "
-                     f"measured, {report['metric']} {better['fid']:.3f})")
+                     f"measured, {report['metric']} {better['score']:.3f})")
             report[role] = better["name"]
         else:
             text += "; no measured candidate fits the budget: raise it, or expect the recommendation to run over"
@@ -881,7 +881,9 @@ class Tuner:
                                      "exist); run without --resume")
             state = json.loads(self.state_path.read_text())
             if state.get("format") != STATE_FORMAT:
-                raise FlowTurboError(f"--resume: {self.state_path} is not a flowturbo tune state; run without --resume")
+                what = "an older flowturbo's tune state" if str(state.get("format", "")).startswith(
+                    "flowturbo.tune-state/") else "not a flowturbo tune state"
+                raise FlowTurboError(f"--resume: {self.state_path} is {what}; run without --resume")
             differing = settings_difference(state["settings"], settings)
             if differing:
                 raise FlowTurboError("--resume: the interrupted tune used other settings: " + "; ".join(differing)
@@ -932,7 +934,7 @@ class Tuner:
                         self._save_state()
                         crash_point("tune:scored")
                 if self.ranks.is_main:
-                    bar.set_postfix_str(f"{cand.name} FID {entry[str(n)]['fid']:.3f}")
+                    bar.set_postfix_str(f"{cand.name} {c.metric} {entry[str(n)]['score']:.3f}")
             history.append({"num_samples": n, "candidates": [cand.name for cand in todo]})
             if not final:
                 alive = self.ranks.broadcast(self._survivors(alive, n, costs) if self.ranks.is_main else None,
@@ -1060,7 +1062,7 @@ class Tuner:
         for cand in alive:
             scored = scores[cand.id][str(n)]
             cost = self._cost(cand, costs, scored)
-            points.append((cand.id, cost, scored["fid"]))
+            points.append((cand.id, cost, scored["score"]))
         keep = max(1, math.ceil(len(alive) / self.config.eta))
         chosen = set(nondominated_order(points)[:keep])
         by_id = {cand.id: cand for cand in alive}
@@ -1091,26 +1093,26 @@ class Tuner:
                 else self._cost(cand, costs, scored) <= self.budget,
                 "searched": scored is not None,
                 "num_samples": None if scored is None else scored["num_samples"],
-                "fid": None if scored is None else scored["fid"],
+                "score": None if scored is None else scored["score"],
                 "class_accuracy": None if scored is None else scored["class_accuracy"],
                 "predictor_calls": (cand.schedule.predictor_calls if cand.schedule is not None else
                                     (None if scored is None else scored["predictor_calls"])),
                 "refiner_calls": (cand.schedule.refiner_calls if cand.schedule is not None else
                                   (None if scored is None else scored["refiner_calls"])),
-                "fids": {k: v["fid"] for k, v in sorted(entry.items(), key=lambda kv: int(kv[0]))},
+                "scores": {k: v["score"] for k, v in sorted(entry.items(), key=lambda kv: int(kv[0]))},
             })
         finals = [r for r in rows if r["num_samples"] == int(final)]
-        front = pareto_front([(r["name"], r["cost"], r["fid"]) for r in finals])
+        front = pareto_front([(r["name"], r["cost"], r["score"]) for r in finals])
         for r in rows:
             r["on_front"] = r["name"] in front
         family_fronts = {}
         for family in FAMILIES:
-            members = [(r["name"], r["cost"], r["fid"]) for r in finals if r["family"] == family]
+            members = [(r["name"], r["cost"], r["score"]) for r in finals if r["family"] == family]
             if members:
                 family_fronts[family] = pareto_front(members)
         eligible = [r for r in finals if r["within_budget"]]
         if not eligible:  # e.g. only velocity-norm candidates, which took more calls than their fewest
-            scored = [r for r in rows if r["cost"] is not None and r["fid"] is not None]
+            scored = [r for r in rows if r["cost"] is not None and r["score"] is not None]
             cheapest = min(scored, key=lambda r: r["cost"]) if scored else None
             raise FlowTurboError(
                 f"no candidate fits the budget of {self.budget:g} {self._unit()}"
@@ -1119,9 +1121,9 @@ class Tuner:
                    f"on {costs.device})" if cheapest else "")
                 + "; raise the budget, or add cheaper candidates (fixed schedules with fewer steps: --heun, --pseudo, "
                 "--euler; larger --vnorm-c values take longer, fewer steps)")
-        recommended = min(eligible, key=lambda r: (r["fid"], r["cost"]))
+        recommended = min(eligible, key=lambda r: (r["score"], r["cost"]))
         fixed = [r for r in eligible if r["schedule"] is not None]
-        best_fixed = min(fixed, key=lambda r: (r["fid"], r["cost"])) if fixed else None
+        best_fixed = min(fixed, key=lambda r: (r["score"], r["cost"])) if fixed else None
         return {
             "format": TUNE_FORMAT, "flowturbo_version": __version__, "settings": self.settings(),
             "budget": {"value": self.budget, "unit": self._unit()},
@@ -1141,7 +1143,7 @@ class Tuner:
         and each family's front."""
         by_name = {cand.name: cand for cand in candidates}
         names = set(report["front"]) | {n for f in report["family_fronts"].values() for n in f}
-        names |= {r["name"] for r in report["candidates"] if r["baseline"] and r["fid"] is not None}
+        names |= {r["name"] for r in report["candidates"] if r["baseline"] and r["score"] is not None}
         names |= {n for n in (report["recommended"], report["recommended_fixed"]) if n}
         pipe, c = self.pipe, self.config
         noise = self._noise(0, c.latency_batch)

@@ -1,7 +1,7 @@
 """``flowturbo tune``: the command over :mod:`flowturbo.runtime.tune` (search, front, recommendation, export).
 
 Writes into ``--out`` (a staged folder, swapped in when complete): ``tune.json`` (settings, call costs, every
-candidate with its FID per rung, the front, the recommendation, timings), ``front.json`` (the front and the
+candidate with its metric value per rung, the front, the recommendation, timings), ``front.json`` (the front and the
 recommendation only), ``recommended_schedule.json`` (the recommended fixed schedule's JSON: ``flowturbo sample
 --schedule FILE`` and ``flowturbo export --schedule FILE`` take it), ``table.txt`` and ``front.png``.
 """
@@ -32,7 +32,7 @@ BACKENDS = ("pytorch",)
 METRICS = ("domain-fid", "inception-fid", "fine-grid")  # flowturbo.runtime.tune.METRICS
 TEXT_GRIDS = "model,uniform,power:1.5"  # --grids' default for a --pipeline model (its own grid first)
 CLASS_GRIDS = "uniform,power:1.5,power:0.75,shift:2,shift:0.5"
-# The table's name for the metric's value (tune.json keeps it in each candidate's "fid" field, whatever the metric).
+# The table's name for the metric's value (each candidate's "score" in tune.json).
 SCORE_LABELS = {"domain-fid": "FID", "inception-fid": "FID", "fine-grid": "fine RMS"}
 
 
@@ -381,8 +381,8 @@ def _load_text_model(args: argparse.Namespace, ranks: Any, device: Any) -> tuple
 # ------------------------------------------------------------------------------------------------ outputs
 def table_text(report: dict[str, Any]) -> str:
     """The candidates scored on the most samples (front marked), then the rest by the rung they reached."""
-    rows = [r for r in report["candidates"] if r["fid"] is not None]
-    rows.sort(key=lambda r: (-(r["num_samples"] or 0), r["cost"] if r["cost"] is not None else 1e30, r["fid"]))
+    rows = [r for r in report["candidates"] if r["score"] is not None]
+    rows.sort(key=lambda r: (-(r["num_samples"] or 0), r["cost"] if r["cost"] is not None else 1e30, r["score"]))
     unit = report["budget"]["unit"]
     score = SCORE_LABELS.get(report["metric"], "FID")
     head = (f"{'':2}{'candidate':<24}{'family':<14}{'pred':>6}{'ref':>5}{'priced ms/img':>14}{'measured':>10}"
@@ -400,7 +400,7 @@ def table_text(report: dict[str, Any]) -> str:
         if r.get("measured_within_budget") is False:
             over += " (measured over budget)"
         lines.append(f"{mark:<2}{r['name']:<24}{r['family']:<14}{pred:>6}{ref:>5}{price:>14}{measured:>10}"
-                     f"{r['num_samples']:>9}{r['fid']:>9.3f}{acc:>10}  {'; '.join(r['flags'])}{over}")
+                     f"{r['num_samples']:>9}{r['score']:>9.3f}{acc:>10}  {'; '.join(r['flags'])}{over}")
     return "\n".join(lines)
 
 
@@ -435,12 +435,12 @@ def plot_front(report: dict[str, Any], path: Path) -> None:
         if not pts:
             continue
         pts.sort(key=lambda r: r["price_ms_per_image"])
-        ax.scatter([r["price_ms_per_image"] for r in pts], [r["fid"] for r in pts], marker=marker, s=40,
+        ax.scatter([r["price_ms_per_image"] for r in pts], [r["score"] for r in pts], marker=marker, s=40,
                    label=family, alpha=0.8)
         front = [r for r in pts if r["name"] in report["family_fronts"].get(family, [])]
-        ax.plot([r["price_ms_per_image"] for r in front], [r["fid"] for r in front], lw=1, alpha=0.6)
+        ax.plot([r["price_ms_per_image"] for r in front], [r["score"] for r in front], lw=1, alpha=0.6)
         for r in front:
-            ax.annotate(r["name"], (r["price_ms_per_image"], r["fid"]), fontsize=6, xytext=(3, 3),
+            ax.annotate(r["name"], (r["price_ms_per_image"], r["score"]), fontsize=6, xytext=(3, 3),
                         textcoords="offset points")
     if report["budget"]["unit"] == "ms/image":
         ax.axvline(report["budget"]["value"], color="grey", ls="--", lw=1, label="budget")
@@ -467,7 +467,7 @@ def print_summary(report: dict[str, Any], args: argparse.Namespace) -> None:
           f"{', '.join(paths) or '-'}")
     rec = next(r for r in report["candidates"] if r["name"] == report["recommended"])
     measured = rec.get("measured_ms_per_image")
-    print(f"recommended: {rec['name']}: expected {report['metric']} {rec['fid']:.3f} ({rec['num_samples']} "
+    print(f"recommended: {rec['name']}: expected {report['metric']} {rec['score']:.3f} ({rec['num_samples']} "
           f"samples), {rec['price_ms_per_image']:.2f} ms/image priced, "
           f"{'-' if measured is None else f'{measured:.2f}'} ms/image measured")
     if report["recommended_fixed"] != report["recommended"] and report["recommended_fixed"]:

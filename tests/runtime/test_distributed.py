@@ -121,8 +121,8 @@ def test_tune_under_torchrun_scores_like_one_process(tmp_path: Path):
     assert one.returncode == 0, one.stderr[-3000:]
     a, b = (json.loads((tmp_path / d / "tune.json").read_text()) for d in ("one", "two"))
     assert b["world_size"] == 2 and a["world_size"] == 1
-    fids_a = {r["name"]: r["fids"] for r in a["candidates"]}
-    fids_b = {r["name"]: r["fids"] for r in b["candidates"]}
+    fids_a = {r["name"]: r["scores"] for r in a["candidates"]}
+    fids_b = {r["name"]: r["scores"] for r in b["candidates"]}
     assert fids_a.keys() == fids_b.keys() == {"H1@uniform", "H2@uniform", "vnorm-C0.5"}
     for name, per_rung in fids_a.items():
         assert per_rung.keys() == fids_b[name].keys()

@@ -227,7 +227,7 @@ def test_costs_are_measured_by_rank_zero_alone_with_a_single_process_threads(mon
 
 def _report(budget_value: float, unit: str = "ms/image") -> dict:
     def row(name, fid, price, measured, fixed=True):
-        return {"name": name, "fid": fid, "price_ms_per_image": price, "measured_ms_per_image": measured,
+        return {"name": name, "score": fid, "price_ms_per_image": price, "measured_ms_per_image": measured,
                 "num_samples": 40, "schedule": {"steps": name} if fixed else None}
 
     return {"budget": {"value": budget_value, "unit": unit}, "rungs": [20, 40], "metric": "domain-fid",
@@ -311,7 +311,7 @@ def test_latency_on_cuda_runs_the_samplers_graph_path(tmp_path, default_pipe):
     cands, _ = space.candidates(cfg=1.5, guidance_channels=None, has_refiner=True)
     report = {"front": ["H1@uniform", "vnorm-C0.5"], "family_fronts": {}, "recommended": "H1@uniform",
               "recommended_fixed": "H1@uniform",
-              "candidates": [{"name": c.name, "baseline": False, "fid": 1.0} for c in cands]}
+              "candidates": [{"name": c.name, "baseline": False, "score": 1.0} for c in cands]}
     tuner = Tuner(config, default_pipe, _stub_extractor(), cache_dir=tmp_path, progress=False, cuda_graph=True,
                   graph_backend=backend)
     tuner._measure_latencies(report, cands)
@@ -418,7 +418,7 @@ def test_tune_end_to_end_then_resume_after_a_kill(tmp_path, cache, capsys, defau
     rec = rows[report["recommended"]]
     assert rec["within_budget"] and rec["num_samples"] == 40 and rec["measured_ms_per_image"] > 0
     finals = [r for r in rows.values() if r["num_samples"] == 40 and r["within_budget"]]
-    assert rec["fid"] == min(r["fid"] for r in finals)
+    assert rec["score"] == min(r["score"] for r in finals)
     assert rows["H2P1@uniform"]["predictor_calls"] == 5 and rows["vnorm-C0.5"]["predictor_calls"] > 0
     for name in report["front"]:
         assert rows[name]["measured_ms_per_image"] is not None and rows[name]["price_ms_per_image"] is not None
@@ -451,6 +451,6 @@ def test_tune_end_to_end_then_resume_after_a_kill(tmp_path, cache, capsys, defau
     assert "other settings" in err and "seed (0 -> 4)" in err and not again.exists()
     assert main([*args[:-1], str(fresh), "--out", str(again), "--resume"]) == 0
     resumed = json.loads((again / "tune.json").read_text())
-    assert resumed["timings"]["evaluations"] == sum(len(r["fids"]) for r in report["candidates"]) - 3
-    assert {r["name"]: r["fids"] for r in resumed["candidates"]} == {r["name"]: r["fids"] for r in report["candidates"]}
+    assert resumed["timings"]["evaluations"] == sum(len(r["scores"]) for r in report["candidates"]) - 3
+    assert {r["name"]: r["scores"] for r in resumed["candidates"]} == {r["name"]: r["scores"] for r in report["candidates"]}
     assert resumed["front"] == report["front"] and resumed["recommended"] == report["recommended"]

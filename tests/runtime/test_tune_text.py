@@ -94,7 +94,7 @@ def test_text_tune_scores_are_the_fine_grid_distance(tuned, tiny_pipelines, refi
         assert row["num_samples"] == NUM_SAMPLES, row
         schedule = SamplingSchedule.from_dict(row["schedule"])
         assert schedule.timesteps == sampler.default_schedule(schedule.notation, cfg=CFG, size=SIZE).timesteps
-        assert row["fid"] == pytest.approx(_independent_rms(sampler, schedule, NUM_SAMPLES), **SCORE_TOLERANCE)
+        assert row["score"] == pytest.approx(_independent_rms(sampler, schedule, NUM_SAMPLES), **SCORE_TOLERANCE)
     assert rows["H1P1R1@model"]["refiner_calls"] > 0 and report["costs"]["refiner_ms"] is not None
     # the uniform grid is searched too (another schedule id, another score)
     assert rows["H1P1@uniform"]["schedule"]["timesteps"] != rows["H1P1@model"]["schedule"]["timesteps"]
@@ -142,14 +142,14 @@ def test_a_fid_tune_of_a_text_model_scores_decoded_images_against_a_reference_fo
                         allow_small_sample=True, latency_repeats=1, requests=requests.describe())
     report = Tuner(config, sampler.pipeline, _ChannelMeans(), cache_dir=tmp_path / "cache", progress=False,
                    requests=requests).run()
-    (row,) = [r for r in report["candidates"] if r["fid"] is not None]
+    (row,) = [r for r in report["candidates"] if r["score"] is not None]
     prompts = [PROMPTS[i % len(PROMPTS)] for i in range(6)]
     images = sampler.sample(prompts=prompts, schedule=SamplingSchedule.from_dict(row["schedule"]), seed=0,
                             size=SIZE, progress=False).images
     reference = folder_reference(refs, _ChannelMeans(), SIZE, progress=False)
     expected = score_features(_ChannelMeans().extract(images.clamp(-1, 1)).numpy(), features=_ChannelMeans(),
                               reference=reference, progress=False, allow_small_sample=True)["fid"]
-    assert row["fid"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
+    assert row["score"] == pytest.approx(expected, rel=1e-4, abs=1e-6)
 
 
 def test_folder_reference_fits_each_image_to_the_size(tmp_path):
