@@ -84,9 +84,6 @@ class CppSampler:
                                  f"{torch.__version__} is installed; rebuild it: bash scripts/setup.sh")
         if engine_format == "aoti":
             artifacts.check_torch_version(torch.__version__)
-        if artifacts.takes_prompts and artifacts.schedule.uses_refiner:
-            raise FlowTurboError(f"{artifacts.root}: the C++ runner does not run text-to-image exports with R steps yet "
-                                 "(its refiner engine takes class ids); sample it with backend onnxruntime or aoti")
         self.artifacts = artifacts
         self.schedule: SamplingSchedule = artifacts.schedule
         self.takes_prompts = artifacts.takes_prompts  # a text-to-image export: prompt embeddings, not class ids
@@ -185,7 +182,8 @@ class CppSampler:
 
     def _sample_text(self, request: TextRequest, schedule: SamplingSchedule | None, seed: int,
                      batch_size: int | None, first_index: int) -> Samples:
-        """A text-to-image export through the runner: the prompt embeddings per batch as its conditioning inputs."""
+        """A text-to-image export through the runner: the prompt embeddings per batch as its conditioning inputs (the
+        refiner graph of an export with R steps takes its pooled prompt embeddings from the same inputs)."""
         self.artifacts.check_schedule(schedule)
         dtype = torch_dtype(self.artifacts.precision)
         inputs, record = text_graph_inputs(self.artifacts, request, self.prompt_encoder, dtype=dtype,

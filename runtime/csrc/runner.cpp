@@ -187,7 +187,8 @@ struct ScheduleRunner::Engines {
 struct ScheduleRunner::BatchState {
   int64_t batch = 0;
   at::Tensor labels;                  // (b,) int64 on the device
-  // A text-to-image export's predictor inputs besides latents and t (prompt embeddings, ...), (b, ...) on the device.
+  // A text-to-image export's predictor inputs besides latents and t (prompt embeddings, ...), (b, ...) on the device;
+  // its refiner graph takes the ones it needs (pooled_prompt_embeds) from these too.
   std::map<std::string, at::Tensor> conditioning;
   std::vector<at::Tensor> times;      // per grid index: (b,) float32 filled with t_k (time-input graphs)
   // Per refiner call (grid index of t, grid index of t_v): (b,) float32 filled with dt = t - t_v, the input of a
@@ -248,6 +249,7 @@ ScheduleRunner::ScheduleRunner(const std::string& artifacts_dir, const RunnerOpt
   } catch (const ManifestError& exc) {
     throw RunnerError(RunnerError::Kind::kCheckpoint, exc.what());
   }
+  check_step_graph_inputs(artifacts);
   const auto& grid = manifest_.schedule.timesteps;
   for (const auto& a : artifacts) {
     if (a.role == "encoder") continue;  // images -> latents for inpainting / editing, which run in Python
@@ -342,6 +344,66 @@ ScheduleRunner::ScheduleRunner(const std::string& artifacts_dir, const RunnerOpt
 
 ScheduleRunner::~ScheduleRunner() = default;
 
+namespace {
+
+std::string shape_text(const TensorInfo& t) {
+  std::string out = "(" + std::string(t.batched ? "b" : "");
+  for (size_t i = 0; i < t.shape.size(); ++i) out += (i == 0 && !t.batched ? "" : ", ") + std::to_string(t.shape[i]);
+  return out + ") " + t.dtype;
+}
+
+}  // namespace
+
+void ScheduleRunner::check_step_graph_inputs(const std::vector<ArtifactInfo>& artifacts) {
+  const std::string reexport = "; the export and this runner come from different flowturbo versions: re-export "
+                               "with `flowturbo export --overwrite`";
+  // A text export's conditioning: the predictor graph's inputs besides latents and t, given per batch by the caller.
+  if (manifest_.takes_prompts) {
+    for (const auto& a : artifacts) {
+      if (a.role != "predictor") continue;
+      for (const auto& input : a.inputs) {
+        if (input.name == "latents" || input.name == "t") continue;
+        if (input.name == "labels") {
+          throw RunnerError(RunnerError::Kind::kCheckpoint, a.file + ": the predictor graph of a text-to-image "
+                                                                "export takes class ids (labels)" + reexport);
+        }
+        const auto [known, inserted] = conditioning_inputs_.emplace(input.name, input);
+        if (!inserted && (known->second.shape != input.shape || known->second.dtype != input.dtype)) {
+          throw RunnerError(RunnerError::Kind::kCheckpoint, a.file + ": the predictor graphs disagree on " +
+                                                                input.name + reexport);
+        }
+      }
+    }
+  }
+  // Every step-graph input must be one the loop feeds: latents and t, the refiner's v and dt, a class export's labels,
+  // or one of a text export's conditioning inputs; the refiner's graph shares the ones it takes (the pooled prompt
+  // embeddings) with the predictor's by name, so with the same shape and dtype. Refused here, before any engine loads.
+  for (const auto& a : artifacts) {
+    if (a.role != "predictor" && a.role != "refiner") continue;
+    const bool refiner = a.role == "refiner";
+    for (const auto& input : a.inputs) {
+      if (input.name == "latents" || input.name == "t") continue;
+      if (refiner && (input.name == "v" || input.name == "dt")) continue;
+      if (!manifest_.takes_prompts && input.name == "labels") continue;
+      const auto shared = conditioning_inputs_.find(input.name);
+      if (shared == conditioning_inputs_.end()) {
+        throw RunnerError(RunnerError::Kind::kCheckpoint,
+                          a.file + ": the " + a.role + " graph takes an input '" + input.name +
+                              "' the runner does not know (it feeds latents, t" + (refiner ? ", v, dt" : "") +
+                              (manifest_.takes_prompts ? " and the predictor graph's prompt inputs" : " and labels") +
+                              ")" + reexport);
+      }
+      if (shared->second.shape != input.shape || shared->second.dtype != input.dtype ||
+          shared->second.batched != input.batched) {
+        throw RunnerError(RunnerError::Kind::kCheckpoint,
+                          a.file + ": the " + a.role + " graph takes " + input.name + " " + shape_text(input) +
+                              " but the predictor graph takes it " + shape_text(shared->second) +
+                              " (the runner feeds both from one buffer)" + reexport);
+      }
+    }
+  }
+}
+
 std::vector<std::string> ScheduleRunner::engine_descriptions() const { return engines_->descriptions; }
 
 at::Tensor ScheduleRunner::make_noise(int64_t n, uint64_t seed, uint64_t first_index) const {
@@ -373,17 +435,11 @@ ScheduleRunner::BatchState& ScheduleRunner::state_for(int64_t batch) {
   auto state = std::make_unique<BatchState>();
   state->batch = batch;
   state->labels = at::empty({batch}, at::TensorOptions().dtype(at::kLong).device(device_));
-  if (manifest_.takes_prompts) {
-    for (const auto& a : manifest_.artifacts) {
-      if (a.role != "predictor" || a.format != options_.format) continue;
-      for (const auto& input : a.inputs) {
-        if (input.name == "latents" || input.name == "t") continue;
-        std::vector<int64_t> shape{batch};
-        shape.insert(shape.end(), input.shape.begin(), input.shape.end());
-        const auto type = input.dtype == "float32" ? at::kFloat : dtype_of_precision(manifest_.precision);
-        state->conditioning[input.name] = at::empty(shape, at::TensorOptions().dtype(type).device(device_));
-      }
-    }
+  for (const auto& [name, input] : conditioning_inputs_) {  // a text export's: the predictor's and the refiner's
+    std::vector<int64_t> shape{batch};
+    shape.insert(shape.end(), input.shape.begin(), input.shape.end());
+    const auto type = input.dtype == "float32" ? at::kFloat : dtype_of_precision(manifest_.precision);
+    state->conditioning[name] = at::empty(shape, at::TensorOptions().dtype(type).device(device_));
   }
   const auto float_options = at::TensorOptions().dtype(at::kFloat).device(device_);
   const auto& grid = manifest_.schedule.timesteps;

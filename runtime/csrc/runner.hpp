@@ -68,8 +68,9 @@ class ScheduleRunner {
   BatchOutput run_batch(const at::Tensor& noise, const at::Tensor& labels, bool profile);
   // The same for a text-to-image export: `conditioning` maps the predictor graph's other inputs
   // (prompt_embeds (b, L, D), pooled_prompt_embeds (b, P), the negative prompt's for CFG, guidance (b,)) to
-  // tensors of b rows (any device; copied to the runner's). Every input the graph takes must be given, with its
-  // shape; a class-conditional export refuses it (and a text export refuses labels).
+  // tensors of b rows (any device; copied to the runner's); the refiner graph of an export with R steps takes the
+  // ones it needs (pooled_prompt_embeds) from the same tensors. Every input the predictor graph takes must be given,
+  // with its shape; a class-conditional export refuses it (and a text export refuses labels).
   BatchOutput run_batch(const at::Tensor& noise, const at::Tensor& labels,
                         const std::map<std::string, at::Tensor>& conditioning, bool profile);
 
@@ -89,6 +90,8 @@ class ScheduleRunner {
   // t - t_v is the dt input / folded dt of a dt-conditioned refiner's graphs).
   at::Tensor offset(const at::Tensor& x, const at::Tensor& v, int time_index, int velocity_index, BatchState& state);
   void locate_non_finite(const at::Tensor& noise, BatchState& state);
+  // Fills conditioning_inputs_ (a text export) and refuses a step graph taking an input the loop cannot feed.
+  void check_step_graph_inputs(const std::vector<ArtifactInfo>& artifacts);
   void synchronize() const;
   bool graph_enabled() const;
 
@@ -99,6 +102,10 @@ class ScheduleRunner {
   std::unique_ptr<Engines> engines_;
   std::map<int64_t, std::unique_ptr<BatchState>> states_;
   std::string graph_fallback_reason_;
+  // A text export's conditioning inputs (the predictor graph's inputs besides latents and t: prompt embeddings, the
+  // negative prompt's, guidance), by name; the refiner graph takes those it needs (pooled_prompt_embeds) from the
+  // same per-batch buffers. Empty for a class export.
+  std::map<std::string, TensorInfo> conditioning_inputs_;
   int64_t velocity_channels_ = 0;  // C, or 2C when the schedule carries the velocity per CFG half
 };
 

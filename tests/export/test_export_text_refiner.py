@@ -5,11 +5,17 @@
 The refiner here has random non-zero weights everywhere (not a trained one: the export must carry whatever it holds),
 so a dropped refiner call, the carried velocity in the wrong place, a wrong dt or the negative prompt's pooled
 embeddings instead of the prompt's each change the images.
+
+One slow test (as every AOTInductor test) exports the same schedule as AOTInductor packages and samples them with the
+exported Python loop and with the C++ runner (its refiner engine fed the pooled prompt embeddings the predictor gets;
+skipped, with the build's reason, when the runner is not built). Checked by hand mutation: the C++ refiner call fed
+the negative prompt's pooled embeddings, or t and dt swapped, fails it.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -108,10 +114,95 @@ def test_r_steps_without_a_refiner_or_at_another_cfg_are_refused(tiny_pipelines,
     assert not any((tmp_path / n).exists() for n in "abc")
 
 
-def test_the_cpp_runner_refuses_text_exports_with_r_steps(exported):
-    try:
-        import flowturbo._runner  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"the C++ runner is not built here ({exc})")
-    with pytest.raises(FlowTurboError, match="does not run text-to-image exports with R steps"):
+def _cpp_or_skip():
+    from flowturbo.runtime.cpp_backend import cpp_unavailable_reason
+
+    if cpp_unavailable_reason() is not None:  # the C++ runner is optional (as in tests/runtime/test_cpp_runner.py)
+        pytest.skip(f"C++ runner: {cpp_unavailable_reason()}")
+
+
+def test_the_cpp_runner_takes_text_exports_with_r_steps(exported):
+    """No refusal of the R steps any more: the ONNX export is refused only for having no AOTInductor packages."""
+    _cpp_or_skip()
+    with pytest.raises(FlowTurboError, match="has no aoti artifacts") as caught:
         Sampler.from_artifacts(str(exported), backend="cpp")
+    assert "R steps" not in str(caught.value)
+
+
+@pytest.fixture(scope="module")
+def aoti_exported(tiny_pipelines, refiner_file, tmp_path_factory):
+    """The same schedule as AOTInductor (CPU) packages: predictor, refiner and decoder (~80 s on one core)."""
+    torch.set_num_threads(1)
+    out = tmp_path_factory.mktemp("text_refiner_aoti") / "sd3_h1p1r2"
+    code = main(["export", "--pipeline", str(tiny_pipelines["sd3"]), "--refiner", str(refiner_file), "--schedule",
+                 SCHEDULE, "--cfg", str(CFG), "--size", str(IMAGE_SIZE), "--max-sequence-length",
+                 str(MAX_SEQUENCE_LENGTH), "--batch", "1:2:3", "--format", "aoti", "--out", str(out)])
+    assert code == 0
+    return out
+
+
+@pytest.mark.slow
+def test_aoti_and_cpp_r_steps_equal_the_pytorch_sampler(aoti_exported, tiny_pipelines, refiner_file):
+    """The exported Python loop and the C++ runner on the AOTInductor packages against ``Sampler.from_pipeline``
+    and against each other; four prompts with a negative one: batches of 3 and 1 within the profile."""
+    from flowturbo.runtime.cpp_backend import CppSampler
+
+    manifest = json.loads((aoti_exported / "manifest.json").read_text())
+    assert [a["role"] for a in manifest["artifacts"]] == ["predictor", "refiner", "decoder"]
+    refiner_inputs = [t["name"] for t in manifest["artifacts"][1]["spec"]["inputs"]]
+    assert refiner_inputs == ["latents", "v", "t", "dt", "pooled_prompt_embeds"]
+    prompts, negative = [*PROMPTS, "a dog"], "blurry"
+    reference = Sampler.from_pipeline(str(tiny_pipelines["sd3"]), device="cpu", refiner=str(refiner_file),
+                                      max_sequence_length=MAX_SEQUENCE_LENGTH)
+    want = reference.sample(prompts=prompts, negative_prompt=negative, seed=5, schedule=SCHEDULE, cfg=CFG,
+                            progress=False)
+    python_loop = Sampler.from_artifacts(str(aoti_exported), backend="aoti").sample(
+        prompts=prompts, negative_prompt=negative, seed=5, progress=False)
+    torch.testing.assert_close(python_loop.images, want.images, **tol("export_fp32"))
+    _cpp_or_skip()
+    runner = CppSampler.from_artifacts(aoti_exported)  # the same packages, the loop in C++
+    got = runner.sample(prompts=prompts, negative_prompt=negative, seed=5)
+    assert got.num_batches == 2 and got.refiner_calls == want.refiner_calls == 4
+    torch.testing.assert_close(got.images, want.images, **tol("export_fp32"))
+    torch.testing.assert_close(got.images, python_loop.images, **tol("export_fp32"))
+    # the refiner matters: the same schedule with its offset at zero is different
+    family = reference.pipeline.family
+    real = family.refiner
+    family.refiner = TokenRefiner(real.config).eval()
+    try:
+        zero = reference.sample(prompts=prompts, negative_prompt=negative, seed=5, schedule=SCHEDULE, cfg=CFG,
+                                progress=False)
+    finally:
+        family.refiner = real
+    assert not torch.allclose(zero.images, got.images, **tol("export_fp32"))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("edit, needles", [
+    (lambda inputs: inputs[-1].update(name="pooled_projection"),
+     ["refiner graph takes an input 'pooled_projection' the runner does not know", "re-export"]),
+    (lambda inputs: inputs[-1].update(shape=["batch", 7]),
+     ["refiner graph takes pooled_prompt_embeds (b, 7) float32 but the predictor graph takes it (b, ", "re-export"]),
+])
+def test_cpp_runner_refuses_refiner_inputs_it_cannot_feed(aoti_exported, tmp_path, edit, needles):
+    """A manifest (consistent and sealed) whose refiner graph takes an input the runner does not feed, or the pooled
+    embeddings in another shape than the predictor's, is one clear error before any engine loads."""
+    from micro_models import rewrite_manifest
+
+    from flowturbo.errors import CheckpointError
+    from flowturbo.runtime.cpp_backend import CppSampler
+
+    _cpp_or_skip()
+    target = tmp_path / "edited"
+    shutil.copytree(aoti_exported, target)
+
+    def edit_refiner(manifest):
+        for artifact in manifest["artifacts"]:
+            if artifact["role"] == "refiner":
+                edit(artifact["spec"]["inputs"])
+
+    rewrite_manifest(target, edit_refiner)
+    with pytest.raises(CheckpointError) as caught:
+        CppSampler.from_artifacts(target)
+    for needle in needles:
+        assert needle in str(caught.value)
