@@ -20,21 +20,13 @@ import shutil
 import pytest
 import torch
 from cli_checks import one_error_line
-from tiny_diffusers import IMAGE_SIZE, MAX_SEQUENCE_LENGTH
+from tiny_diffusers import IMAGE_SIZE, MAX_SEQUENCE_LENGTH, write_random_token_refiner
 from tolerances import tol
 
 from flowturbo.errors import FlowTurboError
 from flowturbo.runtime.cli import main
 from flowturbo.runtime.sampler import Sampler
-from flowturbo.training.families import load_family
-from flowturbo.training.token_refiner import (
-    TokenRefiner,
-    TokenRefinerConfig,
-    TokenRefinerRecord,
-    transformer_digest,
-    write_token_refiner,
-)
-from flowturbo.training.trainers.text_refiner import TEXT_REFINER_DT
+from flowturbo.training.token_refiner import TokenRefiner
 
 CFG = 4.0
 SCHEDULE = "H1P1R2"  # 3 predictor calls, 2 R steps (4 refiner calls: dt = 0 and h, then h_prev and h_prev + h)
@@ -45,26 +37,8 @@ PROMPTS = ["a photo of the cat", "a dog", "a red car"]
 def refiner_file(tiny_pipelines, tmp_path_factory):
     """A token refiner for the tiny SD3 at CFG 4, every weight random non-zero."""
     torch.set_num_threads(1)
-    family = load_family(tiny_pipelines["sd3"], device=torch.device("cpu"), dtype=torch.float32,
-                         max_sequence_length=MAX_SEQUENCE_LENGTH)
-    pooled = family.condition(["x"], family_schedule()).prompt.pooled.shape[1]
-    generator = torch.Generator().manual_seed(7)
-    refiner = TokenRefiner(TokenRefinerConfig(latent_channels=family.latent_channels, patch_size=family.patch,
-                                              pooled_dim=int(pooled), hidden_size=16, num_heads=2))
-    with torch.no_grad():
-        for p in refiner.parameters():
-            p.copy_(torch.randn(p.shape, generator=generator) * 0.05)
-    record = TokenRefinerRecord(family.folder.class_name, transformer_digest(family.transformer_config),
-                                str(tiny_pipelines["sd3"]), CFG, None, f"{IMAGE_SIZE}x{IMAGE_SIZE}")
-    path = tmp_path_factory.mktemp("token_refiner") / "refiner.safetensors"
-    write_token_refiner(path, refiner, record, TEXT_REFINER_DT)
-    return path
-
-
-def family_schedule():
-    from flowturbo.schedule import SamplingSchedule
-
-    return SamplingSchedule.parse("E1")
+    return write_random_token_refiner(tiny_pipelines["sd3"],
+                                      tmp_path_factory.mktemp("token_refiner") / "refiner.safetensors", CFG)
 
 
 @pytest.fixture(scope="module")
