@@ -185,6 +185,7 @@ class CppSampler:
         """A text-to-image export through the runner: the prompt embeddings per batch as its conditioning inputs (the
         refiner graph of an export with R steps takes its pooled prompt embeddings from the same inputs)."""
         self.artifacts.check_schedule(schedule)
+        self.range_warnings.check(self.schedule, self.artifacts.refiner_dt)
         dtype = torch_dtype(self.artifacts.precision)
         inputs, record = text_graph_inputs(self.artifacts, request, self.prompt_encoder, dtype=dtype,
                                            device=torch.device("cpu"))

@@ -345,6 +345,7 @@ class ExportedSampler:
                        batch_size: int | None, first_index: int = 0) -> Samples:
         """A text-to-image export's sampling: the conditioning inputs per image, batches within the profile."""
         self.artifacts.check_schedule(schedule)
+        self.range_warnings.check(self.schedule, self.refiner_dt)
         inputs, record = text_graph_inputs(self.artifacts, request, self.prompt_encoder, dtype=self.dtype,
                                            device=self.device)
         n = int(next(iter(inputs.values())).shape[0])

@@ -180,3 +180,29 @@ def test_cpp_runner_refuses_refiner_inputs_it_cannot_feed(aoti_exported, tmp_pat
         CppSampler.from_artifacts(target)
     for needle in needles:
         assert needle in str(caught.value)
+
+
+def test_text_r_steps_beyond_the_trained_range_warn_once_as_in_pytorch(tiny_pipelines, refiner_file, tmp_path):
+    """H1R3 on the tiny SD3's grid (t = 0, 0.142, 0.398, 0.991, 1) asks the refiner for dt 0.849 in its third step,
+    beyond the 0.8 it was trained on: the exported text loop warns once per schedule, as the PyTorch sampler does."""
+    import warnings
+
+    from flowturbo.refiner_dt import RefinerRangeWarning
+
+    out = tmp_path / "h1r3"
+    assert main(["export", "--pipeline", str(tiny_pipelines["sd3"]), "--refiner", str(refiner_file), "--schedule",
+                 "H1R3", "--cfg", str(CFG), "--size", str(IMAGE_SIZE), "--max-sequence-length",
+                 str(MAX_SEQUENCE_LENGTH), "--batch", "1:1:2", "--format", "onnx", "--out", str(out)]) == 0
+    exported = Sampler.from_artifacts(str(out), backend="onnxruntime")
+    reference = Sampler.from_pipeline(str(tiny_pipelines["sd3"]), device="cpu", refiner=str(refiner_file),
+                                      max_sequence_length=MAX_SEQUENCE_LENGTH)
+    for sample in (lambda: exported.sample(prompts=PROMPTS[:2], seed=1),
+                   lambda: reference.sample(prompts=PROMPTS[:2], seed=1, schedule="H1R3", cfg=CFG, progress=False)):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            sample()
+        ours = [str(w.message) for w in caught if issubclass(w.category, RefinerRangeWarning)]
+        assert len(ours) == 1 and "dt up to 0.849 in R step(s) 3," in ours[0], ours
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", RefinerRangeWarning)
+            sample()  # said once per schedule
