@@ -155,7 +155,11 @@ def carried_wheels(rec: Recorder) -> None:
 
 
 def _imports_ok(modules: str) -> bool:
-    return subprocess.run([sys.executable, "-c", f"import {modules}"], capture_output=True).returncode == 0
+    """Whether ``modules`` import in a fresh interpreter with this process's environment. Run outside the tree: with
+    the tree as its working directory, ``python -c`` would import flowturbo from it (through the layer links an
+    earlier run's :func:`_link_layers` left there) while this process, whose path starts at bench/, cannot."""
+    return subprocess.run([sys.executable, "-c", f"import {modules}"], capture_output=True,
+                          cwd=tempfile.gettempdir()).returncode == 0
 
 
 def _link_layers() -> str:
