@@ -205,7 +205,7 @@ def _run(rec: Recorder, dry: bool, device: Any, caps: Capabilities, faults: Faul
         "transformer_batch": 2, "build_s": build_s, "warmup": warmup, "replays": replays,
         "path": "SD3Family (configs-only folder, random transformer) -> run_schedule (integrator), reference solver "
                 "ops, eager, no CUDA graph, no text encoders, no decode"})
-    rec.log(f"row t: SD3 transformer with {params / 1e6:.1f} M parameters built in {build_s:.1f} s "
+    rec.log(f"row t: SD3 transformer with {params / 1e6:.3f} M parameters built in {build_s:.1f} s "
             f"({image_tokens} image tokens + {shapes['tokens']} text tokens, CFG batch 2)")
 
     def runner(schedule: Any) -> Callable[[], Any]:
