@@ -238,8 +238,10 @@ def short_table(results: dict[str, Any]) -> str:
                             (("speedup_vs_E28", "vs E28"), ("speedup_vs_unfused", "vs unfused")) if name in entry)
             if "max_abs_diff_vs_unfused" in entry:
                 extra += f", max|dz| vs unfused {entry['max_abs_diff_vs_unfused']:.3g}"
-            lines.append(f"  ({key}){' ' * max(1, 16 - len(key))}{entry.get('calls', 0):>3} calls {entry.get('ms_per_image', float('nan')):>10.2f} "
-                         f"ms/img {entry.get('ms_per_call', float('nan')):>8.2f} ms/call{extra}")
+            pad = " " * max(1, 16 - len(key))
+            lines.append(f"  ({key}){pad}{entry.get('calls', 0):>3} calls "
+                         f"{entry.get('ms_per_image', float('nan')):>10.2f} ms/img "
+                         f"{entry.get('ms_per_call', float('nan')):>8.2f} ms/call{extra}")
     for batch, ratio in (results.get("ratios") or ratios(rows)).items():
         text = ", ".join(f"{k}={v:.3f}" for k, v in ratio.items() if v is not None) or "no pairs"
         lines.append(f"batch {batch}: {text}")

@@ -304,7 +304,8 @@ def test_text_row_without_diffusers_or_failing_is_recorded_never_raised(tmp_path
     caps = Capabilities()
     caps.disable("diffusers", "`from diffusers import AutoencoderKL` failed (see errors)")
     record = run(caps, [])
-    assert "needs diffusers" in record["skipped"]["row:t"] and ".devcarry/wheels/diffusers-" in record["skipped"]["row:t"]
+    skipped = record["skipped"]["row:t"]
+    assert "needs diffusers" in skipped and ".devcarry/wheels/diffusers-" in skipped
     record = run(Capabilities(), ["text-row:import"])
     assert "No module named 'diffusers'" in record["skipped"]["row:t"] and not record["errors"]
     record = run(Capabilities(), ["text-row"])
