@@ -6,7 +6,7 @@ commands and the carry list)::
 
     python3 bench/gpu_suite.py --phase 1 --out "$OUT"   # pre-flight, build, rows a b d, the user's commands
     python3 bench/gpu_suite.py --phase 2 --out "$OUT"   # row c (torch.compile), AOTI export, rows e f
-    python3 bench/gpu_suite.py --phase 3 --out "$OUT"   # what 1-2 skipped for time, GPU tests, kernel bench
+    python3 bench/gpu_suite.py --phase 3 --out "$OUT"   # what 1-2 skipped for time, GPU tests, kernel bench, row t
     python bench/gpu_suite.py --merge p1/phase1.json p2/phase2.json p3/phase3.json --out bench/results/x
     python bench/gpu_suite.py --dry-run --phase all --out /tmp/s   # the same code paths on CPU (CI)
 
@@ -15,7 +15,10 @@ Rows, side by side in each phase with that phase's own reference row (b), ms per
 (a) fp16-autocast eager, (b) bf16 eager reference, (c) ``torch.compile`` (once for every batch size) + CUDA graph,
 (d) flowturbo's fast path (Triton + one CUDA graph), (e) AOTInductor packages in the C++ runner + its CUDA graph,
 (f) the Python loop over the same packages. SiT-XL/2 shapes with random weights, a one-block refiner, an
-SD-VAE-shaped AutoencoderKL; H1P5R3, CFG 4.0 on 3 of 4 channels; batches 1 and 8.
+SD-VAE-shaped AutoencoderKL; H1P5R3, CFG 4.0 on 3 of 4 channels; batches 1 and 8. Optional row (t), last in phase
+3 (``suite/text_row.py``): text-to-image, a random SD3.5-medium-shaped diffusers transformer at 1024x1024, E28 vs H8
+vs H1P5 (and H1P5 with our fused adaLN) through the SD3 family adapter and the integrator; skipped, with the wheel
+to carry named, when diffusers is missing.
 
 What makes the first run on a device count (issue 18): the record (``phase<N>.json`` + the merged
 ``gpu_suite.json``) is written after every row, task and check, and the short table is printed in a ``finally``
@@ -61,7 +64,7 @@ from suite.record import (  # noqa: E402
 CARRY = REPO / ".devcarry"  # git-ignored; filled by scripts/prepare_gpu_carry.sh
 DEFAULT_STATE_DIR = Path(tempfile.gettempdir()) / "flowturbo_gpu_suite"
 PHASES = ("1", "2", "3", "all")
-PHASE_ROWS = {"1": "abd", "2": "bcef", "3": "", "all": "abcdef"}
+PHASE_ROWS = {"1": "abd", "2": "bcef", "3": "t", "all": "abcdeft"}
 # Seconds each phase may take (the device command's timeout_s should be ~30 s more); the dry run's is larger.
 PHASE_BUDGET_S = {"1": 270.0, "2": 300.0, "3": 240.0, "all": 510.0}
 DRY_BUDGET_S = 1800.0
@@ -70,7 +73,11 @@ WATCHDOG_GRACE_S = {"gpu": 20.0, "dry": 300.0}  # past the budget, the watchdog 
 # with the reason) when less time is left. The dry run scales them by DRY_ESTIMATE_SCALE.
 ESTIMATE_S = {"build": 150.0, "models": 25.0, "row": 8.0, "row:first:c": 150.0, "row:first:d": 30.0,
               "row:first:e": 20.0, "row:first:f": 15.0, "export_module": 100.0, "user": 45.0, "tests": 150.0,
-              "kernel_bench": 60.0, "preflight_runtime": 40.0}
+              "kernel_bench": 60.0, "preflight_runtime": 40.0,
+              # row t: 2.24 B random params built on the GPU (~10-20 s) + 232 transformer calls at 1024^2 with CFG
+              # (E28, H8, H1P5 and H1P5 fused, each 1 untimed + 3 timed runs) at an estimated ~0.1-0.15 s each
+              "row:t": 70.0}
+TEXT_ROW_REPLAYS = {"gpu": 3, "dry": 1}  # timed runs per schedule of row t, after its untimed first run
 DRY_ESTIMATE_SCALE = 0.02
 BUDGET_REASON = "time budget"
 
@@ -87,7 +94,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batches", type=int, nargs="+", default=None, help="images per batch (default 1 8; dry 2)")
     p.add_argument("--replays", type=int, default=None, help="timed runs per row (default 20; dry 1)")
     p.add_argument("--warmup", type=int, default=None, help="untimed runs per row first (default 3; dry 1)")
-    p.add_argument("--rows", default="abcdef", help="restrict the rows (default all of the phase's)")
+    p.add_argument("--rows", default="abcdeft", help="restrict the rows (default all of the phase's)")
     p.add_argument("--budget-s", type=float, default=None,
                    help="skip what would not fit in this many seconds (default per phase: 1 270, 2 300, 3 240, "
                         f"all 510; dry run {DRY_BUDGET_S:.0f})")
@@ -155,7 +162,11 @@ def carried_wheels(rec: Recorder) -> None:
 
 
 def _imports_ok(modules: str) -> bool:
-    return subprocess.run([sys.executable, "-c", f"import {modules}"], capture_output=True).returncode == 0
+    """Whether ``modules`` import in a fresh interpreter with this process's environment. Run outside the tree: with
+    the tree as its working directory, ``python -c`` would import flowturbo from it (through the layer links an
+    earlier run's :func:`_link_layers` left there) while this process, whose path starts at bench/, cannot."""
+    return subprocess.run([sys.executable, "-c", f"import {modules}"], capture_output=True,
+                          cwd=tempfile.gettempdir()).returncode == 0
 
 
 def _link_layers() -> str:
@@ -474,6 +485,16 @@ def run_kernel_bench(ph: Phase) -> None:
     _subprocess(ph, "kernel_bench", command, timeout_s, None)
 
 
+def run_text_row(ph: Phase) -> None:
+    """Row (t), the optional text-to-image row (``suite/text_row.py``): last, as time allows."""
+    if "t" not in ph.args.rows:
+        return
+    from suite.text_row import run_text_row as run
+
+    run(ph.rec, ph.dry, ph.device, ph.caps, ph.faults, ph.work, ph.budget.fits, ESTIMATE_S["row:t"], warmup=0,
+        replays=TEXT_ROW_REPLAYS["dry" if ph.dry else "gpu"])
+
+
 def leftovers(state_dir: Path, phase: str) -> tuple[set[str], set[str]]:
     """Rows ("c@8") and tasks ("export", "user:edit") that earlier phases of this machine skipped for time."""
     rows: set[str] = set()
@@ -530,6 +551,7 @@ def run_phase(ph: Phase) -> None:
     if phase in ("3", "all"):
         run_tests(ph)
         run_kernel_bench(ph)
+        run_text_row(ph)
 
 
 def environment(torch: Any) -> dict[str, Any]:

@@ -78,6 +78,8 @@ assert {f"{k}@2" for k in "abcdef"} <= set(rows), rows
 assert merged.get("preflight", {}).get("p1:runner", {}).get("ok"), "the C++ runner did not build"
 assert "with CUDA" in merged["preflight"]["p1:runner"]["status"], "the runner was not compiled with CUDA"
 assert not merged["errors"], merged["errors"]
+# row (t), the optional text-to-image row, with the carried diffusers wheel: its four schedules measured in phase 3
+assert set(merged.get("text_rows", {})) == {"t:E28", "t:H8", "t:H1P5", "t:H1P5+adaln"}, merged.get("skipped")
 EOF
 then
   log "FAIL merged record"; status=1

@@ -20,6 +20,8 @@ FAULTS: dict[str, str] = {
     "export": "the AOTInductor export raises (rows e, f are skipped)",
     "tests-timeout": "the pytest run outlives its timeout (recorded as a timeout)",
     "kernel-bench-timeout": "the kernel bench outlives its timeout (recorded as a timeout)",
+    "text-row": "row t raises after its imports (an error; the record and the rest of the phase go on)",
+    "text-row:import": "row t cannot import diffusers' SD3Transformer2DModel (skipped, naming the wheel to carry)",
 }
 PREFIXED = {
     "row:": "row:<key>@<batch> raises inside that row's timing (e.g. row:b@2)",

@@ -75,6 +75,18 @@ def _check(rec: Recorder, name: str, fn: Callable[[], dict[str, Any]]) -> dict[s
 
 
 # -------------------------------------------------------------------------------------------- toolchain
+def _keep_layer_folders_from_shadowing() -> None:
+    """What ``import flowturbo`` does first, before flowturbo may import (pre-build): the tree's ``kernels/`` must not
+    answer transformers' ``import kernels`` when the PyPI package is installed (a venv whose path lists the tree
+    before site-packages failed ``from diffusers import AutoencoderKL`` so)."""
+    spec = importlib.util.spec_from_file_location("_flowturbo_source_tree", REPO / "flowturbo" / "_source_tree.py")
+    if spec is None or spec.loader is None:
+        return
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    module.install()
+
+
 def _cuda_candidates() -> list[str]:
     spec = importlib.util.spec_from_file_location("_torch_build_info", REPO / "scripts" / "torch_build_info.py")
     module = importlib.util.module_from_spec(spec)
@@ -161,6 +173,7 @@ def toolchain(rec: Recorder, faults: Faults, caps: Capabilities, dry: bool) -> N
     def diffusers() -> dict[str, Any]:
         faults.fire("preflight:diffusers")
         started = time.perf_counter()
+        _keep_layer_folders_from_shadowing()
         from diffusers import AutoencoderKL  # noqa: F401 - imports transformers / accelerate where present
         import diffusers as module
 

@@ -10,7 +10,8 @@ Files under ``--out`` (the device tool brings back at most 8 files; the suite wr
 * ``suite.log``       every log line of this phase (what the terminal shows);
 * ``errors.log``      one traceback per failure, headed by where it happened (absent when nothing failed);
 * ``build.log``       the build's output (phase that built only);
-* ``gpu_tests.log`` / ``kernels.json``  phase 3's pytest output and kernel bench (when they ran).
+* ``gpu_tests.log`` / ``kernels.json``  phase 3's pytest output and kernel bench (when they ran); row (t) is in
+  the JSON (``text_row``, ``text_rows``), not a file of its own.
 
 The state folder (``--state-dir``, default ``/tmp/flowturbo_gpu_suite``) survives between the device tool's
 calls while the machine stays warm; a cold machine starts with an empty one, and each phase still writes
@@ -227,6 +228,20 @@ def short_table(results: dict[str, Any]) -> str:
                      f"{entry.get('build_s', 0.0):>9.1f}"
                      f"{f'{diff:>14.3g}' if diff is not None else ' ' * 14}"
                      f"{f'{diff64:>10.3g}' if diff64 is not None else ' ' * 10}  {entry.get('note', '')[:60]}")
+    text_rows = results.get("text_rows") or {}
+    if text_rows:  # row (t): schedules side by side, one image (CFG: transformer batch 2)
+        about = results.get("text_row") or {}
+        lines.append(f"(t) {about.get('row', 'text-to-image')}: {about.get('model', '')}, {about.get('image', '')}, "
+                     f"{about.get('dtype', '')}, build {about.get('build_s', 0.0):.1f} s")
+        for key, entry in sorted(text_rows.items(), key=lambda kv: kv[1].get("order", 0)):
+            extra = "".join(f", {label} {entry[name]:.2f}x" for name, label in
+                            (("speedup_vs_E28", "vs E28"), ("speedup_vs_unfused", "vs unfused")) if name in entry)
+            if "max_abs_diff_vs_unfused" in entry:
+                extra += f", max|dz| vs unfused {entry['max_abs_diff_vs_unfused']:.3g}"
+            pad = " " * max(1, 16 - len(key))
+            lines.append(f"  ({key}){pad}{entry.get('calls', 0):>3} calls "
+                         f"{entry.get('ms_per_image', float('nan')):>10.2f} ms/img "
+                         f"{entry.get('ms_per_call', float('nan')):>8.2f} ms/call{extra}")
     for batch, ratio in (results.get("ratios") or ratios(rows)).items():
         text = ", ".join(f"{k}={v:.3f}" for k, v in ratio.items() if v is not None) or "no pairs"
         lines.append(f"batch {batch}: {text}")

@@ -87,6 +87,49 @@ def test_phases_as_on_the_device_run_every_row_and_merge(tmp_path):
     assert tasks["p3:tests"]["status"] == "ok" and tasks["p2:export"]["status"] == "ok"
     assert merged["preflight"]["p1:cuda_graph"]["ok"] and merged["preflight"]["p1:aoti"]["ok"]
     assert set(merged["ratios"]["2"]) >= {"d_over_c", "b_over_d", "e_over_d", "d_over_c_normalised"}
+    assert set(merged["text_rows"]) == {"t:E28", "t:H8", "t:H1P5", "t:H1P5+adaln"}  # phase 3's row (t)
+
+
+TEXT_SCHEDULES = {"t:E28": 28, "t:H8": 16, "t:H1P5": 7, "t:H1P5+adaln": 7}  # row (t): schedule -> transformer calls
+
+
+@pytest.mark.slow
+def test_text_row_dry_run_measures_the_schedules_and_a_missing_diffusers_is_a_recorded_skip(tmp_path):
+    """Row (t) alone, as phase 3 runs it: E28, H8, H1P5 and H1P5 with the fused adaLN through the SD3 adapter and
+    the integrator, each with its calls and ms/image, in the JSON and the table. Then without diffusers (its import
+    fails in the pre-flight): the row is skipped naming the wheel to carry, the record and the table still come out."""
+    out = tmp_path / "out"
+    proc = run_suite(out, tmp_path / "state", "--phase", "3", "--rows", "t", "--skip-build", "--skip-tests",
+                     "--skip-kernel-bench")
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-3000:]
+    record = read(out / "phase3.json")
+    rows = record["text_rows"]
+    assert set(rows) == set(TEXT_SCHEDULES), sorted(rows)
+    for key, calls in TEXT_SCHEDULES.items():
+        row = rows[key]
+        assert row["calls"] == calls and row["ms_per_image"] > 0 and row["latents_finite"], (key, row)
+        assert row["ms_per_call"] == pytest.approx(row["ms_per_image"] / calls)
+        if key != "t:E28":
+            assert row["speedup_vs_E28"] > 0
+    fused = rows["t:H1P5+adaln"]
+    assert fused["max_abs_diff_vs_unfused"] <= 1e-4 * max(1.0, fused["latents_max_abs"])  # float32: same numbers
+    about = record["text_row"]
+    assert about["image_tokens"] == 16 and about["transformer_batch"] == 2 and about["cfg"] > 1
+    # block 0: dual attention (SD35AdaLayerNormZeroX) + its context norm; block 1 (the last): its norm1, and its
+    # context norm is an AdaLayerNormContinuous (context only): two modules fused
+    assert about["adaln_fusion"]["fused"] == {"AdaLayerNormZero": 2}
+    assert "SD35AdaLayerNormZeroX" in about["adaln_fusion"]["not_fused"]
+    table = "\n".join(table_lines(proc.stdout))
+    assert "(t:H1P5+adaln)" in table and "vs E28" in table and not record["errors"]
+
+    out = tmp_path / "no_diffusers"
+    proc = run_suite(out, tmp_path / "state2", "--phase", "3", "--rows", "t", "--skip-build", "--skip-tests",
+                     "--skip-kernel-bench", "--inject-fault", "preflight:diffusers")
+    assert proc.returncode == 1, proc.stdout[-3000:]  # the failed pre-flight import is an error; the row a skip
+    record = read(out / "phase3.json")
+    assert "text_rows" not in record and "row:t" not in record["errors"]
+    assert "diffusers-0.42.1-py3-none-any.whl" in record["skipped"]["row:t"]
+    assert "skipped p3:row:t: needs diffusers" in "\n".join(table_lines(proc.stdout))
 
 
 @pytest.mark.slow
@@ -243,6 +286,30 @@ def test_leftovers_are_what_earlier_phases_skipped_for_time(tmp_path):
     rec2.skip("export", "time budget: predictor_step (1/3) would not fit the time budget")
     assert gpu_suite.leftovers(state, "3") == ({"d@8"}, {"user:edit", "export"})
     assert gpu_suite.leftovers(state, "2") == ({"d@8"}, {"user:edit"})
+
+
+def test_text_row_without_diffusers_or_failing_is_recorded_never_raised(tmp_path):
+    """Row (t) in-process: no diffusers (pre-flight), an import that fails inside the row, an error after the
+    imports — a skip naming the wheel, a skip, an error; nothing raises and the JSON is written each time."""
+    import torch
+    from suite.preflight import Capabilities
+    from suite.text_row import run_text_row
+
+    def run(caps: Capabilities, faults: list[str]) -> dict:
+        rec = Recorder(tmp_path / "out", "3", None, {})
+        run_text_row(rec, True, torch.device("cpu"), caps, Faults(faults), tmp_path / "work", lambda what, s: True,
+                     1.0, warmup=0, replays=1)
+        return json.loads((tmp_path / "out" / "phase3.json").read_text())
+
+    caps = Capabilities()
+    caps.disable("diffusers", "`from diffusers import AutoencoderKL` failed (see errors)")
+    record = run(caps, [])
+    skipped = record["skipped"]["row:t"]
+    assert "needs diffusers" in skipped and ".devcarry/wheels/diffusers-" in skipped
+    record = run(Capabilities(), ["text-row:import"])
+    assert "No module named 'diffusers'" in record["skipped"]["row:t"] and not record["errors"]
+    record = run(Capabilities(), ["text-row"])
+    assert "InjectedFault" in record["errors"]["row:t"] and "text_rows" not in record
 
 
 def test_faults_reject_unknown_names_and_fire_only_when_asked():
