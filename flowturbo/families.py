@@ -169,6 +169,11 @@ class FamilyDefaults:
     guidance_channels: int | None = None  # CFG on the first N latent channels only (None: all)
     guidance: float | None = None  # distilled guidance value (GuidanceRule.EMBEDDED), else None
     time_shift: str = "none"  # how the time grid is made: "none" (the schedule's own), or the model's shift
+    inpaint_schedule: str | None = None  # inpainting's schedule when the request names none (None: ``schedule``)
+
+    def schedule_for(self, task: str = "sample") -> str:
+        """The default schedule notation for ``task`` (``sample``, ``inpaint`` or ``edit``)."""
+        return self.inpaint_schedule if task == "inpaint" and self.inpaint_schedule else self.schedule
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -156,7 +156,7 @@ def _run(args: argparse.Namespace, out_folder: Any, disk_size: tuple[int, int]) 
         pipe = sampler.pipeline
         channels, size = pipe.decoder.image_channels, pipe.decoder.image_size(pipe.latent_shape[1])
         guidance: Any = "default" if args.guidance_channels is None else args.guidance_channels
-        schedule = sampler.default_schedule(args.schedule, args.cfg, guidance)
+        schedule = sampler.default_schedule(args.schedule, args.cfg, guidance, task=args.task)
         num_classes, class_names, model_info = pipe.num_classes, pipe.class_names, pipe.describe()
         # Whatever the mask (an all-black one needs no model call), a model without an encoder is refused.
         pipe.require_encoder("inpainting" if args.task == "inpaint" else "editing")
@@ -195,7 +195,8 @@ def _run_text(args: argparse.Namespace, out_folder: Any, disk_size: tuple[int, i
     pipe.require_encoder("inpainting" if args.task == "inpaint" else "editing")
     load_s = time.perf_counter() - t_load
     channels: Any = "default" if args.guidance_channels is None else args.guidance_channels
-    schedule = schedule_from_args(args, lambda spec: sampler.default_schedule(spec, args.cfg, channels, size))
+    schedule = schedule_from_args(args, lambda spec: sampler.default_schedule(spec, args.cfg, channels, size,
+                                                                              task=args.task))
     image = load_image(args.image, channels=3, size=disk_size)
     text = dict(prompts=requests(args), negative_prompt=args.negative_prompt, guidance=args.guidance,
                 schedule=schedule, seed=args.seed, batch_size=args.batch, progress=not args.no_progress)

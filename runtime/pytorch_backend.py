@@ -316,7 +316,7 @@ def load_text_pipeline(
         num_classes=0,
         latent_shape=family.latent_shape(),
         class_names=None,
-        defaults=BundleDefaults(defaults.schedule, defaults.cfg, defaults.guidance_channels),
+        defaults=BundleDefaults(defaults.schedule, defaults.cfg, defaults.guidance_channels, defaults.inpaint_schedule),
         source=str(folder),
         device=torch_device,
         dtype=model_dtype,

@@ -131,14 +131,15 @@ class Sampler:
 
     def default_schedule(self, spec: str | None = None, cfg: float | None = None,
                          guidance_channels: int | None | str = "default",
-                         size: ImageSize | None = None) -> SamplingSchedule:
-        """Parse ``spec`` (or the model's default schedule) with guidance settings (or the model's), on the model's
-        time grid for images of ``size`` (families with a time shift: SD3, FLUX; others: the schedule's own)."""
+                         size: ImageSize | None = None, task: str = "sample") -> SamplingSchedule:
+        """Parse ``spec`` (or the model's default schedule for ``task``: ``sample``, ``inpaint``, ``edit``; a bundle
+        may name its own for inpainting) with guidance settings (or the model's), on the model's time grid for images
+        of ``size`` (families with a time shift: SD3, FLUX; others: the schedule's own)."""
         family = self.pipeline.family
         defaults = family.defaults
         channels = defaults.guidance_channels if guidance_channels == "default" else guidance_channels
         schedule = SamplingSchedule.parse(
-            spec or defaults.schedule,
+            spec or defaults.schedule_for(task),
             guidance_scale=defaults.cfg if cfg is None else cfg,
             guidance_channels=channels,
         )
@@ -335,7 +336,7 @@ class Sampler:
         image = image if isinstance(image, ImageInput) else ImageInput(image.float())
         mask = mask.float().reshape(-1, 1, *mask.shape[-2:])
         requests, size, latent_size = self._task_request(classes, prompts, image, mask)
-        schedule = self._resolve_schedule(schedule, cfg, size)
+        schedule = self._resolve_schedule(schedule, cfg, size, task="inpaint")
         pipe = self.pipeline
         pipe.require_encoder("inpainting")  # a model without one is refused even when nothing is regenerated
         if not bool(mask.any()):
@@ -415,11 +416,11 @@ class Sampler:
         return requests, size, (h, w)
 
     def _resolve_schedule(self, schedule: SamplingSchedule | str | None, cfg: float | None,
-                       size: ImageSize | None) -> SamplingSchedule:
-        """A schedule object as given, or a notation (None: the model's default) on the model's grid at ``size``
-        (with ``cfg``, which a schedule object refuses: it carries its own guidance)."""
+                       size: ImageSize | None, task: str = "sample") -> SamplingSchedule:
+        """A schedule object as given, or a notation (None: the model's default for ``task``) on the model's grid at
+        ``size`` (with ``cfg``, which a schedule object refuses: it carries its own guidance)."""
         if schedule is None or isinstance(schedule, str):
-            return self.default_schedule(schedule, cfg, size=size)
+            return self.default_schedule(schedule, cfg, size=size, task=task)
         if cfg is not None:
             raise FlowTurboError("cfg applies to a schedule given by notation; a SamplingSchedule carries its own "
                                  "guidance (use schedule.with_guidance)")

@@ -68,16 +68,27 @@ class BundleDefaults:
     schedule: str = DEFAULT_SCHEDULE
     cfg: float = DEFAULT_CFG
     guidance_channels: int | None = None
+    # Inpainting's schedule when the request names none (None: ``schedule``). A schedule heavy in R steps can lose to
+    # H/P steps there: the kept region pasted back after each step moves the state off the trajectory the carried
+    # velocity came from (QUALITY.md, inpainting with the default).
+    inpaint_schedule: str | None = None
 
     def __post_init__(self) -> None:
         self.sampling_schedule()  # validates: raises ScheduleError (a FlowTurboError) naming the fix
+        if self.inpaint_schedule is not None:
+            SamplingSchedule.parse(self.inpaint_schedule, guidance_scale=self.cfg,
+                                   guidance_channels=self.guidance_channels)
 
     def sampling_schedule(self) -> SamplingSchedule:
         """The default schedule with the default guidance applied."""
         return SamplingSchedule.parse(self.schedule, guidance_scale=self.cfg, guidance_channels=self.guidance_channels)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The config.json record (``inpaint_schedule`` only when set: bundles without one read as before)."""
+        data = dataclasses.asdict(self)
+        if data["inpaint_schedule"] is None:
+            del data["inpaint_schedule"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "BundleDefaults":
@@ -85,7 +96,8 @@ class BundleDefaults:
             raise FlowTurboError(f"bundle defaults must be a dict, got {type(data).__name__}")
         unknown = sorted(set(data) - {f.name for f in dataclasses.fields(cls)})
         if unknown:
-            raise FlowTurboError(f"unknown bundle defaults keys {unknown}; valid: schedule, cfg, guidance_channels")
+            valid = ", ".join(f.name for f in dataclasses.fields(cls))
+            raise FlowTurboError(f"unknown bundle defaults keys {unknown}; valid: {valid}")
         return cls(**data)
 
 
@@ -197,6 +209,10 @@ def _check_consistency(bundle: Bundle) -> None:
             )
     if not isinstance(bundle.defaults, BundleDefaults):
         raise FlowTurboError(f"bundle defaults must be BundleDefaults, got {type(bundle.defaults).__name__}")
+    inpaint = bundle.defaults.inpaint_schedule
+    if bundle.refiner is None and inpaint is not None and "R" in inpaint:
+        raise FlowTurboError(f"default inpainting schedule {inpaint!r} has refiner (R) steps but the bundle has no "
+                             "refiner; give one without R (flowturbo train package --inpaint-schedule H4)")
     if bundle.refiner is None and StepKind.REFINER in bundle.defaults.sampling_schedule().steps:
         raise FlowTurboError(
             f"default schedule {bundle.defaults.schedule!r} has refiner (R) steps but the bundle has no refiner; "

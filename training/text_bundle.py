@@ -36,6 +36,7 @@ class TextBundle:
     schedule: str
     cfg: float
     guidance: float | None
+    inpaint_schedule: str | None = None  # inpainting's default (None: ``schedule``)
 
 
 def is_text_bundle(folder: str | Path | None) -> bool:
@@ -53,10 +54,12 @@ def is_text_bundle(folder: str | Path | None) -> bool:
 
 
 def package_text_bundle(out: str | Path, *, refiner: str | Path, schedule: str | None = None,
-                        overwrite: bool = False, wait: bool = False) -> TextBundle:
+                        inpaint_schedule: str | None = None, overwrite: bool = False,
+                        wait: bool = False) -> TextBundle:
     """Write a text bundle for a token refiner (a ``train refiner --teacher PIPELINE`` run or its weights file):
-    ``schedule`` is the default (None: ``H1P1R2``, checked to have R steps or not, as any notation); the CFG and
-    guidance are the refiner's own (it corrects the velocity of that setting)."""
+    ``schedule`` is the default (None: ``H1P1R2``, checked to have R steps or not, as any notation),
+    ``inpaint_schedule`` inpainting's (None: ``schedule``); the CFG and guidance are the refiner's own (it corrects
+    the velocity of that setting)."""
     trained = read_token_refiner(refiner)
     record = trained.record
     pipeline = Path(record.pipeline)
@@ -64,7 +67,8 @@ def package_text_bundle(out: str | Path, *, refiner: str | Path, schedule: str |
         raise CheckpointError(f"--refiner {refiner} was trained for the pipeline folder {pipeline}, which is not there "
                               "any more; a text bundle points at the folder (it does not copy it)")
     spec = schedule or "H1P1R2"
-    SamplingSchedule.parse(spec, guidance_scale=record.cfg)  # a bad notation is refused before anything is written
+    for notation in (spec, inpaint_schedule or spec):  # a bad notation is refused before anything is written
+        SamplingSchedule.parse(notation, guidance_scale=record.cfg)
     target = Path(out)
     check_kind(target, command=PACKAGE_COMMAND)
     if target.exists() and not overwrite:
@@ -72,7 +76,8 @@ def package_text_bundle(out: str | Path, *, refiner: str | Path, schedule: str |
     config = {"format": TEXT_BUNDLE_FORMAT, "kind": "text-to-image", "pipeline": str(pipeline.resolve()),
               "trained_for": record.to_dict(), "refiner_config": trained.config.to_dict(),
               "refiner_dt": None if trained.dt is None else trained.dt.to_dict(),
-              "defaults": {"schedule": spec, "cfg": record.cfg, "guidance": record.guidance}}
+              "defaults": {"schedule": spec, "cfg": record.cfg, "guidance": record.guidance,
+                           "inpaint_schedule": inpaint_schedule}}
     source = Path(refiner) / TOKEN_REFINER_FILE if Path(refiner).is_dir() else Path(refiner)
     with OutputFolder(target, command=PACKAGE_COMMAND, what="bundle", wait=wait) as folder, \
             folder.staging() as staging:
@@ -102,12 +107,15 @@ def read_text_bundle(folder: str | Path) -> TextBundle:
     refiner = folder / TOKEN_REFINER_FILE
     if not is_token_refiner(refiner):
         raise CheckpointError(f"the text bundle {folder} has no readable {TOKEN_REFINER_FILE}")
-    return TextBundle(folder, pipeline, refiner, schedule, cfg, None if guidance is None else float(guidance))
+    inpaint = defaults.get("inpaint_schedule")
+    return TextBundle(folder, pipeline, refiner, schedule, cfg, None if guidance is None else float(guidance),
+                      None if inpaint is None else str(inpaint))
 
 
 def bundle_defaults(bundle: TextBundle) -> dict[str, Any]:
-    """The family defaults a text bundle overrides (schedule, CFG, distilled guidance)."""
-    return {"schedule": bundle.schedule, "cfg": bundle.cfg, "guidance": bundle.guidance}
+    """The family defaults a text bundle overrides (schedule, CFG, distilled guidance, inpainting's schedule)."""
+    return {"schedule": bundle.schedule, "cfg": bundle.cfg, "guidance": bundle.guidance,
+            "inpaint_schedule": bundle.inpaint_schedule}
 
 
 __all__ = ["TEXT_BUNDLE_FORMAT", "TextBundle", "bundle_defaults", "is_text_bundle", "package_text_bundle",

@@ -447,6 +447,7 @@ def _run_package(args: argparse.Namespace) -> int:
         decoder_bundle=args.decoder_bundle,
         variant=args.variant, schedule=args.schedule, cfg=args.cfg, guidance_channels=args.guidance_channels,
         class_names=names, trust_pickle=args.trust_pickle, overwrite=args.overwrite, wait=args.wait,
+        inpaint_schedule=args.inpaint_schedule,
     )
     counts = ", ".join(f"{k} {v:,}" for k, v in bundle.parameter_counts().items())
     print(f"wrote bundle {args.out} ({counts} parameters; default schedule {bundle.defaults.schedule})")
@@ -466,8 +467,8 @@ def _run_text_package(args: argparse.Namespace) -> int:
         raise FlowTurboError(f"{others[0]} does not apply: --refiner {args.refiner} was trained for a diffusers "
                              "pipeline folder, which holds the predictor, text encoders and VAE (the bundle points at "
                              "it) and fixes the CFG the refiner corrects")
-    bundle = package_text_bundle(args.out, refiner=args.refiner, schedule=args.schedule, overwrite=args.overwrite,
-                                 wait=args.wait)
+    bundle = package_text_bundle(args.out, refiner=args.refiner, schedule=args.schedule,
+                                 inpaint_schedule=args.inpaint_schedule, overwrite=args.overwrite, wait=args.wait)
     print(f"wrote text bundle {args.out} (refiner for {bundle.pipeline}; default schedule {bundle.schedule} at CFG "
           f"{bundle.cfg:g}{'' if bundle.guidance is None else f', guidance {bundle.guidance:g}'})")
     return 0
@@ -554,6 +555,9 @@ def add_train_parser(subparsers: argparse._SubParsersAction) -> argparse.Argumen
     g.add_argument("--trust-pickle", action="store_true", help="allow full unpickling of trusted .pt files")
     g = p.add_argument_group("sampling defaults")
     g.add_argument("--schedule", default=None, help="default schedule (H1P5R3 with a refiner, else H8)")
+    g.add_argument("--inpaint-schedule", default=None,
+                   help="default schedule of `flowturbo inpaint` (default: --schedule); R-heavy schedules can lose to "
+                        "H/P steps there (QUALITY.md: H4 beats H1R3 on the embedded default)")
     g.add_argument("--cfg", type=GUIDANCE_SCALE, default=None, help="default guidance scale")
     g.add_argument("--guidance-channels", type=POSITIVE_INT, default=None,
                    help="guide only the first N channels (default: the model family's: 3 for official SiT "

@@ -451,3 +451,46 @@ def test_official_checkpoints_with_a_taesd_vae_ask_for_an_autoencoder_kl(tmp_pat
         assert message.startswith(f"{what} needs an image encoder") and "AutoencoderTiny (TAESD)" in message
         assert "only decodes" in message and "--vae with a diffusers AutoencoderKL folder" in message
         assert "train package" not in message and "'encoder' entry" not in message
+
+
+# ------------------------------------------------------------------------------------ per-task default schedule
+def test_the_embedded_default_inpaints_with_its_own_inpainting_schedule(sampler, shirt, files, tmp_path, capsys):
+    """The embedded default samples and edits with H1R3 but inpaints with H4 (its config's ``inpaint_schedule``:
+    QUALITY.md measured H4 0.7-1.2 domain FID better than H1R3 for inpainting); a --schedule still wins."""
+    image, label = shirt
+    assert sampler.pipeline.defaults.inpaint_schedule == "H4"
+    inpainted = sampler.inpaint(image, _center_mask(), [label], progress=False)
+    assert inpainted.schedule.notation == "H4" and inpainted.predictor_calls == 8 and inpainted.refiner_calls == 0
+    assert sampler.edit(image, 0.5, [label], progress=False).schedule.notation == "H1R3"
+    assert sampler.sample([label], progress=False).schedule.notation == "H1R3"
+    assert sampler.inpaint(image, _center_mask(), [label], schedule="H2", progress=False).schedule.notation == "H2"
+    out = tmp_path / "inp"
+    code, stdout, _ = _cli(["inpaint", "--image", str(files / "shirt.png"), "--mask", str(files / "mask.png"),
+                            "--classes", "1", "--device", "cpu", "--out", str(out), "--no-progress"], capsys)
+    assert code == 0 and "H4 (8 predictor + 0 refiner calls" in stdout, stdout
+    assert json.loads((out / "run.json").read_text())["schedule"]["notation"] == "H4"
+
+
+def test_bundle_defaults_check_the_inpainting_schedule():
+    from flowturbo.training.bundle import BundleDefaults
+
+    assert BundleDefaults.from_dict({"schedule": "H1R3", "inpaint_schedule": "H4"}).inpaint_schedule == "H4"
+    with pytest.raises(FlowTurboError, match="H4X"):
+        BundleDefaults(inpaint_schedule="H4X")
+    with pytest.raises(FlowTurboError, match="valid: schedule, cfg, guidance_channels, inpaint_schedule"):
+        BundleDefaults.from_dict({"inpaint": "H4"})
+
+
+def test_train_package_records_the_inpainting_schedule(tmp_path, capsys):
+    """`train package --inpaint-schedule` writes it into the bundle; R steps without a refiner are refused."""
+    from flowturbo.runtime.pytorch_backend import DEFAULT_BUNDLE_DIR
+
+    out = tmp_path / "bundle"
+    common = ["train", "package", "--predictor", str(DEFAULT_BUNDLE_DIR), "--decoder-bundle", str(DEFAULT_BUNDLE_DIR)]
+    assert main([*common, "--schedule", "H4", "--inpaint-schedule", "H2P2", "--out", str(out)]) == 0
+    config = json.loads((out / "config.json").read_text())
+    assert config["defaults"]["inpaint_schedule"] == "H2P2"
+    capsys.readouterr()
+    assert main([*common, "--schedule", "H4", "--inpaint-schedule", "H1R2", "--out", str(tmp_path / "b2")]) == 2
+    assert "default inpainting schedule 'H1R2' has refiner (R) steps" in capsys.readouterr().err
+    assert not (tmp_path / "b2").exists()

@@ -124,7 +124,8 @@ def check_refiner_present(schedule: SamplingSchedule, refiner: object | None, fi
 class SiTFamily:
     """One loaded SiT predictor (+ optional refiner) and its decoder as a :class:`~flowturbo.families.ModelFamily`.
 
-    ``defaults`` is anything with ``schedule``, ``cfg`` and ``guidance_channels`` (a bundle's ``BundleDefaults``);
+    ``defaults`` is anything with ``schedule``, ``cfg`` and ``guidance_channels`` (a bundle's ``BundleDefaults``, whose
+    ``inpaint_schedule`` is kept when it has one);
     ``device``: where the class ids go (None: the predictor's parameters' device).
     """
 
@@ -139,7 +140,8 @@ class SiTFamily:
         self.num_classes = int(num_classes)
         self._latent_shape = tuple(int(d) for d in latent_shape)  # (C, h, w)
         self.defaults = FamilyDefaults(schedule=defaults.schedule, cfg=defaults.cfg,
-                                       guidance_channels=defaults.guidance_channels)
+                                       guidance_channels=defaults.guidance_channels,
+                                       inpaint_schedule=getattr(defaults, "inpaint_schedule", None))
 
     def latent_shape(self, size: ImageSize | None = None) -> tuple[int, int, int]:
         """The model's one latent shape; a ``size`` other than its image size is refused."""

@@ -53,6 +53,7 @@ def package_bundle(
     cfg: float | None = None,
     guidance_channels: int | None = None,
     class_names: list[str] | None = None,
+    inpaint_schedule: str | None = None,
     trust_pickle: bool = False,
     overwrite: bool = False,
     wait: bool = False,
@@ -100,6 +101,7 @@ def package_bundle(
         schedule=schedule or (DEFAULT_SCHEDULE if ref is not None else DEFAULT_SCHEDULE_WITHOUT_REFINER),
         cfg=DEFAULT_CFG if cfg is None else cfg,
         guidance_channels=family.guidance_channels if guidance_channels is None else guidance_channels,
+        inpaint_schedule=inpaint_schedule,
     )
     bundle = Bundle(sit.eval(), None if ref is None else ref.eval(), decoder.eval(),
                     class_names if class_names is not None else names, defaults,
