@@ -10,17 +10,14 @@ once per prompt) and returns the *guided* velocity on flowturbo's time axis, exa
   rule), so callers pass B images;
 * a distilled guidance value (``GuidanceRule.EMBEDDED``) is the graph input ``guidance`` (B,);
 * everything model-specific — the transformer's keyword inputs, packing into tokens and unpacking, position ids
-  (constants of the graph) — is the family adapter's own ``transformer_inputs`` / ``transformer_output``. Those take
-  sigma as a Python float; the graph needs it as a tensor, so while a graph runs the adapter's transformer is a
-  stand-in (:class:`_TimestepRows`) that receives the timestep the adapter builds for ``sigma = 1`` — its scale
-  (``sigma * 1000`` for SD3, ``sigma`` for FLUX) — and multiplies it by the rows' sigma. Export validates the result
-  against the adapter's own calls at a grid time (``export/text_export.py``), so a wrong mapping cannot pass.
+  (constants of the graph), the timestep built from sigma — is the family adapter's own ``transformer_inputs`` /
+  ``transformer_output``, which takes the rows' sigmas as a tensor (M,) here (the PyTorch path passes one float).
+  Export validates the result against the adapter's own calls at a grid time (``export/text_export.py``), so a wrong
+  mapping cannot pass.
 """
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -29,33 +26,6 @@ import torch.nn as nn
 from flowturbo.errors import FlowTurboError
 from flowturbo.families import GuidanceRule, PromptEmbeddings, TextConditioning
 from flowturbo.kernels import cfg_guided_reference
-
-SCALE_SIGMA = 1.0  # the sigma the adapter builds its timestep for: the timestep's scale
-
-
-class _TimestepRows(nn.Module):
-    """The adapter's transformer with its ``timestep`` replaced by ``scale * sigma`` per row (module docstring)."""
-
-    def __init__(self, transformer: nn.Module) -> None:
-        super().__init__()
-        self.inner = transformer
-        self.sigma: torch.Tensor | None = None  # (M,) float32, set for the duration of one call
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.inner.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.inner.device
-
-    def forward(self, *args: Any, **kwargs: Any) -> Any:
-        if "timestep" not in kwargs or self.sigma is None:
-            raise FlowTurboError("the family adapter's transformer_output did not pass a timestep keyword: its "
-                                 "time input cannot be exported")
-        scale = kwargs.pop("timestep")  # (M,) the adapter's timestep at sigma = 1
-        return self.inner(*args, timestep=scale * self.sigma.to(scale.dtype), **kwargs)
-
 
 class TextPredictorStep(nn.Module):
     """One guided predictor call of a text-to-image family: the inputs of
@@ -66,22 +36,10 @@ class TextPredictorStep(nn.Module):
     def __init__(self, family: Any, guidance_scale: float) -> None:
         super().__init__()
         self.family = family
-        self.rows = _TimestepRows(family.transformer)  # registers the transformer's weights with this module
+        self.transformer = family.transformer  # registers the transformer's weights with this module
         self.scale = float(guidance_scale)
         self.guided = self.scale != 1.0
         self.embedded_guidance = family.guidance_rule is GuidanceRule.EMBEDDED
-
-    @contextlib.contextmanager
-    def _stand_in(self, sigma: torch.Tensor) -> Iterator[None]:
-        """The adapter's transformer is the per-row-timestep stand-in for one call."""
-        original = self.family.transformer
-        self.rows.sigma = sigma
-        self.family.transformer = self.rows
-        try:
-            yield
-        finally:
-            self.family.transformer = original
-            self.rows.sigma = None
 
     def velocity(self, latents: torch.Tensor, t: torch.Tensor, prompt: PromptEmbeddings,
                  negative: PromptEmbeddings | None, guidance: torch.Tensor | None) -> torch.Tensor:
@@ -100,8 +58,7 @@ class TextPredictorStep(nn.Module):
         xx = torch.cat([latents, latents]) if self.guided else latents  # (M, C, h, w)
         sigma = 1.0 - t.float()  # (B,) flowturbo's t = 1 - sigma
         sigma = torch.cat([sigma, sigma]) if self.guided else sigma  # (M,)
-        with self._stand_in(sigma):
-            out = self.family.transformer_output(xx, SCALE_SIGMA, inputs).neg()  # (M, C, h, w) v = -model_output
+        out = self.family.transformer_output(xx, sigma, inputs).neg()  # (M, C, h, w) v = -model_output
         if not self.guided:
             return out
         return cfg_guided_reference(out, batch, out.shape[1], self.scale, None, False).to(out.dtype)  # (B, C, h, w)

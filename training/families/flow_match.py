@@ -489,8 +489,9 @@ class FlowMatchFamily:
         """The transformer's conditioning inputs for one batch (rows ``[prompt; negative]`` when ``doubled``)."""
         raise NotImplementedError
 
-    def transformer_output(self, x: torch.Tensor, sigma: float, inputs: dict[str, Any]) -> torch.Tensor:
-        """One transformer call at ``sigma`` on latents x (M, C, h, w) -> the model output (M, C, h, w), diffusers'
+    def transformer_output(self, x: torch.Tensor, sigma: float | torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
+        """One transformer call at ``sigma`` (one float, or (M,) per-row sigmas: the trainer's states and the exported
+        graphs' time input; :meth:`sigma_rows`) on latents x (M, C, h, w) -> the model output (M, C, h, w), diffusers'
         sign (``noise - x_data``)."""
         raise NotImplementedError
 
