@@ -334,23 +334,8 @@ def load_prompt_encoder(folder: str | Path, *, max_sequence_length: int | None =
     from flowturbo.training.families import recognize_pipeline
 
     found, family_type = recognize_pipeline(folder, "the export's pipeline folder")
-    family_type._require_libraries(found)
-    torch_device = torch.device(device)
-
-    class EncodersOnly(family_type):  # type: ignore[misc, valid-type]
-        """The adapter with its device and dtype from the text encoders (it holds no transformer)."""
-
-        @property
-        def device(self) -> torch.device:
-            return torch_device
-
-        @property
-        def dtype(self) -> torch.dtype:
-            return dtype
-
-    family = EncodersOnly(found, max_sequence_length=max_sequence_length)
-    family.pipe = family_type.load_pipeline(found, torch_device, dtype, transformer=None, vae=None)
-    return family
+    return family_type.load_encoders(found, device=torch.device(device), dtype=dtype,
+                                     max_sequence_length=max_sequence_length)
 
 
 def _load_official(

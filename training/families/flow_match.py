@@ -356,6 +356,7 @@ class FlowMatchFamily:
         self.refiner_record: Any = None  # its TokenRefinerRecord
         self.refiner_dt: Any = None  # the dt distribution it was trained on (its max_dt: the trained range)
         self.adaln_fusion: Any = None  # which adaptive norms run our fused kernel (fused_adaln.AdaLNFusion), once set
+        self._encoders_at: tuple[torch.device, torch.dtype] | None = None  # load_encoders: no transformer to ask
 
     @classmethod
     def _transformer_type(cls) -> Any:
@@ -400,6 +401,18 @@ class FlowMatchFamily:
         if before_weights is not None:
             before_weights(family)
         return family.attach(cls.load_pipeline(folder, device, dtype))
+
+    @classmethod
+    def load_encoders(cls, folder: PipelineFolder, *, device: torch.device, dtype: torch.dtype,
+                      max_sequence_length: int | None = None) -> "FlowMatchFamily":
+        """The adapter with the text encoders alone loaded (no transformer, no VAE): what an exported text-to-image
+        model needs to turn prompts into its graphs' inputs. :meth:`condition` gives the same embeddings and the same
+        refusals as the full adapter's; ``device`` / ``dtype`` are the encoders'."""
+        cls._require_libraries(folder)
+        family = cls(folder, max_sequence_length=max_sequence_length)
+        family._encoders_at = (device, dtype)
+        family.pipe = cls.load_pipeline(folder, device, dtype, transformer=None, vae=None)
+        return family
 
     @staticmethod
     def _require_libraries(folder: PipelineFolder) -> None:
@@ -498,11 +511,11 @@ class FlowMatchFamily:
     # ----------------------------------------------------------------------------------- the protocol
     @property
     def device(self) -> torch.device:
-        return self.transformer.device
+        return self._encoders_at[0] if self.transformer is None and self._encoders_at else self.transformer.device
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.transformer.dtype
+        return self._encoders_at[1] if self.transformer is None and self._encoders_at else self.transformer.dtype
 
     def default_size(self) -> ImageSize:
         side = self.default_latent_side * self.vae_scale_factor
