@@ -19,10 +19,9 @@ def check_exported_text_args(args: argparse.Namespace) -> None:
     if getattr(args, "pipeline", None) is not None:
         raise FlowTurboError("--artifacts already holds the model (a text-to-image export records its pipeline "
                              "folder); drop --pipeline")
-    if args.prompt is not None and args.prompts is not None:
-        raise FlowTurboError("give --prompt or --prompts, not both")
-    if args.prompt is not None and not all(p.strip() for p in args.prompt):
-        raise FlowTurboError("--prompt is empty; give the text to draw")
+    from flowturbo.runtime.text_cli import check_prompt_flags
+
+    check_prompt_flags(args)
     if args.size is not None:
         ImageSize.parse(args.size)
 

@@ -68,6 +68,17 @@ def resolve_text_bundle(args: argparse.Namespace) -> None:
     args.text_defaults = text["defaults"]
 
 
+def check_prompt_flags(args: argparse.Namespace, needed: str | None = None) -> None:
+    """``--prompt`` / ``--prompts``: not both, no empty ``--prompt``; ``needed``: the error when neither is given (None:
+    prompts are optional)."""
+    if needed is not None and args.prompt is None and args.prompts is None:
+        raise FlowTurboError(needed)
+    if args.prompt is not None and args.prompts is not None:
+        raise FlowTurboError("give --prompt or --prompts, not both")
+    if args.prompt is not None and not all(p.strip() for p in args.prompt):
+        raise FlowTurboError("--prompt is empty; give the text to draw")
+
+
 def refuse_text_flags(args: argparse.Namespace) -> None:
     """Without ``--pipeline``: the first text-to-image flag given is refused (the model is class-conditional)."""
     text = _given(args, TEXT_FLAGS)
@@ -93,12 +104,7 @@ def check_text_args(args: argparse.Namespace, *, distributed: bool = False) -> N
                              "yet)")
     if distributed:
         raise FlowTurboError("--pipeline runs in one process for now; run it without torchrun")
-    if args.prompt is None and args.prompts is None:
-        raise FlowTurboError("--pipeline needs prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
-    if args.prompt is not None and args.prompts is not None:
-        raise FlowTurboError("give --prompt or --prompts, not both")
-    if args.prompt is not None and not all(p.strip() for p in args.prompt):
-        raise FlowTurboError("--prompt is empty; give the text to draw")
+    check_prompt_flags(args, "--pipeline needs prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
     if getattr(args, "size", None) is not None:
         ImageSize.parse(args.size)
     requests(args)  # reads --prompts and applies --num-images: a bad file or count fails now

@@ -161,7 +161,7 @@ def check_text_tune_args(args: argparse.Namespace) -> None:
     """A ``--pipeline`` tune's flags (after :func:`resolve_defaults`): prompts, a metric that fits text-to-image
     images, nothing only class models have. The prompts are read into ``args.tune_prompts``."""
     from flowturbo.families import ImageSize, read_prompts
-    from flowturbo.runtime.text_cli import _given, refuse_text_flags
+    from flowturbo.runtime.text_cli import _given, check_prompt_flags, refuse_text_flags
 
     args.tune_prompts = None
     if args.pipeline is None:
@@ -171,13 +171,8 @@ def check_text_tune_args(args: argparse.Namespace) -> None:
     if other:
         raise FlowTurboError(f"--pipeline holds the whole model (with --refiner: a refiner trained for it); drop "
                              f"{other[0]}")
-    if args.prompt is None and args.prompts is None:
-        raise FlowTurboError("tune --pipeline needs the prompts to tune on: pass --prompts FILE (one per line) or "
+    check_prompt_flags(args, "tune --pipeline needs the prompts to tune on: pass --prompts FILE (one per line) or "
                              "--prompt TEXT (repeatable); image i uses prompt i mod P")
-    if args.prompt is not None and args.prompts is not None:
-        raise FlowTurboError("give --prompt or --prompts, not both")
-    if args.prompt is not None and not all(p.strip() for p in args.prompt):
-        raise FlowTurboError("--prompt is empty; give the text to draw")
     if args.metric == "domain-fid":
         raise FlowTurboError("--metric domain-fid uses a Fashion-MNIST classifier's features, which say nothing about "
                              "a text-to-image model's images: use --metric fine-grid (the default here), or "

@@ -64,3 +64,14 @@ def tiny_pipelines(tmp_path_factory) -> dict[str, Path]:
 
     torch.manual_seed(0)
     return save_tiny_pipelines(tmp_path_factory.mktemp("tiny_pipelines"))
+
+
+@pytest.fixture(scope="session")
+def sd3_refiner(tiny_pipelines, tmp_path_factory) -> Path:
+    """A token refiner for the tiny SD3 at CFG ``tiny_diffusers.REFINER_CFG``, every weight random non-zero
+    (:func:`tiny_diffusers.write_random_token_refiner`)."""
+    from tiny_diffusers import REFINER_CFG, write_random_token_refiner
+
+    torch.set_num_threads(1)
+    return write_random_token_refiner(tiny_pipelines["sd3"],
+                                      tmp_path_factory.mktemp("token_refiner") / "refiner.safetensors", REFINER_CFG)

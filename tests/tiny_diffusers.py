@@ -28,6 +28,7 @@ import torch  # noqa: E402
 
 IMAGE_SIZE = 32  # pixels; the tiny VAE halves it: 16x16 latents
 MAX_SEQUENCE_LENGTH = 16  # T5 tokens (the real pipelines use 256 / 512)
+REFINER_CFG = 4.0  # the CFG the tests' random SD3 token refiner (the sd3_refiner fixture) records
 LATENT_CHANNELS = 16
 SD3_VAE = (1.5305, 0.0609)  # (scaling_factor, shift_factor) of the SD3 / SD3.5 VAE
 FLUX_VAE = (0.3611, 0.1159)  # ... of the FLUX.1 VAE

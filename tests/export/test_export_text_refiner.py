@@ -20,7 +20,7 @@ import shutil
 import pytest
 import torch
 from cli_checks import one_error_line
-from tiny_diffusers import IMAGE_SIZE, MAX_SEQUENCE_LENGTH, write_random_token_refiner
+from tiny_diffusers import IMAGE_SIZE, MAX_SEQUENCE_LENGTH, REFINER_CFG
 from tolerances import tol
 
 from flowturbo.errors import FlowTurboError
@@ -28,37 +28,33 @@ from flowturbo.runtime.cli import main
 from flowturbo.runtime.sampler import Sampler
 from flowturbo.training.token_refiner import TokenRefiner
 
-CFG = 4.0
+CFG = REFINER_CFG
 SCHEDULE = "H1P1R2"  # 3 predictor calls, 2 R steps (4 refiner calls: dt = 0 and h, then h_prev and h_prev + h)
 PROMPTS = ["a photo of the cat", "a dog", "a red car"]
 
 
-@pytest.fixture(scope="module")
-def refiner_file(tiny_pipelines, tmp_path_factory):
-    """A token refiner for the tiny SD3 at CFG 4, every weight random non-zero."""
-    torch.set_num_threads(1)
-    return write_random_token_refiner(tiny_pipelines["sd3"],
-                                      tmp_path_factory.mktemp("token_refiner") / "refiner.safetensors", CFG)
-
-
-@pytest.fixture(scope="module")
-def exported(tiny_pipelines, refiner_file, tmp_path_factory):
-    out = tmp_path_factory.mktemp("text_refiner_export") / "sd3_h1p1r2"
-    code = main(["export", "--pipeline", str(tiny_pipelines["sd3"]), "--refiner", str(refiner_file), "--schedule",
+def _export(tiny_pipelines, sd3_refiner, out, fmt: str):
+    """``SCHEDULE`` at CFG 4 with the random refiner, batches 1..3, in ``fmt``."""
+    code = main(["export", "--pipeline", str(tiny_pipelines["sd3"]), "--refiner", str(sd3_refiner), "--schedule",
                  SCHEDULE, "--cfg", str(CFG), "--size", str(IMAGE_SIZE), "--max-sequence-length",
-                 str(MAX_SEQUENCE_LENGTH), "--batch", "1:2:3", "--format", "onnx", "--out", str(out)])
+                 str(MAX_SEQUENCE_LENGTH), "--batch", "1:2:3", "--format", fmt, "--out", str(out)])
     assert code == 0
     return out
 
 
-def test_exported_r_steps_equal_the_pytorch_sampler(exported, tiny_pipelines, refiner_file):
+@pytest.fixture(scope="module")
+def exported(tiny_pipelines, sd3_refiner, tmp_path_factory):
+    return _export(tiny_pipelines, sd3_refiner, tmp_path_factory.mktemp("text_refiner_export") / "sd3_h1p1r2", "onnx")
+
+
+def test_exported_r_steps_equal_the_pytorch_sampler(exported, tiny_pipelines, sd3_refiner):
     manifest = json.loads((exported / "manifest.json").read_text())
     assert [a["role"] for a in manifest["artifacts"]] == ["predictor", "refiner", "decoder"]
     assert manifest["model"]["has_refiner"] and manifest["model"]["refiner_dt_conditioning"]
     assert manifest["model"]["refiner_trained_for"]["cfg"] == CFG
     got = Sampler.from_artifacts(str(exported), backend="onnxruntime").sample(prompts=PROMPTS, seed=5,
                                                                               progress=False)
-    reference = Sampler.from_pipeline(str(tiny_pipelines["sd3"]), device="cpu", refiner=str(refiner_file),
+    reference = Sampler.from_pipeline(str(tiny_pipelines["sd3"]), device="cpu", refiner=str(sd3_refiner),
                                       max_sequence_length=MAX_SEQUENCE_LENGTH)
     want = reference.sample(prompts=PROMPTS, seed=5, schedule=SCHEDULE, cfg=CFG, progress=False)
     assert got.refiner_calls == want.refiner_calls == 4 and got.predictor_calls == want.predictor_calls == 3
@@ -74,15 +70,15 @@ def test_exported_r_steps_equal_the_pytorch_sampler(exported, tiny_pipelines, re
     assert not torch.allclose(zero.images, got.images, **tol("export_fp32"))
 
 
-def test_r_steps_without_a_refiner_or_at_another_cfg_are_refused(tiny_pipelines, refiner_file, tmp_path, capsys):
+def test_r_steps_without_a_refiner_or_at_another_cfg_are_refused(tiny_pipelines, sd3_refiner, tmp_path, capsys):
     common = ["export", "--pipeline", str(tiny_pipelines["sd3"]), "--size", str(IMAGE_SIZE), "--max-sequence-length",
               str(MAX_SEQUENCE_LENGTH), "--format", "onnx"]
     assert main([*common, "--schedule", SCHEDULE, "--cfg", str(CFG), "--out", str(tmp_path / "a")]) == 2
     one_error_line(capsys, "need a velocity refiner", "--refiner")
-    assert main([*common, "--refiner", str(refiner_file), "--schedule", SCHEDULE, "--cfg", "2",
+    assert main([*common, "--refiner", str(sd3_refiner), "--schedule", SCHEDULE, "--cfg", "2",
                  "--out", str(tmp_path / "b")]) == 2
     one_error_line(capsys, "at CFG 4", "--cfg 4")
-    assert main([*common, "--refiner", str(refiner_file), "--schedule", SCHEDULE, "--cfg", str(CFG), "--pipeline",
+    assert main([*common, "--refiner", str(sd3_refiner), "--schedule", SCHEDULE, "--cfg", str(CFG), "--pipeline",
                  str(tiny_pipelines["flux_dev"]), "--out", str(tmp_path / "c")]) == 2
     one_error_line(capsys, "trained for a StableDiffusion3Pipeline")
     assert not any((tmp_path / n).exists() for n in "abc")
@@ -104,19 +100,14 @@ def test_the_cpp_runner_takes_text_exports_with_r_steps(exported):
 
 
 @pytest.fixture(scope="module")
-def aoti_exported(tiny_pipelines, refiner_file, tmp_path_factory):
+def aoti_exported(tiny_pipelines, sd3_refiner, tmp_path_factory):
     """The same schedule as AOTInductor (CPU) packages: predictor, refiner and decoder (~80 s on one core)."""
     torch.set_num_threads(1)
-    out = tmp_path_factory.mktemp("text_refiner_aoti") / "sd3_h1p1r2"
-    code = main(["export", "--pipeline", str(tiny_pipelines["sd3"]), "--refiner", str(refiner_file), "--schedule",
-                 SCHEDULE, "--cfg", str(CFG), "--size", str(IMAGE_SIZE), "--max-sequence-length",
-                 str(MAX_SEQUENCE_LENGTH), "--batch", "1:2:3", "--format", "aoti", "--out", str(out)])
-    assert code == 0
-    return out
+    return _export(tiny_pipelines, sd3_refiner, tmp_path_factory.mktemp("text_refiner_aoti") / "sd3_h1p1r2", "aoti")
 
 
 @pytest.mark.slow
-def test_aoti_and_cpp_r_steps_equal_the_pytorch_sampler(aoti_exported, tiny_pipelines, refiner_file):
+def test_aoti_and_cpp_r_steps_equal_the_pytorch_sampler(aoti_exported, tiny_pipelines, sd3_refiner):
     """The exported Python loop and the C++ runner on the AOTInductor packages against ``Sampler.from_pipeline``
     and against each other; four prompts with a negative one: batches of 3 and 1 within the profile."""
     from flowturbo.runtime.cpp_backend import CppSampler
@@ -126,7 +117,7 @@ def test_aoti_and_cpp_r_steps_equal_the_pytorch_sampler(aoti_exported, tiny_pipe
     refiner_inputs = [t["name"] for t in manifest["artifacts"][1]["spec"]["inputs"]]
     assert refiner_inputs == ["latents", "v", "t", "dt", "pooled_prompt_embeds"]
     prompts, negative = [*PROMPTS, "a dog"], "blurry"
-    reference = Sampler.from_pipeline(str(tiny_pipelines["sd3"]), device="cpu", refiner=str(refiner_file),
+    reference = Sampler.from_pipeline(str(tiny_pipelines["sd3"]), device="cpu", refiner=str(sd3_refiner),
                                       max_sequence_length=MAX_SEQUENCE_LENGTH)
     want = reference.sample(prompts=prompts, negative_prompt=negative, seed=5, schedule=SCHEDULE, cfg=CFG,
                             progress=False)
@@ -182,7 +173,7 @@ def test_cpp_runner_refuses_refiner_inputs_it_cannot_feed(aoti_exported, tmp_pat
         assert needle in str(caught.value)
 
 
-def test_text_r_steps_beyond_the_trained_range_warn_once_as_in_pytorch(tiny_pipelines, refiner_file, tmp_path):
+def test_text_r_steps_beyond_the_trained_range_warn_once_as_in_pytorch(tiny_pipelines, sd3_refiner, tmp_path):
     """H1R3 on the tiny SD3's grid (t = 0, 0.142, 0.398, 0.991, 1) asks the refiner for dt 0.849 in its third step,
     beyond the 0.8 it was trained on: the exported text loop warns once per schedule, as the PyTorch sampler does."""
     import warnings
@@ -190,11 +181,11 @@ def test_text_r_steps_beyond_the_trained_range_warn_once_as_in_pytorch(tiny_pipe
     from flowturbo.refiner_dt import RefinerRangeWarning
 
     out = tmp_path / "h1r3"
-    assert main(["export", "--pipeline", str(tiny_pipelines["sd3"]), "--refiner", str(refiner_file), "--schedule",
+    assert main(["export", "--pipeline", str(tiny_pipelines["sd3"]), "--refiner", str(sd3_refiner), "--schedule",
                  "H1R3", "--cfg", str(CFG), "--size", str(IMAGE_SIZE), "--max-sequence-length",
                  str(MAX_SEQUENCE_LENGTH), "--batch", "1:1:2", "--format", "onnx", "--out", str(out)]) == 0
     exported = Sampler.from_artifacts(str(out), backend="onnxruntime")
-    reference = Sampler.from_pipeline(str(tiny_pipelines["sd3"]), device="cpu", refiner=str(refiner_file),
+    reference = Sampler.from_pipeline(str(tiny_pipelines["sd3"]), device="cpu", refiner=str(sd3_refiner),
                                       max_sequence_length=MAX_SEQUENCE_LENGTH)
     for sample in (lambda: exported.sample(prompts=PROMPTS[:2], seed=1),
                    lambda: reference.sample(prompts=PROMPTS[:2], seed=1, schedule="H1R3", cfg=CFG, progress=False)):

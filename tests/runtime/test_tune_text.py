@@ -15,7 +15,7 @@ import pytest
 import torch
 from cli_checks import one_error_line
 from PIL import Image
-from tiny_diffusers import IMAGE_SIZE, MAX_SEQUENCE_LENGTH, write_random_token_refiner
+from tiny_diffusers import IMAGE_SIZE, MAX_SEQUENCE_LENGTH, REFINER_CFG
 
 from flowturbo.families import ImageSize
 from flowturbo.noise import make_noise
@@ -32,7 +32,7 @@ from flowturbo.schedule import SamplingSchedule
 from flowturbo.training.evaluation import score_features
 from flowturbo.training.sampling import run_schedule
 
-CFG = 4.0
+CFG = REFINER_CFG
 PROMPTS = ["a photo of the cat", "a dog on a beach", "a red car"]
 SIZE = ImageSize(IMAGE_SIZE, IMAGE_SIZE)
 FINE_STEPS = 8
@@ -42,20 +42,13 @@ SCORE_TOLERANCE = dict(rel=1e-4, abs=1e-6)
 
 
 @pytest.fixture(scope="module")
-def refiner_file(tiny_pipelines, tmp_path_factory):
-    torch.set_num_threads(1)
-    return write_random_token_refiner(tiny_pipelines["sd3"], tmp_path_factory.mktemp("ref") / "refiner.safetensors",
-                                      CFG)
-
-
-@pytest.fixture(scope="module")
-def tuned(tiny_pipelines, refiner_file, tmp_path_factory):
+def tuned(tiny_pipelines, sd3_refiner, tmp_path_factory):
     """One small text tune through the CLI (with R steps): its output folder."""
     root = tmp_path_factory.mktemp("tune_text")
     prompts = root / "prompts.txt"
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = root / "out"
-    code = main(["tune", "--pipeline", str(tiny_pipelines["sd3"]), "--refiner", str(refiner_file),
+    code = main(["tune", "--pipeline", str(tiny_pipelines["sd3"]), "--refiner", str(sd3_refiner),
                  "--prompts", str(prompts), "--cfg", str(CFG), "--size", str(IMAGE_SIZE),
                  "--max-sequence-length", str(MAX_SEQUENCE_LENGTH), "--budget-calls", "6",
                  "--num-samples", str(NUM_SAMPLES), "--search", "exhaustive", "--batch", "2", "--latency-batch", "2",
@@ -81,12 +74,12 @@ def _independent_rms(sampler: Sampler, schedule: SamplingSchedule, n: int) -> fl
     return float((final(schedule) - final(fine)).pow(2).mean().sqrt())
 
 
-def test_text_tune_scores_are_the_fine_grid_distance(tuned, tiny_pipelines, refiner_file):
+def test_text_tune_scores_are_the_fine_grid_distance(tuned, tiny_pipelines, sd3_refiner):
     report = json.loads((tuned / "tune.json").read_text())
     assert report["metric"] == "fine-grid" and report["settings"]["fine_steps"] == FINE_STEPS
     assert report["settings"]["requests"]["prompts"] == f"i mod P, P = {len(PROMPTS)}"
     rows = {r["name"]: r for r in report["candidates"]}
-    sampler = Sampler.from_pipeline(str(tiny_pipelines["sd3"]), refiner=str(refiner_file),
+    sampler = Sampler.from_pipeline(str(tiny_pipelines["sd3"]), refiner=str(sd3_refiner),
                                     max_sequence_length=MAX_SEQUENCE_LENGTH)
     # an R-step candidate and a Heun one, each on the model's own grid, scored on every sample
     for name in ("H1P1R1@model", "H1P1@model"):
@@ -103,10 +96,10 @@ def test_text_tune_scores_are_the_fine_grid_distance(tuned, tiny_pipelines, refi
     assert not any(r["family"] == "velocity-norm" for r in rows.values())  # class models only
 
 
-def test_the_recommended_schedule_file_samples_the_text_model(tuned, tiny_pipelines, refiner_file, tmp_path):
+def test_the_recommended_schedule_file_samples_the_text_model(tuned, tiny_pipelines, sd3_refiner, tmp_path):
     """recommended_schedule.json runs with `flowturbo sample --pipeline ... --schedule FILE` (its grid as tuned)."""
     out = tmp_path / "samples"
-    assert main(["sample", "--pipeline", str(tiny_pipelines["sd3"]), "--refiner", str(refiner_file),
+    assert main(["sample", "--pipeline", str(tiny_pipelines["sd3"]), "--refiner", str(sd3_refiner),
                  "--prompt", PROMPTS[0], "--size", str(IMAGE_SIZE), "--max-sequence-length",
                  str(MAX_SEQUENCE_LENGTH), "--schedule", str(tuned / "recommended_schedule.json"), "--out", str(out),
                  "--no-progress", "--device", "cpu"]) == 0

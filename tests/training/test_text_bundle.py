@@ -10,31 +10,24 @@ import shutil
 import pytest
 import torch
 from cli_checks import one_error_line
-from tiny_diffusers import IMAGE_SIZE, MAX_SEQUENCE_LENGTH, write_random_token_refiner
+from tiny_diffusers import IMAGE_SIZE, MAX_SEQUENCE_LENGTH, REFINER_CFG, write_random_token_refiner
 
 from flowturbo.runtime.cli import main
 from flowturbo.runtime.sampler import Sampler
 
-CFG = 4.0
+CFG = REFINER_CFG
 PROMPTS = ["a photo of the cat", "a red car"]
 
 
 @pytest.fixture(scope="module")
-def refiner_file(tiny_pipelines, tmp_path_factory):
-    torch.set_num_threads(1)
-    return write_random_token_refiner(tiny_pipelines["sd3"], tmp_path_factory.mktemp("ref") / "refiner.safetensors",
-                                      CFG)
-
-
-@pytest.fixture(scope="module")
-def bundle(refiner_file, tmp_path_factory):
+def bundle(sd3_refiner, tmp_path_factory):
     out = tmp_path_factory.mktemp("text_bundle") / "bundle"
-    assert main(["train", "package", "--refiner", str(refiner_file), "--schedule", "H1P1R2",
+    assert main(["train", "package", "--refiner", str(sd3_refiner), "--schedule", "H1P1R2",
                  "--inpaint-schedule", "H2", "--out", str(out)]) == 0
     return out
 
 
-def test_a_text_bundle_points_at_the_folder_and_samples_as_folder_plus_refiner(bundle, tiny_pipelines, refiner_file):
+def test_a_text_bundle_points_at_the_folder_and_samples_as_folder_plus_refiner(bundle, tiny_pipelines, sd3_refiner):
     config = json.loads((bundle / "config.json").read_text())
     assert config["pipeline"] == str(tiny_pipelines["sd3"].resolve()) and config["kind"] == "text-to-image"
     assert config["defaults"] == {"schedule": "H1P1R2", "cfg": CFG, "guidance": None, "inpaint_schedule": "H2"}
@@ -42,7 +35,7 @@ def test_a_text_bundle_points_at_the_folder_and_samples_as_folder_plus_refiner(b
                                                                                        "refiner.safetensors"]
     got = Sampler.from_bundle(str(bundle), max_sequence_length=MAX_SEQUENCE_LENGTH).sample(prompts=PROMPTS, seed=3,
                                                                                            progress=False)
-    folder = Sampler.from_pipeline(str(tiny_pipelines["sd3"]), refiner=str(refiner_file),
+    folder = Sampler.from_pipeline(str(tiny_pipelines["sd3"]), refiner=str(sd3_refiner),
                                    max_sequence_length=MAX_SEQUENCE_LENGTH)
     want = folder.sample(prompts=PROMPTS, seed=3, schedule="H1P1R2", cfg=CFG, progress=False)
     assert got.schedule.notation == "H1P1R2" and got.refiner_calls == want.refiner_calls == 4
@@ -76,9 +69,9 @@ def test_a_text_bundle_whose_folder_moved_is_refused_naming_it(tiny_pipelines, t
     (["train", "package", "--refiner", "REF", "--cfg", "3", "--out", "OUT"], ["--cfg does not apply"]),
     (["train", "package", "--refiner", "REF", "--inpaint-schedule", "H4X", "--out", "OUT"], ["H4X"]),
 ])
-def test_text_bundle_packaging_refusals(refiner_file, tmp_path, capsys, flags, needles):
+def test_text_bundle_packaging_refusals(sd3_refiner, tmp_path, capsys, flags, needles):
     out = tmp_path / "out"
-    args = [str(refiner_file) if f == "REF" else str(out) if f == "OUT" else f for f in flags]
+    args = [str(sd3_refiner) if f == "REF" else str(out) if f == "OUT" else f for f in flags]
     assert main(args) == 2
     one_error_line(capsys, *needles)
     assert not out.exists()
