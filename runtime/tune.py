@@ -363,10 +363,13 @@ class TuneRequests:
             return [i % pipe.num_classes for i in range(lo, hi)]
         return [self.prompts[i % len(self.prompts)] for i in range(lo, hi)]
 
-    def condition(self, pipe: TorchPipeline, lo: int, hi: int, schedule: SamplingSchedule) -> Any:
-        """The family's conditioning of images ``[lo, hi)`` (prompts encoded once each)."""
-        extra = {} if self.prompts is None else {"negative": self.negative_prompt, "guidance": self.guidance}
-        return pipe.family.condition(self.for_images(pipe, lo, hi), schedule, **extra)
+    def cycle(self, pipe: TorchPipeline, schedule: SamplingSchedule) -> Any:
+        """The family's conditioning of one cycle of requests: row j = class j (K rows) or prompt j (P rows), each
+        prompt encoded once; image i's is row ``i mod`` its length (:func:`cycle_rows`)."""
+        if self.prompts is None:
+            return pipe.family.condition(list(range(pipe.num_classes)), schedule)
+        return pipe.family.condition(list(self.prompts), schedule, negative=self.negative_prompt,
+                                     guidance=self.guidance)
 
     def sample_kwargs(self, pipe: TorchPipeline, lo: int, hi: int) -> dict[str, Any]:
         """``Sampler.sample``'s request arguments for images ``[lo, hi)``."""
@@ -395,6 +398,12 @@ class TuneRequests:
                 "size": None if self.size is None else str(self.size)}
 
 
+def cycle_rows(cycle: Any, lo: int, hi: int) -> Any:
+    """Images ``[lo, hi)``'s conditioning from a :meth:`TuneRequests.cycle`: rows ``i mod len(cycle)``."""
+    device = cycle.tensors()[0].device
+    return cycle.rows(torch.arange(lo, hi, device=device) % len(cycle))
+
+
 @torch.inference_mode()
 def measure_call_costs(pipe: TorchPipeline, batch: int, cfg: float, guidance_channels: int | None,
                        requests: TuneRequests = TuneRequests(), *, repeats: int = 7, warmup: int = 2) -> CallCosts:
@@ -404,7 +413,7 @@ def measure_call_costs(pipe: TorchPipeline, batch: int, cfg: float, guidance_cha
                        device=pipe.device)  # (B, C, H, W)
     schedule = SamplingSchedule.parse("H1P1R1" if pipe.refiner is not None else "H2", guidance_scale=cfg,
                                       guidance_channels=guidance_channels)
-    calls = pipe.family.model_calls(requests.condition(pipe, 0, batch, schedule), schedule)
+    calls = pipe.family.model_calls(cycle_rows(requests.cycle(pipe, schedule), 0, batch), schedule)
     ops = solver_ops_for(schedule, noise.shape[1], pipe.kernel_backend)
     raw = calls.predictor(noise, 0.5)
     d, x_pred = ops.predict(raw, noise, 0.1)
@@ -692,7 +701,7 @@ class Tuner:
         self.requests = requests
         self.latent_shape = requests.latent_shape(pipe)
         self.extractor = extractor  # None with the fine-grid metric (no images are decoded)
-        self._conditions: dict[tuple[int, int], Any] = {}
+        self._cycle: Any = None  # the requests' conditioning, one row per distinct request (made once)
         self.classifier = classifier
         self.ranks = ranks or Ranks()
         self.progress = progress and self.ranks.is_main
@@ -780,11 +789,11 @@ class Tuner:
                           device=self.pipe.device, first_index=lo)
 
     def _condition(self, lo: int, hi: int, schedule: SamplingSchedule) -> Any:
-        """The conditioning of images ``[lo, hi)``, made once (every candidate shares the CFG scale, and so the
-        negative prompts' embeddings)."""
-        if (lo, hi) not in self._conditions:
-            self._conditions[(lo, hi)] = self.requests.condition(self.pipe, lo, hi, schedule)
-        return self._conditions[(lo, hi)]
+        """The conditioning of images ``[lo, hi)``: rows of the requests' cycle, encoded once for the whole tune (every
+        candidate shares the CFG scale, and so the negative prompts' embeddings)."""
+        if self._cycle is None:
+            self._cycle = self.requests.cycle(self.pipe, schedule)
+        return cycle_rows(self._cycle, lo, hi)
 
     def _run(self, schedule: SamplingSchedule, noise: torch.Tensor, lo: int, hi: int,
              check_finite: bool = True) -> Any:

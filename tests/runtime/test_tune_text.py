@@ -207,3 +207,28 @@ def test_the_model_grid_is_the_family_grid_and_uniform_for_class_models():
                                      vnorm_c="0.3").candidates(cfg=1.0, guidance_channels=None, has_refiner=False,
                                                                rule=False)
     assert any("velocity-norm rule runs on class-conditional models only" in n for n in notes)
+
+
+def test_resuming_a_text_tune_with_other_prompts_is_refused_naming_them(tiny_pipelines, tmp_path):
+    """The prompts are part of what a tune's results depend on: the cache key and ``--resume``'s settings hold their
+    digest, so a resumed tune with another prompt set is refused naming it (and never reuses the other's cache)."""
+    from flowturbo.errors import FlowTurboError
+
+    sampler = Sampler.from_pipeline(str(tiny_pipelines["sd3"]), max_sequence_length=MAX_SEQUENCE_LENGTH)
+    space = SearchSpace.from_text(heun="1", pseudo="0", refiner="0", euler="", grids="model", vnorm_c="")
+
+    def tuner(prompts, resume):
+        requests = TuneRequests(tuple(prompts), size=SIZE)
+        config = TuneConfig(model="tiny sd3", metric="fine-grid", num_samples=2, min_samples=2, batch=2,
+                            latency_batch=2, cfg=1.0, budget_calls=10, space=space, latency_repeats=1,
+                            requests=requests.describe(), fine_steps=4)
+        return Tuner(config, sampler.pipeline, None, cache_dir=tmp_path / "cache", progress=False,
+                     state_path=tmp_path / "state.json", resume=resume, requests=requests)
+
+    first = tuner(PROMPTS, resume=False)
+    first.run()
+    other = tuner(PROMPTS[::-1], resume=True)
+    assert other.cache != first.cache
+    with pytest.raises(FlowTurboError, match="requests.prompts_sha256"):
+        other.run()
+    tuner(PROMPTS, resume=True).run()  # the same prompts resume
