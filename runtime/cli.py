@@ -604,18 +604,18 @@ def _command_of(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
-TEXT_COMMANDS = ("sample", "export", "inpaint", "edit", "tune")  # the commands that take --pipeline
+TEXT_COMMANDS = ("sample", "export", "inpaint", "edit", "tune", "profile")  # the commands that take --pipeline
 
 
 def _text_model_refusal(argv: Sequence[str]) -> str | None:
     """The one ``error:`` line for ``--pipeline`` (a diffusers text-to-image folder) on a command other than
-    ``sample``, ``export``, ``inpaint``, ``edit`` and ``tune``: only those run text-to-image models for now (no
-    profiling or evaluation of them yet)."""
+    ``sample``, ``export``, ``inpaint``, ``edit``, ``tune`` and ``profile``: only those run text-to-image models for
+    now (no evaluation of them yet)."""
     command = _command_of(argv)
     if command in (None, *TEXT_COMMANDS) or not any(a == "--pipeline" or a.startswith("--pipeline=") for a in argv):
         return None
     return (f"flowturbo {command}: error: --pipeline (a diffusers text-to-image folder) works with `flowturbo sample`, "
-            f"`export`, `inpaint`, `edit` and `tune` only for now; `flowturbo {command}` with "
+            f"`export`, `inpaint`, `edit`, `tune` and `profile` only for now; `flowturbo {command}` with "
             "text-to-image models is not supported yet")
 
 

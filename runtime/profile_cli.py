@@ -33,6 +33,8 @@ def add_profile_parser(sub: argparse._SubParsersAction) -> None:
     m = p.add_argument_group("what to profile (default: the embedded default model, PyTorch eager)")
     m.add_argument("--model", default=None, type=input_path("--model"),
                    help="bundle folder (default: the embedded default model)")
+    m.add_argument("--refiner", default=None, type=input_path("--refiner"),
+                   help="with --pipeline: a token refiner trained for the folder (schedules with R steps)")
     m.add_argument("--artifacts", default=None, type=input_path("--artifacts"),
                    help="export directory (`flowturbo export`) for --backend onnxruntime|aoti|tensorrt|cpp")
     m.add_argument("--backend", default="pytorch", choices=BACKENDS,
@@ -46,6 +48,9 @@ def add_profile_parser(sub: argparse._SubParsersAction) -> None:
                                                  "bfloat16 on CUDA, float32 on CPU)")
     m.add_argument("--kernels", default="auto", choices=["auto", "reference", "triton"],
                    help="pytorch backend: fused Triton kernels (CUDA default) or the reference ops (CPU default)")
+    from flowturbo.runtime.text_cli import add_text_arguments
+
+    add_text_arguments(p)  # --pipeline DIR --prompt TEXT: a text-to-image model, PyTorch eager
     r = p.add_argument_group("how")
     r.add_argument("--batch", type=POSITIVE_INT, default=1, help="images per batch (default 1; CFG doubles the rows)")
     r.add_argument("--seed", type=SEED, default=0, help="noise seed in [0, 2^63)")
@@ -67,6 +72,7 @@ def _check_args(args: argparse.Namespace) -> None:
     """Refuse impossible requests before loading anything."""
     from flowturbo.runtime.cli import MAX_IMAGES, check_device, check_seed
 
+    _check_text_args(args)
     check_seed(args.seed)
     check_device(args.device)
     if not 1 <= args.batch <= MAX_IMAGES:
@@ -89,15 +95,64 @@ def _check_args(args: argparse.Namespace) -> None:
         raise FlowTurboError("--artifacts needs --backend onnxruntime, aoti, tensorrt or cpp (pytorch runs --model)")
 
 
+def _check_text_args(args: argparse.Namespace) -> None:
+    """``--pipeline`` (or a text bundle as ``--model``): the PyTorch backend, prompts; else no text flags."""
+    from flowturbo.families import ImageSize, read_prompts
+    from flowturbo.runtime.text_cli import _given, check_prompt_flags, refuse_text_flags, resolve_text_bundle
+
+    resolve_text_bundle(args)  # --model TEXT_BUNDLE -> its --pipeline folder + --refiner + defaults
+    args.profile_prompts = None
+    if args.pipeline is None and args.refiner is not None:
+        raise FlowTurboError("--refiner goes with --pipeline (a refiner trained for that folder); a bundle or an "
+                             "export holds its own")
+    if args.pipeline is None and args.artifacts is not None:  # a text export takes prompts (checked when loaded)
+        fixed = _given(args, ("--size", "--max-sequence-length"))
+        if fixed:
+            raise FlowTurboError(f"{fixed[0]} was fixed when exporting; drop it")
+        check_prompt_flags(args)
+        if args.prompt is not None or args.prompts is not None:
+            args.profile_prompts = list(args.prompt) if args.prompt is not None else read_prompts(args.prompts)
+        return
+    if args.pipeline is None:
+        refuse_text_flags(args)
+        return
+    if args.model is not None or args.artifacts is not None or args.backend != "pytorch":
+        raise FlowTurboError("--pipeline is profiled on the PyTorch backend; drop --model / --artifacts / --backend "
+                             "(export it first and profile the export with --artifacts)")
+    check_prompt_flags(args, "profile --pipeline needs a prompt: pass --prompt TEXT (repeatable; cycled over "
+                             "--batch) or --prompts FILE")
+    if args.size is not None:
+        ImageSize.parse(args.size)
+    args.profile_prompts = list(args.prompt) if args.prompt is not None else read_prompts(args.prompts)
+
+
 def _profile_pytorch(args: argparse.Namespace, trace: Path | None) -> Any:
+    from flowturbo.families import ImageSize
     from flowturbo.runtime.profiling import profile_pytorch
     from flowturbo.runtime.sampler import Sampler
+    from flowturbo.schedule import SamplingSchedule
 
-    sampler = Sampler.from_bundle(args.model, device=args.device, dtype=args.dtype, kernel_backend=args.kernels,
-                                  cuda_graph=False)  # steps are timed one by one
-    schedule = sampler.default_schedule(args.schedule, args.cfg)
+    common = dict(device=args.device, dtype=args.dtype, kernel_backend=args.kernels,
+                  cuda_graph=False)  # steps are timed one by one
+    if args.pipeline is None:
+        sampler = Sampler.from_bundle(args.model, **common)
+        schedule = sampler.default_schedule(args.schedule, args.cfg)
+        return profile_pytorch(sampler.pipeline, schedule, args.batch, args.seed, args.warmup, args.repeats,
+                               kernels=not args.no_kernels, kernel_trace=trace)
+    size = ImageSize.parse(args.size) if args.size is not None else None
+
+    def check(family: Any) -> None:  # the request against the folder's configs, before any weights load
+        defaults = family.defaults
+        schedule = SamplingSchedule.parse(args.schedule or defaults.schedule,
+                                          guidance_scale=defaults.cfg if args.cfg is None else args.cfg)
+        family.check_request(schedule, size=size, negative=args.negative_prompt, guidance=args.guidance)
+
+    sampler = Sampler.from_pipeline(args.pipeline, max_sequence_length=args.max_sequence_length, refiner=args.refiner,
+                                    defaults=args.text_defaults, before_weights=check, **common)
+    schedule = sampler.default_schedule(args.schedule, args.cfg, size=size)
     return profile_pytorch(sampler.pipeline, schedule, args.batch, args.seed, args.warmup, args.repeats,
-                           kernels=not args.no_kernels, kernel_trace=trace)
+                           kernels=not args.no_kernels, kernel_trace=trace, prompts=args.profile_prompts,
+                           negative_prompt=args.negative_prompt, guidance=args.guidance, size=size)
 
 
 def _expect_schedule(args: argparse.Namespace, exported: Any, sampler: Any = None) -> None:
@@ -136,7 +191,8 @@ def _profile_exported(args: argparse.Namespace, trace: Path | None) -> Any:
     sampler = load_exported_sampler(args.artifacts, args.backend, device=device, threads=args.threads)
     _expect_schedule(args, sampler.schedule, sampler)
     return profile_exported(sampler, args.batch, args.seed, args.warmup, args.repeats,
-                            kernels=not args.no_kernels, kernel_trace=trace)
+                            kernels=not args.no_kernels, kernel_trace=trace, prompts=args.profile_prompts,
+                            negative_prompt=args.negative_prompt, guidance=args.guidance)
 
 
 def _profile_cpp(args: argparse.Namespace) -> Any:
@@ -150,6 +206,9 @@ def _profile_cpp(args: argparse.Namespace) -> Any:
             "build the C++ extension (scripts/setup.sh) or use --backend onnxruntime|aoti"
         ) from None
     sampler = CppSampler.from_artifacts(args.artifacts, device=None if args.device == "auto" else args.device)
+    if sampler.artifacts.takes_prompts:
+        raise FlowTurboError(f"{args.artifacts} is a text-to-image export: the C++ runner's per-step profile takes class "
+                             "ids only for now; profile it with --backend aoti or onnxruntime (and --prompt)")
     schedule, num_classes = sampler.schedule, sampler.num_classes
     _expect_schedule(args, schedule, sampler)
     labels = [i % num_classes for i in range(args.batch)]

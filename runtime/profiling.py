@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from flowturbo.errors import FlowTurboError
+from flowturbo.families import ImageSize
 from flowturbo.fileio import OutputFolder, check_replaceable, check_writable_target, json_text
 from flowturbo.schedule import SamplingSchedule, StepKind
 
@@ -407,26 +408,39 @@ def profile_pytorch(
     *,
     kernel_trace: str | os.PathLike[str] | None = None,
     top_kernels: int = TOP_KERNELS,
+    prompts: Sequence[str] | None = None,
+    negative_prompt: str | None = None,
+    guidance: float | None = None,
+    size: ImageSize | None = None,
 ) -> RunProfile:
     """Profile ``schedule`` on a :class:`~flowturbo.runtime.pytorch_backend.TorchPipeline` (eager PyTorch).
 
-    ``batch`` images with classes ``0, 1, ...`` (cycled) and noise from ``seed`` — the same work
-    ``Sampler.sample`` does for one batch (schedule via ``sample_schedule`` with its per-step ``callback``,
-    then the decoder). ``kernel_trace``: where to write torch.profiler's Chrome trace of the kernel run;
-    ``top_kernels``: kernels/ops kept per step (by self time).
+    ``batch`` images with classes ``0, 1, ...`` (cycled) — or, for a text-to-image model, ``prompts`` cycled (with
+    ``negative_prompt``, ``guidance`` and ``size`` as ``Sampler.sample`` takes them; the prompts are encoded once,
+    outside the timed runs) — and noise from ``seed``: the same work ``Sampler.sample`` does for one batch (the
+    schedule through the model family's calls with a per-step ``callback``, then the decode). ``kernel_trace``: where
+    to write torch.profiler's Chrome trace of the kernel run; ``top_kernels``: kernels/ops kept per step (by self
+    time).
     """
-    from flowturbo.runtime.pytorch_backend import make_noise, sample_schedule
+    from flowturbo.runtime.pytorch_backend import make_noise, run_schedule
 
     _check_counts(batch, warmup, repeats)
     pipe = pipeline
+    family = pipe.family
     if schedule.uses_refiner and pipe.refiner is None:
         raise FlowTurboError(
             f"schedule {schedule.notation} has R steps but this model has no refiner; profile a schedule without "
-            "R (e.g. 'H8') or a bundle with a refiner"
+            "R (e.g. 'H8') or a model with a refiner"
         )
     device = torch.device(pipe.device)
-    labels = torch.tensor([i % pipe.num_classes for i in range(batch)], dtype=torch.long, device=device)
-    noise = make_noise(batch, pipe.latent_shape, seed, dtype=pipe.state_dtype, device=device)  # (B, C, H, W)
+    if prompts is None:
+        conditioning = family.condition([i % pipe.num_classes for i in range(batch)], schedule)
+    else:
+        conditioning = family.condition([prompts[i % len(prompts)] for i in range(batch)], schedule,
+                                        negative=negative_prompt, guidance=guidance)
+    calls = family.model_calls(conditioning, schedule)
+    latent_shape = pipe.latent_shape if size is None else family.latent_shape(size)
+    noise = make_noise(batch, latent_shape, seed, dtype=pipe.state_dtype, device=device)  # (B, C, H, W)
     n = schedule.num_steps
 
     def body(timer: StepTimer) -> None:
@@ -436,10 +450,10 @@ def profile_pytorch(
                 timer.start(_step_range_name(k + 1, schedule.steps[k + 1]))
 
         timer.start(_step_range_name(0, schedule.steps[0]))
-        result = sample_schedule(schedule, noise, labels, pipe.predictor, pipe.refiner, num_classes=pipe.num_classes,
-                                 callback=on_step, check_finite=False, kernel_backend=pipe.kernel_backend)
+        result = run_schedule(schedule, noise, calls, callback=on_step, check_finite=False,
+                              kernel_backend=pipe.kernel_backend)
         timer.start(DECODE_RANGE)
-        pipe.decoder.decode(result.latents)  # (B, C_img, H_img, W_img)
+        family.decode(result.latents)  # (B, C_img, H_img, W_img)
         timer.stop()
 
     with torch.inference_mode():
@@ -489,13 +503,19 @@ def profile_exported(
     *,
     kernel_trace: str | os.PathLike[str] | None = None,
     top_kernels: int = TOP_KERNELS,
+    prompts: Sequence[str] | None = None,
+    negative_prompt: str | None = None,
+    guidance: float | None = None,
 ) -> RunProfile:
     """Profile an :class:`~flowturbo.runtime.onnx_backend.ExportedSampler` (onnxruntime, aoti) on one batch.
 
+    A text-to-image export takes ``prompts`` (cycled over the batch; encoded once, outside the timed runs, with the
+    folder's text encoders) and its ``negative_prompt`` / ``guidance``; a class export classes ``0, 1, ...``.
     Steps are timed through the sampler's ``step_hook``; kernels are profiled only for PyTorch-based
     backends (aoti) — ONNX Runtime's nodes are invisible to torch.profiler, so its steps have no kernels.
     """
     from flowturbo.runtime.exported import make_noise
+    from flowturbo.runtime.text_exported import TextRequest, text_graph_inputs
 
     _check_counts(batch, warmup, repeats)
     if sampler.variant == "unrolled":
@@ -506,7 +526,17 @@ def profile_exported(
     sampler.artifacts.check_batch(batch)
     schedule: SamplingSchedule = sampler.schedule
     device = torch.device(sampler.describe().get("device", "cpu"))
-    labels = torch.tensor([i % sampler.num_classes for i in range(batch)], dtype=torch.long)
+    if sampler.takes_prompts:
+        if prompts is None:
+            raise FlowTurboError(f"{sampler.artifacts.root} is a text-to-image export: profile it with --prompt TEXT")
+        request = TextRequest([prompts[i % len(prompts)] for i in range(batch)], negative_prompt, guidance)
+        labels, _ = text_graph_inputs(sampler.artifacts, request, sampler.prompt_encoder, dtype=sampler.dtype,
+                                      device=sampler.device)  # the graphs' conditioning inputs, by name
+    elif prompts is not None or negative_prompt is not None or guidance is not None:
+        raise FlowTurboError(f"{sampler.artifacts.root} is conditioned on class ids: drop --prompt / "
+                             "--negative-prompt / --guidance")
+    else:
+        labels = torch.tensor([i % sampler.num_classes for i in range(batch)], dtype=torch.long)
     noise = make_noise(batch, sampler.latent_shape, seed, sampler.dtype).contiguous()  # (B, C, H, W)
     n = schedule.num_steps
 

@@ -154,14 +154,13 @@ def test_missing_text_encoder_files_name_the_path(tiny_pipelines, tmp_path, caps
     _refused(capsys, folder, tmp_path / "out", "--prompt", "x", needles=["missing", str(missing), "FluxPipeline"])
 
 
-@pytest.mark.parametrize("command", [["profile"], ["eval"]])
-def test_pipeline_on_other_commands_is_not_supported_yet(tiny_pipelines, tmp_path, capsys, command):
-    """Only `sample`, `export` (tests/export/test_export_text.py), `inpaint`, `edit` (tests/runtime/
-    test_text_editing.py) and `tune` (tests/runtime/test_tune_text.py) run text-to-image models for now: profile and
-    eval refuse --pipeline with one line (not argparse's "unrecognized arguments")."""
-    assert main([*command, "--pipeline", str(tiny_pipelines["sd3"])]) == 2
-    one_error_line(capsys, f"flowturbo {command[0]}: error:", "works with `flowturbo sample`, `export`, `inpaint`, "
-                   "`edit` and `tune` only", "not supported yet")
+def test_pipeline_on_eval_is_not_supported_yet(tiny_pipelines, tmp_path, capsys):
+    """`sample`, `export` (tests/export/test_export_text.py), `inpaint`, `edit` (tests/runtime/test_text_editing.py),
+    `tune` (tests/runtime/test_tune_text.py) and `profile` (tests/runtime/test_profile.py) run text-to-image models:
+    eval refuses --pipeline with one line (not argparse's "unrecognized arguments")."""
+    assert main(["eval", "--pipeline", str(tiny_pipelines["sd3"])]) == 2
+    one_error_line(capsys, "flowturbo eval: error:", "works with `flowturbo sample`, `export`, `inpaint`, `edit`, "
+                   "`tune` and `profile` only", "not supported yet")
     assert not (tmp_path / "x").exists()
 
 

@@ -324,6 +324,7 @@ def test_cli_cpp_backend_missing_and_fake(tmp_path, capsys, monkeypatch):
 
     class FakeCppSampler:
         num_classes = 10
+        artifacts = types.SimpleNamespace(takes_prompts=False)
 
         def __init__(self):
             self.schedule = schedule
@@ -351,3 +352,60 @@ def test_cli_cpp_backend_missing_and_fake(tmp_path, capsys, monkeypatch):
     data = check_files(out, schedule)
     check_report(data, schedule, batch=3, backend="cpp")
     assert data["extra"]["cuda_graph"] is False
+
+
+# ------------------------------------------------------------------------------------ text-to-image models
+def test_cli_profile_a_text_to_image_pipeline(tiny_pipelines, sd3_refiner, tmp_path, capsys):
+    """`profile --pipeline DIR --refiner RUN --prompt ...`: every step of an R schedule on the tiny SD3 (the family's
+    calls, CFG doubling the transformer's rows), the decode, the kernels per step; text flags without --pipeline and a
+    pipeline with another backend are refused before loading."""
+    from tiny_diffusers import IMAGE_SIZE, MAX_SEQUENCE_LENGTH, REFINER_CFG
+
+    out = tmp_path / "prof"
+    assert main(["profile", "--pipeline", str(tiny_pipelines["sd3"]), "--refiner", str(sd3_refiner), "--prompt",
+                 "a cat", "--prompt", "a dog", "--size", str(IMAGE_SIZE), "--max-sequence-length",
+                 str(MAX_SEQUENCE_LENGTH), "--schedule", "H1P1R1", "--cfg", str(REFINER_CFG), "--batch", "3",
+                 "--repeats", "1", "--warmup", "0", "--device", "cpu", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "flowturbo profile: H1P1R1" in printed
+    data = json.loads((out / "profile.json").read_text())
+    assert data["schedule_notation"] == "H1P1R1" and [s["kind"] for s in data["steps"]] == ["H", "P", "R"]
+    assert data["extra"]["rows_per_call"] == 6 and data["steps"][0]["kernels"]
+    assert data["predictor_calls"] == 3 and data["refiner_calls"] == 2
+    for argv, needle in ((["--prompt", "x"], "--prompt is for text-to-image models"),
+                         (["--pipeline", str(tiny_pipelines["sd3"])], "profile --pipeline needs a prompt"),
+                         (["--pipeline", str(tiny_pipelines["sd3"]), "--prompt", "x", "--backend", "onnxruntime",
+                           "--artifacts", str(out)], "profiled on the PyTorch backend")):
+        target = tmp_path / "refused"
+        assert main(["profile", *argv, "--out", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("flowturbo profile: error:") and needle in err and "Traceback" not in err
+        assert not target.exists()
+
+
+def test_cli_profile_a_text_to_image_export(tiny_pipelines, onnx_artifacts, tmp_path, capsys):
+    """A text export (ONNX, CFG) is profiled per step with --prompt (encoded by the folder's text encoders); a class
+    export refuses prompts and a text export without them is refused naming --prompt."""
+    from tiny_diffusers import IMAGE_SIZE, MAX_SEQUENCE_LENGTH
+
+    export = tmp_path / "sd3_h1p1"
+    assert main(["export", "--pipeline", str(tiny_pipelines["sd3"]), "--schedule", "H1P1", "--cfg", "3", "--size",
+                 str(IMAGE_SIZE), "--max-sequence-length", str(MAX_SEQUENCE_LENGTH), "--batch", "1:2:2",
+                 "--format", "onnx", "--no-validate", "--out", str(export)]) == 0
+    out = tmp_path / "prof"
+    assert main(["profile", "--artifacts", str(export), "--backend", "onnxruntime", "--prompt", "a cat",
+                 "--negative-prompt", "blurry", "--batch", "2", "--repeats", "1", "--warmup", "0",
+                 "--out", str(out)]) == 0
+    capsys.readouterr()
+    data = json.loads((out / "profile.json").read_text())
+    assert data["backend"] == "onnxruntime" and data["batch"] == 2
+    assert [s["kind"] for s in data["steps"]] == ["H", "P"] and data["predictor_calls"] == 3
+    for artifacts, extra, needle in ((export, [], "is a text-to-image export: profile it with --prompt"),
+                                     (onnx_artifacts, ["--prompt", "x"], "is conditioned on class ids"),
+                                     (export, ["--prompt", "x", "--size", "64"], "--size was fixed when exporting")):
+        target = tmp_path / "refused"
+        assert main(["profile", "--artifacts", str(artifacts), "--backend", "onnxruntime", *extra, "--repeats", "1",
+                     "--warmup", "0", "--out", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("flowturbo profile: error:") and needle in err and "Traceback" not in err, err
+        assert not target.exists()
