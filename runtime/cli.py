@@ -266,7 +266,7 @@ def _run_sample(args: argparse.Namespace) -> int:
 
         check_exported_text_args(args)
     else:
-        check_text_args(args, distributed=under_torchrun())
+        check_text_args(args)
     if under_torchrun():  # torchrun --nproc_per_node N -m flowturbo sample ...: images split over the processes
         from flowturbo.runtime.sharded_cli import run_sample
 

@@ -30,11 +30,22 @@ from flowturbo.runtime.distributed import Ranks, process_group
 DEFAULT_SHARD_BATCH = 16  # images per batch under torchrun when --batch is not given (the unit of the split)
 
 
-def _load_sampler(args: argparse.Namespace, ranks: Ranks) -> tuple[Any, Any, list[int], list[str] | None, str]:
-    """(sampler, schedule or None for exported, classes, class names, source) on this rank's device."""
+def _load_sampler(args: argparse.Namespace, ranks: Ranks) -> tuple[Any, Any, list[Any], list[str] | None, str]:
+    """(sampler, schedule or None for exported, requests — class ids, or one prompt per image for a ``--pipeline``
+    model —, class names, source) on this rank's device."""
     from flowturbo.runtime.cli import _parse_classes, _pipeline_options, schedule_from_args
 
     device = ranks.device(args.device)
+    if getattr(args, "pipeline", None) is not None:  # a text-to-image pipeline folder (runtime/text_cli.py)
+        from flowturbo.families import ImageSize
+        from flowturbo.runtime.text_cli import load_text_sampler, requests
+
+        on_rank = argparse.Namespace(**{**vars(args), "device": device})
+        sampler = load_text_sampler(on_rank, lambda parse: schedule_from_args(args, parse))
+        size = ImageSize.parse(args.size) if args.size is not None else None
+        channels: Any = "default" if args.guidance_channels is None else args.guidance_channels
+        schedule = schedule_from_args(args, lambda spec: sampler.default_schedule(spec, args.cfg, channels, size))
+        return sampler, schedule, requests(args), None, f"model {sampler.pipeline.source}"
     if getattr(args, "artifacts", None) is not None:
         import torch
 
@@ -44,6 +55,9 @@ def _load_sampler(args: argparse.Namespace, ranks: Ranks) -> tuple[Any, Any, lis
             torch.set_num_threads(args.threads)
         sampler = load_exported_sampler(args.artifacts, args.backend, device=None if device == "auto" else device,
                                         threads=args.threads)
+        if getattr(sampler, "takes_prompts", False):
+            raise FlowTurboError(f"{args.artifacts} is a text-to-image export: under torchrun, sample the pipeline "
+                                 "folder (--pipeline) or run the export in one process")
         classes = _parse_classes(args.classes, sampler.num_classes, args.num_images)
         return sampler, None, classes, sampler.class_names, f"artifacts {args.artifacts}"
     from flowturbo.runtime.sampler import Sampler
@@ -82,18 +96,32 @@ def run_sample(args: argparse.Namespace) -> int:
         load_s = time.perf_counter() - t_load
         start, stop = ranks.shard(len(classes), batch)
 
+        text = getattr(args, "pipeline", None) is not None
+
         def work() -> dict[str, Any]:
             crash_point(f"rank{ranks.rank}:sampling")
             if stop == start:
                 return {"rank": ranks.rank, "images": 0, "sample_s": 0.0, "decode_s": 0.0}
-            samples = sampler.sample(classes[start:stop], schedule=schedule, seed=args.seed, batch_size=batch,
-                                     progress=ranks.is_main and not args.no_progress, first_index=start)
-            write_image_files(staging, to_uint8(samples.images), classes[start:stop], class_names,
-                              first_index=start, total=len(classes))
+            common = dict(schedule=schedule, seed=args.seed, batch_size=batch,
+                          progress=ranks.is_main and not args.no_progress, first_index=start)
+            if text:  # image i: prompt i of the cycled list, seed + i, whichever rank samples it
+                from flowturbo.families import ImageSize
+                from flowturbo.runtime.text_cli import prompt_names
+
+                samples = sampler.sample(prompts=classes[start:stop], negative_prompt=args.negative_prompt,
+                                         guidance=args.guidance,
+                                         size=ImageSize.parse(args.size) if args.size is not None else None,
+                                         **common)
+                labels, names = samples.labels, prompt_names(samples.prompts)  # this rank's distinct prompts
+            else:
+                samples = sampler.sample(classes[start:stop], **common)
+                labels, names = classes[start:stop], class_names
+            write_image_files(staging, to_uint8(samples.images), labels, names, first_index=start,
+                              total=len(classes))
             crash_point(f"rank{ranks.rank}:images-written")
             return {"rank": ranks.rank, "images": stop - start, "first_index": start,
                     "sample_s": samples.times.sample_s, "decode_s": samples.times.decode_s,
-                    "schedule": samples.schedule}
+                    "schedule": samples.schedule, "conditioning": samples.conditioning}
 
         mine = ranks.run_all(work, "sampling")
         per_rank = ranks.gather(mine, "gathering the ranks' times")
@@ -114,8 +142,12 @@ def run_sample(args: argparse.Namespace) -> int:
                 "schedule": used.describe(), "predictor_calls": used.predictor_calls,
                 "refiner_calls": used.refiner_calls, "labels": classes, "num_images": len(classes),
                 "seconds_wall": wall_s,
-                "ranks": [{k: v for k, v in r.items() if k != "schedule"} for r in per_rank],
+                "ranks": [{k: v for k, v in r.items() if k not in ("schedule", "conditioning")} for r in per_rank],
             }
+            if text:  # as one process records it: the distinct prompts, image i's label indexing them
+                prompts = list(dict.fromkeys(classes))
+                record.update(prompts=prompts, labels=[prompts.index(p) for p in classes],
+                              conditioning=next(r["conditioning"] for r in per_rank if r.get("conditioning")))
             (staging / RUN_RECORD).write_text(json_text(record))
             print(f"flowturbo sample: {used}, {len(classes)} images over {ranks.world_size} processes "
                   f"({ranks.backend}), batches of {batch}, {source}")

@@ -88,7 +88,7 @@ def refuse_text_flags(args: argparse.Namespace) -> None:
                              "bundles and --predictor checkpoints are class-conditional (--classes)")
 
 
-def check_text_args(args: argparse.Namespace, *, distributed: bool = False) -> None:
+def check_text_args(args: argparse.Namespace) -> None:
     """Refuse text flags that do not fit together, before anything is loaded (one ``error:`` line each)."""
     resolve_text_bundle(args)
     if args.pipeline is None:
@@ -102,8 +102,6 @@ def check_text_args(args: argparse.Namespace, *, distributed: bool = False) -> N
         raise FlowTurboError(f"--pipeline holds the whole model (with --refiner: a refiner trained for it); drop "
                              f"{other[0] if other else '--backend'} (exported text-to-image models are not supported "
                              "yet)")
-    if distributed:
-        raise FlowTurboError("--pipeline runs in one process for now; run it without torchrun")
     check_prompt_flags(args, "--pipeline needs prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
     if getattr(args, "size", None) is not None:
         ImageSize.parse(args.size)

@@ -129,3 +129,29 @@ def test_tune_under_torchrun_scores_like_one_process(tmp_path: Path):
         for n, fid in per_rung.items():
             assert fids_b[name][n] == pytest.approx(fid, rel=1e-4), (name, n)
     assert a["front"] == b["front"] and two.stdout.count("recommended:") == 1
+
+
+@pytest.mark.timeout(TIMEOUT_S)
+def test_two_processes_sample_a_text_model_as_one(tiny_pipelines, tmp_path: Path):
+    """`torchrun ... sample --pipeline`: image i is prompt i of the cycled list from seed + i on whichever rank, so the
+    PNGs (named by prompt) and the run record's prompts, labels and conditioning equal one process's."""
+    from tiny_diffusers import IMAGE_SIZE, MAX_SEQUENCE_LENGTH
+
+    args = ["sample", "--pipeline", str(tiny_pipelines["sd3"]), "--prompt", "a cat", "--prompt", "a red car",
+            "--prompt", "a cat", "--num-images", "5", "--batch", "2", "--size", str(IMAGE_SIZE),
+            "--max-sequence-length", str(MAX_SEQUENCE_LENGTH), "--schedule", "H1P1", "--cfg", "3", "--seed", "2",
+            "--device", "cpu", "--no-progress"]
+    one, two = tmp_path / "one", tmp_path / "two"
+    offline = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    single = subprocess.run([sys.executable, "-m", "flowturbo", *args, "--out", str(one)], capture_output=True,
+                            text=True, timeout=TIMEOUT_S, env={**ENV, **offline})
+    assert single.returncode == 0, single.stderr[-2000:]
+    run = _torchrun([*args, "--out", str(two)], **offline)
+    assert run.returncode == 0, run.stdout[-2000:] + run.stderr[-3000:]
+    pngs = sorted(p.name for p in one.glob("*.png"))
+    assert len(pngs) == 6 and pngs == sorted(p.name for p in two.glob("*.png")) and {"3_a_cat.png", "4_a_red_car.png"} <= set(pngs)
+    for name in pngs:
+        assert (one / name).read_bytes() == (two / name).read_bytes(), name
+    a, b = (json.loads((d / "run.json").read_text()) for d in (one, two))
+    assert b["world_size"] == 2 and [r["images"] for r in b["ranks"]] == [2, 3]
+    assert (b["prompts"], b["labels"], b["conditioning"]) == (a["prompts"], a["labels"], a["conditioning"])
