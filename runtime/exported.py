@@ -269,7 +269,7 @@ class ExportedSampler:
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """The export's encoder graph (``flowturbo export --with-encoder``): images (n, C, H, W) in [-1, 1] ->
-        latents (n, C, h, w).
+        latents (n, C, h, w), contiguous.
 
         The graph takes batches of the export's profile MIN..MAX only, so the images go through it in chunks
         of at most MAX; a chunk below MIN (e.g. the one input image of a 2:2:2 export) is padded by repeating
@@ -286,7 +286,9 @@ class ExportedSampler:
                 chunk = torch.cat([chunk, chunk[-1:].expand(low - n, *chunk.shape[1:])])
             self.artifacts.check_batch(chunk.shape[0])
             latents.append(encoder(images=chunk.contiguous())[0][:n])
-        return torch.cat(latents)
+        # Contiguous: an AOTInductor encoder package returns channels-last latents (the VAE's convolutions), which an
+        # edit's starting point t0 x_1 + (1 - t0) z would inherit, and a package reads its inputs as contiguous.
+        return torch.cat(latents).contiguous()
 
     def _require_encoder(self) -> ModuleFn:
         """The encoder graph, or the error naming the fix (checked before anything runs, whatever the mask)."""

@@ -229,3 +229,57 @@ def test_prompts_to_a_class_export_are_refused(files, tmp_path, capsys):
                      *extra, "--prompt", "a cat", "--out", str(tmp_path / "out")]) == 2
         one_error_line(capsys, "conditioned on class ids, not text prompts", "--classes")
     assert not (tmp_path / "out").exists()
+
+
+def test_encoded_latents_reach_the_graphs_contiguous(exported, image):
+    """An AOTInductor encoder package returns channels-last latents (the VAE's convolutions) and a package reads its
+    inputs as contiguous whatever their strides: ``encode`` returns contiguous latents and the AOTInductor module
+    passes contiguous inputs (without both, editing from an AOTInductor text export was wrong by ~1.7)."""
+    from flowturbo.runtime.aoti_backend import _AotiModule
+
+    _, sampler, _ = exported
+    graph = sampler._encoder
+    try:
+        sampler._encoder = lambda images: [o.contiguous(memory_format=torch.channels_last) for o in graph(images=images)]
+        latents = sampler.encode(image)
+    finally:
+        sampler._encoder = graph
+    assert latents.is_contiguous() and torch.equal(latents, sampler.encode(image))
+    module = _AotiModule.__new__(_AotiModule)
+    seen = []
+    module.names, module.device, module._checked = ["latents"], torch.device("cpu"), True
+    module.runner = lambda x: seen.append(x.is_contiguous()) or x
+    module(latents=latents.contiguous(memory_format=torch.channels_last))
+    assert seen == [True]
+
+
+@pytest.mark.slow
+def test_aoti_text_export_inpaints_and_edits_as_pytorch(exported, tiny_pipelines, tmp_path, image):
+    """AOTInductor (CPU) packages of the SD3 CFG graphs with the encoder (~80 s to compile on one core; slow, as every
+    AOTInductor test): inpainting and editing equal the PyTorch path's; the C++ runner on the same packages refuses
+    both, naming --backend aoti."""
+    from flowturbo.runtime.cpp_backend import CppSampler, cpp_unavailable_reason
+
+    _, _, reference = exported
+    family = reference.pipeline.family
+    schedule = text_schedule(family, "H1E1", 3.0, SIZE)
+    result = export_text_pipeline(family, ExportRequest(schedule, "1:2:3", ("aoti",), with_encoder=True),
+                                  TextExport(SIZE, MAX_SEQUENCE_LENGTH), tmp_path / "aoti",
+                                  source=str(tiny_pipelines["sd3"]))
+    assert [a["file"] for a in result.manifest["artifacts"]] == ["predictor_step.pt2", "decoder.pt2", "encoder.pt2"]
+    sampler = Sampler.from_artifacts(result.path, backend="aoti")
+    mask = _mask()
+    got = sampler.inpaint(image, mask, prompts=PROMPTS, negative_prompt=NEGATIVE, seed=3)
+    want = reference.inpaint(image, mask, prompts=PROMPTS, negative_prompt=NEGATIVE, schedule="H1E1", cfg=3.0,
+                             seed=3, progress=False)
+    torch.testing.assert_close(got.images, want.images, **tol("export_fp32"))
+    got = sampler.edit(image, 0.6, prompts=PROMPTS, seed=4)
+    want = reference.edit(image, 0.6, prompts=PROMPTS, schedule="H1E1", cfg=3.0, seed=4, progress=False)
+    torch.testing.assert_close(got.images, want.images, **tol("export_fp32"))
+    if cpp_unavailable_reason() is not None:  # the C++ runner is optional (as in tests/runtime/test_cpp_runner.py)
+        pytest.skip(f"C++ runner: {cpp_unavailable_reason()}")
+    runner = CppSampler.from_artifacts(result.path)
+    with pytest.raises(FlowTurboError, match="inpainting is not supported by --backend cpp.*--backend aoti"):
+        runner.inpaint(image, mask, prompts=PROMPTS)
+    with pytest.raises(FlowTurboError, match="editing is not supported by --backend cpp.*--backend aoti"):
+        runner.edit(image, 0.6, prompts=PROMPTS)
