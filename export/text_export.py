@@ -9,8 +9,10 @@ What differs (docs/predictor_protocol.md, "Export"):
 
 * the graphs — a time-input predictor step whose inputs are the latents, ``t`` and the prompt embeddings (the
   negative prompt's for CFG, the distilled guidance value where the model embeds one; :mod:`.text_modules`), and the
-  VAE decoder with its scale and shift. The text encoders are not exported: they run once per prompt in PyTorch,
-  from the pipeline folder the manifest records;
+  VAE decoder with its scale and shift; with ``--with-encoder`` also the VAE encoder for inpainting and editing,
+  ``(mode - shift) * scale`` (the family's ``image_encoder()``, the decode's exact inverse), as class exports export
+  theirs. The text encoders are not exported: they run once per prompt in PyTorch, from the pipeline folder the
+  manifest records;
 * the schedule — the family's own shifted time grid for the exported image size is baked into the recorded
   schedule (as ``Sampler.default_schedule(..., size=...)`` does for sampling); R steps export the family's
   attached token refiner (``--refiner RUN``) as a third graph, ``refiner_step`` (latents, v, t, dt, pooled prompt
@@ -43,7 +45,7 @@ from flowturbo.export.manifest import (
     tool_versions,
     weights_sha256,
 )
-from flowturbo.export.modules import DecoderStep
+from flowturbo.export.modules import DecoderStep, EncoderStep
 from flowturbo.export.pipeline import (
     VALIDATION_ATOL,
     VALIDATION_SEED,
@@ -57,11 +59,13 @@ from flowturbo.export.pipeline import (
 from flowturbo.export.specs import (
     DECODER,
     DT_INPUT,
+    ENCODER,
     GUIDANCE_INPUT,
     PREDICTOR_STEP,
     REFINER_STEP,
     ModuleSpec,
     decoder_spec,
+    encoder_spec,
     text_predictor_step_spec,
     text_refiner_step_spec,
 )
@@ -108,8 +112,6 @@ def check_text_request(family: Any, request: ExportRequest) -> None:
         raise FlowTurboError(f"--variant {request.variant}: text-to-image models export the {TEXT_VARIANT} variant "
                              "only (one predictor graph, time an input; per-step and unrolled graphs would copy the "
                              "transformer's weights per step)")
-    if request.with_encoder:
-        raise FlowTurboError("--with-encoder: inpainting and editing with text-to-image models are not supported yet")
     if request.kernel_backend != "reference":
         raise FlowTurboError("--kernels triton: our fused kernels are not wired into diffusers transformers; use "
                              "--kernels reference")
@@ -152,12 +154,24 @@ def _plan(family: Any, request: ExportRequest, options: TextExport) -> tuple[lis
             latent, request.precision, request.batch, pooled_dim=pooled, dt_conditioning=refiner.takes_dt)))
     planned.append(_Planned(DECODER, "decoder", DecoderStep(family.decoder),
                             decoder_spec(latent, image, request.precision, request.batch)))
+    if request.with_encoder:  # inpainting / editing: images -> (mode - shift) * scale, as the class exports' encoder
+        planned.append(_Planned(ENCODER, "encoder", EncoderStep(family.image_encoder()),
+                                encoder_spec(image, latent, request.precision, request.batch)))
     return planned, {"sequence_length": sequence, "embed_dim": width, "pooled_dim": pooled}
 
 
 def _refiner_dt(family: Any) -> dict[str, Any] | None:
     dt = getattr(family, "refiner_dt", None)
     return None if dt is None else dt.to_dict()
+
+
+def _image_encoder_record(family: Any) -> dict[str, Any]:
+    """What the manifest says about the exported image encoder (``--with-encoder``)."""
+    encoder = family.image_encoder()
+    return {"graph": ENCODER, "type": encoder.encoder_type, "latent_scale": encoder.latent_scale,
+            "latent_shift": encoder.latent_shift,
+            "computes": "(vae.encode(images).latent_dist.mode() - latent_shift) * latent_scale, exported as a graph "
+                        "(the decoder's exact inverse; the mode, not a sample: deterministic)"}
 
 
 def text_example_inputs(spec: ModuleSpec, batch: int, seed: int = VALIDATION_SEED,
@@ -228,6 +242,8 @@ def export_text_pipeline(
     parts = {"transformer": family.transformer, "decoder": family.decoder}
     if request.schedule.uses_refiner:
         parts["refiner"] = family.refiner
+    if request.with_encoder:
+        parts["encoder"] = family.image_encoder()
     weights = weights_sha256(parts)
     text_fields = {"family": family.name, "latent_shape": latent, "image_size": str(options.size),
                    "max_sequence_length": options.max_sequence_length, "guidance": options.guidance}
@@ -304,13 +320,14 @@ def _build(family: Any, request: ExportRequest, options: TextExport, root: Path,
         REFINER_DT_KEY: _refiner_dt(family) if request.schedule.uses_refiner else None,
         "refiner_trained_for": (family.refiner_record.to_dict() if request.schedule.uses_refiner else None),
         "decoder": family.decoder.decoder_type,
+        "image_encoder": _image_encoder_record(family) if request.with_encoder else None,
         "defaults": {**family.defaults.to_dict(),
                      **({} if options.guidance is None else {"guidance": float(options.guidance)})},
         "adapter": {k: described[k] for k in ("pipeline_class", "transformer", "scheduler") if k in described},
         "adapter_check_max_abs_error": adapter_error,
     }
     manifest = manifest_record(request, key, key_fields, model, artifacts, file_entries(root, written), command,
-                               started, with_encoder=False)
+                               started, with_encoder=request.with_encoder)
     manifest["validation_bound"] = VALIDATION_ATOL[request.precision]
     atomic_write_bytes(root / MANIFEST_FILE, sealed_json_bytes(manifest))
     return manifest

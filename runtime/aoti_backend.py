@@ -32,7 +32,9 @@ class _AotiModule:
         self.device = torch.device(device)
 
     def __call__(self, **inputs: torch.Tensor) -> list[torch.Tensor]:
-        out = self.runner(*(inputs[name].to(self.device) for name in self.names))  # no copy when already there
+        # A package reads its inputs as contiguous whatever their strides (a channels-last tensor gives wrong results,
+        # silently): no copy when already contiguous and there.
+        out = self.runner(*(inputs[name].to(self.device).contiguous() for name in self.names))
         outs = list(out) if isinstance(out, (tuple, list)) else [out]  # on the package's device: the loop stays there
         if not self._checked:
             self._check_outputs(outs, batch=next(iter(inputs.values())).shape[0])

@@ -9,6 +9,8 @@ atomically. Method and guarantees: :mod:`flowturbo.runtime.editing`.
 ``--pipeline DIR --prompt TEXT`` (a diffusers SD3 / FLUX.1 folder, the text flags of ``sample`` without ``--size``):
 the results have the input image's size (one the model takes, checked before any weights load), on the family's own
 time grid at that size; files are named after the prompts (docs/predictor_protocol.md, "Inpainting and editing").
+``--artifacts EXPORT --prompt TEXT`` does the same on a text-to-image export made ``--with-encoder`` (its image size
+and recorded grid; the text flags checked as ``sample --artifacts``'s, :mod:`flowturbo.runtime.exported_text_cli`).
 """
 
 from __future__ import annotations
@@ -109,8 +111,14 @@ def _check_args(args: argparse.Namespace) -> None:
         from flowturbo.runtime.cpp_backend import _NO_TASKS
 
         raise FlowTurboError(_NO_TASKS.format(what="inpainting" if args.task == "inpaint" else "editing"))
-    check_text_args(args)  # --pipeline with prompts; text flags without it refused; a text --model bundle resolved
-    if args.pipeline is None and args.classes is None:
+    if args.artifacts is not None:  # an export: prompts for a text export (its kind is known once it loads)
+        from flowturbo.runtime.exported_text_cli import check_exported_text_args
+
+        check_exported_text_args(args)
+    else:
+        check_text_args(args)  # --pipeline with prompts; text flags without it refused; a text --model bundle resolved
+    prompted = args.artifacts is not None and (args.prompt is not None or args.prompts is not None)
+    if args.pipeline is None and args.classes is None and not prompted:
         raise FlowTurboError("--classes is required: the class ids of the results (or --pipeline DIR with --prompt "
                              "TEXT for a text-to-image model)")
     check_sample_args(args)
@@ -143,7 +151,10 @@ def _run(args: argparse.Namespace, out_folder: Any, disk_size: tuple[int, int]) 
             torch.set_num_threads(args.threads)
         device = None if args.device == "auto" else args.device
         sampler = load_exported_sampler(args.artifacts, args.backend, device=device, threads=args.threads)
+        _check_exported_kind(args, sampler)
         _require_exported_encoder(args, sampler)
+        if sampler.takes_prompts:  # a text-to-image export: prompts, the export's image size and grid
+            return _run_exported_text(args, out_folder, disk_size, sampler, time.perf_counter() - t_load)
         channels, size = int(sampler.artifacts.model["image_shape"][0]), int(sampler.artifacts.model["image_shape"][1])
         schedule, num_classes, class_names = _exported_schedule(args, sampler), sampler.num_classes, sampler.class_names
         model_info: dict[str, Any] = sampler.describe()
@@ -209,6 +220,43 @@ def _run_text(args: argparse.Namespace, out_folder: Any, disk_size: tuple[int, i
     else:
         samples = sampler.edit(image, args.strength, **text)
     return _write(args, out_folder, sampler, samples, pipe.describe(), prompt_names(samples.prompts), inputs, load_s)
+
+
+def _check_exported_kind(args: argparse.Namespace, sampler: Any) -> None:
+    """Prompts for a class export are refused as ``sample --artifacts`` refuses them (class ids for a text export:
+    :func:`~flowturbo.runtime.exported_text_cli.exported_text_prompts`)."""
+    from flowturbo.runtime.exported_text_cli import wants_text
+
+    if not getattr(sampler, "takes_prompts", False) and wants_text(args):
+        raise FlowTurboError(f"{args.artifacts} is conditioned on class ids, not text prompts: pass --classes, or "
+                             "export a text-to-image model with `flowturbo export --pipeline DIR --with-encoder`")
+
+
+def _run_exported_text(args: argparse.Namespace, out_folder: Any, disk_size: tuple[int, int], sampler: Any,
+                       load_s: float) -> int:
+    """``--artifacts TEXT_EXPORT --prompt ...``: the results have the export's image size (an image of another size
+    is refused unless ``--resize``), on its recorded grid (editing: rescaled onto [1 - strength, 1]); files are named
+    after the prompts, as ``sample``'s."""
+    from flowturbo.runtime.editing import DEFAULT_FEATHER_PX, load_image, load_mask
+    from flowturbo.runtime.exported_text_cli import exported_text_prompts, exported_text_schedule
+    from flowturbo.runtime.images import to_uint8
+    from flowturbo.runtime.text_cli import prompt_names
+
+    prompts = exported_text_prompts(sampler, args)
+    schedule = exported_text_schedule(sampler, _exported_schedule(args, sampler))
+    _, height, width = (int(d) for d in sampler.artifacts.model["image_shape"])
+    image = load_image(args.image, channels=3, size=(width, height), resize=args.resize)
+    text = dict(prompts=prompts, negative_prompt=args.negative_prompt, guidance=args.guidance, schedule=schedule,
+                seed=args.seed, batch_size=args.batch, progress=not args.no_progress)
+    inputs = {"input.png": to_uint8(image.pixels)[0]}
+    if args.task == "inpaint":
+        mask, notes = load_mask(args.mask, size=(width, height), image_size=disk_size, resize=args.resize)
+        feather = DEFAULT_FEATHER_PX if args.feather is None else args.feather
+        samples = sampler.inpaint(image, mask, feather=feather, mask_notes=notes, **text)
+        inputs["mask.png"] = _mask_png(mask, 3)
+    else:
+        samples = sampler.edit(image, args.strength, **text)
+    return _write(args, out_folder, sampler, samples, sampler.describe(), prompt_names(samples.prompts), inputs, load_s)
 
 
 def _mask_png(mask: Any, channels: int) -> Any:

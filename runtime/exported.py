@@ -48,6 +48,7 @@ from flowturbo.runtime.text_exported import (
     TextRequest,
     asks_for_text,
     prompt_labels,
+    requested_rows,
     text_graph_inputs,
 )
 from flowturbo.schedule import SamplingSchedule, StepKind
@@ -240,7 +241,7 @@ class ExportedSampler:
             raise SamplingError("this export has no separate decoder graph (the unrolled variant decodes inside)")
         return self._decode(latents=latents)[0]
 
-    def run_batch(self, noise: torch.Tensor, labels: torch.Tensor, task: Any = None,
+    def run_batch(self, noise: torch.Tensor, labels: torch.Tensor | dict[str, torch.Tensor], task: Any = None,
                   rows: slice = slice(None)) -> tuple[torch.Tensor, torch.Tensor, float, float]:
         """One batch: (images, latents, sample seconds, decode seconds); ``task``: inpainting / editing."""
         t0 = time.perf_counter()
@@ -268,7 +269,7 @@ class ExportedSampler:
 
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """The export's encoder graph (``flowturbo export --with-encoder``): images (n, C, H, W) in [-1, 1] ->
-        latents (n, C, h, w).
+        latents (n, C, h, w), contiguous.
 
         The graph takes batches of the export's profile MIN..MAX only, so the images go through it in chunks
         of at most MAX; a chunk below MIN (e.g. the one input image of a 2:2:2 export) is padded by repeating
@@ -285,7 +286,9 @@ class ExportedSampler:
                 chunk = torch.cat([chunk, chunk[-1:].expand(low - n, *chunk.shape[1:])])
             self.artifacts.check_batch(chunk.shape[0])
             latents.append(encoder(images=chunk.contiguous())[0][:n])
-        return torch.cat(latents)
+        # Contiguous: an AOTInductor encoder package returns channels-last latents (the VAE's convolutions), which an
+        # edit's starting point t0 x_1 + (1 - t0) z would inherit, and a package reads its inputs as contiguous.
+        return torch.cat(latents).contiguous()
 
     def _require_encoder(self) -> ModuleFn:
         """The encoder graph, or the error naming the fix (checked before anything runs, whatever the mask)."""
@@ -294,15 +297,24 @@ class ExportedSampler:
                                  "need: re-export with `flowturbo export --with-encoder ...`")
         return self._encoder
 
-    def _check_task_request(self, classes: Sequence[int], schedule: SamplingSchedule | None,
-                            batch_size: int | None) -> None:
-        """Refuse what :meth:`_generate` would refuse (schedule, classes, batches outside the profile, e.g. fewer
-        results than its MIN) and a missing encoder graph, before the image is encoded."""
+    def _check_task_request(self, image: ImageInput, mask: torch.Tensor | None, classes: Sequence[int] | None,
+                            text: TextRequest | None, schedule: SamplingSchedule | None,
+                            batch_size: int | None) -> int | None:
+        """Refuse, before the image is encoded, what the task's generation would refuse: an image (mask) of another
+        shape, a missing encoder graph, another schedule, class ids outside the model, batches outside the profile
+        (e.g. fewer results than its MIN). ``text``: a text export's request (its rows counted from the prompts or
+        embeddings given; None when they are missing, which :func:`text_graph_inputs` refuses). Returns the number of
+        results (None: not known yet)."""
+        n = len(classes or ()) if text is None else requested_rows(text)
+        if text is None or n:
+            self._check_task_image(image, mask, int(n or 0))
         self._require_encoder()
         self.artifacts.check_schedule(schedule)
-        self.artifacts.check_classes(list(classes))
-        if len(classes):
-            self.artifacts.batch_size_for(len(classes), batch_size)
+        if text is None:
+            self.artifacts.check_classes(list(classes or ()))
+        if n:
+            self.artifacts.batch_size_for(n, batch_size)
+        return n
 
     # ----------------------------------------------------------------------------------- public
     @torch.inference_mode()
@@ -342,67 +354,98 @@ class ExportedSampler:
         return self._generate(classes, schedule, seed, batch_size, None, first_index)
 
     def _generate_text(self, request: TextRequest, schedule: SamplingSchedule | None, seed: int,
-                       batch_size: int | None, first_index: int = 0) -> Samples:
-        """A text-to-image export's sampling: the conditioning inputs per image, batches within the profile."""
+                       batch_size: int | None, first_index: int = 0, task: Any = None) -> Samples:
+        """A text-to-image export's sampling (``task``: inpainting / editing): the conditioning inputs per image,
+        batches within the profile."""
         self.artifacts.check_schedule(schedule)
-        self.range_warnings.check(self.schedule, self.refiner_dt)
+        self.range_warnings.check(self.schedule, self.refiner_dt, task.timesteps if task is not None else None)
         inputs, record = text_graph_inputs(self.artifacts, request, self.prompt_encoder, dtype=self.dtype,
                                            device=self.device)
         n = int(next(iter(inputs.values())).shape[0])
-        batch = self.artifacts.batch_size_for(n, batch_size)  # refuses before computing anything
-        noise = make_noise(n, self.latent_shape, seed, self.dtype, first_index=first_index).to(self.device)
-        images, sample_s, decode_s = [], 0.0, 0.0
-        for start in range(0, n, batch):
-            stop = min(start + batch, n)
-            rows = {name: value[start:stop].contiguous() for name, value in inputs.items()}
-            out, _, s, d = self.run_batch(noise[start:stop].contiguous(), rows, None, slice(start, stop))
-            if not bool(torch.isfinite(out).all()):
-                raise SamplingError("NaN/Inf in the decoded images; try the fp32 export or a lower guidance scale")
-            images.append(out.float().cpu())
-            sample_s, decode_s = sample_s + s, decode_s + d
+        images, times, num_batches = self._run_batches(n, inputs, seed, batch_size, task, first_index)
         labels, prompts = prompt_labels(request, n)
         return Samples(
-            images=torch.cat(images),
+            images=images,
             labels=labels,
             schedule=self.schedule,
             predictor_calls=self.schedule.predictor_calls,
             refiner_calls=self.schedule.refiner_calls,
-            num_batches=math.ceil(n / batch),
-            times=StageTimes(sample_s, decode_s),
+            num_batches=num_batches,
+            times=times,
+            task=task.describe() if task is not None else None,
             prompts=prompts,
             conditioning=record,
         )
 
     @torch.inference_mode()
-    def inpaint(self, image: Any, mask: torch.Tensor, classes: Sequence[int], *,
-                schedule: SamplingSchedule | None = None, seed: int = 0, batch_size: int | None = None,
-                progress: bool = False, feather: int = DEFAULT_FEATHER_PX, mask_notes: Sequence[str] = ()) -> Samples:
-        """``Sampler.inpaint`` on the exported graphs (needs ``--with-encoder``; not the unrolled variant)."""
+    def inpaint(self, image: Any, mask: torch.Tensor, classes: Sequence[int] | None = None, *,
+                prompts: Sequence[str] | None = None, negative_prompt: str | Sequence[str] | None = None,
+                guidance: float | None = None, prompt_embeds: torch.Tensor | None = None,
+                pooled_prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+                negative_pooled_prompt_embeds: torch.Tensor | None = None, schedule: SamplingSchedule | None = None,
+                seed: int = 0, batch_size: int | None = None, progress: bool = False,
+                feather: int = DEFAULT_FEATHER_PX, mask_notes: Sequence[str] = ()) -> Samples:
+        """``Sampler.inpaint`` on the exported graphs (needs ``--with-encoder``; not the unrolled variant): one result
+        per class id, or on a text-to-image export per prompt (``prompts`` / embeddings, ``negative_prompt``,
+        ``guidance`` as :meth:`sample`), at the export's image size and on its recorded grid."""
         image = image if isinstance(image, ImageInput) else ImageInput(image.float())
         mask = mask.float().reshape(-1, 1, *mask.shape[-2:])
-        self._check_task_image(image, mask, len(classes))
-        self._check_task_request(classes, schedule, batch_size)
+        text = self._text_request(classes, prompts, negative_prompt, guidance, prompt_embeds, pooled_prompt_embeds,
+                                  negative_prompt_embeds, negative_pooled_prompt_embeds)
+        self._check_task_request(image, mask, classes, text, schedule, batch_size)
         if not bool(mask.any()):
             warn_nothing_to_regenerate()
-            return input_only_samples(image, classes, self.schedule, self.num_classes, mask_notes)
+            return self._input_only(image, classes, text, mask_notes)
         known = self.encode(image.pixels)
-        task = InpaintTask(image, mask, known, self.latent_shape[1], feather=feather, mask_notes=mask_notes)
-        return self._generate(classes, schedule, seed, batch_size, task)
+        task = InpaintTask(image, mask, known, tuple(self.latent_shape[1:]), feather=feather, mask_notes=mask_notes)
+        return self._generate_task(classes, text, schedule, seed, batch_size, task)
 
     @torch.inference_mode()
-    def edit(self, image: Any, strength: float, classes: Sequence[int], *, schedule: SamplingSchedule | None = None,
+    def edit(self, image: Any, strength: float, classes: Sequence[int] | None = None, *,
+             prompts: Sequence[str] | None = None, negative_prompt: str | Sequence[str] | None = None,
+             guidance: float | None = None, prompt_embeds: torch.Tensor | None = None,
+             pooled_prompt_embeds: torch.Tensor | None = None, negative_prompt_embeds: torch.Tensor | None = None,
+             negative_pooled_prompt_embeds: torch.Tensor | None = None, schedule: SamplingSchedule | None = None,
              seed: int = 0, batch_size: int | None = None, progress: bool = False) -> Samples:
-        """``Sampler.edit`` on the exported graphs (needs ``--with-encoder`` and the time-input variant)."""
+        """``Sampler.edit`` on the exported graphs (needs ``--with-encoder`` and the time-input variant; text exports
+        are always time-input): classes, or prompts / embeddings on a text-to-image export, as :meth:`inpaint`."""
         image = image if isinstance(image, ImageInput) else ImageInput(image.float())
         strength = check_strength(strength)
-        self._check_task_image(image, None, len(classes))
-        self._check_task_request(classes, schedule, batch_size)
+        text = self._text_request(classes, prompts, negative_prompt, guidance, prompt_embeds, pooled_prompt_embeds,
+                                  negative_prompt_embeds, negative_pooled_prompt_embeds)
+        self._check_task_request(image, None, classes, text, schedule, batch_size)
         if self.variant == "per-step" and strength != 1.0:
             raise FlowTurboError("editing walks the schedule on a grid rescaled onto [1 - strength, 1], but a per-step "
                                  "export folds only the schedule's own times into its graphs: export --variant "
                                  "time-input")
         known = self.encode(image.pixels)
-        return self._generate(classes, schedule, seed, batch_size, EditTask(image, known, strength, self.schedule))
+        return self._generate_task(classes, text, schedule, seed, batch_size,
+                                   EditTask(image, known, strength, self.schedule))
+
+    def _text_request(self, classes: Sequence[int] | None, *given: Any) -> TextRequest | None:
+        """A task's text-to-image request (a text export), or None for class ids (a class export); the wrong kind for
+        the export is one clear error (:func:`asks_for_text`)."""
+        text = TextRequest(*given)
+        return text if asks_for_text(self.artifacts, classes, text) else None
+
+    def _generate_task(self, classes: Sequence[int] | None, text: TextRequest | None,
+                       schedule: SamplingSchedule | None, seed: int, batch_size: int | None, task: Any) -> Samples:
+        if text is not None:
+            return self._generate_text(text, schedule, seed, batch_size, task=task)
+        return self._generate(list(classes or ()), schedule, seed, batch_size, task)
+
+    def _input_only(self, image: ImageInput, classes: Sequence[int] | None, text: TextRequest | None,
+                    mask_notes: Sequence[str]) -> Samples:
+        """An all-black mask's result (the input, no model call), labelled as the request's results would be."""
+        if text is None:
+            return input_only_samples(image, list(classes or ()), self.schedule, self.num_classes, mask_notes)
+        if text.prompts is not None:
+            prompts = [text.prompts] if isinstance(text.prompts, str) else list(text.prompts)
+            return input_only_samples(image, prompts, self.schedule, 0, mask_notes, prompts=True)
+        # Embeddings given directly: checked as sampling would (cheap), results labelled 0..n-1 as sample's.
+        inputs, _ = text_graph_inputs(self.artifacts, text, self.prompt_encoder, dtype=self.dtype, device=self.device)
+        n = int(next(iter(inputs.values())).shape[0])
+        return input_only_samples(image, list(range(n)), self.schedule, n, mask_notes)
 
     def _check_task_image(self, image: ImageInput, mask: torch.Tensor | None, num_results: int) -> None:
         check_task_inputs(image, mask, tuple(int(d) for d in self.artifacts.model["image_shape"]), num_results)
@@ -416,29 +459,36 @@ class ExportedSampler:
         if n == 0:
             raise SamplingError("no classes given: pass at least one class id")
         self.artifacts.check_classes(labels.tolist())
+        images, times, num_batches = self._run_batches(n, labels.to(self.device), seed, batch_size, task, first_index)
+        return Samples(
+            images=images,
+            labels=labels.tolist(),
+            schedule=self.schedule,
+            predictor_calls=self.schedule.predictor_calls,
+            refiner_calls=self.schedule.refiner_calls,
+            num_batches=num_batches,
+            times=times,
+            task=task.describe() if task is not None else None,
+        )
+
+    def _run_batches(self, n: int, conditioning: torch.Tensor | dict[str, torch.Tensor], seed: int,
+                     batch_size: int | None, task: Any, first_index: int) -> tuple[torch.Tensor, StageTimes, int]:
+        """The ``n`` results in batches within the profile (class and text exports alike): image j from seed
+        ``seed + first_index + j``; ``conditioning``: the labels (n,) or a text export's graph inputs (n rows each);
+        ``task``: inpainting / editing or None. (images on the CPU, stage times, number of batches)."""
         batch = self.artifacts.batch_size_for(n, batch_size)  # refuses before computing anything
         noise = make_noise(n, self.latent_shape, seed, self.dtype, first_index=first_index).to(self.device)
-        labels_on_device = labels.to(self.device)
         images, sample_s, decode_s = [], 0.0, 0.0
         for start in range(0, n, batch):
             stop = min(start + batch, n)
-            out, _, s, d = self.run_batch(noise[start:stop].contiguous(), labels_on_device[start:stop].contiguous(),
-                                          task, slice(start, stop))
+            rows = ({name: value[start:stop].contiguous() for name, value in conditioning.items()}
+                    if isinstance(conditioning, dict) else conditioning[start:stop].contiguous())
+            out, _, s, d = self.run_batch(noise[start:stop].contiguous(), rows, task, slice(start, stop))
             if not bool(torch.isfinite(out).all()):
                 raise SamplingError("NaN/Inf in the decoded images; try the fp32 export or a lower guidance scale")
             images.append(out.float().cpu())
             sample_s, decode_s = sample_s + s, decode_s + d
-        pred_calls, ref_calls = self.schedule.predictor_calls, self.schedule.refiner_calls
-        return Samples(
-            images=torch.cat(images),
-            labels=labels.tolist(),
-            schedule=self.schedule,
-            predictor_calls=pred_calls,
-            refiner_calls=ref_calls,
-            num_batches=math.ceil(n / batch),
-            times=StageTimes(sample_s, decode_s),
-            task=task.describe() if task is not None else None,
-        )
+        return torch.cat(images), StageTimes(sample_s, decode_s), math.ceil(n / batch)
 
 
 __all__ = ["ExportedSampler", "ModuleFn", "StepHook", "make_noise"]

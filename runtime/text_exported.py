@@ -96,6 +96,16 @@ def prompt_labels(request: TextRequest, n: int) -> tuple[list[int], list[str] | 
     return [index[p] for p in given], prompts
 
 
+def requested_rows(request: TextRequest) -> int | None:
+    """How many results a request asks for, before anything is encoded: its prompts, or its prompt embeddings' rows
+    (None when neither is given as it should be: :func:`text_graph_inputs` refuses that)."""
+    if request.prompts is not None:
+        return 1 if isinstance(request.prompts, str) else len(list(request.prompts))
+    if isinstance(request.prompt_embeds, torch.Tensor) and request.prompt_embeds.dim() >= 1:
+        return int(request.prompt_embeds.shape[0])
+    return None
+
+
 def predictor_inputs(artifacts: ArtifactSet) -> dict[str, list[Any]]:
     """The predictor graph's input names -> spec shapes (``"batch"`` first)."""
     for artifact in artifacts.manifest["artifacts"]:
@@ -187,4 +197,5 @@ def text_graph_inputs(artifacts: ArtifactSet, request: TextRequest, encoder: Any
     return tensors, record
 
 
-__all__ = ["PromptEncoder", "TextRequest", "asks_for_text", "predictor_inputs", "prompt_labels", "text_graph_inputs"]
+__all__ = ["PromptEncoder", "TextRequest", "asks_for_text", "predictor_inputs", "prompt_labels", "requested_rows",
+           "text_graph_inputs"]

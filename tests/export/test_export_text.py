@@ -198,7 +198,6 @@ def test_manifest_records_the_pipeline(exported):
 @pytest.mark.parametrize("args, needles", [
     (["--schedule", "H1R2"], ("has R steps", "need a velocity refiner", "--refiner RUN")),
     (["--variant", "per-step"], ("time-input variant only",)),
-    (["--with-encoder"], ("inpainting and editing with text-to-image models",)),
     (["--guidance-channels", "2"], ("every latent channel",)),
     (["--size", "33"], ("not a multiple of",)),
 ])
@@ -209,6 +208,31 @@ def test_export_cli_refusals_are_one_error_line(tiny_pipelines, tmp_path, capsys
     assert main(argv) == 2
     one_error_line(capsys, *needles)
     assert not out.exists()
+
+
+def test_inpaint_and_edit_without_the_encoder_graph_name_with_encoder(exported, tmp_path, capsys):
+    """An export made without ``--with-encoder`` samples, but inpainting and editing (API and command line) are
+    refused naming the flag; the command line prints the full re-export command (tests/export/
+    test_export_text_editing.py has the export with the encoder)."""
+    import numpy as np
+    from PIL import Image
+
+    result, _ = exported("sd3")
+    sampler = OnnxRuntimeSampler.from_artifacts(result.path)
+    image, mask = torch.rand(1, 3, 32, 32) * 2 - 1, torch.ones(1, 1, 32, 32)
+    with pytest.raises(FlowTurboError, match="no encoder graph.*--with-encoder"):
+        sampler.inpaint(image, mask, prompts=["a"])
+    with pytest.raises(FlowTurboError, match="no encoder graph.*--with-encoder"):
+        sampler.edit(image, 0.5, prompts=["a"])
+    Image.fromarray(np.full((32, 32, 3), 80, np.uint8)).save(tmp_path / "in.png")
+    Image.fromarray(np.full((32, 32), 255, np.uint8)).save(tmp_path / "mask.png")
+    for task, extra in (("inpaint", ["--mask", str(tmp_path / "mask.png")]), ("edit", ["--strength", "0.5"])):
+        capsys.readouterr()
+        assert main([task, "--artifacts", str(result.path), "--backend", "onnxruntime", "--image",
+                     str(tmp_path / "in.png"), *extra, "--prompt", "a", "--out", str(tmp_path / "out")]) == 2
+        one_error_line(capsys, "no encoder graph", f"--pipeline {result.manifest['model']['pipeline']}",
+                       "--with-encoder")
+    assert not (tmp_path / "out").exists()
 
 
 def test_export_and_sample_cli_end_to_end(exported, tiny_pipelines, tmp_path, capsys):
