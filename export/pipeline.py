@@ -345,6 +345,64 @@ def export_bundle(
     return ExportResult(target, manifest, reused=False)
 
 
+def build_formats(item: Any, request: ExportRequest, root: Path, entry_base: dict[str, Any],
+                  inputs: dict[str, torch.Tensor], check_inputs: dict[str, torch.Tensor], *, weights: str,
+                  failures: list[str] | None = None) -> tuple[list[dict[str, Any]], list[Path]]:
+    """One planned module (``item``: ``stem``, ``module``, ``spec``) in every format of ``request``: ONNX, AOTInductor
+    and TensorRT (built from the ONNX file). Traced at ``inputs``; with ``request.validate`` each artifact is run at
+    ``check_inputs`` (another batch of the profile) against the eager module (:func:`_max_error`; ``failures``: record
+    instead of raise). Returns the manifest entries (``entry_base`` + format, file, build time, error) and the files
+    written."""
+    artifacts: list[dict[str, Any]] = []
+    written: list[Path] = []
+    want = _outputs(item.module, item.spec, check_inputs) if request.validate else []
+    check_batch = int(next(iter(check_inputs.values())).shape[0])
+    onnx_path = None
+    if "onnx" in request.formats or "tensorrt" in request.formats:
+        onnx_path = root / f"{item.stem}.onnx"
+        result = onnx_export.export_onnx(item.module, item.spec, inputs, onnx_path, opset=request.opset)
+        written += list(result.files)
+        entry = {**entry_base, "format": "onnx", "file": onnx_path.name, "build_seconds": result.seconds,
+                 "external_data": result.external_data, "opset": request.opset}
+        if request.validate:
+            got = onnx_export.run_onnx(onnx_path, check_inputs)
+            entry["max_abs_error"] = _max_error(got, want, f"{onnx_path.name} on ONNX Runtime", request.precision,
+                                                failures)
+        artifacts.append(entry)
+    if "aoti" in request.formats:
+        package = root / f"{item.stem}{aoti_export.PACKAGE_SUFFIX}"
+        seconds = aoti_export.export_aoti(item.module, item.spec, inputs, package)
+        written.append(package)
+        entry = {**entry_base, "format": "aoti", "file": package.name, "build_seconds": seconds}
+        if request.validate:
+            runner = torch._inductor.aoti_load_package(str(package))
+            try:
+                with torch.no_grad():
+                    out = runner(*(check_inputs[n] for n in item.spec.input_names))
+            except RuntimeError as exc:
+                raise FlowTurboError(f"{package.name} (AOTInductor) fails at batch {check_batch} of the profile "
+                                     f"{request.batch.describe()}: {exc}") from exc
+            got = list(out) if isinstance(out, (tuple, list)) else [out]
+            entry["max_abs_error"] = _max_error(got, want, f"{package.name} (AOTInductor)", request.precision,
+                                                failures)
+        artifacts.append(entry)
+    if "tensorrt" in request.formats:
+        assert onnx_path is not None
+        options = tensorrt_export.TensorRTOptions(request.precision, request.tensorrt_optimization_level)
+        import tensorrt as trt
+
+        meta = tensorrt_export.engine_metadata(
+            item.spec, weights_sha256=weights, schedule_id=request.schedule.id, precision=request.precision,
+            tensorrt_version=trt.__version__, gpu_name=torch.cuda.get_device_name() if torch.cuda.is_available()
+            else "none")
+        t0 = time.perf_counter()
+        engine = tensorrt_export.build_engine(onnx_path, item.spec, options, meta, root / "tensorrt")
+        written += [engine, tensorrt_export.engine_paths(root / "tensorrt", meta)[1]]
+        artifacts.append({**entry_base, "format": "tensorrt", "file": engine.relative_to(root).as_posix(),
+                          "build_seconds": time.perf_counter() - t0, "engine_key": meta["key"]})
+    return artifacts, written
+
+
 def _build(bundle: Bundle, request: ExportRequest, root: Path, device: torch.device, weights: str, key: str,
            key_fields: dict[str, Any], source: str, command: str | None, progress: bool,
            before_module: Callable[[str, int, int], None] | None = None) -> dict[str, Any]:
@@ -365,53 +423,13 @@ def _build(bundle: Bundle, request: ExportRequest, root: Path, device: torch.dev
         check_batch = request.batch.min if request.batch.min != example_batch else request.batch.max
         check_inputs = example_inputs(item.spec, check_batch, bundle.num_classes, seed=VALIDATION_SEED + 1,
                                       device=device)
-        want = _outputs(item.module, item.spec, check_inputs) if request.validate else []
         entry_base = {"module": item.stem, "role": item.role, "spec": item.spec.to_dict(), "time": item.spec.time}
         if item.spec.dt is not None:  # a dt-conditioned refiner's per-step graph: the velocity age it folds
             entry_base["dt"] = item.spec.dt
-        onnx_path = None
-        if "onnx" in request.formats or "tensorrt" in request.formats:
-            onnx_path = root / f"{item.stem}.onnx"
-            result = onnx_export.export_onnx(item.module, item.spec, inputs, onnx_path, opset=request.opset)
-            written += list(result.files)
-            entry = {**entry_base, "format": "onnx", "file": onnx_path.name, "build_seconds": result.seconds,
-                     "external_data": result.external_data, "opset": request.opset}
-            if request.validate:
-                got = onnx_export.run_onnx(onnx_path, check_inputs)
-                entry["max_abs_error"] = _max_error(got, want, f"{onnx_path.name} on ONNX Runtime", request.precision,
-                                                    failures)
-            artifacts.append(entry)
-        if "aoti" in request.formats:
-            package = root / f"{item.stem}{aoti_export.PACKAGE_SUFFIX}"
-            seconds = aoti_export.export_aoti(item.module, item.spec, inputs, package)
-            written.append(package)
-            entry = {**entry_base, "format": "aoti", "file": package.name, "build_seconds": seconds}
-            if request.validate:
-                runner = torch._inductor.aoti_load_package(str(package))
-                try:
-                    with torch.no_grad():
-                        out = runner(*(check_inputs[n] for n in item.spec.input_names))
-                except RuntimeError as exc:
-                    raise FlowTurboError(f"{package.name} (AOTInductor) fails at batch {check_batch} of the profile "
-                                         f"{request.batch.describe()}: {exc}") from exc
-                got = list(out) if isinstance(out, (tuple, list)) else [out]
-                entry["max_abs_error"] = _max_error(got, want, f"{package.name} (AOTInductor)", request.precision,
-                                                    failures)
-            artifacts.append(entry)
-        if "tensorrt" in request.formats:
-            assert onnx_path is not None
-            options = tensorrt_export.TensorRTOptions(request.precision, request.tensorrt_optimization_level)
-            import tensorrt as trt
-
-            meta = tensorrt_export.engine_metadata(
-                item.spec, weights_sha256=weights, schedule_id=request.schedule.id, precision=request.precision,
-                tensorrt_version=trt.__version__, gpu_name=torch.cuda.get_device_name() if torch.cuda.is_available()
-                else "none")
-            t0 = time.perf_counter()
-            engine = tensorrt_export.build_engine(onnx_path, item.spec, options, meta, root / "tensorrt")
-            written += [engine, tensorrt_export.engine_paths(root / "tensorrt", meta)[1]]
-            artifacts.append({**entry_base, "format": "tensorrt", "file": engine.relative_to(root).as_posix(),
-                              "build_seconds": time.perf_counter() - t0, "engine_key": meta["key"]})
+        entries, files = build_formats(item, request, root, entry_base, inputs, check_inputs, weights=weights,
+                                       failures=failures)
+        artifacts += entries
+        written += files
     timing_cache = root / "tensorrt" / tensorrt_export.TIMING_CACHE_FILE
     if timing_cache.is_file():
         written.append(timing_cache)

@@ -34,7 +34,6 @@ import torch
 
 from flowturbo.dtypes import torch_dtype
 from flowturbo.errors import FlowTurboError
-from flowturbo.export import aoti_export, onnx_export
 from flowturbo.export.manifest import (
     EXPORT_FORMAT,
     MANIFEST_FILE,
@@ -52,7 +51,7 @@ from flowturbo.export.pipeline import (
     ExportRequest,
     ExportResult,
     _max_error,
-    _outputs,
+    build_formats,
     manifest_record,
     reuse_existing,
 )
@@ -276,30 +275,10 @@ def _build(family: Any, request: ExportRequest, options: TextExport, root: Path,
             adapter_error = check_against_adapter(family, item.module, item.spec, request.schedule, request.precision)
         inputs = text_example_inputs(item.spec, example_batch, device=device)
         check_inputs = text_example_inputs(item.spec, check_batch, seed=VALIDATION_SEED + 1, device=device)
-        want = _outputs(item.module, item.spec, check_inputs) if request.validate else []
         base = {"module": item.stem, "role": item.role, "spec": item.spec.to_dict(), "time": None}
-        if "onnx" in request.formats:
-            path = root / f"{item.stem}.onnx"
-            result = onnx_export.export_onnx(item.module, item.spec, inputs, path, opset=request.opset)
-            written += list(result.files)
-            entry = {**base, "format": "onnx", "file": path.name, "build_seconds": result.seconds,
-                     "external_data": result.external_data, "opset": request.opset}
-            if request.validate:
-                got = onnx_export.run_onnx(path, check_inputs)
-                entry["max_abs_error"] = _max_error(got, want, f"{path.name} on ONNX Runtime", request.precision)
-            artifacts.append(entry)
-        if "aoti" in request.formats:
-            package = root / f"{item.stem}{aoti_export.PACKAGE_SUFFIX}"
-            seconds = aoti_export.export_aoti(item.module, item.spec, inputs, package)
-            written.append(package)
-            entry = {**base, "format": "aoti", "file": package.name, "build_seconds": seconds}
-            if request.validate:
-                runner = torch._inductor.aoti_load_package(str(package))
-                with torch.no_grad():
-                    out = runner(*(check_inputs[n] for n in item.spec.input_names))
-                got = list(out) if isinstance(out, (tuple, list)) else [out]
-                entry["max_abs_error"] = _max_error(got, want, f"{package.name} (AOTInductor)", request.precision)
-            artifacts.append(entry)
+        entries, files = build_formats(item, request, root, base, inputs, check_inputs, weights=weights)
+        artifacts += entries
+        written += files
     described = family.describe()
     model = {
         "source": source,
