@@ -140,8 +140,7 @@ def run_task(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace, out_folder: Any, disk_size: tuple[int, int]) -> int:
     import torch
 
-    from flowturbo.runtime.editing import DEFAULT_FEATHER_PX, load_image, load_mask
-    from flowturbo.runtime.images import to_uint8
+    from flowturbo.runtime.editing import load_image
 
     t_load = time.perf_counter()
     if args.artifacts is not None:
@@ -176,16 +175,9 @@ def _run(args: argparse.Namespace, out_folder: Any, disk_size: tuple[int, int]) 
     load_s = time.perf_counter() - t_load
     image = load_image(args.image, channels=channels, size=size, resize=args.resize)
     classes = _parse_classes(args.classes, num_classes, args.num_images)
-    common = dict(schedule=schedule, seed=args.seed, batch_size=args.batch)
-    inputs = {"input.png": to_uint8(image.pixels)[0]}
-    if args.task == "inpaint":
-        mask, notes = load_mask(args.mask, size=size, image_size=disk_size, resize=args.resize)
-        feather = DEFAULT_FEATHER_PX if args.feather is None else args.feather
-        samples = sampler.inpaint(image, mask, classes, feather=feather, mask_notes=notes,
-                                  progress=not args.no_progress, **common)
-        inputs["mask.png"] = _mask_png(mask, channels)
-    else:
-        samples = sampler.edit(image, args.strength, classes, progress=not args.no_progress, **common)
+    request = dict(classes=classes, schedule=schedule, seed=args.seed, batch_size=args.batch,
+                   progress=not args.no_progress)
+    samples, inputs = _run_task(args, sampler, image, size, disk_size, request, channels)
     return _write(args, out_folder, sampler, samples, model_info, class_names, inputs, load_s)
 
 
@@ -194,8 +186,7 @@ def _run_text(args: argparse.Namespace, out_folder: Any, disk_size: tuple[int, i
     family's own time grid at that size; files are named after the prompts, as ``sample``'s."""
     from flowturbo.families import ImageSize
     from flowturbo.runtime.cli import schedule_from_args
-    from flowturbo.runtime.editing import DEFAULT_FEATHER_PX, load_image, load_mask
-    from flowturbo.runtime.images import to_uint8
+    from flowturbo.runtime.editing import load_image
     from flowturbo.runtime.sampler import check_text_image_size
     from flowturbo.runtime.text_cli import load_text_sampler, prompt_names, requests
 
@@ -211,15 +202,26 @@ def _run_text(args: argparse.Namespace, out_folder: Any, disk_size: tuple[int, i
     image = load_image(args.image, channels=3, size=disk_size)
     text = dict(prompts=requests(args), negative_prompt=args.negative_prompt, guidance=args.guidance,
                 schedule=schedule, seed=args.seed, batch_size=args.batch, progress=not args.no_progress)
+    samples, inputs = _run_task(args, sampler, image, disk_size, disk_size, text, 3)
+    return _write(args, out_folder, sampler, samples, pipe.describe(), prompt_names(samples.prompts), inputs, load_s)
+
+
+def _run_task(args: argparse.Namespace, sampler: Any, image: Any, size: int | tuple[int, int],
+              disk_size: tuple[int, int], request: dict[str, Any], channels: int) -> tuple[Any, dict[str, Any]]:
+    """``args.task`` on ``image`` (the model's ``size``) with ``request`` (classes or prompts, schedule, seed, ...; any
+    sampler: PyTorch or an export): the samples, and the input PNGs (``channels`` each) to write beside them."""
+    from flowturbo.runtime.editing import DEFAULT_FEATHER_PX, load_mask
+    from flowturbo.runtime.images import to_uint8
+
     inputs = {"input.png": to_uint8(image.pixels)[0]}
     if args.task == "inpaint":
-        mask, notes = load_mask(args.mask, size=disk_size, image_size=disk_size, resize=args.resize)
+        mask, notes = load_mask(args.mask, size=size, image_size=disk_size, resize=args.resize)
         feather = DEFAULT_FEATHER_PX if args.feather is None else args.feather
-        samples = sampler.inpaint(image, mask, feather=feather, mask_notes=notes, **text)
-        inputs["mask.png"] = _mask_png(mask, 3)
+        samples = sampler.inpaint(image, mask, feather=feather, mask_notes=notes, **request)
+        inputs["mask.png"] = _mask_png(mask, channels)
     else:
-        samples = sampler.edit(image, args.strength, **text)
-    return _write(args, out_folder, sampler, samples, pipe.describe(), prompt_names(samples.prompts), inputs, load_s)
+        samples = sampler.edit(image, args.strength, **request)
+    return samples, inputs
 
 
 def _check_exported_kind(args: argparse.Namespace, sampler: Any) -> None:
@@ -237,9 +239,8 @@ def _run_exported_text(args: argparse.Namespace, out_folder: Any, disk_size: tup
     """``--artifacts TEXT_EXPORT --prompt ...``: the results have the export's image size (an image of another size
     is refused unless ``--resize``), on its recorded grid (editing: rescaled onto [1 - strength, 1]); files are named
     after the prompts, as ``sample``'s."""
-    from flowturbo.runtime.editing import DEFAULT_FEATHER_PX, load_image, load_mask
+    from flowturbo.runtime.editing import load_image
     from flowturbo.runtime.exported_text_cli import exported_text_prompts, exported_text_schedule
-    from flowturbo.runtime.images import to_uint8
     from flowturbo.runtime.text_cli import prompt_names
 
     prompts = exported_text_prompts(sampler, args)
@@ -248,14 +249,7 @@ def _run_exported_text(args: argparse.Namespace, out_folder: Any, disk_size: tup
     image = load_image(args.image, channels=3, size=(width, height), resize=args.resize)
     text = dict(prompts=prompts, negative_prompt=args.negative_prompt, guidance=args.guidance, schedule=schedule,
                 seed=args.seed, batch_size=args.batch, progress=not args.no_progress)
-    inputs = {"input.png": to_uint8(image.pixels)[0]}
-    if args.task == "inpaint":
-        mask, notes = load_mask(args.mask, size=(width, height), image_size=disk_size, resize=args.resize)
-        feather = DEFAULT_FEATHER_PX if args.feather is None else args.feather
-        samples = sampler.inpaint(image, mask, feather=feather, mask_notes=notes, **text)
-        inputs["mask.png"] = _mask_png(mask, 3)
-    else:
-        samples = sampler.edit(image, args.strength, **text)
+    samples, inputs = _run_task(args, sampler, image, (width, height), disk_size, text, 3)
     return _write(args, out_folder, sampler, samples, sampler.describe(), prompt_names(samples.prompts), inputs, load_s)
 
 
