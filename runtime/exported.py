@@ -364,18 +364,7 @@ class ExportedSampler:
         n = int(next(iter(inputs.values())).shape[0])
         images, times, num_batches = self._run_batches(n, inputs, seed, batch_size, task, first_index)
         labels, prompts = prompt_labels(request, n)
-        return Samples(
-            images=images,
-            labels=labels,
-            schedule=self.schedule,
-            predictor_calls=self.schedule.predictor_calls,
-            refiner_calls=self.schedule.refiner_calls,
-            num_batches=num_batches,
-            times=times,
-            task=task.describe() if task is not None else None,
-            prompts=prompts,
-            conditioning=record,
-        )
+        return self._samples(images, labels, times, num_batches, task, prompts=prompts, conditioning=record)
 
     @torch.inference_mode()
     def inpaint(self, image: Any, mask: torch.Tensor, classes: Sequence[int] | None = None, *,
@@ -460,16 +449,15 @@ class ExportedSampler:
             raise SamplingError("no classes given: pass at least one class id")
         self.artifacts.check_classes(labels.tolist())
         images, times, num_batches = self._run_batches(n, labels.to(self.device), seed, batch_size, task, first_index)
-        return Samples(
-            images=images,
-            labels=labels.tolist(),
-            schedule=self.schedule,
-            predictor_calls=self.schedule.predictor_calls,
-            refiner_calls=self.schedule.refiner_calls,
-            num_batches=num_batches,
-            times=times,
-            task=task.describe() if task is not None else None,
-        )
+        return self._samples(images, labels.tolist(), times, num_batches, task)
+
+    def _samples(self, images: torch.Tensor, labels: list[int], times: StageTimes, num_batches: int, task: Any,
+                 **text: Any) -> Samples:
+        """The exported schedule's :class:`Samples` (``text``: a text request's ``prompts`` and ``conditioning``)."""
+        return Samples(images=images, labels=labels, schedule=self.schedule,
+                       predictor_calls=self.schedule.predictor_calls, refiner_calls=self.schedule.refiner_calls,
+                       num_batches=num_batches, times=times, task=task.describe() if task is not None else None,
+                       **text)
 
     def _run_batches(self, n: int, conditioning: torch.Tensor | dict[str, torch.Tensor], seed: int,
                      batch_size: int | None, task: Any, first_index: int) -> tuple[torch.Tensor, StageTimes, int]:
