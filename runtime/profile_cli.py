@@ -97,8 +97,14 @@ def _check_args(args: argparse.Namespace) -> None:
 
 def _check_text_args(args: argparse.Namespace) -> None:
     """``--pipeline`` (or a text bundle as ``--model``): the PyTorch backend, prompts; else no text flags."""
-    from flowturbo.families import ImageSize, read_prompts
-    from flowturbo.runtime.text_cli import _given, check_prompt_flags, refuse_text_flags, resolve_text_bundle
+    from flowturbo.families import ImageSize
+    from flowturbo.runtime.text_cli import (
+        _given,
+        check_prompt_flags,
+        given_prompts,
+        refuse_text_flags,
+        resolve_text_bundle,
+    )
 
     resolve_text_bundle(args)  # --model TEXT_BUNDLE -> its --pipeline folder + --refiner + defaults
     args.profile_prompts = None
@@ -111,7 +117,7 @@ def _check_text_args(args: argparse.Namespace) -> None:
             raise FlowTurboError(f"{fixed[0]} was fixed when exporting; drop it")
         check_prompt_flags(args)
         if args.prompt is not None or args.prompts is not None:
-            args.profile_prompts = list(args.prompt) if args.prompt is not None else read_prompts(args.prompts)
+            args.profile_prompts = given_prompts(args)
         return
     if args.pipeline is None:
         refuse_text_flags(args)
@@ -123,14 +129,14 @@ def _check_text_args(args: argparse.Namespace) -> None:
                              "--batch) or --prompts FILE")
     if args.size is not None:
         ImageSize.parse(args.size)
-    args.profile_prompts = list(args.prompt) if args.prompt is not None else read_prompts(args.prompts)
+    args.profile_prompts = given_prompts(args)
 
 
 def _profile_pytorch(args: argparse.Namespace, trace: Path | None) -> Any:
     from flowturbo.families import ImageSize
     from flowturbo.runtime.profiling import profile_pytorch
     from flowturbo.runtime.sampler import Sampler
-    from flowturbo.schedule import SamplingSchedule
+    from flowturbo.runtime.text_cli import request_check
 
     common = dict(device=args.device, dtype=args.dtype, kernel_backend=args.kernels,
                   cuda_graph=False)  # steps are timed one by one
@@ -140,15 +146,10 @@ def _profile_pytorch(args: argparse.Namespace, trace: Path | None) -> Any:
         return profile_pytorch(sampler.pipeline, schedule, args.batch, args.seed, args.warmup, args.repeats,
                                kernels=not args.no_kernels, kernel_trace=trace)
     size = ImageSize.parse(args.size) if args.size is not None else None
-
-    def check(family: Any) -> None:  # the request against the folder's configs, before any weights load
-        defaults = family.defaults
-        schedule = SamplingSchedule.parse(args.schedule or defaults.schedule,
-                                          guidance_scale=defaults.cfg if args.cfg is None else args.cfg)
-        family.check_request(schedule, size=size, negative=args.negative_prompt, guidance=args.guidance)
-
     sampler = Sampler.from_pipeline(args.pipeline, max_sequence_length=args.max_sequence_length, refiner=args.refiner,
-                                    defaults=args.text_defaults, before_weights=check, **common)
+                                    defaults=args.text_defaults,
+                                    before_weights=request_check(args, size, lambda parse: parse(args.schedule)),
+                                    **common)
     schedule = sampler.default_schedule(args.schedule, args.cfg, size=size)
     return profile_pytorch(sampler.pipeline, schedule, args.batch, args.seed, args.warmup, args.repeats,
                            kernels=not args.no_kernels, kernel_trace=trace, prompts=args.profile_prompts,

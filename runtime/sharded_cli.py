@@ -145,8 +145,8 @@ def run_sample(args: argparse.Namespace) -> int:
                 "ranks": [{k: v for k, v in r.items() if k not in ("schedule", "conditioning")} for r in per_rank],
             }
             if text:  # as one process records it: the distinct prompts, image i's label indexing them
-                prompts = list(dict.fromkeys(classes))
-                record.update(prompts=prompts, labels=[prompts.index(p) for p in classes],
+                index = {prompt: i for i, prompt in enumerate(dict.fromkeys(classes))}
+                record.update(prompts=list(index), labels=[index[p] for p in classes],
                               conditioning=next(r["conditioning"] for r in per_rank if r.get("conditioning")))
             (staging / RUN_RECORD).write_text(json_text(record))
             print(f"flowturbo sample: {used}, {len(classes)} images over {ranks.world_size} processes "

@@ -108,9 +108,14 @@ def check_text_args(args: argparse.Namespace) -> None:
     requests(args)  # reads --prompts and applies --num-images: a bad file or count fails now
 
 
+def given_prompts(args: argparse.Namespace) -> list[str]:
+    """The prompts of ``--prompt`` (repeated) or of the ``--prompts`` file, as given."""
+    return list(args.prompt) if args.prompt is not None else read_prompts(args.prompts)
+
+
 def requests(args: argparse.Namespace) -> list[str]:
     """One prompt per image: the prompts given, cycled to fill ``--num-images`` (never dropped)."""
-    prompts = list(args.prompt) if args.prompt is not None else read_prompts(args.prompts)
+    prompts = given_prompts(args)
     if args.num_images is None:
         return prompts
     if args.num_images < len(prompts):
@@ -127,23 +132,33 @@ def load_text_sampler(args: argparse.Namespace, schedule_of: Any, check_family: 
     with the model's default CFG; ``check_family(family)``: a caller's own check there (inpaint / edit: the image's
     size)."""
     from flowturbo.runtime.sampler import Sampler
-    from flowturbo.schedule import SamplingSchedule
 
     size = ImageSize.parse(args.size) if getattr(args, "size", None) is not None else None
+    return Sampler.from_pipeline(args.pipeline, device=args.device, dtype=args.dtype, kernel_backend=args.kernels,
+                                 max_sequence_length=args.max_sequence_length,
+                                 before_weights=request_check(args, size, schedule_of, check_family),
+                                 refiner=args.refiner, defaults=getattr(args, "text_defaults", None),
+                                 cuda_graph=False if args.no_cuda_graph else None)
+
+
+def request_check(args: argparse.Namespace, size: ImageSize | None, schedule_of: Any,
+                  check_family: Any = None) -> Any:
+    """The ``before_weights(family)`` check of a ``--pipeline`` command: the request (size, schedule, CFG, negative
+    prompt, guidance) against the folder's configs, before any weights load. ``schedule_of(parse)`` gives the
+    schedule the command line asks for, ``parse(spec)`` turning a notation (None: the model's default) into one with
+    the model's default CFG (``--cfg`` when given); ``check_family(family)``: a caller's own check there."""
+    from flowturbo.schedule import SamplingSchedule
 
     def check(family: Any) -> None:
         defaults = family.defaults
         schedule = schedule_of(lambda spec: SamplingSchedule.parse(
             spec or defaults.schedule, guidance_scale=defaults.cfg if args.cfg is None else args.cfg,
-            guidance_channels=args.guidance_channels))
+            guidance_channels=getattr(args, "guidance_channels", None)))
         family.check_request(schedule, size=size, negative=args.negative_prompt, guidance=args.guidance)
         if check_family is not None:
             check_family(family)
 
-    return Sampler.from_pipeline(args.pipeline, device=args.device, dtype=args.dtype, kernel_backend=args.kernels,
-                                 max_sequence_length=args.max_sequence_length, before_weights=check,
-                                 refiner=args.refiner, defaults=getattr(args, "text_defaults", None),
-                                 cuda_graph=False if args.no_cuda_graph else None)
+    return check
 
 
 def sample_text(sampler: Any, args: argparse.Namespace, schedule_of: Any) -> Any:

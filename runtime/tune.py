@@ -96,7 +96,6 @@ STATE_FORMAT = "flowturbo.tune-state/2"
 VNORM_DT_MIN, VNORM_DT_MAX = 0.02, 0.25  # the rule's clip (as bench/quality_study.py)
 VNORM_MIN_STEPS = math.ceil(1 / VNORM_DT_MAX - 1e-9)  # the rule's fewest steps (it lands exactly on t = 1)
 FAMILIES = ("flowturbo", "heun", "euler", "general", "velocity-norm")
-METRICS = ("domain-fid", "inception-fid", "fine-grid")  # fine-grid: RMS distance to the model's own fine solution
 DEFAULT_FINE_STEPS = 64  # the fine-grid metric's reference: H64 on the model's own grid
 ModelGrid = Callable[[int], "Sequence[float] | None"]
 
@@ -515,7 +514,7 @@ class TuneConfig:
     """Everything a tune's results depend on (a resumed tune must have the same; see :meth:`settings`)."""
 
     model: str  # bundle folder / "embedded default" / official checkpoint description
-    metric: str = "domain-fid"  # domain-fid | inception-fid | fine-grid (METRICS)
+    metric: str = "domain-fid"  # domain-fid | inception-fid | fine-grid (tune_cli.METRICS)
     num_samples: int = 1000
     min_samples: int = 100
     eta: int = 3
@@ -535,7 +534,6 @@ class TuneConfig:
     reference: str | None = None
     allow_small_sample: bool = False
     latency_repeats: int = 3
-    requests: dict[str, Any] | None = None  # TuneRequests.describe() (None: classes i mod K)
     fine_steps: int = DEFAULT_FINE_STEPS  # the fine-grid metric's reference: H{fine_steps} on the model's own grid
 
     def settings(self) -> dict[str, Any]:
@@ -774,8 +772,8 @@ class Tuner:
             else:
                 images = pipe.family.decode(result.latents).float().clamp(-1, 1)  # (b, C, H, W)
                 feats.append(self.extractor.extract(images, progress=False).numpy())
-            if self.classifier is not None and c.metric != "fine-grid":
-                preds.append(self.classifier.predict(images).numpy())
+                if self.classifier is not None:
+                    preds.append(self.classifier.predict(images).numpy())
             calls.append([result.predictor_calls, result.refiner_calls, steps, hi - lo])
             self.images_generated += hi - lo
         empty = np.zeros((0, 1 if c.metric == "fine-grid" else self.extractor.dim), np.float32)
@@ -858,18 +856,19 @@ class Tuner:
             return None
         assert data is not None
         if self.config.metric == "fine-grid":  # RMS over every latent element of the n images
-            result = {"fid": math.sqrt(float(data["features"][:n, 0].mean()))}
+            score, accuracy = math.sqrt(float(data["features"][:n, 0].mean())), None
         else:
             labels = np.arange(n) % self.pipe.num_classes
             predicted = data["predicted"][:n] if self.classifier is not None else None
             result = score_features(data["features"][:n], features=self.extractor,
                                     labels=labels if predicted is not None else None, predicted=predicted,
                                     reference=self.reference, progress=False, allow_small_sample=True)
+            score, accuracy = float(result["fid"]), result.get("class_accuracy")
         calls = data["calls"]
         covered = calls[np.cumsum(calls[:, 3]) <= n] if len(calls) else calls
         weights = covered[:, 3] / covered[:, 3].sum()
         self.evaluations += 1
-        return Scored(n, float(result["fid"]), result.get("class_accuracy"), float(weights @ covered[:, 0]),
+        return Scored(n, score, accuracy, float(weights @ covered[:, 0]),
                       float(weights @ covered[:, 1]), float(weights @ covered[:, 2]))
 
     # ---------------------------------------------------------------------------------------- state
@@ -878,8 +877,9 @@ class Tuner:
             atomic_write_json(self.state_path, self.state)
 
     def settings(self) -> dict[str, Any]:
-        """The config's settings plus the digest of the model's weights (what ``resume`` compares)."""
-        return {**self.config.settings(), "weights": self.weights_digest}
+        """The config's settings plus the digest of the model's weights and the requests (the prompts by digest):
+        what ``resume`` compares."""
+        return {**self.config.settings(), "weights": self.weights_digest, "requests": self.requests.describe()}
 
     def _load_or_start_state(self, costs: CallCosts | None) -> None:
         settings = self.settings()

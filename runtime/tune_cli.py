@@ -29,7 +29,7 @@ from flowturbo.errors import FlowTurboError
 from flowturbo.runtime.cli import MAX_THREADS
 
 BACKENDS = ("pytorch",)
-METRICS = ("domain-fid", "inception-fid", "fine-grid")  # flowturbo.runtime.tune.METRICS
+METRICS = ("domain-fid", "inception-fid", "fine-grid")  # fine-grid: RMS distance to the model's own fine solution
 TEXT_GRIDS = "model,uniform,power:1.5"  # --grids' default for a --pipeline model (its own grid first)
 CLASS_GRIDS = "uniform,power:1.5,power:0.75,shift:2,shift:0.5"
 # The table's name for the metric's value (each candidate's "score" in tune.json).
@@ -160,8 +160,8 @@ def resolve_defaults(args: argparse.Namespace) -> None:
 def check_text_tune_args(args: argparse.Namespace) -> None:
     """A ``--pipeline`` tune's flags (after :func:`resolve_defaults`): prompts, a metric that fits text-to-image
     images, nothing only class models have. The prompts are read into ``args.tune_prompts``."""
-    from flowturbo.families import ImageSize, read_prompts
-    from flowturbo.runtime.text_cli import _given, check_prompt_flags, refuse_text_flags
+    from flowturbo.families import ImageSize
+    from flowturbo.runtime.text_cli import _given, check_prompt_flags, given_prompts, refuse_text_flags
 
     args.tune_prompts = None
     if args.pipeline is None:
@@ -191,7 +191,7 @@ def check_text_tune_args(args: argparse.Namespace) -> None:
                              "same --size)")
     if args.size is not None:
         ImageSize.parse(args.size)
-    args.tune_prompts = tuple(args.prompt) if args.prompt is not None else tuple(read_prompts(args.prompts))
+    args.tune_prompts = tuple(given_prompts(args))
 
 
 def check_tune_args(args: argparse.Namespace) -> None:
@@ -260,7 +260,7 @@ def _export_formats(args: argparse.Namespace) -> tuple[str, ...]:
     return tuple(f.strip() for f in args.export_format.split(",") if f.strip())
 
 
-def _config(args: argparse.Namespace, pipe: Any, requests: Any) -> Any:
+def _config(args: argparse.Namespace, pipe: Any) -> Any:
     from flowturbo.dtypes import dtype_name
     from flowturbo.runtime.tune import TuneConfig
 
@@ -275,7 +275,7 @@ def _config(args: argparse.Namespace, pipe: Any, requests: Any) -> Any:
         baselines=tuple(b.strip() for b in args.baselines.split(",") if b.strip()),
         device=str(pipe.device), dtype=dtype_name(pipe.dtype), num_reference=args.num_reference,
         reference=args.reference, allow_small_sample=args.allow_small_sample, latency_repeats=args.latency_repeats,
-        requests=requests.describe(), fine_steps=args.fine_steps,
+        fine_steps=args.fine_steps,
     )
 
 
@@ -344,7 +344,7 @@ def _make_tuner(args: argparse.Namespace, ranks: Any, cache_root: Path) -> Any:
             raise FlowTurboError(f"no domain classifier at {folder}; pass --classifier DIR or --metric inception-fid")
     extractor = {"domain-fid": lambda: classifier, "fine-grid": lambda: None,
                  "inception-fid": lambda: InceptionFeatures(pipe.device)}[args.metric]()
-    config = _config(args, pipe, requests)
+    config = _config(args, pipe)
     return Tuner(config, pipe, extractor, classifier=classifier, cache_dir=cache_root, ranks=ranks,
                  progress=not args.no_progress, state_path=state_path_for(cache_root, args.out), resume=args.resume,
                  measure_threads=args.threads, cuda_graph=cuda_graph, requests=requests)
@@ -355,18 +355,13 @@ def _load_text_model(args: argparse.Namespace, ranks: Any, device: Any) -> tuple
     prompt, guidance) is checked against the folder's configs before any weights load."""
     from flowturbo.families import ImageSize
     from flowturbo.runtime.pytorch_backend import load_text_pipeline
+    from flowturbo.runtime.text_cli import request_check
     from flowturbo.runtime.tune import TuneRequests
-    from flowturbo.schedule import SamplingSchedule
 
     if ranks.distributed:
         raise FlowTurboError("tune --pipeline runs in one process for now; run it without torchrun")
     size = ImageSize.parse(args.size) if args.size is not None else None
-
-    def check(family: Any) -> None:
-        cfg = family.defaults.cfg if args.cfg is None else args.cfg
-        family.check_request(SamplingSchedule.parse("H2", guidance_scale=cfg), size=size,
-                             negative=args.negative_prompt, guidance=args.guidance)
-
+    check = request_check(args, size, lambda parse: parse("H2"))  # candidates vary; the guidance does not
     pipe = load_text_pipeline(args.pipeline, device=device, dtype=args.dtype, kernel_backend=args.kernels,
                               max_sequence_length=args.max_sequence_length, before_weights=check,
                               refiner=args.refiner, defaults=args.text_defaults)

@@ -210,7 +210,7 @@ def _check_consistency(bundle: Bundle) -> None:
     if not isinstance(bundle.defaults, BundleDefaults):
         raise FlowTurboError(f"bundle defaults must be BundleDefaults, got {type(bundle.defaults).__name__}")
     inpaint = bundle.defaults.inpaint_schedule
-    if bundle.refiner is None and inpaint is not None and "R" in inpaint:
+    if bundle.refiner is None and inpaint is not None and SamplingSchedule.parse(inpaint).uses_refiner:
         raise FlowTurboError(f"default inpainting schedule {inpaint!r} has refiner (R) steps but the bundle has no "
                              "refiner; give one without R (flowturbo train package --inpaint-schedule H4)")
     if bundle.refiner is None and StepKind.REFINER in bundle.defaults.sampling_schedule().steps:

@@ -132,7 +132,7 @@ def test_a_fid_tune_of_a_text_model_scores_decoded_images_against_a_reference_fo
     space = SearchSpace.from_text(heun="1", pseudo="1", refiner="0", euler="", grids="model", vnorm_c="")
     config = TuneConfig(model="tiny sd3", metric="inception-fid", num_samples=6, min_samples=6, batch=3,
                         latency_batch=2, cfg=CFG, budget_calls=10, space=space, reference=str(refs),
-                        allow_small_sample=True, latency_repeats=1, requests=requests.describe())
+                        allow_small_sample=True, latency_repeats=1)
     report = Tuner(config, sampler.pipeline, _ChannelMeans(), cache_dir=tmp_path / "cache", progress=False,
                    requests=requests).run()
     (row,) = [r for r in report["candidates"] if r["score"] is not None]
@@ -221,7 +221,7 @@ def test_resuming_a_text_tune_with_other_prompts_is_refused_naming_them(tiny_pip
         requests = TuneRequests(tuple(prompts), size=SIZE)
         config = TuneConfig(model="tiny sd3", metric="fine-grid", num_samples=2, min_samples=2, batch=2,
                             latency_batch=2, cfg=1.0, budget_calls=10, space=space, latency_repeats=1,
-                            requests=requests.describe(), fine_steps=4)
+                            fine_steps=4)
         return Tuner(config, sampler.pipeline, None, cache_dir=tmp_path / "cache", progress=False,
                      state_path=tmp_path / "state.json", resume=resume, requests=requests)
 
