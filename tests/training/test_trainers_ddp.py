@@ -51,3 +51,29 @@ def test_two_gloo_processes_train_in_lockstep(tmp_path: Path) -> None:
         assert json.loads((folder / "config.json").read_text())["world_size"] == NUM_PROCESSES
     assert (out / "autoencoder.safetensors").is_file()
     assert proc.stdout.count("done:") == 1  # only rank 0 reports
+
+
+@pytest.mark.timeout(TIMEOUT_S)
+def test_two_gloo_processes_train_a_text_refiner_in_lockstep(tiny_pipelines, tmp_path: Path) -> None:
+    """The text-to-image refiner under torchrun: each rank samples its share of the teacher's trajectories, rank 0
+    alone records them all (two writers of one ownership record would lose one), the ranks stay identical."""
+    from flowturbo.fileio import read_ownership
+
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a photo of a cat\nthe red fox\na blue car\n", encoding="utf-8")  # odd: ranks' shares differ
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={NUM_PROCESSES}",
+        "-m", "flowturbo", "train", "refiner", "--teacher", str(tiny_pipelines["sd3"]), "--prompts", str(prompts),
+        "--preset", "tiny", "--steps", "4", "--trajectories-per-prompt", "1", "--fine-steps", "4",
+        "--batch-size", "2", "--ckpt-every", "2", "--device", "cpu", "--no-progress", "--out", str(out),
+    ]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=TIMEOUT_S, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    parts = {f"trajectories/part-{r}-of-{NUM_PROCESSES}.pt" for r in range(NUM_PROCESSES)}
+    assert parts <= read_ownership(out).files
+    state = load_checkpoint_state(latest_checkpoint(out))
+    assert state["step"] == 4 and state["world_size"] == NUM_PROCESSES
+    assert len(set(state["rank_fingerprints"])) == 1
+    assert (out / "refiner.safetensors").is_file() and proc.stdout.count("done:") == 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -172,3 +173,21 @@ def test_loop_config_validates() -> None:
         LoopConfig(precision="fp8")
     with pytest.raises(FlowTurboError, match="steps"):
         LoopConfig(steps=0)
+
+
+def test_only_rank_zero_judges_and_tidies_the_run_folder(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Under torchrun rank 0 writes the run folder's ownership record while the other ranks check the same folder:
+    they must not take rank 0's write in flight (its temp file) for the user's file and refuse, nor remove it."""
+    from flowturbo.fileio import TEMP_FILE_SUFFIX
+    from flowturbo.training.trainers.common import check_run_folder
+
+    out = tmp_path / "run"
+    out.mkdir()
+    in_flight = out / f"..flowturbo-owned.json.{os.getpid()}.a9b05fa4{TEMP_FILE_SUFFIX}"  # a live writer's temp
+    in_flight.write_text("{}")
+    monkeypatch.setenv("RANK", "1")
+    assert check_run_folder(out, ToyConfig(), resume=False, force=False, log=lambda _m: None) is False
+    assert in_flight.is_file() and not (out / ".flowturbo-owned.json").exists()  # rank 1 wrote and removed nothing
+    monkeypatch.setenv("RANK", "0")  # rank 0 still refuses a folder holding a file flowturbo does not know
+    with pytest.raises(FlowTurboError, match="refusing to replace"):
+        check_run_folder(out, ToyConfig(), resume=False, force=False, log=lambda _m: None)

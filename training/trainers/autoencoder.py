@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from flowturbo import fileio
+from flowturbo.cliargs import rank_from_env
 from flowturbo.errors import FlowTurboError
 from flowturbo.training.autoencoder import (
     AutoencoderConfig,
@@ -132,7 +133,8 @@ def train_autoencoder(config: AutoencoderTrainConfig, out_dir: str | Path, *, re
     """
     out_dir = Path(out_dir)
     fileio.check_kind(out_dir, kind=fileio.KIND_TRAINING_RUN)  # never into a bundle, an export, ... (kinds rule)
-    if not resume and out_dir.is_dir() and latest_checkpoint(out_dir / STAGE1_DIR) is None:
+    main_rank = rank_from_env() == 0  # the folder is rank 0's to judge (other ranks would see its writes in flight)
+    if main_rank and not resume and out_dir.is_dir() and latest_checkpoint(out_dir / STAGE1_DIR) is None:
         fileio.check_replaceable(out_dir, "training run folder")  # a new run: nothing of the user's in it
     check_run_folder(out_dir / STAGE1_DIR, config, resume=resume, force=force, log=lambda _m: None)
     ctx = setup_distributed(config.loop.device)

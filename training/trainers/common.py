@@ -678,10 +678,13 @@ def check_run_folder(out_dir: str | Path, config: Any, *, resume: bool, force: b
             f"--resume: {out_dir} holds no checkpoint to resume from (no run was started there, or it stopped "
             "before its first checkpoint); drop --resume to start a new run"
         )
-    if out_dir.is_dir():  # leftovers of a killed run (temp files, staged checkpoints) are not the user's
+    # The folder's content is rank 0's to tidy and judge: under torchrun another rank looking at the same time would
+    # see rank 0's ownership record being written (its temp file) as an entry flowturbo did not write, and refuse.
+    main_rank = rank_from_env() == 0
+    if main_rank and out_dir.is_dir():  # leftovers of a killed run (temp files, staged checkpoints) are not the user's
         fileio.remove_stale_temp_files(out_dir)
         fileio.remove_stale_staging(checkpoint_root(out_dir))
-    if existing is None and out_dir.is_dir():
+    if main_rank and existing is None and out_dir.is_dir():
         unknown = fileio.unknown_entries(out_dir)
         if unknown:
             fileio.check_replaceable(out_dir, "training run folder")
@@ -692,7 +695,7 @@ def check_run_folder(out_dir: str | Path, config: Any, *, resume: bool, force: b
         )
     if existing is not None:
         _check_resume_config(out_dir, config, force, log)
-    if rank_from_env() == 0 and fileio.read_ownership(out_dir) is None:  # the record names the kind from the start
+    if main_rank and fileio.read_ownership(out_dir) is None:  # the record names the kind from the start
         fileio.add_owned(out_dir, [], kind=fileio.KIND_TRAINING_RUN)  # (listed by a locked run folder above it)
     return existing is not None
 

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from flowturbo import fileio
 from flowturbo.errors import CheckpointError, FlowTurboError
 from flowturbo.families import ImageSize, TextConditioning, read_prompts
 from flowturbo.integrator import StepHooks, integrate
@@ -237,8 +238,10 @@ def _shared_trajectories(family: Any, conditioning: TextConditioning, num_prompt
                                     progress=config.loop.progress and ctx.is_main)
         folder.mkdir(parents=True, exist_ok=True)
         atomic_torch_save({"states": pool.states.half(), "times": pool.times, "prompt_index": pool.prompt_index,
-                           "rows": mine}, part, record=out_dir)  # states in fp16: half the host memory
+                           "rows": mine}, part)  # states in fp16: half the host memory
     ctx.barrier()
+    if ctx.is_main:  # one writer of the ownership record: ranks adding their parts at once would lose an update
+        fileio.add_owned(out_dir, [folder / f"part-{r}-of-{ctx.world_size}.pt" for r in range(ctx.world_size)])
     parts = [torch.load(folder / f"part-{r}-of-{ctx.world_size}.pt", map_location="cpu", weights_only=True)
              for r in range(ctx.world_size)]
     if any(p["rows"] != rows[r::ctx.world_size] for r, p in enumerate(parts)):
