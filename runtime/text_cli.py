@@ -98,10 +98,16 @@ def check_text_args(args: argparse.Namespace) -> None:
         raise FlowTurboError("--classes is for class-conditional models; a --pipeline folder is text-to-image: pass "
                              "--prompt TEXT or --prompts FILE")
     other = _given(args, MODEL_FLAGS)
-    if other or args.backend != "pytorch":
+    if other:
         raise FlowTurboError(f"--pipeline holds the whole model (with --refiner: a refiner trained for it); drop "
-                             f"{other[0] if other else '--backend'} (exported text-to-image models are not supported "
-                             "yet)")
+                             f"{other[0]}")
+    if args.backend != "pytorch":
+        fmt = {"onnxruntime": "onnx", "aoti": "aoti", "cpp": "aoti"}.get(args.backend)
+        how = (f"export it first (`flowturbo export --pipeline DIR --schedule S --format {fmt} --out EXPORT`), then "
+               f"`flowturbo sample --artifacts EXPORT --backend {args.backend} --prompt ...`"
+               if fmt else "text-to-image exports are ONNX or AOTInductor only (TensorRT is not supported for them)")
+        raise FlowTurboError(f"--backend {args.backend} runs exported graphs and --pipeline is a diffusers folder: "
+                             f"{how}; or drop --backend")
     check_prompt_flags(args, "--pipeline needs prompts: pass --prompt TEXT (repeatable) or --prompts FILE")
     if getattr(args, "size", None) is not None:
         ImageSize.parse(args.size)

@@ -125,6 +125,9 @@ def _refused(capsys, folder, out, *args, needles=()):
     ("flux_schnell", ["--prompt", "x", "--cfg", "2"], ["takes no guidance", "--negative-prompt"]),
     ("flux_schnell", ["--prompt", "x", "--negative-prompt", "y"], ["negative prompt acts through CFG", "--cfg"]),
     ("sd3", ["--prompt", "x", "--model", "somewhere"], ["--pipeline holds the whole model", "--model"]),
+    ("sd3", ["--prompt", "x", "--backend", "cpp"],
+     ["export it first", "--format aoti", "--artifacts EXPORT --backend cpp"]),
+    ("sd3", ["--prompt", "x", "--backend", "tensorrt"], ["ONNX or AOTInductor only", "drop --backend"]),
     ("sd3", [], ["--pipeline needs prompts"]),
 ])
 def test_bad_requests_are_one_error_line(tiny_pipelines, tmp_path, capsys, monkeypatch, name, args, needles):

@@ -113,14 +113,15 @@ def test_sit_family_protocol_and_refusals(sit):
 
 
 # ------------------------------------------------------------------------------ where class labels still live
-# The issue's count of "the places a family touches": modules naming class-label concepts. Issue 21 put the PyTorch
-# sampling path (Sampler -> family -> run_schedule -> integrator) behind the predictor protocol, so the step loop, the
+# The issue's count of "the places a family touches": modules naming class-label concepts. Issue 21 put every PyTorch
+# path (sample, torchrun sample, inpaint, edit, tune, profile) behind the predictor protocol, so the step loop, the
 # solver ops and the text-to-image adapters name no class concept, and a diffusers family is its adapter + registry
 # line (the test above). It did NOT shrink this list: on main before the protocol 28 modules matched, now 30 (the
 # protocol's ClassConditioning and the SiT adapter were added; nothing left). The rest are class-conditional by
-# nature (SiT models, trainers, datasets, bundles, class metrics) or not yet on the protocol (export / exported
-# backends / C++ runner take class ids as graph inputs; inpaint, edit, tune, profile and the sharded sampler are
-# class-only). Pinned so the list only shrinks on purpose.
+# nature (SiT models, trainers, datasets, bundles, class metrics), SiT export and its backends (class ids as graph
+# inputs), or the runtime commands' class paths kept beside their prompt paths (--classes, class-named files, the
+# requests cycled when none are given, the velocity-norm rule, eval). docs/predictor_protocol.md says the same.
+# Pinned so the list only shrinks on purpose.
 CLASS_CONCEPTS = ("num_classes", "class_names", "null_label", "null class", "check_labels", "label_drop",
                   "ClassConditioning")
 CLASS_MODULES = {
@@ -131,10 +132,10 @@ CLASS_MODULES = {
     "training/image_folder.py", "training/train_cli.py", "training/trainers/data.py", "training/trainers/encoder.py",
     "training/trainers/package.py", "training/trainers/predictor.py", "training/trainers/refiner.py",
     "training/evaluation/__init__.py", "training/evaluation/classifier.py",
-    # exported graphs take class ids (text inputs for export and the C++ runner: not done)
+    # SiT export graphs take class ids (text exports take prompt embeddings: export/text_export.py)
     "export/modules.py", "export/pipeline.py", "runtime/artifacts.py", "runtime/exported.py",
     "runtime/cpp_backend.py",
-    # class-only runtime commands and the pipeline record (TorchPipeline.num_classes, --classes, file names)
+    # the runtime commands' class paths (--classes, file names, cycled requests) and TorchPipeline.num_classes
     "runtime/cli.py", "runtime/edit_cli.py", "runtime/editing.py", "runtime/images.py", "runtime/profile_cli.py",
     "runtime/profiling.py", "runtime/pytorch_backend.py", "runtime/sampler.py", "runtime/sharded_cli.py",
     "runtime/tune.py",
