@@ -358,8 +358,6 @@ def _load_text_model(args: argparse.Namespace, ranks: Any, device: Any) -> tuple
     from flowturbo.runtime.text_cli import request_check
     from flowturbo.runtime.tune import TuneRequests
 
-    if ranks.distributed:
-        raise FlowTurboError("tune --pipeline runs in one process for now; run it without torchrun")
     size = ImageSize.parse(args.size) if args.size is not None else None
     check = request_check(args, size, lambda parse: parse("H2"))  # candidates vary; the guidance does not
     pipe = load_text_pipeline(args.pipeline, device=device, dtype=args.dtype, kernel_backend=args.kernels,

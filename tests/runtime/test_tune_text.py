@@ -9,6 +9,9 @@ per image, a fine reference on another grid, CFG on the wrong half or a dropped 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -41,22 +44,40 @@ NUM_SAMPLES = 4
 SCORE_TOLERANCE = dict(rel=1e-4, abs=1e-6)
 
 
+def _tune_args(tiny_pipelines, sd3_refiner, root) -> list[str]:
+    """One small text tune (with R steps) writing ``root/out`` with its cache in ``root/cache``."""
+    prompts = root / "prompts.txt"
+    prompts.write_text("\n".join(PROMPTS) + "\n")
+    return ["tune", "--pipeline", str(tiny_pipelines["sd3"]), "--refiner", str(sd3_refiner),
+            "--prompts", str(prompts), "--cfg", str(CFG), "--size", str(IMAGE_SIZE),
+            "--max-sequence-length", str(MAX_SEQUENCE_LENGTH), "--budget-calls", "6",
+            "--num-samples", str(NUM_SAMPLES), "--search", "exhaustive", "--batch", "2", "--latency-batch", "2",
+            "--latency-repeats", "1", "--heun", "1", "--pseudo", "0:1", "--refiner-steps", "0:1", "--euler", "2",
+            "--fine-steps", str(FINE_STEPS), "--out", str(root / "out"), "--cache", str(root / "cache"),
+            "--no-progress", "--device", "cpu"]
+
+
 @pytest.fixture(scope="module")
 def tuned(tiny_pipelines, sd3_refiner, tmp_path_factory):
     """One small text tune through the CLI (with R steps): its output folder."""
     root = tmp_path_factory.mktemp("tune_text")
-    prompts = root / "prompts.txt"
-    prompts.write_text("\n".join(PROMPTS) + "\n")
-    out = root / "out"
-    code = main(["tune", "--pipeline", str(tiny_pipelines["sd3"]), "--refiner", str(sd3_refiner),
-                 "--prompts", str(prompts), "--cfg", str(CFG), "--size", str(IMAGE_SIZE),
-                 "--max-sequence-length", str(MAX_SEQUENCE_LENGTH), "--budget-calls", "6",
-                 "--num-samples", str(NUM_SAMPLES), "--search", "exhaustive", "--batch", "2", "--latency-batch", "2",
-                 "--latency-repeats", "1", "--heun", "1", "--pseudo", "0:1", "--refiner-steps", "0:1", "--euler", "2",
-                 "--fine-steps", str(FINE_STEPS), "--out", str(out), "--cache", str(root / "cache"),
-                 "--no-progress", "--device", "cpu"])
-    assert code == 0
-    return out
+    assert main(_tune_args(tiny_pipelines, sd3_refiner, root)) == 0
+    return root / "out"
+
+
+@pytest.mark.timeout(300)
+def test_a_torchrun_text_tune_scores_as_one_process(tuned, tiny_pipelines, sd3_refiner, tmp_path):
+    """Two gloo processes split each candidate's images (batches of 2: images 0-1 on rank 0, 2-3 on rank 1) and
+    gather them on rank 0: the same batches, noise and prompts as one process, so the very same scores."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "flowturbo",
+           *_tune_args(tiny_pipelines, sd3_refiner, tmp_path)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one, two = (json.loads((folder / "tune.json").read_text()) for folder in (tuned, tmp_path / "out"))
+    assert {c["name"]: c["score"] for c in two["candidates"]} == {c["name"]: c["score"] for c in one["candidates"]}
+    assert two["recommended"] == one["recommended"] and two["settings"]["requests"] == one["settings"]["requests"]
+    assert proc.stdout.count("recommended:") == 1  # rank 0 reports
 
 
 @torch.no_grad()
