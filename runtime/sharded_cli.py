@@ -173,6 +173,7 @@ def run_eval(args: argparse.Namespace) -> int:
         check_eval_sampling_args,
         check_out_parent,
         eval_features,
+        schedule_from_args,
     )
     from flowturbo.training.evaluation import DomainFeatures, score_features
 
@@ -211,7 +212,7 @@ def run_eval(args: argparse.Namespace) -> int:
                 options = _pipeline_options(args)
                 options["device"] = device
                 sampler = Sampler.from_bundle(args.model, **options)
-                schedule = sampler.default_schedule(args.schedule, args.cfg)
+                schedule = schedule_from_args(args, lambda spec: sampler.default_schedule(spec, args.cfg))
                 all_labels = [i % sampler.pipeline.num_classes for i in range(args.num_samples)]
                 start, stop = ranks.shard(len(all_labels), args.batch)
                 labels = all_labels[start:stop]

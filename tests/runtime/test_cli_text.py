@@ -157,13 +157,14 @@ def test_missing_text_encoder_files_name_the_path(tiny_pipelines, tmp_path, caps
     _refused(capsys, folder, tmp_path / "out", "--prompt", "x", needles=["missing", str(missing), "FluxPipeline"])
 
 
-def test_pipeline_on_eval_is_not_supported_yet(tiny_pipelines, tmp_path, capsys):
+def test_pipeline_on_a_command_without_text_models_is_one_error_line(tiny_pipelines, tmp_path, capsys):
     """`sample`, `export` (tests/export/test_export_text.py), `inpaint`, `edit` (tests/runtime/test_text_editing.py),
-    `tune` (tests/runtime/test_tune_text.py) and `profile` (tests/runtime/test_profile.py) run text-to-image models:
-    eval refuses --pipeline with one line (not argparse's "unrecognized arguments")."""
-    assert main(["eval", "--pipeline", str(tiny_pipelines["sd3"])]) == 2
-    one_error_line(capsys, "flowturbo eval: error:", "works with `flowturbo sample`, `export`, `inpaint`, `edit`, "
-                   "`tune` and `profile` only", "not supported yet")
+    `tune` (tests/runtime/test_tune_text.py), `profile` (tests/runtime/test_profile.py) and `eval`
+    (tests/runtime/test_eval_text.py) run text-to-image models: `train` refuses --pipeline with one line naming
+    `train refiner --teacher` (not argparse's "unrecognized arguments")."""
+    assert main(["train", "predictor", "--pipeline", str(tiny_pipelines["sd3"]), "--out", str(tmp_path / "x")]) == 2
+    one_error_line(capsys, "flowturbo train: error:", "works with `flowturbo sample`, `export`, `inpaint`, `edit`, "
+                   "`tune`, `profile` and `eval`", "train refiner --teacher DIR --prompts FILE")
     assert not (tmp_path / "x").exists()
 
 
