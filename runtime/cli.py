@@ -420,6 +420,9 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
                    help="reference .npz (mu, sigma; ADM-style: FID only) or a folder of images (png/jpg/webp/bmp, "
                         "each fitted to the samples' size: FID, precision and recall) instead of the Fashion-MNIST "
                         "test split; required with --pipeline")
+    m.add_argument("--clip", default=None, type=input_path("--clip"),
+                   help="a transformers CLIPModel folder (e.g. openai/clip-vit-large-patch14): also report the mean "
+                        "CLIP score of each image against its prompt (text-to-image models and their sample folders)")
     m.add_argument("--num-reference", type=Number(int, low=2), default=10000,
                    help="test-split images for the reference stats")
     m.add_argument("--allow-small-sample", action="store_true",
@@ -487,6 +490,9 @@ def check_eval_text_args(args: argparse.Namespace) -> None:
         if args.text_samples:  # a `sample --pipeline` folder: prompts, not classes
             _refuse_class_metrics(args, f"--samples {args.samples} holds a text-to-image model's images")
         args.features = args.features or ("inception" if args.text_samples else "domain")
+        if args.clip is not None and not args.text_samples:
+            raise FlowTurboError("--clip scores images against their prompts: it needs a text-to-image model "
+                                 "(--pipeline DIR --prompts FILE) or a `sample --pipeline` folder (--samples DIR)")
         return
     other = [flag for flag in MODEL_FLAGS if getattr(args, flag.lstrip("-").replace("-", "_"), None) is not None]
     if other:
@@ -532,6 +538,8 @@ def _run_eval(args: argparse.Namespace) -> int:
     check_eval_text_args(args)
     if under_torchrun() and args.pipeline is not None:
         raise FlowTurboError("eval --pipeline runs in one process for now; run it without torchrun")
+    if under_torchrun() and args.clip is not None:
+        raise FlowTurboError("--clip runs in one process for now; run eval without torchrun")
     if under_torchrun() and args.reference is not None and Path(args.reference).is_dir():
         raise FlowTurboError(f"--reference {args.reference} (a folder of images) is read in one process for now: run "
                              "without torchrun, or pass an .npz of the same features' statistics")
@@ -584,15 +592,25 @@ def _evaluate(args: argparse.Namespace) -> int:
     device = "cuda" if args.device == "auto" and _cuda() else ("cpu" if args.device == "auto" else args.device)
     text_sampler = _load_text_sampler(args) if args.pipeline is not None else None  # a bad request: refused here
     classifier, features = eval_features(args, device)
+    clip = None
+    if args.clip is not None:  # loaded before any image is made: a bad folder costs no sampling
+        from flowturbo.training.evaluation.clip_score import ClipScore
+
+        clip = ClipScore(args.clip, device=device)
     info: dict[str, Any] = {}
     labels: Any
+    prompts: list[str] | None = None  # one per image (text-to-image)
     if text_sampler is not None:
-        images, info = _sample_text(text_sampler, args)
+        images, prompts, info = _sample_text(text_sampler, args)
         labels = None
     elif args.samples is not None:
         images, labels, record = read_sample_folder(args.samples)
         if args.text_samples:
-            labels = None  # prompts, not class ids
+            distinct = [str(p) for p in record["prompts"]]  # image i's label indexes the distinct prompts
+            if any(not 0 <= int(i) < len(distinct) for i in labels):
+                raise FlowTurboError(f"{args.samples}: run.json's labels do not index its {len(distinct)} prompts; "
+                                     "sample again")
+            labels, prompts = None, [distinct[int(i)] for i in labels]  # prompts, not class ids
         info["samples"] = str(args.samples)
         info["schedule"] = record.get("schedule", {}).get("notation")
     else:
@@ -613,6 +631,8 @@ def _evaluate(args: argparse.Namespace) -> int:
                               num_reference=args.num_reference, classifier=classifier,
                               allow_small_sample=args.allow_small_sample)
     result.update(info)
+    if clip is not None:
+        result.update(_clip_score(clip, images, prompts))
     if result.get("warning"):  # --allow-small-sample: loud on stderr too, not only inside the JSON
         print(result["warning"], file=sys.stderr)
     text = json.dumps(result, indent=2, sort_keys=True)
@@ -630,22 +650,32 @@ def _load_text_sampler(args: argparse.Namespace) -> Any:
     return load_text_sampler(args, lambda parse: schedule_from_args(args, parse))
 
 
-def _sample_text(sampler: Any, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+def _clip_score(scorer: Any, images: Any, prompts: list[str] | None) -> dict[str, Any]:
+    """The result JSON's CLIP-score entries: the mean over the images of 100 * max(cos(image, its prompt), 0)."""
+    if prompts is None or len(prompts) != images.shape[0]:
+        raise FlowTurboError(f"--clip needs one prompt per image: {images.shape[0]} images, "
+                             f"{0 if prompts is None else len(prompts)} prompts in the run record")
+    scores = scorer.scores(images, prompts, progress=sys.stderr.isatty())
+    return {"clip_score": float(scores.mean()), "clip_score_std": float(scores.std()), "clip_model": scorer.name}
+
+
+def _sample_text(sampler: Any, args: argparse.Namespace) -> tuple[Any, list[str], dict[str, Any]]:
     """``eval --pipeline``'s images (N, 3, H, W) in [-1, 1]: image i from prompt i mod P and seed + i, on the
-    schedule asked for (default: the model's) on the family's grid; and what the result JSON records of them."""
+    schedule asked for (default: the model's) on the family's grid; their prompts; and what the result JSON records
+    of them."""
     from flowturbo.runtime.text_cli import given_prompts
 
     prompts = given_prompts(args)
     size = ImageSize.parse(args.size) if args.size is not None else None
     schedule = schedule_from_args(args, lambda spec: sampler.default_schedule(spec, args.cfg, size=size))
-    samples = sampler.sample(prompts=[prompts[i % len(prompts)] for i in range(args.num_samples)],
-                             negative_prompt=args.negative_prompt, guidance=args.guidance, size=size,
+    per_image = [prompts[i % len(prompts)] for i in range(args.num_samples)]
+    samples = sampler.sample(prompts=per_image, negative_prompt=args.negative_prompt, guidance=args.guidance, size=size,
                              schedule=schedule, seed=args.seed, batch_size=args.batch, progress=sys.stderr.isatty())
     info = {"pipeline": str(args.pipeline), "prompts": f"i mod P, P = {len(prompts)}",
             "schedule": samples.schedule.notation, "cfg": samples.schedule.guidance_scale, "seed": args.seed,
             "size": str(size or sampler.pipeline.family.image_size(sampler.pipeline.latent_shape)),
             "ms_per_image": samples.ms_per_image, "execution": samples.execution}
-    return samples.images, info
+    return samples.images, per_image, info
 
 
 def _cuda() -> bool:

@@ -217,3 +217,22 @@ def write_random_token_refiner(folder: Path, path: Path, cfg: float, *, seed: in
                                 cfg, None, f"{IMAGE_SIZE}x{IMAGE_SIZE}")
     write_token_refiner(path, refiner, record, TEXT_REFINER_DT)
     return path
+
+
+def save_tiny_clip_model(folder: Path, seed: int = 0) -> Path:
+    """A random transformers ``CLIPModel`` (text + vision towers, 32x32 images in 8x8 patches) with its tokenizer
+    and image processor, saved as a Hub folder is laid out: the `--clip` model of the CLIP-score tests."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
+
+    tokenizer = clip_tokenizer()
+    towers = dict(hidden_size=CLIP_WIDTH, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4)
+    config = CLIPConfig(text_config=dict(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=0,
+                                         eos_token_id=1, pad_token_id=1, **towers),
+                        vision_config=dict(image_size=IMAGE_SIZE, patch_size=8, **towers), projection_dim=16)
+    torch.manual_seed(seed)
+    CLIPModel(config).save_pretrained(folder)
+    image_processor = CLIPImageProcessor(size={"shortest_edge": IMAGE_SIZE},
+                                         crop_size={"height": IMAGE_SIZE, "width": IMAGE_SIZE})
+    CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(folder)
+    return folder

@@ -14,16 +14,18 @@ import pytest
 import torch
 from cli_checks import one_error_line
 from PIL import Image
-from tiny_diffusers import IMAGE_SIZE, MAX_SEQUENCE_LENGTH
+from tiny_diffusers import IMAGE_SIZE, MAX_SEQUENCE_LENGTH, save_tiny_clip_model
 from tolerances import tol
 
 import flowturbo.training.evaluation as evaluation
+from flowturbo.errors import FlowTurboError
 from flowturbo.families import ImageSize
 from flowturbo.runtime.cli import main
 from flowturbo.runtime.sampler import Sampler
 from flowturbo.runtime.tune import folder_reference
 from flowturbo.schedule import SamplingSchedule
 from flowturbo.training.evaluation import FeatureExtractor, evaluate_samples
+from flowturbo.training.evaluation.clip_score import ClipScore
 from flowturbo.training.families.flow_match import FlowMatchFamily
 
 PROMPTS = ["a photo of the cat", "a dog on a beach", "a red car"]
@@ -55,6 +57,11 @@ def stand_in_inception(monkeypatch):
     monkeypatch.setattr(evaluation, "InceptionFeatures", ChannelMeans)
 
 
+@pytest.fixture(scope="module")
+def clip_folder(tmp_path_factory):
+    return save_tiny_clip_model(tmp_path_factory.mktemp("clip") / "tiny-clip")
+
+
 @pytest.fixture
 def reference_folder(tmp_path):
     """Six random RGB images, two of another size (fitted to the samples' size by the reference reader)."""
@@ -76,12 +83,12 @@ def _eval_args(tiny_pipelines, tmp_path, *extra: str) -> list[str]:
 
 
 def test_eval_of_a_text_model_scores_its_images_against_a_reference_folder(
-        tiny_pipelines, tmp_path, reference_folder, stand_in_inception, capsys):
+        tiny_pipelines, tmp_path, reference_folder, clip_folder, stand_in_inception, capsys):
     schedule_file = tmp_path / "schedule.json"
     schedule_file.write_text(json.dumps(SamplingSchedule.parse("H1P1", guidance_scale=3.0).to_dict()))
     out = tmp_path / "result.json"
     assert main(_eval_args(tiny_pipelines, tmp_path, "--reference", str(reference_folder), "--schedule",
-                           str(schedule_file), "--cfg", "3", "--out", str(out))) == 0
+                           str(schedule_file), "--cfg", "3", "--clip", str(clip_folder), "--out", str(out))) == 0
     result = json.loads(out.read_text())
     assert json.loads(capsys.readouterr().out) == result
     assert result["features"] == "channel-means" and result["num_samples"] == NUM_SAMPLES
@@ -101,6 +108,9 @@ def test_eval_of_a_text_model_scores_its_images_against_a_reference_folder(
     for key in ("fid", "precision", "recall"):
         assert result[key] is not None
         assert result[key] == pytest.approx(expected[key], rel=close["rtol"], abs=close["atol"]), key
+    clip = ClipScore(clip_folder).scores(images, [PROMPTS[i % len(PROMPTS)] for i in range(NUM_SAMPLES)])
+    assert result["clip_model"] == "tiny-clip" and result["clip_score"] > 0
+    assert result["clip_score"] == pytest.approx(clip.mean(), rel=close["rtol"], abs=close["atol"])
     # another seed gives other images, hence another FID: the seed reaches the sampler
     other = tmp_path / "other.json"
     assert main(_eval_args(tiny_pipelines, tmp_path, "--reference", str(reference_folder), "--schedule",
@@ -133,6 +143,35 @@ def test_bad_text_eval_flags_are_one_error_line_before_any_weights_load(
     assert not out.exists()
 
 
+def test_clip_score_is_the_clipped_cosine_of_the_models_own_embeddings(clip_folder):
+    """Against CLIPModel's forward (its normalised image and text embeddings), image i paired with prompt i, in
+    batches that do not divide the images, a prompt longer than CLIP's 77 tokens truncated."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    generator = torch.Generator().manual_seed(3)
+    images = torch.rand(5, 3, IMAGE_SIZE, IMAGE_SIZE, generator=generator) * 2 - 1  # (5, 3, 32, 32)
+    prompts = ["a cat", "the dog on the sand", "a red car", "x", "the end of a very long prompt " * 20]
+    got = ClipScore(clip_folder).scores(images, prompts, batch_size=2)
+    model, processor = CLIPModel.from_pretrained(clip_folder).eval(), CLIPProcessor.from_pretrained(clip_folder)
+    pixels = [((im + 1) * 127.5).round().to(torch.uint8).permute(1, 2, 0).numpy() for im in images]
+    inputs = processor(text=prompts, images=pixels, return_tensors="pt", padding=True, truncation=True, max_length=77)
+    with torch.no_grad():
+        out = model(**inputs)
+    cosine = (out.image_embeds * out.text_embeds).sum(-1)  # both unit length: (5,)
+    expected = (100 * cosine.clamp(min=0)).double().numpy()
+    np.testing.assert_allclose(got, expected, **tol(torch.float32))
+    assert (got > 0).any() and len(set(np.round(got, 4))) == len(got)  # pairs differ: not one shared score
+    with pytest.raises(FlowTurboError, match="one prompt per image"):
+        ClipScore(clip_folder).scores(images, prompts[:4])
+
+
+def test_clip_on_a_class_model_or_a_folder_that_is_not_clip_is_refused(tmp_path, capsys):
+    assert main(["eval", "--num-samples", "8", "--allow-small-sample", "--clip", str(tmp_path)]) == 2
+    one_error_line(capsys, "--clip scores images against their prompts", "--pipeline DIR")
+    with pytest.raises(FlowTurboError, match="no config.json"):
+        ClipScore(tmp_path)
+
+
 def test_eval_without_prompts_or_with_text_flags_on_a_class_model_is_refused(tiny_pipelines, tmp_path, capsys):
     assert main(["eval", "--pipeline", str(tiny_pipelines["sd3"]), "--reference", str(tmp_path)]) == 2
     one_error_line(capsys, "eval --pipeline needs the prompts", "--prompts FILE")
@@ -140,7 +179,7 @@ def test_eval_without_prompts_or_with_text_flags_on_a_class_model_is_refused(tin
     one_error_line(capsys, "--prompt is for text-to-image models", "--pipeline DIR")
 
 
-def test_eval_of_a_text_sample_folder_takes_no_class_metrics(tiny_pipelines, tmp_path, reference_folder,
+def test_eval_of_a_text_sample_folder_takes_no_class_metrics(tiny_pipelines, tmp_path, reference_folder, clip_folder,
                                                              stand_in_inception, capsys):
     """A `sample --pipeline` folder is scored with Inception features (the default for it) and no class accuracy
     (its run record lists prompts, and its labels are not class ids); domain features are refused for it."""
@@ -153,10 +192,16 @@ def test_eval_of_a_text_sample_folder_takes_no_class_metrics(tiny_pipelines, tmp
                  str(NUM_SAMPLES), "--schedule", "H1P1", "--size", str(IMAGE_SIZE), "--max-sequence-length",
                  str(MAX_SEQUENCE_LENGTH), "--device", "cpu", "--no-progress", "--out", str(samples)]) == 0
     capsys.readouterr()
-    assert main(["eval", "--samples", str(samples), "--reference", str(reference_folder), "--allow-small-sample"]) == 0
+    assert main(["eval", "--samples", str(samples), "--reference", str(reference_folder), "--allow-small-sample",
+                 "--clip", str(clip_folder)]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["features"] == "channel-means" and "class_accuracy" not in result
-    images, _, _ = read_sample_folder(samples)
+    images, labels, record = read_sample_folder(samples)
+    per_image = [record["prompts"][i] for i in labels]  # labels index the distinct prompts
+    assert per_image == [PROMPTS[i % len(PROMPTS)] for i in range(NUM_SAMPLES)]
+    clip = ClipScore(clip_folder).scores(images, per_image)
+    assert result["clip_score"] == pytest.approx(clip.mean(), rel=1e-6)
+    capsys.readouterr()
     reference = folder_reference(reference_folder, ChannelMeans(), SIZE, progress=False)
     expected = evaluate_samples(images, None, features=ChannelMeans(), reference=reference, progress=False,
                                 allow_small_sample=True)
