@@ -105,6 +105,8 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="run step by step instead of replaying the schedule + decode as one CUDA graph per batch size")
 
 
+DEFAULT_EVAL_BATCH = 250  # eval's images per batch on the small class models
+DEFAULT_TEXT_EVAL_BATCH = 16  # ... on text-to-image models (1024x1024 SD3.5 / FLUX.1: the sampler's CUDA-graph batch)
 MAX_IMAGES = 1_000_000  # per command: more is a typo (the label list alone would not fit in memory)
 MAX_GRID_SCALE = 64
 MAX_THREADS = 4096
@@ -408,7 +410,9 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
                    help="images to generate (classes cycled; with --pipeline image i uses prompt i mod P)")
     g.add_argument("--cfg", type=GUIDANCE_SCALE, default=None)
     g.add_argument("--seed", type=SEED, default=0)
-    g.add_argument("--batch", type=POSITIVE_INT, default=250)
+    g.add_argument("--batch", type=POSITIVE_INT, default=None,
+                   help=f"images per batch (default: {DEFAULT_EVAL_BATCH} for class models, {DEFAULT_TEXT_EVAL_BATCH} "
+                        "with --pipeline)")
     m = p.add_argument_group("metrics")
     m.add_argument("--features", choices=["domain", "inception"], default=None,
                    help="domain (default for class models): the Fashion-MNIST classifier shipped with the model "
@@ -466,6 +470,8 @@ def check_eval_sampling_args(args: argparse.Namespace) -> None:
 
     check_seed(args.seed)
     check_device(args.device)
+    if args.batch is None:
+        args.batch = DEFAULT_EVAL_BATCH if getattr(args, "pipeline", None) is None else DEFAULT_TEXT_EVAL_BATCH
     if args.samples is None:
         if not 1 <= args.num_samples <= MAX_IMAGES:
             raise FlowTurboError(f"--num-samples must be in [1, {MAX_IMAGES}] images, got {args.num_samples}")
