@@ -105,6 +105,7 @@ def _add_model_arguments(p: argparse.ArgumentParser) -> None:
                    help="run step by step instead of replaying the schedule + decode as one CUDA graph per batch size")
 
 
+DEFAULT_EVAL_SAMPLES = {"domain": 2000, "inception": 5000}  # eval's images by default, per feature extractor
 DEFAULT_EVAL_BATCH = 250  # eval's images per batch on the small class models
 DEFAULT_TEXT_EVAL_BATCH = 16  # ... on text-to-image models (1024x1024 SD3.5 / FLUX.1: the sampler's CUDA-graph batch)
 MAX_IMAGES = 1_000_000  # per command: more is a typo (the label list alone would not fit in memory)
@@ -406,8 +407,10 @@ def _add_eval_parser(sub: argparse._SubParsersAction) -> None:
                    help="a `flowturbo sample` output folder (else: generate now)")
     g.add_argument("--schedule", default=None, type=input_path("--schedule", suffix=".json"),
                    help="schedule to generate with (default: the model's)")
-    g.add_argument("--num-samples", type=int_in(1, MAX_IMAGES), default=2000,
-                   help="images to generate (classes cycled; with --pipeline image i uses prompt i mod P)")
+    g.add_argument("--num-samples", type=int_in(1, MAX_IMAGES), default=None,
+                   help=f"images to generate (classes cycled; with --pipeline image i uses prompt i mod P; default "
+                        f"{DEFAULT_EVAL_SAMPLES['domain']} with domain features, {DEFAULT_EVAL_SAMPLES['inception']} "
+                        "with Inception features: FID needs more samples than its 2048 feature dimensions)")
     g.add_argument("--cfg", type=GUIDANCE_SCALE, default=None)
     g.add_argument("--seed", type=SEED, default=0)
     g.add_argument("--batch", type=POSITIVE_INT, default=None,
@@ -472,6 +475,8 @@ def check_eval_sampling_args(args: argparse.Namespace) -> None:
     check_device(args.device)
     if args.batch is None:
         args.batch = DEFAULT_EVAL_BATCH if getattr(args, "pipeline", None) is None else DEFAULT_TEXT_EVAL_BATCH
+    if args.num_samples is None:
+        args.num_samples = DEFAULT_EVAL_SAMPLES[args.features]
     if args.samples is None:
         if not 1 <= args.num_samples <= MAX_IMAGES:
             raise FlowTurboError(f"--num-samples must be in [1, {MAX_IMAGES}] images, got {args.num_samples}")
@@ -513,9 +518,7 @@ def check_eval_text_args(args: argparse.Namespace) -> None:
                              "--size) or an .npz of Inception statistics (mu, sigma)")
     check_prompt_flags(args, "eval --pipeline needs the prompts to generate from: pass --prompts FILE (one per line; "
                              "image i uses prompt i mod P) or --prompt TEXT (repeatable)")
-    if args.size is not None:
-        ImageSize.parse(args.size)
-    args.features = "inception"
+    args.features = "inception"  # (--size is checked with the rest of the request, before any weights load)
 
 
 def _holds_text_samples(folder: str) -> bool:

@@ -227,3 +227,24 @@ def test_eval_of_a_class_model_takes_a_schedule_file_and_a_reference_folder(tmp_
     result = json.loads(capsys.readouterr().out)
     assert result["schedule"] == "H2" and result["features"] == "domain" and result["num_reference"] == 8
     assert np.isfinite(result["fid"]) and result["precision"] is not None and "class_accuracy" in result
+
+
+@pytest.mark.parametrize("flags, features, num_samples, batch", [
+    ([], "domain", 2000, 250),
+    (["--features", "inception"], "inception", 5000, 250),  # 2000 would be refused: FID needs > 2048 samples
+    (["--pipeline", "SD3", "--prompt", "a cat", "--reference", "REFS"], "inception", 5000, 16),
+    (["--pipeline", "SD3", "--prompt", "a cat", "--reference", "REFS", "--num-samples", "7", "--batch", "3"],
+     "inception", 7, 3),
+])
+def test_eval_defaults_follow_the_features_and_the_model(tiny_pipelines, tmp_path, flags, features, num_samples,
+                                                         batch):
+    from flowturbo.cliargs import check_path_arguments
+    from flowturbo.runtime.cli import build_parser, check_eval_sampling_args, check_eval_text_args
+
+    (tmp_path / "refs").mkdir()
+    flags = [{"SD3": str(tiny_pipelines["sd3"]), "REFS": str(tmp_path / "refs")}.get(f, f) for f in flags]
+    args = build_parser("eval").parse_args(["eval", *flags, "--allow-small-sample"])
+    check_path_arguments(args)
+    check_eval_text_args(args)
+    check_eval_sampling_args(args)
+    assert (args.features, args.num_samples, args.batch) == (features, num_samples, batch)
