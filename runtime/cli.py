@@ -491,7 +491,12 @@ def check_eval_text_args(args: argparse.Namespace) -> None:
     """``eval --pipeline DIR --prompts FILE --reference R``: the flags that do not fit a text-to-image model are
     refused (one ``error:`` line each) before anything loads; ``--features`` defaults to ``inception`` there and to
     ``domain`` for class models."""
-    from flowturbo.runtime.text_cli import MODEL_FLAGS, check_prompt_flags, refuse_text_flags, resolve_text_bundle
+    from flowturbo.runtime.text_cli import (
+        check_prompt_flags,
+        refuse_model_flags,
+        refuse_text_flags,
+        resolve_text_bundle,
+    )
 
     resolve_text_bundle(args)  # --model TEXT_BUNDLE: its pipeline folder and refiner
     args.text_samples = False
@@ -505,10 +510,7 @@ def check_eval_text_args(args: argparse.Namespace) -> None:
             raise FlowTurboError("--clip scores images against their prompts: it needs a text-to-image model "
                                  "(--pipeline DIR --prompts FILE) or a `sample --pipeline` folder (--samples DIR)")
         return
-    other = [flag for flag in MODEL_FLAGS if getattr(args, flag.lstrip("-").replace("-", "_"), None) is not None]
-    if other:
-        raise FlowTurboError(f"--pipeline holds the whole model (with --refiner: a refiner trained for it); drop "
-                             f"{other[0]}")
+    refuse_model_flags(args)
     if args.samples is not None:
         raise FlowTurboError("--samples evaluates a folder that `flowturbo sample` wrote: drop --pipeline and its "
                              "prompt flags (pass --features inception --reference R), or drop --samples to generate")
@@ -632,7 +634,7 @@ def _evaluate(args: argparse.Namespace) -> int:
                     ms_per_image=samples.ms_per_image, execution=samples.execution)
     reference: Any = args.reference
     if reference is not None and Path(reference).is_dir():  # real images, fitted to the samples' size
-        from flowturbo.runtime.tune import folder_reference
+        from flowturbo.training.evaluation import folder_reference
 
         size = ImageSize(int(images.shape[-1]), int(images.shape[-2]))
         reference = folder_reference(reference, features, size, progress=sys.stderr.isatty())
@@ -672,18 +674,16 @@ def _sample_text(sampler: Any, args: argparse.Namespace) -> tuple[Any, list[str]
     """``eval --pipeline``'s images (N, 3, H, W) in [-1, 1]: image i from prompt i mod P and seed + i, on the
     schedule asked for (default: the model's) on the family's grid; their prompts; and what the result JSON records
     of them."""
-    from flowturbo.runtime.text_cli import given_prompts
+    from flowturbo.runtime.text_cli import given_prompts, sample_text
 
     prompts = given_prompts(args)
-    size = ImageSize.parse(args.size) if args.size is not None else None
-    schedule = schedule_from_args(args, lambda spec: sampler.default_schedule(spec, args.cfg, size=size))
     per_image = [prompts[i % len(prompts)] for i in range(args.num_samples)]
-    samples = sampler.sample(prompts=per_image, negative_prompt=args.negative_prompt, guidance=args.guidance, size=size,
-                             schedule=schedule, seed=args.seed, batch_size=args.batch, progress=sys.stderr.isatty())
+    samples = sample_text(sampler, args, lambda size: schedule_from_args(
+        args, lambda spec: sampler.default_schedule(spec, args.cfg, size=size)), per_image, sys.stderr.isatty())
+    size = ImageSize(int(samples.images.shape[-1]), int(samples.images.shape[-2]))  # (N, 3, H, W)
     info = {"pipeline": str(args.pipeline), "prompts": f"i mod P, P = {len(prompts)}",
             "schedule": samples.schedule.notation, "cfg": samples.schedule.guidance_scale, "seed": args.seed,
-            "size": str(size or sampler.pipeline.family.image_size(sampler.pipeline.latent_shape)),
-            "ms_per_image": samples.ms_per_image, "execution": samples.execution}
+            "size": str(size), "ms_per_image": samples.ms_per_image, "execution": samples.execution}
     return samples.images, per_image, info
 
 

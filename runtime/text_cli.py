@@ -88,6 +88,14 @@ def refuse_text_flags(args: argparse.Namespace) -> None:
                              "bundles and --predictor checkpoints are class-conditional (--classes)")
 
 
+def refuse_model_flags(args: argparse.Namespace) -> None:
+    """With ``--pipeline``: the first flag naming another model (``--model``, ``--predictor``, ...) is refused."""
+    other = _given(args, MODEL_FLAGS)
+    if other:
+        raise FlowTurboError(f"--pipeline holds the whole model (with --refiner: a refiner trained for it); drop "
+                             f"{other[0]}")
+
+
 def check_text_args(args: argparse.Namespace) -> None:
     """Refuse text flags that do not fit together, before anything is loaded (one ``error:`` line each)."""
     resolve_text_bundle(args)
@@ -97,10 +105,7 @@ def check_text_args(args: argparse.Namespace) -> None:
     if args.classes is not None:
         raise FlowTurboError("--classes is for class-conditional models; a --pipeline folder is text-to-image: pass "
                              "--prompt TEXT or --prompts FILE")
-    other = _given(args, MODEL_FLAGS)
-    if other:
-        raise FlowTurboError(f"--pipeline holds the whole model (with --refiner: a refiner trained for it); drop "
-                             f"{other[0]}")
+    refuse_model_flags(args)
     if args.backend != "pytorch":
         fmt = {"onnxruntime": "onnx", "aoti": "aoti", "cpp": "aoti"}.get(args.backend)
         how = (f"export it first (`flowturbo export --pipeline DIR --schedule S --format {fmt} --out EXPORT`), then "
@@ -167,12 +172,15 @@ def request_check(args: argparse.Namespace, size: ImageSize | None, schedule_of:
     return check
 
 
-def sample_text(sampler: Any, args: argparse.Namespace, schedule_of: Any) -> Any:
-    """``sample``'s request for a text model: ``schedule_of(size)`` gives the schedule on the model's grid."""
+def sample_text(sampler: Any, args: argparse.Namespace, schedule_of: Any, prompts: list[str] | None = None,
+                progress: bool | None = None) -> Any:
+    """``sample``'s (and ``eval``'s) request for a text model: ``schedule_of(size)`` gives the schedule on the model's
+    grid; ``prompts``: one per image (default: :func:`requests`); ``progress`` (default: unless ``--no-progress``)."""
     size = ImageSize.parse(args.size) if args.size is not None else None
-    return sampler.sample(prompts=requests(args), negative_prompt=args.negative_prompt, guidance=args.guidance,
-                          size=size, schedule=schedule_of(size), seed=args.seed, batch_size=args.batch,
-                          progress=not args.no_progress)
+    return sampler.sample(prompts=requests(args) if prompts is None else prompts,
+                          negative_prompt=args.negative_prompt, guidance=args.guidance, size=size,
+                          schedule=schedule_of(size), seed=args.seed, batch_size=args.batch,
+                          progress=not args.no_progress if progress is None else progress)
 
 
 def prompt_names(prompts: list[str]) -> list[str]:

@@ -85,6 +85,7 @@ from flowturbo.runtime.cuda_graphs import CaptureBackend
 from flowturbo.runtime.distributed import Ranks
 from flowturbo.runtime.pytorch_backend import TorchPipeline
 from flowturbo.schedule import SamplingSchedule, StepKind, parse_steps
+from flowturbo.training.evaluation.reference_stats import folder_reference
 from flowturbo.training.sampling import (
     run_schedule,
     sample_velocity_norm_rule,
@@ -471,41 +472,6 @@ def check_metric_samples(n: int, metric: str, *, allow_small_sample: bool, flag:
     dim = feature_dim if feature_dim is not None else (INCEPTION_DIM if metric == "inception-fid" else None)
     return check_sample_count(n, allow_small_sample=allow_small_sample, flag=flag, feature_dim=dim,
                               what=f"--metric {metric}")
-
-
-REFERENCE_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
-REFERENCE_CHUNK = 32  # images read and featurised at a time (a 1024² RGB image is 12 MB as float32)
-
-
-def folder_reference(folder: str | Path, extractor: Any, size: ImageSize, *, progress: bool = True) -> Any:
-    """FID reference statistics of a folder of images (png / jpg / webp / bmp, sorted by name), each fitted to
-    ``size`` (resized to cover it, centre-cropped: ``PIL.ImageOps.fit``) and converted to RGB."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    from flowturbo.training.evaluation import ReferenceStatistics
-
-    root = Path(folder)
-    files = sorted(p for p in root.iterdir() if p.suffix.lower() in REFERENCE_IMAGE_SUFFIXES and p.is_file())
-    if len(files) < 2:
-        raise FlowTurboError(f"--reference {root}: {len(files)} image file(s) ({', '.join(REFERENCE_IMAGE_SUFFIXES)}) "
-                             "found; FID needs at least 2 reference images (thousands for a stable number)")
-    features = []
-    for start in tqdm(range(0, len(files), REFERENCE_CHUNK), desc="reference images", disable=not progress,
-                      leave=False):
-        chunk = []
-        for path in files[start:start + REFERENCE_CHUNK]:
-            try:
-                with Image.open(path) as image:
-                    fitted = ImageOps.fit(image.convert("RGB"), (size.width, size.height),
-                                          method=Image.Resampling.BICUBIC)
-            except (OSError, UnidentifiedImageError) as exc:
-                raise FlowTurboError(f"--reference: {path} is not a readable image ({exc})") from None
-            chunk.append(torch.from_numpy(np.asarray(fitted, dtype=np.uint8).copy()))
-        pixels = torch.stack(chunk).permute(0, 3, 1, 2).float() / 127.5 - 1  # (b, 3, H, W) in [-1, 1]
-        features.append(extractor.extract(pixels, progress=False))
-    return ReferenceStatistics.from_features(torch.cat(features).numpy(), metadata={
-        "source": str(root.resolve()), "num_samples": len(files), "size": str(size),
-        "features": extractor.identity()})
 
 
 # ---------------------------------------------------------------------------------------------- config

@@ -161,16 +161,13 @@ def check_text_tune_args(args: argparse.Namespace) -> None:
     """A ``--pipeline`` tune's flags (after :func:`resolve_defaults`): prompts, a metric that fits text-to-image
     images, nothing only class models have. The prompts are read into ``args.tune_prompts``."""
     from flowturbo.families import ImageSize
-    from flowturbo.runtime.text_cli import _given, check_prompt_flags, given_prompts, refuse_text_flags
+    from flowturbo.runtime.text_cli import check_prompt_flags, given_prompts, refuse_model_flags, refuse_text_flags
 
     args.tune_prompts = None
     if args.pipeline is None:
         refuse_text_flags(args)
         return
-    other = _given(args, ("--model", "--predictor", "--vae", "--decoder", "--checkpoint-entry"))
-    if other:
-        raise FlowTurboError(f"--pipeline holds the whole model (with --refiner: a refiner trained for it); drop "
-                             f"{other[0]}")
+    refuse_model_flags(args)
     check_prompt_flags(args, "tune --pipeline needs the prompts to tune on: pass --prompts FILE (one per line) or "
                              "--prompt TEXT (repeatable); image i uses prompt i mod P")
     if args.metric == "domain-fid":

@@ -22,9 +22,8 @@ from flowturbo.errors import FlowTurboError
 from flowturbo.families import ImageSize
 from flowturbo.runtime.cli import main
 from flowturbo.runtime.sampler import Sampler
-from flowturbo.runtime.tune import folder_reference
 from flowturbo.schedule import SamplingSchedule
-from flowturbo.training.evaluation import FeatureExtractor, evaluate_samples
+from flowturbo.training.evaluation import FeatureExtractor, evaluate_samples, folder_reference
 from flowturbo.training.evaluation.clip_score import ClipScore
 from flowturbo.training.families.flow_match import FlowMatchFamily
 

@@ -29,10 +29,9 @@ from flowturbo.runtime.tune import (
     TuneConfig,
     Tuner,
     TuneRequests,
-    folder_reference,
 )
 from flowturbo.schedule import SamplingSchedule
-from flowturbo.training.evaluation import score_features
+from flowturbo.training.evaluation import folder_reference, score_features
 from flowturbo.training.sampling import run_schedule
 
 CFG = REFINER_CFG

@@ -55,6 +55,7 @@ from flowturbo.training.evaluation.reference_stats import (
     DEFAULT_NUM_REFERENCE,
     default_cache_dir,
     fashion_mnist_reference,
+    folder_reference,
 )
 from flowturbo.training.fashion_mnist import DEFAULT_ROOT, NUM_CLASSES
 
@@ -64,6 +65,7 @@ from flowturbo.training.fashion_mnist import DEFAULT_ROOT, NUM_CLASSES
 MIN_METRIC_SAMPLES = 500
 
 __all__ = [
+    "folder_reference",
     "MIN_METRIC_SAMPLES",
     "check_sample_count",
     "score_features",

@@ -18,7 +18,12 @@ import os
 import warnings
 from pathlib import Path
 
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
 from flowturbo.errors import FlowTurboError
+from flowturbo.families import ImageSize
 from flowturbo.fileio import sha256_file as file_sha256
 from flowturbo.training.evaluation.features import FeatureExtractor
 from flowturbo.training.evaluation.fid import ReferenceStatistics, load_reference_npz
@@ -116,3 +121,37 @@ def fashion_mnist_reference(
     folder.mkdir(parents=True, exist_ok=True)
     stats.save_npz(path)
     return stats
+
+
+REFERENCE_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+REFERENCE_CHUNK = 32  # images read and featurised at a time (a 1024² RGB image is 12 MB as float32)
+
+
+def folder_reference(folder: str | Path, extractor: FeatureExtractor, size: ImageSize, *,
+                     progress: bool = True) -> ReferenceStatistics:
+    """FID reference statistics of a folder of images (png / jpg / webp / bmp, sorted by name), each fitted to
+    ``size`` (resized to cover it, centre-cropped: ``PIL.ImageOps.fit``) and converted to RGB."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
+
+    root = Path(folder)
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in REFERENCE_IMAGE_SUFFIXES and p.is_file())
+    if len(files) < 2:
+        raise FlowTurboError(f"--reference {root}: {len(files)} image file(s) ({', '.join(REFERENCE_IMAGE_SUFFIXES)}) "
+                             "found; FID needs at least 2 reference images (thousands for a stable number)")
+    features = []
+    for start in tqdm(range(0, len(files), REFERENCE_CHUNK), desc="reference images", disable=not progress,
+                      leave=False):
+        chunk = []
+        for path in files[start:start + REFERENCE_CHUNK]:
+            try:
+                with Image.open(path) as image:
+                    fitted = ImageOps.fit(image.convert("RGB"), (size.width, size.height),
+                                          method=Image.Resampling.BICUBIC)
+            except (OSError, UnidentifiedImageError) as exc:
+                raise FlowTurboError(f"--reference: {path} is not a readable image ({exc})") from None
+            chunk.append(torch.from_numpy(np.asarray(fitted, dtype=np.uint8).copy()))
+        pixels = torch.stack(chunk).permute(0, 3, 1, 2).float() / 127.5 - 1  # (b, 3, H, W) in [-1, 1]
+        features.append(extractor.extract(pixels, progress=False))
+    return ReferenceStatistics.from_features(torch.cat(features).numpy(), metadata={
+        "source": str(root.resolve()), "num_samples": len(files), "size": str(size),
+        "features": extractor.identity()})

@@ -228,7 +228,8 @@ def _shared_trajectories(family: Any, conditioning: TextConditioning, num_prompt
     """Every process's share of the trajectories, computed once (saved in the run folder), then all of them."""
     rows = [(p, d) for p in range(num_prompts) for d in range(config.trajectories.per_prompt)]
     folder = out_dir / TRAJECTORY_DIR
-    part = folder / f"part-{ctx.rank}-of-{ctx.world_size}.pt"
+    part_files = [folder / f"part-{r}-of-{ctx.world_size}.pt" for r in range(ctx.world_size)]  # one per rank
+    part = part_files[ctx.rank]
     if not part.is_file():
         mine = rows[ctx.rank::ctx.world_size]
         if ctx.is_main:
@@ -241,9 +242,8 @@ def _shared_trajectories(family: Any, conditioning: TextConditioning, num_prompt
                            "rows": mine}, part)  # states in fp16: half the host memory
     ctx.barrier()
     if ctx.is_main:  # one writer of the ownership record: ranks adding their parts at once would lose an update
-        fileio.add_owned(out_dir, [folder / f"part-{r}-of-{ctx.world_size}.pt" for r in range(ctx.world_size)])
-    parts = [torch.load(folder / f"part-{r}-of-{ctx.world_size}.pt", map_location="cpu", weights_only=True)
-             for r in range(ctx.world_size)]
+        fileio.add_owned(out_dir, part_files)
+    parts = [torch.load(path, map_location="cpu", weights_only=True) for path in part_files]
     if any(p["rows"] != rows[r::ctx.world_size] for r, p in enumerate(parts)):
         raise CheckpointError(f"{folder} holds trajectories of other prompts or settings; start a new run folder")
     return TrajectoryPool(torch.cat([p["states"] for p in parts]), parts[0]["times"],
